@@ -1,0 +1,3 @@
+from casd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""Placeholder: this module's commands are being written."""
+
+
+def register(sub) -> None:
+    return None

@@ -1,0 +1,93 @@
+"""Digest value type (parsed once at the edge) and the streaming hashers."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+import xxhash
+
+
+class Algo(str, Enum):
+    MD5 = "md5"
+    SHA256 = "sha256"
+
+    @property
+    def hex_len(self) -> int:
+        return 32 if self is Algo.MD5 else 64
+
+    def new(self):
+        return hashlib.md5() if self is Algo.MD5 else hashlib.sha256()
+
+    @classmethod
+    def parse(cls, value: object) -> "Algo":
+        if value is None:
+            return cls.MD5
+        if isinstance(value, str):
+            for algo in cls:
+                if algo.value == value.lower():
+                    return algo
+        raise ValueError(f"unknown algo {value!r}: use \"md5\" or \"sha256\"")
+
+    @classmethod
+    def for_hex_len(cls, n: int) -> "Algo | None":
+        return {32: cls.MD5, 64: cls.SHA256}.get(n)
+
+
+_HEX = re.compile(r"[0-9a-fA-F]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A validated, lowercase hex digest of a known algorithm."""
+
+    algo: Algo
+    hex: str
+
+    @classmethod
+    def parse(cls, algo: Algo, text: object) -> "Digest":
+        if not isinstance(text, str) or len(text) != algo.hex_len or not _HEX.match(text):
+            raise ValueError(
+                f"{text!r} is not a {algo.value} digest ({algo.hex_len} hexadecimal characters)"
+            )
+        return cls(algo, text.lower())
+
+    @classmethod
+    def parse_any(cls, text: str) -> "Digest":
+        """Parse a digest whose algorithm is told by its length (32: md5, 64: sha256)."""
+        algo = Algo.for_hex_len(len(text))
+        if algo is None:
+            raise ValueError(f"{text!r} is not an md5 or sha256 digest")
+        return cls.parse(algo, text)
+
+    def __str__(self) -> str:
+        return self.hex
+
+
+def xxh3_hex(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+class ChunkHasher:
+    """The declared digest's hasher plus xxh3-128, fed in order, counting bytes."""
+
+    __slots__ = ("algo", "_h", "_x", "size")
+
+    def __init__(self, algo: Algo):
+        self.algo = algo
+        self._h = algo.new()
+        self._x = xxhash.xxh3_128()
+        self.size = 0
+
+    def update(self, data) -> None:
+        self._h.update(data)
+        self._x.update(data)
+        self.size += len(data)
+
+    def digest(self) -> Digest:
+        return Digest(self.algo, self._h.hexdigest())
+
+    def xxh3(self) -> str:
+        return self._x.hexdigest()

@@ -1,0 +1,104 @@
+"""Frozen value types passed between the layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from casd.digest import Algo, Digest
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """One entry of a manifest: a chunk digest and its size."""
+
+    digest: Digest
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a handshake says a file is made of."""
+
+    digest: Digest
+    size: int
+    chunks: tuple[ChunkRef, ...]
+    ext: str = ""
+    name: str = ""
+
+    @property
+    def algo(self) -> Algo:
+        return self.digest.algo
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A pending upload as the catalogue holds it."""
+
+    id: str
+    manifest_id: int
+    digest: Digest
+    size: int
+    ext: str
+    name: str
+    state: str  # "pending" or "merged"
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A complete file: its digest, size, and the manifest its chunks are read by."""
+
+    digest: Digest
+    size: int
+    ext: str
+    name: str
+    created: float
+    manifest_id: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A slice of one blob: what a download streams, in order."""
+
+    digest: Digest
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    status: str  # "complete" or "pending"
+    digest: Digest
+    size: int
+    ext: str
+    upload_id: str | None = None
+    missing: list[str] = field(default_factory=list)
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class PutResult:
+    stored: bool
+    missing: list[str]
+
+
+@dataclass(frozen=True)
+class Stats:
+    files: int
+    logical_bytes: int
+    chunks: int
+    physical_bytes: int
+    pending_uploads: int
+    pending_bytes: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.physical_bytes if self.physical_bytes else 1.0
+
+
+@dataclass(frozen=True)
+class FsckIssue:
+    kind: str  # missing_blob, wrong_size, corrupt, orphan_file, orphan_row, temp_file
+    digest: str | None
+    detail: str
+    files: tuple[str, ...] = ()
