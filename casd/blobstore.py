@@ -1,0 +1,178 @@
+"""The filesystem side of storage: blobs/<algo>/ab/cd/<hex>, temp files, atomic publish.
+
+Every method here is blocking; callers run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from casd.digest import Algo, Digest
+
+TEMP_PREFIX = "blob-"
+TEMP_SUFFIX = ".part"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class TempBlob:
+    """A temp file on the blob store's filesystem; published by rename or discarded."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd: int | None = fd
+
+    def write(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def finish(self) -> None:
+        """fsync and close: the bytes are durable before anything may point at them."""
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and remove; safe to call at any point, also after finish()."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    digest: Digest | None
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class TempFile:
+    path: Path
+    size: int
+    mtime: float
+
+
+class BlobStore:
+    def __init__(self, blobs_dir: Path, tmp_dir: Path):
+        self.blobs_dir = blobs_dir
+        self.tmp_dir = tmp_dir
+        self._known_dirs: set[Path] = set()
+
+    def ensure_dirs(self) -> None:
+        for d in (self.blobs_dir.parent, self.blobs_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for algo in Algo:
+            (self.blobs_dir / algo.value).mkdir(exist_ok=True)
+
+    def path(self, digest: Digest) -> Path:
+        h = digest.hex
+        return self.blobs_dir / digest.algo.value / h[:2] / h[2:4] / h
+
+    def new_temp(self) -> TempBlob:
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.tmp_dir)
+        return TempBlob(Path(name), fd)
+
+    def publish(self, temp: TempBlob, digest: Digest) -> None:
+        """Rename a finished temp file into place and make the rename durable."""
+        final = self.path(digest)
+        self._ensure_parent(final.parent)
+        os.replace(temp.path, final)
+        fsync_dir(final.parent)
+
+    def _ensure_parent(self, parent: Path) -> None:
+        if parent in self._known_dirs:
+            return
+        # Create the fan-out levels one by one so each new entry's parent is fsynced.
+        for d in (parent.parent, parent):
+            if not d.is_dir():
+                try:
+                    d.mkdir()
+                except FileExistsError:
+                    pass
+                fsync_dir(d.parent)
+        self._known_dirs.add(parent)
+
+    def exists(self, digest: Digest) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: Digest) -> int | None:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def remove(self, digest: Digest) -> bool:
+        """Unlink a blob; True when a file was removed."""
+        try:
+            os.unlink(self.path(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def walk(self) -> Iterator[StoredBlob]:
+        """Every file under blobs/; `digest` is None where the name or place is not a blob's."""
+        for algo in Algo:
+            top = self.blobs_dir / algo.value
+            for dirpath, _dirs, files in os.walk(top):
+                for name in files:
+                    path = Path(dirpath) / name
+                    try:
+                        digest: Digest | None = Digest.parse(algo, name)
+                    except ValueError:
+                        digest = None
+                    if digest is not None and path != self.path(digest):
+                        digest = None
+                    yield StoredBlob(digest, path, _size(path))
+
+    def temp_files(self) -> Iterator[TempFile]:
+        try:
+            entries = list(os.scandir(self.tmp_dir))
+        except FileNotFoundError:
+            return
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield TempFile(Path(e.path), st.st_size, st.st_mtime)
+
+    def check_writable(self) -> None:
+        """Create, fsync and remove a file in tmp/; raises OSError when that fails."""
+        temp = self.new_temp()
+        try:
+            temp.write(b"ok")
+            temp.finish()
+        finally:
+            temp.discard()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1

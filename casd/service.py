@@ -1,0 +1,361 @@
+"""Use cases: handshake, put_chunk, merge, abort, open_file, delete_file.
+
+The ordering rules live here: a blob is fsynced and renamed into place before any catalogue
+row says it exists; bytes are verified while they stream in, never trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import time
+from bisect import bisect_right
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+
+import xxhash
+
+from casd.blobstore import BlobStore, TempBlob, is_disk_full
+from casd.catalog import Catalog
+from casd.config import Settings
+from casd.digest import ChunkHasher, Digest
+from casd.errors import (
+    BadRequest,
+    DigestMismatch,
+    FileDigestMismatch,
+    Incomplete,
+    NotFound,
+    NotInManifest,
+    SizeMismatch,
+    StorageFull,
+    TooLarge,
+)
+from casd.models import FileEntry, HandshakeResult, Manifest, PutResult, Upload
+
+log = logging.getLogger("casd.service")
+
+# Bytes handed to a worker thread at a time: large enough that hashlib releases the GIL and
+# thread hand-offs are rare, small enough that a request holds only a couple of them.
+INGEST_BLOCK = 1 << 20
+READ_BLOCK = 1 << 20
+
+
+def chunks_key(manifest: Manifest) -> str:
+    """A fingerprint of the ordered chunk list, to find "the same manifest" again."""
+    h = xxhash.xxh3_128()
+    for c in manifest.chunks:
+        h.update(f"{c.digest.hex}:{c.size}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ReadSegment:
+    path: Path
+    offset: int
+    length: int
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        blobs: BlobStore,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings
+        self.catalog = catalog
+        self.blobs = blobs
+        self.clock = clock
+        self.io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="casd-io")
+
+    @classmethod
+    async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Service":
+        blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
+        await asyncio.to_thread(blobs.ensure_dirs)
+        catalog = await Catalog.open(settings.catalog_path, settings.sqlite_synchronous)
+        return cls(settings, catalog, blobs, clock)
+
+    async def close(self) -> None:
+        await self.catalog.close()
+        self.io.shutdown(wait=True)
+
+    async def _run(self, fn, *args):
+        """Blocking file work on the bounded I/O pool; a full disk becomes StorageFull."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise StorageFull("the data folder's disk is full") from exc
+            raise
+
+    def _expiry(self, now: float) -> float:
+        return now + self.settings.upload_ttl
+
+    # ---- handshake --------------------------------------------------------------------
+
+    def check_manifest(self, m: Manifest) -> None:
+        """Limits and arithmetic of a parsed manifest; raises BadRequest or TooLarge."""
+        s = self.settings
+        if len(m.chunks) > s.max_chunks:
+            raise TooLarge(
+                f"the manifest has {len(m.chunks)} chunks; this server takes at most {s.max_chunks}"
+            )
+        sizes: dict[str, int] = {}
+        total = 0
+        for i, c in enumerate(m.chunks):
+            if c.digest.algo is not m.algo:
+                raise BadRequest(f"chunk {i} is not a {m.algo.value} digest")
+            if c.size < 1:
+                raise BadRequest(f"chunk {i} has size {c.size}; chunks are 1 byte or more")
+            if c.size > s.max_chunk_size:
+                raise TooLarge(
+                    f"chunk {i} has size {c.size}; this server takes chunks of at most"
+                    f" {s.max_chunk_size} bytes"
+                )
+            seen = sizes.setdefault(c.digest.hex, c.size)
+            if seen != c.size:
+                raise BadRequest(
+                    f"chunk {c.digest.hex} appears with sizes {seen} and {c.size}"
+                )
+            total += c.size
+        if total != m.size:
+            raise BadRequest(f"the chunk sizes add up to {total}, not to size {m.size}")
+
+    async def handshake(self, m: Manifest) -> HandshakeResult:
+        self.check_manifest(m)
+        existing = await self.catalog.get_file(m.digest)
+        if existing is not None and existing.size == m.size:
+            return HandshakeResult("complete", m.digest, m.size, m.ext)
+        now = self.clock()
+        upload, missing = await self.catalog.begin_upload(
+            m, chunks_key(m), now, self._expiry(now), secrets.token_hex(16)
+        )
+        return HandshakeResult(
+            "pending", m.digest, m.size, m.ext, upload.id, missing, upload.expires_at
+        )
+
+    # ---- uploads ----------------------------------------------------------------------
+
+    async def _pending(self, upload_id: str) -> Upload:
+        upload = await self.catalog.get_upload(upload_id)
+        if upload is None or upload.state != "pending" or upload.expires_at <= self.clock():
+            raise NotFound(f"no pending upload {upload_id!r} (never created, merged, aborted or expired)")
+        return upload
+
+    async def status(self, upload_id: str) -> tuple[Upload, list[str]]:
+        """A pending upload and what it still lacks; counts as activity on it."""
+        upload = await self._pending(upload_id)
+        now = self.clock()
+        if not await self.catalog.touch_upload(upload_id, now, self._expiry(now)):
+            raise NotFound(f"no pending upload {upload_id!r}")
+        upload = dataclasses.replace(upload, expires_at=self._expiry(now))
+        return upload, await self.catalog.missing(upload.manifest_id)
+
+    async def put_chunk(
+        self,
+        upload_id: str,
+        digest: Digest,
+        body: AsyncIterator[bytes],
+        content_length: int | None,
+    ) -> PutResult:
+        """Receive one chunk's bytes: verify while streaming, store once, say what is left."""
+        upload = await self._pending(upload_id)
+        if digest.algo is not upload.digest.algo:
+            raise BadRequest(
+                f"upload {upload_id} uses {upload.digest.algo.value} digests, not {digest.algo.value}"
+            )
+        size = await self.catalog.manifest_size_of(upload.manifest_id, digest)
+        if size is None:
+            raise NotInManifest(f"chunk {digest.hex} is not part of upload {upload_id}")
+        limit = self.settings.max_chunk_size
+        if content_length is not None:
+            if content_length > limit:
+                raise TooLarge(f"the body has {content_length} bytes; chunks are at most {limit}")
+            if content_length != size:
+                raise SizeMismatch(
+                    f"the body has {content_length} bytes; the manifest gives chunk"
+                    f" {digest.hex} {size} bytes"
+                )
+        if await self.catalog.has_chunk(digest):
+            await _drain(body, size, limit, digest)
+            stored = False
+            now = self.clock()
+            await self.catalog.touch_upload(upload_id, now, self._expiry(now))
+        else:
+            stored = await self._receive(upload_id, digest, size, body)
+        return PutResult(stored, await self.catalog.missing(upload.manifest_id))
+
+    async def _receive(
+        self, upload_id: str, digest: Digest, size: int, body: AsyncIterator[bytes]
+    ) -> bool:
+        temp = await self._run(self.blobs.new_temp)
+        published = False
+        try:
+            hasher = await self._ingest(temp, body, size, digest)
+            await self._run(temp.finish)
+            now = self.clock()
+
+            async def place() -> None:
+                await self._run(self.blobs.publish, temp, digest)
+
+            published = await self.catalog.publish_chunk(
+                digest, size, hasher.xxh3(), now, place, (upload_id, self._expiry(now))
+            )
+            return published
+        finally:
+            if not published:
+                await asyncio.shield(self._run(temp.discard))
+
+    async def _ingest(
+        self, temp: TempBlob, body: AsyncIterator[bytes], size: int, digest: Digest
+    ) -> ChunkHasher:
+        """Stream the body into `temp`, hashing in a worker thread while the next block arrives."""
+        hasher = ChunkHasher(digest.algo)
+        limit = self.settings.max_chunk_size
+        received = 0
+        buf = bytearray()
+        pending: asyncio.Future | None = None
+        loop = asyncio.get_running_loop()
+
+        def absorb(block: bytearray) -> None:
+            hasher.update(block)
+            temp.write(block)
+
+        try:
+            async for piece in body:
+                received += len(piece)
+                if received > limit:
+                    raise TooLarge(f"the body is over the chunk limit of {limit} bytes")
+                if received > size:
+                    raise SizeMismatch(
+                        f"the body is longer than the {size} bytes the manifest gives"
+                        f" chunk {digest.hex}"
+                    )
+                buf += piece
+                if len(buf) >= INGEST_BLOCK:
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(self.io, absorb, buf)
+                    buf = bytearray()
+            if pending is not None:
+                await pending
+                pending = None
+            if buf:
+                await self._run(absorb, buf)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise StorageFull("the data folder's disk is full; the chunk was not kept") from exc
+            raise
+        finally:
+            if pending is not None:
+                # The worker still writes into temp; let it finish before temp is discarded.
+                await asyncio.wait([pending])
+        if received != size:
+            raise SizeMismatch(
+                f"the body has {received} bytes; the manifest gives chunk {digest.hex} {size} bytes"
+            )
+        actual = hasher.digest()
+        if actual != digest:
+            raise DigestMismatch(
+                f"the body hashes to {actual.hex}, not to {digest.hex}; nothing was stored"
+            )
+        return hasher
+
+    async def merge(self, upload_id: str) -> FileEntry:
+        """Verify the whole file's digest over its chunks and register it; idempotent."""
+        upload = await self.catalog.get_upload(upload_id)
+        if upload is not None and upload.state == "merged":
+            entry = await self.catalog.get_file(upload.digest)
+            if entry is not None:
+                return entry
+            raise NotFound(f"upload {upload_id} was merged, but its file has been deleted")
+        upload = await self._pending(upload_id)
+        missing = await self.catalog.missing(upload.manifest_id)
+        if missing:
+            raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
+        chunks = await self.catalog.manifest_chunks(upload.manifest_id)
+        actual, total = await self._run(self._hash_file, upload.digest, chunks)
+        if actual != upload.digest or total != upload.size:
+            await self.catalog.drop_upload(upload_id)
+            raise FileDigestMismatch(
+                f"the chunks assemble to {total} bytes hashing to {actual.hex}, not to the"
+                f" claimed {upload.digest.hex} ({upload.size} bytes); the upload was discarded"
+            )
+        entry = await self.catalog.register_file(upload_id, self.clock())
+        if entry is None:
+            raise NotFound(f"no pending upload {upload_id!r}")
+        return entry
+
+    def _hash_file(self, digest: Digest, chunks: list[tuple[str, int]]) -> tuple[Digest, int]:
+        h = digest.algo.new()
+        buf = bytearray(READ_BLOCK)
+        view = memoryview(buf)
+        total = 0
+        for hex_, _size in chunks:
+            with open(self.blobs.path(Digest(digest.algo, hex_)), "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(view[:n])
+                    total += n
+        return Digest(digest.algo, h.hexdigest()), total
+
+    async def abort(self, upload_id: str) -> None:
+        upload = await self.catalog.get_upload(upload_id)
+        if upload is None or upload.state != "pending":
+            raise NotFound(f"no pending upload {upload_id!r}")
+        await self.catalog.drop_upload(upload_id)
+
+    # ---- files ------------------------------------------------------------------------
+
+    async def get_file(self, digest: Digest) -> FileEntry:
+        entry = await self.catalog.get_file(digest)
+        if entry is None:
+            raise NotFound(f"no file {digest.hex}")
+        return entry
+
+    async def read_plan(self, entry: FileEntry, start: int, length: int) -> list[ReadSegment]:
+        """The blob slices that make bytes [start, start+length) of a file, in order."""
+        if length <= 0:
+            return []
+        chunks = await self.catalog.manifest_chunks(entry.manifest_id)
+        ends = list(accumulate(size for _hex, size in chunks))
+        algo = entry.digest.algo
+        out: list[ReadSegment] = []
+        i = bisect_right(ends, start)
+        pos, stop = start, start + length
+        while pos < stop:
+            hex_, size = chunks[i]
+            chunk_start = ends[i] - size
+            offset = pos - chunk_start
+            n = min(size - offset, stop - pos)
+            out.append(ReadSegment(self.blobs.path(Digest(algo, hex_)), offset, n))
+            pos += n
+            i += 1
+        return out
+
+    async def delete_file(self, digest: Digest) -> None:
+        if not await self.catalog.delete_file(digest):
+            raise NotFound(f"no file {digest.hex}")
+
+    async def health(self) -> None:
+        """Raises when the catalogue cannot be read or the data folder cannot be written."""
+        await self.catalog.ping()
+        await self._run(self.blobs.check_writable)
+
+
+async def _drain(body: AsyncIterator[bytes], size: int, limit: int, digest: Digest) -> None:
+    """Read and drop a body whose chunk is already stored; its length must still be right."""
+    received = 0
+    async for piece in body:
+        received += len(piece)
+        if received > limit:
+            raise TooLarge(f"the body is over the chunk limit of {limit} bytes")
+    if received != size:
+        raise SizeMismatch(
+            f"the body has {received} bytes; the manifest gives chunk {digest.hex} {size} bytes"
+        )
