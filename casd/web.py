@@ -335,10 +335,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             return None
     except ValueError:
         return None
-    if end < start:
-        return None
     if start >= size:
         raise RangeNotSatisfiable(f"bytes {start}- are past the end of a {size}-byte file", size)
+    if end < start:
+        return None
     end = min(end, size - 1)
     return start, end - start + 1
 
