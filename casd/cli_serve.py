@@ -41,6 +41,8 @@ def register(sub) -> None:
                    help="threads doing disk work at once (default 8)")
     p.add_argument("--sync", choices=["FULL", "NORMAL"], default=d.sqlite_synchronous,
                    help="SQLite synchronous level (default FULL: commits survive power loss)")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="seconds in-flight requests get to finish on SIGTERM (default 10)")
     p.set_defaults(func=run)
 
 
@@ -64,6 +66,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         admin_token=args.admin_token or None,
         io_workers=args.io_workers,
         sqlite_synchronous=args.sync,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 
