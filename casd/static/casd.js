@@ -1,0 +1,426 @@
+// casd browser client: hash a File in Web Workers, ask the server what it lacks, send only
+// that through a bounded queue, merge. The protocol is /work/shared/PROTOCOL.md (v1).
+//
+//   import { upload } from "/static/casd.js";
+//   const summary = await upload(file, { onProgress: (p) => console.log(p) });
+//
+// The server's handshake is the only state: calling upload() again with the same file
+// (after a reload, a crash or an abort) sends only the chunks the server still lacks.
+
+import { Md5 } from "./md5.js";
+import { Sha256 } from "./sha256.js";
+
+export const MiB = 1024 * 1024;
+export const DEFAULT_CHUNK_SIZE = 5 * MiB;
+export const DEFAULT_CONCURRENCY = 3;
+export const DEFAULT_RETRIES = 6;
+
+const ALGOS = new Set(["md5", "sha256"]);
+const EXT = /\.([A-Za-z0-9_-]{1,16})$/;
+// Below this size a second hashing worker costs more to start than it saves.
+const SPLIT_MIN_SIZE = 16 * MiB;
+// Rounds of handshake -> chunks -> merge before giving up: a round only repeats when the
+// server lost the upload (expired, aborted) or still misses chunks at merge time.
+const MAX_ROUNDS = 3;
+const BACKOFF_BASE_MS = 250;
+const BACKOFF_MAX_MS = 10_000;
+
+/** An error answer from casd (or a network failure: status 0, error "network_error"). */
+export class CasdError extends Error {
+  constructor(status, error, message, body = {}) {
+    super(message);
+    this.name = "CasdError";
+    this.status = status;
+    this.error = error;
+    this.body = body;
+  }
+
+  get retryable() {
+    return this.status === 0 || this.status === 408 || this.status === 429 || this.status >= 500;
+  }
+}
+
+function abortReason(signal) {
+  return signal.reason ?? new DOMException("the upload was aborted", "AbortError");
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(abortReason(signal));
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(abortReason(signal));
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** The extension casd stores for a file name: ".ext" when the name has a valid one, else "". */
+export function extOf(name) {
+  const m = EXT.exec(name || "");
+  return m ? "." + m[1].toLowerCase() : "";
+}
+
+/** The chunk layout of a file of `size` bytes: [{index, offset, size}], the last one shorter. */
+export function chunkLayout(size, chunkSize) {
+  const out = [];
+  for (let offset = 0, index = 0; offset < size; offset += chunkSize, index++) {
+    out.push({ index, offset, size: Math.min(chunkSize, size - offset) });
+  }
+  return out;
+}
+
+function startWorker() {
+  const url = new URL("./hash-worker.js", import.meta.url);
+  try {
+    return new Worker(url, { type: "module" });
+  } catch (err) {
+    // A page importing casd.js from another origin may not start a worker from that
+    // origin directly; a same-origin blob: module that imports it is allowed (given CORS).
+    if (err?.name !== "SecurityError") throw err;
+    const shim = new Blob([`import ${JSON.stringify(url.href)};`], { type: "text/javascript" });
+    return new Worker(URL.createObjectURL(shim), { type: "module" });
+  }
+}
+
+function runWorker(job, signal, onBytes) {
+  return new Promise((resolve, reject) => {
+    const worker = startWorker();
+    const finish = (fn, value) => {
+      worker.terminate();
+      signal?.removeEventListener("abort", onAbort);
+      fn(value);
+    };
+    const onAbort = () => finish(reject, abortReason(signal));
+    signal?.addEventListener("abort", onAbort, { once: true });
+    worker.onmessage = ({ data }) => {
+      if (data.type === "progress") onBytes(data.bytes);
+      else if (data.type === "done") finish(resolve, data);
+      else finish(reject, new Error(`hashing failed: ${data.message}`));
+    };
+    worker.onerror = (event) => {
+      event.preventDefault?.();
+      finish(reject, new Error(`the hashing worker failed to run: ${event.message || "load error"}`));
+    };
+    worker.postMessage(job);
+  });
+}
+
+/**
+ * Hashes `file` without touching the main thread's CPU: the whole-file digest and every
+ * chunk's digest. With 2+ cores, one worker computes the file digest while another computes
+ * the chunk digests, each reading the file by slices.
+ * Resolves to {algo, digest, size, chunks: [{index, offset, size, digest}]}.
+ */
+export async function hashFile(file, {
+  chunkSize = DEFAULT_CHUNK_SIZE, algo = "md5", workers, signal, onProgress,
+} = {}) {
+  checkAlgo(algo);
+  checkChunkSize(chunkSize);
+  signal?.throwIfAborted();
+  const size = file.size;
+  const layout = chunkLayout(size, chunkSize);
+  if (size === 0) {
+    const digest = (algo === "sha256" ? new Sha256() : new Md5()).hex();
+    return { algo, digest, size, chunks: [] };
+  }
+  const cores = globalThis.navigator?.hardwareConcurrency ?? 1;
+  const split = (workers ?? (cores >= 2 && size >= SPLIT_MIN_SIZE ? 2 : 1)) >= 2;
+  const done = split ? [0, 0] : [0];
+  const report = (i) => (bytes) => {
+    done[i] = bytes;
+    onProgress?.(done.reduce((a, b) => a + b, 0) / done.length);
+  };
+  const base = { file, chunkSize, algo };
+  const jobs = split
+    ? [
+      runWorker({ ...base, whole: true, chunks: false }, signal, report(0)),
+      runWorker({ ...base, whole: false, chunks: true }, signal, report(1)),
+    ]
+    : [runWorker({ ...base, whole: true, chunks: true }, signal, report(0))];
+  // allSettled, so that a failure in one worker still lets the other be terminated.
+  const settled = await Promise.allSettled(jobs);
+  const failed = settled.find((r) => r.status === "rejected");
+  if (failed) throw failed.reason;
+  const [first, second] = settled.map((r) => r.value);
+  const digests = split ? second.chunks : first.chunks;
+  if (digests.length !== layout.length) throw new Error("hashing produced the wrong chunk count");
+  return {
+    algo,
+    digest: first.digest,
+    size,
+    chunks: layout.map((c, i) => ({ ...c, digest: digests[i] })),
+  };
+}
+
+function checkAlgo(algo) {
+  if (!ALGOS.has(algo)) throw new TypeError(`algo must be "md5" or "sha256", not ${JSON.stringify(algo)}`);
+}
+
+function checkChunkSize(chunkSize) {
+  if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) {
+    throw new TypeError(`chunkSize must be a positive integer, not ${chunkSize}`);
+  }
+}
+
+function errorFrom(status, text) {
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    // not JSON: a proxy's page, say; keep a short excerpt for the message
+  }
+  if (body && typeof body.error === "string") {
+    const { error, message, ...extra } = body;
+    return new CasdError(status, error, message || error, extra);
+  }
+  const excerpt = String(text || "").replace(/\s+/g, " ").slice(0, 200);
+  return new CasdError(status, `http_${status}`, `HTTP ${status}${excerpt ? ": " + excerpt : ""}`);
+}
+
+/**
+ * Uploads `file` (a File or Blob) to casd and resolves to the summary
+ * {digest, algo, size, url, chunks_total, chunks_sent, bytes_sent, chunks_skipped,
+ *  bytes_skipped, instant}.
+ */
+export async function upload(file, options = {}) {
+  const {
+    server = "",
+    chunkSize = DEFAULT_CHUNK_SIZE,
+    concurrency = DEFAULT_CONCURRENCY,
+    algo = "md5",
+    onProgress,
+    signal,
+    token,
+    retries = DEFAULT_RETRIES,
+    name = file.name ?? "",
+    ext = extOf(name),
+    hashWorkers,
+  } = options;
+  checkAlgo(algo);
+  checkChunkSize(chunkSize);
+  if (!Number.isInteger(concurrency) || concurrency < 1) {
+    throw new TypeError(`concurrency must be an integer >= 1, not ${concurrency}`);
+  }
+  signal?.throwIfAborted();
+
+  const root = String(server).replace(/\/+$/, "");
+  const endpoint = (path) => root + path;
+  const absolute = (path) => new URL(
+    /^[a-z]+:/i.test(path) ? path : endpoint(path),
+    globalThis.location?.href,
+  ).href;
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+
+  const size = file.size;
+  const state = {
+    phase: "hashing",
+    size,
+    bytes_hashed: 0,
+    chunks_total: 0,
+    chunks_to_send: 0,
+    chunks_sent: 0,
+    bytes_sent: 0,
+    bytes_in_flight: 0,
+    chunks_skipped: 0,
+    bytes_skipped: 0,
+    retries: 0,
+    upload_id: null,
+  };
+  const emit = () => onProgress?.({ ...state });
+  emit();
+
+  const hashed = await hashFile(file, {
+    chunkSize, algo, signal, workers: hashWorkers,
+    onProgress: (bytes) => {
+      state.bytes_hashed = bytes;
+      emit();
+    },
+  });
+  state.chunks_total = hashed.chunks.length;
+
+  // One request with retries: network errors, 408, 429 and 5xx (507 included) are retried
+  // with exponential backoff and full jitter; other answers surface at once.
+  async function retrying(attempt, abortSignal = signal) {
+    for (let n = 0; ; n++) {
+      try {
+        return await attempt();
+      } catch (err) {
+        if (!(err instanceof CasdError) || !err.retryable || n >= retries || abortSignal?.aborted) {
+          throw err;
+        }
+        state.retries += 1;
+        emit();
+        await sleep(Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** n), abortSignal);
+      }
+    }
+  }
+
+  async function postJson(path, body) {
+    return retrying(async () => {
+      let response;
+      try {
+        response = await fetch(endpoint(path), {
+          method: "POST",
+          headers: { ...headers, "Content-Type": "application/json" },
+          body: body === undefined ? undefined : JSON.stringify(body),
+          signal,
+        });
+      } catch (err) {
+        if (signal?.aborted) throw abortReason(signal);
+        throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}`);
+      }
+      const text = await response.text();
+      if (!response.ok) throw errorFrom(response.status, text);
+      return JSON.parse(text);
+    });
+  }
+
+  // PUT by XMLHttpRequest rather than fetch: it streams the Blob slice from disk and
+  // reports upload progress, which fetch cannot.
+  function putOnce(path, blob, onSent, abortSignal) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      const onAbort = () => xhr.abort();
+      const settle = (fn, value) => {
+        abortSignal.removeEventListener("abort", onAbort);
+        fn(value);
+      };
+      xhr.open("PUT", endpoint(path));
+      for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v);
+      xhr.setRequestHeader("Content-Type", "application/octet-stream");
+      xhr.upload.onprogress = (e) => onSent(e.loaded);
+      xhr.onload = () => {
+        if (xhr.status < 200 || xhr.status >= 300) {
+          settle(reject, errorFrom(xhr.status, xhr.responseText));
+          return;
+        }
+        try {
+          settle(resolve, JSON.parse(xhr.responseText));
+        } catch {
+          settle(reject, errorFrom(xhr.status, xhr.responseText));
+        }
+      };
+      xhr.onerror = () => settle(reject, new CasdError(0, "network_error", `the chunk upload to ${absolute(path)} failed`));
+      xhr.ontimeout = xhr.onerror;
+      xhr.onabort = () => settle(reject, abortReason(abortSignal));
+      abortSignal.addEventListener("abort", onAbort, { once: true });
+      xhr.send(blob);
+    });
+  }
+
+  const digestKey = algo;
+  const handshakeBody = {
+    algo,
+    [digestKey]: hashed.digest,
+    size,
+    ext,
+    name,
+    chunks: hashed.chunks.map((c) => ({ [digestKey]: c.digest, size: c.size })),
+  };
+  const firstOf = new Map();
+  for (const c of hashed.chunks) if (!firstOf.has(c.digest)) firstOf.set(c.digest, c);
+  const sentDigests = new Set();
+
+  // Sends the chunks `missing` names, at most `concurrency` at a time. The first failure
+  // stops the queue and aborts the requests still in flight.
+  async function sendMissing(uploadId, missing) {
+    let stillMissing = new Set(missing);
+    const queue = missing.filter((d) => !sentDigests.has(d)).map((d) => firstOf.get(d));
+    if (queue.some((c) => c === undefined)) {
+      throw new CasdError(0, "protocol_error", "the server asked for a chunk that is not in this file");
+    }
+    const stop = new AbortController();
+    const onAbort = () => stop.abort(abortReason(signal));
+    signal?.addEventListener("abort", onAbort, { once: true });
+    const inFlight = new Map();
+    let next = 0;
+    async function worker() {
+      while (next < queue.length && !stop.signal.aborted) {
+        const chunk = queue[next++];
+        // Another upload may have supplied it meanwhile: `missing` only ever shrinks.
+        if (!stillMissing.has(chunk.digest)) continue;
+        const path = `/v1/uploads/${encodeURIComponent(uploadId)}/chunks/${chunk.digest}`;
+        const blob = file.slice(chunk.offset, chunk.offset + chunk.size);
+        const answer = await retrying(() => {
+          inFlight.set(chunk.digest, 0);
+          return putOnce(path, blob, (loaded) => {
+            inFlight.set(chunk.digest, Math.min(loaded, chunk.size));
+            state.bytes_in_flight = [...inFlight.values()].reduce((a, b) => a + b, 0);
+            emit();
+          }, stop.signal);
+        }, stop.signal).finally(() => inFlight.delete(chunk.digest));
+        sentDigests.add(chunk.digest);
+        state.chunks_sent += 1;
+        state.bytes_sent += chunk.size;
+        state.bytes_in_flight = [...inFlight.values()].reduce((a, b) => a + b, 0);
+        const now = new Set(answer.missing);
+        stillMissing = new Set([...stillMissing].filter((d) => now.has(d)));
+        emit();
+      }
+    }
+    try {
+      await Promise.all(Array.from({ length: Math.min(concurrency, queue.length) }, async () => {
+        try {
+          await worker();
+        } catch (err) {
+          stop.abort(err);
+          throw err;
+        }
+      }));
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+    }
+    if (signal?.aborted) throw abortReason(signal);
+  }
+
+  function finish(answer, instant) {
+    state.phase = "done";
+    state.bytes_in_flight = 0;
+    state.chunks_skipped = state.chunks_total - state.chunks_sent;
+    state.bytes_skipped = size - state.bytes_sent;
+    emit();
+    return {
+      digest: answer[digestKey] ?? hashed.digest,
+      algo,
+      size,
+      url: absolute(answer.url),
+      chunks_total: state.chunks_total,
+      chunks_sent: state.chunks_sent,
+      bytes_sent: state.bytes_sent,
+      chunks_skipped: state.chunks_skipped,
+      bytes_skipped: state.bytes_skipped,
+      instant,
+    };
+  }
+
+  for (let round = 1; ; round++) {
+    state.phase = "handshake";
+    emit();
+    const answer = await postJson("/v1/handshake", handshakeBody);
+    if (answer.status === "complete") return finish(answer, round === 1);
+    state.upload_id = answer.upload_id;
+    const toSend = answer.missing.filter((d) => !sentDigests.has(d));
+    const sendBytes = toSend.reduce((n, d) => n + (firstOf.get(d)?.size ?? 0), 0);
+    state.chunks_to_send = state.chunks_sent + toSend.length;
+    state.chunks_skipped = state.chunks_total - state.chunks_to_send;
+    state.bytes_skipped = size - state.bytes_sent - sendBytes;
+    state.phase = "uploading";
+    emit();
+    try {
+      await sendMissing(answer.upload_id, answer.missing);
+      state.phase = "merging";
+      emit();
+      return finish(await postJson(`/v1/uploads/${encodeURIComponent(answer.upload_id)}/merge`), false);
+    } catch (err) {
+      // The server lost the upload or still lacks chunks: a fresh handshake says what to do.
+      const recoverable = err instanceof CasdError
+        && (err.error === "not_found" || err.error === "incomplete");
+      if (!recoverable || round >= MAX_ROUNDS || signal?.aborted) throw err;
+    }
+  }
+}
