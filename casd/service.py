@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +54,33 @@ def chunks_key(manifest: Manifest) -> str:
     return h.hexdigest()
 
 
+class FileHash:
+    """The whole-file hash over the longest run of a pending upload's chunks seen so far.
+
+    Chunks usually arrive nearly in order, so hashing the present prefix in the background
+    while the rest uploads leaves merge with only the tail to hash.
+    """
+
+    def __init__(self, digest: Digest, chunks: list[tuple[str, int]]):
+        self.algo = digest.algo
+        self.hash = digest.algo.new()
+        self.chunks = chunks
+        self.next = 0  # index of the first chunk not yet hashed
+        self.total = 0
+        self.lock = asyncio.Lock()
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.chunks)
+
+    def result(self) -> tuple[Digest, int]:
+        return Digest(self.algo, self.hash.hexdigest()), self.total
+
+
+# Pending uploads whose prefix hash is kept in memory; an evicted one is rehashed at merge.
+MAX_FILE_HASHES = 256
+
+
 @dataclass(frozen=True)
 class ReadSegment:
     path: Path
@@ -73,6 +101,8 @@ class Service:
         self.blobs = blobs
         self.clock = clock
         self.io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="casd-io")
+        self._file_hashes: OrderedDict[str, FileHash] = OrderedDict()
+        self._background: set[asyncio.Task] = set()
 
     @classmethod
     async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Service":
@@ -82,6 +112,9 @@ class Service:
         return cls(settings, catalog, blobs, clock)
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.catalog.close()
         self.io.shutdown(wait=True)
 
@@ -189,7 +222,11 @@ class Service:
             await self.catalog.touch_upload(upload_id, now, self._expiry(now))
         else:
             stored = await self._receive(upload_id, digest, size, body)
-        return PutResult(stored, await self.catalog.missing(upload.manifest_id))
+        missing = await self.catalog.missing(upload.manifest_id)
+        task = asyncio.create_task(self._hash_ahead(upload, set(missing)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return PutResult(stored, missing)
 
     async def _receive(
         self, upload_id: str, digest: Digest, size: int, body: AsyncIterator[bytes]
@@ -279,8 +316,9 @@ class Service:
         missing = await self.catalog.missing(upload.manifest_id)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
-        chunks = await self.catalog.manifest_chunks(upload.manifest_id)
-        actual, total = await self._run(self._hash_file, upload.digest, chunks)
+        state = await self._hash_ahead(upload, set())
+        self._file_hashes.pop(upload_id, None)
+        actual, total = state.result()
         if actual != upload.digest or total != upload.size:
             await self.catalog.drop_upload(upload_id)
             raise FileDigestMismatch(
@@ -292,23 +330,50 @@ class Service:
             raise NotFound(f"no pending upload {upload_id!r}")
         return entry
 
-    def _hash_file(self, digest: Digest, chunks: list[tuple[str, int]]) -> tuple[Digest, int]:
-        h = digest.algo.new()
+    async def _hash_ahead(self, upload: Upload, missing: set[str]) -> FileHash:
+        """Extend the upload's whole-file hash over every chunk present after the prefix.
+
+        `missing` is a snapshot: chunks outside it are stored, and stay stored while the
+        upload is live (gc never collects what a live upload references).
+        """
+        state = self._file_hashes.get(upload.id)
+        if state is None:
+            chunks = await self.catalog.manifest_chunks(upload.manifest_id)
+            state = self._file_hashes.setdefault(upload.id, FileHash(upload.digest, chunks))
+            while len(self._file_hashes) > MAX_FILE_HASHES:
+                self._file_hashes.popitem(last=False)
+        self._file_hashes.move_to_end(upload.id)
+        async with state.lock:
+            stop = state.next
+            while stop < len(state.chunks) and state.chunks[stop][0] not in missing:
+                stop += 1
+            if stop > state.next:
+                try:
+                    await self._run(self._hash_chunks, state, stop)
+                except BaseException:
+                    # A chunk may be half fed into the hash: this state can't be trusted.
+                    if self._file_hashes.get(upload.id) is state:
+                        del self._file_hashes[upload.id]
+                    raise
+        return state
+
+    def _hash_chunks(self, state: FileHash, stop: int) -> None:
         buf = bytearray(READ_BLOCK)
         view = memoryview(buf)
-        total = 0
-        for hex_, _size in chunks:
-            with open(self.blobs.path(Digest(digest.algo, hex_)), "rb", buffering=0) as f:
+        while state.next < stop:
+            hex_, _size = state.chunks[state.next]
+            with open(self.blobs.path(Digest(state.algo, hex_)), "rb", buffering=0) as f:
                 while n := f.readinto(buf):
-                    h.update(view[:n])
-                    total += n
-        return Digest(digest.algo, h.hexdigest()), total
+                    state.hash.update(view[:n])
+                    state.total += n
+            state.next += 1
 
     async def abort(self, upload_id: str) -> None:
         upload = await self.catalog.get_upload(upload_id)
         if upload is None or upload.state != "pending":
             raise NotFound(f"no pending upload {upload_id!r}")
         await self.catalog.drop_upload(upload_id)
+        self._file_hashes.pop(upload_id, None)
 
     # ---- files ------------------------------------------------------------------------
 

@@ -264,6 +264,23 @@ async def test_merge_again_answers_the_same(client):
     assert r.status == 200 and await r.json() == first
 
 
+async def test_interleaved_uploads_verify_right_when_prefix_hashes_are_evicted(
+    client, monkeypatch
+):
+    import casd.service
+
+    monkeypatch.setattr(casd.service, "MAX_FILE_HASHES", 1)
+    files = [prepare(rand(5 * CHUNK + i), CHUNK) for i in range(3)]
+    started = [await handshake(client, p.handshake) for p in files]
+    for i in (2, 0, 4, 1, 3, 5):  # out of order, and the uploads take turns
+        for p, hs in zip(files, started):
+            await put(client, hs["upload_id"], p.order[i], p.chunks[p.order[i]], 201)
+    for p, hs in zip(files, started):
+        r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
+        assert r.status == 200, await r.text()
+        assert await (await client.get(f"/v1/files/{p.digest}")).read() == p.data
+
+
 async def test_concurrent_merges_register_one_file(client):
     p = prepare(rand(4 * CHUNK), CHUNK)
     hs = await handshake(client, p.handshake)
