@@ -270,7 +270,7 @@ async def test_interleaved_uploads_verify_right_when_prefix_hashes_are_evicted(
     import casd.service
 
     monkeypatch.setattr(casd.service, "MAX_FILE_HASHES", 1)
-    files = [prepare(rand(5 * CHUNK + i), CHUNK) for i in range(3)]
+    files = [prepare(rand(5 * CHUNK + 1 + i), CHUNK) for i in range(3)]
     started = [await handshake(client, p.handshake) for p in files]
     for i in (2, 0, 4, 1, 3, 5):  # out of order, and the uploads take turns
         for p, hs in zip(files, started):
