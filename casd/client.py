@@ -730,7 +730,7 @@ class CasdClient:
             resumed_from, received = await self._fetch(url, sink, on_progress)
             await asyncio.to_thread(sink.finish)
         except BaseException:
-            await asyncio.to_thread(sink.close)
+            await asyncio.to_thread(sink.close, discard_if_empty=True)
             raise
         if sink.hexdigest() != ref.digest.hex:
             part.unlink(missing_ok=True)
@@ -875,8 +875,11 @@ class _Sink:
         os.fsync(self.f.fileno())
         self.f.close()
 
-    def close(self) -> None:
+    def close(self, discard_if_empty: bool = False) -> None:
+        """Close; an empty temp file holds nothing worth resuming, so it can go."""
         self.f.close()
+        if discard_if_empty and self.pos == 0:
+            self.path.unlink(missing_ok=True)
 
 
 def _publish(part: Path, dest: Path) -> None:

@@ -1,0 +1,558 @@
+"""The client library: the one-pass hashing pipeline, the digest cache, and transfers against a
+real `casd serve` (directly, and through a 127.0.0.1 proxy that injects faults)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import sqlite3
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from casd.client import (
+    RACY_NS,
+    CasdClient,
+    CasdConnectionError,
+    CasdHTTPError,
+    CasdIntegrityError,
+    DigestCache,
+    FileChangedError,
+    FileRef,
+    Progress,
+    ext_of,
+    file_digests,
+    hash_file,
+)
+from casd.digest import Algo
+
+MiB = 1024 * 1024
+CHUNK = 5 * MiB
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own digest cache folder, never the user's."""
+    home = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home / "casd"
+
+
+def write_random(path: Path, size: int, seed: int = 0) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+def settle(path: Path) -> None:
+    """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
+    st = path.stat()
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    deadline = time.monotonic() + 5
+    while time.time_ns() < newest + 2 * RACY_NS:
+        assert time.monotonic() < deadline, "clock did not advance"
+        time.sleep(RACY_NS / 1e9)
+
+
+def fast_client(url: str, **kw) -> CasdClient:
+    """A client whose retries wait milliseconds, so fault tests stay quick."""
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("max_backoff", 0.05)
+    return CasdClient(url, **kw)
+
+
+# --- the hashing pipeline ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ["md5", "sha256"])
+@pytest.mark.parametrize(
+    "size,chunk_size",
+    [
+        (0, 64 * 1024),
+        (1, 64 * 1024),
+        (64 * 1024 - 1, 64 * 1024),
+        (64 * 1024, 64 * 1024),
+        (64 * 1024 + 1, 64 * 1024),
+        (3 * 64 * 1024 + 7, 64 * 1024),
+        (10, 3),
+        # 5 MiB chunks are read in 4 MiB pieces: pieces must restart at each chunk boundary.
+        (2 * CHUNK + 4 * MiB + 5, CHUNK),
+        (9 * MiB, 9 * MiB),
+    ],
+)
+def test_hash_file_matches_hashlib(tmp_path, algo, size, chunk_size):
+    data = write_random(tmp_path / "f", size, seed=size)
+    fd = hash_file(tmp_path / "f", chunk_size=chunk_size, algo=algo)
+    assert fd.digest == hashlib.new(algo, data).hexdigest()
+    assert fd.size == size
+    expected = [
+        (off, len(data[off:off + chunk_size]), hashlib.new(algo, data[off:off + chunk_size]).hexdigest())
+        for off in range(0, size, chunk_size)
+    ]
+    assert [(c.offset, c.size, c.digest) for c in fd.chunks] == expected
+
+
+def test_hashing_memory_is_a_few_chunks_not_the_file(tmp_path):
+    path = tmp_path / "big"
+    size = 200 * MiB
+    with open(path, "wb") as f:
+        f.write(os.urandom(MiB))  # some real bytes, the rest a hole that reads as zeros
+        f.truncate(size)
+    expected = hashlib.md5()
+    with open(path, "rb") as f:
+        while piece := f.read(8 * MiB):
+            expected.update(piece)
+    tracemalloc.start()
+    try:
+        fd = hash_file(path, chunk_size=CHUNK, algo="md5")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert fd.digest == expected.hexdigest()
+    assert len(fd.chunks) == 40
+    assert peak < 3 * CHUNK, f"hashing a 200 MiB file peaked at {peak / MiB:.1f} MiB"
+
+
+def test_hashing_stops_when_asked(tmp_path):
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        f.truncate(400 * MiB)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def on_bytes(done: int) -> None:
+        seen.append(done)
+        stop.set()  # as a cancelled upload does after Ctrl-C
+
+    with pytest.raises(asyncio.CancelledError):
+        file_digests(path, chunk_size=CHUNK, algo=Algo.MD5, cache=None, on_bytes=on_bytes,
+                     stop=stop)
+    assert seen == [4 * MiB], "hashing went on after it was told to stop"
+
+
+# --- the digest cache ---------------------------------------------------------------------------
+
+
+def test_cache_answers_for_an_unchanged_file_and_not_for_a_changed_one(tmp_path, cache_home):
+    path = tmp_path / "f"
+    write_random(path, 3 * MiB + 1, seed=1)
+    settle(path)
+    cache = DigestCache(cache_home)
+    first, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    assert not cached
+    again, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    assert cached and again == first
+
+    # Another chunk size or algorithm is another entry.
+    _, cached = file_digests(path, chunk_size=2 * MiB, algo=Algo.MD5, cache=cache)
+    assert not cached
+    _, cached = file_digests(path, chunk_size=MiB, algo=Algo.SHA256, cache=cache)
+    assert not cached
+
+    # Same size, new bytes: the stat changes, so the cache must not answer.
+    data = write_random(path, 3 * MiB + 1, seed=2)
+    settle(path)
+    changed, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    assert not cached
+    assert changed.digest == hashlib.md5(data).hexdigest()
+
+
+def test_cache_skips_a_file_written_a_moment_ago(tmp_path, cache_home):
+    # Its mtime could stay the same through another write in the same clock tick.
+    path = tmp_path / "f"
+    write_random(path, 1000)
+    cache = DigestCache(cache_home)
+    file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    _, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    assert not cached
+
+
+def test_corrupt_cache_is_ignored_then_replaced(tmp_path, cache_home):
+    path = tmp_path / "f"
+    data = write_random(path, 2 * MiB + 3)
+    settle(path)
+    cache_home.mkdir(parents=True)
+    (cache_home / "digests.sqlite").write_bytes(b"this is not a database" * 100)
+    cache = DigestCache(cache_home)
+    fd, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    assert not cached and fd.digest == hashlib.md5(data).hexdigest()
+    _, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    assert cached
+
+
+def test_cache_entry_with_wrong_shape_is_a_miss(tmp_path, cache_home):
+    path = tmp_path / "f"
+    data = write_random(path, 2 * MiB + 3)
+    settle(path)
+    cache = DigestCache(cache_home)
+    file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    with sqlite3.connect(cache_home / "digests.sqlite") as conn:
+        conn.execute("UPDATE digests SET chunk_digests = x'00'")
+    fd, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
+    assert not cached and fd.digest == hashlib.md5(data).hexdigest()
+
+
+# --- names and references -----------------------------------------------------------------------
+
+
+def test_file_ref_parsing():
+    md5 = "9e107d9d372bb6826bd81d3542a419d6"
+    sha = "ab" * 32
+    assert FileRef.parse(md5) == FileRef(FileRef.parse(md5).digest, "", None)
+    assert FileRef.parse(md5.upper()).digest.hex == md5
+    assert FileRef.parse(sha).digest.algo is Algo.SHA256
+    ref = FileRef.parse(f"http://127.0.0.1:9/v1/files/{md5}.ISO")
+    assert (ref.server, ref.ext, ref.path) == ("http://127.0.0.1:9", ".iso", f"/v1/files/{md5}.iso")
+    assert FileRef.parse(f"/v1/files/{md5}.mp4").path == f"/v1/files/{md5}.mp4"
+    assert FileRef.parse(f"https://h.example/casd/v1/files/{md5}").server == "https://h.example/casd"
+    for bad in ["", "abc", md5[:-1], "g" * 32, f"ftp://h/v1/files/{md5}", "http://h/other/x"]:
+        with pytest.raises(ValueError):
+            FileRef.parse(bad)
+
+
+def test_ext_of_keeps_only_what_the_server_accepts():
+    assert ext_of("holiday.MP4") == ".mp4"
+    assert ext_of("archive.tar.gz") == ".gz"
+    assert ext_of("README") == ""
+    assert ext_of("weird.ext with space") == ""
+    assert ext_of("long." + "x" * 17) == ""
+
+
+# --- against a real daemon ------------------------------------------------------------------------
+
+
+async def roundtrip(client: CasdClient, src: Path, dest: Path, **upload_kw):
+    summary = await client.upload(src, **upload_kw)
+    got = await client.download(summary.url, dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert got.digest == summary.digest
+    return summary
+
+
+@pytest.mark.parametrize("algo", ["md5", "sha256"])
+async def test_round_trip_byte_exact_for_edge_sizes(daemon, tmp_path, algo):
+    async with CasdClient(daemon.url) as client:
+        for size in (0, 1, CHUNK, CHUNK + 1):
+            src = tmp_path / f"f{size}.bin"
+            data = write_random(src, size, seed=size)
+            s = await roundtrip(client, src, tmp_path / f"out{size}", algo=algo)
+            assert s.digest == hashlib.new(algo, data).hexdigest()
+            assert s.algo == algo and s.size == size
+            assert s.chunks_total == -(-size // CHUNK)
+            assert s.url == f"{daemon.url}/v1/files/{s.digest}.bin"
+            assert (s.chunks_sent, s.bytes_sent) == (s.chunks_total, size)
+            assert not s.instant
+
+
+async def test_50mib_round_trip_then_instant_reupload(daemon, tmp_path):
+    src = tmp_path / "big.iso"
+    write_random(src, 50 * MiB, seed=50)
+    progress: list[Progress] = []
+    async with CasdClient(daemon.url) as client:
+        first = await roundtrip(client, src, tmp_path / "out.iso", on_progress=progress.append)
+        assert (first.chunks_sent, first.bytes_sent, first.instant) == (10, 50 * MiB, False)
+        assert [p.bytes_done for p in progress if p.phase == "hash"][-1] == 50 * MiB
+        assert [p.chunks_done for p in progress if p.phase == "upload"] == list(range(1, 11))
+
+        # Hashed again (no cache): the server knows the file, so nothing is sent.
+        second = await client.upload(src, use_cache=False)
+        assert second.instant and not second.cached
+        assert (second.chunks_sent, second.bytes_sent) == (0, 0)
+        assert (second.chunks_skipped, second.bytes_skipped) == (10, 50 * MiB)
+        assert (second.digest, second.url) == (first.digest, first.url)
+
+
+async def test_reupload_of_an_unchanged_file_uses_the_digest_cache(daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    write_random(src, 12 * MiB)
+    settle(src)
+    async with CasdClient(daemon.url) as client:
+        first = await client.upload(src)
+        hashed: list[Progress] = []
+        second = await client.upload(src, on_progress=hashed.append)
+    assert not first.cached and second.cached and second.instant
+    assert second.digest == first.digest
+    # A cache hit reports the whole file at once: no piece-by-piece hashing happened.
+    assert [p.bytes_done for p in hashed if p.phase == "hash"] == [12 * MiB]
+
+
+async def test_one_changed_region_sends_exactly_one_chunk(daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    data = bytearray(write_random(src, 4 * CHUNK, seed=7))
+    async with CasdClient(daemon.url) as client:
+        await client.upload(src)
+        data[CHUNK:2 * CHUNK] = random.Random(8).randbytes(CHUNK)
+        src.write_bytes(data)
+        s = await roundtrip(client, src, tmp_path / "out")
+    assert (s.chunks_sent, s.bytes_sent) == (1, CHUNK)
+    assert (s.chunks_skipped, s.bytes_skipped) == (3, 3 * CHUNK)
+    assert s.digest == hashlib.md5(data).hexdigest() and not s.instant
+
+
+async def test_repeated_chunks_are_sent_once(daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    block = random.Random(3).randbytes(MiB)
+    src.write_bytes(block * 5 + b"tail")
+    async with CasdClient(daemon.url) as client:
+        s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
+    assert (s.chunks_total, s.chunks_sent, s.bytes_sent) == (6, 2, MiB + 4)
+
+
+async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    write_random(src, 12 * MiB, seed=12)
+    total, killed_after, concurrency = 12, 4, 2
+    acked: list[int] = []
+
+    def kill_after_some(p: Progress) -> None:
+        if p.phase == "upload":
+            acked.append(p.chunks_done)
+            if p.chunks_done == killed_after:
+                daemon.kill()
+
+    async with fast_client(daemon.url, retries=2) as client:
+        with pytest.raises(CasdConnectionError):
+            await client.upload(src, chunk_size=MiB, concurrency=concurrency,
+                                on_progress=kill_after_some)
+    assert max(acked) == killed_after
+
+    daemon.start()
+    async with CasdClient(daemon.url) as client:
+        rerun = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB,
+                                concurrency=concurrency)
+    # Every acknowledged chunk survived; requests in flight at the kill may or may not have.
+    assert rerun.chunks_sent <= total - killed_after
+    assert rerun.chunks_sent >= total - killed_after - (concurrency - 1)
+    assert rerun.chunks_sent + rerun.chunks_skipped == total
+
+
+async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    size = 3 * MiB
+    write_random(src, size, seed=1)
+
+    def scribble_when_hashed(p: Progress) -> None:
+        if p.phase == "hash" and p.bytes_done == size:
+            with open(src, "r+b") as f:
+                f.write(b"changed!")
+
+    async with CasdClient(daemon.url) as client:
+        with pytest.raises(FileChangedError) as info:
+            await client.upload(src, chunk_size=MiB, on_progress=scribble_when_hashed)
+        assert info.value.code == "digest_mismatch"
+        assert "changed after it was hashed" in str(info.value)
+        s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
+    assert s.chunks_sent == 1  # the other two arrived before the error
+
+
+# --- through a fault-injecting proxy ------------------------------------------------------------
+
+
+class FaultProxy:
+    """Forwards to a daemon, answering scripted faults first and recording every request."""
+
+    HOP = ("Content-Length", "Content-Type", "Content-Range", "ETag", "Accept-Ranges")
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.seen: list[tuple[str, str, str | None]] = []
+        self.chunk_faults: list[int] = []  # statuses for the next chunk PUTs
+        self.handshake_faults: list[int] = []
+        self.cut_next_get_after: int | None = None  # bytes, once
+        self.session: aiohttp.ClientSession | None = None
+        self.url = ""  # set once the proxy listens
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+
+        async def session_ctx(_app):
+            self.session = aiohttp.ClientSession(auto_decompress=False)
+            yield
+            await self.session.close()
+
+        app.cleanup_ctx.append(session_ctx)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.method, request.path, request.headers.get("Range")))
+        body = await request.read()
+        faults = None
+        if request.method == "PUT" and "/chunks/" in request.path:
+            faults = self.chunk_faults
+        elif request.path == "/v1/handshake":
+            faults = self.handshake_faults
+        if faults:
+            status = faults.pop(0)
+            return web.json_response(
+                {"error": "injected", "message": f"injected {status}"}, status=status)
+        headers = {k: v for k in ("Authorization", "Range", "Content-Type")
+                   if (v := request.headers.get(k)) is not None}
+        async with self.session.request(request.method, self.upstream + request.path_qs,
+                                        headers=headers, data=body or None) as up:
+            resp = web.StreamResponse(
+                status=up.status,
+                headers={k: v for k in self.HOP if (v := up.headers.get(k)) is not None})
+            cut = None
+            if request.method == "GET":
+                cut, self.cut_next_get_after = self.cut_next_get_after, None
+            await resp.prepare(request)
+            sent = 0
+            async for data in up.content.iter_chunked(64 * 1024):
+                if cut is not None and sent + len(data) >= cut:
+                    await resp.write(data[:cut - sent])
+                    request.transport.close()  # flushes what was written, then hangs up
+                    return resp
+                await resp.write(data)
+                sent += len(data)
+            await resp.write_eof()
+            return resp
+
+    def count(self, method: str, fragment: str) -> int:
+        return sum(1 for m, p, _ in self.seen if m == method and fragment in p)
+
+
+@pytest.fixture
+async def proxy(daemon, aiohttp_server):
+    fp = FaultProxy(daemon.url)
+    server = await aiohttp_server(fp.app())
+    fp.url = str(server.make_url("")).rstrip("/")
+    return fp
+
+
+async def test_5xx_and_507_answers_are_retried_through(proxy, tmp_path):
+    src = tmp_path / "f.bin"
+    write_random(src, 4 * MiB + 5)
+    proxy.handshake_faults = [503]
+    proxy.chunk_faults = [503, 507, 500, 503]
+    async with fast_client(proxy.url) as client:
+        s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
+    assert (s.chunks_sent, s.bytes_sent) == (5, 4 * MiB + 5)
+    assert proxy.chunk_faults == [] and proxy.handshake_faults == []
+    assert proxy.count("PUT", "/chunks/") == 5 + 4
+    assert proxy.count("POST", "/v1/handshake") == 2
+
+
+async def test_retries_are_bounded(proxy, tmp_path):
+    src = tmp_path / "f.bin"
+    write_random(src, 100)
+    proxy.chunk_faults = [503] * 10
+    async with fast_client(proxy.url, retries=3) as client:
+        with pytest.raises(CasdHTTPError) as info:
+            await client.upload(src)
+    assert info.value.status == 503
+    assert proxy.count("PUT", "/chunks/") == 4
+
+
+async def test_4xx_is_not_retried(proxy, tmp_path):
+    src = tmp_path / "f.bin"
+    write_random(src, 100)
+    proxy.handshake_faults = [400]
+    async with fast_client(proxy.url) as client:
+        with pytest.raises(CasdHTTPError) as info:
+            await client.upload(src)
+    assert (info.value.status, info.value.code) == (400, "injected")
+    assert proxy.count("POST", "/v1/handshake") == 1
+
+
+async def test_token_is_sent_and_a_refusal_is_clear(daemon_factory, tmp_path):
+    d = daemon_factory("--token", "s3cret")
+    src = tmp_path / "f.bin"
+    write_random(src, 1000)
+    async with fast_client(d.url) as client:
+        with pytest.raises(CasdHTTPError) as info:
+            await client.upload(src)
+    assert (info.value.status, info.value.code) == (401, "unauthorized")
+    async with fast_client(d.url, token="s3cret") as client:
+        await roundtrip(client, src, tmp_path / "out")
+
+
+async def test_unreachable_server_fails_at_once(tmp_path, unused_tcp_port):
+    src = tmp_path / "f.bin"
+    write_random(src, 10)
+    async with CasdClient(f"http://127.0.0.1:{unused_tcp_port}", backoff=10) as client:
+        # backoff=10 would make any retry take seconds; the test's timeout catches that.
+        with pytest.raises(CasdConnectionError, match="cannot reach"):
+            await asyncio.wait_for(client.upload(src), 5)
+
+
+async def test_download_resumes_after_a_cut_connection(proxy, daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    data = write_random(src, 6 * MiB + 11, seed=6)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, algo="sha256")
+    proxy.cut_next_get_after = 2 * MiB + 3
+    dest = tmp_path / "out.bin"
+    async with fast_client(proxy.url) as client:
+        got = await client.download(s.digest, dest)
+    assert dest.read_bytes() == data
+    ranges = [r for m, p, r in proxy.seen if m == "GET"]
+    assert ranges[0] is None and len(ranges) == 2
+    resumed_at = int(ranges[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= 2 * MiB + 3
+    # Nothing already received was fetched again.
+    assert got.bytes_received == len(data)
+    assert list(tmp_path.glob(".*casd-part")) == []
+
+
+async def test_interrupted_download_leaves_a_part_file_the_next_run_resumes(proxy, daemon,
+                                                                            tmp_path):
+    src = tmp_path / "f.bin"
+    data = write_random(src, 5 * MiB, seed=5)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src)
+    proxy.cut_next_get_after = 3 * MiB
+    dest = tmp_path / "out.bin"
+    async with fast_client(proxy.url, retries=0) as client:
+        with pytest.raises(CasdConnectionError, match="connection lost"):
+            await client.download(s.url.replace(daemon.url, proxy.url), dest)
+    assert not dest.exists()
+    (part,) = tmp_path.glob(".*casd-part")
+    assert 0 < part.stat().st_size <= 3 * MiB
+
+    partial = part.stat().st_size
+    async with CasdClient(daemon.url) as client:
+        got = await client.download(s.digest, dest)
+    assert dest.read_bytes() == data
+    assert got.resumed_from == partial
+    assert got.bytes_received == len(data) - got.resumed_from
+    assert not part.exists()
+
+
+async def test_corrupt_partial_download_is_caught_and_not_published(proxy, daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    data = write_random(src, 3 * MiB, seed=3)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src)
+    proxy.cut_next_get_after = MiB
+    dest = tmp_path / "out.bin"
+    async with fast_client(proxy.url, retries=0) as client:
+        with pytest.raises(CasdConnectionError):
+            await client.download(s.digest, dest)
+    (part,) = tmp_path.glob(".*casd-part")
+    with open(part, "r+b") as f:
+        f.write(b"\xff" * 10)  # a bit flip on disk between the two runs
+
+    async with CasdClient(daemon.url) as client:
+        with pytest.raises(CasdIntegrityError):
+            await client.download(s.digest, dest)
+        assert not dest.exists() and not part.exists()
+        await client.download(s.digest, dest)
+    assert dest.read_bytes() == data
+
+
+async def test_download_of_an_unknown_file_is_a_clear_404_and_leaves_nothing(daemon, tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    async with CasdClient(daemon.url) as client:
+        with pytest.raises(CasdHTTPError) as info:
+            await client.download("0" * 32, folder)
+    assert (info.value.status, info.value.code) == (404, "not_found")
+    assert list(folder.iterdir()) == []
