@@ -763,17 +763,21 @@ class CasdClient:
                         if total is None:
                             continue  # the partial bytes were useless; start over
                         pending: list[asyncio.Future] = []
-                        buf = bytearray()
-                        got = start
+                        pieces: list[bytes] = []
+                        batch = 0
+                        got = sink.pos  # 0 again if the server answered 200 to a Range
                         try:
                             async for data in resp.content.iter_any():
-                                buf += data
-                                if len(buf) >= IO_PIECE:
-                                    received += len(buf)
-                                    got += len(buf)
+                                pieces.append(data)
+                                batch += len(data)
+                                if batch >= IO_PIECE:
+                                    # Written and hashed in the writer thread while the
+                                    # loop receives the next batch; at most two in flight.
                                     pending.append(loop.run_in_executor(
-                                        writer, sink.write, bytes(buf)))
-                                    buf.clear()
+                                        writer, sink.write, pieces))
+                                    received += batch
+                                    got += batch
+                                    pieces, batch = [], 0
                                     attempt = 0  # progress was made: reset the retry budget
                                     if len(pending) > 1:
                                         await pending.pop(0)
@@ -781,10 +785,9 @@ class CasdClient:
                                         on_progress(Progress("download", got, total))
                         finally:
                             # Whatever arrived is kept, so a retry resumes after it.
-                            if buf:
-                                received += len(buf)
-                                pending.append(loop.run_in_executor(
-                                    writer, sink.write, bytes(buf)))
+                            if pieces:
+                                received += batch
+                                pending.append(loop.run_in_executor(writer, sink.write, pieces))
                             for fut in pending:
                                 await fut
                         if sink.pos != total:
@@ -857,10 +860,13 @@ class _Sink:
             raise
         return sink
 
-    def write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.h.update(data)
-        self.pos += len(data)
+    def write(self, pieces: list[bytes]) -> None:
+        for data in pieces:
+            view = memoryview(data)
+            while view:
+                view = view[self.f.write(view):]
+            self.h.update(data)
+            self.pos += len(data)
 
     def truncate(self) -> None:
         self.f.seek(0)
