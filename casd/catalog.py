@@ -13,7 +13,8 @@ import dataclasses
 import importlib.resources
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -73,21 +74,20 @@ def _statements(script: str) -> list[str]:
 
 async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    await db.execute("PRAGMA journal_mode = WAL")
-    await db.execute(f"PRAGMA synchronous = {synchronous}")
-    await db.execute("PRAGMA foreign_keys = ON")
-    await db.execute("PRAGMA temp_store = MEMORY")
-    await db.execute("PRAGMA cache_size = -32768")
+    for pragma in _pragmas(synchronous):
+        await db.execute(pragma)
     return db
 
 
 class Catalog:
     """Manifests, uploads, chunks and files, and the transactions that change them."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+    def __init__(
+        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, group: "GroupWriter"
+    ):
         self._db = writer
         self._reader = reader
+        self._group = group
         self._write_lock = asyncio.Lock()
 
     @classmethod
@@ -99,12 +99,14 @@ class Catalog:
         try:
             await _migrate(writer)
             reader = await _connect(path, synchronous)
+            group = await GroupWriter.open(path, synchronous)
         except BaseException:
             await writer.close()
             raise
-        return cls(writer, reader)
+        return cls(writer, reader, group)
 
     async def close(self) -> None:
+        await self._group.close()
         await self._reader.close()
         await self._db.close()
 
@@ -128,12 +130,11 @@ class Catalog:
                 raise
 
     async def _one(self, sql: str, params: Iterable = ()):
-        async with self._reader.execute(sql, tuple(params)) as cur:
-            return await cur.fetchone()
+        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, params: Iterable = ()):
-        async with self._reader.execute(sql, tuple(params)) as cur:
-            return await cur.fetchall()
+        return list(await self._reader.execute_fetchall(sql, tuple(params)))
 
     # ---- reads ----------------------------------------------------------------------
 
@@ -180,72 +181,17 @@ class Catalog:
             (manifest_id,),
         )
 
-    # ---- writes ---------------------------------------------------------------------
+    # ---- the daemon's writes: queued, committed together ----------------------------
 
     async def begin_upload(
         self, manifest: Manifest, chunks_key: str, now: float, expires_at: float, new_id: str
     ) -> tuple[Upload, list[str]]:
         """Find the live pending upload of this exact manifest or create one; one transaction."""
-        d = manifest.digest
-        async with self.write() as db:
-            async with db.execute(
-                f"SELECT {_UPLOAD_COLUMNS} FROM manifests m JOIN uploads u"
-                " ON u.manifest_id = m.id"
-                " WHERE m.digest = ? AND m.size = ? AND m.chunks_key = ? AND u.state = 'pending'"
-                " ORDER BY u.expires_at DESC LIMIT 1",
-                (d.hex, manifest.size, chunks_key),
-            ) as cur:
-                row = await cur.fetchone()
-            existing = _upload(row) if row else None
-            if existing is not None and existing.expires_at > now:
-                await db.execute(
-                    "UPDATE uploads SET expires_at = ? WHERE id = ?", (expires_at, existing.id)
-                )
-                upload = dataclasses.replace(existing, expires_at=expires_at)
-                return upload, await _missing(db, upload.manifest_id)
-            if existing is not None:
-                await _drop_upload(db, existing.id, existing.manifest_id)
-            async with db.execute(
-                "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (d.algo.value, d.hex, manifest.size, chunks_key, len(manifest.chunks), now),
-            ) as cur:
-                manifest_id = cur.lastrowid
-            await db.executemany(
-                "INSERT INTO manifest_chunks (manifest_id, seq, digest, size) VALUES (?, ?, ?, ?)",
-                ((manifest_id, i, c.digest.hex, c.size) for i, c in enumerate(manifest.chunks)),
-            )
-            async with db.execute(
-                "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
-                " JOIN chunks c ON c.digest = mc.digest"
-                " WHERE mc.manifest_id = ? AND c.state = ? AND c.size <> mc.size LIMIT 1",
-                (manifest_id, LIVE),
-            ) as cur:
-                clash = await cur.fetchone()
-            if clash:
-                raise BadRequest(
-                    f"chunk {clash[0]} is stored with size {clash[2]}, the manifest says {clash[1]}"
-                )
-            await db.execute(
-                "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at)"
-                " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at),
-            )
-            upload = Upload(
-                new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, "pending",
-                expires_at,
-            )
-            return upload, await _missing(db, manifest_id)
+        return await self._group.run(_begin_upload, manifest, chunks_key, now, expires_at, new_id)
 
     async def touch_upload(self, upload_id: str, now: float, expires_at: float) -> bool:
         """Push a live pending upload's expiry forward; False when there is none."""
-        async with self.write() as db:
-            async with db.execute(
-                "UPDATE uploads SET expires_at = ? WHERE id = ? AND state = 'pending'"
-                " AND expires_at > ?",
-                (expires_at, upload_id, now),
-            ) as cur:
-                return cur.rowcount == 1
+        return await self._group.run(_touch_upload, upload_id, now, expires_at)
 
     async def publish_chunk(
         self,
@@ -253,139 +199,305 @@ class Catalog:
         size: int,
         xxh3: str,
         now: float,
-        place: Callable[[], Awaitable[None]],
+        place: Callable[[], None],
         touch: tuple[str, float] | None = None,
     ) -> bool:
         """Put a verified blob in place and record it; False when it was already stored.
 
-        `place` renames the blob file into place. It runs inside the write transaction so
-        that gc, which unlinks blob files under the same lock, can never interleave between
-        the rename and the row: no row ever names a file that gc removed. `touch` is an
-        (upload id, new expiry) pushed forward in the same transaction.
+        `place` (blocking) renames the blob file into place. It runs inside the write
+        transaction so that gc, which unlinks blob files under the same lock, can never
+        interleave between the rename and the row: no row ever names a file that gc removed.
+        `touch` is an (upload id, new expiry) pushed forward in the same transaction.
         """
-        async with self.write() as db:
-            if touch is not None:
-                await db.execute(
-                    "UPDATE uploads SET expires_at = ? WHERE id = ? AND state = 'pending'",
-                    (touch[1], touch[0]),
-                )
-            async with db.execute(
-                "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
-            ) as cur:
-                if await cur.fetchone():
-                    return False
-            await place()
-            await db.execute(
-                "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
-                " size = excluded.size, xxh3 = excluded.xxh3, created = excluded.created,"
-                " state = excluded.state",
-                (digest.hex, digest.algo.value, size, xxh3, now, LIVE),
-            )
-            return True
+        return await self._group.run(_publish_chunk, digest, size, xxh3, now, place, touch)
 
     async def register_file(self, upload_id: str, now: float) -> FileEntry | None:
         """Turn a fully present pending upload into a complete file; None if no such upload.
 
         Idempotent: a merged upload answers the file it became.
         """
-        async with self.write() as db:
-            async with db.execute(
-                f"SELECT {_UPLOAD_COLUMNS} FROM uploads u JOIN manifests m"
-                " ON m.id = u.manifest_id WHERE u.id = ?",
-                (upload_id,),
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                return None
-            upload = _upload(row)
-            if upload.state == "pending":
-                if upload.expires_at <= now:
-                    return None
-                missing = await _missing(db, upload.manifest_id)
-                if missing:
-                    raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
-                d = upload.digest
-                await db.execute(
-                    "INSERT INTO files (digest, algo, size, manifest_id, ext, name, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
-                    (d.hex, d.algo.value, upload.size, upload.manifest_id, upload.ext,
-                     upload.name, now),
-                )
-                await db.execute(
-                    "UPDATE uploads SET state = 'merged' WHERE id = ?", (upload_id,)
-                )
-            async with db.execute(
-                f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = ?",
-                (upload.digest.hex,),
-            ) as cur:
-                frow = await cur.fetchone()
-            if frow is None:
-                return None
-            entry = _file(frow)
-            if entry.size != upload.size:
-                raise FileDigestMismatch(
-                    f"another file of {entry.size} bytes is already stored under"
-                    f" {entry.digest.hex}"
-                )
-            return entry
+        return await self._group.run(_register_file, upload_id, now)
 
     async def drop_upload(self, upload_id: str) -> bool:
         """Forget an upload (and its manifest unless a file uses it); False if unknown."""
-        async with self.write() as db:
-            async with db.execute(
-                "SELECT manifest_id FROM uploads WHERE id = ?", (upload_id,)
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                return False
-            await _drop_upload(db, upload_id, row[0])
-            return True
+        return await self._group.run(_drop_upload_by_id, upload_id)
 
     async def delete_file(self, digest: Digest) -> bool:
         """Remove a file from the catalogue; its chunks are left for gc. False if unknown."""
-        async with self.write() as db:
-            async with db.execute(
-                "SELECT manifest_id FROM files WHERE digest = ? AND algo = ?",
-                (digest.hex, digest.algo.value),
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                return False
-            manifest_id = row[0]
-            await db.execute("DELETE FROM files WHERE digest = ?", (digest.hex,))
-            # The merged uploads that built it go too, so a repeated merge cannot answer
-            # "complete" for a file that is gone.
-            await db.execute(
-                "DELETE FROM uploads WHERE manifest_id = ? AND state = 'merged'", (manifest_id,)
-            )
-            await _drop_manifest_if_unused(db, manifest_id)
-            return True
+        return await self._group.run(_delete_file, digest)
 
 
-async def _missing(db: aiosqlite.Connection, manifest_id: int) -> list[str]:
-    async with db.execute(
-        "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = ?"
-        " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
-        " ORDER BY mc.seq",
+class GroupWriter:
+    """One sqlite3 connection on one thread. Write operations are plain functions of the
+    connection; every operation queued while a transaction runs goes into the next one, each
+    in its own savepoint, so N concurrent requests share one BEGIN IMMEDIATE ... COMMIT (and
+    one fsync) instead of queueing for N of them.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, con: sqlite3.Connection, thread: ThreadPoolExecutor):
+        self._con = con
+        self._thread = thread
+        self._queue: list[tuple[Callable, tuple, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+
+    @classmethod
+    async def open(cls, path: Path, synchronous: str) -> "GroupWriter":
+        thread = ThreadPoolExecutor(1, thread_name_prefix="casd-sql-writer")
+
+        def connect() -> sqlite3.Connection:
+            con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            for pragma in _pragmas(synchronous):
+                con.execute(pragma)
+            return con
+
+        con = await asyncio.get_running_loop().run_in_executor(thread, connect)
+        return cls(con, thread)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._con.close)
+        self._thread.shutdown(wait=True)
+
+    async def run(self, fn: Callable, *args):
+        """Run fn(connection, *args) inside the next write transaction; its result or error."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, args, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        # The batch runs even if this caller goes away: its work commits as one unit.
+        return await asyncio.shield(fut)
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch = self._queue[: self.MAX_BATCH]
+                del self._queue[: self.MAX_BATCH]
+                try:
+                    results = await loop.run_in_executor(self._thread, self._transact, batch)
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                    results = [(False, exc)] * len(batch)
+                for (_fn, _args, fut), (ok, value) in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(value) if ok else fut.set_exception(value)
+        finally:
+            self._flusher = None
+
+    def _transact(self, batch) -> list[tuple[bool, object]]:
+        con = self._con
+        results: list[tuple[bool, object]] = []
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, args, _fut in batch:
+                    con.execute("SAVEPOINT op")
+                    try:
+                        value = fn(con, *args)
+                    except Exception as exc:  # noqa: BLE001 - this op's error, not the batch's
+                        con.execute("ROLLBACK TO op")
+                        con.execute("RELEASE op")
+                        results.append((False, exc))
+                    else:
+                        con.execute("RELEASE op")
+                        results.append((True, value))
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise StorageFull("the data folder's disk is full") from exc
+            raise
+        return results
+
+
+def _pragmas(synchronous: str) -> list[str]:
+    return [
+        f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+        "PRAGMA journal_mode = WAL",
+        f"PRAGMA synchronous = {synchronous}",
+        "PRAGMA foreign_keys = ON",
+        "PRAGMA temp_store = MEMORY",
+        "PRAGMA cache_size = -32768",
+    ]
+
+
+# ---- write operations: run by GroupWriter inside a transaction, on its thread ------------
+
+_PENDING_OF_MANIFEST = (
+    f"SELECT {_UPLOAD_COLUMNS} FROM manifests m JOIN uploads u ON u.manifest_id = m.id"
+    " WHERE m.digest = ? AND m.size = ? AND m.chunks_key = ? AND u.state = 'pending'"
+    " ORDER BY u.expires_at DESC LIMIT 1"
+)
+_UPLOAD_BY_ID = (
+    f"SELECT {_UPLOAD_COLUMNS} FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
+    " WHERE u.id = ?"
+)
+
+
+def _begin_upload(
+    con: sqlite3.Connection, manifest: Manifest, chunks_key: str, now: float,
+    expires_at: float, new_id: str,
+) -> tuple[Upload, list[str]]:
+    d = manifest.digest
+    row = con.execute(_PENDING_OF_MANIFEST, (d.hex, manifest.size, chunks_key)).fetchone()
+    existing = _upload(row) if row else None
+    if existing is not None and existing.expires_at > now:
+        con.execute("UPDATE uploads SET expires_at = ? WHERE id = ?", (expires_at, existing.id))
+        upload = dataclasses.replace(existing, expires_at=expires_at)
+        return upload, _missing_sync(con, upload.manifest_id)
+    if existing is not None:
+        _drop_upload_sync(con, existing.id, existing.manifest_id)
+    manifest_id = con.execute(
+        "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (d.algo.value, d.hex, manifest.size, chunks_key, len(manifest.chunks), now),
+    ).lastrowid
+    con.executemany(
+        "INSERT INTO manifest_chunks (manifest_id, seq, digest, size) VALUES (?, ?, ?, ?)",
+        ((manifest_id, i, c.hex, c.size) for i, c in enumerate(manifest.chunks)),
+    )
+    clash = con.execute(
+        "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
+        " JOIN chunks c ON c.digest = mc.digest"
+        " WHERE mc.manifest_id = ? AND c.state = ? AND c.size <> mc.size LIMIT 1",
         (manifest_id, LIVE),
-    ) as cur:
-        rows = await cur.fetchall()
+    ).fetchone()
+    if clash:
+        raise BadRequest(
+            f"chunk {clash[0]} is stored with size {clash[2]}, the manifest says {clash[1]}"
+        )
+    con.execute(
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at)"
+        " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+        (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at),
+    )
+    upload = Upload(
+        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, "pending", expires_at
+    )
+    return upload, _missing_sync(con, manifest_id)
+
+
+def _touch_upload(con: sqlite3.Connection, upload_id: str, now: float, expires_at: float) -> bool:
+    cur = con.execute(
+        "UPDATE uploads SET expires_at = ? WHERE id = ? AND state = 'pending' AND expires_at > ?",
+        (expires_at, upload_id, now),
+    )
+    return cur.rowcount == 1
+
+
+def _publish_chunk(
+    con: sqlite3.Connection, digest: Digest, size: int, xxh3: str, now: float,
+    place: Callable[[], None], touch: tuple[str, float] | None,
+) -> bool:
+    if touch is not None:
+        con.execute(
+            "UPDATE uploads SET expires_at = ? WHERE id = ? AND state = 'pending'",
+            (touch[1], touch[0]),
+        )
+    if con.execute(
+        "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
+    ).fetchone():
+        return False
+    place()
+    con.execute(
+        "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+        " size = excluded.size, xxh3 = excluded.xxh3, created = excluded.created,"
+        " state = excluded.state",
+        (digest.hex, digest.algo.value, size, xxh3, now, LIVE),
+    )
+    return True
+
+
+def _register_file(con: sqlite3.Connection, upload_id: str, now: float) -> FileEntry | None:
+    row = con.execute(_UPLOAD_BY_ID, (upload_id,)).fetchone()
+    if row is None:
+        return None
+    upload = _upload(row)
+    if upload.state == "pending":
+        if upload.expires_at <= now:
+            return None
+        missing = _missing_sync(con, upload.manifest_id)
+        if missing:
+            raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
+        d = upload.digest
+        con.execute(
+            "INSERT INTO files (digest, algo, size, manifest_id, ext, name, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+            (d.hex, d.algo.value, upload.size, upload.manifest_id, upload.ext, upload.name, now),
+        )
+        con.execute("UPDATE uploads SET state = 'merged' WHERE id = ?", (upload_id,))
+    frow = con.execute(
+        f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = ?", (upload.digest.hex,)
+    ).fetchone()
+    if frow is None:
+        return None
+    entry = _file(frow)
+    if entry.size != upload.size:
+        raise FileDigestMismatch(
+            f"another file of {entry.size} bytes is already stored under {entry.digest.hex}"
+        )
+    return entry
+
+
+def _drop_upload_by_id(con: sqlite3.Connection, upload_id: str) -> bool:
+    row = con.execute("SELECT manifest_id FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+    if row is None:
+        return False
+    _drop_upload_sync(con, upload_id, row[0])
+    return True
+
+
+def _delete_file(con: sqlite3.Connection, digest: Digest) -> bool:
+    row = con.execute(
+        "SELECT manifest_id FROM files WHERE digest = ? AND algo = ?",
+        (digest.hex, digest.algo.value),
+    ).fetchone()
+    if row is None:
+        return False
+    manifest_id = row[0]
+    con.execute("DELETE FROM files WHERE digest = ?", (digest.hex,))
+    # The merged uploads that built it go too, so a repeated merge cannot answer "complete"
+    # for a file that is gone.
+    con.execute("DELETE FROM uploads WHERE manifest_id = ? AND state = 'merged'", (manifest_id,))
+    _drop_manifest_if_unused_sync(con, manifest_id)
+    return True
+
+
+_MISSING = (
+    "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = ?"
+    " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
+    " ORDER BY mc.seq"
+)
+_DROP_MANIFEST_IF_UNUSED = (
+    "DELETE FROM manifests WHERE id = ?"
+    " AND NOT EXISTS (SELECT 1 FROM files WHERE manifest_id = ?)"
+    " AND NOT EXISTS (SELECT 1 FROM uploads WHERE manifest_id = ?)"
+)
+
+
+def _missing_sync(con: sqlite3.Connection, manifest_id: int) -> list[str]:
+    rows = con.execute(_MISSING, (manifest_id, LIVE)).fetchall()
     return list(dict.fromkeys(r[0] for r in rows))
 
 
-async def _drop_upload(db: aiosqlite.Connection, upload_id: str, manifest_id: int) -> None:
-    await db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
-    await _drop_manifest_if_unused(db, manifest_id)
+def _drop_upload_sync(con: sqlite3.Connection, upload_id: str, manifest_id: int) -> None:
+    con.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
+    _drop_manifest_if_unused_sync(con, manifest_id)
 
 
-async def _drop_manifest_if_unused(db: aiosqlite.Connection, manifest_id: int) -> None:
-    await db.execute(
-        "DELETE FROM manifests WHERE id = ?"
-        " AND NOT EXISTS (SELECT 1 FROM files WHERE manifest_id = ?)"
-        " AND NOT EXISTS (SELECT 1 FROM uploads WHERE manifest_id = ?)",
-        (manifest_id, manifest_id, manifest_id),
-    )
+def _drop_manifest_if_unused_sync(con: sqlite3.Connection, manifest_id: int) -> None:
+    con.execute(_DROP_MANIFEST_IF_UNUSED, (manifest_id, manifest_id, manifest_id))
+
+
+async def _missing(db: aiosqlite.Connection, manifest_id: int) -> list[str]:
+    rows = await db.execute_fetchall(_MISSING, (manifest_id, LIVE))
+    return list(dict.fromkeys(r[0] for r in rows))
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
@@ -412,3 +524,257 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         except BaseException:
             await db.rollback()
             raise
+
+
+# ---- maintenance (gc, fsck, stats) ----
+#
+# The queries of the admin commands (casd/maintenance.py), in a subclass so the daemon's
+# Catalog stays as it is. gc retires a chunk in two committed steps, both under SQLite's
+# write lock, the lock `publish_chunk` holds while it renames a blob into place and marks
+# its row live:
+#   1. mark_garbage: live -> DELETING, only where nothing references the chunk (rechecked in
+#      that transaction) and it is older than the grace period;
+#   2. retire_chunks: for rows still DELETING, unlink the blob, delete the row, commit.
+# The daemon treats a DELETING row as absent, so a client re-uploading that chunk revives the
+# row and step 2 skips it. A kill between step 2's unlink and its commit leaves a DELETING
+# row without a file: garbage in progress, which the next gc finishes.
+
+# "Something relies on this chunk": a complete file, or an upload still pending and not
+# expired at `now` (the one `?`). `{c}` names the chunks table in the calling statement.
+_REFERENCED = (
+    "EXISTS (SELECT 1 FROM manifest_chunks mc WHERE mc.digest = {c}.digest AND ("
+    "EXISTS (SELECT 1 FROM files f WHERE f.manifest_id = mc.manifest_id)"
+    " OR EXISTS (SELECT 1 FROM uploads u WHERE u.manifest_id = mc.manifest_id"
+    " AND u.state = 'pending' AND u.expires_at > ?)))"
+)
+_CHUNK_COLUMNS = "c.digest, c.algo, c.size, c.xxh3, c.state, c.created"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRow:
+    """A chunks row as gc and fsck see it."""
+
+    digest: Digest
+    size: int
+    xxh3: str
+    state: int
+    created: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkUsers:
+    """What the catalogue says about one chunk digest at one moment."""
+
+    row: ChunkRow | None
+    files: tuple[tuple[FileEntry, int], ...]  # each file using it, and the size it expects
+    uploads: tuple[str, ...]  # live pending uploads whose manifest has it
+
+
+def _chunk_row(row) -> ChunkRow:
+    digest, algo, size, xxh3, state, created = row
+    return ChunkRow(Digest(Algo(algo), digest), size, xxh3, state, created)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+async def _delete_manifest_if_unused(db: aiosqlite.Connection, manifest_id: int) -> int:
+    """Like _drop_manifest_if_unused, but says whether it deleted (1) or not (0)."""
+    async with db.execute(
+        "DELETE FROM manifests WHERE id = ?"
+        " AND NOT EXISTS (SELECT 1 FROM files WHERE manifest_id = ?)"
+        " AND NOT EXISTS (SELECT 1 FROM uploads WHERE manifest_id = ?)",
+        (manifest_id, manifest_id, manifest_id),
+    ) as cur:
+        return cur.rowcount
+
+
+async def _chunk_users(db: aiosqlite.Connection, hex_: str, now: float) -> ChunkUsers:
+    async with db.execute(
+        f"SELECT {_CHUNK_COLUMNS} FROM chunks c WHERE c.digest = ?", (hex_,)
+    ) as cur:
+        row = await cur.fetchone()
+    async with db.execute(
+        f"SELECT DISTINCT {_FILE_COLUMNS}, mc.size FROM manifest_chunks mc"
+        " JOIN files f ON f.manifest_id = mc.manifest_id WHERE mc.digest = ?"
+        " ORDER BY f.digest",
+        (hex_,),
+    ) as cur:
+        files = tuple((_file(r[:-1]), r[-1]) for r in await cur.fetchall())
+    async with db.execute(
+        "SELECT DISTINCT u.id FROM manifest_chunks mc JOIN uploads u"
+        " ON u.manifest_id = mc.manifest_id WHERE mc.digest = ? AND u.state = 'pending'"
+        " AND u.expires_at > ? ORDER BY u.id",
+        (hex_, now),
+    ) as cur:
+        uploads = tuple(r[0] for r in await cur.fetchall())
+    return ChunkUsers(_chunk_row(row) if row else None, files, uploads)
+
+
+class AdminCatalog(Catalog):
+    """The catalogue plus what gc, fsck, stats and ls ask of it (used by the admin CLI)."""
+
+    # -- gc: plan (reads) --
+
+    async def expired_uploads(self, now: float) -> list[tuple[str, int]]:
+        """(id, file size) of every upload, pending or merged, expired at `now`."""
+        rows = await self._all(
+            "SELECT u.id, m.size FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
+            " WHERE u.expires_at <= ? ORDER BY u.expires_at, u.id",
+            (now,),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def unused_manifests(self, now: float) -> list[int]:
+        """Manifests that no file and no upload unexpired at `now` uses."""
+        rows = await self._all(
+            "SELECT m.id FROM manifests m"
+            " WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.manifest_id = m.id)"
+            " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.manifest_id = m.id"
+            " AND u.expires_at > ?) ORDER BY m.id",
+            (now,),
+        )
+        return [r[0] for r in rows]
+
+    async def garbage_chunks(self, now: float, cutoff: float) -> list[ChunkRow]:
+        """Live chunks that nothing relies on at `now` and that were stored before `cutoff`."""
+        rows = await self._all(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunks c WHERE c.state = ? AND c.created < ?"
+            f" AND NOT {_REFERENCED.format(c='c')} ORDER BY c.digest",
+            (LIVE, cutoff, now),
+        )
+        return [_chunk_row(r) for r in rows]
+
+    async def deleting_chunks(self) -> list[ChunkRow]:
+        """Rows marked DELETING by a gc that has not finished (killed, or still running)."""
+        rows = await self._all(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunks c WHERE c.state = ? ORDER BY c.digest",
+            (DELETING,),
+        )
+        return [_chunk_row(r) for r in rows]
+
+    # -- gc: execute (each call is one short write transaction) --
+
+    async def drop_expired_uploads(self, ids: list[str], now: float) -> tuple[int, int]:
+        """Delete these uploads where still expired at `now`, and their manifests if unused.
+
+        Returns (uploads deleted, manifests deleted).
+        """
+        uploads = manifests = 0
+        async with self.write() as db:
+            for uid in ids:
+                async with db.execute(
+                    "DELETE FROM uploads WHERE id = ? AND expires_at <= ? RETURNING manifest_id",
+                    (uid, now),
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    uploads += 1
+                    manifests += await _delete_manifest_if_unused(db, row[0])
+        return uploads, manifests
+
+    async def drop_unused_manifests(self, ids: list[int]) -> int:
+        """Delete these manifests (their chunk lists cascade) where still unused; how many."""
+        n = 0
+        async with self.write() as db:
+            for mid in ids:
+                n += await _delete_manifest_if_unused(db, mid)
+        return n
+
+    async def mark_garbage(self, digests: list[str], now: float, cutoff: float) -> list[ChunkRow]:
+        """gc step 1: mark DELETING those of `digests` still live, unreferenced and old enough."""
+        if not digests:
+            return []
+        async with self.write() as db:
+            async with db.execute(
+                f"UPDATE chunks SET state = ? WHERE digest IN ({_marks(len(digests))})"
+                f" AND state = ? AND created < ? AND NOT {_REFERENCED.format(c='chunks')}"
+                " RETURNING digest, algo, size, xxh3, state, created",
+                (DELETING, *digests, LIVE, cutoff, now),
+            ) as cur:
+                rows = await cur.fetchall()
+        return [_chunk_row(r) for r in rows]
+
+    async def retire_chunks(
+        self, digests: list[str], unlink: Callable[[list[ChunkRow]], Awaitable[None]]
+    ) -> list[ChunkRow]:
+        """gc step 2: for those of `digests` still DELETING, `unlink` their blobs, drop the rows.
+
+        `unlink` runs inside the write transaction, so no `publish_chunk` can revive a row
+        between the check and the unlink.
+        """
+        if not digests:
+            return []
+        async with self.write() as db:
+            async with db.execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks c"
+                f" WHERE c.digest IN ({_marks(len(digests))}) AND c.state = ?",
+                (*digests, DELETING),
+            ) as cur:
+                rows = [_chunk_row(r) for r in await cur.fetchall()]
+            if rows:
+                await unlink(rows)
+                await db.execute(
+                    f"DELETE FROM chunks WHERE digest IN ({_marks(len(rows))}) AND state = ?",
+                    (*(r.digest.hex for r in rows), DELETING),
+                )
+        return rows
+
+    # -- fsck --
+
+    async def all_chunks(self) -> list[ChunkRow]:
+        rows = await self._all(f"SELECT {_CHUNK_COLUMNS} FROM chunks c")
+        return [_chunk_row(r) for r in rows]
+
+    async def file_chunk_sizes(self) -> list[tuple[str, int]]:
+        """(digest hex, size its manifest gives) of every chunk some complete file uses."""
+        rows = await self._all(
+            "SELECT DISTINCT mc.digest, mc.size FROM files f"
+            " JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def chunk_users(
+        self, digests: Iterable[str], now: float,
+        probe: Callable[[dict[str, ChunkUsers]], Awaitable[object]] | None = None,
+    ) -> tuple[dict[str, ChunkUsers], object]:
+        """The current facts about `digests`, read under the write lock, and `probe`'s answer.
+
+        `probe` runs before the lock is let go: no blob is published or retired meanwhile,
+        so what it sees on disk matches the facts.
+        """
+        async with self.write() as db:
+            facts = {d: await _chunk_users(db, d, now) for d in digests}
+            answer = await probe(facts) if probe is not None else None
+        return facts, answer
+
+    # -- stats, ls --
+
+    async def stats_counts(self, now: float) -> dict[str, int]:
+        files, logical = await self._one("SELECT count(*), coalesce(sum(size), 0) FROM files")
+        chunks, physical = await self._one(
+            "SELECT count(*), coalesce(sum(size), 0) FROM chunks WHERE state = ?", (LIVE,)
+        )
+        deleting = (
+            await self._one("SELECT count(*) FROM chunks WHERE state = ?", (DELETING,))
+        )[0]
+        pending, pending_bytes = await self._one(
+            "SELECT count(*), coalesce(sum(m.size), 0) FROM uploads u"
+            " JOIN manifests m ON m.id = u.manifest_id"
+            " WHERE u.state = 'pending' AND u.expires_at > ?",
+            (now,),
+        )
+        expired = (
+            await self._one("SELECT count(*) FROM uploads WHERE expires_at <= ?", (now,))
+        )[0]
+        return {
+            "files": files, "logical_bytes": logical, "chunks": chunks,
+            "physical_bytes": physical, "pending_uploads": pending,
+            "pending_bytes": pending_bytes, "deleting_chunks": deleting,
+            "expired_uploads": expired,
+        }
+
+    async def list_files(self) -> list[FileEntry]:
+        rows = await self._all(f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest")
+        return [_file(r) for r in rows]

@@ -16,10 +16,18 @@ class Algo(str, Enum):
 
     @property
     def hex_len(self) -> int:
-        return 32 if self is Algo.MD5 else 64
+        return _HEX_LEN[self._value_]
 
     def new(self):
-        return hashlib.md5() if self is Algo.MD5 else hashlib.sha256()
+        return hashlib.new(self._value_)
+
+    def parse_hex(self, text: object) -> str:
+        """Validate a hex digest of this algorithm; lowercase. ValueError otherwise."""
+        if isinstance(text, str) and _HEX_RE[self._value_].match(text):
+            return text.lower()
+        raise ValueError(
+            f"{text!r} is not a {self._value_} digest ({self.hex_len} hexadecimal characters)"
+        )
 
     @classmethod
     def parse(cls, value: object) -> "Algo":
@@ -36,7 +44,8 @@ class Algo(str, Enum):
         return {32: cls.MD5, 64: cls.SHA256}.get(n)
 
 
-_HEX = re.compile(r"[0-9a-fA-F]+\Z")
+_HEX_LEN = {"md5": 32, "sha256": 64}
+_HEX_RE = {name: re.compile(rf"[0-9a-fA-F]{{{n}}}\Z") for name, n in _HEX_LEN.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +57,7 @@ class Digest:
 
     @classmethod
     def parse(cls, algo: Algo, text: object) -> "Digest":
-        if not isinstance(text, str) or len(text) != algo.hex_len or not _HEX.match(text):
-            raise ValueError(
-                f"{text!r} is not a {algo.value} digest ({algo.hex_len} hexadecimal characters)"
-            )
-        return cls(algo, text.lower())
+        return cls(algo, algo.parse_hex(text))
 
     @classmethod
     def parse_any(cls, text: str) -> "Digest":

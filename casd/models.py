@@ -9,9 +9,10 @@ from casd.digest import Algo, Digest
 
 @dataclass(frozen=True, slots=True)
 class ChunkRef:
-    """One entry of a manifest: a chunk digest and its size."""
+    """One entry of a manifest: a chunk's validated lowercase hex digest (of the manifest's
+    algorithm; a plain string because manifests run to a million entries) and its size."""
 
-    digest: Digest
+    hex: str
     size: int
 
 
@@ -90,6 +91,8 @@ class Stats:
     physical_bytes: int
     pending_uploads: int
     pending_bytes: int
+    deleting_chunks: int = 0  # rows a gc is retiring right now (or was, when killed)
+    expired_uploads: int = 0  # uploads past their expiry, left for gc to drop
 
     @property
     def dedup_ratio(self) -> float:

@@ -50,7 +50,7 @@ def chunks_key(manifest: Manifest) -> str:
     """A fingerprint of the ordered chunk list, to find "the same manifest" again."""
     h = xxhash.xxh3_128()
     for c in manifest.chunks:
-        h.update(f"{c.digest.hex}:{c.size}\n".encode())
+        h.update(f"{c.hex}:{c.size}\n".encode())
     return h.hexdigest()
 
 
@@ -140,23 +140,21 @@ class Service:
                 f"the manifest has {len(m.chunks)} chunks; this server takes at most {s.max_chunks}"
             )
         sizes: dict[str, int] = {}
+        max_size = s.max_chunk_size
         total = 0
         for i, c in enumerate(m.chunks):
-            if c.digest.algo is not m.algo:
-                raise BadRequest(f"chunk {i} is not a {m.algo.value} digest")
-            if c.size < 1:
-                raise BadRequest(f"chunk {i} has size {c.size}; chunks are 1 byte or more")
-            if c.size > s.max_chunk_size:
+            size = c.size
+            if size < 1 or size > max_size:
+                if size < 1:
+                    raise BadRequest(f"chunk {i} has size {size}; chunks are 1 byte or more")
                 raise TooLarge(
-                    f"chunk {i} has size {c.size}; this server takes chunks of at most"
-                    f" {s.max_chunk_size} bytes"
+                    f"chunk {i} has size {size}; this server takes chunks of at most"
+                    f" {max_size} bytes"
                 )
-            seen = sizes.setdefault(c.digest.hex, c.size)
-            if seen != c.size:
-                raise BadRequest(
-                    f"chunk {c.digest.hex} appears with sizes {seen} and {c.size}"
-                )
-            total += c.size
+            seen = sizes.setdefault(c.hex, size)
+            if seen != size:
+                raise BadRequest(f"chunk {c.hex} appears with sizes {seen} and {size}")
+            total += size
         if total != m.size:
             raise BadRequest(f"the chunk sizes add up to {total}, not to size {m.size}")
 
@@ -237,13 +235,15 @@ class Service:
             hasher = await self._ingest(temp, body, size, digest)
             await self._run(temp.finish)
             now = self.clock()
-
-            async def place() -> None:
-                await self._run(self.blobs.publish, temp, digest)
-
-            published = await self.catalog.publish_chunk(
-                digest, size, hasher.xxh3(), now, place, (upload_id, self._expiry(now))
-            )
+            try:
+                published = await self.catalog.publish_chunk(
+                    digest, size, hasher.xxh3(), now,
+                    lambda: self.blobs.publish(temp, digest), (upload_id, self._expiry(now)),
+                )
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise StorageFull("the data folder's disk is full") from exc
+                raise
             return published
         finally:
             if not published:

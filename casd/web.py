@@ -186,14 +186,20 @@ def parse_manifest(body: bytes) -> Manifest:
     if not isinstance(raw_chunks, list):
         raise BadRequest("chunks must be a list of {" + key + ", size} objects")
     chunks = []
+    parse_hex = algo.parse_hex
     for i, c in enumerate(raw_chunks):
-        if not isinstance(c, dict):
-            raise BadRequest(f"chunks[{i}] must be an object with {key} and size")
         try:
-            cd = Digest.parse(algo, c.get(key))
-        except ValueError as exc:
-            raise BadRequest(f"chunks[{i}].{key}: {exc}") from None
-        chunks.append(ChunkRef(cd, _int(c, "size", f"chunks[{i}].")))
+            hex_ = parse_hex(c[key])
+            csize = c["size"]
+        except (TypeError, KeyError, ValueError) as exc:
+            if not isinstance(c, dict):
+                raise BadRequest(f"chunks[{i}] must be an object with {key} and size") from None
+            if isinstance(exc, ValueError):
+                raise BadRequest(f"chunks[{i}].{key}: {exc}") from None
+            raise BadRequest(f"chunks[{i}] needs {key} and size") from None
+        if type(csize) is not int or csize < 0:
+            raise BadRequest(f"chunks[{i}].size must be a non-negative integer, got {csize!r}")
+        chunks.append(ChunkRef(hex_, csize))
     return Manifest(digest, size, tuple(chunks), ext, name)
 
 
