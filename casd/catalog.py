@@ -539,6 +539,8 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 # row and step 2 skips it. A kill between step 2's unlink and its commit leaves a DELETING
 # row without a file: garbage in progress, which the next gc finishes.
 
+from collections.abc import Awaitable  # noqa: E402 - this section's own import
+
 # "Something relies on this chunk": a complete file, or an upload still pending and not
 # expired at `now` (the one `?`). `{c}` names the chunks table in the calling statement.
 _REFERENCED = (

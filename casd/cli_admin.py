@@ -1,5 +1,350 @@
-"""Placeholder: this module's commands are being written."""
+"""`casd gc|fsck|stats|ls|rm|export`: the admin commands, safe beside a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from casd.cli_common import CliError, add_data_arg, data_dir
+from casd.config import Settings
+from casd.digest import Digest
+from casd.errors import CasdError
+from casd.maintenance import GC_BATCH, FsckReport, GcPlan, GcResult, Maintenance
+from casd.models import FileEntry
 
 
 def register(sub) -> None:
-    return None
+    p = sub.add_parser(
+        "gc", help="remove expired uploads and chunks nothing uses",
+        description="Drop expired uploads and unused manifests, delete chunks that no complete"
+        " file and no live upload uses and that are older than the grace period, delete stale"
+        " temp files. Safe while `casd serve` runs on the same data folder.",
+    )
+    add_data_arg(p)
+    p.add_argument("--grace", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="keep chunks stored less than this long ago (default 3600)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--batch-size", type=_positive, default=GC_BATCH, metavar="N",
+                   help=f"chunks per transaction; the daemon waits at most one batch"
+                   f" (default {GC_BATCH})")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every item")
+    _add_json(p)
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser(
+        "fsck", help="check that every blob and catalogue row agree",
+        description="Check every blob against its catalogue row (size, xxh3-128; --deep: the"
+        " real digest), every chunk of every complete file, and report orphan blob files,"
+        " orphan rows and leftover temp files. Exits 1 when it finds any problem.",
+    )
+    add_data_arg(p)
+    p.add_argument("--deep", action="store_true",
+                   help="recompute each blob's md5/sha256 instead of trusting xxh3-128")
+    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help="hashing threads (default: CPUs, at most 4)")
+    _add_json(p)
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser("stats", help="files, bytes, dedup ratio, pending uploads")
+    add_data_arg(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("ls", help="list complete files")
+    add_data_arg(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("rm", help="remove a file (its chunks are left for gc)")
+    add_data_arg(p)
+    p.add_argument("digest", metavar="DIGEST", help="the file's md5 or sha256")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("export", help="write a stored file out as a regular file")
+    add_data_arg(p)
+    p.add_argument("digest", metavar="DIGEST", help="the file's md5 or sha256")
+    p.add_argument("path", metavar="PATH", type=Path,
+                   help="file to write, or an existing folder to write DIGEST.EXT into")
+    p.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("seconds cannot be negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _digest(text: str) -> Digest:
+    """A file digest as typed by a person: any case, optionally with its .ext."""
+    try:
+        return Digest.parse_any(text.strip().split(".", 1)[0])
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+
+
+def _run(args: argparse.Namespace, work: Callable[[Maintenance], Awaitable[int]]) -> int:
+    """Open the data folder, run `work`, close; every failure becomes one line."""
+    settings = Settings(data_dir=data_dir(args))
+
+    async def main() -> int:
+        m = await Maintenance.open(settings)
+        try:
+            return await work(m)
+        finally:
+            await m.close()
+
+    try:
+        return asyncio.run(main())
+    except CliError:
+        raise
+    except CasdError as exc:
+        raise CliError(exc.message) from None
+    except sqlite3.Error as exc:
+        raise CliError(f"catalogue {settings.catalog_path}: {exc}") from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CliError(f"{exc.strerror or exc}{where}") from None
+    except Exception as exc:  # a bug: still one line, never a traceback
+        raise CliError(f"internal error: {type(exc).__name__}: {exc}") from None
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def human(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- gc ---------------------------------------------------------------------------------
+
+
+def _plan_json(plan: GcPlan) -> dict:
+    return {
+        "grace": plan.grace,
+        "expired_uploads": [u for u, _ in plan.expired_uploads],
+        "unused_manifests": len(plan.unused_manifests),
+        "chunks": [
+            {"algo": c.digest.algo.value, "digest": c.digest.hex, "size": c.size}
+            for c in (*plan.unfinished, *plan.chunks)
+        ],
+        "chunk_bytes": plan.chunk_bytes,
+        "temp_files": [{"path": str(t.path), "size": t.size} for t in plan.temp_files],
+        "bytes": plan.bytes,
+    }
+
+
+def _result_json(r: GcResult) -> dict:
+    return {
+        "uploads": r.uploads,
+        "manifests": r.manifests,
+        "chunks": [
+            {"algo": c.digest.algo.value, "digest": c.digest.hex, "size": c.size}
+            for c in r.chunks
+        ],
+        "kept": r.kept,
+        "temp_files": [str(t.path) for t in r.temp_files],
+        "bytes_freed": r.bytes_freed,
+        "seconds": round(r.seconds, 3),
+    }
+
+
+def _plan_text(plan: GcPlan, verbose: bool) -> None:
+    n_chunks = len(plan.chunks) + len(plan.unfinished)
+    unfinished = f", {len(plan.unfinished)} of them left by an interrupted gc" if plan.unfinished else ""
+    print(f"plan (grace {plan.grace:g} s): {len(plan.expired_uploads)} expired uploads,"
+          f" {len(plan.unused_manifests)} unused manifests, {n_chunks} chunks"
+          f" ({human(plan.chunk_bytes)}{unfinished}), {len(plan.temp_files)} stale temp files"
+          f" ({human(plan.temp_bytes)})")
+    if verbose:
+        for uid, size in plan.expired_uploads:
+            print(f"  upload {uid} ({size} bytes)")
+        for c in (*plan.unfinished, *plan.chunks):
+            print(f"  chunk {c.digest.algo.value} {c.digest.hex} {c.size}")
+        for t in plan.temp_files:
+            print(f"  temp {t.path} {t.size}")
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    async def work(m: Maintenance) -> int:
+        plan = await m.gc_plan(args.grace)
+        if args.dry_run:
+            if args.json:
+                _print_json({"dry_run": True, "plan": _plan_json(plan)})
+            else:
+                _plan_text(plan, args.verbose)
+                print(f"dry run: nothing changed; would free up to {human(plan.bytes)}"
+                      f" ({plan.bytes} bytes)")
+            return 0
+        if not args.json:
+            _plan_text(plan, args.verbose)
+            sys.stdout.flush()
+        result = await m.gc_execute(plan, args.batch_size)
+        if args.json:
+            _print_json({"dry_run": False, "plan": _plan_json(plan),
+                         "removed": _result_json(result)})
+        else:
+            kept = f"; {result.kept} chunks kept (in use again)" if result.kept else ""
+            print(f"removed {result.uploads} uploads, {result.manifests} manifests,"
+                  f" {len(result.chunks)} chunks, {len(result.temp_files)} temp files{kept};"
+                  f" freed {human(result.bytes_freed)} ({result.bytes_freed} bytes)"
+                  f" in {result.seconds:.2f} s")
+        return 0
+
+    return _run(args, work)
+
+
+# ---- fsck -------------------------------------------------------------------------------
+
+
+def _fsck_json(r: FsckReport) -> dict:
+    return {
+        "ok": r.ok,
+        "deep": r.deep,
+        "issues": [
+            {"kind": i.kind, "digest": i.digest, "detail": i.detail, "files": list(i.files)}
+            for i in r.issues
+        ],
+        "blobs_checked": r.blobs_checked,
+        "bytes_checked": r.bytes_checked,
+        "seconds": round(r.seconds, 3),
+        "deleting_chunks": r.deleting,
+        "temp_files_in_flight": r.temp_in_flight,
+    }
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    async def work(m: Maintenance) -> int:
+        r = await m.fsck(deep=args.deep, workers=args.workers)
+        if args.json:
+            _print_json(_fsck_json(r))
+            return 0 if r.ok else 1
+        for i in r.issues:
+            line = f"{i.kind:<13} {i.digest or '-'}  {i.detail}"
+            if i.files:
+                line += f"; files: {', '.join(i.files)}"
+            print(line)
+        how = "md5/sha256 and xxh3-128" if r.deep else "xxh3-128"
+        rate = r.bytes_checked / r.seconds / (1 << 20) if r.seconds else 0.0
+        extra = ""
+        if r.deleting:
+            extra += f"; {r.deleting} chunks being deleted by gc (not a problem)"
+        if r.temp_in_flight:
+            extra += f"; {r.temp_in_flight} temp files in flight (not a problem)"
+        verdict = f"{len(r.issues)} problem(s)" if r.issues else "no problems"
+        print(f"fsck: {r.blobs_checked} blobs ({human(r.bytes_checked)}) checked by {how} in"
+              f" {r.seconds:.2f} s ({rate:.0f} MiB/s){extra}; {verdict}")
+        return 0 if r.ok else 1
+
+    return _run(args, work)
+
+
+# ---- stats, ls, rm, export --------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    async def work(m: Maintenance) -> int:
+        s = await m.stats()
+        if args.json:
+            _print_json({
+                "files": s.files, "logical_bytes": s.logical_bytes, "chunks": s.chunks,
+                "physical_bytes": s.physical_bytes, "dedup_ratio": round(s.dedup_ratio, 4),
+                "pending_uploads": s.pending_uploads, "pending_bytes": s.pending_bytes,
+                "expired_uploads": s.expired_uploads, "deleting_chunks": s.deleting_chunks,
+            })
+            return 0
+        rows = [
+            ("complete files", f"{s.files}"),
+            ("logical bytes", f"{human(s.logical_bytes)} ({s.logical_bytes})"),
+            ("distinct chunks", f"{s.chunks}"),
+            ("physical bytes", f"{human(s.physical_bytes)} ({s.physical_bytes})"),
+            ("dedup ratio", f"{s.dedup_ratio:.2f}"),
+            ("pending uploads", f"{s.pending_uploads} ({human(s.pending_bytes)},"
+                                f" {s.pending_bytes} bytes)"),
+        ]
+        if s.expired_uploads:
+            rows.append(("expired uploads", f"{s.expired_uploads} (casd gc drops them)"))
+        if s.deleting_chunks:
+            rows.append(("chunks being deleted", f"{s.deleting_chunks}"))
+        for k, v in rows:
+            print(f"{k + ':':<22}{v}")
+        return 0
+
+    return _run(args, work)
+
+
+def _file_json(f: FileEntry) -> dict:
+    return {
+        "algo": f.digest.algo.value, "digest": f.digest.hex, "size": f.size, "ext": f.ext,
+        "name": f.name, "created": _time(f.created), "url": f"/v1/files/{f.digest.hex}{f.ext}",
+    }
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    async def work(m: Maintenance) -> int:
+        files = await m.ls()
+        if args.json:
+            _print_json([_file_json(f) for f in files])
+            return 0
+        for f in files:
+            name = f.name.replace("\n", " ") if f.name else "-"
+            print(f"{f.digest.hex}{f.ext}  {f.size:>14}  {_time(f.created)}  {name}")
+        return 0
+
+    return _run(args, work)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    digest = _digest(args.digest)
+
+    async def work(m: Maintenance) -> int:
+        await m.rm(digest)
+        print(f"removed {digest.hex}; its chunks are garbage once nothing else uses them"
+              " (casd gc)")
+        return 0
+
+    return _run(args, work)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    digest = _digest(args.digest)
+
+    async def work(m: Maintenance) -> int:
+        entry, dest = await m.export(digest, args.path, args.force)
+        print(f"wrote {dest} ({entry.size} bytes)")
+        return 0
+
+    return _run(args, work)
