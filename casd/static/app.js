@@ -197,6 +197,7 @@ function enqueue(files) {
 }
 
 presetSettings();
+$("form.fields").addEventListener("submit", (e) => e.preventDefault());
 const input = $("#file-input");
 input.addEventListener("change", () => {
   enqueue([...input.files]);

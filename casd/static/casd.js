@@ -16,7 +16,7 @@ export const DEFAULT_CONCURRENCY = 3;
 export const DEFAULT_RETRIES = 6;
 
 const ALGOS = new Set(["md5", "sha256"]);
-const EXT = /\.([A-Za-z0-9_-]{1,16})$/;
+const EXT = /^\.[A-Za-z0-9_-]{1,16}$/;
 // Below this size a second hashing worker costs more to start than it saves.
 const SPLIT_MIN_SIZE = 16 * MiB;
 // Rounds of handshake -> chunks -> merge before giving up: a round only repeats when the
@@ -59,10 +59,13 @@ function sleep(ms, signal) {
   });
 }
 
-/** The extension casd stores for a file name: ".ext" when the name has a valid one, else "". */
+/** The extension casd accepts for a file name (".iso"), or "" when it has none it can take. */
 export function extOf(name) {
-  const m = EXT.exec(name || "");
-  return m ? "." + m[1].toLowerCase() : "";
+  // As Python's os.path.splitext: leading dots belong to the stem (".bashrc" has none).
+  const stem = String(name || "").replace(/^.*\//, "").replace(/^\.+/, "");
+  const dot = stem.lastIndexOf(".");
+  const ext = dot >= 0 ? stem.slice(dot) : "";
+  return EXT.test(ext) ? ext.toLowerCase() : "";
 }
 
 /** The chunk layout of a file of `size` bytes: [{index, offset, size}], the last one shorter. */
@@ -87,7 +90,7 @@ function startWorker() {
   }
 }
 
-function runWorker(job, signal, onBytes) {
+function runWorker(job, transfer, signal, onBytes) {
   return new Promise((resolve, reject) => {
     const worker = startWorker();
     const finish = (fn, value) => {
@@ -106,14 +109,14 @@ function runWorker(job, signal, onBytes) {
       event.preventDefault?.();
       finish(reject, new Error(`the hashing worker failed to run: ${event.message || "load error"}`));
     };
-    worker.postMessage(job);
+    worker.postMessage(job, transfer);
   });
 }
 
 /**
  * Hashes `file` without touching the main thread's CPU: the whole-file digest and every
- * chunk's digest. With 2+ cores, one worker computes the file digest while another computes
- * the chunk digests, each reading the file by slices.
+ * chunk's digest. With 2+ cores, one worker reads the file and computes the file digest,
+ * and hands each slice on to a second worker that computes the chunk digests.
  * Resolves to {algo, digest, size, chunks: [{index, offset, size, digest}]}.
  */
 export async function hashFile(file, {
@@ -136,16 +139,28 @@ export async function hashFile(file, {
     onProgress?.(done.reduce((a, b) => a + b, 0) / done.length);
   };
   const base = { file, chunkSize, algo };
-  const jobs = split
-    ? [
-      runWorker({ ...base, whole: true, chunks: false }, signal, report(0)),
-      runWorker({ ...base, whole: false, chunks: true }, signal, report(1)),
-    ]
-    : [runWorker({ ...base, whole: true, chunks: true }, signal, report(0))];
-  // allSettled, so that a failure in one worker still lets the other be terminated.
-  const settled = await Promise.allSettled(jobs);
+  // One controller for both workers: when either fails, the other is stopped too.
+  const stop = new AbortController();
+  const onAbort = () => stop.abort(abortReason(signal));
+  signal?.addEventListener("abort", onAbort, { once: true });
+  const guarded = (promise) => promise.catch((err) => {
+    stop.abort(err);
+    throw err;
+  });
+  let jobs;
+  if (split) {
+    const { port1, port2 } = new MessageChannel();
+    jobs = [
+      runWorker({ ...base, whole: true, chunks: false, forward: port1 }, [port1], stop.signal, report(0)),
+      runWorker({ algo, source: port2 }, [port2], stop.signal, report(1)),
+    ];
+  } else {
+    jobs = [runWorker({ ...base, whole: true, chunks: true }, [], stop.signal, report(0))];
+  }
+  const settled = await Promise.allSettled(jobs.map(guarded));
+  signal?.removeEventListener("abort", onAbort);
   const failed = settled.find((r) => r.status === "rejected");
-  if (failed) throw failed.reason;
+  if (failed) throw signal?.aborted ? abortReason(signal) : failed.reason;
   const [first, second] = settled.map((r) => r.value);
   const digests = split ? second.chunks : first.chunks;
   if (digests.length !== layout.length) throw new Error("hashing produced the wrong chunk count");
@@ -185,7 +200,9 @@ function errorFrom(status, text) {
 /**
  * Uploads `file` (a File or Blob) to casd and resolves to the summary
  * {digest, algo, size, url, chunks_total, chunks_sent, bytes_sent, chunks_skipped,
- *  bytes_skipped, instant}.
+ *  bytes_skipped, instant, name, hash_seconds, transfer_seconds, merge_seconds, seconds}:
+ * the Python client's UploadSummary, with the file's name in place of its path.
+ * "sent" counts chunks this call sent and the server acknowledged; sent + skipped = total.
  */
 export async function upload(file, options = {}) {
   const {
@@ -234,6 +251,9 @@ export async function upload(file, options = {}) {
   const emit = () => onProgress?.({ ...state });
   emit();
 
+  const clock = () => performance.now() / 1000;
+  const started = clock();
+  let mergeSeconds = 0;
   const hashed = await hashFile(file, {
     chunkSize, algo, signal, workers: hashWorkers,
     onProgress: (bytes) => {
@@ -242,6 +262,7 @@ export async function upload(file, options = {}) {
     },
   });
   state.chunks_total = hashed.chunks.length;
+  const hashSeconds = clock() - started;
 
   // One request with retries: network errors, 408, 429 and 5xx (507 included) are retried
   // with exponential backoff and full jitter; other answers surface at once.
@@ -395,6 +416,11 @@ export async function upload(file, options = {}) {
       chunks_skipped: state.chunks_skipped,
       bytes_skipped: state.bytes_skipped,
       instant,
+      name,
+      hash_seconds: hashSeconds,
+      transfer_seconds: clock() - started - hashSeconds - mergeSeconds,
+      merge_seconds: mergeSeconds,
+      seconds: clock() - started,
     };
   }
 
@@ -402,7 +428,7 @@ export async function upload(file, options = {}) {
     state.phase = "handshake";
     emit();
     const answer = await postJson("/v1/handshake", handshakeBody);
-    if (answer.status === "complete") return finish(answer, round === 1);
+    if (answer.status === "complete") return finish(answer, state.chunks_sent === 0);
     state.upload_id = answer.upload_id;
     const toSend = answer.missing.filter((d) => !sentDigests.has(d));
     const sendBytes = toSend.reduce((n, d) => n + (firstOf.get(d)?.size ?? 0), 0);
@@ -415,7 +441,10 @@ export async function upload(file, options = {}) {
       await sendMissing(answer.upload_id, answer.missing);
       state.phase = "merging";
       emit();
-      return finish(await postJson(`/v1/uploads/${encodeURIComponent(answer.upload_id)}/merge`), false);
+      const mergeStarted = clock();
+      const merged = await postJson(`/v1/uploads/${encodeURIComponent(answer.upload_id)}/merge`);
+      mergeSeconds = clock() - mergeStarted;
+      return finish(merged, false);
     } catch (err) {
       // The server lost the upload or still lacks chunks: a fresh handshake says what to do.
       const recoverable = err instanceof CasdError

@@ -1,19 +1,29 @@
 // Hashes a File off the main thread: casd.js starts this as a module Worker.
 //
-// Message in:  {file, chunkSize, algo: "md5"|"sha256", whole: bool, chunks: bool}
-// Messages out: {type: "progress", bytes}  bytes of the file hashed so far
-//               {type: "done", digest, chunks}  whole-file digest (or null), chunk digests
-//                                               in file order (or null)
+// Two kinds of job:
+//   {file, chunkSize, algo, whole, chunks, forward?}  read the file by slices, hash the whole
+//       file and/or each chunk; with `forward` (a MessagePort), hand every slice on to a
+//       second worker after hashing it, so the file is read once for both digests.
+//   {algo, source}  hash the chunks whose slices arrive on the MessagePort `source`.
+// Messages out: {type: "progress", bytes}  bytes hashed so far by this worker
+//               {type: "done", digest, chunks}  whole-file digest and chunk digests in file
+//                                               order, each null when not asked for
 //               {type: "error", message}
 //
-// The file is read by slices of at most SLICE bytes that never straddle a chunk boundary,
-// with the next slice's read in flight while the current one is hashed: memory stays at
-// two slices whatever the file size, and the disk and the CPU work at the same time.
+// Slices are at most SLICE bytes and never straddle a chunk boundary. Memory stays at a few
+// slices whatever the file size: READS_IN_FLIGHT reads ahead, and at most FORWARD_WINDOW
+// slices handed on but not yet hashed by the second worker.
 
 import { Md5 } from "./md5.js";
 import { Sha256 } from "./sha256.js";
 
 const SLICE = 8 * 1024 * 1024;
+// Chromium reads a File through its browser process: one 8 MiB read at a time measured
+// 445 MB/s from disk, two in flight 554, four 643.
+const READS_IN_FLIGHT = 2;
+const FORWARD_WINDOW = 2;
+
+const hasherFor = (algo) => (algo === "sha256" ? Sha256 : Md5);
 
 function* slices(size, chunkSize) {
   for (let chunkStart = 0; chunkStart < size; chunkStart += chunkSize) {
@@ -25,36 +35,97 @@ function* slices(size, chunkSize) {
   }
 }
 
-async function hash({ file, chunkSize, algo, whole, chunks }) {
-  const Hasher = algo === "sha256" ? Sha256 : Md5;
+// Feeds slices to a chunk hasher; collects one digest per chunk.
+function chunkDigester(Hasher) {
+  const digests = [];
+  let current = null;
+  return {
+    digests,
+    feed(s, buf) {
+      if (s.first) current = new Hasher();
+      current.update(buf);
+      if (s.last) digests.push(current.hex());
+    },
+  };
+}
+
+// Resolves each time the other worker acknowledges a slice: the forwarding window.
+function acks(port) {
+  let credit = FORWARD_WINDOW;
+  let waiter = null;
+  port.onmessage = () => {
+    credit += 1;
+    if (waiter) {
+      waiter();
+      waiter = null;
+    }
+  };
+  return async () => {
+    while (credit === 0) await new Promise((resolve) => { waiter = resolve; });
+    credit -= 1;
+  };
+}
+
+async function readAndHash({ file, chunkSize, algo, whole, chunks, forward }) {
+  const Hasher = hasherFor(algo);
   const fileHasher = whole ? new Hasher() : null;
-  const digests = chunks ? [] : null;
-  let chunkHasher = null;
+  const chunker = chunks ? chunkDigester(Hasher) : null;
+  const takeCredit = forward ? acks(forward) : null;
   const plan = slices(file.size, chunkSize);
   const read = (s) => file.slice(s.start, s.end).arrayBuffer().then((buf) => ({ s, buf }));
-  let step = plan.next();
-  let pending = step.done ? null : read(step.value);
-  while (pending !== null) {
-    const { s, buf } = await pending;
-    step = plan.next();
-    pending = step.done ? null : read(step.value);
+  const reads = [];
+  const refill = () => {
+    while (reads.length < READS_IN_FLIGHT) {
+      const step = plan.next();
+      if (step.done) return;
+      reads.push(read(step.value));
+    }
+  };
+  refill();
+  while (reads.length > 0) {
+    const { s, buf } = await reads.shift();
+    refill();
     if (buf.byteLength !== s.end - s.start) {
       throw new Error(`the file changed while it was read (${file.name || "blob"})`);
     }
     if (fileHasher !== null) fileHasher.update(buf);
-    if (digests !== null) {
-      if (s.first) chunkHasher = new Hasher();
-      chunkHasher.update(buf);
-      if (s.last) digests.push(chunkHasher.hex());
+    if (chunker !== null) chunker.feed(s, buf);
+    if (forward) {
+      await takeCredit();
+      forward.postMessage({ s, buf }, [buf]);
     }
     self.postMessage({ type: "progress", bytes: s.end });
   }
-  return { digest: fileHasher === null ? null : fileHasher.hex(), chunks: digests };
+  if (forward) forward.postMessage({ end: true });
+  return {
+    digest: fileHasher === null ? null : fileHasher.hex(),
+    chunks: chunker === null ? null : chunker.digests,
+  };
 }
 
-self.onmessage = async (event) => {
+function hashForwarded({ algo, source }) {
+  const chunker = chunkDigester(hasherFor(algo));
+  return new Promise((resolve, reject) => {
+    source.onmessage = ({ data }) => {
+      if (data.end) {
+        resolve({ digest: null, chunks: chunker.digests });
+        return;
+      }
+      try {
+        chunker.feed(data.s, data.buf);
+      } catch (err) {
+        reject(err);
+        return;
+      }
+      source.postMessage(null);
+      self.postMessage({ type: "progress", bytes: data.s.end });
+    };
+  });
+}
+
+self.onmessage = async ({ data }) => {
   try {
-    const result = await hash(event.data);
+    const result = data.source ? await hashForwarded(data) : await readAndHash(data);
     self.postMessage({ type: "done", ...result });
   } catch (err) {
     self.postMessage({ type: "error", message: String((err && err.message) || err) });

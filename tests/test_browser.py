@@ -1,0 +1,286 @@
+"""The upload page and casd.js in headless Chromium against a real `casd serve` process.
+
+Assertions read the page's visible state (status badge, counters) and check it against what
+the server says and stores. Select with `pytest -m browser`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+MiB = 1024 * 1024
+CHUNK = 5 * MiB
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+UPLOAD_TIMEOUT_MS = 60_000
+CHUNK_PUT = "**/v1/uploads/*/chunks/*"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    pg.chunk_puts = []
+    pg.on("request", lambda r: pg.chunk_puts.append(r.url) if r.method == "PUT" else None)
+    yield pg
+    context.close()
+    assert not pg.errors, pg.errors
+
+
+def expect(locator):
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(locator)
+
+
+def make_file(path: Path, size: int, seed: str) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+def handshake(server: str, data: bytes, chunk_size: int, ext: str = ".bin") -> dict:
+    """The handshake the page sends for `data`, made from Python: what does the server lack?"""
+    chunks = [data[o:o + chunk_size] for o in range(0, len(data), chunk_size)]
+    body = {
+        "md5": md5(data), "size": len(data), "ext": ext,
+        "chunks": [{"md5": md5(c), "size": len(c)} for c in chunks],
+    }
+    req = urllib.request.Request(
+        server + "/v1/handshake", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def blob_count(daemon) -> int:
+    return sum(1 for p in (daemon.data_dir / "blobs").rglob("*") if p.is_file())
+
+
+def pick(page, path: Path):
+    """Picks a file in the page and returns the row it adds."""
+    rows = page.get_by_test_id("upload")
+    n = rows.count()
+    page.get_by_test_id("file-input").set_input_files(path)
+    expect(rows).to_have_count(n + 1)
+    return rows.nth(n)
+
+
+def wait_finished(row, status: str = "done"):
+    expect(row.get_by_test_id("status")).to_have_text(status, timeout=UPLOAD_TIMEOUT_MS)
+    return json.loads(row.get_attribute("data-summary"))
+
+
+def counters(row) -> dict:
+    get = lambda tid: row.get_by_test_id(tid).inner_text()  # noqa: E731
+    return {
+        "sent": get("chunks-sent"), "total": get("chunks-total"),
+        "skipped": get("chunks-skipped"), "bytes_skipped": get("bytes-skipped"),
+    }
+
+
+def test_page_uploads_a_file_and_the_same_file_again_is_instant(daemon, page, tmp_path):
+    path = tmp_path / "holiday.bin"
+    data = make_file(path, 20 * MiB, "page-1")
+    page.goto(daemon.url + "/")
+
+    row = pick(page, path)
+    summary = wait_finished(row, "done")
+    assert counters(row) == {"sent": "4", "total": "4", "skipped": "0", "bytes_skipped": "0 B"}
+    link = row.get_by_test_id("link")
+    expect(link).to_be_visible()
+    href = link.get_attribute("href")
+    assert href == f"{daemon.url}/v1/files/{md5(data)}.bin" == summary["url"]
+    assert fetch(href) == data
+    assert summary["digest"] == md5(data) and summary["bytes_sent"] == len(data)
+    assert len(page.chunk_puts) == 4
+
+    again = pick(page, path)
+    summary = wait_finished(again, "instant")
+    assert counters(again) == {"sent": "0", "total": "4", "skipped": "4", "bytes_skipped": "20.0 MiB"}
+    expect(again.get_by_test_id("link")).to_have_attribute("href", href)
+    assert summary["instant"] is True and summary["bytes_skipped"] == len(data)
+    assert len(page.chunk_puts) == 4  # no chunk went out the second time
+    expect(page.get_by_test_id("totals")).to_have_text(
+        "2 of 2 files done · 20.0 MiB sent · 20.0 MiB skipped thanks to dedup"
+    )
+    page.screenshot(path=tmp_path / "finished.png", full_page=True, animations="disabled")
+
+
+def test_page_sends_only_the_changed_chunk_of_a_modified_copy(daemon, page, tmp_path):
+    original = tmp_path / "a.bin"
+    data = make_file(original, 20 * MiB, "page-2")
+    changed = bytearray(data)
+    changed[2 * CHUNK + 12345] ^= 0xFF  # one byte in the third chunk
+    copy = tmp_path / "b.bin"
+    copy.write_bytes(changed)
+    page.goto(daemon.url + "/")
+
+    wait_finished(pick(page, original))
+    assert blob_count(daemon) == 4
+    # The server agrees before the page starts: it lacks exactly the changed chunk.
+    answer = handshake(daemon.url, bytes(changed), CHUNK)
+    assert answer["status"] == "pending"
+    assert answer["missing"] == [md5(changed[2 * CHUNK:3 * CHUNK])]
+
+    puts_before = len(page.chunk_puts)
+    row = pick(page, copy)
+    summary = wait_finished(row, "done")
+    assert counters(row) == {"sent": "1", "total": "4", "skipped": "3", "bytes_skipped": "15.0 MiB"}
+    assert page.chunk_puts[puts_before:] == [
+        f"{daemon.url}/v1/uploads/{answer['upload_id']}/chunks/{answer['missing'][0]}"
+    ]
+    assert summary["chunks_sent"] == 1 and summary["bytes_sent"] == CHUNK
+    assert blob_count(daemon) == 5
+    assert fetch(summary["url"]) == bytes(changed)
+    page.screenshot(path=tmp_path / "dedup.png", full_page=True, animations="disabled")
+
+
+def test_reload_mid_upload_then_picking_the_file_again_sends_only_the_rest(
+    daemon, page, tmp_path
+):
+    path = tmp_path / "big.bin"
+    data = make_file(path, 20 * MiB, "page-3")
+    let_through = 8
+    held = []
+
+    def gate(route):
+        # The first chunk requests reach the server; later ones hang, like a cut connection.
+        if gate.passed < let_through:
+            gate.passed += 1
+            route.continue_()
+        else:
+            held.append(route)
+
+    gate.passed = 0
+    page.route(CHUNK_PUT, gate)
+    page.goto(daemon.url + "/?chunk_size=1048576&concurrency=3")
+    row = pick(page, path)
+    expect(row.get_by_test_id("status")).to_have_text("uploading", timeout=UPLOAD_TIMEOUT_MS)
+    expect(row.get_by_test_id("chunks-sent")).to_have_text(str(let_through))
+    deadline = time.monotonic() + 10
+    while len(held) < 3 and time.monotonic() < deadline:
+        page.wait_for_timeout(20)  # lets Playwright dispatch the route handler
+    assert len(held) == 3, "the queue should hold `concurrency` requests in flight"
+    assert len(handshake(daemon.url, data, MiB)["missing"]) == 20 - let_through
+
+    page.reload()
+    for route in held:  # never let the cut requests reach the server late
+        route.abort()
+    page.unroute(CHUNK_PUT)
+    expect(page.get_by_test_id("upload")).to_have_count(0)
+
+    puts_before = len(page.chunk_puts)
+    row = pick(page, path)
+    summary = wait_finished(row, "done")
+    assert counters(row) == {
+        "sent": str(20 - let_through), "total": "20", "skipped": str(let_through),
+        "bytes_skipped": "8.0 MiB",
+    }
+    assert len(page.chunk_puts) - puts_before == 20 - let_through
+    assert summary["instant"] is False
+    assert fetch(summary["url"]) == data
+
+
+def test_page_retries_a_chunk_the_server_failed_with_503(daemon, page, tmp_path):
+    path = tmp_path / "flaky.bin"
+    data = make_file(path, 3 * MiB, "page-4")
+    failures = []
+
+    def flaky(route):
+        if len(failures) < 2:
+            failures.append(route.request.url)
+            route.fulfill(status=503, content_type="application/json",
+                          body='{"error": "unavailable", "message": "try again"}')
+        else:
+            route.continue_()
+
+    page.route(CHUNK_PUT, flaky)
+    page.goto(daemon.url + "/?chunk_size=1048576&concurrency=1")
+    row = pick(page, path)
+    summary = wait_finished(row, "done")
+    assert len(failures) == 2
+    assert counters(row)["sent"] == "3"
+    assert fetch(summary["url"]) == data
+
+
+def test_page_shows_the_servers_refusal(daemon_factory, page, tmp_path):
+    server = daemon_factory("--token", "s3cret")
+    path = tmp_path / "x.bin"
+    make_file(path, 1000, "page-5")
+    page.goto(server.url + "/")
+    row = pick(page, path)
+    expect(row.get_by_test_id("status")).to_have_text("failed", timeout=UPLOAD_TIMEOUT_MS)
+    expect(row.get_by_test_id("error")).to_contain_text("unauthorized: missing or wrong token")
+
+    page.get_by_text("Settings").click()
+    page.get_by_test_id("token").fill("s3cret")
+    summary = wait_finished(pick(page, path))
+    assert summary["size"] == 1000
+
+
+def test_cancel_stops_the_upload_and_picking_again_resumes(daemon, page, tmp_path):
+    path = tmp_path / "c.bin"
+    data = make_file(path, 6 * MiB, "page-6")
+    held = []
+
+    def gate(route):
+        if gate.passed < 2:
+            gate.passed += 1
+            route.continue_()
+        else:
+            held.append(route)
+
+    gate.passed = 0
+    page.route(CHUNK_PUT, gate)
+    page.goto(daemon.url + "/?chunk_size=1048576&concurrency=1&algo=sha256")
+    row = pick(page, path)
+    expect(row.get_by_test_id("chunks-sent")).to_have_text("2", timeout=UPLOAD_TIMEOUT_MS)
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+    assert len(held) == 1
+    row.get_by_test_id("cancel").click()
+    expect(row.get_by_test_id("status")).to_have_text("cancelled")
+    expect(row.get_by_test_id("link")).to_be_hidden()
+    page.unroute(CHUNK_PUT)
+
+    summary = wait_finished(pick(page, path))
+    assert (summary["chunks_sent"], summary["chunks_skipped"]) == (4, 2)
+    assert summary["algo"] == "sha256"
+    assert summary["url"] == f"{daemon.url}/v1/files/{hashlib.sha256(data).hexdigest()}.bin"
+    assert fetch(summary["url"]) == data
