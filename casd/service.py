@@ -306,13 +306,12 @@ class Service:
 
     async def merge(self, upload_id: str) -> FileEntry:
         """Verify the whole file's digest over its chunks and register it; idempotent."""
+        # One read decides: another client merging the same upload may flip it to merged.
         upload = await self.catalog.get_upload(upload_id)
         if upload is not None and upload.state == "merged":
-            entry = await self.catalog.get_file(upload.digest)
-            if entry is not None:
-                return entry
-            raise NotFound(f"upload {upload_id} was merged, but its file has been deleted")
-        upload = await self._pending(upload_id)
+            return await self._merged_file(upload)
+        if upload is None or upload.expires_at <= self.clock():
+            raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
         missing = await self.catalog.missing(upload.manifest_id)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
@@ -328,6 +327,12 @@ class Service:
         entry = await self.catalog.register_file(upload_id, self.clock())
         if entry is None:
             raise NotFound(f"no pending upload {upload_id!r}")
+        return entry
+
+    async def _merged_file(self, upload: Upload) -> FileEntry:
+        entry = await self.catalog.get_file(upload.digest)
+        if entry is None:
+            raise NotFound(f"upload {upload.id} was merged, but its file has been deleted")
         return entry
 
     async def _hash_ahead(self, upload: Upload, missing: set[str]) -> FileHash:
