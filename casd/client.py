@@ -229,7 +229,7 @@ def hash_stream(f, size: int, chunk_size: int, algo: Algo,
 def _spans(size: int, chunk_size: int, digests: list[str]) -> tuple[ChunkSpan, ...]:
     return tuple(
         ChunkSpan(off, min(chunk_size, size - off), d)
-        for off, d in zip(range(0, size, chunk_size), digests)
+        for off, d in zip(range(0, size, chunk_size), digests, strict=True)
     )
 
 
@@ -421,7 +421,7 @@ class FileRef:
         return f"/v1/files/{self.digest.hex}{self.ext}"
 
     @classmethod
-    def parse(cls, text: str) -> "FileRef":
+    def parse(cls, text: str) -> FileRef:
         """'<digest>', '<digest>.ext', '/v1/files/<digest>.ext' or 'http://host/v1/files/...'."""
         text = text.strip()
         server = None
@@ -480,7 +480,7 @@ class CasdClient:
         self._session: aiohttp.ClientSession | None = None
         self._reached = False
 
-    async def __aenter__(self) -> "CasdClient":
+    async def __aenter__(self) -> CasdClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -521,7 +521,7 @@ class CasdClient:
             errno = getattr(exc.os_error, "errno", None)
             why = os.strerror(errno) if errno else str(exc.os_error or exc)
             return CasdConnectionError(f"cannot reach {self.server}: {why}")
-        if isinstance(exc, asyncio.TimeoutError):
+        if isinstance(exc, TimeoutError):
             return CasdConnectionError(f"{url}: the server did not answer in time")
         return CasdConnectionError(f"{url}: connection lost ({exc.__class__.__name__}: {exc})")
 
@@ -549,8 +549,7 @@ class CasdClient:
                     err = _http_error(resp.status, resp.reason, raw, what)
                     if resp.status < 500:
                         raise err
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                    asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 err = self._connection_error(exc, url)
                 if not isinstance(err, CasdConnectionError):
                     raise err from None
@@ -744,7 +743,7 @@ class CasdClient:
             seconds=time.perf_counter() - started,
         )
 
-    async def _fetch(self, url: str, sink: "_Sink", on_progress: ProgressCallback | None):
+    async def _fetch(self, url: str, sink: _Sink, on_progress: ProgressCallback | None):
         """Stream the file into `sink`, resuming by Range after cuts; (resumed_from, received)."""
         resumed_from = sink.pos
         received = 0
@@ -796,8 +795,8 @@ class CasdClient:
                         if on_progress is not None:
                             on_progress(Progress("download", total, total))
                         return resumed_from, received
-                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                        asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientConnectionError,
+                        aiohttp.ClientPayloadError) as exc:
                     err = self._connection_error(exc, url)
                     if isinstance(exc, aiohttp.ClientConnectorError) and not self._reached:
                         raise err from None
@@ -808,7 +807,7 @@ class CasdClient:
                 attempt += 1
                 await self._retry_wait(attempt, f"download of {url}", err)
 
-    async def _begin_body(self, resp: aiohttp.ClientResponse, url: str, sink: "_Sink",
+    async def _begin_body(self, resp: aiohttp.ClientResponse, url: str, sink: _Sink,
                           start: int, writer: ThreadPoolExecutor) -> int | None:
         """Check a download answer and align `sink` with it: the file's total size, or None."""
         loop = asyncio.get_running_loop()
@@ -844,7 +843,7 @@ class _Sink:
         self.pos = 0
 
     @classmethod
-    def open(cls, path: Path, algo: Algo) -> "_Sink":
+    def open(cls, path: Path, algo: Algo) -> _Sink:
         """Open (or create) the temp file and hash what an earlier try already left in it."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         sink = cls(path, os.fdopen(fd, "r+b", buffering=0), algo)

@@ -92,10 +92,8 @@ def test_hash_file_matches_hashlib(tmp_path, algo, size, chunk_size):
     fd = hash_file(tmp_path / "f", chunk_size=chunk_size, algo=algo)
     assert fd.digest == hashlib.new(algo, data).hexdigest()
     assert fd.size == size
-    expected = [
-        (off, len(data[off:off + chunk_size]), hashlib.new(algo, data[off:off + chunk_size]).hexdigest())
-        for off in range(0, size, chunk_size)
-    ]
+    pieces = [(off, data[off:off + chunk_size]) for off in range(0, size, chunk_size)]
+    expected = [(off, len(p), hashlib.new(algo, p).hexdigest()) for off, p in pieces]
     assert [(c.offset, c.size, c.digest) for c in fd.chunks] == expected
 
 
@@ -211,7 +209,8 @@ def test_file_ref_parsing():
     ref = FileRef.parse(f"http://127.0.0.1:9/v1/files/{md5}.ISO")
     assert (ref.server, ref.ext, ref.path) == ("http://127.0.0.1:9", ".iso", f"/v1/files/{md5}.iso")
     assert FileRef.parse(f"/v1/files/{md5}.mp4").path == f"/v1/files/{md5}.mp4"
-    assert FileRef.parse(f"https://h.example/casd/v1/files/{md5}").server == "https://h.example/casd"
+    prefixed = FileRef.parse(f"https://h.example/casd/v1/files/{md5}")
+    assert prefixed.server == "https://h.example/casd"
     for bad in ["", "abc", md5[:-1], "g" * 32, f"ftp://h/v1/files/{md5}", "http://h/other/x"]:
         with pytest.raises(ValueError):
             FileRef.parse(bad)
