@@ -1,0 +1,193 @@
+"""The one markdown table: each casd figure, the machine limit it is compared to, the ratio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.casd_runs import Sizes
+from bench.limits import Limits, mb_s
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    figure: str
+    value: str
+    limit: str = "—"
+    ratio: str = "—"
+    target: str = "—"
+    verdict: str = ""
+
+
+def _size(n: int) -> str:
+    if n >= 1 << 30 and n % (1 << 30) == 0:
+        return f"{n >> 30} GiB"
+    if n >= MiB and n % MiB == 0:
+        return f"{n // MiB} MiB"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.3f} GiB"
+    if n >= MiB:
+        return f"{n / MiB:.2f} MiB"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024} KiB"
+    return f"{n} B"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def _verdict(ok: bool, note: str = "") -> str:
+    word = "met" if ok else "**gap**"
+    return f"{word}; {note}" if note else word
+
+
+def limit_rows(lim: Limits, sizes: Sizes) -> list[Row]:
+    return [
+        Row("L1", "MD5, one core (hashlib)", f"{lim.md5_mb_s:.0f} MB/s",
+            verdict="machine limit"),
+        Row("L2", "SHA-256, one core (hashlib)", f"{lim.sha256_mb_s:.0f} MB/s",
+            verdict="machine limit"),
+        Row("L3", f"sequential write of {_size(sizes.chunk_size)} files, fsync each",
+            f"{lim.fsync_write_mb_s:.0f} MB/s", verdict="machine limit"),
+        Row("L3b", f"{_size(sizes.small_file_bytes)} files written + fsynced, one thread",
+            f"{lim.small_fsync_files_s:.0f} files/s",
+            verdict="machine limit (extra: one fsync's cost, for B5 prep and B6)"),
+        Row("L4", f"plain aiohttp PUT to a discarding server ({_size(sizes.chunk_size)} bodies,"
+                  f" {sizes.concurrency} at a time)",
+            f"{lim.put_mb_s:.0f} MB/s", verdict="machine limit: loopback HTTP ceiling"),
+        Row("L5", f"plain aiohttp web.FileResponse download of the {_size(sizes.file_bytes)} file",
+            f"{lim.fileresponse_mb_s:.0f} MB/s", verdict="machine limit"),
+    ]
+
+
+def casd_rows(lim: Limits, sizes: Sizes, r: dict) -> list[Row]:
+    rows: list[Row] = []
+    size = sizes.file_bytes
+    b1 = r["b1"]
+    e2e = mb_s(size, b1["summary_s"])
+    ratio = e2e / lim.md5_mb_s
+    rows.append(Row(
+        "B1", f"fresh upload of {_size(size)} ({_size(sizes.chunk_size)} chunks, "
+              f"concurrency {sizes.concurrency}): end to end",
+        f"{b1['summary_s']:.2f} s = {e2e:.0f} MB/s", f"MD5 {lim.md5_mb_s:.0f} MB/s",
+        f"{ratio:.2f}", "≥ 0.5",
+        _verdict(ratio >= 0.5, f"daemon CPU {b1['daemon_cpu_s']:.1f} s, client CPU "
+                               f"{b1['client_cpu_s']:.1f} s")))
+    h = mb_s(size, b1["hash_s"])
+    rows.append(Row("B1", "… of which client hashing (file + chunk digests, one read)",
+                    f"{b1['hash_s']:.2f} s = {h:.0f} MB/s", f"MD5 {lim.md5_mb_s:.0f} MB/s",
+                    f"{h / lim.md5_mb_s:.2f}", "≈ 1 (two cores: whole + chunks)",
+                    "informational"))
+    tr = mb_s(size, b1["transfer_s"])
+    rows.append(Row("B1", "… of which transfer (handshake + chunk PUTs)",
+                    f"{b1['transfer_s']:.2f} s = {tr:.0f} MB/s", f"PUT {lim.put_mb_s:.0f} MB/s",
+                    f"{tr / lim.put_mb_s:.2f}", "—",
+                    "server hashes + writes + fsyncs; "
+                    f"L3 fsync write {lim.fsync_write_mb_s:.0f} MB/s"))
+    rows.append(Row("B1", "… of which merge, after the last chunk's answer",
+                    _ms(b1["merge_s"]), "—", "—", "near-instant (< 100 ms)",
+                    _verdict(b1["merge_s"] < 0.1, "whole-file hash overlapped with the upload"
+                             if b1["merge_s"] < 0.1 else "merge still hashes a tail / full pass")))
+    b2 = r["b2"]
+    over = b2["bypass_summary_s"] - b2["bypass_hash_s"]
+    rows.append(Row("B2", "re-upload (instant), digest cache bypassed: total",
+                    f"{b2['bypass_summary_s']:.2f} s (hashing {b2['bypass_hash_s']:.2f} s)",
+                    f"MD5 {lim.md5_mb_s:.0f} MB/s = {size / lim.md5_mb_s / 1e6:.2f} s",
+                    f"{b2['bypass_summary_s'] / (size / lim.md5_mb_s / 1e6):.2f}",
+                    "≤ hashing + 50 ms",
+                    _verdict(over <= 0.05, f"beyond hashing: {_ms(over)}")))
+    rows.append(Row("B2", "re-upload (instant), digest cache warm: total",
+                    _ms(b2["warm_summary_s"]), "—", "—", "< 100 ms",
+                    _verdict(b2["warm_summary_s"] < 0.1 and b2["warm_cached"],
+                             f"with client setup/teardown {_ms(b2['warm_wall_s'])}"
+                             + ("" if b2["warm_cached"] else "; the cache missed"))))
+    b3 = r["b3"]
+    worst = 2 * sizes.chunk_size
+    rows.append(Row("B3", f"{_size(b3['overwrite_changed'])} region overwritten mid-file: "
+                          "bytes sent",
+                    f"{_size(b3['overwrite_sent'])} ({b3['overwrite_chunks_sent']} of "
+                    f"{b3['overwrite_chunks_total']} chunks)",
+                    f"{_size(b3['overwrite_changed'])} changed",
+                    f"{b3['overwrite_sent'] / b3['overwrite_changed']:.2f}",
+                    "≤ 2 chunks (region straddles two)",
+                    _verdict(b3["overwrite_sent"] <= worst,
+                             f"{b3['overwrite_s']:.2f} s incl. hashing")))
+    rows.append(Row("B3", "1 KiB inserted at the front: bytes sent",
+                    f"{_size(b3['insert_sent'])} ({b3['insert_chunks_sent']} of "
+                    f"{b3['insert_chunks_total']} chunks)", "1 KiB changed",
+                    f"{b3['insert_sent'] / b3['insert_changed']:.0f} "
+                    f"({b3['insert_sent'] / b3['insert_size']:.0%} of the file)",
+                    "none (expected: everything)",
+                    "fixed-size chunking resends everything after an insertion (every boundary"
+                    " shifts); content-defined chunking would resend ~1 chunk"))
+    b4 = r["b4"]
+    gr = b4["get_mb_s"] / lim.fileresponse_mb_s
+    rows.append(Row("B4", f"download of the {_size(size)} file (plain GET, body dropped)",
+                    f"{b4['get_mb_s']:.0f} MB/s", f"FileResponse {lim.fileresponse_mb_s:.0f} MB/s",
+                    f"{gr:.2f}", "≥ 0.8", _verdict(gr >= 0.8)))
+    rows.append(Row("B4", "… with the client (writes, fsyncs, verifies MD5)",
+                    f"{b4['client_mb_s']:.0f} MB/s",
+                    f"FileResponse {lim.fileresponse_mb_s:.0f} MB/s",
+                    f"{b4['client_mb_s'] / lim.fileresponse_mb_s:.2f}", "—",
+                    f"informational; bounded by MD5 {lim.md5_mb_s:.0f} MB/s on one core"))
+    b5 = r["b5"]
+    n = b5["n"]
+    tb = f"{n * sizes.chunk_size / 1e12:.2f} TB" if n * sizes.chunk_size >= 1e12 else \
+        f"{n * sizes.chunk_size / 1e9:.0f} GB"
+    rows.append(Row("B5", f"handshake, {n:,}-chunk manifest ({tb} at {_size(sizes.chunk_size)}),"
+                          " none stored",
+                    _ms(b5["none_s"]), "—", "—", "< 2 s",
+                    _verdict(b5["none_s"] < 2, f"{b5['manifest_mb']:.1f} MB of JSON; "
+                             f"same manifest again (resume) {_ms(b5['none_again_s'])}")))
+    rows.append(Row("B5", f"handshake, {n:,} chunks of which {b5['stored']:,} stored",
+                    _ms(b5["stored_s"]), "—", "—", "< 2 s",
+                    _verdict(b5["stored_s"] < 2,
+                             f"stored chunks are 8 B each (cost is per chunk, not per byte); "
+                             f"again {_ms(b5['stored_again_s'])}")))
+    lin = b5["us_per_chunk_none"] / b5["us_per_chunk_small"]
+    rows.append(Row("B5", f"handshake cost per chunk at {n:,} vs {b5['small_n']:,} chunks",
+                    f"{b5['us_per_chunk_none']:.1f} vs {b5['us_per_chunk_small']:.1f} µs",
+                    "—", f"{lin:.2f}", "linear (≈ 1, ≤ 1.5)", _verdict(lin <= 1.5)))
+    rows.append(Row("B5", "daemon peak RSS during the B5 handshakes (VmHWM)",
+                    f"{b5['peak_rss_mb']:.0f} MB", "—", "—", "< 300 MB",
+                    _verdict(b5["peak_rss_mb"] < 300, f"{b5['rss_start_mb']:.0f} MB at start")))
+    rows.append(Row("B5", f"setup: {b5['stored']:,} distinct 8-byte chunks uploaded with "
+                          "the client",
+                    f"{b5['prep_chunks_s']:.0f} chunks/s", "—", "—", "—",
+                    f"informational; {b5['prep_s']:.0f} s, data folder on "
+                    f"{'tmpfs, then copied to disk' if b5['prep_on_tmpfs'] else 'disk'}"))
+    b6 = r["b6"]
+    rows.append(Row("B6", f"{b6['files']} concurrent uploads of distinct "
+                          f"{_size(sizes.small_file_bytes)} files",
+                    f"{b6['files_s']:.0f} files/s", f"L3b {lim.small_fsync_files_s:.0f} files/s",
+                    f"{b6['files_s'] / lim.small_fsync_files_s:.2f}", "≥ 300 files/s",
+                    _verdict(b6["files_s"] >= 300,
+                             f"daemon CPU {b6['daemon_cpu_s']:.1f} s, client CPU "
+                             f"{b6['client_cpu_s']:.1f} s in {b6['wall_s']:.2f} s")))
+    rows.append(Row("B6", "… latency per upload p50 / p99",
+                    f"{_ms(b6['p50_s'])} / {_ms(b6['p99_s'])}", "—", "—", "p99 < 500 ms",
+                    _verdict(b6["p99_s"] < 0.5, f"max {_ms(b6['max_s'])}")))
+    rows.append(Row("B7", f"daemon peak RSS during B1 ({_size(size)} upload)",
+                    f"{b1['peak_rss_mb']:.0f} MB", "—", "—", "< 150 MB",
+                    _verdict(b1["peak_rss_mb"] < 150,
+                             f"{b1['peak_rss_source']}; sampled VmRSS max "
+                             f"{b1['sampled_rss_max_mb']:.0f} / mean "
+                             f"{b1['sampled_rss_mean_mb']:.0f} MB ({b1['rss_samples']} samples);"
+                             f" {b1['rss_before_mb']:.0f} MB before")))
+    rows.append(Row("B7", "daemon peak RSS during B6",
+                    f"{b6['peak_rss_mb']:.0f} MB", "—", "—", "< 150 MB",
+                    _verdict(b6["peak_rss_mb"] < 150,
+                             f"sampled VmRSS max {b6['sampled_rss_max_mb']:.0f} MB")))
+    return rows
+
+
+def render(rows: list[Row]) -> str:
+    head = ["#", "figure", "casd / value", "machine limit", "ratio", "target", "met? / note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.key, r.figure, r.value, r.limit, r.ratio, r.target, r.verdict]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""`python -m bench [--quick]`: measure this machine's limits, then casd, and print one table.
+
+The machine limits are measured first, in the same run, so every casd figure is a ratio to
+what this machine did a minute earlier. casd runs as a real `casd serve` subprocess on
+127.0.0.1 with a fresh data folder in a temp dir, driven by the real client (casd.client).
+`--profile DIR` instead runs B1 and B6 with py-spy attached to the daemon and writes the
+raw stacks and a summary into DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench import casd_runs, limits, procs, report
+from bench.casd_runs import FULL, QUICK, Sizes
+from bench.log import log
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "casd"],
+                               capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit, dirty = "", ""
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "kernel": platform.release(), "loadavg": loadavg(),
+            "commit": commit + (" + uncommitted changes in casd/" if dirty else ""),
+            "daemon_loop": loop}
+
+
+async def measure_limits(sizes: Sizes, work: Path, big: Path) -> limits.Limits:
+    log("limits: MD5 and SHA-256 on one core")
+    md5 = limits.hash_throughput("md5", sizes.hash_bytes)
+    sha = limits.hash_throughput("sha256", sizes.hash_bytes)
+    log("limits: sequential fsynced writes")
+    fsync = limits.fsync_write_throughput(big, work / "limit-writes", sizes.chunk_size)
+    small = limits.small_fsync_rate(work / "limit-small", sizes.small_files,
+                                    sizes.small_file_bytes)
+    log("limits: plain aiohttp PUT and FileResponse over loopback")
+    with procs.plain_server(big, work / "plain-server.log") as plain:
+        put = max([await limits.put_throughput(plain.url, big, sizes.chunk_size,
+                                               sizes.concurrency)
+                   for _ in range(sizes.get_repeats)])
+        get, n = await limits.best_get_throughput(plain.url + "/file", sizes.get_repeats)
+        assert n == sizes.file_bytes, n
+    return limits.Limits(md5, sha, fsync, small, put, get)
+
+
+async def measure_casd(sizes: Sizes, work: Path, big: Path, tmpfs: Path | None) -> dict:
+    cache = work / "client-cache"
+    results: dict = {}
+    with procs.casd_daemon(work / "data", work / "daemon.log") as daemon:
+        log(f"casd serve at {daemon.url} (pid {daemon.pid})")
+        log("B1 fresh upload")
+        results["b1"] = await casd_runs.b1_fresh_upload(daemon, big, sizes, cache)
+        log("B2 re-upload")
+        results["b2"] = await casd_runs.b2_reupload(daemon, big, sizes, cache)
+        log("B3 edited copies")
+        results["b3"] = await casd_runs.b3_edits(daemon, big, sizes, cache, work)
+        log("B4 download")
+        results["b4"] = await casd_runs.b4_download(daemon, results["b1"]["url"], sizes,
+                                                    cache, work)
+        log("B6 concurrent small files")
+        results["b6"] = await casd_runs.b6_small_files(daemon, sizes, cache, work)
+    shutil.rmtree(work / "data", ignore_errors=True)
+    log("B5 big manifests (preparing the stored chunks first)")
+    results["b5"] = await casd_runs.b5_handshakes(sizes, work, cache, tmpfs, work)
+    return results
+
+
+async def profile_run(sizes: Sizes, work: Path, big: Path, out: Path) -> str:
+    from bench.profile import Spy, summarize
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache = work / "client-cache"
+    with procs.casd_daemon(work / "data", work / "daemon.log") as daemon:
+        spy = Spy(daemon.pid, out / "b1.raw")
+        await asyncio.sleep(1.0)  # let py-spy attach before the phase starts
+        b1 = await casd_runs.b1_fresh_upload(daemon, big, sizes, cache)
+        spy.stop()
+        spy = Spy(daemon.pid, out / "b6.raw")
+        await asyncio.sleep(1.0)
+        b6 = await casd_runs.b6_small_files(daemon, sizes, cache, work)
+        spy.stop()
+    text = (f"B1 (profiled): {b1['summary_s']:.2f} s, hashing {b1['hash_s']:.2f} s, transfer "
+            f"{b1['transfer_s']:.2f} s, merge {b1['merge_s'] * 1000:.0f} ms\n"
+            + summarize(out / "b1.raw")
+            + f"\nB6 (profiled): {b6['files_s']:.0f} files/s, p50 {b6['p50_s'] * 1000:.0f} ms, "
+            f"p99 {b6['p99_s'] * 1000:.0f} ms\n" + summarize(out / "b6.raw"))
+    (out / "summary.txt").write_text(text)
+    return text
+
+
+def default_tmp() -> Path:
+    """A temp dir with room for a few copies of the test file (the disk under /tmp or /work)."""
+    for cand in (os.environ.get("TMPDIR"), "/tmp", "/work", tempfile.gettempdir()):
+        if cand and os.path.isdir(cand) and os.access(cand, os.W_OK):
+            st = os.statvfs(cand)
+            if st.f_bavail * st.f_frsize > 8 << 30:
+                return Path(cand)
+    return Path(tempfile.gettempdir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (64 MiB file, 5,000-chunk manifest, 50 files): a smoke run")
+    p.add_argument("--tmp", type=Path, default=None,
+                   help="folder for the temp dir (default: /tmp, or /work when /tmp is short)")
+    p.add_argument("--tmpfs", type=Path, default=Path("/dev/shm"),
+                   help="tmpfs where B5 prepares its stored chunks (default /dev/shm)")
+    p.add_argument("--json", type=Path, default=None, help="also write every number here")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="only run B1 and B6 with py-spy on the daemon; write stacks to DIR")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
+    args = p.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+
+    work = Path(tempfile.mkdtemp(prefix="casd-bench-", dir=args.tmp or default_tmp()))
+    started = time.perf_counter()
+    info = machine()
+    try:
+        log(f"temp dir {work}; writing a {sizes.file_bytes >> 20} MiB random file")
+        big = work / "big.bin"
+        casd_runs.write_random_file(big, sizes.file_bytes)
+        if args.profile is not None:
+            print(asyncio.run(profile_run(sizes, work, big, args.profile)))
+            return 0
+        lim = asyncio.run(measure_limits(sizes, work, big))
+        results = asyncio.run(measure_casd(sizes, work, big, args.tmpfs))
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    info["loadavg_end"] = loadavg()
+    rows = report.limit_rows(lim, sizes) + report.casd_rows(lim, sizes, results)
+    cmd = "python -m bench" + (" --quick" if args.quick else "")
+    print(f"casd benchmark ({'quick' if args.quick else 'full'}): `{cmd}`, "
+          f"{time.perf_counter() - started:.0f} s")
+    print(f"machine: {info['nproc']} cores, {info['cpu']}, Python {info['python']}, "
+          f"Linux {info['kernel']}, daemon loop {info['daemon_loop']}; "
+          f"load average {info['loadavg']} at start, {info['loadavg_end']} at end; "
+          f"casd at {info['commit']}")
+    print()
+    print(report.render(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"machine": info, "sizes": asdict(sizes),
+                                         "limits": asdict(lim), "casd": results}, indent=2))
+    return 0
