@@ -1,0 +1,289 @@
+"""gc beside a busy daemon: a real race, and a kill -9 of gc halfway through."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KiB = 1024
+RACE_SECONDS = 15.0
+
+# Runs `casd gc --grace 0` back to back, with a quick `casd fsck` after every third one,
+# through the CLI entry point, until the stop file appears; prints one JSON summary line.
+GC_LOOP = r"""
+import io, json, sys, time
+from contextlib import redirect_stdout
+from pathlib import Path
+from casd.cli import main
+
+data, stop = sys.argv[1], Path(sys.argv[2])
+summary = {"gc_runs": 0, "chunks": 0, "uploads": 0, "kept": 0, "fsck_runs": 0,
+           "fsck_issues": [], "errors": []}
+while not stop.exists():
+    for argv in (["gc", "--grace", "0"],) * 3 + (["fsck"],):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            code = main([*argv, "--data", data, "--json"])
+        if argv[0] == "gc":
+            if code != 0:
+                summary["errors"].append(code)
+                continue
+            removed = json.loads(out.getvalue())["removed"]
+            summary["gc_runs"] += 1
+            summary["chunks"] += len(removed["chunks"])
+            summary["uploads"] += removed["uploads"]
+            summary["kept"] += removed["kept"]
+        else:
+            summary["fsck_runs"] += 1
+            summary["fsck_issues"] += json.loads(out.getvalue())["issues"]
+print(json.dumps(summary))
+"""
+
+
+@dataclass
+class File:
+    algo: str
+    data: bytes
+    chunks: list[bytes]
+    digest: str = ""
+    handshake: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        h = hashlib.new(self.algo)
+        entries = []
+        for c in self.chunks:
+            h.update(c)
+            entries.append({self.algo: hashlib.new(self.algo, c).hexdigest(), "size": len(c)})
+        self.digest = h.hexdigest()
+        self.handshake = {"algo": self.algo, self.algo: self.digest, "size": len(self.data),
+                          "chunks": entries}
+        self.by_digest = {e[self.algo]: c for e, c in zip(entries, self.chunks)}
+
+
+def make_file(algo: str, chunks: list[bytes]) -> File:
+    return File(algo, b"".join(chunks), chunks)
+
+
+class Bug(AssertionError):
+    pass
+
+
+async def put_missing(s, base: str, f: File, hs: dict) -> bool:
+    """PUT every chunk the handshake listed, in parallel; False when the upload went away."""
+    async def one(d):
+        async with s.put(f"{base}/v1/uploads/{hs['upload_id']}/chunks/{d}",
+                         data=f.by_digest[d]) as r:
+            if r.status == 404:
+                return False
+            if r.status not in (200, 201):
+                raise Bug(f"PUT {d}: {r.status} {await r.text()}")
+            return True
+    return all(await asyncio.gather(*(one(d) for d in hs["missing"])))
+
+
+async def upload(s, base: str, f: File) -> dict:
+    """The protocol's client loop. A 404 means another client merged (or the upload was
+    dropped): start again from the handshake. A 409 would mean a chunk the server promised
+    to keep was lost: that is the bug this test hunts."""
+    for _ in range(100):
+        async with s.post(f"{base}/v1/handshake", json=f.handshake) as r:
+            if r.status != 200:
+                raise Bug(f"handshake: {r.status} {await r.text()}")
+            hs = await r.json()
+        if hs["status"] == "complete":
+            return hs
+        if not await put_missing(s, base, f, hs):
+            continue
+        async with s.post(f"{base}/v1/uploads/{hs['upload_id']}/merge") as r:
+            if r.status == 200:
+                return await r.json()
+            if r.status != 404:
+                raise Bug(f"merge of {f.digest}: {r.status} {await r.text()}")
+    raise Bug(f"{f.digest} never completed")
+
+
+async def download(s, base: str, f: File) -> bytes:
+    async with s.get(f"{base}/v1/files/{f.digest}") as r:
+        if r.status != 200:
+            raise Bug(f"download {f.digest}: {r.status} {await r.text()}")
+        return await r.read()
+
+
+def casd(data: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "casd", *argv, "--data", str(data)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def count_blobs(data: Path) -> int:
+    return sum(1 for p in (data / "blobs").rglob("*") if p.is_file())
+
+
+# ---- the race ---------------------------------------------------------------------------
+
+
+async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
+    rng = random.Random(20261124)
+    # One pool of chunks per algorithm; every file is drawn from it, so files overlap.
+    pools = {
+        algo: [rng.randbytes(rng.randrange(2 * KiB, 40 * KiB)) for _ in range(36)]
+        for algo in ("md5", "sha256")
+    }
+
+    seen: set[str] = set()
+
+    def draw(algo: str) -> File:
+        """A file no other file equals (ownership below relies on it)."""
+        while True:
+            f = make_file(algo, rng.sample(pools[algo], rng.randrange(2, 7)))
+            if f.digest not in seen:
+                seen.add(f.digest)
+                return f
+
+    # Four clients, each owning files that only it deletes (the sha256 one has its own
+    # namespace); two files that everyone uploads and no one deletes.
+    owned = [[draw("sha256" if c == 3 else "md5") for _ in range(5)] for c in range(4)]
+    shared = [draw("md5"), draw("sha256")]
+    present: dict[str, File] = {f.digest: f for f in shared}  # what must be complete at the end
+    counts = {"uploads": 0, "deletes": 0, "aborts": 0, "downloads": 0}
+    stop = tmp_path / "stop-gc"
+    gc = subprocess.Popen([sys.executable, "-c", GC_LOOP, str(daemon.data_dir), str(stop)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + RACE_SECONDS
+
+    async def client(c: int) -> None:
+        crng = random.Random(c)
+        mine = owned[c]
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                roll = crng.random()
+                if roll < 0.15:
+                    # Start an upload of new content mixed with pooled chunks, then abort it.
+                    algo = mine[0].algo
+                    f = make_file(algo, [crng.randbytes(3 * KiB), *crng.sample(pools[algo], 3)])
+                    async with s.post(f"{daemon.url}/v1/handshake", json=f.handshake) as r:
+                        hs = await r.json()
+                    half = dict(hs, missing=hs["missing"][: len(hs["missing"]) // 2 + 1])
+                    await put_missing(s, daemon.url, f, half)
+                    async with s.delete(f"{daemon.url}/v1/uploads/{hs['upload_id']}") as r:
+                        assert r.status == 204
+                    counts["aborts"] += 1
+                    continue
+                f = crng.choice(mine + shared)
+                await upload(s, daemon.url, f)
+                counts["uploads"] += 1
+                present[f.digest] = f
+                if await download(s, daemon.url, f) != f.data:
+                    raise Bug(f"{f.digest} downloaded different bytes")
+                counts["downloads"] += 1
+                if f in mine and crng.random() < 0.6:
+                    async with s.delete(f"{daemon.url}/v1/files/{f.digest}") as r:
+                        if r.status != 204:
+                            raise Bug(f"delete {f.digest}: {r.status}")
+                    del present[f.digest]
+                    counts["deletes"] += 1
+
+    try:
+        await asyncio.gather(*(client(c) for c in range(4)))
+    finally:
+        stop.touch()
+        out, err = await asyncio.to_thread(gc.communicate, timeout=120)
+    assert gc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    # It was a race: gc ran throughout and kept deleting chunks the clients then needed again.
+    assert summary["errors"] == [] and summary["fsck_issues"] == [], summary
+    assert summary["gc_runs"] >= 5 and summary["chunks"] > 0, summary
+    assert counts["uploads"] >= 20 and counts["deletes"] >= 5, counts
+
+    # Everything that should be complete is, byte for byte, and nothing else is.
+    listing = casd(daemon.data_dir, "ls", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert {f["digest"] for f in json.loads(listing.stdout)} == set(present)
+    async with aiohttp.ClientSession() as s:
+        for f in present.values():
+            assert await download(s, daemon.url, f) == f.data
+    deep = casd(daemon.data_dir, "fsck", "--deep")
+    assert deep.returncode == 0, deep.stdout + deep.stderr
+    # A last gc leaves exactly the chunks of the complete files.
+    assert casd(daemon.data_dir, "gc", "--grace", "0").returncode == 0
+    wanted = {d for f in present.values() for d in f.by_digest}
+    assert count_blobs(daemon.data_dir) == len(wanted)
+    deep = casd(daemon.data_dir, "fsck", "--deep")
+    assert deep.returncode == 0, deep.stdout + deep.stderr
+    print(f"race: {counts}, gc loop: {summary}")
+
+
+# ---- kill -9 of gc ----------------------------------------------------------------------
+
+
+async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
+    daemon = daemon_factory("--sync", "NORMAL")  # quicker to fill with garbage
+    rng = random.Random(7)
+    garbage = [rng.randbytes(rng.randrange(512, 2 * KiB)) for _ in range(400)]
+    keep = make_file("md5", garbage[::40] + [rng.randbytes(4 * KiB)])  # shares 10 chunks
+    doomed = make_file("md5", garbage)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{daemon.url}/v1/handshake", json=doomed.handshake) as r:
+            hs = await r.json()
+        sem = asyncio.Semaphore(16)
+
+        async def put(d):
+            async with sem:
+                async with s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}",
+                                 data=doomed.by_digest[d]) as r:
+                    assert r.status == 201
+        await asyncio.gather(*(put(d) for d in hs["missing"]))
+        await upload(s, daemon.url, doomed)
+        await upload(s, daemon.url, keep)
+        async with s.delete(f"{daemon.url}/v1/files/{doomed.digest}") as r:
+            assert r.status == 204
+    total = count_blobs(daemon.data_dir)
+    assert total == len(garbage) + 1
+    # One chunk per transaction makes gc slow enough to be caught in the middle.
+    gc = subprocess.Popen(
+        [sys.executable, "-m", "casd", "gc", "--grace", "0", "--batch-size", "1",
+         "--data", str(daemon.data_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while count_blobs(daemon.data_dir) > total - 30:
+            assert gc.poll() is None, "gc finished before it could be killed"
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+    finally:
+        gc.kill()
+        gc.wait()
+    left = count_blobs(daemon.data_dir)
+    assert len(keep.by_digest) < left <= total - 30, left  # killed midway: garbage is left
+
+    daemon.restart()  # the daemon too, kill -9 and start again
+    fsck = casd(daemon.data_dir, "fsck", "--json")
+    report = json.loads(fsck.stdout)
+    assert fsck.returncode == 0 and report["issues"] == [], report
+    async with aiohttp.ClientSession() as s:
+        assert await download(s, daemon.url, keep) == keep.data
+    again = casd(daemon.data_dir, "gc", "--grace", "0", "--json")
+    assert again.returncode == 0, again.stderr
+    assert count_blobs(daemon.data_dir) == len(keep.by_digest)
+    deep = casd(daemon.data_dir, "fsck", "--deep", "--json")
+    report = json.loads(deep.stdout)
+    assert deep.returncode == 0 and report["issues"] == [] and report["deleting_chunks"] == 0
+    async with aiohttp.ClientSession() as s:
+        assert await download(s, daemon.url, keep) == keep.data
+        # The daemon agrees with the store: re-uploading the garbage asks for all of it
+        # but the chunks `keep` still holds.
+        async with s.post(f"{daemon.url}/v1/handshake", json=doomed.handshake) as r:
+            hs = await r.json()
+        assert set(hs["missing"]) == set(doomed.by_digest) - set(keep.by_digest)
