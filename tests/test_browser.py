@@ -288,6 +288,7 @@ def test_cancel_stops_the_upload_and_picking_again_resumes(daemon, page, tmp_pat
     row.get_by_test_id("cancel").click()
     expect(row.get_by_test_id("status")).to_have_text("cancelled")
     expect(row.get_by_test_id("link")).to_be_hidden()
+    held[0].abort()  # unrouting would let the cancelled request through to the server
     page.unroute(CHUNK_PUT)
 
     summary = wait_finished(pick(page, path))
@@ -364,3 +365,37 @@ def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(
     assert again["phases"] == ["hashing", "handshake", "done"]
     assert again["summary"]["instant"] is True
     assert again["summary"]["chunks_skipped"] == 11
+
+
+def test_upload_survives_the_server_dropping_the_upload_midway(daemon, page, tmp_path):
+    """A chunk PUT answered 404 (upload aborted or expired) leads to a fresh handshake."""
+    path = tmp_path / "dropped.bin"
+    data = make_file(path, 6 * MiB, "page-7")
+    held = []
+
+    def gate(route):
+        if gate.passed < 2:
+            gate.passed += 1
+            route.continue_()
+        else:
+            held.append(route)
+
+    gate.passed = 0
+    page.route(CHUNK_PUT, gate)
+    page.goto(daemon.url + "/?chunk_size=1048576&concurrency=1")
+    row = pick(page, path)
+    expect(row.get_by_test_id("chunks-sent")).to_have_text("2", timeout=UPLOAD_TIMEOUT_MS)
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+    upload_id = handshake(daemon.url, data, MiB)["upload_id"]
+    req = urllib.request.Request(f"{daemon.url}/v1/uploads/{upload_id}", method="DELETE")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 204
+    held[0].continue_()  # reaches the server after the abort: 404 not_found
+    page.unroute(CHUNK_PUT)
+
+    summary = wait_finished(row)
+    assert counters(row) == {"sent": "6", "total": "6", "skipped": "0", "bytes_skipped": "0 B"}
+    assert summary["bytes_sent"] == len(data)
+    assert fetch(summary["url"]) == data

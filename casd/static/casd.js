@@ -214,8 +214,8 @@ export async function upload(file, options = {}) {
     signal,
     token,
     retries = DEFAULT_RETRIES,
-    name = file.name ?? "",
-    ext = extOf(name),
+    name: givenName = file.name ?? "",
+    ext = extOf(givenName),
     hashWorkers,
   } = options;
   checkAlgo(algo);
@@ -224,6 +224,7 @@ export async function upload(file, options = {}) {
     throw new TypeError(`concurrency must be an integer >= 1, not ${concurrency}`);
   }
   signal?.throwIfAborted();
+  const name = Array.from(String(givenName)).slice(0, 255).join(""); // the server's limit
 
   const root = String(server).replace(/\/+$/, "");
   const endpoint = (path) => root + path;
@@ -283,7 +284,7 @@ export async function upload(file, options = {}) {
 
   async function postJson(path, body) {
     return retrying(async () => {
-      let response;
+      let response, text;
       try {
         response = await fetch(endpoint(path), {
           method: "POST",
@@ -291,11 +292,11 @@ export async function upload(file, options = {}) {
           body: body === undefined ? undefined : JSON.stringify(body),
           signal,
         });
+        text = await response.text();
       } catch (err) {
         if (signal?.aborted) throw abortReason(signal);
         throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}`);
       }
-      const text = await response.text();
       if (!response.ok) throw errorFrom(response.status, text);
       return JSON.parse(text);
     });
@@ -351,7 +352,7 @@ export async function upload(file, options = {}) {
   // stops the queue and aborts the requests still in flight.
   async function sendMissing(uploadId, missing) {
     let stillMissing = new Set(missing);
-    const queue = missing.filter((d) => !sentDigests.has(d)).map((d) => firstOf.get(d));
+    const queue = missing.map((d) => firstOf.get(d));
     if (queue.some((c) => c === undefined)) {
       throw new CasdError(0, "protocol_error", "the server asked for a chunk that is not in this file");
     }
@@ -375,9 +376,12 @@ export async function upload(file, options = {}) {
             emit();
           }, stop.signal);
         }, stop.signal).finally(() => inFlight.delete(chunk.digest));
-        sentDigests.add(chunk.digest);
-        state.chunks_sent += 1;
-        state.bytes_sent += chunk.size;
+        // Counted once per digest, even if a lost upload made us send it again.
+        if (!sentDigests.has(chunk.digest)) {
+          sentDigests.add(chunk.digest);
+          state.chunks_sent += 1;
+          state.bytes_sent += chunk.size;
+        }
         state.bytes_in_flight = [...inFlight.values()].reduce((a, b) => a + b, 0);
         const now = new Set(answer.missing);
         stillMissing = new Set([...stillMissing].filter((d) => now.has(d)));
