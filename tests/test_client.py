@@ -320,14 +320,15 @@ async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, t
         with pytest.raises(CasdConnectionError):
             await client.upload(src, chunk_size=MiB, concurrency=concurrency,
                                 on_progress=kill_after_some)
-    assert max(acked) == killed_after
+    # A response already read when the daemon died is still acknowledged afterwards.
+    assert killed_after <= max(acked) <= killed_after + concurrency - 1
 
     daemon.start()
     async with CasdClient(daemon.url) as client:
         rerun = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB,
                                 concurrency=concurrency)
     # Every acknowledged chunk survived; requests in flight at the kill may or may not have.
-    assert rerun.chunks_sent <= total - killed_after
+    assert rerun.chunks_sent <= total - max(acked)
     assert rerun.chunks_sent >= total - killed_after - (concurrency - 1)
     assert rerun.chunks_sent + rerun.chunks_skipped == total
 
@@ -340,15 +341,17 @@ async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemo
     def scribble_when_hashed(p: Progress) -> None:
         if p.phase == "hash" and p.bytes_done == size:
             with open(src, "r+b") as f:
+                f.seek(2 * MiB)  # the last chunk, so the first two go through
                 f.write(b"changed!")
 
     async with CasdClient(daemon.url) as client:
         with pytest.raises(FileChangedError) as info:
-            await client.upload(src, chunk_size=MiB, on_progress=scribble_when_hashed)
+            await client.upload(src, chunk_size=MiB, concurrency=1,
+                                on_progress=scribble_when_hashed)
         assert info.value.code == "digest_mismatch"
         assert "changed after it was hashed" in str(info.value)
         s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
-    assert s.chunks_sent == 1  # the other two arrived before the error
+    assert s.chunks_sent == 1  # chunks are sent in file order, one at a time here
 
 
 # --- through a fault-injecting proxy ------------------------------------------------------------
