@@ -333,6 +333,21 @@ async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, t
     assert rerun.chunks_sent + rerun.chunks_skipped == total
 
 
+async def test_upload_rides_through_a_daemon_restart(daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    data = write_random(src, 8 * MiB, seed=8)
+
+    def restart_midway(p: Progress) -> None:
+        if p.phase == "upload" and p.chunks_done == 3:
+            daemon.restart()  # kill -9, then up again on the same port before any retry
+
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunk_size=MiB, concurrency=2, on_progress=restart_midway)
+        await client.download(s.url, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert (s.chunks_sent, s.bytes_sent, s.instant) == (8, 8 * MiB, False)
+
+
 async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemon, tmp_path):
     src = tmp_path / "f.bin"
     size = 3 * MiB
@@ -365,6 +380,7 @@ class FaultProxy:
     def __init__(self, upstream: str):
         self.upstream = upstream
         self.seen: list[tuple[str, str, str | None]] = []
+        self.authorizations: list[str | None] = []
         self.chunk_faults: list[int] = []  # statuses for the next chunk PUTs
         self.handshake_faults: list[int] = []
         self.cut_next_get_after: int | None = None  # bytes, once
@@ -385,6 +401,7 @@ class FaultProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append((request.method, request.path, request.headers.get("Range")))
+        self.authorizations.append(request.headers.get("Authorization"))
         body = await request.read()
         faults = None
         if request.method == "PUT" and "/chunks/" in request.path:
@@ -474,6 +491,20 @@ async def test_token_is_sent_and_a_refusal_is_clear(daemon_factory, tmp_path):
     assert (info.value.status, info.value.code) == (401, "unauthorized")
     async with fast_client(d.url, token="s3cret") as client:
         await roundtrip(client, src, tmp_path / "out")
+
+
+async def test_token_goes_only_to_the_configured_server(proxy, daemon, tmp_path):
+    src = tmp_path / "f.bin"
+    write_random(src, 1000)
+    async with CasdClient(proxy.url, token="s3cret") as client:
+        s = await client.upload(src)
+    assert set(proxy.authorizations) == {"Bearer s3cret"}
+    proxy.authorizations.clear()
+    # The same file through a URL naming another host (the proxy) than the client's server.
+    async with CasdClient(daemon.url, token="s3cret") as client:
+        await client.download(s.url, tmp_path / "out")
+    assert proxy.authorizations == [None]
+    assert (tmp_path / "out").read_bytes() == src.read_bytes()
 
 
 async def test_unreachable_server_fails_at_once(tmp_path, unused_tcp_port):
