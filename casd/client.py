@@ -527,7 +527,8 @@ class CasdClient:
 
     async def _call(self, method: str, path: str, *, json_body: Any = None,
                     body: Callable[[], AsyncIterator[bytes]] | None = None,
-                    content_length: int | None = None, what: str = "") -> tuple[int, dict]:
+                    content_length: int | None = None, what: str = "",
+                    want_answer: bool = True) -> tuple[int, dict]:
         """One API request with retries; the decoded JSON answer, or an exception."""
         url = self.server + path
         what = what or f"{method} {path}"
@@ -545,6 +546,8 @@ class CasdClient:
                     raw = await resp.read()
                     self._reached = True
                     if resp.status < 400:
+                        if not want_answer:
+                            return resp.status, {}
                         return resp.status, _json_answer(raw, url, resp.status)
                     err = _http_error(resp.status, resp.reason, raw, what)
                     if resp.status < 500:
@@ -696,6 +699,9 @@ class CasdClient:
                 "PUT", f"/v1/uploads/{upload_id}/chunks/{chunk.digest}",
                 body=lambda: _file_slice(path, chunk.offset, chunk.size),
                 content_length=chunk.size, what=f"chunk at offset {chunk.offset}",
+                # A chunk answer lists everything the upload still lacks: for a big manifest
+                # that is megabytes of JSON per chunk, and the client has no use for it.
+                want_answer=False,
             )
         except CasdHTTPError as exc:
             if exc.code in ("digest_mismatch", "size_mismatch"):
