@@ -493,8 +493,7 @@ class CasdClient:
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
-            # Downloads must see the stored bytes, not a decoded form, for Range and digests.
-            self._session = aiohttp.ClientSession(timeout=self.timeout, auto_decompress=False)
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
 
     def _headers(self, url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -591,7 +590,7 @@ class CasdClient:
             log.debug("%s: cached digests are stale; rehashing", path)
             cache.forget(os.path.realpath(path))
             t = time.perf_counter()
-            fd, cached = await self._file_digests(path, chunk_size, algo, None, on_progress)
+            fd, cached = await self._file_digests(path, chunk_size, algo, cache, on_progress)
             hash_seconds += time.perf_counter() - t
             result = await self._push(path, fd, ext, name, concurrency, on_progress)
         url, sent_chunks, sent_bytes, instant, transfer_s, merge_s = result
@@ -762,7 +761,10 @@ class CasdClient:
                 if start:
                     headers["Range"] = f"bytes={start}-"
                 try:
-                    async with self._sess().get(url, headers=headers) as resp:
+                    # The stored bytes themselves, never a decoded form: Range offsets and
+                    # the digest are about those.
+                    async with self._sess().get(url, headers=headers,
+                                                auto_decompress=False) as resp:
                         self._reached = True
                         total = await self._begin_body(resp, url, sink, start, writer)
                         if total is None:

@@ -282,6 +282,26 @@ async def test_reupload_of_an_unchanged_file_uses_the_digest_cache(daemon, tmp_p
     assert [p.bytes_done for p in hashed if p.phase == "hash"] == [12 * MiB]
 
 
+async def test_stale_cache_entry_is_caught_by_the_server_and_the_file_rehashed(daemon, tmp_path,
+                                                                               cache_home):
+    src = tmp_path / "f.bin"
+    data = write_random(src, 2 * MiB + 1, seed=1)
+    settle(src)
+    file_digests(src, chunk_size=MiB, algo=Algo.MD5, cache=DigestCache(cache_home))
+    # Make the entry lie, as if the file had been rewritten without its stat changing.
+    other = random.Random(2).randbytes(len(data))
+    lie = b"".join(hashlib.md5(other[i:i + MiB]).digest() for i in range(0, len(other), MiB))
+    with sqlite3.connect(cache_home / "digests.sqlite") as conn:
+        conn.execute("UPDATE digests SET file_digest = ?, chunk_digests = ?",
+                     (hashlib.md5(other).hexdigest(), lie))
+    async with CasdClient(daemon.url) as client:
+        s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
+    assert s.digest == hashlib.md5(data).hexdigest() and not s.cached
+    # The fresh digests replaced the lie.
+    again, cached = file_digests(src, chunk_size=MiB, algo=Algo.MD5, cache=DigestCache(cache_home))
+    assert cached and again.digest == s.digest
+
+
 async def test_one_changed_region_sends_exactly_one_chunk(daemon, tmp_path):
     src = tmp_path / "f.bin"
     data = bytearray(write_random(src, 4 * CHUNK, seed=7))
