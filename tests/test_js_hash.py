@@ -244,7 +244,7 @@ def test_hash_file_in_workers_gives_hashlib_digests(page, server, algo, workers,
 
 
 def test_hashing_leaves_the_main_thread_free(page, server):
-    """While 128 MiB hash in workers, the page's main thread runs no long task."""
+    """While 128 MiB hash in workers, the page's main thread stays free."""
     got = page.evaluate(
         """async () => {
           const { hashFile } = await import("/static/casd.js");
@@ -266,8 +266,9 @@ def test_hashing_leaves_the_main_thread_free(page, server):
         }"""
     )
     assert got["digest"] == hashlib.md5(bytes([7]) * (128 * MiB)).hexdigest()
-    # A hash on the main thread would be one task of the whole duration (hundreds of ms).
-    assert max(got["long"], default=0) < 200, got
+    # Hashing on the main thread would fill the whole duration with long tasks (over 50 ms)
+    # and starve the 10 ms timer. Bounds are loose: a busy CI machine can preempt the page.
+    assert sum(got["long"]) < got["ms"] / 2, got
     assert got["ticks"] >= got["ms"] / 10 / 4, got
 
 
@@ -291,20 +292,28 @@ def test_hashing_throughput(page, server, tmp_path):
           let buf = new Uint8Array(size);
           for (let off = 0; off < size; off += block.length) buf.set(block, off);
           const out = {};
+          // Best of three runs: the machine may be busy with other work.
           for (const [name, H] of [["md5", Md5], ["sha256", Sha256]]) {
             new H().update(buf.subarray(0, 16 * 1024 * 1024)).hex();  // warm up the JIT
-            const t = performance.now();
-            const hex = new H().update(buf).hex();
-            out[name] = { hex, raw_ms: performance.now() - t };
+            out[name] = { raw_ms: Infinity };
+            for (let run = 0; run < 3; run++) {
+              const t = performance.now();
+              out[name].hex = new H().update(buf).hex();
+              out[name].raw_ms = Math.min(out[name].raw_ms, performance.now() - t);
+            }
           }
           buf = null;
           const file = document.querySelector("#f").files[0];
           for (const algo of ["md5", "sha256"]) {
             for (const workers of [1, 2]) {
-              const t = performance.now();
-              const r = await hashFile(file, { algo, workers, chunkSize: 5 * 1024 * 1024 });
-              out[algo][`file_ms_${workers}`] = performance.now() - t;
-              out[algo][`file_hex_${workers}`] = r.digest;
+              out[algo][`file_ms_${workers}`] = Infinity;
+              for (let run = 0; run < 3; run++) {
+                const t = performance.now();
+                const r = await hashFile(file, { algo, workers, chunkSize: 5 * 1024 * 1024 });
+                const ms = performance.now() - t;
+                out[algo][`file_ms_${workers}`] = Math.min(out[algo][`file_ms_${workers}`], ms);
+                out[algo][`file_hex_${workers}`] = r.digest;
+              }
             }
           }
           out.cores = navigator.hardwareConcurrency;
@@ -315,7 +324,8 @@ def test_hashing_throughput(page, server, tmp_path):
     data = path.read_bytes()
     mb = size / 1e6
     lines = [
-        f"hashing {size // MiB} MiB in Chromium ({results['cores']} cores), MB/s:",
+        f"hashing {size // MiB} MiB in Chromium ({results['cores']} cores, load average"
+        f" {os.getloadavg()[0]:.1f}), MB/s, best of 3:",
         f"{'algo':8}{'JS hasher':>11}{'hashFile, 1 worker':>20}{'hashFile, 2 workers':>21}{'hashlib':>9}",
     ]
     for algo in ("md5", "sha256"):

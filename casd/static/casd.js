@@ -23,7 +23,7 @@ const SPLIT_MIN_SIZE = 16 * MiB;
 // server lost the upload (expired, aborted) or still misses chunks at merge time.
 const MAX_ROUNDS = 3;
 const BACKOFF_BASE_MS = 250;
-const BACKOFF_MAX_MS = 10_000;
+const BACKOFF_MAX_MS = 8_000; // as the Python client: 0.25 s doubling, at most 8 s
 
 /** An error answer from casd (or a network failure: status 0, error "network_error"). */
 export class CasdError extends Error {
