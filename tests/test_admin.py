@@ -30,6 +30,11 @@ CHUNK = 64 * KiB
 # ---- helpers ----------------------------------------------------------------------------
 
 
+def session() -> aiohttp.ClientSession:
+    # A read that stalls fails the test in seconds instead of hanging it.
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=20))
+
+
 def casd(data: Path, *argv: str) -> tuple[int, str, str]:
     """Run a casd command in this process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
@@ -74,14 +79,14 @@ async def _upload(s: aiohttp.ClientSession, base: str, p: Prepared, merge: bool 
 def upload(base: str, *files: Prepared) -> list[dict]:
     """Handshake, PUT the missing chunks, merge, for each file in turn."""
     async def go():
-        async with aiohttp.ClientSession() as s:
+        async with session() as s:
             return [await _upload(s, base, p) for p in files]
     return asyncio.run(go())
 
 
 def handshake(base: str, p: Prepared) -> dict:
     async def go():
-        async with aiohttp.ClientSession() as s:
+        async with session() as s:
             async with s.post(f"{base}/v1/handshake", json=p.handshake) as r:
                 assert r.status == 200, await r.text()
                 return await r.json()
@@ -90,7 +95,7 @@ def handshake(base: str, p: Prepared) -> dict:
 
 def fetch(base: str, url: str) -> tuple[int, bytes]:
     async def go():
-        async with aiohttp.ClientSession() as s:
+        async with session() as s:
             async with s.get(base + url) as r:
                 return r.status, await r.read()
     return asyncio.run(go())
@@ -326,7 +331,7 @@ def test_gc_drops_expired_uploads_and_their_chunks(daemon, tmp_path):
 
 
 async def _put(base: str, upload_id: str, p: Prepared, digest: str) -> None:
-    async with aiohttp.ClientSession() as s:
+    async with session() as s:
         async with s.put(f"{base}/v1/uploads/{upload_id}/chunks/{digest}",
                          data=p.chunks[digest]) as r:
             assert r.status == 201, await r.text()
@@ -338,7 +343,7 @@ def test_gc_aborted_upload_chunks_are_collected(daemon):
     asyncio.run(_put(daemon.url, hs["upload_id"], p, p.order[0]))
 
     async def abort():
-        async with aiohttp.ClientSession() as s:
+        async with session() as s:
             async with s.delete(f"{daemon.url}/v1/uploads/{hs['upload_id']}") as r:
                 assert r.status == 204
     code, r = casd_json(daemon.data_dir, "gc", "--grace", "0")

@@ -76,6 +76,11 @@ def make_file(algo: str, chunks: list[bytes]) -> File:
     return File(algo, b"".join(chunks), chunks)
 
 
+def session() -> aiohttp.ClientSession:
+    # A read that stalls fails the test in seconds instead of hanging it.
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=20))
+
+
 class Bug(AssertionError):
     pass
 
@@ -165,7 +170,7 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
     async def client(c: int) -> None:
         crng = random.Random(c)
         mine = owned[c]
-        async with aiohttp.ClientSession() as s:
+        async with session() as s:
             while time.monotonic() < deadline:
                 roll = crng.random()
                 if roll < 0.15:
@@ -210,7 +215,7 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
     listing = casd(daemon.data_dir, "ls", "--json")
     assert listing.returncode == 0, listing.stderr
     assert {f["digest"] for f in json.loads(listing.stdout)} == set(present)
-    async with aiohttp.ClientSession() as s:
+    async with session() as s:
         for f in present.values():
             assert await download(s, daemon.url, f) == f.data
     deep = casd(daemon.data_dir, "fsck", "--deep")
@@ -233,7 +238,7 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     garbage = [rng.randbytes(rng.randrange(512, 2 * KiB)) for _ in range(400)]
     keep = make_file("md5", garbage[::40] + [rng.randbytes(4 * KiB)])  # shares 10 chunks
     doomed = make_file("md5", garbage)
-    async with aiohttp.ClientSession() as s:
+    async with session() as s:
         async with s.post(f"{daemon.url}/v1/handshake", json=doomed.handshake) as r:
             hs = await r.json()
         sem = asyncio.Semaphore(16)
@@ -272,7 +277,7 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     fsck = casd(daemon.data_dir, "fsck", "--json")
     report = json.loads(fsck.stdout)
     assert fsck.returncode == 0 and report["issues"] == [], report
-    async with aiohttp.ClientSession() as s:
+    async with session() as s:
         assert await download(s, daemon.url, keep) == keep.data
     again = casd(daemon.data_dir, "gc", "--grace", "0", "--json")
     assert again.returncode == 0, again.stderr
@@ -280,7 +285,7 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     deep = casd(daemon.data_dir, "fsck", "--deep", "--json")
     report = json.loads(deep.stdout)
     assert deep.returncode == 0 and report["issues"] == [] and report["deleting_chunks"] == 0
-    async with aiohttp.ClientSession() as s:
+    async with session() as s:
         assert await download(s, daemon.url, keep) == keep.data
         # The daemon agrees with the store: re-uploading the garbage asks for all of it
         # but the chunks `keep` still holds.
