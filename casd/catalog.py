@@ -539,7 +539,7 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 # row and step 2 skips it. A kill between step 2's unlink and its commit leaves a DELETING
 # row without a file: garbage in progress, which the next gc finishes.
 
-from collections.abc import Awaitable  # noqa: E402 - this section's own import
+from collections.abc import Awaitable  # this section's own import, kept with it
 
 # "Something relies on this chunk": a complete file, or an upload still pending and not
 # expired at `now` (the one `?`). `{c}` names the chunks table in the calling statement.
@@ -689,13 +689,12 @@ class AdminCatalog(Catalog):
         if not digests:
             return []
         async with self.write() as db:
-            async with db.execute(
+            rows = await db.execute_fetchall(
                 f"UPDATE chunks SET state = ? WHERE digest IN ({_marks(len(digests))})"
                 f" AND state = ? AND created < ? AND NOT {_REFERENCED.format(c='chunks')}"
                 " RETURNING digest, algo, size, xxh3, state, created",
                 (DELETING, *digests, LIVE, cutoff, now),
-            ) as cur:
-                rows = await cur.fetchall()
+            )
         return [_chunk_row(r) for r in rows]
 
     async def retire_chunks(

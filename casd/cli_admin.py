@@ -8,7 +8,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from casd.cli_common import CliError, add_data_arg, data_dir
@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace, work: Callable[[Maintenance], Awaitable[int]]
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise CliError(f"{exc.strerror or exc}{where}") from None
-    except Exception as exc:  # a bug: still one line, never a traceback
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, never a traceback
         raise CliError(f"internal error: {type(exc).__name__}: {exc}") from None
 
 
@@ -146,7 +146,7 @@ def human(n: int) -> str:
 
 
 def _time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---- gc ---------------------------------------------------------------------------------
@@ -292,8 +292,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             ("distinct chunks", f"{s.chunks}"),
             ("physical bytes", f"{human(s.physical_bytes)} ({s.physical_bytes})"),
             ("dedup ratio", f"{s.dedup_ratio:.2f}"),
-            ("pending uploads", f"{s.pending_uploads} ({human(s.pending_bytes)},"
-                                f" {s.pending_bytes} bytes)"),
+            ("pending uploads",
+             f"{s.pending_uploads} ({human(s.pending_bytes)}, {s.pending_bytes} bytes)"),
         ]
         if s.expired_uploads:
             rows.append(("expired uploads", f"{s.expired_uploads} (casd gc drops them)"))

@@ -237,7 +237,7 @@ class Maintenance:
     @classmethod
     async def open(
         cls, settings: Settings, clock: Callable[[], float] = time.time
-    ) -> "Maintenance":
+    ) -> Maintenance:
         """Open an existing data folder; NotFound when there is no catalogue in it."""
         path = settings.catalog_path
         if not path.is_file():

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from helpers import Prepared, prepare, rand, snapshot
 
 from casd.catalog import AdminCatalog
 from casd.cli import main
 from casd.config import Settings
 from casd.maintenance import Maintenance
-from helpers import Prepared, prepare, rand, snapshot
 
 KiB = 1024
 CHUNK = 64 * KiB
@@ -47,7 +47,7 @@ def casd(data: Path, *argv: str) -> tuple[int, str, str]:
 
 
 def casd_json(data: Path, *argv: str):
-    code, out, err = casd(data, *argv, "--json")
+    code, out, _err = casd(data, *argv, "--json")
     return code, json.loads(out)
 
 
@@ -55,7 +55,7 @@ def casd_process(data: Path, *argv: str) -> subprocess.CompletedProcess:
     """Run casd as a user does, in its own process."""
     return subprocess.run(
         [sys.executable, "-m", "casd", *argv, "--data", str(data)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
 
 
@@ -86,18 +86,16 @@ def upload(base: str, *files: Prepared) -> list[dict]:
 
 def handshake(base: str, p: Prepared) -> dict:
     async def go():
-        async with session() as s:
-            async with s.post(f"{base}/v1/handshake", json=p.handshake) as r:
-                assert r.status == 200, await r.text()
-                return await r.json()
+        async with session() as s, s.post(f"{base}/v1/handshake", json=p.handshake) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
     return asyncio.run(go())
 
 
 def fetch(base: str, url: str) -> tuple[int, bytes]:
     async def go():
-        async with session() as s:
-            async with s.get(base + url) as r:
-                return r.status, await r.read()
+        async with session() as s, s.get(base + url) as r:
+            return r.status, await r.read()
     return asyncio.run(go())
 
 
@@ -155,8 +153,8 @@ def test_stats_counts_files_chunks_dedup_and_pending(daemon):
     assert s["dedup_ratio"] == pytest.approx((len(a.data) + len(b.data)) / physical, rel=1e-3)
     assert (s["pending_uploads"], s["pending_bytes"]) == (1, len(pending.data))
     code, out, _ = casd(daemon.data_dir, "stats")
-    assert code == 0 and re.search(r"^complete files: +2$", out, re.M)
-    assert re.search(r"^dedup ratio: +1\.43$", out, re.M)
+    assert code == 0 and re.search(r"^complete files: +2$", out, re.MULTILINE)
+    assert re.search(r"^dedup ratio: +1\.43$", out, re.MULTILINE)
 
 
 def test_rm_removes_the_file_like_delete(daemon):
@@ -230,7 +228,7 @@ def test_gc_removes_unused_chunks_and_keeps_shared_ones(daemon):
     assert r.returncode == 0, r.stderr
     own = [d for d in a.order if d not in b.chunks]
     freed = sum(len(a.chunks[d]) for d in own)
-    assert f"{len(own)} chunks" in r.stdout and f"freed" in r.stdout
+    assert f"{len(own)} chunks" in r.stdout and "freed" in r.stdout
     assert f"({freed} bytes)" in r.stdout
     assert not any(blob(daemon.data_dir, d).exists() for d in own)
     assert all(blob(daemon.data_dir, d).is_file() for d in b.order)
@@ -318,9 +316,9 @@ def test_gc_drops_expired_uploads_and_their_chunks(daemon, tmp_path):
         finally:
             await m.close()
 
-    stats, plan, result = asyncio.run(gc_in(0))
+    stats, _plan, result = asyncio.run(gc_in(0))
     assert stats.pending_uploads == 1 and result.uploads == 0 and result.chunks == ()
-    stats, plan, result = asyncio.run(gc_in(2))  # past the 24 h TTL
+    stats, _plan, result = asyncio.run(gc_in(2))  # past the 24 h TTL
     # Expired: the quiet upload, and the merged upload that built `b` (kept for repeat merges).
     assert stats.expired_uploads == 2 and stats.pending_uploads == 0
     assert (result.uploads, result.manifests) == (2, 1)
@@ -331,10 +329,10 @@ def test_gc_drops_expired_uploads_and_their_chunks(daemon, tmp_path):
 
 
 async def _put(base: str, upload_id: str, p: Prepared, digest: str) -> None:
-    async with session() as s:
-        async with s.put(f"{base}/v1/uploads/{upload_id}/chunks/{digest}",
-                         data=p.chunks[digest]) as r:
-            assert r.status == 201, await r.text()
+    async with session() as s, s.put(
+        f"{base}/v1/uploads/{upload_id}/chunks/{digest}", data=p.chunks[digest]
+    ) as r:
+        assert r.status == 201, await r.text()
 
 
 def test_gc_aborted_upload_chunks_are_collected(daemon):
@@ -343,13 +341,13 @@ def test_gc_aborted_upload_chunks_are_collected(daemon):
     asyncio.run(_put(daemon.url, hs["upload_id"], p, p.order[0]))
 
     async def abort():
-        async with session() as s:
-            async with s.delete(f"{daemon.url}/v1/uploads/{hs['upload_id']}") as r:
-                assert r.status == 204
+        async with session() as s, s.delete(f"{daemon.url}/v1/uploads/{hs['upload_id']}") as r:
+            assert r.status == 204
     code, r = casd_json(daemon.data_dir, "gc", "--grace", "0")
     assert r["removed"]["chunks"] == []  # still pending: relied on
     asyncio.run(abort())
     code, r = casd_json(daemon.data_dir, "gc", "--grace", "0")
+    assert code == 0
     assert [c["digest"] for c in r["removed"]["chunks"]] == [p.order[0]]
 
 
@@ -362,7 +360,7 @@ def test_gc_removes_only_stale_temp_files(daemon):
     os.utime(stale, (hour_ago, hour_ago))
     # Even --grace 0 leaves a temp file the daemon may still be renaming (10 minutes).
     code, r = casd_json(daemon.data_dir, "gc", "--grace", "0")
-    assert r["removed"]["temp_files"] == [str(stale)]
+    assert code == 0 and r["removed"]["temp_files"] == [str(stale)]
     assert r["removed"]["bytes_freed"] == 100
     assert fresh.exists() and not stale.exists()
 
@@ -438,13 +436,13 @@ def stored(daemon):
 
 
 def test_fsck_clean_store_quick_and_deep(stored):
-    daemon, a, b, p = stored
+    daemon, *_ = stored
     for mode in ([], ["--deep"]):
         r = casd_process(daemon.data_dir, "fsck", *mode)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "8 blobs" in r.stdout and "no problems" in r.stdout
     code, report = casd_json(daemon.data_dir, "fsck", "--deep")
-    assert report["blobs_checked"] == 8 and report["ok"] is True
+    assert code == 0 and report["blobs_checked"] == 8 and report["ok"] is True
 
 
 def test_fsck_missing_blob_names_the_files(stored):
@@ -456,7 +454,7 @@ def test_fsck_missing_blob_names_the_files(stored):
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("missing_blob"))
     assert shared in line and f"{a.digest}.bin (a.bin)" in line and b.digest in line
     code, report = casd_json(daemon.data_dir, "fsck")
-    assert kinds(report) == [("missing_blob", shared)]
+    assert code == 1 and kinds(report) == [("missing_blob", shared)]
     assert sorted(report["issues"][0]["files"]) == sorted([
         f"{a.digest}.bin (a.bin)", f"{b.digest}.dat (b.dat)"
     ])
@@ -540,6 +538,7 @@ def test_fsck_reports_every_problem_at_once(stored):
     r = casd_process(daemon.data_dir, "fsck", "--deep")
     assert r.returncode == 1
     code, report = casd_json(daemon.data_dir, "fsck", "--deep")
+    assert code == 1
     assert kinds(report) == sorted([
         ("missing_blob", a.order[0]), ("wrong_size", b.order[4]), ("corrupt", a.order[4]),
         ("orphan_row", p.order[0]), ("missing_blob", a.order[3]), ("orphan_file", a.order[3]),

@@ -128,7 +128,7 @@ async def download(s, base: str, f: File) -> bytes:
 
 def casd(data: Path, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "casd", *argv, "--data", str(data)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def count_blobs(data: Path) -> int:
@@ -163,8 +163,10 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
     present: dict[str, File] = {f.digest: f for f in shared}  # what must be complete at the end
     counts = {"uploads": 0, "deletes": 0, "aborts": 0, "downloads": 0}
     stop = tmp_path / "stop-gc"
-    gc = subprocess.Popen([sys.executable, "-c", GC_LOOP, str(daemon.data_dir), str(stop)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", GC_LOOP, str(daemon.data_dir), str(stop),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + RACE_SECONDS
 
     async def client(c: int) -> None:
@@ -203,9 +205,9 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
         await asyncio.gather(*(client(c) for c in range(4)))
     finally:
         stop.touch()
-        out, err = await asyncio.to_thread(gc.communicate, timeout=120)
-    assert gc.returncode == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
+        out, err = await asyncio.wait_for(gc.communicate(), 120)
+    assert gc.returncode == 0, err.decode()
+    summary = json.loads(out.decode().strip().splitlines()[-1])
     # It was a race: gc ran throughout and kept deleting chunks the clients then needed again.
     assert summary["errors"] == [] and summary["fsck_issues"] == [], summary
     assert summary["gc_runs"] >= 5 and summary["chunks"] > 0, summary
@@ -244,10 +246,9 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
         sem = asyncio.Semaphore(16)
 
         async def put(d):
-            async with sem:
-                async with s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}",
-                                 data=doomed.by_digest[d]) as r:
-                    assert r.status == 201
+            async with sem, s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}",
+                                  data=doomed.by_digest[d]) as r:
+                assert r.status == 201
         await asyncio.gather(*(put(d) for d in hs["missing"]))
         await upload(s, daemon.url, doomed)
         await upload(s, daemon.url, keep)
@@ -256,20 +257,21 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     total = count_blobs(daemon.data_dir)
     assert total == len(garbage) + 1
     # One chunk per transaction makes gc slow enough to be caught in the middle.
-    gc = subprocess.Popen(
-        [sys.executable, "-m", "casd", "gc", "--grace", "0", "--batch-size", "1",
-         "--data", str(daemon.data_dir)],
+    gc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "casd", "gc", "--grace", "0", "--batch-size", "1",
+        "--data", str(daemon.data_dir),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
         while count_blobs(daemon.data_dir) > total - 30:
-            assert gc.poll() is None, "gc finished before it could be killed"
+            assert gc.returncode is None, "gc finished before it could be killed"
             assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
     finally:
-        gc.kill()
-        gc.wait()
+        if gc.returncode is None:
+            gc.kill()  # SIGKILL: no cleanup of any kind
+        await gc.wait()
     left = count_blobs(daemon.data_dir)
     assert len(keep.by_digest) < left <= total - 30, left  # killed midway: garbage is left
 
