@@ -12,7 +12,9 @@ import errno
 import os
 import secrets
 import stat as statmod
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -125,11 +127,16 @@ class _Suspect:
     corrupt: str | None = None
 
 
+_buffers = threading.local()
+
+
 def _hash_file(path: Path, algo: Algo | None) -> _Hashed:
     """xxh3-128 of a file, plus its real digest when `algo` is given; 1 MiB reads."""
     x = xxhash.xxh3_128()
     h = algo.new() if algo is not None else None
-    buf = bytearray(HASH_BLOCK)
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:  # one per thread: allocating 1 MiB per small blob costs more than hashing it
+        buf = _buffers.buf = bytearray(HASH_BLOCK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         st = os.fstat(f.fileno())
@@ -140,6 +147,31 @@ def _hash_file(path: Path, algo: Algo | None) -> _Hashed:
     return _Hashed(
         x.hexdigest(), h.hexdigest() if h else None, (st.st_ino, st.st_mtime_ns, st.st_size)
     )
+
+
+def _hash_group(group: list[tuple[Path, Algo | None]]) -> list[_Hashed | OSError]:
+    out: list[_Hashed | OSError] = []
+    for path, algo in group:
+        try:
+            out.append(_hash_file(path, algo))
+        except OSError as exc:
+            out.append(exc)
+    return out
+
+
+def _groups(jobs: list, size_of: Callable, target: int = 8 * HASH_BLOCK, most: int = 512):
+    """Consecutive runs of jobs of about `target` bytes (at most `most` jobs): one thread
+    hand-off per run, so a store of small blobs is not dominated by hand-offs."""
+    group: list = []
+    total = 0
+    for job in jobs:
+        group.append(job)
+        total += size_of(job)
+        if total >= target or len(group) >= most:
+            yield group
+            group, total = [], 0
+    if group:
+        yield group
 
 
 def _is_file(path: Path) -> bool:
@@ -158,22 +190,15 @@ def _ident(path: Path) -> tuple[int, int, int] | None:
 
 
 def _windowed(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """(item, result or exception) of fn over items, at most `window` in flight."""
-    pending: list = []
+    """(item, fn(item)) in order, computed in `pool` with at most `window` in flight."""
+    pending: deque = deque()
     for item in items:
         pending.append((item, pool.submit(fn, item)))
         if len(pending) >= window:
-            it, fut = pending.pop(0)
-            yield it, _outcome(fut)
+            it, fut = pending.popleft()
+            yield it, fut.result()
     for it, fut in pending:
-        yield it, _outcome(fut)
-
-
-def _outcome(fut):
-    try:
-        return fut.result()
-    except OSError as exc:
-        return exc
+        yield it, fut.result()
 
 
 def _file_names(users: ChunkUsers) -> tuple[str, ...]:
@@ -437,21 +462,22 @@ class Maintenance:
         workers = workers or min(4, os.cpu_count() or 1)
         checked = nbytes = 0
 
-        def work(job):
-            r, b = job
-            return _hash_file(b.path, r.digest.algo if deep else None)
+        def work(group: list[tuple[ChunkRow, StoredBlob]]):
+            return _hash_group([(b.path, r.digest.algo if deep else None) for r, b in group])
 
         with ThreadPoolExecutor(workers, thread_name_prefix="casd-fsck") as pool:
-            for (r, _b), res in _windowed(pool, work, jobs, workers * 4):
-                hex_ = r.digest.hex
-                if isinstance(res, OSError):
-                    suspects.setdefault(hex_, _Suspect())
-                    continue
-                checked += 1
-                nbytes += res.ident[2]
-                bad = _verdict(r, res)
-                if bad:
-                    suspects[hex_] = _Suspect(res, bad)
+            groups = _groups(jobs, lambda job: job[1].size)
+            for group, results in _windowed(pool, work, groups, workers * 2):
+                for (r, _b), res in zip(group, results, strict=True):
+                    hex_ = r.digest.hex
+                    if isinstance(res, OSError):
+                        suspects.setdefault(hex_, _Suspect())
+                        continue
+                    checked += 1
+                    nbytes += res.ident[2]
+                    bad = _verdict(r, res)
+                    if bad:
+                        suspects[hex_] = _Suspect(res, bad)
         return checked, nbytes
 
     async def _recheck(
