@@ -444,7 +444,7 @@ class Maintenance:
             if t.mtime < stale_before:
                 issues.append(FsckIssue(
                     "temp_file", None, f"{t.path} ({t.size} bytes) is a leftover temp file;"
-                    " `casd gc` removes it"
+                    " `casd gc` removes it once it is older than the grace period"
                 ))
             else:
                 in_flight += 1
