@@ -13,7 +13,7 @@ import dataclasses
 import importlib.resources
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -395,9 +395,11 @@ def _publish_chunk(
     place: Callable[[], None], touch: tuple[str, float] | None,
 ) -> bool:
     if touch is not None:
+        # Never revives an upload that expired meanwhile (gc may already be emptying it).
         con.execute(
-            "UPDATE uploads SET expires_at = ? WHERE id = ? AND state = 'pending'",
-            (touch[1], touch[0]),
+            "UPDATE uploads SET expires_at = ? WHERE id = ? AND state = 'pending'"
+            " AND expires_at > ?",
+            (touch[1], touch[0], now),
         )
     if con.execute(
         "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
@@ -539,7 +541,6 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 # row and step 2 skips it. A kill between step 2's unlink and its commit leaves a DELETING
 # row without a file: garbage in progress, which the next gc finishes.
 
-from collections.abc import Awaitable  # this section's own import, kept with it
 
 # "Something relies on this chunk": a complete file, or an upload still pending and not
 # expired at `now` (the one `?`). `{c}` names the chunks table in the calling statement.

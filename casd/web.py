@@ -415,7 +415,16 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     resp.content_length = length
     await resp.prepare(request)
     if request.method != "HEAD" and length:
-        await _send_segments(request, resp, plan)
+        try:
+            await _send_segments(request, resp, plan)
+        except OSError as exc:
+            # The status line is out: all that is left to say is "this body is incomplete",
+            # and closing the connection short of Content-Length says exactly that.
+            if not isinstance(exc, ConnectionResetError):
+                log.error("download of %s cut short: %s", entry.digest.hex, exc)
+            if request.transport is not None:
+                request.transport.close()
+            raise ConnectionResetError(str(exc)) from exc
     await resp.write_eof()
     return resp
 
@@ -430,11 +439,18 @@ async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -
         f = await asyncio.to_thread(open, seg.path, "rb")
         try:
             try:
-                await loop.sendfile(transport, f, seg.offset, seg.length)
+                sent = await loop.sendfile(transport, f, seg.offset, seg.length)
             except NotImplementedError:
                 await _copy_segment(resp, f, seg.offset, seg.length)
+            else:
+                if sent != seg.length:
+                    raise BlobShort(f"{seg.path} ended after {sent} of {seg.length} bytes")
         finally:
             f.close()
+
+
+class BlobShort(OSError):
+    """A blob is shorter than the catalogue says (damaged or collected meanwhile)."""
 
 
 async def _copy_segment(resp: web.StreamResponse, f, offset: int, length: int) -> None:
@@ -442,7 +458,7 @@ async def _copy_segment(resp: web.StreamResponse, f, offset: int, length: int) -
     while length > 0:
         data = await asyncio.to_thread(f.read, min(length, 1 << 20))
         if not data:
-            raise ConnectionResetError("blob shorter than its catalogue entry")
+            raise BlobShort("blob shorter than its catalogue entry")
         await resp.write(data)
         length -= len(data)
 

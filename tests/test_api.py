@@ -685,3 +685,33 @@ async def test_slow_hashing_does_not_block_other_requests(client, monkeypatch):
     r = await put_task
     assert r.status == 201
     assert time.monotonic() - t0 < 10
+
+
+async def test_download_with_a_vanished_blob_is_cut_not_hung(client, settings):
+    """Headers are out when the blob turns out missing: the body must end short, at once."""
+    import aiohttp
+
+    p = prepare(rand(3 * CHUNK), CHUNK)
+    done = await upload(client, "", p)
+    victim = next(b for b in blob_files(settings.data_dir) if b.name == p.order[1])
+    victim.unlink()
+    r = await client.get(done["url"])
+    assert r.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(r.read(), 10)
+
+
+async def test_late_chunk_does_not_revive_an_expired_upload(client, clock, settings):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    hs = await handshake(client, p.handshake)
+    d = p.order[0]
+
+    async def body():
+        yield p.chunks[d][:10]
+        clock.now += settings.upload_ttl + 1  # the upload expires while the body streams
+        yield p.chunks[d][10:]
+
+    r = await client.put(f"/v1/uploads/{hs['upload_id']}/chunks/{d}", data=body(),
+                         headers={"Content-Length": str(CHUNK)})
+    assert r.status in (201, 404)
+    await assert_error(await client.get(f"/v1/uploads/{hs['upload_id']}"), 404, "not_found")
