@@ -62,15 +62,16 @@ async def upload(url: str, path: Path, sizes: Sizes, cache_dir: Path, **options)
                                    concurrency=sizes.concurrency, **options)
 
 
-async def b1_fresh_upload(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Path) -> dict:
+async def b1_fresh_upload(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Path,
+                          algo: str = "md5") -> dict:
     """Fresh upload; peak RSS (VmHWM reset first) and sampled VmRSS while it runs."""
     pid = daemon.pid
     hwm_reset = procs.reset_hwm(pid)
     rss_before = procs.rss_mb(pid)
     cpu_d, cpu_c = procs.cpu_seconds(pid), procs.own_cpu_seconds()
-    with procs.RssSampler(pid) as sampler:
+    with procs.CpuWatch(pid) as watch, procs.RssSampler(pid) as sampler:
         t = time.perf_counter()
-        s = await upload(daemon.url, path, sizes, cache_dir)
+        s = await upload(daemon.url, path, sizes, cache_dir, algo=algo)
         wall = time.perf_counter() - t
     expected_chunks = -(-sizes.file_bytes // sizes.chunk_size)
     assert s.chunks_sent == expected_chunks and not s.instant, s
@@ -84,15 +85,16 @@ async def b1_fresh_upload(daemon: procs.Server, path: Path, sizes: Sizes, cache_
         "peak_rss_mb": procs.hwm_mb(pid) if hwm_reset else max(sampler.max, rss_before),
         "peak_rss_source": "VmHWM" if hwm_reset else "sampled VmRSS",
         "sampled_rss_max_mb": sampler.max, "sampled_rss_mean_mb": sampler.mean,
-        "rss_samples": len(sampler.samples),
+        "rss_samples": len(sampler.samples), "others_cores": watch.others_cores,
     }
 
 
 async def b2_reupload(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Path) -> dict:
     """Re-upload of a stored file: cache bypassed (hashes again), then with the cache warm."""
-    t = time.perf_counter()
-    bypass = await upload(daemon.url, path, sizes, cache_dir, use_cache=False)
-    bypass_wall = time.perf_counter() - t
+    with procs.CpuWatch(daemon.pid) as watch:
+        t = time.perf_counter()
+        bypass = await upload(daemon.url, path, sizes, cache_dir, use_cache=False)
+        bypass_wall = time.perf_counter() - t
     assert bypass.instant and bypass.bytes_sent == 0 and not bypass.cached, bypass
     warm = None
     warm_wall = 0.0
@@ -110,6 +112,7 @@ async def b2_reupload(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir:
         "bypass_hash_s": bypass.hash_seconds, "bypass_transfer_s": bypass.transfer_seconds,
         "warm_wall_s": warm_wall, "warm_summary_s": warm.seconds,
         "warm_hash_s": warm.hash_seconds, "warm_cached": warm.cached,
+        "others_cores": watch.others_cores,
     }
 
 
@@ -135,11 +138,12 @@ async def b3_edits(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Pa
     offset = (sizes.file_bytes // 2 // sizes.chunk_size) * sizes.chunk_size + sizes.chunk_size // 2
     overwritten = work / "b3-overwritten.bin"
     _copy_with_overwrite(path, overwritten, offset, os.urandom(region))
-    s1 = await upload(daemon.url, overwritten, sizes, cache_dir, use_cache=False)
-    overwritten.unlink()
     inserted = work / "b3-inserted.bin"
     _copy_with_prefix(path, inserted, os.urandom(1024))
-    s2 = await upload(daemon.url, inserted, sizes, cache_dir, use_cache=False)
+    with procs.CpuWatch(daemon.pid) as watch:
+        s1 = await upload(daemon.url, overwritten, sizes, cache_dir, use_cache=False)
+        s2 = await upload(daemon.url, inserted, sizes, cache_dir, use_cache=False)
+    overwritten.unlink()
     inserted.unlink()
     return {
         "overwrite_changed": region, "overwrite_offset": offset,
@@ -147,24 +151,31 @@ async def b3_edits(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Pa
         "overwrite_chunks_total": s1.chunks_total, "overwrite_s": s1.seconds,
         "insert_changed": 1024, "insert_size": s2.size, "insert_sent": s2.bytes_sent,
         "insert_chunks_sent": s2.chunks_sent, "insert_chunks_total": s2.chunks_total,
-        "insert_s": s2.seconds,
+        "insert_s": s2.seconds, "others_cores": watch.others_cores,
     }
 
 
-async def b4_download(daemon: procs.Server, file_url: str, sizes: Sizes, cache_dir: Path,
-                      work: Path) -> dict:
-    """Plain GET of the stored file (body dropped, as the FileResponse limit), then the client."""
-    best = 0.0
-    n = 0
-    for _ in range(sizes.get_repeats):
-        rate, n = await get_throughput(file_url)
-        best = max(best, rate)
-    assert n == sizes.file_bytes, n
+async def b4_download(daemon: procs.Server, file_url: str, plain: procs.Server, sizes: Sizes,
+                      cache_dir: Path, work: Path) -> dict:
+    """Plain GET of the stored file (body dropped), alternating with the FileResponse limit.
+
+    Alternating the two keeps a burst of load from others on the machine from landing on
+    one side only; the best of each is kept.
+    """
+    best = plain_best = 0.0
+    with procs.CpuWatch(daemon.pid, plain.pid) as watch:
+        for _ in range(sizes.get_repeats):
+            rate, n = await get_throughput(plain.url + "/file")
+            plain_best = max(plain_best, rate)
+            rate, n = await get_throughput(file_url)
+            best = max(best, rate)
+            assert n == sizes.file_bytes, n
     dest = work / "b4-download.bin"
     async with CasdClient(daemon.url, cache_dir=cache_dir) as client:
         s = await client.download(file_url, dest)
     dest.unlink()
-    return {"get_mb_s": best, "client_mb_s": mb_s(s.size, s.seconds), "client_s": s.seconds}
+    return {"get_mb_s": best, "plain_get_mb_s": plain_best, "others_cores": watch.others_cores,
+            "client_mb_s": mb_s(s.size, s.seconds), "client_s": s.seconds}
 
 
 # --- B6 ----------------------------------------------------------------------------------------
@@ -190,7 +201,7 @@ async def b6_small_files(daemon: procs.Server, sizes: Sizes, cache_dir: Path, wo
         assert s.chunks_sent == 1, s
         return time.perf_counter() - t
 
-    with procs.RssSampler(pid) as sampler:
+    with procs.CpuWatch(pid) as watch, procs.RssSampler(pid) as sampler:
         t = time.perf_counter()
         latencies = sorted(await asyncio.gather(*(one(p) for p in paths)))
         wall = time.perf_counter() - t
@@ -205,7 +216,7 @@ async def b6_small_files(daemon: procs.Server, sizes: Sizes, cache_dir: Path, wo
         "daemon_cpu_s": procs.cpu_seconds(pid) - cpu_d,
         "client_cpu_s": procs.own_cpu_seconds() - cpu_c,
         "peak_rss_mb": procs.hwm_mb(pid) if hwm_reset else sampler.max,
-        "sampled_rss_max_mb": sampler.max,
+        "sampled_rss_max_mb": sampler.max, "others_cores": watch.others_cores,
     }
 
 
@@ -274,6 +285,15 @@ def prep_folder(preferred: Path | None, fallback: Path) -> tuple[Path, bool]:
     return fallback, False
 
 
+async def profile_handshakes(daemon: procs.Server, sizes: Sizes) -> dict:
+    """The B5 handshake with none stored, then the same manifest again (resume)."""
+    body = _random_manifest(sizes.manifest_chunks, sizes.chunk_size)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        first, _ = await _handshake(session, daemon.url, body)
+        again, _ = await _handshake(session, daemon.url, body)
+    return {"none_s": first, "none_again_s": again}
+
+
 async def b5_handshakes(sizes: Sizes, work: Path, cache_dir: Path, tmpfs: Path | None,
                         log_dir: Path) -> dict:
     """Handshake latency of an N-chunk manifest with none stored and with N-1 stored.
@@ -318,7 +338,7 @@ async def b5_handshakes(sizes: Sizes, work: Path, cache_dir: Path, tmpfs: Path |
         out["rss_start_mb"] = procs.rss_mb(pid)
         hwm_reset = procs.reset_hwm(pid)
         timeout = aiohttp.ClientTimeout(total=600)
-        with procs.RssSampler(pid) as sampler:
+        with procs.CpuWatch(pid) as watch, procs.RssSampler(pid) as sampler:
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 # Warm-up: the first request of a new daemon opens what it opens lazily.
                 await _handshake(session, daemon.url, _random_manifest(1, 8))
@@ -332,6 +352,7 @@ async def b5_handshakes(sizes: Sizes, work: Path, cache_dir: Path, tmpfs: Path |
                     out[f"{key}_missing"] = missing
         out["peak_rss_mb"] = procs.hwm_mb(pid) if hwm_reset else sampler.max
         out["sampled_rss_max_mb"] = sampler.max
+    out["others_cores"] = watch.others_cores
     assert out["none_missing"] == n and out["small_missing"] == small_n, out
     assert out["stored_missing"] == 1, out
     out["small_n"] = small_n

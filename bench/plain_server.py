@@ -1,9 +1,11 @@
 """The ceiling casd is compared to: plain aiohttp with nothing but the transfer.
 
-`python -m bench.plain_server FILE` listens on a free 127.0.0.1 port and prints
-"serving http://127.0.0.1:PORT". PUT /discard reads the body and drops it; GET /file answers
-`web.FileResponse(FILE)` (sendfile). It runs on uvloop when installed, as `casd serve` does,
-so both servers get the same event loop.
+`python -m bench.plain_server FILE [asyncio|uvloop]` listens on a free 127.0.0.1 port and
+prints "serving http://127.0.0.1:PORT". PUT /discard reads the body and drops it; GET /file
+answers `web.FileResponse(FILE)`. The loop matters for downloads: on asyncio's own loop
+FileResponse uses os.sendfile (zero-copy); uvloop has no loop.sendfile, so there aiohttp
+falls back to reading the file and writing the bytes. The benchmark runs both and takes the
+faster as the limit.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ async def serve(path: str) -> None:
 
 
 def main() -> None:
-    try:
+    loop = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
+    if loop == "uvloop":
         import uvloop
-    except ImportError:
-        asyncio.run(serve(sys.argv[1]))
-    else:
+
         uvloop.run(serve(sys.argv[1]))
+    else:
+        asyncio.run(serve(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 _URL_LINE = re.compile(r"serving (http://127\.0\.0\.1:(\d+))")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -27,10 +28,13 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as log:
+            start_offset = log.tell()
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = _URL_LINE.search(self.log_path.read_text(errors="replace"))
+            with open(self.log_path, "rb") as log:
+                log.seek(start_offset)
+                m = _URL_LINE.search(log.read().decode(errors="replace"))
             if m:
                 self.url = m.group(1)
                 return self
@@ -57,7 +61,7 @@ class Server:
             proc.kill()
             proc.wait()
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -70,9 +74,9 @@ def casd_daemon(data_dir: Path, log_path: Path, *extra: str) -> Server:
                    "--host", "127.0.0.1", "--port", "0", *extra], log_path)
 
 
-def plain_server(file_path: Path, log_path: Path) -> Server:
+def plain_server(file_path: Path, log_path: Path, loop: str = "asyncio") -> Server:
     """bench/plain_server.py: discards PUT bodies, serves `file_path` with web.FileResponse."""
-    return Server([sys.executable, "-m", "bench.plain_server", str(file_path)], log_path)
+    return Server([sys.executable, "-m", "bench.plain_server", str(file_path), loop], log_path)
 
 
 # --- /proc --------------------------------------------------------------------------------
@@ -137,7 +141,7 @@ class RssSampler:
                 return
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -152,3 +156,43 @@ class RssSampler:
     @property
     def mean(self) -> float:
         return sum(self.samples) / len(self.samples) if self.samples else 0.0
+
+
+def _system_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (user+nice+system+irq+softirq+steal)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+class CpuWatch:
+    """How many cores processes other than ours kept busy while a phase ran.
+
+    The machine may be shared: a figure measured while others use both cores is not the
+    figure of an idle machine, so each phase reports the others' load beside its numbers.
+    """
+
+    def __init__(self, *pids: int):
+        self.pids = pids
+
+    def _ours(self) -> float:
+        total = own_cpu_seconds()
+        for pid in self.pids:
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                pass
+        return total
+
+    def __enter__(self) -> Self:
+        self._t = time.perf_counter()
+        self._busy = _system_busy_seconds()
+        self._ours0 = self._ours()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._t
+        others = (_system_busy_seconds() - self._busy) - (self._ours() - self._ours0)
+        self.wall = wall
+        self.others_cores = max(0.0, others / wall) if wall > 0 else 0.0

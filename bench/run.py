@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench import casd_runs, limits, procs, report
@@ -31,6 +31,14 @@ def loadavg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
+
+
+def has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def machine() -> dict:
@@ -50,18 +58,15 @@ def machine() -> dict:
                                capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         commit, dirty = "", ""
-    try:
-        import uvloop  # noqa: F401
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
+    loop = "uvloop" if has_uvloop() else "asyncio"
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
             "kernel": platform.release(), "loadavg": loadavg(),
             "commit": commit + (" + uncommitted changes in casd/" if dirty else ""),
             "daemon_loop": loop}
 
 
-async def measure_limits(sizes: Sizes, work: Path, big: Path) -> limits.Limits:
+async def measure_limits(sizes: Sizes, work: Path, big: Path,
+                         plains: dict[str, procs.Server]) -> limits.Limits:
     log("limits: MD5 and SHA-256 on one core")
     md5 = limits.hash_throughput("md5", sizes.hash_bytes)
     sha = limits.hash_throughput("sha256", sizes.hash_bytes)
@@ -69,17 +74,20 @@ async def measure_limits(sizes: Sizes, work: Path, big: Path) -> limits.Limits:
     fsync = limits.fsync_write_throughput(big, work / "limit-writes", sizes.chunk_size)
     small = limits.small_fsync_rate(work / "limit-small", sizes.small_files,
                                     sizes.small_file_bytes)
-    log("limits: plain aiohttp PUT and FileResponse over loopback")
-    with procs.plain_server(big, work / "plain-server.log") as plain:
-        put = max([await limits.put_throughput(plain.url, big, sizes.chunk_size,
-                                               sizes.concurrency)
-                   for _ in range(sizes.get_repeats)])
-        get, n = await limits.best_get_throughput(plain.url + "/file", sizes.get_repeats)
+    log("limits: plain aiohttp PUT and FileResponse over loopback (asyncio and uvloop)")
+    put = 0.0
+    gets: dict[str, float] = {}
+    for loop, plain in plains.items():
+        for _ in range(sizes.get_repeats):
+            put = max(put, await limits.put_throughput(plain.url, big, sizes.chunk_size,
+                                                       sizes.concurrency))
+        gets[loop], n = await limits.best_get_throughput(plain.url + "/file", sizes.get_repeats)
         assert n == sizes.file_bytes, n
-    return limits.Limits(md5, sha, fsync, small, put, get)
+    return limits.Limits(md5, sha, fsync, small, put, max(gets.values()), gets)
 
 
-async def measure_casd(sizes: Sizes, work: Path, big: Path, tmpfs: Path | None) -> dict:
+async def measure_casd(sizes: Sizes, work: Path, big: Path, tmpfs: Path | None,
+                       plain: procs.Server) -> dict:
     cache = work / "client-cache"
     results: dict = {}
     with procs.casd_daemon(work / "data", work / "daemon.log") as daemon:
@@ -91,14 +99,49 @@ async def measure_casd(sizes: Sizes, work: Path, big: Path, tmpfs: Path | None) 
         log("B3 edited copies")
         results["b3"] = await casd_runs.b3_edits(daemon, big, sizes, cache, work)
         log("B4 download")
-        results["b4"] = await casd_runs.b4_download(daemon, results["b1"]["url"], sizes,
+        results["b4"] = await casd_runs.b4_download(daemon, results["b1"]["url"], plain, sizes,
                                                     cache, work)
+        log("B1 again with SHA-256 digests")
+        results["b1_sha256"] = await casd_runs.b1_fresh_upload(daemon, big, sizes, cache,
+                                                               algo="sha256")
         log("B6 concurrent small files")
         results["b6"] = await casd_runs.b6_small_files(daemon, sizes, cache, work)
     shutil.rmtree(work / "data", ignore_errors=True)
     log("B5 big manifests (preparing the stored chunks first)")
     results["b5"] = await casd_runs.b5_handshakes(sizes, work, cache, tmpfs, work)
     return results
+
+
+async def measure_all(sizes: Sizes, work: Path, big: Path,
+                      tmpfs: Path | None) -> tuple[limits.Limits, dict, float]:
+    loops = ["asyncio"] + (["uvloop"] if has_uvloop() else [])
+    plains = {loop: procs.plain_server(big, work / f"plain-{loop}.log", loop) for loop in loops}
+    try:
+        for plain in plains.values():
+            plain.start()
+        with procs.CpuWatch(*(p.pid for p in plains.values())) as watch:
+            lim = await measure_limits(sizes, work, big, plains)
+        # B4 alternates with the fastest FileResponse server.
+        fastest = plains[max(lim.fileresponse_by_loop, key=lim.fileresponse_by_loop.get)]
+        results = await measure_casd(sizes, work, big, tmpfs, fastest)
+    finally:
+        for plain in plains.values():
+            plain.stop()
+    # B4 measured FileResponse again beside casd; the limit is the best seen in the run.
+    lim = replace(lim, fileresponse_mb_s=max(lim.fileresponse_mb_s,
+                                              results["b4"]["plain_get_mb_s"]))
+    return lim, results, watch.others_cores
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
+    """Wait (up to max_wait s) for a 5 s window where other processes use < threshold cores."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        with procs.CpuWatch() as w:
+            time.sleep(5)
+        if w.others_cores < threshold or time.monotonic() >= deadline:
+            return w.others_cores
+        log(f"others use {w.others_cores:.2f} cores; waiting for a quieter machine")
 
 
 async def profile_run(sizes: Sizes, work: Path, big: Path, out: Path) -> str:
@@ -111,15 +154,29 @@ async def profile_run(sizes: Sizes, work: Path, big: Path, out: Path) -> str:
         await asyncio.sleep(1.0)  # let py-spy attach before the phase starts
         b1 = await casd_runs.b1_fresh_upload(daemon, big, sizes, cache)
         spy.stop()
+        spy = Spy(daemon.pid, out / "b1-sha256.raw")
+        await asyncio.sleep(1.0)
+        b1s = await casd_runs.b1_fresh_upload(daemon, big, sizes, cache, algo="sha256")
+        spy.stop()
         spy = Spy(daemon.pid, out / "b6.raw")
         await asyncio.sleep(1.0)
         b6 = await casd_runs.b6_small_files(daemon, sizes, cache, work)
         spy.stop()
+        spy = Spy(daemon.pid, out / "b5.raw")
+        await asyncio.sleep(1.0)
+        b5 = await casd_runs.profile_handshakes(daemon, sizes)
+        spy.stop()
     text = (f"B1 (profiled): {b1['summary_s']:.2f} s, hashing {b1['hash_s']:.2f} s, transfer "
             f"{b1['transfer_s']:.2f} s, merge {b1['merge_s'] * 1000:.0f} ms\n"
             + summarize(out / "b1.raw")
+            + f"\nB1 with SHA-256 (profiled): {b1s['summary_s']:.2f} s, hashing "
+            f"{b1s['hash_s']:.2f} s, transfer {b1s['transfer_s']:.2f} s, merge "
+            f"{b1s['merge_s'] * 1000:.0f} ms\n" + summarize(out / "b1-sha256.raw")
             + f"\nB6 (profiled): {b6['files_s']:.0f} files/s, p50 {b6['p50_s'] * 1000:.0f} ms, "
-            f"p99 {b6['p99_s'] * 1000:.0f} ms\n" + summarize(out / "b6.raw"))
+            f"p99 {b6['p99_s'] * 1000:.0f} ms\n" + summarize(out / "b6.raw")
+            + f"\nB5 (profiled): {sizes.manifest_chunks:,}-chunk handshake, none stored, "
+            f"{b5['none_s'] * 1000:.0f} ms; again {b5['none_again_s'] * 1000:.0f} ms\n"
+            + summarize(out / "b5.raw"))
     (out / "summary.txt").write_text(text)
     return text
 
@@ -146,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="only run B1 and B6 with py-spy on the daemon; write stacks to DIR")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, data)")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="first wait up to SECONDS for other processes to leave the CPUs idle")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
 
+    if args.wait_quiet > 0:
+        log(f"others use {wait_quiet(args.wait_quiet):.2f} cores; starting")
     work = Path(tempfile.mkdtemp(prefix="casd-bench-", dir=args.tmp or default_tmp()))
     started = time.perf_counter()
     info = machine()
@@ -159,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile is not None:
             print(asyncio.run(profile_run(sizes, work, big, args.profile)))
             return 0
-        lim = asyncio.run(measure_limits(sizes, work, big))
-        results = asyncio.run(measure_casd(sizes, work, big, args.tmpfs))
+        lim, results, limits_others = asyncio.run(measure_all(sizes, work, big, args.tmpfs))
     finally:
         if args.keep:
             log(f"kept {work}")
@@ -175,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
           f"Linux {info['kernel']}, daemon loop {info['daemon_loop']}; "
           f"load average {info['loadavg']} at start, {info['loadavg_end']} at end; "
           f"casd at {info['commit']}")
+    busy = [("limits", limits_others)] + [(k.upper(), results[k]["others_cores"])
+                                          for k in ("b1", "b2", "b3", "b4", "b5", "b6")]
+    print(f"CPU used by other processes on this machine during each phase, in cores of "
+          f"{info['nproc']} (0 = the benchmark had the machine to itself): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in busy))
+    info["others_cores"] = dict(busy)
     print()
     print(report.render(rows))
     if args.json is not None:
