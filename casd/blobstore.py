@@ -6,6 +6,7 @@ Every method here is blocking; callers run them in worker threads.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,11 +33,16 @@ def is_disk_full(exc: OSError) -> bool:
 
 
 class TempBlob:
-    """A temp file on the blob store's filesystem; published by rename or discarded."""
+    """A temp file on the blob store's filesystem; published by rename or discarded.
+
+    It holds an exclusive flock for as long as it is open, so gc and fsck, in another
+    process, can tell a chunk still being received from a leftover (see `temp_busy`).
+    """
 
     def __init__(self, path: Path, fd: int):
         self.path = path
         self._fd: int | None = fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
     def write(self, data) -> None:
         view = memoryview(data)
@@ -45,11 +51,13 @@ class TempBlob:
             view = view[n:]
 
     def finish(self) -> None:
-        """fsync and close: the bytes are durable before anything may point at them."""
+        """fsync: the bytes are durable before anything may point at them."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Release the file (and its lock) once it is published."""
         fd, self._fd = self._fd, None
-        try:
-            os.fsync(fd)
-        finally:
+        if fd is not None:
             os.close(fd)
 
     def discard(self) -> None:
@@ -75,6 +83,22 @@ class TempFile:
     path: Path
     size: int
     mtime: float
+    busy: bool  # a live daemon holds it open: a chunk being received, not a leftover
+
+
+def temp_busy(path: Path) -> bool:
+    """True when a process holds the temp file's flock (the daemon is still using it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class BlobStore:
@@ -159,7 +183,7 @@ class BlobStore:
                 st = e.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            yield TempFile(Path(e.path), st.st_size, st.st_mtime)
+            yield TempFile(Path(e.path), st.st_size, st.st_mtime, temp_busy(Path(e.path)))
 
     def check_writable(self) -> None:
         """Create, fsync and remove a file in tmp/; raises OSError when that fails."""

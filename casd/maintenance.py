@@ -23,7 +23,7 @@ from pathlib import Path
 
 import xxhash
 
-from casd.blobstore import BlobStore, StoredBlob, TempFile, fsync_dir
+from casd.blobstore import BlobStore, StoredBlob, TempFile, fsync_dir, temp_busy
 from casd.catalog import LIVE, AdminCatalog, ChunkRow, ChunkUsers
 from casd.config import Settings
 from casd.digest import Algo, Digest
@@ -296,7 +296,10 @@ class Maintenance:
         )
 
     def _stale_temps(self, before: float) -> list[TempFile]:
-        return [t for t in self.blobs.temp_files() if t.mtime < before and _is_file(t.path)]
+        return [
+            t for t in self.blobs.temp_files()
+            if t.mtime < before and not t.busy and _is_file(t.path)
+        ]
 
     async def gc_execute(
         self, plan: GcPlan, batch: int = GC_BATCH,
@@ -378,7 +381,7 @@ class Maintenance:
         for t in temps:
             try:
                 # Recheck: a temp file the daemon wrote to since the plan is not a leftover.
-                if os.lstat(t.path).st_mtime >= before:
+                if os.lstat(t.path).st_mtime >= before or temp_busy(t.path):
                     continue
                 os.unlink(t.path)
             except FileNotFoundError:
@@ -441,7 +444,7 @@ class Maintenance:
         stale_before = now - TEMP_MIN_AGE
         in_flight = 0
         for t in temps:
-            if t.mtime < stale_before:
+            if t.mtime < stale_before and not t.busy:
                 issues.append(FsckIssue(
                     "temp_file", None, f"{t.path} ({t.size} bytes) is a leftover temp file;"
                     " `casd gc` removes it once it is older than the grace period"

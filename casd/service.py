@@ -246,8 +246,8 @@ class Service:
                 raise
             return published
         finally:
-            if not published:
-                await asyncio.shield(self._run(temp.discard))
+            # Published: the temp name is gone, only the descriptor (and its lock) is left.
+            await asyncio.shield(self._run(temp.close if published else temp.discard))
 
     async def _ingest(
         self, temp: TempBlob, body: AsyncIterator[bytes], size: int, digest: Digest

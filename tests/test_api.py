@@ -715,3 +715,33 @@ async def test_late_chunk_does_not_revive_an_expired_upload(client, clock, setti
                          headers={"Content-Length": str(CHUNK)})
     assert r.status in (201, 404)
     await assert_error(await client.get(f"/v1/uploads/{hs['upload_id']}"), 404, "not_found")
+
+
+async def test_a_temp_file_being_received_is_marked_busy(client, pending, settings):
+    """gc and fsck (other processes) tell a chunk in flight from a leftover by its flock."""
+    from casd.blobstore import BlobStore
+
+    p, uid = pending
+    d = p.order[0]
+    release = asyncio.Event()
+
+    async def body():
+        yield p.chunks[d][:100]
+        await asyncio.wait_for(release.wait(), 10)
+        yield p.chunks[d][100:]
+
+    task = asyncio.ensure_future(client.put(
+        f"/v1/uploads/{uid}/chunks/{d}", data=body(), headers={"Content-Length": str(CHUNK)}
+    ))
+    store = BlobStore(settings.blobs_dir, settings.tmp_dir)
+    for _ in range(500):
+        temps = list(store.temp_files())
+        if temps:
+            break
+        await asyncio.sleep(0.01)
+    assert [t.busy for t in temps] == [True]
+    leftover = settings.tmp_dir / "blob-leftover.part"
+    leftover.write_bytes(b"x")
+    assert {t.path.name: t.busy for t in store.temp_files()}[leftover.name] is False
+    release.set()
+    assert (await task).status == 201
