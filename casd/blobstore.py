@@ -161,17 +161,31 @@ class BlobStore:
     def walk(self) -> Iterator[StoredBlob]:
         """Every file under blobs/; `digest` is None where the name or place is not a blob's."""
         for algo in Algo:
-            top = self.blobs_dir / algo.value
-            for dirpath, _dirs, files in os.walk(top):
-                for name in files:
-                    path = Path(dirpath) / name
-                    try:
-                        digest: Digest | None = Digest.parse(algo, name)
-                    except ValueError:
-                        digest = None
-                    if digest is not None and path != self.path(digest):
-                        digest = None
-                    yield StoredBlob(digest, path, _size(path))
+            yield from self._walk(self.blobs_dir / algo.value, algo, ())
+
+    def _walk(self, folder: Path, algo: Algo, fan: tuple[str, ...]) -> Iterator[StoredBlob]:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                yield from self._walk(Path(e.path), algo, (*fan, e.name))
+                continue
+            name = e.name
+            try:
+                hex_ = algo.parse_hex(name)
+            except ValueError:
+                digest = None
+            else:
+                # Only the exact name, lowercase, in its own fan-out folders is a blob.
+                ok = hex_ == name and fan == (name[:2], name[2:4])
+                digest = Digest(algo, hex_) if ok else None
+            try:
+                size = e.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                size = -1
+            yield StoredBlob(digest, Path(e.path), size)
 
     def temp_files(self) -> Iterator[TempFile]:
         try:
@@ -193,10 +207,3 @@ class BlobStore:
             temp.finish()
         finally:
             temp.discard()
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1
