@@ -399,3 +399,23 @@ def test_upload_survives_the_server_dropping_the_upload_midway(daemon, page, tmp
     assert counters(row) == {"sent": "6", "total": "6", "skipped": "0", "bytes_skipped": "0 B"}
     assert summary["bytes_sent"] == len(data)
     assert fetch(summary["url"]) == data
+
+
+def test_files_dropped_on_the_page_are_uploaded(daemon, page):
+    page.goto(daemon.url + "/")
+    page.evaluate("""() => {
+      const text = "dropped on casd\\n".repeat(100000);
+      const dt = new DataTransfer();
+      dt.items.add(new File([text], "dropped.txt", { type: "text/plain" }));
+      dt.items.add(new File(["second"], "second.txt"));
+      document.querySelector("#drop").dispatchEvent(
+        new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""")
+    rows = page.get_by_test_id("upload")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0).get_by_test_id("name")).to_have_text("dropped.txt")
+    first = wait_finished(rows.nth(0))
+    second = wait_finished(rows.nth(1))
+    assert fetch(first["url"]) == b"dropped on casd\n" * 100000
+    assert first["url"].endswith(".txt")
+    assert fetch(second["url"]) == b"second"

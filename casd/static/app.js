@@ -218,4 +218,11 @@ drop.addEventListener("drop", (e) => {
   e.preventDefault();
   enqueue([...e.dataTransfer.files]);
 });
+// A file dropped beside the box would make the browser open it, leaving the page and
+// stopping every upload: take it as an upload too.
+document.addEventListener("dragover", (e) => e.preventDefault());
+document.addEventListener("drop", (e) => {
+  e.preventDefault();
+  if (!drop.contains(e.target)) enqueue([...e.dataTransfer.files]);
+});
 document.body.dataset.ready = "true";
