@@ -170,6 +170,17 @@ class Catalog:
         )
         return row is not None
 
+    async def present_chunks(self, digests: set[str]) -> set[str]:
+        """Those of `digests` that are stored (live)."""
+        if not digests:
+            return set()
+        marks = ",".join("?" * len(digests))
+        rows = await self._all(
+            f"SELECT digest FROM chunks WHERE state = ? AND digest IN ({marks})",
+            (LIVE, *digests),
+        )
+        return {r[0] for r in rows}
+
     async def missing(self, manifest_id: int) -> list[str]:
         """Chunk digests the manifest needs and the store lacks, once each, in manifest order."""
         return await _missing(self._reader, manifest_id)

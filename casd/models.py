@@ -80,7 +80,7 @@ class HandshakeResult:
 @dataclass(frozen=True)
 class PutResult:
     stored: bool
-    missing: list[str]
+    missing: list[str] | None  # None when the client asked for a minimal answer
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ class FileHash:
 
 # Pending uploads whose prefix hash is kept in memory; an evicted one is rehashed at merge.
 MAX_FILE_HASHES = 256
+# How many chunks after the hashed prefix one presence query looks at.
+PRESENCE_WINDOW = 512
 
 
 @dataclass(frozen=True)
@@ -194,8 +196,10 @@ class Service:
         digest: Digest,
         body: AsyncIterator[bytes],
         content_length: int | None,
+        with_missing: bool = True,
     ) -> PutResult:
-        """Receive one chunk's bytes: verify while streaming, store once, say what is left."""
+        """Receive one chunk's bytes: verify while streaming, store once, say what is left
+        (unless `with_missing` is off: for huge manifests that list is the dominant cost)."""
         upload = await self._pending(upload_id)
         if digest.algo is not upload.digest.algo:
             raise BadRequest(
@@ -220,11 +224,12 @@ class Service:
             await self.catalog.touch_upload(upload_id, now, self._expiry(now))
         else:
             stored = await self._receive(upload_id, digest, size, body)
-        missing = await self.catalog.missing(upload.manifest_id)
-        task = asyncio.create_task(self._hash_ahead(upload, set(missing)))
+        task = asyncio.create_task(self._hash_ahead(upload))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        return PutResult(stored, missing)
+        if not with_missing:
+            return PutResult(stored, None)
+        return PutResult(stored, await self.catalog.missing(upload.manifest_id))
 
     async def _receive(
         self, upload_id: str, digest: Digest, size: int, body: AsyncIterator[bytes]
@@ -315,7 +320,7 @@ class Service:
         missing = await self.catalog.missing(upload.manifest_id)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
-        state = await self._hash_ahead(upload, set())
+        state = await self._hash_ahead(upload, all_present=True)
         self._file_hashes.pop(upload_id, None)
         actual, total = state.result()
         if actual != upload.digest or total != upload.size:
@@ -335,11 +340,11 @@ class Service:
             raise NotFound(f"upload {upload.id} was merged, but its file has been deleted")
         return entry
 
-    async def _hash_ahead(self, upload: Upload, missing: set[str]) -> FileHash:
-        """Extend the upload's whole-file hash over every chunk present after the prefix.
+    async def _hash_ahead(self, upload: Upload, all_present: bool = False) -> FileHash:
+        """Extend the upload's whole-file hash over the chunks stored right after the prefix.
 
-        `missing` is a snapshot: chunks outside it are stored, and stay stored while the
-        upload is live (gc never collects what a live upload references).
+        A stored chunk stays stored while the upload is live (gc never collects what a live
+        upload references), so what is hashed once need not be looked at again.
         """
         state = self._file_hashes.get(upload.id)
         if state is None:
@@ -349,10 +354,19 @@ class Service:
                 self._file_hashes.popitem(last=False)
         self._file_hashes.move_to_end(upload.id)
         async with state.lock:
-            stop = state.next
-            while stop < len(state.chunks) and state.chunks[stop][0] not in missing:
-                stop += 1
-            if stop > state.next:
+            while not state.done:
+                if all_present:
+                    stop = len(state.chunks)
+                else:
+                    window = state.chunks[state.next:state.next + PRESENCE_WINDOW]
+                    present = await self.catalog.present_chunks({h for h, _ in window})
+                    stop = state.next
+                    for hex_, _size in window:
+                        if hex_ not in present:
+                            break
+                        stop += 1
+                if stop == state.next:
+                    break
                 try:
                     await self._run(self._hash_chunks, state, stop)
                 except BaseException:

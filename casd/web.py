@@ -47,6 +47,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 _EXT = re.compile(r"\.[A-Za-z0-9_-]{1,16}\Z")
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}\Z")
 _URL_EXT = re.compile(r"(\.[A-Za-z0-9_-]{1,16})*\Z")
+# RFC 7240: a client that tracks progress itself may skip the `missing` list in chunk answers.
+_MINIMAL = re.compile(r"(^|[,;\s])return\s*=\s*minimal\b", re.I)
 # Parsing a big manifest takes long enough to stall other requests; do it in a thread.
 THREAD_PARSE_BYTES = 256 * 1024
 
@@ -282,13 +284,18 @@ async def upload_status(request: web.Request) -> web.Response:
 async def put_chunk(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request)
     digest = parse_digest(request.match_info["digest"], "chunk digest")
+    minimal = bool(_MINIMAL.search(request.headers.get("Prefer", "")))
     result = await request.app[SERVICE].put_chunk(
-        upload_id, digest, request.content.iter_any(), request.content_length
+        upload_id, digest, request.content.iter_any(), request.content_length,
+        with_missing=not minimal,
     )
-    return web.json_response(
-        {"stored": result.stored, "missing": result.missing},
-        status=201 if result.stored else 200,
-    )
+    status = 201 if result.stored else 200
+    if minimal:
+        return web.json_response(
+            {"stored": result.stored}, status=status,
+            headers={"Preference-Applied": "return=minimal"},
+        )
+    return web.json_response({"stored": result.stored, "missing": result.missing}, status=status)
 
 
 async def merge(request: web.Request) -> web.Response:

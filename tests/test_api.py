@@ -745,3 +745,17 @@ async def test_a_temp_file_being_received_is_marked_busy(client, pending, settin
     assert {t.path.name: t.busy for t in store.temp_files()}[leftover.name] is False
     release.set()
     assert (await task).status == 201
+
+
+async def test_prefer_return_minimal_skips_the_missing_list(client):
+    p = prepare(rand(3 * CHUNK), CHUNK)
+    hs = await handshake(client, p.handshake)
+    for d in p.order:
+        r = await client.put(f"/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d],
+                             headers={"Prefer": "return=minimal"})
+        assert r.status == 201
+        assert await r.json() == {"stored": True}
+        assert r.headers["Preference-Applied"] == "return=minimal"
+    r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
+    assert r.status == 200
+    assert await (await client.get(f"/v1/files/{p.digest}")).read() == p.data
