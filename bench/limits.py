@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +24,7 @@ class Limits:
     md5_mb_s: float
     sha256_mb_s: float
     fsync_write_mb_s: float
+    fsync_write_parallel_mb_s: float
     small_fsync_files_s: float
     put_mb_s: float
     fileresponse_mb_s: float
@@ -51,8 +53,12 @@ def hash_throughput(name: str, total: int, repeats: int = 2) -> float:
     return best
 
 
-def fsync_write_throughput(src: Path, dest_dir: Path, piece: int) -> float:
-    """Write `src` sequentially as `piece`-sized files, each fsynced and closed (MB/s)."""
+def fsync_write_throughput(src: Path, dest_dir: Path, piece: int, writers: int = 1) -> float:
+    """Write `src` as `piece`-sized files, each fsynced and closed, by `writers` threads (MB/s).
+
+    One writer is the plain sequential limit; several show what the disk does at the queue
+    depth casd's concurrent chunk uploads give it.
+    """
     dest_dir.mkdir(parents=True, exist_ok=True)
     size = src.stat().st_size
     fd_in = os.open(src, os.O_RDONLY)
@@ -61,16 +67,23 @@ def fsync_write_throughput(src: Path, dest_dir: Path, piece: int) -> float:
         blocks = [os.pread(fd_in, min(piece, size - off), off) for off in range(0, size, piece)]
     finally:
         os.close(fd_in)
-    t = time.perf_counter()
-    for i, block in enumerate(blocks):
+    def write(i: int) -> None:
         fd = os.open(dest_dir / f"{i:06d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(block)
+            view = memoryview(blocks[i])
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    t = time.perf_counter()
+    if writers == 1:
+        for i in range(len(blocks)):
+            write(i)
+    else:
+        with ThreadPoolExecutor(writers) as pool:
+            list(pool.map(write, range(len(blocks))))
     seconds = time.perf_counter() - t
     for i in range(len(blocks)):
         os.unlink(dest_dir / f"{i:06d}")

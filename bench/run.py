@@ -72,6 +72,8 @@ async def measure_limits(sizes: Sizes, work: Path, big: Path,
     sha = limits.hash_throughput("sha256", sizes.hash_bytes)
     log("limits: sequential fsynced writes")
     fsync = limits.fsync_write_throughput(big, work / "limit-writes", sizes.chunk_size)
+    fsync_par = limits.fsync_write_throughput(big, work / "limit-writes", sizes.chunk_size,
+                                              writers=sizes.concurrency)
     small = limits.small_fsync_rate(work / "limit-small", sizes.small_files,
                                     sizes.small_file_bytes)
     log("limits: plain aiohttp PUT and FileResponse over loopback (asyncio and uvloop)")
@@ -83,7 +85,7 @@ async def measure_limits(sizes: Sizes, work: Path, big: Path,
                                                        sizes.concurrency))
         gets[loop], n = await limits.best_get_throughput(plain.url + "/file", sizes.get_repeats)
         assert n == sizes.file_bytes, n
-    return limits.Limits(md5, sha, fsync, small, put, max(gets.values()), gets)
+    return limits.Limits(md5, sha, fsync, fsync_par, small, put, max(gets.values()), gets)
 
 
 async def casd_round(sizes: Sizes, work: Path, big: Path, plain: procs.Server, n: int,
@@ -277,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
           f"casd at {info['commit']}")
     busy = [("limits", limits_others)] + [(k.upper(), results[k]["others_cores"])
                                           for k in ("b1", "b2", "b3", "b4", "b5", "b6")]
-    print(f"B1, B2, B4 and B6: best of {results['rounds']} rounds, each on a fresh daemon "
-          "(peak RSS: the highest of the rounds); B3 and B5: one run.")
+    if results["rounds"] > 1:
+        print(f"B1, B2, B4 and B6: best of {results['rounds']} rounds, each on a fresh daemon "
+              "(peak RSS: the highest of the rounds); B3 and B5: one run.")
     print(f"CPU used by other processes on this machine during each phase (the round kept), "
           f"in cores of {info['nproc']} (0 = the benchmark had the machine to itself): "
           + ", ".join(f"{k} {v:.2f}" for k, v in busy))
