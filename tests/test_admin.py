@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from helpers import Prepared, prepare, rand, snapshot
+from helpers import upload as upload_one
 
 from casd.catalog import AdminCatalog
 from casd.cli import main
@@ -59,28 +60,11 @@ def casd_process(data: Path, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
-async def _upload(s: aiohttp.ClientSession, base: str, p: Prepared, merge: bool = True) -> dict:
-    async with s.post(f"{base}/v1/handshake", json=p.handshake) as r:
-        assert r.status == 200, await r.text()
-        hs = await r.json()
-    if hs["status"] == "complete":
-        return hs
-    for d in hs["missing"]:
-        async with s.put(f"{base}/v1/uploads/{hs['upload_id']}/chunks/{d}",
-                         data=p.chunks[d]) as r:
-            assert r.status in (200, 201), await r.text()
-    if not merge:
-        return hs
-    async with s.post(f"{base}/v1/uploads/{hs['upload_id']}/merge") as r:
-        assert r.status == 200, await r.text()
-        return await r.json()
-
-
 def upload(base: str, *files: Prepared) -> list[dict]:
     """Handshake, PUT the missing chunks, merge, for each file in turn."""
     async def go():
         async with session() as s:
-            return [await _upload(s, base, p) for p in files]
+            return [await upload_one(s, base, p) for p in files]
     return asyncio.run(go())
 
 
