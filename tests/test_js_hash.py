@@ -35,7 +35,8 @@ BLANK_PAGE = "<!doctype html><meta charset=utf-8><title>casd js tests</title><in
 class StaticServer:
     """casd/static under /static/, a blank page at /, and registered byte strings at /data/."""
 
-    def __init__(self) -> None:
+    def __init__(self, cors: bool = False) -> None:
+        self.cors = cors
         self.data: dict[str, bytes] = {}
         self.url = ""
         self._loop = asyncio.new_event_loop()
@@ -47,7 +48,13 @@ class StaticServer:
         return f"/data/{name}"
 
     async def _start(self) -> None:
-        app = web.Application()
+        @web.middleware
+        async def allow_any_origin(request: web.Request, handler):
+            response = await handler(request)
+            response.headers["Access-Control-Allow-Origin"] = "*"
+            return response
+
+        app = web.Application(middlewares=[allow_any_origin] if self.cors else [])
 
         async def blank(request: web.Request) -> web.Response:
             return web.Response(text=BLANK_PAGE, content_type="text/html")
@@ -80,6 +87,14 @@ class StaticServer:
 @pytest.fixture(scope="module")
 def server():
     s = StaticServer().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def other_origin():
+    """A second server, on another port (another origin), that allows cross-origin reads."""
+    s = StaticServer(cors=True).start()
     yield s
     s.stop()
 
@@ -241,6 +256,26 @@ def test_hash_file_in_workers_gives_hashlib_digests(page, server, algo, workers,
     if size:
         assert got["progress"][-1] == size
         assert got["progress"] == sorted(got["progress"])
+
+
+def test_casd_js_imported_from_another_origin_still_starts_its_worker(page, other_origin):
+    """Browsers refuse a worker script from another origin; casd.js falls back to a
+    same-origin blob: module that imports it."""
+    data = random.Random("cross").randbytes(3 * MiB + 1)
+    url = other_origin.url + other_origin.put("cross", data)
+    got = page.evaluate(
+        """async ({module, url}) => {
+          const { hashFile } = await import(module);
+          const bytes = await (await fetch(url)).arrayBuffer();
+          const r = await hashFile(new File([bytes], "x"), { chunkSize: 1024 * 1024 });
+          return [r.digest, r.chunks.map((c) => c.digest)];
+        }""",
+        {"module": other_origin.url + "/static/casd.js", "url": url},
+    )
+    assert got == [
+        hashlib.md5(data).hexdigest(),
+        [hashlib.md5(data[o:o + MiB]).hexdigest() for o in range(0, len(data), MiB)],
+    ]
 
 
 def test_hashing_leaves_the_main_thread_free(page, server):

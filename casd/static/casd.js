@@ -77,6 +77,8 @@ export function chunkLayout(size, chunkSize) {
   return out;
 }
 
+let shimUrl = null; // one blob: URL per page, kept for the page's lifetime
+
 function startWorker() {
   const url = new URL("./hash-worker.js", import.meta.url);
   try {
@@ -85,8 +87,10 @@ function startWorker() {
     // A page importing casd.js from another origin may not start a worker from that
     // origin directly; a same-origin blob: module that imports it is allowed (given CORS).
     if (err?.name !== "SecurityError") throw err;
-    const shim = new Blob([`import ${JSON.stringify(url.href)};`], { type: "text/javascript" });
-    return new Worker(URL.createObjectURL(shim), { type: "module" });
+    shimUrl ??= URL.createObjectURL(
+      new Blob([`import ${JSON.stringify(url.href)};`], { type: "text/javascript" }),
+    );
+    return new Worker(shimUrl, { type: "module" });
   }
 }
 
