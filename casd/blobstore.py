@@ -54,12 +54,6 @@ class TempBlob:
         """fsync: the bytes are durable before anything may point at them."""
         os.fsync(self._fd)
 
-    def close(self) -> None:
-        """Release the file (and its lock) once it is published."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
     def discard(self) -> None:
         """Close and remove; safe to call at any point, also after finish()."""
         fd, self._fd = self._fd, None
@@ -121,11 +115,42 @@ class BlobStore:
         fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.tmp_dir)
         return TempBlob(Path(name), fd)
 
-    def publish(self, temp: TempBlob, digest: Digest) -> None:
-        """Rename a finished temp file into place and make the rename durable."""
+    def place(self, temp: TempBlob, digest: Digest) -> bool:
+        """Hard-link a finished (fsynced) temp file at the blob's path, durably.
+
+        Runs outside any lock. A file already there is left alone: only verified, fsynced
+        bytes ever reach a blob path, so it holds the same content. The temp name stays
+        (and so does its flock, on the same inode) until the caller discards it. False when
+        the filesystem cannot hard-link; then `ensure_placed` renames instead.
+        """
         final = self.path(digest)
         self._ensure_parent(final.parent)
-        os.replace(temp.path, final)
+        try:
+            os.link(temp.path, final)
+        except FileExistsError:
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                return False
+            raise
+        fsync_dir(final.parent)
+        return True
+
+    def ensure_placed(self, temp: TempBlob, digest: Digest) -> None:
+        """Under the catalogue's write lock, before the row: the blob file is in place.
+
+        gc unlinks blobs only under that same lock, so a file seen here stays until the row
+        is committed. It can be missing only when gc collected the digest between `place`
+        and now, or when `place` could not link; then it is put back from the temp file.
+        """
+        final = self.path(digest)
+        if final.is_file():
+            return
+        self._ensure_parent(final.parent)
+        try:
+            os.link(temp.path, final)
+        except OSError:
+            os.replace(temp.path, final)
         fsync_dir(final.parent)
 
     def _ensure_parent(self, parent: Path) -> None:

@@ -213,11 +213,11 @@ class Catalog:
         place: Callable[[], None],
         touch: tuple[str, float] | None = None,
     ) -> bool:
-        """Put a verified blob in place and record it; False when it was already stored.
+        """Record a verified blob; False when it was already stored.
 
-        `place` (blocking) renames the blob file into place. It runs inside the write
+        `place` (blocking) makes sure the blob file is in place. It runs inside the write
         transaction so that gc, which unlinks blob files under the same lock, can never
-        interleave between the rename and the row: no row ever names a file that gc removed.
+        interleave between that check and the row: no row ever names a file gc removed.
         `touch` is an (upload id, new expiry) pushed forward in the same transaction.
         """
         return await self._group.run(_publish_chunk, digest, size, xxh3, now, place, touch)

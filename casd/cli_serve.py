@@ -76,13 +76,9 @@ def run(args: argparse.Namespace) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot create data folder {settings.data_dir}: {exc.strerror}") from None
-    try:
-        import uvloop  # optional: a faster event loop where installed
-    except ImportError:
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    return runner(serve(settings))
+    # The standard event loop, not uvloop: uvloop has no loop.sendfile, so downloads would
+    # copy every byte through Python instead of going zero-copy (bench/RESULTS.md, L5 and B4).
+    return asyncio.run(serve(settings))
 
 
 async def serve(settings: Settings) -> int:

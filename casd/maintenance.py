@@ -502,6 +502,10 @@ class Maintenance:
             users = facts[hex_]
             algo = Algo.for_hex_len(len(hex_))
             path = self.blobs.path(Digest(algo, hex_))
+            if users.row is None and temp_busy(path):
+                # Linked into place by a daemon that has not committed its row yet: the
+                # inode is its temp file's, still locked. In flight, not an orphan.
+                continue
             ident = _ident(path)
             corrupt = None
             row = users.row

@@ -239,11 +239,15 @@ class Service:
         try:
             hasher = await self._ingest(temp, body, size, digest)
             await self._run(temp.finish)
+            # Link into place and fsync the folder here, in parallel with other uploads; the
+            # serialized write transaction then only checks the file is still there.
+            await self._run(self.blobs.place, temp, digest)
             now = self.clock()
             try:
                 published = await self.catalog.publish_chunk(
                     digest, size, hasher.xxh3(), now,
-                    lambda: self.blobs.publish(temp, digest), (upload_id, self._expiry(now)),
+                    lambda: self.blobs.ensure_placed(temp, digest),
+                    (upload_id, self._expiry(now)),
                 )
             except OSError as exc:
                 if is_disk_full(exc):
@@ -251,8 +255,9 @@ class Service:
                 raise
             return published
         finally:
-            # Published: the temp name is gone, only the descriptor (and its lock) is left.
-            await asyncio.shield(self._run(temp.close if published else temp.discard))
+            # The blob path is its own link: dropping the temp name (and the flock that told
+            # gc and fsck this inode is in flight) leaves the blob.
+            await asyncio.shield(self._run(temp.discard))
 
     async def _ingest(
         self, temp: TempBlob, body: AsyncIterator[bytes], size: int, digest: Digest

@@ -759,3 +759,28 @@ async def test_prefer_return_minimal_skips_the_missing_list(client):
     r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
     assert r.status == 200
     assert await (await client.get(f"/v1/files/{p.digest}")).read() == p.data
+
+
+@pytest.mark.parametrize("mode", ["collected_before_commit", "no_hard_links"])
+async def test_chunk_is_stored_when_its_link_is_lost_before_the_commit(
+    client, pending, settings, monkeypatch, mode
+):
+    """The row is written under the write lock only once the blob file is really there."""
+    from casd.blobstore import BlobStore
+
+    p, uid = pending
+    real_place = BlobStore.place
+
+    def place(self, temp, digest):
+        if mode == "no_hard_links":
+            return False
+        placed = real_place(self, temp, digest)
+        self.path(digest).unlink()  # what a gc finishing its retirement of this digest does
+        return placed
+
+    monkeypatch.setattr(BlobStore, "place", place)
+    d = p.order[0]
+    await put(client, uid, d, p.chunks[d], 201)
+    blob = next(b for b in blob_files(settings.data_dir) if b.name == d)
+    assert blob.read_bytes() == p.chunks[d]
+    assert temp_files(settings.data_dir) == []
