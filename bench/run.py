@@ -58,7 +58,7 @@ def machine() -> dict:
                                capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         commit, dirty = "", ""
-    loop = "uvloop" if has_uvloop() else "asyncio"
+    loop = "asyncio"  # what `casd serve` runs on (it does not use uvloop: no loop.sendfile)
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
             "kernel": platform.release(), "loadavg": loadavg(),
             "commit": commit + (" + uncommitted changes in casd/" if dirty else ""),
