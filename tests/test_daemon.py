@@ -12,7 +12,6 @@ import sys
 import time
 
 import aiohttp
-import pytest
 
 from helpers import blob_files, prepare, rand, temp_files, upload
 
