@@ -7,8 +7,9 @@
 // words are read straight from the caller's buffer through an aligned Int32Array view
 // (unaligned input is first copied into an aligned scratch buffer, 64 KiB at a time).
 
+import { asBytes, feed } from "./blocks.js";
+
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
-const SCRATCH_BLOCKS = 1024; // 64 KiB of aligned scratch for unaligned input
 
 // Runs the compression function over `blocks` 64-byte blocks of `w`, starting at word `i`.
 function compress(h, w, i, blocks) {
@@ -88,12 +89,6 @@ function compress(h, w, i, blocks) {
   h[0] = a; h[1] = b; h[2] = c; h[3] = d;
 }
 
-function asBytes(data) {
-  if (data instanceof Uint8Array) return data;
-  if (data instanceof ArrayBuffer) return new Uint8Array(data);
-  if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-  throw new TypeError("Md5.update expects an ArrayBuffer or a typed array view");
-}
 
 export class Md5 {
   constructor() {
@@ -110,42 +105,10 @@ export class Md5 {
   /** Feeds more bytes; returns this. */
   update(data) {
     if (this._done !== null) throw new Error("Md5.update after hex()");
-    const bytes = asBytes(data);
-    const n = bytes.length;
-    this._length += n;
-    let pos = 0;
-    if (this._blockLen > 0) {
-      pos = Math.min(64 - this._blockLen, n);
-      this._block.set(bytes.subarray(0, pos), this._blockLen);
-      this._blockLen += pos;
-      if (this._blockLen < 64) return this;
-      compress(this._h, this._blockWords, 0, 1);
-      this._blockLen = 0;
-    }
-    let blocks = Math.floor((n - pos) / 64);
-    if (blocks > 0) {
-      const start = bytes.byteOffset + pos;
-      if (start % 4 === 0) {
-        compress(this._h, new Int32Array(bytes.buffer, start, blocks * 16), 0, blocks);
-        pos += blocks * 64;
-      } else {
-        this._scratch ??= new Uint8Array(SCRATCH_BLOCKS * 64);
-        const words = new Int32Array(this._scratch.buffer);
-        while (blocks > 0) {
-          const k = Math.min(blocks, SCRATCH_BLOCKS);
-          this._scratch.set(bytes.subarray(pos, pos + k * 64));
-          compress(this._h, words, 0, k);
-          pos += k * 64;
-          blocks -= k;
-        }
-      }
-    }
-    if (pos < n) {
-      this._block.set(bytes.subarray(pos), 0);
-      this._blockLen = n - pos;
-    }
+    feed(this, asBytes(data), compress);
     return this;
   }
+
 
   /** The digest as 32 lowercase hex characters; the hasher accepts no more input. */
   hex() {

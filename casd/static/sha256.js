@@ -4,6 +4,8 @@
 // read slice by slice; this can. `new Sha256().update(bytes).update(more).hex()` equals
 // Python's hashlib.sha256 over the concatenation, whatever the slice boundaries.
 
+import { asBytes, feed } from "./blocks.js";
+
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
 // Runs the compression function over `blocks` 64-byte blocks of the words `w` from word `i`
@@ -279,12 +281,6 @@ function compress(state, w, i, blocks) {
   state[4] = h4; state[5] = h5; state[6] = h6; state[7] = h7;
 }
 
-function asBytes(data) {
-  if (data instanceof Uint8Array) return data;
-  if (data instanceof ArrayBuffer) return new Uint8Array(data);
-  if (ArrayBuffer.isView(data)) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-  throw new TypeError("Sha256.update expects an ArrayBuffer or a typed array view");
-}
 
 export class Sha256 {
   constructor() {
@@ -305,42 +301,10 @@ export class Sha256 {
   /** Feeds more bytes; returns this. */
   update(data) {
     if (this._done !== null) throw new Error("Sha256.update after hex()");
-    const bytes = asBytes(data);
-    const n = bytes.length;
-    this._length += n;
-    let pos = 0;
-    if (this._blockLen > 0) {
-      pos = Math.min(64 - this._blockLen, n);
-      this._block.set(bytes.subarray(0, pos), this._blockLen);
-      this._blockLen += pos;
-      if (this._blockLen < 64) return this;
-      compress(this._h, this._blockWords, 0, 1);
-      this._blockLen = 0;
-    }
-    let blocks = Math.floor((n - pos) / 64);
-    if (blocks > 0) {
-      const start = bytes.byteOffset + pos;
-      if (start % 4 === 0) {
-        compress(this._h, new Int32Array(bytes.buffer, start, blocks * 16), 0, blocks);
-        pos += blocks * 64;
-      } else {
-        this._scratch ??= new Uint8Array(1024 * 64); // aligned copy of unaligned input
-        const words = new Int32Array(this._scratch.buffer);
-        while (blocks > 0) {
-          const k = Math.min(blocks, 1024);
-          this._scratch.set(bytes.subarray(pos, pos + k * 64));
-          compress(this._h, words, 0, k);
-          pos += k * 64;
-          blocks -= k;
-        }
-      }
-    }
-    if (pos < n) {
-      this._block.set(bytes.subarray(pos), 0);
-      this._blockLen = n - pos;
-    }
+    feed(this, asBytes(data), compress);
     return this;
   }
+
 
   /** The digest as 64 lowercase hex characters; the hasher accepts no more input. */
   hex() {
