@@ -155,31 +155,45 @@ def test_page_sends_only_the_changed_chunk_of_a_modified_copy(daemon, page, tmp_
     page.screenshot(path=tmp_path / "dedup.png", full_page=True, animations="disabled")
 
 
+def hold_chunk_puts_after(page, let_through: int) -> list:
+    """Let the first chunk PUTs reach the server; hold later ones (like a cut connection).
+
+    Returns the list the held routes are appended to, as Playwright dispatches them.
+    """
+    held: list = []
+    passed = 0
+
+    def gate(route):
+        nonlocal passed
+        if passed < let_through:
+            passed += 1
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(CHUNK_PUT, gate)
+    return held
+
+
+def wait_held(page, held: list, count: int, seconds: float = 10) -> None:
+    """Bounded wait until `count` requests are held (page.wait_for_timeout lets routes run)."""
+    deadline = time.monotonic() + seconds
+    while len(held) < count and time.monotonic() < deadline:
+        page.wait_for_timeout(20)
+
+
 def test_reload_mid_upload_then_picking_the_file_again_sends_only_the_rest(
     daemon, page, tmp_path
 ):
     path = tmp_path / "big.bin"
     data = make_file(path, 20 * MiB, "page-3")
     let_through = 8
-    held = []
-
-    def gate(route):
-        # The first chunk requests reach the server; later ones hang, like a cut connection.
-        if gate.passed < let_through:
-            gate.passed += 1
-            route.continue_()
-        else:
-            held.append(route)
-
-    gate.passed = 0
-    page.route(CHUNK_PUT, gate)
+    held = hold_chunk_puts_after(page, let_through)
     page.goto(daemon.url + "/?chunk_size=1048576&concurrency=3")
     row = pick(page, path)
     expect(row.get_by_test_id("status")).to_have_text("uploading", timeout=UPLOAD_TIMEOUT_MS)
     expect(row.get_by_test_id("chunks-sent")).to_have_text(str(let_through))
-    deadline = time.monotonic() + 10
-    while len(held) < 3 and time.monotonic() < deadline:
-        page.wait_for_timeout(20)  # lets Playwright dispatch the route handler
+    wait_held(page, held, 3)
     assert len(held) == 3, "the queue should hold `concurrency` requests in flight"
     assert len(handshake(daemon.url, data, MiB)["missing"]) == 20 - let_through
 
@@ -241,23 +255,11 @@ def test_page_shows_the_servers_refusal(daemon_factory, page, tmp_path):
 def test_cancel_stops_the_upload_and_picking_again_resumes(daemon, page, tmp_path):
     path = tmp_path / "c.bin"
     data = make_file(path, 6 * MiB, "page-6")
-    held = []
-
-    def gate(route):
-        if gate.passed < 2:
-            gate.passed += 1
-            route.continue_()
-        else:
-            held.append(route)
-
-    gate.passed = 0
-    page.route(CHUNK_PUT, gate)
+    held = hold_chunk_puts_after(page, 2)
     page.goto(daemon.url + "/?chunk_size=1048576&concurrency=1&algo=sha256")
     row = pick(page, path)
     expect(row.get_by_test_id("chunks-sent")).to_have_text("2", timeout=UPLOAD_TIMEOUT_MS)
-    deadline = time.monotonic() + 10
-    while not held and time.monotonic() < deadline:
-        page.wait_for_timeout(20)
+    wait_held(page, held, 1)
     assert len(held) == 1
     row.get_by_test_id("cancel").click()
     expect(row.get_by_test_id("status")).to_have_text("cancelled")
@@ -345,23 +347,11 @@ def test_upload_survives_the_server_dropping_the_upload_midway(daemon, page, tmp
     """A chunk PUT answered 404 (upload aborted or expired) leads to a fresh handshake."""
     path = tmp_path / "dropped.bin"
     data = make_file(path, 6 * MiB, "page-7")
-    held = []
-
-    def gate(route):
-        if gate.passed < 2:
-            gate.passed += 1
-            route.continue_()
-        else:
-            held.append(route)
-
-    gate.passed = 0
-    page.route(CHUNK_PUT, gate)
+    held = hold_chunk_puts_after(page, 2)
     page.goto(daemon.url + "/?chunk_size=1048576&concurrency=1")
     row = pick(page, path)
     expect(row.get_by_test_id("chunks-sent")).to_have_text("2", timeout=UPLOAD_TIMEOUT_MS)
-    deadline = time.monotonic() + 10
-    while not held and time.monotonic() < deadline:
-        page.wait_for_timeout(20)
+    wait_held(page, held, 1)
     upload_id = handshake(daemon.url, data, MiB)["upload_id"]
     req = urllib.request.Request(f"{daemon.url}/v1/uploads/{upload_id}", method="DELETE")
     with urllib.request.urlopen(req, timeout=30) as r:
