@@ -15,6 +15,7 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -44,6 +45,17 @@ log = logging.getLogger("casd.service")
 # thread hand-offs are rare, small enough that a request holds only a couple of them.
 INGEST_BLOCK = 1 << 20
 READ_BLOCK = 1 << 20
+
+
+@contextmanager
+def full_disk_refused():
+    """A full disk (ENOSPC, EDQUOT) in file work becomes StorageFull: a 507, nothing kept."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise StorageFull("the data folder's disk is full; nothing was kept") from exc
+        raise
 
 
 def chunks_key(manifest: Manifest) -> str:
@@ -122,12 +134,8 @@ class Service:
 
     async def _run(self, fn, *args):
         """Blocking file work on the bounded I/O pool; a full disk becomes StorageFull."""
-        try:
+        with full_disk_refused():
             return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise StorageFull("the data folder's disk is full") from exc
-            raise
 
     def _expiry(self, now: float) -> float:
         return now + self.settings.upload_ttl
@@ -243,16 +251,12 @@ class Service:
             # serialized write transaction then only checks the file is still there.
             await self._run(self.blobs.place, temp, digest)
             now = self.clock()
-            try:
+            with full_disk_refused():
                 published = await self.catalog.publish_chunk(
                     digest, size, hasher.xxh3(), now,
                     lambda: self.blobs.ensure_placed(temp, digest),
                     (upload_id, self._expiry(now)),
                 )
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise StorageFull("the data folder's disk is full") from exc
-                raise
             return published
         finally:
             # The blob path is its own link: dropping the temp name (and the flock that told
@@ -275,30 +279,27 @@ class Service:
             temp.write(block)
 
         try:
-            async for piece in body:
-                received += len(piece)
-                if received > limit:
-                    raise TooLarge(f"the body is over the chunk limit of {limit} bytes")
-                if received > size:
-                    raise SizeMismatch(
-                        f"the body is longer than the {size} bytes the manifest gives"
-                        f" chunk {digest.hex}"
-                    )
-                buf += piece
-                if len(buf) >= INGEST_BLOCK:
-                    if pending is not None:
-                        await pending
-                    pending = loop.run_in_executor(self.io, absorb, buf)
-                    buf = bytearray()
-            if pending is not None:
-                await pending
-                pending = None
-            if buf:
-                await self._run(absorb, buf)
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise StorageFull("the data folder's disk is full; the chunk was not kept") from exc
-            raise
+            with full_disk_refused():
+                async for piece in body:
+                    received += len(piece)
+                    if received > limit:
+                        raise TooLarge(f"the body is over the chunk limit of {limit} bytes")
+                    if received > size:
+                        raise SizeMismatch(
+                            f"the body is longer than the {size} bytes the manifest gives"
+                            f" chunk {digest.hex}"
+                        )
+                    buf += piece
+                    if len(buf) >= INGEST_BLOCK:
+                        if pending is not None:
+                            await pending
+                        pending = loop.run_in_executor(self.io, absorb, buf)
+                        buf = bytearray()
+                if pending is not None:
+                    await pending
+                    pending = None
+                if buf:
+                    await self._run(absorb, buf)
         finally:
             if pending is not None:
                 # The worker still writes into temp; let it finish before temp is discarded.

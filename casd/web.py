@@ -40,7 +40,6 @@ log = logging.getLogger("casd.web")
 
 SETTINGS = web.AppKey("settings", Settings)
 SERVICE = web.AppKey("service", Service)
-CLOCK = web.AppKey("clock", Callable)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -504,7 +503,6 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
         client_max_size=settings.max_handshake_bytes,
     )
     app[SETTINGS] = settings
-    app[CLOCK] = clock
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)
