@@ -4,6 +4,7 @@
 // scratch buffer, 64 KiB at a time; a partial block waits in the hasher for more bytes.
 
 const SCRATCH_BLOCKS = 1024; // 64 KiB of aligned scratch for unaligned input
+const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
 /** The bytes of an ArrayBuffer or typed array view, without copying. */
 export function asBytes(data) {
@@ -50,5 +51,48 @@ export function feed(s, bytes, compress) {
   if (pos < n) {
     s._block.set(bytes.subarray(pos), 0);
     s._blockLen = n - pos;
+  }
+}
+
+/**
+ * An incremental 64-byte-block hash: subclasses give the initial state, the compression
+ * function, how the message length is written into the last block, and the digest's hex.
+ */
+export class BlockHash {
+  constructor(name, h, compress) {
+    if (!LITTLE_ENDIAN) throw new Error(`casd ${name} needs a little-endian platform`);
+    this._name = name;
+    this._h = h;
+    this._compress = compress;
+    this._block = new Uint8Array(64);
+    this._blockWords = new Int32Array(this._block.buffer);
+    this._blockLen = 0;
+    this._length = 0; // bytes fed so far
+    this._scratch = null;
+    this._done = null;
+  }
+
+  /** Feeds more bytes; returns this. */
+  update(data) {
+    if (this._done !== null) throw new Error(`${this._name}.update after hex()`);
+    feed(this, asBytes(data), this._compress);
+    return this;
+  }
+
+  /** The digest as lowercase hex; the hasher accepts no more input. */
+  hex() {
+    if (this._done === null) {
+      const block = this._block;
+      block[this._blockLen] = 0x80;
+      block.fill(0, this._blockLen + 1);
+      if (this._blockLen >= 56) {
+        this._compress(this._h, this._blockWords, 0, 1);
+        block.fill(0);
+      }
+      this._writeBitLength(this._length * 8); // exact: lengths stay far below 2**53 / 8
+      this._compress(this._h, this._blockWords, 0, 1);
+      this._done = this._stateHex();
+    }
+    return this._done;
   }
 }

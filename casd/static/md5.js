@@ -7,9 +7,8 @@
 // words are read straight from the caller's buffer through an aligned Int32Array view
 // (unaligned input is first copied into an aligned scratch buffer, 64 KiB at a time).
 
-import { asBytes, feed } from "./blocks.js";
+import { BlockHash } from "./blocks.js";
 
-const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
 // Runs the compression function over `blocks` 64-byte blocks of `w`, starting at word `i`.
 function compress(h, w, i, blocks) {
@@ -90,43 +89,18 @@ function compress(h, w, i, blocks) {
 }
 
 
-export class Md5 {
+export class Md5 extends BlockHash {
   constructor() {
-    if (!LITTLE_ENDIAN) throw new Error("casd md5.js needs a little-endian platform");
-    this._h = new Int32Array([0x67452301, 0xefcdab89 | 0, 0x98badcfe | 0, 0x10325476]);
-    this._block = new Uint8Array(64);
-    this._blockWords = new Int32Array(this._block.buffer);
-    this._blockLen = 0;
-    this._length = 0; // bytes fed so far
-    this._scratch = null;
-    this._done = null;
+    super("Md5", new Int32Array([0x67452301, 0xefcdab89 | 0, 0x98badcfe | 0, 0x10325476]), compress);
   }
 
-  /** Feeds more bytes; returns this. */
-  update(data) {
-    if (this._done !== null) throw new Error("Md5.update after hex()");
-    feed(this, asBytes(data), compress);
-    return this;
+  _writeBitLength(bits) { // little-endian, low word first
+    this._blockWords[14] = bits % 0x100000000 | 0;
+    this._blockWords[15] = Math.floor(bits / 0x100000000) | 0;
   }
 
-
-  /** The digest as 32 lowercase hex characters; the hasher accepts no more input. */
-  hex() {
-    if (this._done === null) {
-      const block = this._block;
-      block[this._blockLen] = 0x80;
-      block.fill(0, this._blockLen + 1);
-      if (this._blockLen >= 56) {
-        compress(this._h, this._blockWords, 0, 1);
-        block.fill(0);
-      }
-      const bits = this._length * 8; // exact: lengths stay far below 2**53 / 8
-      this._blockWords[14] = bits % 0x100000000 | 0;
-      this._blockWords[15] = Math.floor(bits / 0x100000000) | 0;
-      compress(this._h, this._blockWords, 0, 1);
-      this._done = toHex(new Uint8Array(this._h.buffer));
-    }
-    return this._done;
+  _stateHex() {
+    return toHex(new Uint8Array(this._h.buffer));
   }
 }
 

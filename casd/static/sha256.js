@@ -4,9 +4,8 @@
 // read slice by slice; this can. `new Sha256().update(bytes).update(more).hex()` equals
 // Python's hashlib.sha256 over the concatenation, whatever the slice boundaries.
 
-import { asBytes, feed } from "./blocks.js";
+import { BlockHash } from "./blocks.js";
 
-const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
 // Runs the compression function over `blocks` 64-byte blocks of the words `w` from word `i`
 // (native little-endian words, swapped here to SHA-256's big-endian). Fully unrolled,
@@ -282,49 +281,24 @@ function compress(state, w, i, blocks) {
 }
 
 
-export class Sha256 {
+export class Sha256 extends BlockHash {
   constructor() {
-    if (!LITTLE_ENDIAN) throw new Error("casd sha256.js needs a little-endian platform");
-    this._h = new Int32Array([
+    super("Sha256", new Int32Array([
       0x6a09e667, 0xbb67ae85 | 0, 0x3c6ef372, 0xa54ff53a | 0,
       0x510e527f, 0x9b05688c | 0, 0x1f83d9ab, 0x5be0cd19,
-    ]);
-    this._block = new Uint8Array(64);
-    this._blockView = new DataView(this._block.buffer);
-    this._blockWords = new Int32Array(this._block.buffer);
-    this._scratch = null;
-    this._blockLen = 0;
-    this._length = 0; // bytes fed so far
-    this._done = null;
+    ]), compress);
   }
 
-  /** Feeds more bytes; returns this. */
-  update(data) {
-    if (this._done !== null) throw new Error("Sha256.update after hex()");
-    feed(this, asBytes(data), compress);
-    return this;
+  _writeBitLength(bits) { // big-endian, high word first
+    const view = new DataView(this._block.buffer);
+    view.setUint32(56, Math.floor(bits / 0x100000000));
+    view.setUint32(60, bits % 0x100000000);
   }
 
-
-  /** The digest as 64 lowercase hex characters; the hasher accepts no more input. */
-  hex() {
-    if (this._done === null) {
-      const block = this._block;
-      block[this._blockLen] = 0x80;
-      block.fill(0, this._blockLen + 1);
-      if (this._blockLen >= 56) {
-        compress(this._h, this._blockWords, 0, 1);
-        block.fill(0);
-      }
-      const bits = this._length * 8; // exact: lengths stay far below 2**53 / 8
-      this._blockView.setUint32(56, Math.floor(bits / 0x100000000));
-      this._blockView.setUint32(60, bits % 0x100000000);
-      compress(this._h, this._blockWords, 0, 1);
-      let s = "";
-      for (const word of this._h) s += (word >>> 0).toString(16).padStart(8, "0");
-      this._done = s;
-    }
-    return this._done;
+  _stateHex() {
+    let s = "";
+    for (const word of this._h) s += (word >>> 0).toString(16).padStart(8, "0");
+    return s;
   }
 }
 
