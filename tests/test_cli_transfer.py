@@ -239,7 +239,7 @@ def test_progress_bars_on_a_terminal(daemon, env, tmp_path):
         os.close(master)
     assert proc.returncode == 0
     text = seen.decode(errors="replace")
-    assert "hash f.bin" in text and "upload f.bin" in text
+    assert "hashing f.bin" in text and "uploading f.bin" in text
     assert out.startswith(daemon.url)  # the summary still goes to stdout, bar-free
 
 

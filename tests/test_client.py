@@ -257,8 +257,8 @@ async def test_50mib_round_trip_then_instant_reupload(daemon, tmp_path):
     async with CasdClient(daemon.url) as client:
         first = await roundtrip(client, src, tmp_path / "out.iso", on_progress=progress.append)
         assert (first.chunks_sent, first.bytes_sent, first.instant) == (10, 50 * MiB, False)
-        assert [p.bytes_done for p in progress if p.phase == "hash"][-1] == 50 * MiB
-        assert [p.chunks_done for p in progress if p.phase == "upload"] == list(range(1, 11))
+        assert [p.bytes_done for p in progress if p.phase == "hashing"][-1] == 50 * MiB
+        assert [p.chunks_done for p in progress if p.phase == "uploading"] == list(range(1, 11))
 
         # Hashed again (no cache): the server knows the file, so nothing is sent.
         second = await client.upload(src, use_cache=False)
@@ -279,7 +279,7 @@ async def test_reupload_of_an_unchanged_file_uses_the_digest_cache(daemon, tmp_p
     assert not first.cached and second.cached and second.instant
     assert second.digest == first.digest
     # A cache hit reports the whole file at once: no piece-by-piece hashing happened.
-    assert [p.bytes_done for p in hashed if p.phase == "hash"] == [12 * MiB]
+    assert [p.bytes_done for p in hashed if p.phase == "hashing"] == [12 * MiB]
 
 
 async def test_stale_cache_entry_is_caught_by_the_server_and_the_file_rehashed(daemon, tmp_path,
@@ -331,7 +331,7 @@ async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, t
     acked: list[int] = []
 
     def kill_after_some(p: Progress) -> None:
-        if p.phase == "upload":
+        if p.phase == "uploading":
             acked.append(p.chunks_done)
             if p.chunks_done == killed_after:
                 daemon.kill()
@@ -358,7 +358,7 @@ async def test_upload_rides_through_a_daemon_restart(daemon, tmp_path):
     data = write_random(src, 8 * MiB, seed=8)
 
     def restart_midway(p: Progress) -> None:
-        if p.phase == "upload" and p.chunks_done == 3:
+        if p.phase == "uploading" and p.chunks_done == 3:
             daemon.restart()  # kill -9, then up again on the same port before any retry
 
     async with CasdClient(daemon.url) as client:
@@ -374,7 +374,7 @@ async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemo
     write_random(src, size, seed=1)
 
     def scribble_when_hashed(p: Progress) -> None:
-        if p.phase == "hash" and p.bytes_done == size:
+        if p.phase == "hashing" and p.bytes_done == size:
             with open(src, "r+b") as f:
                 f.seek(2 * MiB)  # the last chunk, so the first two go through
                 f.write(b"changed!")
