@@ -301,7 +301,8 @@ class CasdClient:
             except CasdHTTPError as exc:
                 # The upload expired or was aborted meanwhile, or chunks went missing:
                 # a fresh handshake says what is still needed.
-                if exc.code not in (protocol.NOT_FOUND, protocol.INCOMPLETE) or round_no == MAX_ROUNDS:
+                lost = exc.code in (protocol.NOT_FOUND, protocol.INCOMPLETE)
+                if not lost or round_no == MAX_ROUNDS:
                     raise
                 log.debug("upload %s: %s; handshaking again", upload_id, exc)
         raise AssertionError("unreachable")
