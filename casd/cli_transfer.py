@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from casd.cli_common import CliError, parse_size
 from casd.client import (
@@ -89,7 +90,7 @@ class _Bars:
         self.enabled = sys.stderr.isatty()
         self.label = label
         self.phase: str | None = None
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, imported only on a terminal
 
     def __call__(self, p: Progress) -> None:
         if not self.enabled:

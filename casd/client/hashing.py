@@ -103,8 +103,9 @@ def hash_stream(f, size: int, chunk_size: int, algo: Algo,
             chunk_end = min((offset // chunk_size + 1) * chunk_size, size)
             n = min(piece, chunk_end - offset)
             slot = i & 1
-            if jobs[slot] is not None:
-                jobs[slot].result()  # the helper is done with this buffer
+            job = jobs[slot]
+            if job is not None:
+                job.result()  # the helper is done with this buffer
             view = views[slot][:n]
             _read_exact(f, view)
             jobs[slot] = helper.submit(feed, view, offset + n == chunk_end)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -115,7 +115,7 @@ class CasdClient:
         self._session: aiohttp.ClientSession | None = None
         self._reached = False
 
-    async def __aenter__(self) -> CasdClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -169,6 +169,7 @@ class CasdClient:
         url = self.server + path
         what = what or f"{method} {path}"
         attempt = 0
+        err: CasdClientError
         while True:
             headers = self._headers(url)
             if content_length is not None:
@@ -222,7 +223,7 @@ class CasdClient:
         try:
             result = await self._push(path, fd, ext, name, concurrency, on_progress)
         except FileChangedError:
-            if not cached:
+            if not cached or cache is None:
                 raise
             # The cache vouched for a file state that no longer holds (it was rewritten
             # within one timestamp tick): forget it and hash the real bytes.
@@ -271,7 +272,7 @@ class CasdClient:
             "algo": key, key: fd.digest, "size": fd.size, "ext": ext, "name": name,
             "chunks": [{key: c.digest, "size": c.size} for c in fd.chunks],
         }
-        first = {}
+        first: dict[str, ChunkSpan] = {}
         for c in fd.chunks:
             first.setdefault(c.digest, c)
         sent: dict[str, int] = {}
@@ -650,6 +651,14 @@ def _missing(answer: dict, known: dict[str, ChunkSpan]) -> list[str]:
     return out
 
 
+def _report(on_progress: ProgressCallback | None, phase: Phase, fd: FileDigests, *,
+            done: bool) -> None:
+    """A progress report for a phase without a byte count: none or all of the file."""
+    if on_progress is not None:
+        n = len(fd.chunks)
+        on_progress(Progress(phase, fd.size if done else 0, fd.size, n if done else 0, n))
+
+
 # --- one-call helpers ---------------------------------------------------------------------------
 
 
@@ -666,11 +675,3 @@ async def download(ref: str, dest: str | os.PathLike | None = None, *,
     """Download one file (by digest or URL) with a short-lived client."""
     async with CasdClient(server, token=token) as client:
         return await client.download(ref, dest, on_progress=on_progress)
-
-
-def _report(on_progress: ProgressCallback | None, phase: Phase, fd: FileDigests, *,
-            done: bool) -> None:
-    """A progress report for a phase without a byte count: none or all of the file."""
-    if on_progress is not None:
-        n = len(fd.chunks)
-        on_progress(Progress(phase, fd.size if done else 0, fd.size, n if done else 0, n))
