@@ -253,7 +253,7 @@ async def test_50mib_round_trip_then_instant_reupload(daemon, tmp_path, rng):
         first = await roundtrip(client, src, tmp_path / "out.iso", on_progress=progress.append)
         assert (first.chunks_sent, first.bytes_sent, first.instant) == (10, 50 * MiB, False)
         assert [p.bytes_done for p in progress if p.phase == "hashing"][-1] == 50 * MiB
-        assert [p.chunks_done for p in progress if p.phase == "uploading"] == list(range(1, 11))
+        assert [p.chunks_done for p in progress if p.phase == "uploading"] == list(range(11))
 
         # Hashed again (no cache): the server knows the file, so nothing is sent.
         second = await client.upload(src, use_cache=False)
@@ -273,22 +273,28 @@ def phases(reports: list[Progress]) -> list[str]:
 
 
 async def test_progress_phases_are_those_of_casd_js(daemon, tmp_path, rng):
-    src = tmp_path / "f.bin"
-    size = 3 * MiB + 1
-    rng.write(src, size)
+    parts = [rng.bytes(MiB, i) for i in range(3)]
+    src, shuffled = tmp_path / "f.bin", tmp_path / "g.bin"
+    src.write_bytes(b"".join(parts))
+    shuffled.write_bytes(b"".join(reversed(parts)))  # a new file made of known chunks
     first: list[Progress] = []
     again: list[Progress] = []
+    known: list[Progress] = []
     fetched: list[Progress] = []
     async with CasdClient(daemon.url) as client:
         s = await client.upload(src, chunk_size=MiB, on_progress=first.append, use_cache=False)
         await client.upload(src, chunk_size=MiB, on_progress=again.append, use_cache=False)
+        k = await client.upload(shuffled, chunk_size=MiB, on_progress=known.append)
         await client.download(s.url, tmp_path / "out", on_progress=fetched.append)
     # The same names and order as casd.js's onProgress (tests/test_browser.py checks those).
     assert phases(first) == ["hashing", "handshake", "uploading", "merging", "done"]
     assert phases(again) == ["hashing", "handshake", "done"]
+    # Nothing to send, but the file is new: the upload phase still begins, as in casd.js.
+    assert (k.chunks_sent, k.instant) == (0, False)
+    assert phases(known) == ["hashing", "handshake", "uploading", "merging", "done"]
     assert phases(fetched) == ["downloading", "done"]
-    assert first[-1] == Progress("done", size, size, 4, 4)
-    assert all(p.bytes_done <= p.bytes_total for p in first + again + fetched)
+    assert first[-1] == Progress("done", 3 * MiB, 3 * MiB, 3, 3)
+    assert all(p.bytes_done <= p.bytes_total for p in first + again + known + fetched)
 
 
 async def test_reupload_of_an_unchanged_file_uses_the_digest_cache(daemon, tmp_path, rng):

@@ -311,9 +311,12 @@ class CasdClient:
     async def _send(self, path: Path, upload_id: str, todo: list[ChunkSpan], concurrency: int,
                     sent: dict[str, int], on_progress: ProgressCallback | None) -> None:
         """PUT each chunk of `todo`, at most `concurrency` at a time; record them in `sent`."""
+        total_bytes = sum(c.size for c in todo)
+        # The phase begins even when nothing is missing, as in casd.js.
+        if on_progress is not None:
+            on_progress(Progress(Phase.UPLOADING, 0, total_bytes, 0, len(todo)))
         if not todo:
             return
-        total_bytes = sum(c.size for c in todo)
         done = {"bytes": 0, "chunks": 0}
         # A shared iterator is the bounded queue: each worker takes the next chunk only when
         # its previous request is answered, so at most `concurrency` are in flight.
