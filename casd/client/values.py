@@ -29,7 +29,7 @@ class Progress:
     """A progress report; done never exceeds total.
 
     "hashing" counts bytes of the file hashed; "uploading" bytes and chunks acknowledged of
-    those this round sends; "downloading" bytes of the file written. "handshake" reports 0
+    those this round sends (from 0, even when there are none); "downloading" bytes of the file written. "handshake" reports 0
     of the file's size and chunk count; "merging" and "done" report all of them.
     """
 
