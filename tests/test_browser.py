@@ -357,7 +357,12 @@ def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(
 ):
     from dataclasses import fields
 
-    from casd.client import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, CasdHTTPError, UploadSummary
+    from casd.client import (
+        DEFAULT_CONCURRENCY,
+        DEFAULT_RETRIES,
+        CasdHTTPError,
+        UploadSummary,
+    )
 
     path = tmp_path / "api.bin"
     data = make_file(path, 10 * MiB + 17, "api")
