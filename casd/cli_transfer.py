@@ -8,17 +8,21 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from casd.cli_common import CliError, parse_size
 from casd.client import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
+    DEFAULT_RETRIES,
     DEFAULT_SERVER,
     CasdClient,
     CasdClientError,
     FileRef,
+    Phase,
     Progress,
 )
+from casd.protocol import format_bytes
 
 
 def register(sub) -> None:
@@ -61,9 +65,9 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                         help=f"casd server (default: $CASD_SERVER, else {DEFAULT_SERVER})")
     parser.add_argument("--token", default=None, metavar="T",
                         help="bearer token, when the server requires one (default: $CASD_TOKEN)")
-    parser.add_argument("--retries", type=int, default=5, metavar="N",
-                        help="retries of a failed request: connection errors, timeouts, 5xx "
-                             "(default 5)")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                        help="retries of a failed request: connection errors, timeouts, 408, "
+                             f"429 and 5xx (default {DEFAULT_RETRIES})")
 
 
 def _client(args: argparse.Namespace) -> CasdClient:
@@ -75,12 +79,8 @@ def _client(args: argparse.Namespace) -> CasdClient:
         raise CliError(str(exc), exit_code=2) from None
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+# The phases that move bytes get a bar; the others (handshake, merging, done) close it.
+_BAR_PHASES = (Phase.HASHING, Phase.UPLOADING, Phase.DOWNLOADING)
 
 
 class _Bars:
@@ -90,13 +90,15 @@ class _Bars:
         self.enabled = sys.stderr.isatty()
         self.label = label
         self.phase: str | None = None
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar, imported only on a terminal
 
     def __call__(self, p: Progress) -> None:
         if not self.enabled:
             return
         if p.phase != self.phase:
             self.close()
+            if p.phase not in _BAR_PHASES:
+                return
             from tqdm import tqdm  # only paid for on a terminal
 
             self.phase = p.phase
@@ -147,10 +149,10 @@ async def _upload_all(client: CasdClient, args: argparse.Namespace) -> int:
                 what = "instant, already on the server: nothing sent"
             else:
                 what = (f"sent {s.chunks_sent} of {s.chunks_total} chunks "
-                        f"({_human(s.bytes_sent)}), skipped {s.chunks_skipped} "
-                        f"({_human(s.bytes_skipped)}) already on the server")
+                        f"({format_bytes(s.bytes_sent)}), skipped {s.chunks_skipped} "
+                        f"({format_bytes(s.bytes_skipped)}) already on the server")
             print(s.url)
-            print(f"  {name}: {_human(s.size)}, {s.algo} {s.digest}: {what} "
+            print(f"  {name}: {format_bytes(s.size)}, {s.algo} {s.digest}: {what} "
                   f"in {s.seconds:.2f}s", flush=True)
     return 1 if failed else 0
 
@@ -183,7 +185,7 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
         print(json.dumps(s.to_json()), flush=True)
     else:
         resumed = f", resumed at byte {s.resumed_from}" if s.resumed_from else ""
-        print(f"{s.path}: {_human(s.size)}, {s.algo} verified{resumed}, in {s.seconds:.2f}s",
+        print(f"{s.path}: {format_bytes(s.size)}, {s.algo} verified{resumed}, in {s.seconds:.2f}s",
               flush=True)
     return 0
 

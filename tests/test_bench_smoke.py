@@ -1,7 +1,7 @@
 """`python -m bench --quick` runs end to end and prints the one table with every figure.
 
-Only the shape of the output is checked: benchmark numbers are never asserted in tests
-(STYLE.md, "Benchmarks"); they depend on the machine and its load.
+Only the shape of the output is checked: benchmark numbers are never asserted in tests,
+because they depend on the machine and its load (bench/RESULTS.md holds measured ones).
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ the server says and stores. Select with `pytest -m browser`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,7 +32,14 @@ def page(browser):
     pg.errors = []
     pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
     pg.chunk_puts = []
-    pg.on("request", lambda r: pg.chunk_puts.append(r.url) if r.method == "PUT" else None)
+    pg.chunk_put_headers = []
+
+    def on_request(r):
+        if r.method == "PUT":
+            pg.chunk_puts.append(r.url)
+            pg.chunk_put_headers.append(r.headers)
+
+    pg.on("request", on_request)
     yield pg
     context.close()
     assert not pg.errors, pg.errors
@@ -113,6 +122,8 @@ def test_page_uploads_a_file_and_the_same_file_again_is_instant(daemon, page, tm
     assert fetch(href) == data
     assert summary["digest"] == md5(data) and summary["bytes_sent"] == len(data)
     assert len(page.chunk_puts) == 4
+    # casd.js keeps its own count: every chunk answer may skip the `missing` list.
+    assert [h.get("prefer") for h in page.chunk_put_headers] == ["return=minimal"] * 4
 
     again = pick(page, path)
     summary = wait_finished(again, "instant")
@@ -215,15 +226,18 @@ def test_reload_mid_upload_then_picking_the_file_again_sends_only_the_rest(
     assert fetch(summary["url"]) == data
 
 
-def test_page_retries_a_chunk_the_server_failed_with_503(daemon, page, tmp_path):
+def test_page_retries_chunks_answered_503_429_and_408(daemon, page, tmp_path):
     path = tmp_path / "flaky.bin"
     data = make_file(path, 3 * MiB, "page-4")
-    failures = []
+    # The statuses the Python client retries too; the 429 asks for a one-second wait.
+    faults = [(503, {}), (429, {"Retry-After": "1"}), (408, {})]
+    attempts: list[float] = []
 
     def flaky(route):
-        if len(failures) < 2:
-            failures.append(route.request.url)
-            route.fulfill(status=503, content_type="application/json",
+        attempts.append(time.monotonic())
+        if len(attempts) <= len(faults):
+            status, headers = faults[len(attempts) - 1]
+            route.fulfill(status=status, content_type="application/json", headers=headers,
                           body='{"error": "unavailable", "message": "try again"}')
         else:
             route.continue_()
@@ -232,7 +246,9 @@ def test_page_retries_a_chunk_the_server_failed_with_503(daemon, page, tmp_path)
     page.goto(daemon.url + "/?chunk_size=1048576&concurrency=1")
     row = pick(page, path)
     summary = wait_finished(row, "done")
-    assert len(failures) == 2
+    assert len(attempts) == len(faults) + 3
+    # Jitter alone retries within 0.5 s here; Retry-After made it wait the second asked for.
+    assert attempts[2] - attempts[1] >= 0.9
     assert counters(row)["sent"] == "3"
     assert fetch(summary["url"]) == data
 
@@ -303,12 +319,50 @@ async ({concurrency}) => {
 """
 
 
+PYTHON_SIDE = """
+async () => {
+  const m = await import("/static/casd.js");
+  const refused = new m.CasdError(400, "bad_request", "no");
+  return {
+    concurrency: m.DEFAULT_CONCURRENCY, retries: m.DEFAULT_RETRIES,
+    code: refused.code, error: refused.error,
+    retryable: [400, 404, 408, 429, 500, 503, 507, 0].map(
+      (s) => new m.CasdError(s, "x", "x").retryable),
+  };
+}
+"""
+
+
+def python_phases(server: str, path: Path) -> list[str]:
+    """The progress phases of casd.client uploading `path`, in the order they began."""
+    from casd.client import CasdClient
+
+    seen: list[str] = []
+
+    async def run() -> None:
+        async with CasdClient(server) as client:
+            await client.upload(path, chunk_size=MiB, use_cache=False,
+                                on_progress=lambda p: seen.append(p.phase))
+
+    # Playwright's sync API owns this thread's event loop; the client gets its own thread.
+    worker = threading.Thread(target=asyncio.run, args=(run(),))
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()
+    return [str(p) for i, p in enumerate(seen) if i == 0 or seen[i - 1] != p]
+
+
 def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(
     daemon, page, tmp_path
 ):
     from dataclasses import fields
 
-    from casd.client import UploadSummary
+    from casd.client import (
+        DEFAULT_CONCURRENCY,
+        DEFAULT_RETRIES,
+        CasdHTTPError,
+        UploadSummary,
+    )
 
     path = tmp_path / "api.bin"
     data = make_file(path, 10 * MiB + 17, "api")
@@ -325,6 +379,9 @@ def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(
     python_fields = {f.name for f in fields(UploadSummary)} - {"path", "cached"}
     assert set(summary) == python_fields | {"name"}
     assert got["phases"] == ["hashing", "handshake", "uploading", "merging", "done"]
+    other = tmp_path / "python.bin"
+    make_file(other, 3 * MiB, "api-python")
+    assert python_phases(daemon.url, other) == got["phases"]
     assert got["maxInFlight"] == 2
     assert {k: summary[k] for k in (
         "digest", "algo", "size", "chunks_total", "chunks_sent", "bytes_sent",
@@ -339,6 +396,14 @@ def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(
 
     again = page.evaluate(UPLOAD_API, {"concurrency": 2})
     assert again["phases"] == ["hashing", "handshake", "done"]
+    assert python_phases(daemon.url, other) == again["phases"]
+
+    # The two clients share their defaults and their rule for what is worth retrying.
+    js = page.evaluate(PYTHON_SIDE)
+    assert (js["concurrency"], js["retries"]) == (DEFAULT_CONCURRENCY, DEFAULT_RETRIES)
+    assert js["code"] == js["error"] == "bad_request"
+    statuses = [400, 404, 408, 429, 500, 503, 507]
+    assert js["retryable"] == [CasdHTTPError("x", status=s).retryable for s in statuses] + [True]
     assert again["summary"]["instant"] is True
     assert again["summary"]["chunks_skipped"] == 11
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import pty
-import random
 import select
 import signal
 import struct
@@ -38,11 +37,6 @@ def casd(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Com
                           text=True, timeout=timeout)
 
 
-def write_random(path: Path, size: int, seed: int = 0) -> bytes:
-    data = random.Random(seed).randbytes(size)
-    path.write_bytes(data)
-    return data
-
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str,
                           code: int = 1) -> None:
@@ -54,9 +48,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str,
         assert fragment in lines[0], lines[0]
 
 
-def test_upload_prints_url_and_summary_then_is_instant(daemon, env, tmp_path):
+def test_upload_prints_url_and_summary_then_is_instant(daemon, env, tmp_path, rng):
     src = tmp_path / "holiday.MP4"
-    data = write_random(src, 2 * MiB + MiB // 2)
+    data = rng.write(src, 2 * MiB + MiB // 2)
     md5 = hashlib.md5(data).hexdigest()
 
     first = casd(env, "upload", str(src), "--server", daemon.url, "--chunk-size", "1MiB")
@@ -74,9 +68,9 @@ def test_upload_prints_url_and_summary_then_is_instant(daemon, env, tmp_path):
     assert "instant" in summary2 and "nothing sent" in summary2
 
 
-def test_upload_json_is_one_object_per_file(daemon, env, tmp_path):
+def test_upload_json_is_one_object_per_file(daemon, env, tmp_path, rng):
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    data_a = write_random(a, 3 * 64 * 1024)
+    data_a = rng.write(a, 3 * 64 * 1024)
     data_b = data_a + b"one more chunk"
     b.write_bytes(data_b)
     proc = casd(env, "upload", str(a), str(b), "--server", daemon.url, "--json",
@@ -92,10 +86,10 @@ def test_upload_json_is_one_object_per_file(daemon, env, tmp_path):
     assert objs[1]["url"] == f"{daemon.url}/v1/files/{objs[1]['digest']}.bin"
 
 
-def test_server_and_token_come_from_the_environment(daemon_factory, env, tmp_path):
+def test_server_and_token_come_from_the_environment(daemon_factory, env, tmp_path, rng):
     d = daemon_factory("--token", "s3cret")
     src = tmp_path / "f.txt"
-    write_random(src, 1000)
+    rng.write(src, 1000)
     env["CASD_SERVER"] = d.url
     refused = casd(env, "upload", str(src))
     assert_one_line_error(refused, "casd upload:", "f.txt", "unauthorized")
@@ -105,9 +99,9 @@ def test_server_and_token_come_from_the_environment(daemon_factory, env, tmp_pat
     assert ok.stdout.startswith(d.url + "/v1/files/")
 
 
-def test_download_by_digest_and_by_url(daemon, env, tmp_path):
+def test_download_by_digest_and_by_url(daemon, env, tmp_path, rng):
     src = tmp_path / "f.bin"
-    data = write_random(src, MiB + 7)
+    data = rng.write(src, MiB + 7)
     up = casd(env, "upload", str(src), "--server", daemon.url, "--json")
     url = json.loads(up.stdout)["url"]
     md5 = hashlib.md5(data).hexdigest()
@@ -125,17 +119,17 @@ def test_download_by_digest_and_by_url(daemon, env, tmp_path):
     assert (folder / f"{md5}.bin").read_bytes() == data
 
 
-def test_missing_file_is_one_line_and_other_files_still_go(daemon, env, tmp_path):
+def test_missing_file_is_one_line_and_other_files_still_go(daemon, env, tmp_path, rng):
     src = tmp_path / "there.bin"
-    write_random(src, 10)
+    rng.write(src, 10)
     proc = casd(env, "upload", str(tmp_path / "nope.bin"), str(src), "--server", daemon.url)
     assert_one_line_error(proc, "nope.bin", "No such file or directory")
     assert proc.stdout.startswith(daemon.url + "/v1/files/")
 
 
-def test_unreachable_server_is_one_line(env, tmp_path, unused_tcp_port):
+def test_unreachable_server_is_one_line(env, tmp_path, unused_tcp_port, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 10)
+    rng.write(src, 10)
     started = time.monotonic()
     proc = casd(env, "upload", str(src), "--server", f"http://127.0.0.1:{unused_tcp_port}")
     assert_one_line_error(proc, "cannot reach", f"127.0.0.1:{unused_tcp_port}",
@@ -156,8 +150,8 @@ def test_download_refusal_and_bad_arguments_are_one_line(daemon, env, tmp_path):
 
 
 async def test_interrupted_download_is_one_line_and_the_rerun_resumes(env, tmp_path,
-                                                                     aiohttp_server):
-    data = random.Random(1).randbytes(3 * MiB)
+                                                                     aiohttp_server, rng):
+    data = rng.bytes(3 * MiB, 1)
     md5 = hashlib.md5(data).hexdigest()
     cut_at = MiB + 5
     ranges: list[str | None] = []
@@ -208,9 +202,9 @@ async def test_interrupted_download_is_one_line_and_the_rerun_resumes(env, tmp_p
     assert f"resumed at byte {resumed_at}" in out
 
 
-def test_progress_bars_on_a_terminal(daemon, env, tmp_path):
+def test_progress_bars_on_a_terminal(daemon, env, tmp_path, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 3 * MiB)
+    rng.write(src, 3 * MiB)
     master, slave = pty.openpty()
     # A fresh pty is 0 columns wide, on which tqdm draws nothing; a terminal has a size.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -239,7 +233,7 @@ def test_progress_bars_on_a_terminal(daemon, env, tmp_path):
         os.close(master)
     assert proc.returncode == 0
     text = seen.decode(errors="replace")
-    assert "hash f.bin" in text and "upload f.bin" in text
+    assert "hashing f.bin" in text and "uploading f.bin" in text
     assert out.startswith(daemon.url)  # the summary still goes to stdout, bar-free
 
 

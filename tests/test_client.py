@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import random
 import sqlite3
 import threading
 import time
@@ -45,11 +43,6 @@ def cache_home(tmp_path, monkeypatch) -> Path:
     return home / "casd"
 
 
-def write_random(path: Path, size: int, seed: int = 0) -> bytes:
-    data = random.Random(seed).randbytes(size)
-    path.write_bytes(data)
-    return data
-
 
 def settle(path: Path) -> None:
     """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
@@ -87,8 +80,8 @@ def fast_client(url: str, **kw) -> CasdClient:
         (9 * MiB, 9 * MiB),
     ],
 )
-def test_hash_file_matches_hashlib(tmp_path, algo, size, chunk_size):
-    data = write_random(tmp_path / "f", size, seed=size)
+def test_hash_file_matches_hashlib(tmp_path, algo, size, chunk_size, rng):
+    data = rng.write(tmp_path / "f", size, size)
     fd = hash_file(tmp_path / "f", chunk_size=chunk_size, algo=algo)
     assert fd.digest == hashlib.new(algo, data).hexdigest()
     assert fd.size == size
@@ -97,11 +90,12 @@ def test_hash_file_matches_hashlib(tmp_path, algo, size, chunk_size):
     assert [(c.offset, c.size, c.digest) for c in fd.chunks] == expected
 
 
-def test_hashing_memory_is_a_few_chunks_not_the_file(tmp_path):
+@pytest.mark.slow
+def test_hashing_memory_is_a_few_chunks_not_the_file(tmp_path, rng):
     path = tmp_path / "big"
     size = 200 * MiB
     with open(path, "wb") as f:
-        f.write(os.urandom(MiB))  # some real bytes, the rest a hole that reads as zeros
+        f.write(rng.bytes(MiB))  # some real bytes, the rest a hole that reads as zeros
         f.truncate(size)
     expected = hashlib.md5()
     with open(path, "rb") as f:
@@ -138,9 +132,9 @@ def test_hashing_stops_when_asked(tmp_path):
 # --- the digest cache ---------------------------------------------------------------------------
 
 
-def test_cache_answers_for_an_unchanged_file_and_not_for_a_changed_one(tmp_path, cache_home):
+def test_cache_answers_for_an_unchanged_file_and_not_for_a_changed_one(tmp_path, cache_home, rng):
     path = tmp_path / "f"
-    write_random(path, 3 * MiB + 1, seed=1)
+    rng.write(path, 3 * MiB + 1, 1)
     settle(path)
     cache = DigestCache(cache_home)
     first, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
@@ -155,26 +149,26 @@ def test_cache_answers_for_an_unchanged_file_and_not_for_a_changed_one(tmp_path,
     assert not cached
 
     # Same size, new bytes: the stat changes, so the cache must not answer.
-    data = write_random(path, 3 * MiB + 1, seed=2)
+    data = rng.write(path, 3 * MiB + 1, 2)
     settle(path)
     changed, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
     assert not cached
     assert changed.digest == hashlib.md5(data).hexdigest()
 
 
-def test_cache_skips_a_file_written_a_moment_ago(tmp_path, cache_home):
+def test_cache_skips_a_file_written_a_moment_ago(tmp_path, cache_home, rng):
     # Its mtime could stay the same through another write in the same clock tick.
     path = tmp_path / "f"
-    write_random(path, 1000)
+    rng.write(path, 1000)
     cache = DigestCache(cache_home)
     file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
     _, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
     assert not cached
 
 
-def test_corrupt_cache_is_ignored_then_replaced(tmp_path, cache_home):
+def test_corrupt_cache_is_ignored_then_replaced(tmp_path, cache_home, rng):
     path = tmp_path / "f"
-    data = write_random(path, 2 * MiB + 3)
+    data = rng.write(path, 2 * MiB + 3)
     settle(path)
     cache_home.mkdir(parents=True)
     (cache_home / "digests.sqlite").write_bytes(b"this is not a database" * 100)
@@ -185,9 +179,9 @@ def test_corrupt_cache_is_ignored_then_replaced(tmp_path, cache_home):
     assert cached
 
 
-def test_cache_entry_with_wrong_shape_is_a_miss(tmp_path, cache_home):
+def test_cache_entry_with_wrong_shape_is_a_miss(tmp_path, cache_home, rng):
     path = tmp_path / "f"
-    data = write_random(path, 2 * MiB + 3)
+    data = rng.write(path, 2 * MiB + 3)
     settle(path)
     cache = DigestCache(cache_home)
     file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
@@ -236,11 +230,11 @@ async def roundtrip(client: CasdClient, src: Path, dest: Path, **upload_kw):
 
 
 @pytest.mark.parametrize("algo", ["md5", "sha256"])
-async def test_round_trip_byte_exact_for_edge_sizes(daemon, tmp_path, algo):
+async def test_round_trip_byte_exact_for_edge_sizes(daemon, tmp_path, algo, rng):
     async with CasdClient(daemon.url) as client:
         for size in (0, 1, CHUNK, CHUNK + 1):
             src = tmp_path / f"f{size}.bin"
-            data = write_random(src, size, seed=size)
+            data = rng.write(src, size, size)
             s = await roundtrip(client, src, tmp_path / f"out{size}", algo=algo)
             assert s.digest == hashlib.new(algo, data).hexdigest()
             assert s.algo == algo and s.size == size
@@ -250,15 +244,16 @@ async def test_round_trip_byte_exact_for_edge_sizes(daemon, tmp_path, algo):
             assert not s.instant
 
 
-async def test_50mib_round_trip_then_instant_reupload(daemon, tmp_path):
+@pytest.mark.slow
+async def test_50mib_round_trip_then_instant_reupload(daemon, tmp_path, rng):
     src = tmp_path / "big.iso"
-    write_random(src, 50 * MiB, seed=50)
+    rng.write(src, 50 * MiB, 50)
     progress: list[Progress] = []
     async with CasdClient(daemon.url) as client:
         first = await roundtrip(client, src, tmp_path / "out.iso", on_progress=progress.append)
         assert (first.chunks_sent, first.bytes_sent, first.instant) == (10, 50 * MiB, False)
-        assert [p.bytes_done for p in progress if p.phase == "hash"][-1] == 50 * MiB
-        assert [p.chunks_done for p in progress if p.phase == "upload"] == list(range(1, 11))
+        assert [p.bytes_done for p in progress if p.phase == "hashing"][-1] == 50 * MiB
+        assert [p.chunks_done for p in progress if p.phase == "uploading"] == list(range(11))
 
         # Hashed again (no cache): the server knows the file, so nothing is sent.
         second = await client.upload(src, use_cache=False)
@@ -268,9 +263,43 @@ async def test_50mib_round_trip_then_instant_reupload(daemon, tmp_path):
         assert (second.digest, second.url) == (first.digest, first.url)
 
 
-async def test_reupload_of_an_unchanged_file_uses_the_digest_cache(daemon, tmp_path):
+def phases(reports: list[Progress]) -> list[str]:
+    """The phases in the order they began (each once per run of reports)."""
+    out: list[str] = []
+    for p in reports:
+        if not out or out[-1] != p.phase:
+            out.append(p.phase)
+    return out
+
+
+async def test_progress_phases_are_those_of_casd_js(daemon, tmp_path, rng):
+    parts = [rng.bytes(MiB, i) for i in range(3)]
+    src, shuffled = tmp_path / "f.bin", tmp_path / "g.bin"
+    src.write_bytes(b"".join(parts))
+    shuffled.write_bytes(b"".join(reversed(parts)))  # a new file made of known chunks
+    first: list[Progress] = []
+    again: list[Progress] = []
+    known: list[Progress] = []
+    fetched: list[Progress] = []
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunk_size=MiB, on_progress=first.append, use_cache=False)
+        await client.upload(src, chunk_size=MiB, on_progress=again.append, use_cache=False)
+        k = await client.upload(shuffled, chunk_size=MiB, on_progress=known.append)
+        await client.download(s.url, tmp_path / "out", on_progress=fetched.append)
+    # The same names and order as casd.js's onProgress (tests/test_browser.py checks those).
+    assert phases(first) == ["hashing", "handshake", "uploading", "merging", "done"]
+    assert phases(again) == ["hashing", "handshake", "done"]
+    # Nothing to send, but the file is new: the upload phase still begins, as in casd.js.
+    assert (k.chunks_sent, k.instant) == (0, False)
+    assert phases(known) == ["hashing", "handshake", "uploading", "merging", "done"]
+    assert phases(fetched) == ["downloading", "done"]
+    assert first[-1] == Progress("done", 3 * MiB, 3 * MiB, 3, 3)
+    assert all(p.bytes_done <= p.bytes_total for p in first + again + known + fetched)
+
+
+async def test_reupload_of_an_unchanged_file_uses_the_digest_cache(daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 12 * MiB)
+    rng.write(src, 12 * MiB)
     settle(src)
     async with CasdClient(daemon.url) as client:
         first = await client.upload(src)
@@ -279,17 +308,17 @@ async def test_reupload_of_an_unchanged_file_uses_the_digest_cache(daemon, tmp_p
     assert not first.cached and second.cached and second.instant
     assert second.digest == first.digest
     # A cache hit reports the whole file at once: no piece-by-piece hashing happened.
-    assert [p.bytes_done for p in hashed if p.phase == "hash"] == [12 * MiB]
+    assert [p.bytes_done for p in hashed if p.phase == "hashing"] == [12 * MiB]
 
 
 async def test_stale_cache_entry_is_caught_by_the_server_and_the_file_rehashed(daemon, tmp_path,
-                                                                               cache_home):
+                                                                               cache_home, rng):
     src = tmp_path / "f.bin"
-    data = write_random(src, 2 * MiB + 1, seed=1)
+    data = rng.write(src, 2 * MiB + 1, 1)
     settle(src)
     file_digests(src, chunk_size=MiB, algo=Algo.MD5, cache=DigestCache(cache_home))
     # Make the entry lie, as if the file had been rewritten without its stat changing.
-    other = random.Random(2).randbytes(len(data))
+    other = rng.bytes(len(data), 2)
     lie = b"".join(hashlib.md5(other[i:i + MiB]).digest() for i in range(0, len(other), MiB))
     with sqlite3.connect(cache_home / "digests.sqlite") as conn:
         conn.execute("UPDATE digests SET file_digest = ?, chunk_digests = ?",
@@ -302,12 +331,12 @@ async def test_stale_cache_entry_is_caught_by_the_server_and_the_file_rehashed(d
     assert cached and again.digest == s.digest
 
 
-async def test_one_changed_region_sends_exactly_one_chunk(daemon, tmp_path):
+async def test_one_changed_region_sends_exactly_one_chunk(daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
-    data = bytearray(write_random(src, 4 * CHUNK, seed=7))
+    data = bytearray(rng.write(src, 4 * CHUNK, 7))
     async with CasdClient(daemon.url) as client:
         await client.upload(src)
-        data[CHUNK:2 * CHUNK] = random.Random(8).randbytes(CHUNK)
+        data[CHUNK:2 * CHUNK] = rng.bytes(CHUNK, 8)
         src.write_bytes(data)
         s = await roundtrip(client, src, tmp_path / "out")
     assert (s.chunks_sent, s.bytes_sent) == (1, CHUNK)
@@ -315,23 +344,23 @@ async def test_one_changed_region_sends_exactly_one_chunk(daemon, tmp_path):
     assert s.digest == hashlib.md5(data).hexdigest() and not s.instant
 
 
-async def test_repeated_chunks_are_sent_once(daemon, tmp_path):
+async def test_repeated_chunks_are_sent_once(daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
-    block = random.Random(3).randbytes(MiB)
+    block = rng.bytes(MiB, 3)
     src.write_bytes(block * 5 + b"tail")
     async with CasdClient(daemon.url) as client:
         s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
     assert (s.chunks_total, s.chunks_sent, s.bytes_sent) == (6, 2, MiB + 4)
 
 
-async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, tmp_path):
+async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 12 * MiB, seed=12)
+    rng.write(src, 12 * MiB, 12)
     total, killed_after, concurrency = 12, 4, 2
     acked: list[int] = []
 
     def kill_after_some(p: Progress) -> None:
-        if p.phase == "upload":
+        if p.phase == "uploading":
             acked.append(p.chunks_done)
             if p.chunks_done == killed_after:
                 daemon.kill()
@@ -353,12 +382,12 @@ async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, t
     assert rerun.chunks_sent + rerun.chunks_skipped == total
 
 
-async def test_upload_rides_through_a_daemon_restart(daemon, tmp_path):
+async def test_upload_rides_through_a_daemon_restart(daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
-    data = write_random(src, 8 * MiB, seed=8)
+    data = rng.write(src, 8 * MiB, 8)
 
     def restart_midway(p: Progress) -> None:
-        if p.phase == "upload" and p.chunks_done == 3:
+        if p.phase == "uploading" and p.chunks_done == 3:
             daemon.restart()  # kill -9, then up again on the same port before any retry
 
     async with CasdClient(daemon.url) as client:
@@ -368,13 +397,13 @@ async def test_upload_rides_through_a_daemon_restart(daemon, tmp_path):
     assert (s.chunks_sent, s.bytes_sent, s.instant) == (8, 8 * MiB, False)
 
 
-async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemon, tmp_path):
+async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
     size = 3 * MiB
-    write_random(src, size, seed=1)
+    rng.write(src, size, 1)
 
     def scribble_when_hashed(p: Progress) -> None:
-        if p.phase == "hash" and p.bytes_done == size:
+        if p.phase == "hashing" and p.bytes_done == size:
             with open(src, "r+b") as f:
                 f.seek(2 * MiB)  # the last chunk, so the first two go through
                 f.write(b"changed!")
@@ -393,16 +422,20 @@ async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemo
 
 
 class FaultProxy:
-    """Forwards to a daemon, answering scripted faults first and recording every request."""
+    """Forwards to a daemon, answering scripted faults first and recording every request.
+
+    A fault is a status, or (status, headers) for an answer that carries e.g. Retry-After.
+    """
 
     HOP = ("Content-Length", "Content-Type", "Content-Range", "ETag", "Accept-Ranges")
 
     def __init__(self, upstream: str):
         self.upstream = upstream
         self.seen: list[tuple[str, str, str | None]] = []
+        self.times: list[float] = []  # time.monotonic() of each request in `seen`
         self.authorizations: list[str | None] = []
-        self.chunk_faults: list[int] = []  # statuses for the next chunk PUTs
-        self.handshake_faults: list[int] = []
+        self.chunk_faults: list[int | tuple[int, dict[str, str]]] = []  # next chunk PUTs
+        self.handshake_faults: list[int | tuple[int, dict[str, str]]] = []
         self.cut_next_get_after: int | None = None  # bytes, once
         self.session: aiohttp.ClientSession | None = None
         self.url = ""  # set once the proxy listens
@@ -421,6 +454,7 @@ class FaultProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append((request.method, request.path, request.headers.get("Range")))
+        self.times.append(time.monotonic())
         self.authorizations.append(request.headers.get("Authorization"))
         body = await request.read()
         faults = None
@@ -429,9 +463,11 @@ class FaultProxy:
         elif request.path == "/v1/handshake":
             faults = self.handshake_faults
         if faults:
-            status = faults.pop(0)
+            fault = faults.pop(0)
+            status, headers = fault if isinstance(fault, tuple) else (fault, {})
             return web.json_response(
-                {"error": "injected", "message": f"injected {status}"}, status=status)
+                {"error": "injected", "message": f"injected {status}"}, status=status,
+                headers=headers)
         headers = {k: v for k in ("Authorization", "Range", "Content-Type")
                    if (v := request.headers.get(k)) is not None}
         async with self.session.request(request.method, self.upstream + request.path_qs,
@@ -466,9 +502,9 @@ async def proxy(daemon, aiohttp_server):
     return fp
 
 
-async def test_5xx_and_507_answers_are_retried_through(proxy, tmp_path):
+async def test_5xx_and_507_answers_are_retried_through(proxy, tmp_path, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 4 * MiB + 5)
+    rng.write(src, 4 * MiB + 5)
     proxy.handshake_faults = [503]
     proxy.chunk_faults = [503, 507, 500, 503]
     async with fast_client(proxy.url) as client:
@@ -479,32 +515,66 @@ async def test_5xx_and_507_answers_are_retried_through(proxy, tmp_path):
     assert proxy.count("POST", "/v1/handshake") == 2
 
 
-async def test_retries_are_bounded(proxy, tmp_path):
+async def test_408_and_429_answers_are_retried_through(proxy, tmp_path, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 100)
+    rng.write(src, 2 * MiB + 5)
+    proxy.handshake_faults = [429]
+    proxy.chunk_faults = [408, 429]
+    async with fast_client(proxy.url) as client:
+        s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB, concurrency=1)
+    assert (s.chunks_sent, s.bytes_sent) == (3, 2 * MiB + 5)
+    assert proxy.chunk_faults == [] and proxy.handshake_faults == []
+    assert proxy.count("PUT", "/chunks/") == 3 + 2
+    assert proxy.count("POST", "/v1/handshake") == 2
+
+
+async def test_retry_after_is_honoured_up_to_max_backoff(proxy, tmp_path, rng):
+    src = tmp_path / "f.bin"
+    rng.write(src, 100)
+    proxy.chunk_faults = [(429, {"Retry-After": "1"})]
+    # Jitter alone would retry within milliseconds; the server asked for a second.
+    async with fast_client(proxy.url, backoff=0.001, max_backoff=5) as client:
+        await client.upload(src)
+    puts = [t for (m, p, _), t in zip(proxy.seen, proxy.times, strict=True)
+            if m == "PUT" and "/chunks/" in p]
+    assert len(puts) == 2 and puts[1] - puts[0] >= 0.9
+
+    other = tmp_path / "g.bin"
+    rng.write(other, 100, "other")
+    proxy.chunk_faults = [(503, {"Retry-After": "3600"})]
+    # An hour is more than max_backoff allows: the retry comes after 0.05 s at most.
+    async with fast_client(proxy.url, max_backoff=0.05) as client:
+        await asyncio.wait_for(client.upload(other), 30)
+    assert proxy.chunk_faults == []
+
+
+async def test_retries_are_bounded(proxy, tmp_path, rng):
+    src = tmp_path / "f.bin"
+    rng.write(src, 100)
     proxy.chunk_faults = [503] * 10
     async with fast_client(proxy.url, retries=3) as client:
         with pytest.raises(CasdHTTPError) as info:
             await client.upload(src)
-    assert info.value.status == 503
+    assert info.value.status == 503 and info.value.retryable
     assert proxy.count("PUT", "/chunks/") == 4
 
 
-async def test_4xx_is_not_retried(proxy, tmp_path):
+async def test_4xx_is_not_retried(proxy, tmp_path, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 100)
+    rng.write(src, 100)
     proxy.handshake_faults = [400]
     async with fast_client(proxy.url) as client:
         with pytest.raises(CasdHTTPError) as info:
             await client.upload(src)
     assert (info.value.status, info.value.code) == (400, "injected")
+    assert not info.value.retryable
     assert proxy.count("POST", "/v1/handshake") == 1
 
 
-async def test_token_is_sent_and_a_refusal_is_clear(daemon_factory, tmp_path):
+async def test_token_is_sent_and_a_refusal_is_clear(daemon_factory, tmp_path, rng):
     d = daemon_factory("--token", "s3cret")
     src = tmp_path / "f.bin"
-    write_random(src, 1000)
+    rng.write(src, 1000)
     async with fast_client(d.url) as client:
         with pytest.raises(CasdHTTPError) as info:
             await client.upload(src)
@@ -513,9 +583,9 @@ async def test_token_is_sent_and_a_refusal_is_clear(daemon_factory, tmp_path):
         await roundtrip(client, src, tmp_path / "out")
 
 
-async def test_token_goes_only_to_the_configured_server(proxy, daemon, tmp_path):
+async def test_token_goes_only_to_the_configured_server(proxy, daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 1000)
+    rng.write(src, 1000)
     async with CasdClient(proxy.url, token="s3cret") as client:
         s = await client.upload(src)
     assert set(proxy.authorizations) == {"Bearer s3cret"}
@@ -527,18 +597,18 @@ async def test_token_goes_only_to_the_configured_server(proxy, daemon, tmp_path)
     assert (tmp_path / "out").read_bytes() == src.read_bytes()
 
 
-async def test_unreachable_server_fails_at_once(tmp_path, unused_tcp_port):
+async def test_unreachable_server_fails_at_once(tmp_path, unused_tcp_port, rng):
     src = tmp_path / "f.bin"
-    write_random(src, 10)
+    rng.write(src, 10)
     async with CasdClient(f"http://127.0.0.1:{unused_tcp_port}", backoff=10) as client:
         # backoff=10 would make any retry take seconds; the test's timeout catches that.
         with pytest.raises(CasdConnectionError, match="cannot reach"):
             await asyncio.wait_for(client.upload(src), 5)
 
 
-async def test_download_resumes_after_a_cut_connection(proxy, daemon, tmp_path):
+async def test_download_resumes_after_a_cut_connection(proxy, daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
-    data = write_random(src, 6 * MiB + 11, seed=6)
+    data = rng.write(src, 6 * MiB + 11, 6)
     async with CasdClient(daemon.url) as client:
         s = await client.upload(src, algo="sha256")
     proxy.cut_next_get_after = 2 * MiB + 3
@@ -556,9 +626,9 @@ async def test_download_resumes_after_a_cut_connection(proxy, daemon, tmp_path):
 
 
 async def test_interrupted_download_leaves_a_part_file_the_next_run_resumes(proxy, daemon,
-                                                                            tmp_path):
+                                                                            tmp_path, rng):
     src = tmp_path / "f.bin"
-    data = write_random(src, 5 * MiB, seed=5)
+    data = rng.write(src, 5 * MiB, 5)
     async with CasdClient(daemon.url) as client:
         s = await client.upload(src)
     proxy.cut_next_get_after = 3 * MiB
@@ -579,9 +649,9 @@ async def test_interrupted_download_leaves_a_part_file_the_next_run_resumes(prox
     assert not part.exists()
 
 
-async def test_corrupt_partial_download_is_caught_and_not_published(proxy, daemon, tmp_path):
+async def test_corrupt_partial_download_is_caught_and_not_published(proxy, daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
-    data = write_random(src, 3 * MiB, seed=3)
+    data = rng.write(src, 3 * MiB, 3)
     async with CasdClient(daemon.url) as client:
         s = await client.upload(src)
     proxy.cut_next_get_after = MiB

@@ -4,7 +4,7 @@
 //
 // Query parameters preset the settings: ?algo=sha256&chunk_size=1048576&concurrency=4
 
-import { upload, MiB, DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY } from "./casd.js";
+import { upload, CasdError, MiB, DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY } from "./casd.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const server = new URL(".", location.href).href.replace(/\/$/, "");
@@ -159,7 +159,7 @@ class Row {
     this.setState("failed");
     const box = this.part("error");
     box.hidden = false;
-    box.textContent = err?.error ? `${err.error}: ${err.message}` : String(err?.message || err);
+    box.textContent = err instanceof CasdError ? `${err.code}: ${err.message}` : String(err?.message || err);
     this.part("detail").textContent = "pick the file again to retry; the chunks already sent are kept";
   }
 

@@ -1,5 +1,6 @@
 // casd browser client: hash a File in Web Workers, ask the server what it lacks, send only
-// that through a bounded queue, merge. The protocol is /work/shared/PROTOCOL.md (v1).
+// that through a bounded queue, merge. The protocol is docs/PROTOCOL.md (v1); the Python
+// client (casd.client) follows the same defaults, retry rules and progress phases.
 //
 //   import { upload } from "/static/casd.js";
 //   const summary = await upload(file, { onProgress: (p) => console.log(p) });
@@ -12,7 +13,9 @@ import { Sha256 } from "./sha256.js";
 
 export const MiB = 1024 * 1024;
 export const DEFAULT_CHUNK_SIZE = 5 * MiB;
-export const DEFAULT_CONCURRENCY = 3;
+// Four chunk requests in flight leave two of the browser's six HTTP/1.1 connections per
+// host for the handshake, the merge and the page (as casd.client.DEFAULT_CONCURRENCY).
+export const DEFAULT_CONCURRENCY = 4;
 export const DEFAULT_RETRIES = 6;
 
 const ALGOS = new Set(["md5", "sha256"]);
@@ -24,20 +27,43 @@ const SPLIT_MIN_SIZE = 16 * MiB;
 const MAX_ROUNDS = 3;
 const BACKOFF_BASE_MS = 250;
 const BACKOFF_MAX_MS = 8_000; // as the Python client: 0.25 s doubling, at most 8 s
+// A chunk PUT asks for `{"stored": ...}` without the `missing` list (RFC 7240): that list
+// is the whole remainder of the upload on every answer, quadratic over a huge manifest,
+// and the queue already knows what it still has to send.
+const PREFER_MINIMAL = "return=minimal";
 
-/** An error answer from casd (or a network failure: status 0, error "network_error"). */
+/**
+ * An error answer from casd (or a network failure: status 0, code "network_error").
+ * `code` is the protocol's error code, as `CasdClientError.code` in Python; `error` is its
+ * old name, kept as an alias. `retryAfter` is the server's Retry-After in seconds, or null.
+ */
 export class CasdError extends Error {
-  constructor(status, error, message, body = {}) {
+  constructor(status, code, message, body = {}, retryAfter = null) {
     super(message);
     this.name = "CasdError";
     this.status = status;
-    this.error = error;
+    this.code = code;
     this.body = body;
+    this.retryAfter = retryAfter;
   }
 
+  get error() {
+    return this.code;
+  }
+
+  /** Network errors, 408, 429 and 5xx (507 included): the same request may succeed later. */
   get retryable() {
     return this.status === 0 || this.status === 408 || this.status === 429 || this.status >= 500;
   }
+}
+
+/** Seconds from a Retry-After header (delta-seconds or an HTTP date), else null. */
+function parseRetryAfter(value) {
+  if (!value) return null;
+  const text = value.trim();
+  if (/^\d+$/.test(text)) return Number(text);
+  const when = Date.parse(text);
+  return Number.isNaN(when) ? null : Math.max(0, (when - Date.now()) / 1000);
 }
 
 function abortReason(signal) {
@@ -186,7 +212,7 @@ function checkChunkSize(chunkSize) {
   }
 }
 
-function errorFrom(status, text) {
+function errorFrom(status, text, retryAfter = null) {
   let body = null;
   try {
     body = JSON.parse(text);
@@ -195,10 +221,11 @@ function errorFrom(status, text) {
   }
   if (body && typeof body.error === "string") {
     const { error, message, ...extra } = body;
-    return new CasdError(status, error, message || error, extra);
+    return new CasdError(status, error, message || error, extra, parseRetryAfter(retryAfter));
   }
   const excerpt = String(text || "").replace(/\s+/g, " ").slice(0, 200);
-  return new CasdError(status, `http_${status}`, `HTTP ${status}${excerpt ? ": " + excerpt : ""}`);
+  return new CasdError(status, `http_${status}`, `HTTP ${status}${excerpt ? ": " + excerpt : ""}`,
+    {}, parseRetryAfter(retryAfter));
 }
 
 /**
@@ -270,7 +297,8 @@ export async function upload(file, options = {}) {
   const hashSeconds = clock() - started;
 
   // One request with retries: network errors, 408, 429 and 5xx (507 included) are retried
-  // with exponential backoff and full jitter; other answers surface at once.
+  // with exponential backoff and full jitter, or after the server's Retry-After (capped as
+  // the backoff is); other answers surface at once.
   async function retrying(attempt, abortSignal = signal) {
     for (let n = 0; ; n++) {
       try {
@@ -281,7 +309,10 @@ export async function upload(file, options = {}) {
         }
         state.retries += 1;
         emit();
-        await sleep(Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** n), abortSignal);
+        const delay = err.retryAfter !== null
+          ? Math.min(BACKOFF_MAX_MS, err.retryAfter * 1000)
+          : Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** n);
+        await sleep(delay, abortSignal);
       }
     }
   }
@@ -301,7 +332,7 @@ export async function upload(file, options = {}) {
         if (signal?.aborted) throw abortReason(signal);
         throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}`);
       }
-      if (!response.ok) throw errorFrom(response.status, text);
+      if (!response.ok) throw errorFrom(response.status, text, response.headers.get("Retry-After"));
       return JSON.parse(text);
     });
   }
@@ -319,17 +350,15 @@ export async function upload(file, options = {}) {
       xhr.open("PUT", endpoint(path));
       for (const [k, v] of Object.entries(headers)) xhr.setRequestHeader(k, v);
       xhr.setRequestHeader("Content-Type", "application/octet-stream");
+      xhr.setRequestHeader("Prefer", PREFER_MINIMAL);
       xhr.upload.onprogress = (e) => onSent(e.loaded);
       xhr.onload = () => {
         if (xhr.status < 200 || xhr.status >= 300) {
-          settle(reject, errorFrom(xhr.status, xhr.responseText));
+          settle(reject, errorFrom(xhr.status, xhr.responseText, xhr.getResponseHeader("Retry-After")));
           return;
         }
-        try {
-          settle(resolve, JSON.parse(xhr.responseText));
-        } catch {
-          settle(reject, errorFrom(xhr.status, xhr.responseText));
-        }
+        // 201 stored, 200 already held: either way the chunk is there; the body says no more.
+        settle(resolve, xhr.status);
       };
       xhr.onerror = () => settle(reject, new CasdError(0, "network_error", `the chunk upload to ${absolute(path)} failed`));
       xhr.ontimeout = xhr.onerror;
@@ -355,7 +384,6 @@ export async function upload(file, options = {}) {
   // Sends the chunks `missing` names, at most `concurrency` at a time. The first failure
   // stops the queue and aborts the requests still in flight.
   async function sendMissing(uploadId, missing) {
-    let stillMissing = new Set(missing);
     const queue = missing.map((d) => firstOf.get(d));
     if (queue.some((c) => c === undefined)) {
       throw new CasdError(0, "protocol_error", "the server asked for a chunk that is not in this file");
@@ -368,11 +396,9 @@ export async function upload(file, options = {}) {
     async function worker() {
       while (next < queue.length && !stop.signal.aborted) {
         const chunk = queue[next++];
-        // Another upload may have supplied it meanwhile: `missing` only ever shrinks.
-        if (!stillMissing.has(chunk.digest)) continue;
         const path = `/v1/uploads/${encodeURIComponent(uploadId)}/chunks/${chunk.digest}`;
         const blob = file.slice(chunk.offset, chunk.offset + chunk.size);
-        const answer = await retrying(() => {
+        await retrying(() => {
           inFlight.set(chunk.digest, 0);
           return putOnce(path, blob, (loaded) => {
             inFlight.set(chunk.digest, Math.min(loaded, chunk.size));
@@ -387,8 +413,6 @@ export async function upload(file, options = {}) {
           state.bytes_sent += chunk.size;
         }
         state.bytes_in_flight = [...inFlight.values()].reduce((a, b) => a + b, 0);
-        const now = new Set(answer.missing);
-        stillMissing = new Set([...stillMissing].filter((d) => now.has(d)));
         emit();
       }
     }
@@ -456,7 +480,7 @@ export async function upload(file, options = {}) {
     } catch (err) {
       // The server lost the upload or still lacks chunks: a fresh handshake says what to do.
       const recoverable = err instanceof CasdError
-        && (err.error === "not_found" || err.error === "incomplete");
+        && (err.code === "not_found" || err.code === "incomplete");
       if (!recoverable || round >= MAX_ROUNDS || signal?.aborted) throw err;
     }
   }

@@ -1,0 +1,300 @@
+"""Hashing a local file in one read, and the digest cache that spares rehashing it.
+
+No network in here (and no aiohttp): `hash_file` and `file_digests` are blocking and meant
+for a worker thread; `casd.client.transfer` runs them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from casd.client.errors import FileChangedError
+from casd.digest import Algo, Digest
+
+log = logging.getLogger("casd.client")
+
+MiB = 1024 * 1024
+DEFAULT_CHUNK_SIZE = 5 * MiB
+# Hashing reads pieces of at most this size into two reused buffers, so its memory is two
+# pieces whatever the chunk or file size.
+HASH_PIECE = 4 * MiB
+# A cache entry older than this many entries (by last use) is dropped.
+CACHE_MAX_ENTRIES = 10_000
+# File timestamps come from a clock that ticks in jiffies (up to 10 ms); a file written within
+# one tick of the moment we start reading it could change again without its mtime moving,
+# so its digests are not cached. Filesystems with whole-second timestamps get 2 s.
+RACY_NS = 10_000_000
+RACY_COARSE_NS = 2_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """One chunk of a local file: where it lies and its digest (lowercase hex)."""
+
+    offset: int
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class FileDigests:
+    """A file's whole digest and its chunks, as one hashing pass (or the cache) found them."""
+
+    algo: Algo
+    digest: str
+    size: int
+    chunk_size: int
+    chunks: tuple[ChunkSpan, ...]
+
+
+# --- hashing ---------------------------------------------------------------------------------
+
+
+def _read_exact(f, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise FileChangedError(f"{f.name}: file shrank while it was being read")
+        got += n
+
+
+def hash_stream(f, size: int, chunk_size: int, algo: Algo,
+                on_bytes: Callable[[int], None] | None = None,
+                stop: threading.Event | None = None) -> tuple[str, list[str]]:
+    """Hash `size` bytes of an unbuffered binary file in one read: (file digest, chunk digests).
+
+    Blocking; run it in a thread. The whole-file hash runs in the calling thread and the chunk
+    hashes in one helper thread over the same buffer, so the two use two cores; hashlib drops
+    the GIL for large buffers. Two buffers of at most HASH_PIECE alternate, so the next piece
+    is read while the helper still hashes the previous one.
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk size must be at least 1 byte")
+    piece = min(chunk_size, HASH_PIECE, max(size, 1))
+    views = [memoryview(bytearray(piece)), memoryview(bytearray(piece))]
+    whole = algo.new()
+    digests: list[str] = []
+    # Only the helper thread touches `current`; jobs run in submission order.
+    current = [algo.new()]
+
+    def feed(view: memoryview, chunk_ends: bool) -> None:
+        current[0].update(view)
+        if chunk_ends:
+            digests.append(current[0].hexdigest())
+            current[0] = algo.new()
+
+    jobs: list[Future | None] = [None, None]
+    with ThreadPoolExecutor(1, thread_name_prefix="casd-hash") as helper:
+        offset = 0
+        i = 0
+        while offset < size:
+            if stop is not None and stop.is_set():
+                raise asyncio.CancelledError
+            chunk_end = min((offset // chunk_size + 1) * chunk_size, size)
+            n = min(piece, chunk_end - offset)
+            slot = i & 1
+            job = jobs[slot]
+            if job is not None:
+                job.result()  # the helper is done with this buffer
+            view = views[slot][:n]
+            _read_exact(f, view)
+            jobs[slot] = helper.submit(feed, view, offset + n == chunk_end)
+            whole.update(view)
+            offset += n
+            i += 1
+            if on_bytes is not None:
+                on_bytes(offset)
+        for job in jobs:
+            if job is not None:
+                job.result()
+    return whole.hexdigest(), digests
+
+
+def _spans(size: int, chunk_size: int, digests: list[str]) -> tuple[ChunkSpan, ...]:
+    return tuple(
+        ChunkSpan(off, min(chunk_size, size - off), d)
+        for off, d in zip(range(0, size, chunk_size), digests, strict=True)
+    )
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _racy(st: os.stat_result, started_ns: int) -> bool:
+    """True when the file may change again without its stat changing (see RACY_NS)."""
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    coarse = st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
+    return newest >= started_ns - (RACY_COARSE_NS if coarse else RACY_NS)
+
+
+def hash_file(path: str | os.PathLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+              algo: Algo | str = Algo.MD5,
+              on_bytes: Callable[[int], None] | None = None,
+              stop: threading.Event | None = None) -> FileDigests:
+    """The file's digest and its fixed-size chunks' digests, from one read (blocking)."""
+    algo = Algo.parse(algo) if not isinstance(algo, Algo) else algo
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        whole, digests = hash_stream(f, size, chunk_size, algo, on_bytes, stop)
+    return FileDigests(algo, whole, size, chunk_size, _spans(size, chunk_size, digests))
+
+
+# --- digest cache ----------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/casd, else ~/.cache/casd."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "casd"
+
+
+class DigestCache:
+    """Chunk digests of files already hashed, keyed by path, stat and chunking (a SQLite file).
+
+    Best effort: any problem with the file (unwritable, locked, corrupt) makes the cache miss
+    or skip, never fails an upload; a corrupt file is replaced on the next write.
+    """
+
+    _SCHEMA = """
+        CREATE TABLE IF NOT EXISTS digests (
+            path TEXT NOT NULL, chunk_size INTEGER NOT NULL, algo TEXT NOT NULL,
+            dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+            file_digest TEXT NOT NULL, chunk_digests BLOB NOT NULL, used REAL NOT NULL,
+            PRIMARY KEY (path, chunk_size, algo))
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / "digests.sqlite"
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=2.0, isolation_level=None)
+        # A cache needs no durability: losing it to a power cut costs one rehash, and a
+        # corrupt file is detected and replaced. Skipping fsync keeps a cached re-upload fast.
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute(self._SCHEMA)
+        return conn
+
+    def get(self, realpath: str, st: os.stat_result, chunk_size: int,
+            algo: Algo) -> FileDigests | None:
+        """The cached digests for this exact file state, or None."""
+        try:
+            conn = self._connect()
+            try:
+                row = conn.execute(
+                    "SELECT dev, ino, size, mtime_ns, ctime_ns, file_digest, chunk_digests"
+                    " FROM digests WHERE path = ? AND chunk_size = ? AND algo = ?",
+                    (realpath, chunk_size, algo.value),
+                ).fetchone()
+                if row is None or tuple(row[:5]) != _stat_key(st):
+                    return None
+                conn.execute(
+                    "UPDATE digests SET used = ? WHERE path = ? AND chunk_size = ? AND algo = ?",
+                    (time.time(), realpath, chunk_size, algo.value),
+                )
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError) as exc:
+            log.debug("digest cache unreadable, ignoring it: %s", exc)
+            return None
+        return self._decode(row, st.st_size, chunk_size, algo)
+
+    @staticmethod
+    def _decode(row, size: int, chunk_size: int, algo: Algo) -> FileDigests | None:
+        file_digest, blob = row[5], row[6]
+        width = algo.hex_len // 2
+        n_chunks = -(-size // chunk_size)
+        if (not isinstance(blob, bytes) or len(blob) != n_chunks * width
+                or not isinstance(file_digest, str) or len(file_digest) != algo.hex_len):
+            return None
+        try:
+            Digest.parse(algo, file_digest)
+        except ValueError:
+            return None
+        digests = [blob[i:i + width].hex() for i in range(0, len(blob), width)]
+        return FileDigests(algo, file_digest.lower(), size, chunk_size,
+                           _spans(size, chunk_size, digests))
+
+    def put(self, realpath: str, st: os.stat_result, fd: FileDigests) -> None:
+        """Remember `fd` for this file state, replacing what the path had; never raises."""
+        blob = b"".join(bytes.fromhex(c.digest) for c in fd.chunks)
+        row = (realpath, fd.chunk_size, fd.algo.value, *_stat_key(st), fd.digest, blob,
+               time.time())
+        for attempt in range(2):
+            try:
+                conn = self._connect()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("INSERT OR REPLACE INTO digests VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                 row)
+                    conn.execute(
+                        "DELETE FROM digests WHERE rowid IN (SELECT rowid FROM digests"
+                        " ORDER BY used DESC LIMIT -1 OFFSET ?)", (CACHE_MAX_ENTRIES,))
+                    conn.execute("COMMIT")
+                finally:
+                    conn.close()
+                return
+            except sqlite3.DatabaseError as exc:
+                # Exactly DatabaseError (not its OperationalError subclass, e.g. "locked")
+                # means the file is not a usable database: start a fresh one, once.
+                if type(exc) is sqlite3.DatabaseError and attempt == 0:
+                    log.debug("digest cache corrupt, replacing it: %s", exc)
+                    try:
+                        self.path.unlink()
+                    except OSError:
+                        return
+                    continue
+                log.debug("digest cache not written: %s", exc)
+                return
+            except OSError as exc:
+                log.debug("digest cache not written: %s", exc)
+                return
+
+    def forget(self, realpath: str) -> None:
+        """Drop every entry of this path; never raises."""
+        try:
+            conn = self._connect()
+            try:
+                conn.execute("DELETE FROM digests WHERE path = ?", (realpath,))
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError) as exc:
+            log.debug("digest cache not written: %s", exc)
+
+
+def file_digests(path: str | os.PathLike, *, chunk_size: int, algo: Algo,
+                 cache: DigestCache | None,
+                 on_bytes: Callable[[int], None] | None = None,
+                 stop: threading.Event | None = None) -> tuple[FileDigests, bool]:
+    """(digests, came_from_cache) for a file: the cache when it knows this state, else hashing."""
+    realpath = os.path.realpath(path)
+    started_ns = time.time_ns()
+    with open(realpath, "rb", buffering=0) as f:
+        before = os.fstat(f.fileno())
+        if cache is not None:
+            hit = cache.get(realpath, before, chunk_size, algo)
+            if hit is not None:
+                if on_bytes is not None:
+                    on_bytes(hit.size)
+                return hit, True
+        whole, digests = hash_stream(f, before.st_size, chunk_size, algo, on_bytes, stop)
+        after = os.fstat(f.fileno())
+    fd = FileDigests(algo, whole, before.st_size, chunk_size,
+                     _spans(before.st_size, chunk_size, digests))
+    if cache is not None and _stat_key(before) == _stat_key(after) \
+            and not _racy(after, started_ns):
+        cache.put(realpath, after, fd)
+    return fd, False
+
