@@ -36,6 +36,20 @@ _UPLOAD_COLUMNS = (
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
 
 
+# The file row first (seq -1), then its chunks in order; the file's columns are NULL on the
+# chunk rows, so a 200,000-chunk manifest does not repeat them 200,000 times.
+_FILE_WITH_CHUNKS = (
+    "WITH f AS (SELECT digest, algo, size, ext, name, created, manifest_id FROM files"
+    " WHERE digest = ? AND algo = ?)"
+    " SELECT f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id,"
+    " NULL, NULL, -1 AS seq FROM f"
+    " UNION ALL"
+    " SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, mc.digest, mc.size, mc.seq"
+    " FROM f JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
+    " ORDER BY seq"
+)
+
+
 def _upload(row) -> Upload:
     uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
     return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, state, expires_at)
@@ -147,6 +161,20 @@ class Catalog:
             (digest.hex, digest.algo.value),
         )
         return _file(row) if row else None
+
+    async def file_with_chunks(
+        self, digest: Digest
+    ) -> tuple[FileEntry, list[tuple[str, int]]] | None:
+        """A file and its (digest hex, size) chunks in order, from one snapshot; None if unknown.
+
+        One statement is one read transaction, so the chunk list is the one the file row
+        names even while a delete and new handshakes commit beside it; a download built on
+        it never serves one manifest's bytes under another file's ETag.
+        """
+        rows = await self._all(_FILE_WITH_CHUNKS, (digest.hex, digest.algo.value))
+        if not rows:
+            return None
+        return _file(rows[0][:7]), [(r[7], r[8]) for r in rows[1:]]
 
     async def get_upload(self, upload_id: str) -> Upload | None:
         row = await self._one(
@@ -514,29 +542,45 @@ async def _missing(db: aiosqlite.Connection, manifest_id: int) -> list[str]:
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
-    """Apply every migration not yet recorded, each in its own immediate transaction."""
+    """Apply every migration not yet recorded, each in its own immediate transaction.
+
+    Foreign keys are not enforced while a migration runs (a table rebuild drops a table that
+    others reference; with enforcement on, the drop would cascade into their rows); instead
+    every reference is checked before the migration commits.
+    """
     await db.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations"
         " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
     )
-    for version, name, sql in _migrations():
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            async with db.execute(
-                "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
-            ) as cur:
-                done = await cur.fetchone()
-            if not done:
-                for stmt in _statements(sql):
-                    await db.execute(stmt)
-                await db.execute(
-                    "INSERT INTO schema_migrations (version, name, applied) VALUES (?, ?, ?)",
-                    (version, name, time.time()),
-                )
-            await db.commit()
-        except BaseException:
-            await db.rollback()
-            raise
+    # Only takes effect outside a transaction, hence here and not inside each one.
+    await db.execute("PRAGMA foreign_keys = OFF")
+    try:
+        for version, name, sql in _migrations():
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+                ) as cur:
+                    done = await cur.fetchone()
+                if not done:
+                    for stmt in _statements(sql):
+                        await db.execute(stmt)
+                    broken = await db.execute_fetchall("PRAGMA foreign_key_check")
+                    if broken:
+                        raise RuntimeError(
+                            f"migration {name} would leave {len(broken)} broken references,"
+                            f" first {tuple(broken[0])}"
+                        )
+                    await db.execute(
+                        "INSERT INTO schema_migrations (version, name, applied) VALUES (?, ?, ?)",
+                        (version, name, time.time()),
+                    )
+                await db.commit()
+            except BaseException:
+                await db.rollback()
+                raise
+    finally:
+        await db.execute("PRAGMA foreign_keys = ON")
 
 
 # ---- maintenance (gc, fsck, stats) ----

@@ -102,6 +102,14 @@ class ReadSegment:
     length: int
 
 
+@dataclass(frozen=True)
+class OpenFile:
+    """A file entry and its (digest hex, size) chunks in order, read together."""
+
+    entry: FileEntry
+    chunks: list[tuple[str, int]]
+
+
 class Service:
     def __init__(
         self,
@@ -403,18 +411,34 @@ class Service:
     # ---- files ------------------------------------------------------------------------
 
     async def get_file(self, digest: Digest) -> FileEntry:
+        """A complete file's catalogue entry (no chunk list: for answers without a body)."""
         entry = await self.catalog.get_file(digest)
         if entry is None:
             raise NotFound(f"no file {digest.hex}")
         return entry
 
-    async def read_plan(self, entry: FileEntry, start: int, length: int) -> list[ReadSegment]:
+    async def open_file(self, digest: Digest) -> OpenFile:
+        """A complete file with its chunk list, both from one catalogue snapshot."""
+        found = await self.catalog.file_with_chunks(digest)
+        if found is None:
+            raise NotFound(f"no file {digest.hex}")
+        entry, chunks = found
+        return OpenFile(entry, chunks)
+
+    def read_plan(self, file: OpenFile, start: int, length: int) -> list[ReadSegment]:
         """The blob slices that make bytes [start, start+length) of a file, in order."""
         if length <= 0:
             return []
-        chunks = await self.catalog.manifest_chunks(entry.manifest_id)
+        chunks = file.chunks
         ends = list(accumulate(size for _hex, size in chunks))
-        algo = entry.digest.algo
+        if not ends or ends[-1] != file.entry.size:
+            # Cannot happen for a snapshot of a healthy catalogue; refuse rather than serve
+            # bytes that do not add up to what the ETag names.
+            raise RuntimeError(
+                f"file {file.entry.digest.hex}: its chunks add up to"
+                f" {ends[-1] if ends else 0} bytes, not {file.entry.size}"
+            )
+        algo = file.entry.digest.algo
         out: list[ReadSegment] = []
         i = bisect_right(ends, start)
         pos, stop = start, start + length
