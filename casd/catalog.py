@@ -257,9 +257,13 @@ class Catalog:
         """
         return await self._group.run(_register_file, upload_id, now)
 
-    async def drop_upload(self, upload_id: str) -> bool:
-        """Forget an upload (and its manifest unless a file uses it); False if unknown."""
-        return await self._group.run(_drop_upload_by_id, upload_id)
+    async def drop_pending_upload(self, upload_id: str) -> bool:
+        """Forget a still-pending upload (and its manifest unless a file uses it).
+
+        False when there is no such upload or it was merged meanwhile: the check and the
+        delete are one transaction, so an abort racing a merge is decided once, either way.
+        """
+        return await self._group.run(_drop_pending_upload, upload_id)
 
     async def delete_file(self, digest: Digest) -> bool:
         """Remove a file from the catalogue; its chunks are left for gc. False if unknown."""
@@ -407,8 +411,9 @@ def _begin_upload(
         (manifest_id, LIVE),
     ).fetchone()
     if clash:
+        # Say which claim is wrong, never the stored size: that is someone else's fact.
         raise BadRequest(
-            f"chunk {clash[0]} is stored with size {clash[2]}, the manifest says {clash[1]}"
+            f"chunk {clash[0]} does not have the size {clash[1]} this manifest gives it"
         )
     con.execute(
         "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at)"
@@ -481,16 +486,19 @@ def _register_file(con: sqlite3.Connection, upload_id: str, now: float) -> FileE
     entry = _file(frow)
     if entry.size != upload.size:
         raise FileDigestMismatch(
-            f"another file of {entry.size} bytes is already stored under {entry.digest.hex}"
+            f"a file of {upload.size} bytes cannot be stored under {entry.digest.hex}"
         )
     return entry
 
 
-def _drop_upload_by_id(con: sqlite3.Connection, upload_id: str) -> bool:
-    row = con.execute("SELECT manifest_id FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+def _drop_pending_upload(con: sqlite3.Connection, upload_id: str) -> bool:
+    row = con.execute(
+        "DELETE FROM uploads WHERE id = ? AND state = 'pending' RETURNING manifest_id",
+        (upload_id,),
+    ).fetchone()
     if row is None:
         return False
-    _drop_upload_sync(con, upload_id, row[0])
+    _drop_manifest_if_unused_sync(con, row[0])
     return True
 
 

@@ -338,10 +338,16 @@ class Service:
         self._file_hashes.pop(upload_id, None)
         actual, total = state.result()
         if actual != upload.digest or total != upload.size:
-            await self.catalog.drop_upload(upload_id)
+            # The real digest stays in the log: it says something about chunks this client
+            # may never have sent (it skipped those the server already held).
+            log.debug(
+                "upload %s: chunks assemble to %d bytes hashing to %s, claimed %s",
+                upload_id, total, actual.hex, upload.digest.hex,
+            )
+            await self.catalog.drop_pending_upload(upload_id)
             raise FileDigestMismatch(
-                f"the chunks assemble to {total} bytes hashing to {actual.hex}, not to the"
-                f" claimed {upload.digest.hex} ({upload.size} bytes); the upload was discarded"
+                f"the chunks, in manifest order, do not hash to the claimed"
+                f" {upload.digest.hex} ({upload.size} bytes); the upload was discarded"
             )
         entry = await self.catalog.register_file(upload_id, self.clock())
         if entry is None:
@@ -402,10 +408,9 @@ class Service:
             state.next += 1
 
     async def abort(self, upload_id: str) -> None:
-        upload = await self.catalog.get_upload(upload_id)
-        if upload is None or upload.state != "pending":
+        """Forget a pending upload; NotFound once it is merged (a merge that won stays won)."""
+        if not await self.catalog.drop_pending_upload(upload_id):
             raise NotFound(f"no pending upload {upload_id!r}")
-        await self.catalog.drop_upload(upload_id)
         self._file_hashes.pop(upload_id, None)
 
     # ---- files ------------------------------------------------------------------------
