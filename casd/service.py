@@ -338,21 +338,31 @@ class Service:
         self._file_hashes.pop(upload_id, None)
         actual, total = state.result()
         if actual != upload.digest or total != upload.size:
+            if not await self.catalog.drop_pending_upload(upload_id):
+                # Aborted or merged while this merge hashed: its manifest may have gone with
+                # it, so this hash proves nothing. Answer what the upload became.
+                return await self._settled(upload_id)
             # The real digest stays in the log: it says something about chunks this client
             # may never have sent (it skipped those the server already held).
             log.debug(
                 "upload %s: chunks assemble to %d bytes hashing to %s, claimed %s",
                 upload_id, total, actual.hex, upload.digest.hex,
             )
-            await self.catalog.drop_pending_upload(upload_id)
             raise FileDigestMismatch(
                 f"the chunks, in manifest order, do not hash to the claimed"
                 f" {upload.digest.hex} ({upload.size} bytes); the upload was discarded"
             )
         entry = await self.catalog.register_file(upload_id, self.clock())
         if entry is None:
-            raise NotFound(f"no pending upload {upload_id!r}")
+            raise NotFound(f"no pending upload {upload_id!r} (aborted or expired)")
         return entry
+
+    async def _settled(self, upload_id: str) -> FileEntry:
+        """The answer for an upload that stopped being pending under a merge's feet."""
+        upload = await self.catalog.get_upload(upload_id)
+        if upload is not None and upload.state == "merged":
+            return await self._merged_file(upload)
+        raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
 
     async def _merged_file(self, upload: Upload) -> FileEntry:
         entry = await self.catalog.get_file(upload.digest)

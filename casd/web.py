@@ -141,9 +141,10 @@ def _same(given: str, token: str) -> bool:
     """
     try:
         raw = given.encode("utf-8", "surrogateescape")
+        want = token.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         return False
-    return hmac.compare_digest(raw, token.encode())
+    return hmac.compare_digest(raw, want)
 
 
 # ---- parsing at the edge ----------------------------------------------------------------
