@@ -50,15 +50,19 @@ async def put_all(client, hs: dict, p) -> None:
 
 
 class Gate:
-    """Holds the first call that passes while armed, until released; bounded waits only."""
+    """Holds the first call that passes while armed, until released; bounded waits only.
+
+    `armed` is False, True, or a string the call's SQL must contain (a chunk PUT's background
+    hashing also reads the catalogue; the string keeps the gate for the request under test).
+    """
 
     def __init__(self):
-        self.armed = False
+        self.armed: bool | str = False
         self.reached = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def passing(self) -> None:
-        if self.armed:
+    async def passing(self, sql: str = "") -> None:
+        if self.armed is True or (isinstance(self.armed, str) and self.armed in sql):
             self.armed = False
             self.reached.set()
             await asyncio.wait_for(self.release.wait(), WAIT)
@@ -73,18 +77,18 @@ class Gate:
 
 @pytest.fixture
 def read_gate(monkeypatch) -> Gate:
-    """Holds a request right after its first catalogue read (armed)."""
+    """Holds a request right after a catalogue read (armed)."""
     gate = Gate()
     orig_one, orig_all = Catalog._one, Catalog._all
 
     async def one(self, sql, params=()):
         row = await orig_one(self, sql, params)
-        await gate.passing()
+        await gate.passing(sql)
         return row
 
     async def all_(self, sql, params=()):
         rows = await orig_all(self, sql, params)
-        await gate.passing()
+        await gate.passing(sql)
         return rows
 
     monkeypatch.setattr(Catalog, "_one", one)
@@ -94,12 +98,12 @@ def read_gate(monkeypatch) -> Gate:
 
 @pytest.fixture
 def write_gate(monkeypatch) -> Gate:
-    """Holds a request just before its next catalogue write transaction (armed)."""
+    """Holds a request just before a catalogue write (armed: part of the write's name)."""
     gate = Gate()
     orig = GroupWriter.run
 
     async def run(self, fn, *args):
-        await gate.passing()
+        await gate.passing(fn.__name__)
         return await orig(self, fn, *args)
 
     monkeypatch.setattr(GroupWriter, "run", run)
@@ -121,7 +125,7 @@ async def test_download_racing_delete_and_new_upload_never_serves_other_bytes(
     await put_all(client, hs, b)
     assert (await client.delete(f"/v1/uploads/{hs['upload_id']}")).status == 204
 
-    read_gate.armed = True
+    read_gate.armed = "files"
     download = asyncio.create_task(client.get(f"/v1/files/{a.digest}"))
     await read_gate.hold(download)
     # The download has done its first catalogue read; now a is deleted and b handshaken.
@@ -230,9 +234,10 @@ async def ready_upload(client, size: int = 3 * CHUNK):
 
 async def test_abort_held_before_its_write_loses_to_a_merge(client, write_gate):
     p, uid = await ready_upload(client)
-    write_gate.armed = True
+    write_gate.armed = "drop"
     abort = asyncio.create_task(client.delete(f"/v1/uploads/{uid}"))
     await write_gate.hold(abort)
+    assert write_gate.reached.is_set()
     merged = await client.post(f"/v1/uploads/{uid}/merge")
     assert merged.status == 200, await merged.text()
     first = await merged.json()
@@ -247,7 +252,7 @@ async def test_abort_held_before_its_write_loses_to_a_merge(client, write_gate):
 
 async def test_merge_held_before_registering_loses_to_an_abort(client, write_gate):
     p, uid = await ready_upload(client)
-    write_gate.armed = True
+    write_gate.armed = "register"
     merge = asyncio.create_task(client.post(f"/v1/uploads/{uid}/merge"))
     await write_gate.hold(merge)  # hashed, about to register
     assert write_gate.reached.is_set()
@@ -263,7 +268,7 @@ async def test_merge_that_read_a_pending_upload_then_lost_it_to_an_abort_is_404(
     client, read_gate
 ):
     p, uid = await ready_upload(client)
-    read_gate.armed = True
+    read_gate.armed = "FROM uploads"
     merge = asyncio.create_task(client.post(f"/v1/uploads/{uid}/merge"))
     await read_gate.hold(merge)  # it has seen the upload pending, nothing more
     assert read_gate.reached.is_set()
