@@ -501,8 +501,13 @@ async def healthz(request: web.Request) -> web.Response:
     except StorageFull:
         raise
     except Exception as exc:
+        # The details (paths, SQLite's words) are for the operator; /healthz needs no token.
         log.warning("health check failed: %s", exc)
-        return error_response(503, "unavailable", f"unhealthy: {exc}")
+        return error_response(
+            503, "unavailable",
+            "unhealthy: the catalogue cannot be read or the data folder cannot be written;"
+            " the daemon's log says which",
+        )
     return web.json_response({"status": "ok"})
 
 

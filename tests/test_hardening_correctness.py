@@ -405,3 +405,17 @@ async def test_lying_merge_does_not_disclose_the_real_digest(client):
     assert claimed in body["message"]
     assert real.digest not in await r.text()
     await assert_error(await client.get(f"/v1/files/{claimed}"), 404, "not_found")
+
+
+async def test_unhealthy_answer_does_not_disclose_paths_or_errors(client, monkeypatch, caplog):
+    from casd.blobstore import BlobStore
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self.tmp_dir / "secret-probe"))
+
+    monkeypatch.setattr(BlobStore, "check_writable", refuse)
+    r = await client.get("/healthz")
+    body = await assert_error(r, 503, "unavailable")
+    assert set(body) == {"error", "message"}
+    assert "secret-probe" not in body["message"] and "Permission" not in body["message"]
+    assert "secret-probe" in caplog.text  # the operator still learns what failed
