@@ -36,18 +36,17 @@ _UPLOAD_COLUMNS = (
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
 
 
-# The file row first (seq -1), then its chunks in order; the file's columns are NULL on the
-# chunk rows, so a 200,000-chunk manifest does not repeat them 200,000 times.
-_FILE_WITH_CHUNKS = (
-    "WITH f AS (SELECT digest, algo, size, ext, name, created, manifest_id FROM files"
-    " WHERE digest = ? AND algo = ?)"
-    " SELECT f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id,"
-    " NULL, NULL, -1 AS seq FROM f"
-    " UNION ALL"
-    " SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, mc.digest, mc.size, mc.seq"
-    " FROM f JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
-    " ORDER BY seq"
+# The chunks of a file's manifest, read only while the file row still names that manifest:
+# one statement, so the check and the list come from one snapshot. A manifest's chunk list
+# never changes and its id is never given to another, so (file row, this list) is what one
+# snapshot of both would have given.
+_CHUNKS_OF_FILE = (
+    "SELECT mc.digest, mc.size FROM files f"
+    " JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
+    " WHERE f.digest = ? AND f.algo = ? AND f.manifest_id = ? ORDER BY mc.seq"
 )
+# How often a download re-reads a file that is deleted and uploaded again under its feet.
+_FILE_READ_TRIES = 3
 
 
 def _upload(row) -> Upload:
@@ -165,16 +164,26 @@ class Catalog:
     async def file_with_chunks(
         self, digest: Digest
     ) -> tuple[FileEntry, list[tuple[str, int]]] | None:
-        """A file and its (digest hex, size) chunks in order, from one snapshot; None if unknown.
+        """A file and its (digest hex, size) chunks in order, as one snapshot gives them.
 
-        One statement is one read transaction, so the chunk list is the one the file row
-        names even while a delete and new handshakes commit beside it; a download built on
-        it never serves one manifest's bytes under another file's ETag.
+        None when there is no such file. Safe beside a delete and new handshakes committing
+        meanwhile: the chunk list is read in the same statement that checks the file row
+        still names its manifest, so a download never gets one manifest's chunks under
+        another file's ETag.
         """
-        rows = await self._all(_FILE_WITH_CHUNKS, (digest.hex, digest.algo.value))
-        if not rows:
-            return None
-        return _file(rows[0][:7]), [(r[7], r[8]) for r in rows[1:]]
+        for _ in range(_FILE_READ_TRIES):
+            entry = await self.get_file(digest)
+            if entry is None:
+                return None
+            if entry.size == 0:
+                return entry, []
+            chunks = await self._all(
+                _CHUNKS_OF_FILE, (digest.hex, digest.algo.value, entry.manifest_id)
+            )
+            if chunks:
+                return entry, chunks
+            # Deleted, and perhaps uploaded again, between the two statements: look again.
+        return None
 
     async def get_upload(self, upload_id: str) -> Upload | None:
         row = await self._one(

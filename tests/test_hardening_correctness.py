@@ -113,30 +113,39 @@ def write_gate(monkeypatch) -> Gate:
 # ---- item 7: the bytes under an ETag -------------------------------------------------------
 
 
+@pytest.mark.parametrize("meanwhile", ["other_file", "same_file_rechunked"])
 async def test_download_racing_delete_and_new_upload_never_serves_other_bytes(
-    client, read_gate
+    client, read_gate, meanwhile
 ):
     a = prepare(rand(3 * CHUNK, seed=1), CHUNK)
-    b = prepare(rand(3 * CHUNK, seed=2), CHUNK)  # same size and shape: a reused id would fit
-    await upload(client, "", a)
-    # b's chunks are already stored (from an upload aborted before a was deleted), so a new
-    # handshake of b makes a manifest at once.
+    if meanwhile == "other_file":
+        b = prepare(rand(3 * CHUNK, seed=2), CHUNK)  # same size and shape: a reused id fits
+    else:
+        b = prepare(a.data, CHUNK // 2)  # a's bytes again, in other chunks
+    # b's chunks are already stored (from an upload aborted earlier), so a new handshake of
+    # b makes a manifest at once.
     hs = await handshake(client, b.handshake)
     await put_all(client, hs, b)
     assert (await client.delete(f"/v1/uploads/{hs['upload_id']}")).status == 204
+    await upload(client, "", a)
 
     read_gate.armed = "files"
     download = asyncio.create_task(client.get(f"/v1/files/{a.digest}"))
     await read_gate.hold(download)
-    # The download has done its first catalogue read; now a is deleted and b handshaken.
+    assert read_gate.reached.is_set()
+    # The download has read a's file row; now a is deleted and b handshaken (and merged).
     assert (await client.delete(f"/v1/files/{a.digest}")).status == 204
     again = await handshake(client, b.handshake)
     assert again["status"] == "pending" and again["missing"] == []
+    if meanwhile == "same_file_rechunked":
+        assert (await client.post(f"/v1/uploads/{again['upload_id']}/merge")).status == 200
     read_gate.release.set()
     r = await asyncio.wait_for(download, WAIT)
+    if meanwhile == "same_file_rechunked":
+        assert r.status == 200  # it looked again and found the file as it is now
     if r.status == 200:
         body = await r.read()
-        assert r.headers["ETag"] == f'"{a.digest}"'
+        assert r.headers["ETag"] == f'"{a.digest}"' and len(body) == len(a.data)
         assert hashlib.md5(body).hexdigest() == a.digest
     else:
         await assert_error(r, 404, "not_found")
