@@ -3,7 +3,8 @@
 - A download's ETag and bytes come from one catalogue snapshot; manifest ids are never reused.
 - Abort and merge of one upload are decided once.
 - A non-UTF-8 bearer token is a wrong token (401), a suffix range of an empty file is 416.
-- Error answers do not disclose a stored chunk's size or an assembled file's real digest.
+- Error answers do not disclose a stored chunk's size, an assembled file's real digest, or
+  (on the tokenless /healthz) a path or SQLite's words.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ async def put_all(client, hs: dict, p) -> None:
 class Gate:
     """Holds the first call that passes while armed, until released; bounded waits only.
 
-    `armed` is False, True, or a string the call's SQL must contain (a chunk PUT's background
-    hashing also reads the catalogue; the string keeps the gate for the request under test).
+    `armed` is False, True, or a string that must be part of the call's SQL (reads) or of the
+    write's function name (writes): a chunk PUT's background hashing also reads the catalogue,
+    and the string keeps the gate for the request under test.
     """
 
     def __init__(self):
