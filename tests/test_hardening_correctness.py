@@ -302,8 +302,14 @@ async def test_abort_and_merge_race_through_the_daemon(daemon):
             for d in hs["missing"]:
                 async with s.put(f"{base}/v1/uploads/{uid}/chunks/{d}", data=p.chunks[d]) as r:
                     assert r.status == 201
+            async def abort_after(delay: float):
+                # Only spreads the interleavings (abort first, mid-merge, after); the checks
+                # below hold for every one of them.
+                await asyncio.sleep(delay)
+                return await s.delete(f"{base}/v1/uploads/{uid}")
+
             merge, abort = await asyncio.gather(
-                s.post(f"{base}/v1/uploads/{uid}/merge"), s.delete(f"{base}/v1/uploads/{uid}")
+                s.post(f"{base}/v1/uploads/{uid}/merge"), abort_after((i % 6) * 0.004)
             )
             outcome = (merge.status, abort.status)
             merge.release()
