@@ -36,6 +36,19 @@ _UPLOAD_COLUMNS = (
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
 
 
+# The chunks of a file's manifest, read only while the file row still names that manifest:
+# one statement, so the check and the list come from one snapshot. A manifest's chunk list
+# never changes and its id is never given to another, so (file row, this list) is what one
+# snapshot of both would have given.
+_CHUNKS_OF_FILE = (
+    "SELECT mc.digest, mc.size FROM files f"
+    " JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
+    " WHERE f.digest = ? AND f.algo = ? AND f.manifest_id = ? ORDER BY mc.seq"
+)
+# How often a download re-reads a file that is deleted and uploaded again under its feet.
+_FILE_READ_TRIES = 3
+
+
 def _upload(row) -> Upload:
     uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
     return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, state, expires_at)
@@ -148,6 +161,30 @@ class Catalog:
         )
         return _file(row) if row else None
 
+    async def file_with_chunks(
+        self, digest: Digest
+    ) -> tuple[FileEntry, list[tuple[str, int]]] | None:
+        """A file and its (digest hex, size) chunks in order, as one snapshot gives them.
+
+        None when there is no such file. Safe beside a delete and new handshakes committing
+        meanwhile: the chunk list is read in the same statement that checks the file row
+        still names its manifest, so a download never gets one manifest's chunks under
+        another file's ETag.
+        """
+        for _ in range(_FILE_READ_TRIES):
+            entry = await self.get_file(digest)
+            if entry is None:
+                return None
+            if entry.size == 0:
+                return entry, []
+            chunks = await self._all(
+                _CHUNKS_OF_FILE, (digest.hex, digest.algo.value, entry.manifest_id)
+            )
+            if chunks:
+                return entry, chunks
+            # Deleted, and perhaps uploaded again, between the two statements: look again.
+        return None
+
     async def get_upload(self, upload_id: str) -> Upload | None:
         row = await self._one(
             f"SELECT {_UPLOAD_COLUMNS} FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
@@ -229,9 +266,13 @@ class Catalog:
         """
         return await self._group.run(_register_file, upload_id, now)
 
-    async def drop_upload(self, upload_id: str) -> bool:
-        """Forget an upload (and its manifest unless a file uses it); False if unknown."""
-        return await self._group.run(_drop_upload_by_id, upload_id)
+    async def drop_pending_upload(self, upload_id: str) -> bool:
+        """Forget a still-pending upload (and its manifest unless a file uses it).
+
+        False when there is no such upload or it was merged meanwhile: the check and the
+        delete are one transaction, so an abort racing a merge is decided once, either way.
+        """
+        return await self._group.run(_drop_pending_upload, upload_id)
 
     async def delete_file(self, digest: Digest) -> bool:
         """Remove a file from the catalogue; its chunks are left for gc. False if unknown."""
@@ -379,8 +420,9 @@ def _begin_upload(
         (manifest_id, LIVE),
     ).fetchone()
     if clash:
+        # Say which claim is wrong, never the stored size: that is someone else's fact.
         raise BadRequest(
-            f"chunk {clash[0]} is stored with size {clash[2]}, the manifest says {clash[1]}"
+            f"chunk {clash[0]} does not have the size {clash[1]} this manifest gives it"
         )
     con.execute(
         "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at)"
@@ -453,16 +495,19 @@ def _register_file(con: sqlite3.Connection, upload_id: str, now: float) -> FileE
     entry = _file(frow)
     if entry.size != upload.size:
         raise FileDigestMismatch(
-            f"another file of {entry.size} bytes is already stored under {entry.digest.hex}"
+            f"a file of {upload.size} bytes cannot be stored under {entry.digest.hex}"
         )
     return entry
 
 
-def _drop_upload_by_id(con: sqlite3.Connection, upload_id: str) -> bool:
-    row = con.execute("SELECT manifest_id FROM uploads WHERE id = ?", (upload_id,)).fetchone()
+def _drop_pending_upload(con: sqlite3.Connection, upload_id: str) -> bool:
+    row = con.execute(
+        "DELETE FROM uploads WHERE id = ? AND state = 'pending' RETURNING manifest_id",
+        (upload_id,),
+    ).fetchone()
     if row is None:
         return False
-    _drop_upload_sync(con, upload_id, row[0])
+    _drop_manifest_if_unused_sync(con, row[0])
     return True
 
 
@@ -514,29 +559,45 @@ async def _missing(db: aiosqlite.Connection, manifest_id: int) -> list[str]:
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
-    """Apply every migration not yet recorded, each in its own immediate transaction."""
+    """Apply every migration not yet recorded, each in its own immediate transaction.
+
+    Foreign keys are not enforced while a migration runs (a table rebuild drops a table that
+    others reference; with enforcement on, the drop would cascade into their rows); instead
+    every reference is checked before the migration commits.
+    """
     await db.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations"
         " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
     )
-    for version, name, sql in _migrations():
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            async with db.execute(
-                "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
-            ) as cur:
-                done = await cur.fetchone()
-            if not done:
-                for stmt in _statements(sql):
-                    await db.execute(stmt)
-                await db.execute(
-                    "INSERT INTO schema_migrations (version, name, applied) VALUES (?, ?, ?)",
-                    (version, name, time.time()),
-                )
-            await db.commit()
-        except BaseException:
-            await db.rollback()
-            raise
+    # Only takes effect outside a transaction, hence here and not inside each one.
+    await db.execute("PRAGMA foreign_keys = OFF")
+    try:
+        for version, name, sql in _migrations():
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+                ) as cur:
+                    done = await cur.fetchone()
+                if not done:
+                    for stmt in _statements(sql):
+                        await db.execute(stmt)
+                    broken = await db.execute_fetchall("PRAGMA foreign_key_check")
+                    if broken:
+                        raise RuntimeError(
+                            f"migration {name} would leave {len(broken)} broken references,"
+                            f" first {tuple(broken[0])}"
+                        )
+                    await db.execute(
+                        "INSERT INTO schema_migrations (version, name, applied) VALUES (?, ?, ?)",
+                        (version, name, time.time()),
+                    )
+                await db.commit()
+            except BaseException:
+                await db.rollback()
+                raise
+    finally:
+        await db.execute("PRAGMA foreign_keys = ON")
 
 
 # ---- maintenance (gc, fsck, stats) ----

@@ -539,10 +539,10 @@ class Maintenance:
 
     async def export(self, digest: Digest, dest: Path, force: bool = False) -> tuple[FileEntry, Path]:
         """Assemble a complete file at `dest` (a file path, or a folder to put it in)."""
-        entry = await self.catalog.get_file(digest)
-        if entry is None:
+        found = await self.catalog.file_with_chunks(digest)
+        if found is None:
             raise NotFound(f"no file {digest.hex}")
-        chunks = await self.catalog.manifest_chunks(entry.manifest_id)
+        entry, chunks = found
         if dest.is_dir():
             dest = dest / f"{digest.hex}{entry.ext}"
         if not force and os.path.lexists(dest):

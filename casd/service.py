@@ -102,6 +102,14 @@ class ReadSegment:
     length: int
 
 
+@dataclass(frozen=True)
+class OpenFile:
+    """A file entry and its (digest hex, size) chunks in order, read together."""
+
+    entry: FileEntry
+    chunks: list[tuple[str, int]]
+
+
 class Service:
     def __init__(
         self,
@@ -330,15 +338,31 @@ class Service:
         self._file_hashes.pop(upload_id, None)
         actual, total = state.result()
         if actual != upload.digest or total != upload.size:
-            await self.catalog.drop_upload(upload_id)
+            if not await self.catalog.drop_pending_upload(upload_id):
+                # Aborted or merged while this merge hashed: its manifest may have gone with
+                # it, so this hash proves nothing. Answer what the upload became.
+                return await self._settled(upload_id)
+            # The real digest stays in the log: it says something about chunks this client
+            # may never have sent (it skipped those the server already held).
+            log.debug(
+                "upload %s: chunks assemble to %d bytes hashing to %s, claimed %s",
+                upload_id, total, actual.hex, upload.digest.hex,
+            )
             raise FileDigestMismatch(
-                f"the chunks assemble to {total} bytes hashing to {actual.hex}, not to the"
-                f" claimed {upload.digest.hex} ({upload.size} bytes); the upload was discarded"
+                f"the chunks, in manifest order, do not hash to the claimed"
+                f" {upload.digest.hex} ({upload.size} bytes); the upload was discarded"
             )
         entry = await self.catalog.register_file(upload_id, self.clock())
         if entry is None:
-            raise NotFound(f"no pending upload {upload_id!r}")
+            raise NotFound(f"no pending upload {upload_id!r} (aborted or expired)")
         return entry
+
+    async def _settled(self, upload_id: str) -> FileEntry:
+        """The answer for an upload that stopped being pending under a merge's feet."""
+        upload = await self.catalog.get_upload(upload_id)
+        if upload is not None and upload.state == "merged":
+            return await self._merged_file(upload)
+        raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
 
     async def _merged_file(self, upload: Upload) -> FileEntry:
         entry = await self.catalog.get_file(upload.digest)
@@ -394,27 +418,42 @@ class Service:
             state.next += 1
 
     async def abort(self, upload_id: str) -> None:
-        upload = await self.catalog.get_upload(upload_id)
-        if upload is None or upload.state != "pending":
+        """Forget a pending upload; NotFound once it is merged (a merge that won stays won)."""
+        if not await self.catalog.drop_pending_upload(upload_id):
             raise NotFound(f"no pending upload {upload_id!r}")
-        await self.catalog.drop_upload(upload_id)
         self._file_hashes.pop(upload_id, None)
 
     # ---- files ------------------------------------------------------------------------
 
     async def get_file(self, digest: Digest) -> FileEntry:
+        """A complete file's catalogue entry (no chunk list: for answers without a body)."""
         entry = await self.catalog.get_file(digest)
         if entry is None:
             raise NotFound(f"no file {digest.hex}")
         return entry
 
-    async def read_plan(self, entry: FileEntry, start: int, length: int) -> list[ReadSegment]:
+    async def open_file(self, digest: Digest) -> OpenFile:
+        """A complete file with its chunk list, both from one catalogue snapshot."""
+        found = await self.catalog.file_with_chunks(digest)
+        if found is None:
+            raise NotFound(f"no file {digest.hex}")
+        entry, chunks = found
+        return OpenFile(entry, chunks)
+
+    def read_plan(self, file: OpenFile, start: int, length: int) -> list[ReadSegment]:
         """The blob slices that make bytes [start, start+length) of a file, in order."""
         if length <= 0:
             return []
-        chunks = await self.catalog.manifest_chunks(entry.manifest_id)
+        chunks = file.chunks
         ends = list(accumulate(size for _hex, size in chunks))
-        algo = entry.digest.algo
+        if not ends or ends[-1] != file.entry.size:
+            # Cannot happen for a snapshot of a healthy catalogue; refuse rather than serve
+            # bytes that do not add up to what the ETag names.
+            raise RuntimeError(
+                f"file {file.entry.digest.hex}: its chunks add up to"
+                f" {ends[-1] if ends else 0} bytes, not {file.entry.size}"
+            )
+        algo = file.entry.digest.algo
         out: list[ReadSegment] = []
         i = bisect_right(ends, start)
         pos, stop = start, start + length

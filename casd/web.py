@@ -133,8 +133,18 @@ async def auth_middleware(request: web.Request, handler):
     return await handler(request)
 
 
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+def _same(given: str, token: str) -> bool:
+    """Constant-time token check; a header that is not valid UTF-8 is simply a wrong token.
+
+    aiohttp decodes header bytes as UTF-8 with surrogateescape, so `given` may hold lone
+    surrogates: encoding it back the same way restores the bytes the client sent.
+    """
+    try:
+        raw = given.encode("utf-8", "surrogateescape")
+        want = token.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(raw, want)
 
 
 # ---- parsing at the edge ----------------------------------------------------------------
@@ -335,8 +345,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             n = int(last)
             if n < 0 or not last.isdigit():
                 return None
-            if n == 0:
-                raise RangeNotSatisfiable(f"an empty suffix range of a {size}-byte file", size)
+            if n == 0 or size == 0:
+                # RFC 9110 14.1.3: a suffix range is satisfiable only if both it and the
+                # representation are non-empty.
+                raise RangeNotSatisfiable(f"no bytes -{n} in a {size}-byte file", size)
             start = max(0, size - n)
             return start, size - start
         start = int(first)
@@ -389,8 +401,17 @@ def _etag_matches(header: str, etag: str) -> bool:
 async def get_file(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     digest, url_ext = _split_file_name(request.match_info["name"])
-    entry = await service.get_file(digest)
-    etag = f'"{entry.digest.hex}"'
+    etag = f'"{digest.hex}"'
+    inm = request.headers.get("If-None-Match")
+    not_modified = inm is not None and _etag_matches(inm, etag)
+    # Bytes go out only with the entry they were planned from: one snapshot gives both, so
+    # a delete and a new upload committing meanwhile cannot put other bytes under this ETag.
+    opened = None
+    if request.method == "HEAD" or not_modified:
+        entry = await service.get_file(digest)
+    else:
+        opened = await service.open_file(digest)
+        entry = opened.entry
     ctype = _content_type(url_ext, entry)
     headers = {
         "ETag": etag,
@@ -403,8 +424,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
             entry.name, ctype.startswith(_INLINE_TYPES)
         ),
     }
-    inm = request.headers.get("If-None-Match")
-    if inm is not None and _etag_matches(inm, etag):
+    if not_modified:
         return web.Response(status=304, headers=headers)
     rng = None
     if_range = request.headers.get("If-Range")
@@ -416,7 +436,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         start, length = rng
         status = 206
         headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{entry.size}"
-    plan = await service.read_plan(entry, start, length)
+    plan = service.read_plan(opened, start, length) if opened is not None else []
     resp = web.StreamResponse(status=status, headers=headers)
     resp.content_length = length
     await resp.prepare(request)
@@ -481,8 +501,13 @@ async def healthz(request: web.Request) -> web.Response:
     except StorageFull:
         raise
     except Exception as exc:
+        # The details (paths, SQLite's words) are for the operator; /healthz needs no token.
         log.warning("health check failed: %s", exc)
-        return error_response(503, "unavailable", f"unhealthy: {exc}")
+        return error_response(
+            503, "unavailable",
+            "unhealthy: the catalogue cannot be read or the data folder cannot be written;"
+            " the daemon's log says which",
+        )
     return web.json_response({"status": "ok"})
 
 
