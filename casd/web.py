@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import mimetypes
 import os
@@ -15,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
 from casd.config import Settings
@@ -148,60 +148,75 @@ def parse_ext(value: object) -> str:
     return value.lower()
 
 
-def _int(obj: dict, key: str, where: str) -> int:
-    value = obj.get(key)
-    if type(value) is not int or value < 0:
-        raise BadRequest(f"{where}{key} must be a non-negative integer, got {value!r}")
-    return value
+class _WireChunk(msgspec.Struct, gc=False):
+    """One manifest entry as sent; the digest is under the upload's algorithm's key."""
+
+    size: int
+    md5: str | None = None
+    sha256: str | None = None
+
+
+class _WireHandshake(msgspec.Struct, gc=False):
+    """The handshake body as sent. Decoding into typed structs stops at the first element of
+    the wrong shape, instead of first building whatever nested lists the body holds."""
+
+    chunks: list[_WireChunk]
+    size: int
+    algo: str | None = None
+    md5: str | None = None
+    sha256: str | None = None
+    ext: str | None = None
+    name: str | None = None
+
+
+_HANDSHAKE_DECODER = msgspec.json.Decoder(_WireHandshake)
 
 
 def parse_manifest(body: bytes) -> Manifest:
     """Handshake JSON -> Manifest with typed digests; raises BadRequest on anything off."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the handshake must be a JSON object")
+        data = _HANDSHAKE_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"the handshake is not valid: {exc}") from None
+    except msgspec.DecodeError as exc:
+        # Also what a lone UTF-16 surrogate (an unpaired \ud800) in a string answers: such a
+        # string cannot be stored or echoed as UTF-8.
+        raise BadRequest(f"the body is not valid JSON (or has a lone surrogate): {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body nests JSON too deeply") from None
     try:
-        algo = Algo.parse(data.get("algo"))
+        algo = Algo.parse(data.algo)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     key = algo.value
     try:
-        digest = Digest.parse(algo, data.get(key))
+        digest = Digest.parse(algo, getattr(data, key))
     except ValueError as exc:
         raise BadRequest(f"{key}: {exc}") from None
-    size = _int(data, "size", "")
-    name = data.get("name", "")
-    if name is None:
-        name = ""
-    if not isinstance(name, str) or len(name) > 255:
+    if data.size < 0:
+        raise BadRequest(f"size must be a non-negative integer, got {data.size}")
+    name = data.name or ""
+    if len(name) > 255:
         raise BadRequest("name must be a string of at most 255 characters")
-    if "ext" in data and data["ext"] is not None:
-        ext = parse_ext(data["ext"])
+    if data.ext is not None:
+        ext = parse_ext(data.ext)
     else:
         guess = os.path.splitext(name)[1]
         ext = guess.lower() if _EXT.match(guess) else ""
-    raw_chunks = data.get("chunks")
-    if not isinstance(raw_chunks, list):
-        raise BadRequest("chunks must be a list of {" + key + ", size} objects")
     chunks = []
     parse_hex = algo.parse_hex
-    for i, c in enumerate(raw_chunks):
+    for i, c in enumerate(data.chunks):
+        raw = c.md5 if key == "md5" else c.sha256
+        if raw is None:
+            raise BadRequest(f"chunks[{i}] needs {key} and size")
         try:
-            hex_ = parse_hex(c[key])
-            csize = c["size"]
-        except (TypeError, KeyError, ValueError) as exc:
-            if not isinstance(c, dict):
-                raise BadRequest(f"chunks[{i}] must be an object with {key} and size") from None
-            if isinstance(exc, ValueError):
-                raise BadRequest(f"chunks[{i}].{key}: {exc}") from None
-            raise BadRequest(f"chunks[{i}] needs {key} and size") from None
-        if type(csize) is not int or csize < 0:
-            raise BadRequest(f"chunks[{i}].size must be a non-negative integer, got {csize!r}")
-        chunks.append(ChunkRef(hex_, csize))
-    return Manifest(digest, size, tuple(chunks), ext, name)
+            hex_ = parse_hex(raw)
+        except ValueError as exc:
+            raise BadRequest(f"chunks[{i}].{key}: {exc}") from None
+        if c.size < 0:
+            raise BadRequest(f"chunks[{i}].size must be a non-negative integer, got {c.size}")
+        chunks.append(ChunkRef(hex_, c.size))
+    return Manifest(digest, data.size, tuple(chunks), ext, name)
 
 
 def parse_digest(text: str, what: str = "digest") -> Digest:
