@@ -40,6 +40,7 @@ log = logging.getLogger("casd.web")
 
 SETTINGS = web.AppKey("settings", Settings)
 SERVICE = web.AppKey("service", Service)
+BIG_HANDSHAKES = web.AppKey("big_handshakes", asyncio.Semaphore)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -50,6 +51,9 @@ _URL_EXT = re.compile(r"(\.[A-Za-z0-9_-]{1,16})*\Z")
 _MINIMAL = re.compile(r"(^|[,;\s])return\s*=\s*minimal\b", re.I)
 # Parsing a big manifest takes long enough to stall other requests; do it in a thread.
 THREAD_PARSE_BYTES = 256 * 1024
+# Handshakes over THREAD_PARSE_BYTES are parsed and recorded this many at a time: each costs
+# a few times its body in memory until it is recorded, so this bounds what they cost together.
+BIG_HANDSHAKES_AT_ONCE = 2
 
 # Domain error -> (HTTP status, protocol error code). The only place they meet.
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
@@ -260,11 +264,13 @@ async def handshake(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
     body = await request.read()
+    result: HandshakeResult
     if len(body) > THREAD_PARSE_BYTES:
-        manifest = await asyncio.to_thread(parse_manifest, body)
+        async with request.app[BIG_HANDSHAKES]:
+            manifest = await asyncio.to_thread(parse_manifest, body)
+            result = await service.handshake(manifest)
     else:
-        manifest = parse_manifest(body)
-    result: HandshakeResult = await service.handshake(manifest)
+        result = await service.handshake(parse_manifest(body))
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
     return web.json_response(
@@ -518,6 +524,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
         client_max_size=settings.max_handshake_bytes,
     )
     app[SETTINGS] = settings
+    app[BIG_HANDSHAKES] = asyncio.Semaphore(BIG_HANDSHAKES_AT_ONCE)
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)
