@@ -182,7 +182,7 @@ def parse_manifest(body: bytes) -> Manifest:
         data = _HANDSHAKE_DECODER.decode(body)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"the handshake is not valid: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # Also what a lone UTF-16 surrogate (an unpaired \ud800) in a string answers: such a
         # string cannot be stored or echoed as UTF-8.
         raise BadRequest(f"the body is not valid JSON (or has a lone surrogate): {exc}") from None
