@@ -289,3 +289,47 @@ async def test_one_hash_ahead_per_upload_however_many_puts(aiohttp_client, setti
     assert r.status == 200, await r.text()
     assert (await r.json())["md5"] == p.digest
     assert most == 1
+
+
+# ---- the sliced, paged hash is the file's hash ------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["in-order", "reversed", "interleaved"])
+async def test_sliced_paged_hash_matches_in_any_arrival_order(
+    aiohttp_client, settings, monkeypatch, order
+):
+    """Turns end mid-chunk and pages end mid-manifest (tiny sizes stand in for 4 MiB turns
+    and 512-entry pages), while hash-ahead stops at each gap: merge must still be exact."""
+    monkeypatch.setattr("casd.service.HASH_SLICE", 1000)
+    monkeypatch.setattr("casd.service.MANIFEST_PAGE", 7)
+    client = await aiohttp_client(create_app(settings))
+    p = prepare(rand(40 * 2500 + 123), 2500)
+    r = await client.post("/v1/handshake", json=p.handshake)
+    hs = await r.json()
+    missing = hs["missing"]
+    if order == "reversed":
+        missing = missing[::-1]
+    elif order == "interleaved":
+        missing = missing[::2] + missing[1::2]
+    for digest in missing:
+        r = await client.put(f"/v1/uploads/{hs['upload_id']}/chunks/{digest}", data=p.chunks[digest])
+        assert r.status == 201
+    r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
+    assert r.status == 200, await r.text()
+    assert (await r.json())["md5"] == p.digest
+    r = await client.get(f"/v1/files/{p.digest}")
+    assert await r.read() == p.data
+
+
+async def test_wrong_claim_over_many_pages_is_422(aiohttp_client, settings, monkeypatch):
+    monkeypatch.setattr("casd.service.HASH_SLICE", 1000)
+    monkeypatch.setattr("casd.service.MANIFEST_PAGE", 7)
+    client = await aiohttp_client(create_app(settings))
+    p = prepare(rand(30 * 2500), 2500)
+    await upload(client.session, str(client.make_url("")).rstrip("/"), p)
+    hs = {**p.handshake, "md5": hashlib.md5(p.data + b"x").hexdigest()}
+    r = await client.post("/v1/handshake", json=hs)
+    hs = await r.json()
+    assert hs["missing"] == []
+    r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
+    await assert_error(r, 422, "file_digest_mismatch")
