@@ -333,3 +333,67 @@ async def test_wrong_claim_over_many_pages_is_422(aiohttp_client, settings, monk
     assert hs["missing"] == []
     r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
     await assert_error(r, 422, "file_digest_mismatch")
+
+
+# ---- big handshakes are parsed two at a time --------------------------------------------
+
+
+async def test_big_handshakes_are_parsed_two_at_a_time(aiohttp_client, settings, monkeypatch):
+    """Four big handshakes arrive together; parsing is held inside the parser. Two may be in
+    it at once, never more, and a small handshake is not queued behind them."""
+    import casd.web
+
+    release = threading.Event()
+    lock = threading.Lock()
+    inside = 0
+    most = 0
+    real_parse = casd.web.parse_manifest
+
+    def held_parse(body):
+        nonlocal inside, most
+        if len(body) <= casd.web.THREAD_PARSE_BYTES:
+            return real_parse(body)
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            assert release.wait(60), "never released"
+            return real_parse(body)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(casd.web, "parse_manifest", held_parse)
+    client = await aiohttp_client(create_app(settings))
+    bigs = []
+    for i in range(4):
+        chunks = [{"md5": hashlib.md5(b"%d-%d" % (i, j)).hexdigest(), "size": 1} for j in range(6000)]
+        body = json.dumps({"md5": "0" * 32, "size": 6000, "chunks": chunks}).encode()
+        assert len(body) > casd.web.THREAD_PARSE_BYTES
+        bigs.append(body)
+
+    async def post(body):
+        r = await client.post(
+            "/v1/handshake", data=body, headers={"Content-Type": "application/json"}
+        )
+        return r.status, await r.json()
+
+    tasks = [asyncio.create_task(post(b)) for b in bigs]
+    try:
+        deadline = time.monotonic() + 30
+        while inside < 2:
+            assert time.monotonic() < deadline, "the big handshakes never reached the parser"
+            await asyncio.sleep(0.01)
+        # Small handshakes go straight through (parsed on the loop, not counted above).
+        small = prepare(rand(100), 50)
+        r = await client.post("/v1/handshake", json=small.handshake)
+        assert r.status == 200
+        # The other two bodies have long arrived; they must still wait for a turn.
+        await asyncio.sleep(0.5)
+        assert (inside, most) == (2, 2)
+    finally:
+        release.set()
+    results = await asyncio.gather(*tasks)
+    assert [status for status, _ in results] == [200] * 4
+    assert {len(body["missing"]) for _, body in results} == {6000}
+    assert most == 2
