@@ -18,10 +18,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from helpers import prepare, rand, snapshot, upload
 
 from casd.service import Service
 from casd.web import create_app
-from helpers import prepare, rand, snapshot, upload
 
 MiB = 1024 * 1024
 
@@ -167,11 +167,10 @@ async def test_empty_lists_handshake_is_400_with_bounded_memory(daemon_factory):
 async def test_handshake_over_default_limit_is_413(daemon_factory):
     d = daemon_factory()
     body = b'{"chunks":[' + b"[]," * (25 * MiB // 3) + b"[]]}"
-    async with aiohttp.ClientSession() as s:
-        async with s.post(
-            f"{d.url}/v1/handshake", data=body, headers={"Content-Type": "application/json"}
-        ) as r:
-            await assert_error(r, 413, "too_large")
+    async with aiohttp.ClientSession() as s, s.post(
+        f"{d.url}/v1/handshake", data=body, headers={"Content-Type": "application/json"}
+    ) as r:
+        await assert_error(r, 413, "too_large")
 
 
 async def test_valid_200k_chunk_sha256_handshake_fits_the_default_limit(aiohttp_client, settings):
