@@ -176,7 +176,7 @@ class _WireHandshake(msgspec.Struct, gc=False):
 _HANDSHAKE_DECODER = msgspec.json.Decoder(_WireHandshake)
 
 
-def parse_manifest(body: bytes) -> Manifest:
+def parse_manifest(body: bytes | bytearray) -> Manifest:
     """Handshake JSON -> Manifest with typed digests; raises BadRequest on anything off."""
     try:
         data = _HANDSHAKE_DECODER.decode(body)
@@ -263,7 +263,12 @@ async def handshake(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
-    body = await request.read()
+    # Read into one buffer: request.read() copies the whole body once more at the end.
+    body = bytearray()
+    async for piece in request.content.iter_any():
+        body += piece
+        if len(body) > limit:
+            raise TooLarge(f"the handshake body is over {limit} bytes")
     result: HandshakeResult
     if len(body) > THREAD_PARSE_BYTES:
         async with request.app[BIG_HANDSHAKES]:

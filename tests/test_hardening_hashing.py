@@ -173,6 +173,25 @@ async def test_handshake_over_default_limit_is_413(daemon_factory):
         await assert_error(r, 413, "too_large")
 
 
+async def test_streamed_handshake_over_limit_is_413(aiohttp_client, settings):
+    """No Content-Length (chunked): the limit holds while the body is read."""
+    settings = dataclasses.replace(settings, max_handshake_bytes=64 * 1024)
+    client = await aiohttp_client(create_app(settings))
+    before = snapshot(settings.data_dir)
+
+    async def body():
+        yield b'{"chunks":['
+        for _ in range(100):
+            yield b"[]," * 1000
+
+    r = await client.post("/v1/handshake", data=body(), headers={"Content-Type": "application/json"})
+    await assert_error(r, 413, "too_large")
+    assert snapshot(settings.data_dir) == before
+    p = prepare(rand(1000), 100)
+    r = await client.post("/v1/handshake", json=p.handshake)
+    assert r.status == 200
+
+
 async def test_valid_200k_chunk_sha256_handshake_fits_the_default_limit(aiohttp_client, settings):
     """The default limit is sized from this case: the largest chunks, the longest digests."""
     chunks = [
