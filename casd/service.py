@@ -366,6 +366,7 @@ class Service:
         return entry
 
     def _file_hash(self, upload: Upload) -> FileHash:
+        """The upload's hash state, a fresh one if it has none or its last was cut short."""
         state = self._file_hashes.get(upload.id)
         if state is None or state.broken:
             state = self._file_hashes[upload.id] = FileHash(upload.digest, upload.manifest_id)
@@ -393,6 +394,7 @@ class Service:
         task.add_done_callback(self._background.discard)
 
     async def _hash_ahead(self, upload: Upload, state: FileHash) -> None:
+        """The background task: hash what is stored after the prefix, again while PUTs come."""
         try:
             while not state.broken:
                 state.again = False
