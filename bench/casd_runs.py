@@ -250,6 +250,9 @@ async def _prep_upload(url: str, paths: list[Path], sizes: Sizes, cache_dir: Pat
         await asyncio.gather(*(one(p) for p in paths))
 
 
+BIG_FILES = ("--max-file-size", "4TiB")
+
+
 def _random_manifest(n: int, chunk_size: int) -> bytes:
     chunks = [{"md5": os.urandom(16).hex(), "size": chunk_size} for _ in range(n)]
     return json.dumps({"md5": os.urandom(16).hex(), "size": n * chunk_size, "ext": ".bin",
@@ -333,7 +336,9 @@ async def b5_handshakes(sizes: Sizes, work: Path, cache_dir: Path, tmpfs: Path |
               "none": _random_manifest(n, sizes.chunk_size),
               "stored": _stored_manifest(stored)}
     out["manifest_mb"] = len(bodies["none"]) / 1e6
-    with procs.casd_daemon(data, log_dir / "daemon-b5.log") as daemon:
+    # The synthetic manifests describe files of up to 200,000 x 5 MiB (1 TB), over the
+    # default --max-file-size; they are handshaken, never merged.
+    with procs.casd_daemon(data, log_dir / "daemon-b5.log", *BIG_FILES) as daemon:
         pid = daemon.pid
         out["rss_start_mb"] = procs.rss_mb(pid)
         hwm_reset = procs.reset_hwm(pid)

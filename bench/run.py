@@ -186,7 +186,7 @@ async def profile_run(sizes: Sizes, work: Path, big: Path, out: Path) -> str:
 
     out.mkdir(parents=True, exist_ok=True)
     cache = work / "client-cache"
-    with procs.casd_daemon(work / "data", work / "daemon.log") as daemon:
+    with procs.casd_daemon(work / "data", work / "daemon.log", *casd_runs.BIG_FILES) as daemon:
         spy = Spy(daemon.pid, out / "b1.raw")
         await asyncio.sleep(1.0)  # let py-spy attach before the phase starts
         b1 = await casd_runs.b1_fresh_upload(daemon, big, sizes, cache)

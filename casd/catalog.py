@@ -229,6 +229,16 @@ class Catalog:
             (manifest_id,),
         )
 
+    async def manifest_page(
+        self, manifest_id: int, start: int, limit: int
+    ) -> list[tuple[str, int]]:
+        """(digest hex, size) of up to `limit` chunks of a manifest from position `start` on."""
+        return await self._all(
+            "SELECT digest, size FROM manifest_chunks WHERE manifest_id = ? AND seq >= ?"
+            " ORDER BY seq LIMIT ?",
+            (manifest_id, start, limit),
+        )
+
     # ---- the daemon's writes: queued, committed together ----------------------------
 
     async def begin_upload(

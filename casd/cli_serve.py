@@ -30,7 +30,9 @@ def register(sub) -> None:
     p.add_argument("--max-chunks", type=int, default=d.max_chunks,
                    help="most chunks in one manifest (default 1000000)")
     p.add_argument("--max-handshake-size", type=parse_size, default=d.max_handshake_bytes,
-                   help="largest handshake body (default 128MiB)")
+                   help="largest handshake body (default 24MiB)")
+    p.add_argument("--max-file-size", type=parse_size, default=d.max_file_size,
+                   help="largest file a handshake may describe (default 64GiB)")
     p.add_argument("--upload-ttl", type=float, default=d.upload_ttl,
                    help="seconds an unmerged upload lives after its last activity (default 86400)")
     p.add_argument("--token", default=os.environ.get("CASD_TOKEN"),
@@ -39,6 +41,8 @@ def register(sub) -> None:
                    help="token for DELETE /v1/files and any /v1 call (default: $CASD_ADMIN_TOKEN)")
     p.add_argument("--io-workers", type=int, default=d.io_workers,
                    help="threads doing disk work at once (default 8)")
+    p.add_argument("--hash-workers", type=int, default=d.hash_workers,
+                   help="threads hashing whole files for merge at once (default 2)")
     p.add_argument("--sync", choices=["FULL", "NORMAL"], default=d.sqlite_synchronous,
                    help="SQLite synchronous level (default FULL: commits survive power loss)")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
@@ -49,7 +53,10 @@ def register(sub) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port} is not a port number", 2)
-    for flag in ("max_chunk_size", "max_chunks", "max_handshake_size", "io_workers"):
+    for flag in (
+        "max_chunk_size", "max_chunks", "max_handshake_size", "max_file_size", "io_workers",
+        "hash_workers",
+    ):
         if getattr(args, flag) < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
     if args.upload_ttl <= 0:
@@ -61,10 +68,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_chunk_size=args.max_chunk_size,
         max_chunks=args.max_chunks,
         max_handshake_bytes=args.max_handshake_size,
+        max_file_size=args.max_file_size,
         upload_ttl=args.upload_ttl,
         token=args.token or None,
         admin_token=args.admin_token or None,
         io_workers=args.io_workers,
+        hash_workers=args.hash_workers,
         sqlite_synchronous=args.sync,
         shutdown_timeout=args.shutdown_timeout,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 DEFAULT_DATA = "./casd-data"
 DEFAULT_HOST = "127.0.0.1"
@@ -20,7 +21,12 @@ class Settings:
     port: int = DEFAULT_PORT
     max_chunk_size: int = 64 * MiB
     max_chunks: int = 1_000_000
-    max_handshake_bytes: int = 128 * MiB
+    # A valid 200,000-chunk handshake is 12 MiB (md5) or 18.7 MiB (sha256, 64 MiB chunks);
+    # parsing one costs a few times its size, so this bounds what one request can cost.
+    max_handshake_bytes: int = 24 * MiB
+    # Merge hashes a whole file; a manifest that lists one stored chunk many times makes a
+    # huge file from a small handshake, so the size a manifest may claim is bounded.
+    max_file_size: int = 64 * GiB
     upload_ttl: float = 24 * 3600.0
     # Bearer tokens; when token is set every /v1 request needs it (or the admin token),
     # and DELETE /v1/files needs the admin token once that is set.
@@ -29,6 +35,9 @@ class Settings:
     # Blocking file work (hash+write, fsync, rename) runs in threads; this bounds how many
     # requests do disk work at once so the daemon stays responsive under load.
     io_workers: int = 8
+    # Whole-file hashing (hash-ahead and merge) runs on its own threads, in slices, so a huge
+    # merge never holds up chunk ingest or /healthz on the I/O pool.
+    hash_workers: int = 2
     # "FULL" makes every acknowledged catalogue write survive a power cut, not just a crash.
     sqlite_synchronous: str = "FULL"
     shutdown_timeout: float = 10.0

@@ -70,20 +70,24 @@ class FileHash:
     """The whole-file hash over the longest run of a pending upload's chunks seen so far.
 
     Chunks usually arrive nearly in order, so hashing the present prefix in the background
-    while the rest uploads leaves merge with only the tail to hash.
+    while the rest uploads leaves merge with only the tail to hash. It holds a position in
+    the manifest, never the manifest itself: the chunk list is paged from the catalogue.
     """
 
-    def __init__(self, digest: Digest, chunks: list[tuple[str, int]]):
+    def __init__(self, digest: Digest, manifest_id: int):
         self.algo = digest.algo
         self.hash = digest.algo.new()
-        self.chunks = chunks
-        self.next = 0  # index of the first chunk not yet hashed
+        self.manifest_id = manifest_id
+        self.next = 0  # position of the first chunk not yet wholly hashed
+        self.offset = 0  # bytes of that chunk already hashed
         self.total = 0
+        self.done = False
+        # Set when a hash was cut short (error, cancellation): a chunk may be half fed in.
+        self.broken = False
         self.lock = asyncio.Lock()
-
-    @property
-    def done(self) -> bool:
-        return self.next == len(self.chunks)
+        self.ahead: asyncio.Task | None = None  # the one background hash-ahead of this upload
+        self.again = False  # a chunk arrived while `ahead` ran: it looks once more
+        self.merging = False  # a merge waits for the lock: hash-ahead stops at its next turn
 
     def result(self) -> tuple[Digest, int]:
         return Digest(self.algo, self.hash.hexdigest()), self.total
@@ -91,8 +95,13 @@ class FileHash:
 
 # Pending uploads whose prefix hash is kept in memory; an evicted one is rehashed at merge.
 MAX_FILE_HASHES = 256
-# How many chunks after the hashed prefix one presence query looks at.
-PRESENCE_WINDOW = 512
+# Manifest entries read from the catalogue at a time while hashing; also how many chunks
+# after the hashed prefix one presence query looks at.
+MANIFEST_PAGE = 512
+# Bytes one turn on the hash pool reads. The pool's queue is first come, first served and
+# every upload has at most one turn queued, so uploads take turns: one huge merge slows the
+# others in proportion, never holds them up until it is done.
+HASH_SLICE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,12 @@ class Service:
         self.blobs = blobs
         self.clock = clock
         self.io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="casd-io")
+        # Whole-file hashing has its own threads: chunk ingest and /healthz use `io`, and a
+        # merge of a manifest that repeats one chunk a million times must not queue them.
+        self.hashing = ThreadPoolExecutor(settings.hash_workers, thread_name_prefix="casd-hash")
+        # Background hash-ahead takes at most this many turns at once, whatever the number
+        # of uploads: a merge someone waits for never queues behind hundreds of them.
+        self._ahead_turns = asyncio.Semaphore(settings.hash_workers)
         self._file_hashes: OrderedDict[str, FileHash] = OrderedDict()
         self._background: set[asyncio.Task] = set()
 
@@ -139,6 +154,7 @@ class Service:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.catalog.close()
         self.io.shutdown(wait=True)
+        self.hashing.shutdown(wait=True)
 
     async def _run(self, fn, *args):
         """Blocking file work on the bounded I/O pool; a full disk becomes StorageFull."""
@@ -153,6 +169,11 @@ class Service:
     def check_manifest(self, m: Manifest) -> None:
         """Limits and arithmetic of a parsed manifest; raises BadRequest or TooLarge."""
         s = self.settings
+        if m.size > s.max_file_size:
+            raise TooLarge(
+                f"the file has {m.size} bytes; this server takes files of at most"
+                f" {s.max_file_size} bytes"
+            )
         if len(m.chunks) > s.max_chunks:
             raise TooLarge(
                 f"the manifest has {len(m.chunks)} chunks; this server takes at most {s.max_chunks}"
@@ -240,9 +261,7 @@ class Service:
             await self.catalog.touch_upload(upload_id, now, self._expiry(now))
         else:
             stored = await self._receive(upload_id, digest, size, body)
-        task = asyncio.create_task(self._hash_ahead(upload))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._start_hash_ahead(upload)
         if not with_missing:
             return PutResult(stored, None)
         return PutResult(stored, await self.catalog.missing(upload.manifest_id))
@@ -334,8 +353,8 @@ class Service:
         missing = await self.catalog.missing(upload.manifest_id)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
-        state = await self._hash_ahead(upload, all_present=True)
-        self._file_hashes.pop(upload_id, None)
+        state = await self._hash_file(upload, all_present=True)
+        self._forget_hash(upload_id)
         actual, total = state.result()
         if actual != upload.digest or total != upload.size:
             if not await self.catalog.drop_pending_upload(upload_id):
@@ -370,58 +389,137 @@ class Service:
             raise NotFound(f"upload {upload.id} was merged, but its file has been deleted")
         return entry
 
-    async def _hash_ahead(self, upload: Upload, all_present: bool = False) -> FileHash:
-        """Extend the upload's whole-file hash over the chunks stored right after the prefix.
+    def _file_hash(self, upload: Upload) -> FileHash:
+        """The upload's hash state, a fresh one if it has none or its last was cut short."""
+        state = self._file_hashes.get(upload.id)
+        if state is None or state.broken:
+            state = self._file_hashes[upload.id] = FileHash(upload.digest, upload.manifest_id)
+            while len(self._file_hashes) > MAX_FILE_HASHES:
+                _, evicted = self._file_hashes.popitem(last=False)
+                if evicted.ahead is not None:
+                    evicted.ahead.cancel()
+        self._file_hashes.move_to_end(upload.id)
+        return state
+
+    def _forget_hash(self, upload_id: str) -> None:
+        state = self._file_hashes.pop(upload_id, None)
+        if state is not None and state.ahead is not None:
+            state.ahead.cancel()
+
+    def _start_hash_ahead(self, upload: Upload) -> None:
+        """Have the upload's one background hash-ahead look at its chunks (again)."""
+        state = self._file_hash(upload)
+        if state.ahead is not None and not state.ahead.done():
+            state.again = True
+            return
+        task = asyncio.create_task(self._hash_ahead(upload, state))
+        state.ahead = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _hash_ahead(self, upload: Upload, state: FileHash) -> None:
+        """The background task: hash what is stored after the prefix, again while PUTs come."""
+        try:
+            while not state.broken:
+                state.again = False
+                await self._hash_file(upload, all_present=False, state=state)
+                # No await between this test and the task's end: a PUT that comes later
+                # finds the task done and starts a new one.
+                if not state.again or state.done or state.merging:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Merge hashes again from the start; nothing a client sees depends on this.
+            log.warning("hash-ahead of upload %s stopped: %s", upload.id, exc)
+
+    async def _hash_file(
+        self, upload: Upload, all_present: bool, state: FileHash | None = None
+    ) -> FileHash:
+        """Extend the upload's whole-file hash: over every chunk (merge, which has checked
+        they are all present), or over those stored right after the prefix (hash-ahead).
 
         A stored chunk stays stored while the upload is live (gc never collects what a live
         upload references), so what is hashed once need not be looked at again.
         """
-        state = self._file_hashes.get(upload.id)
-        if state is None:
-            chunks = await self.catalog.manifest_chunks(upload.manifest_id)
-            state = self._file_hashes.setdefault(upload.id, FileHash(upload.digest, chunks))
-            while len(self._file_hashes) > MAX_FILE_HASHES:
-                self._file_hashes.popitem(last=False)
-        self._file_hashes.move_to_end(upload.id)
-        async with state.lock:
-            while not state.done:
-                if all_present:
-                    stop = len(state.chunks)
-                else:
-                    window = state.chunks[state.next:state.next + PRESENCE_WINDOW]
-                    present = await self.catalog.present_chunks({h for h, _ in window})
-                    stop = state.next
-                    for hex_, _size in window:
-                        if hex_ not in present:
-                            break
-                        stop += 1
-                if stop == state.next:
-                    break
+        while True:
+            if state is None or state.broken:
+                state = self._file_hash(upload)
+            if all_present:
+                state.merging = True
+            async with state.lock:
+                if state.broken:
+                    continue  # cut short while this waited: start over on a fresh state
                 try:
-                    await self._run(self._hash_chunks, state, stop)
+                    await self._extend(state, all_present)
                 except BaseException:
-                    # A chunk may be half fed into the hash: this state can't be trusted.
+                    state.broken = True
                     if self._file_hashes.get(upload.id) is state:
                         del self._file_hashes[upload.id]
                     raise
-        return state
+                return state
 
-    def _hash_chunks(self, state: FileHash, stop: int) -> None:
-        buf = bytearray(READ_BLOCK)
+    async def _extend(self, state: FileHash, all_present: bool) -> None:
+        """Called with state.lock held."""
+        while not state.done:
+            page = await self.catalog.manifest_page(state.manifest_id, state.next, MANIFEST_PAGE)
+            ready = page
+            if not all_present and page:
+                present = await self.catalog.present_chunks({h for h, _ in page})
+                for n, (hex_, _size) in enumerate(page):
+                    if hex_ not in present:
+                        ready = page[:n]
+                        break
+            i = 0
+            while i < len(ready):
+                if not all_present and state.merging:
+                    return
+                i = await self._hash_turn(state, ready, i, background=not all_present)
+            if len(ready) < len(page):
+                return  # stopped at a chunk not stored yet
+            if len(page) < MANIFEST_PAGE:
+                state.done = True
+
+    async def _hash_turn(
+        self, state: FileHash, page: list[tuple[str, int]], i: int, background: bool
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        if not background:
+            return await loop.run_in_executor(self.hashing, self._hash_slice, state, page, i)
+        async with self._ahead_turns:
+            return await loop.run_in_executor(self.hashing, self._hash_slice, state, page, i)
+
+    def _hash_slice(self, state: FileHash, page: list[tuple[str, int]], i: int) -> int:
+        """Hash at most HASH_SLICE bytes from page[i] (at state.offset); the next index."""
+        budget = HASH_SLICE
+        buf = bytearray(min(READ_BLOCK, HASH_SLICE))
         view = memoryview(buf)
-        while state.next < stop:
-            hex_, _size = state.chunks[state.next]
+        while i < len(page) and budget > 0:
+            hex_, size = page[i]
             with open(self.blobs.path(Digest(state.algo, hex_)), "rb", buffering=0) as f:
-                while n := f.readinto(buf):
+                f.seek(state.offset)
+                while budget > 0 and state.offset < size:
+                    n = f.readinto(view[:min(len(buf), budget, size - state.offset)])
+                    if not n:
+                        # A damaged blob: what it holds is hashed, and the file's digest or
+                        # size then fails to match, as it should.
+                        state.offset = size
+                        break
                     state.hash.update(view[:n])
                     state.total += n
-            state.next += 1
+                    state.offset += n
+                    budget -= n
+            if state.offset == size:
+                state.next += 1
+                state.offset = 0
+                i += 1
+        return i
 
     async def abort(self, upload_id: str) -> None:
         """Forget a pending upload; NotFound once it is merged (a merge that won stays won)."""
         if not await self.catalog.drop_pending_upload(upload_id):
             raise NotFound(f"no pending upload {upload_id!r}")
-        self._file_hashes.pop(upload_id, None)
+        self._forget_hash(upload_id)
 
     # ---- files ------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import mimetypes
 import os
@@ -15,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import msgspec
 from aiohttp import web
 
 from casd.config import Settings
@@ -40,6 +40,7 @@ log = logging.getLogger("casd.web")
 
 SETTINGS = web.AppKey("settings", Settings)
 SERVICE = web.AppKey("service", Service)
+BIG_HANDSHAKES = web.AppKey("big_handshakes", asyncio.Semaphore)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -50,6 +51,9 @@ _URL_EXT = re.compile(r"(\.[A-Za-z0-9_-]{1,16})*\Z")
 _MINIMAL = re.compile(r"(^|[,;\s])return\s*=\s*minimal\b", re.I)
 # Parsing a big manifest takes long enough to stall other requests; do it in a thread.
 THREAD_PARSE_BYTES = 256 * 1024
+# Handshakes over THREAD_PARSE_BYTES are parsed and recorded this many at a time: each costs
+# a few times its body in memory until it is recorded, so this bounds what they cost together.
+BIG_HANDSHAKES_AT_ONCE = 2
 
 # Domain error -> (HTTP status, protocol error code). The only place they meet.
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
@@ -158,60 +162,75 @@ def parse_ext(value: object) -> str:
     return value.lower()
 
 
-def _int(obj: dict, key: str, where: str) -> int:
-    value = obj.get(key)
-    if type(value) is not int or value < 0:
-        raise BadRequest(f"{where}{key} must be a non-negative integer, got {value!r}")
-    return value
+class _WireChunk(msgspec.Struct, gc=False):
+    """One manifest entry as sent; the digest is under the upload's algorithm's key."""
+
+    size: int
+    md5: str | None = None
+    sha256: str | None = None
 
 
-def parse_manifest(body: bytes) -> Manifest:
+class _WireHandshake(msgspec.Struct, gc=False):
+    """The handshake body as sent. Decoding into typed structs stops at the first element of
+    the wrong shape, instead of first building whatever nested lists the body holds."""
+
+    chunks: list[_WireChunk]
+    size: int
+    algo: str | None = None
+    md5: str | None = None
+    sha256: str | None = None
+    ext: str | None = None
+    name: str | None = None
+
+
+_HANDSHAKE_DECODER = msgspec.json.Decoder(_WireHandshake)
+
+
+def parse_manifest(body: bytes | bytearray) -> Manifest:
     """Handshake JSON -> Manifest with typed digests; raises BadRequest on anything off."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the handshake must be a JSON object")
+        data = _HANDSHAKE_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"the handshake is not valid: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Also what a lone UTF-16 surrogate (an unpaired \ud800) in a string answers: such a
+        # string cannot be stored or echoed as UTF-8.
+        raise BadRequest(f"the body is not valid JSON (or has a lone surrogate): {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body nests JSON too deeply") from None
     try:
-        algo = Algo.parse(data.get("algo"))
+        algo = Algo.parse(data.algo)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     key = algo.value
     try:
-        digest = Digest.parse(algo, data.get(key))
+        digest = Digest.parse(algo, getattr(data, key))
     except ValueError as exc:
         raise BadRequest(f"{key}: {exc}") from None
-    size = _int(data, "size", "")
-    name = data.get("name", "")
-    if name is None:
-        name = ""
-    if not isinstance(name, str) or len(name) > 255:
+    if data.size < 0:
+        raise BadRequest(f"size must be a non-negative integer, got {data.size}")
+    name = data.name or ""
+    if len(name) > 255:
         raise BadRequest("name must be a string of at most 255 characters")
-    if "ext" in data and data["ext"] is not None:
-        ext = parse_ext(data["ext"])
+    if data.ext is not None:
+        ext = parse_ext(data.ext)
     else:
         guess = os.path.splitext(name)[1]
         ext = guess.lower() if _EXT.match(guess) else ""
-    raw_chunks = data.get("chunks")
-    if not isinstance(raw_chunks, list):
-        raise BadRequest("chunks must be a list of {" + key + ", size} objects")
     chunks = []
     parse_hex = algo.parse_hex
-    for i, c in enumerate(raw_chunks):
+    for i, c in enumerate(data.chunks):
+        raw = c.md5 if key == "md5" else c.sha256
+        if raw is None:
+            raise BadRequest(f"chunks[{i}] needs {key} and size")
         try:
-            hex_ = parse_hex(c[key])
-            csize = c["size"]
-        except (TypeError, KeyError, ValueError) as exc:
-            if not isinstance(c, dict):
-                raise BadRequest(f"chunks[{i}] must be an object with {key} and size") from None
-            if isinstance(exc, ValueError):
-                raise BadRequest(f"chunks[{i}].{key}: {exc}") from None
-            raise BadRequest(f"chunks[{i}] needs {key} and size") from None
-        if type(csize) is not int or csize < 0:
-            raise BadRequest(f"chunks[{i}].size must be a non-negative integer, got {csize!r}")
-        chunks.append(ChunkRef(hex_, csize))
-    return Manifest(digest, size, tuple(chunks), ext, name)
+            hex_ = parse_hex(raw)
+        except ValueError as exc:
+            raise BadRequest(f"chunks[{i}].{key}: {exc}") from None
+        if c.size < 0:
+            raise BadRequest(f"chunks[{i}].size must be a non-negative integer, got {c.size}")
+        chunks.append(ChunkRef(hex_, c.size))
+    return Manifest(digest, data.size, tuple(chunks), ext, name)
 
 
 def parse_digest(text: str, what: str = "digest") -> Digest:
@@ -254,12 +273,19 @@ async def handshake(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
-    body = await request.read()
+    # Read into one buffer: request.read() copies the whole body once more at the end.
+    body = bytearray()
+    async for piece in request.content.iter_any():
+        body += piece
+        if len(body) > limit:
+            raise TooLarge(f"the handshake body is over {limit} bytes")
+    result: HandshakeResult
     if len(body) > THREAD_PARSE_BYTES:
-        manifest = await asyncio.to_thread(parse_manifest, body)
+        async with request.app[BIG_HANDSHAKES]:
+            manifest = await asyncio.to_thread(parse_manifest, body)
+            result = await service.handshake(manifest)
     else:
-        manifest = parse_manifest(body)
-    result: HandshakeResult = await service.handshake(manifest)
+        result = await service.handshake(parse_manifest(body))
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
     return web.json_response(
@@ -528,6 +554,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
         client_max_size=settings.max_handshake_bytes,
     )
     app[SETTINGS] = settings
+    app[BIG_HANDSHAKES] = asyncio.Semaphore(BIG_HANDSHAKES_AT_ONCE)
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)
