@@ -192,6 +192,22 @@ class Catalog:
             (manifest_id,),
         )
 
+    async def manifest_chunk_count(self, manifest_id: int) -> int | None:
+        """How many chunks a manifest lists, or None when it is gone."""
+        row = await self._one("SELECT chunk_count FROM manifests WHERE id = ?", (manifest_id,))
+        return row[0] if row else None
+
+    async def manifest_page(
+        self, manifest_id: int, after_seq: int, limit: int
+    ) -> list[tuple[int, str, int]]:
+        """(seq, digest hex, size) of at most `limit` chunks of a manifest with seq past
+        `after_seq` (-1 for the start), in order: a manifest read in bounded pieces."""
+        return await self._all(
+            "SELECT seq, digest, size FROM manifest_chunks"
+            " WHERE manifest_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (manifest_id, after_seq, limit),
+        )
+
     # ---- the daemon's writes: queued, committed together ----------------------------
 
     async def begin_upload(
