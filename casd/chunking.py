@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
 # REAPI's normalization level for FAST_CDC_2020 (pyfastcdc defaults to 1, like fastcdc-rs).
-NORMALIZATION = 2
+NORMALIZATION: Literal[2] = 2
 # pyfastcdc accepts averages up to 4 MiB (max 16 MiB); REAPI advertises 1 KiB to 1 MiB.
 # casd takes the union above 1 KiB: the server accepts any chunk size up to its limit.
 MIN_AVG = 1024
