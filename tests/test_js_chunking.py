@@ -53,18 +53,25 @@ CUT_JS = """
 async ({url, avgSize, seed, patterns, prefixes}) => {
   const { FastCdc } = await import("/static/fastcdc.js");
   const bytes = new Uint8Array(await (await fetch(url)).arrayBuffer());
-  const cut = (data, pattern) => {
-    const cdc = new FastCdc({ avgSize, seed });
+  // With the size told up front, every end update() returns must already be final and
+  // finish() must have nothing left to add.
+  const cut = (data, pattern, told) => {
+    const cdc = new FastCdc(told ? { avgSize, seed, size: data.length } : { avgSize, seed });
     const ends = [];
     for (let pos = 0, k = 0; pos < data.length; k++) {
       const n = Math.min(pattern[k % pattern.length], data.length - pos);
       ends.push(...cdc.update(data.subarray(pos, pos + n)));
       pos += n;
     }
-    return [...ends, ...cdc.finish()];
+    const rest = cdc.finish();
+    return told && rest.length ? ["finish() added", ...rest] : [...ends, ...rest];
   };
   const inputs = prefixes ? prefixes.map((n) => bytes.subarray(0, n)) : [bytes];
-  return inputs.map((data) => [cut(data, [data.length || 1]), ...patterns.map((p) => cut(data, p))]);
+  return inputs.map((data) => [
+    cut(data, [data.length || 1], false),
+    ...patterns.map((p) => cut(data, p, false)),
+    ...patterns.map((p) => cut(data, p, true)),
+  ]);
 }
 """
 
@@ -93,7 +100,7 @@ def test_js_fastcdc_matches_reapi_vectors(page, server, seed):
     expected = [offset + length for offset, length, _, _ in reapi_vectors()[seed]]
     assert python_ends(data, chunking) == expected
     [runs] = js_cuts(page, server, data, chunking)
-    assert runs == [expected] * (1 + len(PATTERNS))
+    assert runs == [expected] * (1 + 2 * len(PATTERNS))
 
 
 @pytest.mark.parametrize("avg", [1 * KiB, 16 * KiB, 64 * KiB, 512 * KiB, 4 * MiB])
@@ -104,7 +111,7 @@ def test_js_fastcdc_matches_python_on_random_data(page, server, avg):
     expected = python_ends(data, chunking)
     assert len(expected) >= 3
     [runs] = js_cuts(page, server, data, chunking)
-    assert runs == [expected] * (1 + len(PATTERNS))
+    assert runs == [expected] * (1 + 2 * len(PATTERNS))
 
 
 def test_js_fastcdc_matches_python_at_the_end_of_input(page, server):
@@ -119,7 +126,7 @@ def test_js_fastcdc_matches_python_at_the_end_of_input(page, server):
     vanished = [c for c in cuts if c not in python_ends(data[: c + 1], chunking)]
     assert vanished, "no input here exercises the end-of-input rule"
     got = js_cuts(page, server, data, chunking, prefixes, patterns=[[1, 2, 3, 5, 7, 4093]])
-    wrong = [n for n, runs, want in zip(prefixes, got, expected) if runs != [want, want]]
+    wrong = [n for n, runs, want in zip(prefixes, got, expected) if runs != [want] * 3]
     assert not wrong
 
 
@@ -129,13 +136,15 @@ def test_js_fastcdc_refuses_bad_parameters(page, server):
           const { FastCdc } = await import("/static/fastcdc.js");
           const out = [];
           for (const opts of [{avgSize: 1000}, {avgSize: 512}, {avgSize: 8 * 1024 * 1024},
-                              {seed: -1}, {seed: 2 ** 32}, {seed: 1.5}]) {
+                              {seed: -1}, {seed: 2 ** 32}, {seed: 1.5}, {size: -1}]) {
             try { new FastCdc(opts); out.push("accepted"); } catch (e) { out.push(e.name); }
           }
+          const told = new FastCdc({ avgSize: 1024, size: 10 });
+          try { told.update(new Uint8Array(11)); out.push("accepted"); } catch (e) { out.push(e.name); }
           return out;
         }"""
     )
-    assert got == ["RangeError"] * 6
+    assert got == ["RangeError"] * 7 + ["Error"]
 
 
 @pytest.mark.slow

@@ -6,9 +6,13 @@
 // 32-bit seed). It is incremental: feed a file in slices of any size (the hashing worker
 // reads 8 MiB at a time) and get back the chunk ends as they are found.
 //
-//   const cdc = new FastCdc({ avgSize: 512 * 1024 });
+//   const cdc = new FastCdc({ avgSize: 512 * 1024, size: file.size });
 //   for (const slice of slices) ends.push(...cdc.update(slice));
 //   ends.push(...cdc.finish());   // chunk i is [ends[i-1] (or 0), ends[i])
+//
+// With `size` (the input's total length) every end is final the moment update() returns
+// it, and the update that brings the last byte also returns the last end. Without it, one
+// end may wait for the next update() or finish() (see `_held`).
 //
 // The 64-bit gear hash is kept as two int32 halves (BigInt is far slower, a double cannot
 // hold 64 bits), and the carry between them is computed without a branch: on random data
@@ -69,11 +73,15 @@ function asBytes(data) {
 
 /** Incremental FastCDC 2020 over a byte stream fed in slices of any size. */
 export class FastCdc {
-  constructor({ avgSize = DEFAULT_AVG, seed = 0 } = {}) {
+  constructor({ avgSize = DEFAULT_AVG, seed = 0, size } = {}) {
     const { minSize, maxSize } = fastcdcParams(avgSize);
     if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
       throw new RangeError(`a FastCDC seed is a 32-bit unsigned integer, got ${seed}`);
     }
+    if (size !== undefined && !(Number.isSafeInteger(size) && size >= 0)) {
+      throw new RangeError(`size must be a non-negative integer, got ${size}`);
+    }
+    this.size = size === undefined ? -1 : size;
     this.minSize = minSize;
     this.avgSize = avgSize;
     this.maxSize = maxSize;
@@ -93,7 +101,7 @@ export class FastCdc {
     this._lo = 0;
     // A cut found on the last byte fed, at an even chunk index, stands only if more than
     // that one byte follows: at the end of input the reference leaves an odd tail's last
-    // byte untested. Held here until the next update() or finish() decides.
+    // byte untested. Without `size`, held here until the next update() or finish() decides.
     this._held = -1;
     this._done = false;
   }
@@ -105,6 +113,9 @@ export class FastCdc {
     const n = bytes.length;
     const ends = [];
     if (n === 0) return ends;
+    if (this.size >= 0 && this._chunkStart + this._i + n > this.size) {
+      throw new Error(`FastCdc was told the input is ${this.size} bytes, and got more`);
+    }
     if (this._held >= 0) {
       ends.push(this._held);
       this._held = -1;
@@ -162,7 +173,13 @@ export class FastCdc {
       const end = base + cut;
       // The byte at `cut` belongs to the next chunk.
       if (cut === n - 1 && ((cut - start) & 1) === 0 && cut - start !== maxSize) {
-        this._held = end;
+        if (this.size < 0) {
+          this._held = end;
+        } else if (end === this.size - 1) {
+          break; // no cut: the current chunk runs to the end of input
+        } else {
+          ends.push(end);
+        }
       } else {
         ends.push(end);
       }
@@ -176,6 +193,7 @@ export class FastCdc {
     this._i = n - start;
     this._hi = hi;
     this._lo = lo;
+    if (base + n === this.size) ends.push(...this.finish());
     return ends;
   }
 
