@@ -229,6 +229,11 @@ class Catalog:
             (manifest_id,),
         )
 
+    async def manifest_chunk_count(self, manifest_id: int) -> int | None:
+        """How many chunks a manifest lists, or None when it is gone."""
+        row = await self._one("SELECT chunk_count FROM manifests WHERE id = ?", (manifest_id,))
+        return row[0] if row else None
+
     async def manifest_page(
         self, manifest_id: int, start: int, limit: int
     ) -> list[tuple[str, int]]:

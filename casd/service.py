@@ -565,6 +565,39 @@ class Service:
             i += 1
         return out
 
+    async def file_manifest(self, digest: Digest) -> tuple[FileEntry, int]:
+        """The file and how many chunks its manifest lists; NotFound as for get_file."""
+        entry = await self.get_file(digest)
+        count = await self.catalog.manifest_chunk_count(entry.manifest_id)
+        if count is None:
+            raise NotFound(f"no file {digest.hex}")
+        return entry, count
+
+    async def manifest_pages(
+        self, entry: FileEntry, count: int, page: int
+    ) -> AsyncIterator[list[tuple[str, int, int]]]:
+        """(digest hex, size, offset) of every chunk of a file, `page` at a time, in order.
+
+        Each page is its own read, so a slow reader holds no snapshot open. If the file is
+        deleted meanwhile, its rows vanish: a manifest that comes up short of `count` chunks
+        or of the file's size raises NotFound after the last page it got.
+        """
+        offset, seen = 0, 0
+        while True:
+            rows = await self.catalog.manifest_page(entry.manifest_id, seen, page)
+            if not rows:
+                break
+            out = []
+            for hex_, size in rows:
+                out.append((hex_, size, offset))
+                offset += size
+            seen += len(rows)
+            yield out
+            if len(rows) < page:
+                break
+        if seen != count or offset != entry.size:
+            raise NotFound(f"file {entry.digest.hex} was deleted while its manifest was read")
+
     async def delete_file(self, digest: Digest) -> None:
         if not await self.catalog.delete_file(digest):
             raise NotFound(f"no file {digest.hex}")

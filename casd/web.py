@@ -515,6 +515,56 @@ async def _copy_segment(resp: web.StreamResponse, f, offset: int, length: int) -
         length -= len(data)
 
 
+# Rows of a manifest read and sent at a time: about 0.3 MB of JSON, so a manifest of any
+# length streams in bounded memory and the event loop is never held long.
+MANIFEST_PAGE = 4096
+
+
+async def get_file_chunks(request: web.Request) -> web.StreamResponse:
+    """The file's manifest as JSON, streamed page by page (see PROTOCOL.md)."""
+    service = request.app[SERVICE]
+    digest, _url_ext = _split_file_name(request.match_info["name"])
+    entry, count = await service.file_manifest(digest)
+    algo = entry.digest.algo.value
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "application/json; charset=utf-8",
+            # A digest's manifest can change: deleted, then uploaded again cut otherwise.
+            "Cache-Control": "no-cache",
+            "X-Chunk-Count": str(count),
+        }
+    )
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    if request.method == "HEAD":
+        await resp.write_eof()
+        return resp
+    await resp.write(
+        f'{{"algo":"{algo}","{algo}":"{entry.digest.hex}","size":{entry.size},'
+        f'"count":{count},"chunks":['.encode()
+    )
+    sep = ""
+    try:
+        async for rows in service.manifest_pages(entry, count, MANIFEST_PAGE):
+            # Digests are validated hex and sizes integers: nothing here needs escaping.
+            text = ",".join(
+                f'{{"digest":"{hex_}","size":{size},"offset":{offset}}}'
+                for hex_, size, offset in rows
+            )
+            await resp.write((sep + text).encode())
+            sep = ","
+    except NotFound as exc:
+        # The status line is out; a body cut short of its closing bracket (and of the
+        # chunked encoding's last chunk) is how to say "this manifest is not whole".
+        log.warning("manifest of %s cut short: %s", entry.digest.hex, exc.message)
+        if request.transport is not None:
+            request.transport.close()
+        raise ConnectionResetError(exc.message) from exc
+    await resp.write(b"]}")
+    await resp.write_eof()
+    return resp
+
+
 async def delete_file(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "file digest")
     await request.app[SERVICE].delete_file(digest)
@@ -570,6 +620,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     r.add_post("/v1/uploads/{upload_id}/merge", merge)
     r.add_delete("/v1/uploads/{upload_id}", abort)
     r.add_get("/v1/files/{name}", get_file)
+    r.add_get("/v1/files/{name}/chunks", get_file_chunks)
     r.add_delete("/v1/files/{digest}", delete_file)
     r.add_get("/healthz", healthz)
     r.add_get("/", index)
