@@ -24,7 +24,9 @@ from casd.errors import (
     CasdError,
     DigestMismatch,
     FileDigestMismatch,
+    Forbidden,
     Incomplete,
+    MisdirectedRequest,
     NotFound,
     NotInManifest,
     RangeNotSatisfiable,
@@ -32,9 +34,11 @@ from casd.errors import (
     StorageFull,
     TooLarge,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from casd.models import ChunkRef, FileEntry, HandshakeResult, Manifest
 from casd.service import Service
+from casd.web_guard import guard_middleware, install_guard, require_json
 
 log = logging.getLogger("casd.web")
 
@@ -55,11 +59,14 @@ THREAD_PARSE_BYTES = 256 * 1024
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     BadRequest: (400, "bad_request"),
     Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
     NotFound: (404, "not_found"),
     Incomplete: (409, "incomplete"),
     NotInManifest: (409, "not_in_manifest"),
     TooLarge: (413, "too_large"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
     RangeNotSatisfiable: (416, "range_not_satisfiable"),
+    MisdirectedRequest: (421, "misdirected_request"),
     DigestMismatch: (422, "digest_mismatch"),
     SizeMismatch: (422, "size_mismatch"),
     FileDigestMismatch: (422, "file_digest_mismatch"),
@@ -211,6 +218,17 @@ def parse_digest(text: str, what: str = "digest") -> Digest:
         raise BadRequest(f"{what}: {exc}") from None
 
 
+def check_algo(request: web.Request, digest: Digest) -> None:
+    """Refuse an upload digest the server's --algos policy does not accept."""
+    allowed = request.app[SETTINGS].algos
+    if digest.algo.value not in allowed:
+        raise BadRequest(
+            f"this server does not accept {digest.algo.value} uploads (its --algos policy"
+            f" allows {', '.join(allowed)}): hash with one of those",
+            allowed_algos=list(allowed),
+        )
+
+
 def parse_upload_id(request: web.Request) -> str:
     upload_id = request.match_info["upload_id"]
     if not _UPLOAD_ID.match(upload_id):
@@ -244,11 +262,13 @@ async def handshake(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
+    require_json(request)
     body = await request.read()
     if len(body) > THREAD_PARSE_BYTES:
         manifest = await asyncio.to_thread(parse_manifest, body)
     else:
         manifest = parse_manifest(body)
+    check_algo(request, manifest.digest)
     result: HandshakeResult = await service.handshake(manifest)
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
@@ -283,6 +303,7 @@ async def upload_status(request: web.Request) -> web.Response:
 async def put_chunk(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request)
     digest = parse_digest(request.match_info["digest"], "chunk digest")
+    check_algo(request, digest)
     minimal = bool(_MINIMAL.search(request.headers.get("Prefer", "")))
     result = await request.app[SERVICE].put_chunk(
         upload_id, digest, request.content.iter_any(), request.content_length,
@@ -499,10 +520,11 @@ async def index(request: web.Request) -> web.StreamResponse:
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> web.Application:
     """The casd application: routes, middlewares, and the service opened on startup."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, guard_middleware, auth_middleware],
         client_max_size=settings.max_handshake_bytes,
     )
     app[SETTINGS] = settings
+    install_guard(app, settings)
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)
