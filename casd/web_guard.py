@@ -78,7 +78,7 @@ class Guard:
     any_origin: bool
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Guard":
+    def from_settings(cls, settings: Settings) -> Guard:
         given = {_host_name(h) for h in settings.allowed_hosts}
         if "*" in given:
             hosts = None
@@ -104,7 +104,7 @@ GUARD = web.AppKey("guard", Guard)
 
 def _same_origin(request: web.Request, origin: str) -> bool:
     """Origin names the host the request was sent to (the scheme may differ behind a proxy)."""
-    scheme, sep, netloc = origin.partition("://")
+    _scheme, sep, netloc = origin.partition("://")
     host = request.headers.get("Host")
     return bool(sep) and host is not None and netloc.lower() == host.strip().lower()
 
