@@ -186,6 +186,20 @@ function checkChunkSize(chunkSize) {
   }
 }
 
+// A browser hides why a cross-origin request failed; casd not allowing this page's origin
+// is the likeliest reason, so the message names the flag that allows it.
+function corsHint(root) {
+  const here = globalThis.location?.origin;
+  if (!here || here === "null") return "";
+  let there;
+  try {
+    there = new URL(root || "/", globalThis.location.href).origin;
+  } catch {
+    return "";
+  }
+  return there === here ? "" : ` (casd lets a page on ${here} call it only when started with --cors-origin ${here})`;
+}
+
 function errorFrom(status, text) {
   let body = null;
   try {
@@ -299,7 +313,7 @@ export async function upload(file, options = {}) {
         text = await response.text();
       } catch (err) {
         if (signal?.aborted) throw abortReason(signal);
-        throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}`);
+        throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}${corsHint(root)}`);
       }
       if (!response.ok) throw errorFrom(response.status, text);
       return JSON.parse(text);
@@ -331,7 +345,7 @@ export async function upload(file, options = {}) {
           settle(reject, errorFrom(xhr.status, xhr.responseText));
         }
       };
-      xhr.onerror = () => settle(reject, new CasdError(0, "network_error", `the chunk upload to ${absolute(path)} failed`));
+      xhr.onerror = () => settle(reject, new CasdError(0, "network_error", `the chunk upload to ${absolute(path)} failed${corsHint(root)}`));
       xhr.ontimeout = xhr.onerror;
       xhr.onabort = () => settle(reject, abortReason(abortSignal));
       abortSignal.addEventListener("abort", onAbort, { once: true });
