@@ -107,7 +107,7 @@ async def error_middleware(request: web.Request, handler):
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
+        log.exception("internal error on %s %s", request.method, request.raw_path)
         return error_response(
             500, "internal_error", "the server failed to handle this request; see its log"
         )

@@ -383,3 +383,37 @@ def test_ls_and_fsck_escape_control_characters_in_names(daemon):
     report = json.loads(cli(daemon.data_dir, "fsck", "--json").stdout)
     assert NASTY in report["issues"][0]["files"][0]
 
+
+
+def test_cross_site_form_and_foreign_origin_delete_on_the_real_daemon(daemon):
+    """What a hostile page in the operator's browser can send without a preflight."""
+    p = prepare(rand(2 * CHUNK), CHUNK, ext=".bin")
+    other = prepare(rand(CHUNK), CHUNK)
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            await upload(s, daemon.url, p)
+            before = snapshot(daemon.data_dir)
+            # <form enctype="text/plain"> / fetch(..., {mode: "no-cors"}) with a JSON body.
+            async with s.post(f"{daemon.url}/v1/handshake", data=json.dumps(other.handshake),
+                              headers={"Content-Type": "text/plain", "Origin": EVIL}) as r:
+                await assert_error(r, 403, "forbidden")
+            # The same without an Origin header (older browsers, plugins): the type stops it.
+            async with s.post(f"{daemon.url}/v1/handshake", data=json.dumps(other.handshake),
+                              headers={"Content-Type": "text/plain"}) as r:
+                await assert_error(r, 415, "unsupported_media_type")
+            async with s.delete(f"{daemon.url}/v1/files/{p.digest}",
+                                headers={"Origin": EVIL}) as r:
+                await assert_error(r, 403, "forbidden")
+            async with s.options(f"{daemon.url}/v1/handshake", headers={
+                    "Origin": EVIL, "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type"}) as r:
+                await assert_error(r, 403, "forbidden")
+                assert "Access-Control-Allow-Origin" not in r.headers
+            assert snapshot(daemon.data_dir) == before
+            async with s.get(f"{daemon.url}/v1/files/{p.digest}.bin") as r:
+                assert r.status == 200 and await r.read() == p.data
+            async with s.get(f"{daemon.url}/healthz") as r:
+                assert r.status == 200
+
+    asyncio.run(go())
