@@ -28,7 +28,7 @@ CORS_ALLOW_HEADERS = (
 )
 CORS_EXPOSE_HEADERS = (
     "ETag, Content-Range, Content-Length, Accept-Ranges, Content-Disposition,"
-    " Preference-Applied, X-Request-ID"
+    " Preference-Applied, Retry-After, X-Request-ID"
 )
 CORS_MAX_AGE = "600"
 
@@ -129,7 +129,7 @@ async def guard_middleware(request: web.Request, handler):
         )
     origin = request.headers.get("Origin")
     if _is_preflight(request):
-        if not guard.cors_allows(origin):
+        if origin is None or not guard.cors_allows(origin):
             raise Forbidden(
                 f"origin {origin!r} may not call this server; start it with"
                 " --cors-origin ORIGIN to allow it"

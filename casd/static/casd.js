@@ -94,6 +94,20 @@ function startWorker() {
   }
 }
 
+// A browser hides why a cross-origin request failed; casd not allowing this page's origin
+// is the likeliest reason, so the message names the flag that allows it.
+function corsHint(root) {
+  const here = globalThis.location?.origin;
+  if (!here || here === "null") return "";
+  let there;
+  try {
+    there = new URL(root || "/", globalThis.location.href).origin;
+  } catch {
+    return "";
+  }
+  return there === here ? "" : ` (casd lets a page on ${here} call it only when started with --cors-origin ${here})`;
+}
+
 function runWorker(job, transfer, signal, onBytes) {
   return new Promise((resolve, reject) => {
     const worker = startWorker();
@@ -184,20 +198,6 @@ function checkChunkSize(chunkSize) {
   if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) {
     throw new TypeError(`chunkSize must be a positive integer, not ${chunkSize}`);
   }
-}
-
-// A browser hides why a cross-origin request failed; casd not allowing this page's origin
-// is the likeliest reason, so the message names the flag that allows it.
-function corsHint(root) {
-  const here = globalThis.location?.origin;
-  if (!here || here === "null") return "";
-  let there;
-  try {
-    there = new URL(root || "/", globalThis.location.href).origin;
-  } catch {
-    return "";
-  }
-  return there === here ? "" : ` (casd lets a page on ${here} call it only when started with --cors-origin ${here})`;
 }
 
 function errorFrom(status, text) {
