@@ -131,3 +131,33 @@ def test_origin_not_allowed_fails_with_a_clear_error_and_stores_nothing(
     assert got["status"] == 0 and got["error"] == "network_error"
     assert f"--cors-origin {other_origin.url}" in got["message"]
     assert not [p for p in (d.data_dir / "blobs").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("algo", ["md5", "sha256"])
+def test_upload_page_works_under_its_content_security_policy(daemon, browser, tmp_path, algo):
+    """The page's CSP blocks nothing the page needs: workers, WebCrypto, its own requests."""
+    from playwright.sync_api import expect  # here: collecting must work without playwright
+
+    context = browser.new_context()
+    pg = context.new_page()
+    violations: list[str] = []
+    pg.on("console", lambda m: violations.append(m.text) if m.text.startswith("CSP ") else None)
+    pg.add_init_script(
+        "document.addEventListener('securitypolicyviolation', (e) =>"
+        " console.error('CSP ' + e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    try:
+        response = pg.goto(f"{daemon.url}/?algo={algo}&chunk_size=1048576")
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        data = random.Random(algo).randbytes(3 * MiB + 5)
+        path = tmp_path / "page.bin"
+        path.write_bytes(data)
+        pg.get_by_test_id("file-input").set_input_files(path)
+        row = pg.get_by_test_id("upload").first
+        expect(row.get_by_test_id("status")).to_have_text("done", timeout=60_000)
+        link = row.get_by_test_id("link").get_attribute("href")
+        digest = hashlib.new(algo, data).hexdigest()
+        assert digest in link
+    finally:
+        context.close()
+    assert violations == []
