@@ -95,6 +95,10 @@ class Guard:
         # No Host at all is HTTP/1.0 from a tool, never a browser: nothing to rebind.
         return self.hosts is None or host is None or _host_name(host) in self.hosts
 
+    @property
+    def cors_on(self) -> bool:
+        return self.any_origin or bool(self.origins)
+
     def cors_allows(self, origin: str) -> bool:
         return self.any_origin or origin.lower() in self.origins
 
@@ -162,15 +166,17 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     path = request.path
     is_static = path.startswith("/static/")
     origin = request.headers.get("Origin")
-    if origin is not None and guard.cors_allows(origin):
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
-        response.headers.add("Vary", "Origin")
-    elif is_static:
+    if is_static:
         # The page's scripts are public and the same for everyone, and a page on another
         # origin must be able to import casd.js to learn (from its clear error) that casd
-        # does not let that origin in.
+        # does not let that origin in. One answer for all: no Vary, any cache may share it.
         response.headers["Access-Control-Allow-Origin"] = "*"
+    elif guard.cors_on:
+        # The answer depends on Origin: a cache must not hand a CORS-less copy to a page.
+        response.headers.add("Vary", "Origin")
+        if origin is not None and guard.cors_allows(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
     if path == "/" or is_static:
         for name, value in PAGE_HEADERS.items():
             response.headers.setdefault(name, value)

@@ -230,8 +230,12 @@ async def test_allowed_origin_uploads_downloads_and_reads_errors(aiohttp_client,
     r = await client.get(f"/v1/files/{p.digest}.bin", headers={**cors, "Range": "bytes=5-9"})
     assert r.status == 206 and await r.read() == p.data[5:10]
     assert r.headers["Access-Control-Allow-Origin"] == APP
+    assert "Origin" in r.headers.getall("Vary")
     exposed = {h.strip() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
     assert {"ETag", "Content-Range", "Content-Length", "Accept-Ranges"} <= exposed
+    # Without Origin the answer differs, so it says so to caches too.
+    r = await client.get(f"/v1/files/{p.digest}.bin")
+    assert "Access-Control-Allow-Origin" not in r.headers and "Origin" in r.headers.getall("Vary")
     # Errors carry the headers too, so a page can read {error, message}.
     r = await client.post(f"/v1/uploads/{'0' * 32}/merge", headers=cors)
     await assert_error(r, 404, "not_found")
