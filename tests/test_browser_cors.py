@@ -136,9 +136,8 @@ def test_origin_not_allowed_fails_with_a_clear_error_and_stores_nothing(
 @pytest.mark.parametrize("algo", ["md5", "sha256"])
 def test_upload_page_works_under_its_content_security_policy(daemon, browser, tmp_path, algo):
     """The page's CSP blocks nothing the page needs: workers, WebCrypto, its own requests."""
-    from playwright.sync_api import (
-        expect,  # here: collecting must work without playwright
-    )
+    # Imported here: collecting the tests must work without playwright.
+    from playwright.sync_api import expect
 
     context = browser.new_context()
     pg = context.new_page()
