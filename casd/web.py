@@ -218,17 +218,6 @@ def parse_digest(text: str, what: str = "digest") -> Digest:
         raise BadRequest(f"{what}: {exc}") from None
 
 
-def check_algo(request: web.Request, digest: Digest) -> None:
-    """Refuse an upload digest the server's --algos policy does not accept."""
-    allowed = request.app[SETTINGS].algos
-    if digest.algo.value not in allowed:
-        raise BadRequest(
-            f"this server does not accept {digest.algo.value} uploads (its --algos policy"
-            f" allows {', '.join(allowed)}): hash with one of those",
-            allowed_algos=list(allowed),
-        )
-
-
 def parse_upload_id(request: web.Request) -> str:
     upload_id = request.match_info["upload_id"]
     if not _UPLOAD_ID.match(upload_id):
@@ -258,17 +247,16 @@ def _complete(digest: Digest, size: int, ext: str) -> dict:
 
 
 async def handshake(request: web.Request) -> web.Response:
+    require_json(request)
     service = request.app[SERVICE]
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
-    require_json(request)
     body = await request.read()
     if len(body) > THREAD_PARSE_BYTES:
         manifest = await asyncio.to_thread(parse_manifest, body)
     else:
         manifest = parse_manifest(body)
-    check_algo(request, manifest.digest)
     result: HandshakeResult = await service.handshake(manifest)
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
@@ -303,7 +291,6 @@ async def upload_status(request: web.Request) -> web.Response:
 async def put_chunk(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request)
     digest = parse_digest(request.match_info["digest"], "chunk digest")
-    check_algo(request, digest)
     minimal = bool(_MINIMAL.search(request.headers.get("Prefer", "")))
     result = await request.app[SERVICE].put_chunk(
         upload_id, digest, request.content.iter_any(), request.content_length,
@@ -524,7 +511,6 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
         client_max_size=settings.max_handshake_bytes,
     )
     app[SETTINGS] = settings
-    install_guard(app, settings)
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)
@@ -533,6 +519,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
         await service.close()
 
     app.cleanup_ctx.append(service_ctx)
+    install_guard(app, settings)
     r = app.router
     r.add_post("/v1/handshake", handshake)
     r.add_get("/v1/uploads/{upload_id}", upload_status)
