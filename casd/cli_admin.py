@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from casd.cli_common import CliError, add_data_arg, data_dir
+from casd.cli_common import CliError, add_data_arg, data_dir, safe_text
 from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import CasdError
@@ -253,9 +253,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             _print_json(_fsck_json(r))
             return 0 if r.ok else 1
         for i in r.issues:
-            line = f"{i.kind:<13} {i.digest or '-'}  {i.detail}"
+            # File names in the detail are whatever clients sent: escape what a terminal obeys.
+            line = f"{i.kind:<13} {i.digest or '-'}  {safe_text(i.detail)}"
             if i.files:
-                line += f"; files: {', '.join(i.files)}"
+                line += f"; files: {', '.join(safe_text(f) for f in i.files)}"
             print(line)
         how = "md5/sha256 and xxh3-128" if r.deep else "xxh3-128"
         rate = r.bytes_checked / r.seconds / (1 << 20) if r.seconds else 0.0
@@ -320,7 +321,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             _print_json([_file_json(f) for f in files])
             return 0
         for f in files:
-            name = f.name.replace("\n", " ") if f.name else "-"
+            name = safe_text(f.name) if f.name else "-"
             print(f"{f.digest.hex}{f.ext}  {f.size:>14}  {_time(f.created)}  {name}")
         return 0
 

@@ -9,6 +9,11 @@ from casd.config import data_dir_from_env
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?\Z", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# C0 controls, DEL, C1 controls, the line and paragraph separators, and the bidirectional
+# marks, embeddings, overrides and isolates (which can make text read in another order).
+_UNSAFE = re.compile(
+    "[\\\\\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+)
 
 
 class CliError(Exception):
@@ -17,6 +22,20 @@ class CliError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def safe_text(text: str) -> str:
+    """Client-supplied text made safe for a terminal: every control or bidi character, and
+    the backslash itself (so the result is unambiguous), as a Python-style escape."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(m: re.Match) -> str:
+    ch = m.group()
+    if ch == "\\":
+        return "\\\\"
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def parse_size(text: str) -> int:

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 
 from aiohttp import web
 
 from casd.cli_common import CliError, add_data_arg, data_dir, parse_size
 from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings
+from casd.digest import Algo
 from casd.web import create_app
 
 log = logging.getLogger("casd")
@@ -47,7 +49,50 @@ def register(sub) -> None:
                    help="SQLite synchronous level (default FULL: commits survive power loss)")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds in-flight requests get to finish on SIGTERM (default 10)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name to answer besides the listening address's own (repeatable;"
+                   " '*' for any; default: $CASD_ALLOWED_HOSTS, comma-separated)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="a web origin (https://app.example, or '*') whose pages may call the"
+                   " API (repeatable; default: $CASD_CORS_ORIGINS, comma-separated; none)")
+    p.add_argument("--algos", default=os.environ.get("CASD_ALGOS", ",".join(d.algos)),
+                   help="digest algorithms uploads may use, comma-separated (default"
+                   " md5,sha256; 'sha256' refuses MD5 where collisions matter)")
     p.set_defaults(func=run)
+
+
+_ORIGIN = re.compile(r"https?://[^\s/?#@]+\Z", re.IGNORECASE)
+_HOST_NAME = re.compile(r"(\*|\[[0-9a-f:.]+\]|[^\s/?#@\[\]]+)\Z", re.IGNORECASE)
+
+
+def _listed(given: list[str] | None, env: str) -> list[str]:
+    """A repeatable flag's values, else the comma-separated environment variable."""
+    if given is None:
+        given = os.environ.get(env, "").split(",")
+    return [v.strip() for v in given if v.strip()]
+
+
+def _security_settings(args: argparse.Namespace) -> dict:
+    hosts = _listed(args.allowed_host, "CASD_ALLOWED_HOSTS")
+    for h in hosts:
+        if not _HOST_NAME.match(h):
+            raise CliError(f"--allowed-host {h!r} is not a host name or address", 2)
+    origins = [o.rstrip("/") for o in _listed(args.cors_origin, "CASD_CORS_ORIGINS")]
+    for o in origins:
+        if o != "*" and not _ORIGIN.match(o):
+            raise CliError(f"--cors-origin {o!r} is not '*' or an origin such as"
+                           " https://app.example:8443 (scheme, host, optional port)", 2)
+    algos = []
+    for name in (a.strip().lower() for a in args.algos.split(",")):
+        if name:
+            try:
+                algos.append(Algo.parse(name).value)
+            except ValueError as exc:
+                raise CliError(f"--algos: {exc}", 2) from None
+    if not algos:
+        raise CliError("--algos needs at least one of md5, sha256", 2)
+    return {"allowed_hosts": tuple(hosts), "cors_origins": tuple(origins),
+            "algos": tuple(dict.fromkeys(algos))}
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -76,6 +121,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         hash_workers=args.hash_workers,
         sqlite_synchronous=args.sync,
         shutdown_timeout=args.shutdown_timeout,
+        **_security_settings(args),
     )
 
 

@@ -41,6 +41,13 @@ class Settings:
     # "FULL" makes every acknowledged catalogue write survive a power cut, not just a crash.
     sqlite_synchronous: str = "FULL"
     shutdown_timeout: float = 10.0
+    # Host names the daemon answers (against DNS rebinding), on top of the defaults derived
+    # from `host` (docs/security.md); "*" accepts any.
+    allowed_hosts: tuple[str, ...] = ()
+    # Web origins ("https://app.example", or "*") whose pages may call the API (CORS).
+    cors_origins: tuple[str, ...] = ()
+    # Digest algorithms handshakes may use; ("sha256",) refuses MD5 where collisions matter.
+    algos: tuple[str, ...] = ("md5", "sha256")
 
     @property
     def blobs_dir(self) -> Path:

@@ -57,3 +57,15 @@ class RangeNotSatisfiable(CasdError):
 
 class StorageFull(CasdError):
     pass
+
+
+class Forbidden(CasdError):
+    """The request comes from a web origin this server does not accept."""
+
+
+class UnsupportedMediaType(CasdError):
+    """A body whose declared type the endpoint does not take."""
+
+
+class MisdirectedRequest(CasdError):
+    """The request names a host this server does not answer for."""

@@ -197,7 +197,19 @@ class Service:
         if total != m.size:
             raise BadRequest(f"the chunk sizes add up to {total}, not to size {m.size}")
 
+    def check_algo(self, digest: Digest) -> None:
+        """Refuse digests the deployment's --algos policy does not accept (MD5 collisions)."""
+        allowed = self.settings.algos
+        algo = digest.algo
+        if algo.value not in allowed:
+            raise BadRequest(
+                f"this server does not accept {algo.value} uploads (its --algos policy"
+                f" allows {', '.join(allowed)}): hash with one of those",
+                allowed_algos=list(allowed),
+            )
+
     async def handshake(self, m: Manifest) -> HandshakeResult:
+        self.check_algo(m.digest)
         self.check_manifest(m)
         existing = await self.catalog.get_file(m.digest)
         if existing is not None and existing.size == m.size:
@@ -237,6 +249,7 @@ class Service:
     ) -> PutResult:
         """Receive one chunk's bytes: verify while streaming, store once, say what is left
         (unless `with_missing` is off: for huge manifests that list is the dominant cost)."""
+        self.check_algo(digest)
         upload = await self._pending(upload_id)
         if digest.algo is not upload.digest.algo:
             raise BadRequest(

@@ -24,7 +24,9 @@ from casd.errors import (
     CasdError,
     DigestMismatch,
     FileDigestMismatch,
+    Forbidden,
     Incomplete,
+    MisdirectedRequest,
     NotFound,
     NotInManifest,
     RangeNotSatisfiable,
@@ -32,9 +34,11 @@ from casd.errors import (
     StorageFull,
     TooLarge,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from casd.models import ChunkRef, FileEntry, HandshakeResult, Manifest
 from casd.service import Service
+from casd.web_guard import guard_middleware, install_guard, require_json
 
 log = logging.getLogger("casd.web")
 
@@ -59,11 +63,14 @@ BIG_HANDSHAKES_AT_ONCE = 2
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     BadRequest: (400, "bad_request"),
     Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
     NotFound: (404, "not_found"),
     Incomplete: (409, "incomplete"),
     NotInManifest: (409, "not_in_manifest"),
     TooLarge: (413, "too_large"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
     RangeNotSatisfiable: (416, "range_not_satisfiable"),
+    MisdirectedRequest: (421, "misdirected_request"),
     DigestMismatch: (422, "digest_mismatch"),
     SizeMismatch: (422, "size_mismatch"),
     FileDigestMismatch: (422, "file_digest_mismatch"),
@@ -104,7 +111,7 @@ async def error_middleware(request: web.Request, handler):
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
+        log.exception("internal error on %s %s", request.method, request.raw_path)
         return error_response(
             500, "internal_error", "the server failed to handle this request; see its log"
         )
@@ -269,6 +276,7 @@ def _complete(digest: Digest, size: int, ext: str) -> dict:
 
 
 async def handshake(request: web.Request) -> web.Response:
+    require_json(request)
     service = request.app[SERVICE]
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -600,7 +608,7 @@ async def index(request: web.Request) -> web.StreamResponse:
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> web.Application:
     """The casd application: routes, middlewares, and the service opened on startup."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, guard_middleware, auth_middleware],
         client_max_size=settings.max_handshake_bytes,
     )
     app[SETTINGS] = settings
@@ -613,6 +621,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
         await service.close()
 
     app.cleanup_ctx.append(service_ctx)
+    install_guard(app, settings)
     r = app.router
     r.add_post("/v1/handshake", handshake)
     r.add_get("/v1/uploads/{upload_id}", upload_status)

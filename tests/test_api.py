@@ -550,7 +550,8 @@ async def test_too_many_chunks_and_too_large_handshake(aiohttp_client, settings,
     p = prepare(rand(4 * 100), 100)
     await assert_error(await client.post("/v1/handshake", json=p.handshake), 413, "too_large")
     p = prepare(rand(60 * 10), 10)
-    r = await client.post("/v1/handshake", data=json.dumps(p.handshake))
+    r = await client.post("/v1/handshake", data=json.dumps(p.handshake),
+                          headers={"Content-Type": "application/json"})
     await assert_error(r, 413, "too_large")
 
 
@@ -613,7 +614,7 @@ async def test_client_disconnect_mid_chunk_leaves_nothing(aiohttp_server, settin
     reader, writer = await asyncio.open_connection(server.host, server.port)
     d = p.order[0]
     writer.write(
-        f"PUT /v1/uploads/{uid}/chunks/{d} HTTP/1.1\r\nHost: x\r\n"
+        f"PUT /v1/uploads/{uid}/chunks/{d} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Length: {4 * CHUNK}\r\n\r\n".encode() + p.chunks[d][: 2 * CHUNK]
     )
     await writer.drain()

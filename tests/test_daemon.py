@@ -174,7 +174,7 @@ async def test_sigterm_mid_chunk_exits_cleanly_and_keeps_no_half_blob(daemon_fac
     reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     d = p.order[0]
     writer.write(
-        f"PUT /v1/uploads/{hs['upload_id']}/chunks/{d} HTTP/1.1\r\nHost: x\r\n"
+        f"PUT /v1/uploads/{hs['upload_id']}/chunks/{d} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Length: {4 * MiB}\r\n\r\n".encode() + p.chunks[d][:MiB]
     )
     await writer.drain()

@@ -120,6 +120,20 @@ function startWorker() {
   }
 }
 
+// A browser hides why a cross-origin request failed; casd not allowing this page's origin
+// is the likeliest reason, so the message names the flag that allows it.
+function corsHint(root) {
+  const here = globalThis.location?.origin;
+  if (!here || here === "null") return "";
+  let there;
+  try {
+    there = new URL(root || "/", globalThis.location.href).origin;
+  } catch {
+    return "";
+  }
+  return there === here ? "" : ` (casd lets a page on ${here} call it only when started with --cors-origin ${here})`;
+}
+
 function runWorker(job, transfer, signal, onBytes) {
   return new Promise((resolve, reject) => {
     const worker = startWorker();
@@ -330,7 +344,7 @@ export async function upload(file, options = {}) {
         text = await response.text();
       } catch (err) {
         if (signal?.aborted) throw abortReason(signal);
-        throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}`);
+        throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}${corsHint(root)}`);
       }
       if (!response.ok) throw errorFrom(response.status, text, response.headers.get("Retry-After"));
       return JSON.parse(text);
@@ -360,7 +374,7 @@ export async function upload(file, options = {}) {
         // 201 stored, 200 already held: either way the chunk is there; the body says no more.
         settle(resolve, xhr.status);
       };
-      xhr.onerror = () => settle(reject, new CasdError(0, "network_error", `the chunk upload to ${absolute(path)} failed`));
+      xhr.onerror = () => settle(reject, new CasdError(0, "network_error", `the chunk upload to ${absolute(path)} failed${corsHint(root)}`));
       xhr.ontimeout = xhr.onerror;
       xhr.onabort = () => settle(reject, abortReason(abortSignal));
       abortSignal.addEventListener("abort", onAbort, { once: true });
