@@ -105,6 +105,18 @@ class Catalog:
             raise
         return cls(writer, reader, group)
 
+    @property
+    def writer(self) -> "GroupWriter":
+        """The batching writer, for its queue depth and commit observer (metrics)."""
+        return self._group
+
+    async def count_expired_pending(self, now: float) -> int:
+        """Pending uploads expired at `now` that gc has not removed yet (a metric)."""
+        row = await self._one(
+            "SELECT count(*) FROM uploads WHERE state = 'pending' AND expires_at <= ?", (now,)
+        )
+        return row[0]
+
     async def close(self) -> None:
         await self._group.close()
         await self._reader.close()
@@ -252,6 +264,13 @@ class GroupWriter:
         self._thread = thread
         self._queue: list[tuple[Callable, tuple, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        # Told each transaction's duration in seconds (metrics); None costs nothing.
+        self.on_commit: Callable[[float], None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Write operations waiting for the next transaction."""
+        return len(self._queue)
 
     @classmethod
     async def open(cls, path: Path, synchronous: str) -> "GroupWriter":
@@ -287,10 +306,13 @@ class GroupWriter:
             while self._queue:
                 batch = self._queue[: self.MAX_BATCH]
                 del self._queue[: self.MAX_BATCH]
+                started = time.perf_counter()
                 try:
                     results = await loop.run_in_executor(self._thread, self._transact, batch)
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     results = [(False, exc)] * len(batch)
+                if self.on_commit is not None:
+                    self.on_commit(time.perf_counter() - started)
                 for (_fn, _args, fut), (ok, value) in zip(batch, results):
                     if not fut.done():
                         fut.set_result(value) if ok else fut.set_exception(value)

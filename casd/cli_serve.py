@@ -10,6 +10,7 @@ import signal
 
 from aiohttp import web
 
+from casd import logs
 from casd.cli_common import CliError, add_data_arg, data_dir, parse_size
 from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings
 from casd.web import create_app
@@ -43,7 +44,19 @@ def register(sub) -> None:
                    help="SQLite synchronous level (default FULL: commits survive power loss)")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds in-flight requests get to finish on SIGTERM (default 10)")
+    _add_ops_args(p)
     p.set_defaults(func=run)
+
+
+def _add_ops_args(p: argparse.ArgumentParser) -> None:
+    """Metrics, logs and webhooks (docs/operating.md)."""
+    p.add_argument("--metrics-token", default=os.environ.get("CASD_METRICS_TOKEN"),
+                   help="token GET /metrics needs (default: $CASD_METRICS_TOKEN; unset: /metrics"
+                   " needs --token or --admin-token when they are set, else it is open)")
+    p.add_argument("--log-format", choices=logs.FORMATS, default=None,
+                   help="log lines on stderr (default: text on a terminal, else json)")
+    p.add_argument("--log-level", choices=logs.LEVELS, default="info",
+                   help="least severe level logged (default info: one access line per request)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -67,11 +80,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         io_workers=args.io_workers,
         sqlite_synchronous=args.sync,
         shutdown_timeout=args.shutdown_timeout,
+        metrics_token=args.metrics_token or None,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    logs.setup(args.log_format, args.log_level)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -83,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(settings: Settings) -> int:
     app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False)
+    # access_log=None: casd.observe writes the one access line per request.
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False,
+                           access_log=None)
     try:
         await runner.setup()
     except Exception as exc:

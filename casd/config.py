@@ -32,6 +32,13 @@ class Settings:
     # "FULL" makes every acknowledged catalogue write survive a power cut, not just a crash.
     sqlite_synchronous: str = "FULL"
     shutdown_timeout: float = 10.0
+    # Operations (docs/operating.md): /metrics protection and webhooks.
+    metrics_token: str | None = None
+    hook_urls: tuple[str, ...] = ()
+    hook_secret: str | None = None
+    hook_pre_handshake: str | None = None
+    hook_timeout: float = 5.0
+    hook_queue_max: int = 10_000
 
     @property
     def blobs_dir(self) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from casd import observe
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import (
@@ -250,6 +251,7 @@ async def handshake(request: web.Request) -> web.Response:
     else:
         manifest = parse_manifest(body)
     result: HandshakeResult = await service.handshake(manifest)
+    observe.handshake_answered(request, manifest, result)
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
     return web.json_response(
@@ -511,6 +513,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
         await service.close()
 
     app.cleanup_ctx.append(service_ctx)
+    observe.install(app, SETTINGS, SERVICE)
     r = app.router
     r.add_post("/v1/handshake", handshake)
     r.add_get("/v1/uploads/{upload_id}", upload_status)
