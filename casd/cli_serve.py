@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -57,6 +58,9 @@ def _add_ops_args(p: argparse.ArgumentParser) -> None:
                    help="log lines on stderr (default: text on a terminal, else json)")
     p.add_argument("--log-level", choices=logs.LEVELS, default="info",
                    help="least severe level logged (default info: one access line per request)")
+    p.add_argument("--check-config", action="store_true",
+                   help="check flags, config file and environment; print the settings; exit"
+                   " (0, or 2 with the error)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -84,8 +88,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def effective(settings: Settings, args: argparse.Namespace) -> str:
+    """The settings a daemon would run with, one `key = value` a line; secrets masked."""
+    lines = []
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if value and ("token" in field.name or "secret" in field.name):
+            value = "(set)"
+        lines.append(f"{field.name} = {value if not isinstance(value, tuple) else list(value)}")
+    lines.append(f"log_format = {args.log_format or logs.default_format()}")
+    lines.append(f"log_level = {args.log_level}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if args.check_config:
+        print(effective(settings, args))
+        return 0
     logs.setup(args.log_format, args.log_level)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
