@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from casd import observe
+from casd import observe, openapi
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import (
@@ -495,6 +495,14 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
 
 
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file of the upload page; a missing one is a JSON 404 like every other error."""
+    path = (STATIC_DIR / request.match_info["path"]).resolve()
+    if not path.is_relative_to(STATIC_DIR.resolve()) or not path.is_file():
+        raise NotFound(f"no static file {request.match_info['path']!r}")
+    return web.FileResponse(path)
+
+
 # ---- app --------------------------------------------------------------------------------
 
 
@@ -522,8 +530,8 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     r.add_delete("/v1/uploads/{upload_id}", abort)
     r.add_get("/v1/files/{name}", get_file)
     r.add_delete("/v1/files/{digest}", delete_file)
+    r.add_get("/v1/openapi.json", openapi.serve)
     r.add_get("/healthz", healthz)
     r.add_get("/", index)
-    if STATIC_DIR.is_dir():
-        r.add_static("/static/", STATIC_DIR)
+    r.add_get("/static/{path:.+}", static_file)
     return app
