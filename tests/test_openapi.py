@@ -78,7 +78,7 @@ def test_schemathesis_against_a_live_daemon(daemon, tmp_path):
         [st, "run", f"{daemon.url}/v1/openapi.json", "--max-examples", "10", "--max-time", "25",
          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
          "--generation-deterministic", "--no-color"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
     )
     assert r.returncode == 0, r.stdout[-6000:]
     assert "Traceback" not in daemon.log()

@@ -19,7 +19,7 @@ def casd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CASD_")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "casd", *args], capture_output=True, text=True,
-                          timeout=60, env=full_env)
+                          timeout=60, env=full_env, check=False)
 
 
 def settings_of(out: str) -> dict[str, str]:

@@ -8,10 +8,10 @@ import logging
 import urllib.request
 
 import pytest
+from helpers import prepare, rand
 
 from casd.logs import JsonFormatter, RequestIdFilter
 from casd.web import SERVICE, create_app
-from helpers import prepare, rand
 
 
 def get(url: str, headers: dict | None = None):
@@ -117,6 +117,6 @@ def test_bad_log_flags_are_one_line(args, message, tmp_path):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "casd", "serve", "--data", str(tmp_path), *args],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
