@@ -249,6 +249,25 @@ class Catalog:
         """Remove a file from the catalogue; its chunks are left for gc. False if unknown."""
         return await self._group.run(_delete_file, digest)
 
+    # ---- webhook queue ------------------------------------------------------------------
+
+    async def enqueue_hook_events(
+        self, rows: list[tuple[str, str, str]], now: float, max_rows: int
+    ) -> int:
+        """Queue (url, kind, body) rows; when over `max_rows`, drop the oldest. Returns how
+        many were dropped."""
+        return await self._group.run(_enqueue_hook_events, rows, now, max_rows)
+
+    async def hook_events(self, url: str, limit: int) -> list[tuple[int, str, str]]:
+        """The oldest queued (id, kind, body) for one receiver URL, in order."""
+        return await self._all(
+            "SELECT id, kind, body FROM hook_events WHERE url = ? ORDER BY id LIMIT ?",
+            (url, limit),
+        )
+
+    async def hook_event_done(self, event_id: int) -> None:
+        await self._group.run(_hook_event_done, event_id)
+
 
 class GroupWriter:
     """One sqlite3 connection on one thread. Write operations are plain functions of the
@@ -360,6 +379,25 @@ def _pragmas(synchronous: str) -> list[str]:
 
 
 # ---- write operations: run by GroupWriter inside a transaction, on its thread ------------
+
+
+def _enqueue_hook_events(con, rows, now, max_rows) -> int:
+    con.executemany(
+        "INSERT INTO hook_events (url, kind, body, created) VALUES (?, ?, ?, ?)",
+        [(url, kind, body, now) for url, kind, body in rows],
+    )
+    (count,) = con.execute("SELECT count(*) FROM hook_events").fetchone()
+    excess = count - max_rows
+    if excess > 0:
+        con.execute(
+            "DELETE FROM hook_events WHERE id IN"
+            " (SELECT id FROM hook_events ORDER BY id LIMIT ?)", (excess,)
+        )
+    return max(excess, 0)
+
+
+def _hook_event_done(con, event_id) -> None:
+    con.execute("DELETE FROM hook_events WHERE id = ?", (event_id,))
 
 _PENDING_OF_MANIFEST = (
     f"SELECT {_UPLOAD_COLUMNS} FROM manifests m JOIN uploads u ON u.manifest_id = m.id"

@@ -114,7 +114,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
         for a in p._actions:
             if a.option_strings and a.dest != argparse.SUPPRESS and _key(a) is not None:
                 originals[a] = a.default
-                a.default = _UNSET
+                a.default = None if _accumulates(a) else _UNSET
     args = parser.parse_args(argv)
     path = _chosen(parser, args)
     actions = [a for p in path for a in p._actions if a in originals]
@@ -127,7 +127,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
                      for a in p._actions if a in originals}
             values = _load_config(source, known)
     for a in actions:
-        if getattr(args, a.dest, None) is not _UNSET:
+        if getattr(args, a.dest, None) is not (None if _accumulates(a) else _UNSET):
             continue
         key = _key(a)
         # The environment variable a flag's default reads (CASD_PORT, CASD_TOKEN...) wins.
@@ -139,6 +139,11 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             default = a.type(default)
         setattr(args, a.dest, default)
     return args
+
+
+def _accumulates(action: argparse.Action) -> bool:
+    """append/extend/count build on their default, so theirs stays None while parsing."""
+    return isinstance(action, (argparse._AppendAction, argparse._CountAction))
 
 
 def _load_config(source: str, known: set) -> dict[str, object]:

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import urllib.parse
 
 from aiohttp import web
 
@@ -58,6 +59,19 @@ def _add_ops_args(p: argparse.ArgumentParser) -> None:
                    help="log lines on stderr (default: text on a terminal, else json)")
     p.add_argument("--log-level", choices=logs.LEVELS, default="info",
                    help="least severe level logged (default info: one access line per request)")
+    d = Settings()
+    p.add_argument("--hook-url", action="append", default=None, metavar="URL",
+                   help="POST file.completed and file.deleted events here (repeatable)")
+    p.add_argument("--hook-secret", default=os.environ.get("CASD_HOOK_SECRET"),
+                   help="sign events with HMAC-SHA256 in X-Casd-Signature"
+                   " (default: $CASD_HOOK_SECRET)")
+    p.add_argument("--hook-pre-handshake", default=None, metavar="URL",
+                   help="ask this URL before accepting each handshake; non-2xx refuses it")
+    p.add_argument("--hook-timeout", type=float, default=d.hook_timeout, metavar="SECONDS",
+                   help=f"seconds a hook receiver gets to answer (default {d.hook_timeout:g})")
+    p.add_argument("--hook-queue-max", type=int, default=d.hook_queue_max, metavar="N",
+                   help="events kept for delivery; beyond, the oldest are dropped"
+                   f" (default {d.hook_queue_max})")
     p.add_argument("--check-config", action="store_true",
                    help="check flags, config file and environment; print the settings; exit"
                    " (0, or 2 with the error)")
@@ -71,6 +85,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
     if args.upload_ttl <= 0:
         raise CliError("--upload-ttl must be positive", 2)
+    if not args.hook_timeout > 0 or args.hook_queue_max < 1:
+        raise CliError("--hook-timeout must be positive and --hook-queue-max at least 1", 2)
     return Settings(
         data_dir=data_dir(args).resolve(),
         host=args.host,
@@ -85,7 +101,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sqlite_synchronous=args.sync,
         shutdown_timeout=args.shutdown_timeout,
         metrics_token=args.metrics_token or None,
+        hook_urls=tuple(_hook_url("--hook-url", u) for u in args.hook_url or ()),
+        hook_secret=args.hook_secret or None,
+        hook_pre_handshake=_hook_url("--hook-pre-handshake", args.hook_pre_handshake)
+        if args.hook_pre_handshake else None,
+        hook_timeout=args.hook_timeout,
+        hook_queue_max=args.hook_queue_max,
     )
+
+
+def _hook_url(flag: str, url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(f"{flag} {url!r} is not an http:// or https:// URL", 2)
+    return url
 
 
 def effective(settings: Settings, args: argparse.Namespace) -> str:

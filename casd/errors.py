@@ -57,3 +57,11 @@ class RangeNotSatisfiable(CasdError):
 
 class StorageFull(CasdError):
     pass
+
+
+class Forbidden(CasdError):
+    """A policy (the pre-handshake hook) refused the request."""
+
+
+class Unavailable(CasdError):
+    """Something the request depends on (the pre-handshake hook) did not answer in time."""

@@ -24,8 +24,8 @@ def note(request: web.Request, **facts) -> None:
     request.setdefault(NOTES, {}).update(facts)
 
 
-def handshake_answered(request: web.Request, manifest, result) -> None:
-    """Account a handshake: dedup-skipped bytes, a started upload, and its ids for the log."""
+def handshake_answered(request: web.Request, manifest, result) -> int:
+    """Account a handshake: dedup-skipped bytes (returned), a started upload, its log ids."""
     metrics = request.app[METRICS]
     if result.status == "complete":
         skipped = manifest.size
@@ -37,6 +37,7 @@ def handshake_answered(request: web.Request, manifest, result) -> None:
     if skipped > 0:
         metrics.bytes_skipped.inc(skipped)
     note(request, upload_id=result.upload_id, digest=manifest.digest.hex, skipped=skipped)
+    return skipped
 
 
 def _route(request: web.Request) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from casd import observe, openapi
+from casd import hooks, observe, openapi
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import (
@@ -25,6 +25,7 @@ from casd.errors import (
     CasdError,
     DigestMismatch,
     FileDigestMismatch,
+    Forbidden,
     Incomplete,
     NotFound,
     NotInManifest,
@@ -33,7 +34,9 @@ from casd.errors import (
     StorageFull,
     TooLarge,
     Unauthorized,
+    Unavailable,
 )
+from casd.hooks import HOOKS
 from casd.models import ChunkRef, FileEntry, HandshakeResult, Manifest
 from casd.service import Service
 
@@ -65,6 +68,8 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     SizeMismatch: (422, "size_mismatch"),
     FileDigestMismatch: (422, "file_digest_mismatch"),
     StorageFull: (507, "insufficient_storage"),
+    Forbidden: (403, "forbidden"),
+    Unavailable: (503, "unavailable"),
 }
 # aiohttp's own refusals (no route, wrong method, body over client_max_size) in the same shape.
 HTTP_CODES = {
@@ -250,8 +255,10 @@ async def handshake(request: web.Request) -> web.Response:
         manifest = await asyncio.to_thread(parse_manifest, body)
     else:
         manifest = parse_manifest(body)
+    await request.app[HOOKS].check_handshake(request, manifest)
     result: HandshakeResult = await service.handshake(manifest)
-    observe.handshake_answered(request, manifest, result)
+    skipped = observe.handshake_answered(request, manifest, result)
+    request.app[HOOKS].remember_skipped(result.upload_id, skipped)
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
     return web.json_response(
@@ -300,7 +307,9 @@ async def put_chunk(request: web.Request) -> web.Response:
 
 
 async def merge(request: web.Request) -> web.Response:
-    entry = await request.app[SERVICE].merge(parse_upload_id(request))
+    upload_id = parse_upload_id(request)
+    entry = await request.app[SERVICE].merge(upload_id)
+    await request.app[HOOKS].file_completed(entry, upload_id)
     return web.json_response(_complete(entry.digest, entry.size, entry.ext))
 
 
@@ -474,6 +483,7 @@ async def _copy_segment(resp: web.StreamResponse, f, offset: int, length: int) -
 async def delete_file(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "file digest")
     await request.app[SERVICE].delete_file(digest)
+    await request.app[HOOKS].file_deleted(digest.algo.value, digest.hex)
     return web.Response(status=204)
 
 
@@ -522,6 +532,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
 
     app.cleanup_ctx.append(service_ctx)
     observe.install(app, SETTINGS, SERVICE)
+    hooks.install(app, SETTINGS, SERVICE, observe.METRICS)
     r = app.router
     r.add_post("/v1/handshake", handshake)
     r.add_get("/v1/uploads/{upload_id}", upload_status)
