@@ -15,9 +15,9 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import prepare, rand, upload
 
 from casd.web import create_app
-from helpers import prepare, rand, upload
 
 CHUNK = 64 * 1024
 
@@ -99,7 +99,7 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
 async def metric(client, name: str) -> float:
     text = await (await client.get("/metrics")).text()
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -233,6 +233,7 @@ async def test_pre_handshake_refuses_and_allows(aiohttp_client, settings, receiv
                           headers={"Authorization": "Bearer alice"})
     assert r.status == 200 and (await r.json())["status"] == "pending"
     headers, body = recv.requests[0]
+    assert headers["Authorization"] == "Bearer alice"
     assert json.loads(body) == {"algo": "md5", "md5": small.digest, "digest": small.digest,
                                 "size": 500, "name": "s.txt", "ext": ".txt", "chunks": 1}
     big = prepare(rand(5000, seed=61), CHUNK)
