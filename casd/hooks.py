@@ -108,22 +108,27 @@ class Hooks:
         delay = BACKOFF_FIRST
         while True:
             wake.clear()
-            rows = await self.catalog.hook_events(url, BATCH)
-            if not rows:
-                await wake.wait()
-                continue
-            for event_id, kind, body in rows:
-                error = await self._post(url, event_id, kind, body.encode())
-                if error is not None:
-                    self.metrics.hook_events.labels("failed").inc()
-                    log.warning("webhook %s to %s failed (%s); retrying in %.1f s",
-                                kind, url, error, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, BACKOFF_MAX)
-                    break
-                delay = BACKOFF_FIRST
-                await self.catalog.hook_event_done(event_id)
-                self.metrics.hook_events.labels("delivered").inc()
+            try:
+                rows = await self.catalog.hook_events(url, BATCH)
+                if not rows:
+                    await wake.wait()
+                    continue
+                for event_id, kind, body in rows:
+                    error = await self._post(url, event_id, kind, body.encode())
+                    if error is not None:
+                        self.metrics.hook_events.labels("failed").inc()
+                        log.warning("webhook %s to %s failed (%s); retrying in %.1f s",
+                                    kind, url, error, delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, BACKOFF_MAX)
+                        break
+                    delay = BACKOFF_FIRST
+                    await self.catalog.hook_event_done(event_id)
+                    self.metrics.hook_events.labels("delivered").inc()
+            except Exception as exc:  # noqa: BLE001 - a busy catalogue must not end delivery
+                log.warning("webhook delivery to %s paused: %s", url, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
 
     async def _post(self, url: str, event_id: int, kind: str, body: bytes) -> str | None:
         """None when the receiver answered 2xx, else what went wrong."""
