@@ -78,7 +78,7 @@ def _subparsers(parser: argparse.ArgumentParser):
 def _all_parsers(parser: argparse.ArgumentParser):
     yield parser
     for sp in _subparsers(parser):
-        seen = []
+        seen: list[argparse.ArgumentParser] = []
         for child in sp.choices.values():
             if not any(child is s for s in seen):
                 seen.append(child)
