@@ -265,6 +265,11 @@ class Catalog:
             (url, limit),
         )
 
+    async def count_hook_events(self) -> int:
+        """Events waiting for delivery, all receivers together (a metric)."""
+        row = await self._one("SELECT count(*) FROM hook_events")
+        return row[0]
+
     async def hook_event_done(self, event_id: int) -> None:
         await self._group.run(_hook_event_done, event_id)
 

@@ -81,6 +81,10 @@ class Metrics:
             "casd_hook_events", "webhook events by outcome: queued, delivered, dropped (queue"
             " full), failed (a delivery attempt failed; it is retried)", ["outcome"], registry=r,
         )
+        self.hook_queue = Gauge(
+            "casd_hook_queue_depth", "webhook events waiting for delivery (counted at scrape)",
+            registry=r,
+        )
         for event in ("started", "completed", "aborted"):
             self.uploads.labels(event)
         for outcome in ("queued", "delivered", "dropped", "failed"):
@@ -142,6 +146,7 @@ def metrics_handler(metrics_key, settings_key, service_key):
         service = request.app[service_key]
         metrics.write_queue.set(service.catalog.writer.depth)
         metrics.expired_uploads.set(await service.catalog.count_expired_pending(service.clock()))
+        metrics.hook_queue.set(await service.catalog.count_hook_events())
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -185,6 +185,7 @@ async def test_full_queue_drops_the_oldest(aiohttp_client, settings, receivers, 
     for p in files:
         await upload(client, "", p)
     assert await metric(client, 'casd_hook_events_total{outcome="dropped"}') == 1
+    assert await metric(client, "casd_hook_queue_depth") == 2
     assert "webhook queue full" in caplog.text
     recv = receivers(port)
     await until(lambda: len(recv.requests) >= 2)
