@@ -72,7 +72,10 @@ async def observe_middleware(request: web.Request, handler):
         received = request.content.total_bytes
         sent = 0
         if resp is not None and request.method != "HEAD":
-            sent = resp.content_length or 0
+            # Content-Length where announced (sendfile bypasses aiohttp's byte count), else
+            # what aiohttp wrote (a chunked answer).
+            length = resp.content_length
+            sent = length if length is not None else resp.body_length
         metrics.observe(route, request.method, status, seconds, received,
                         sent if route == "/v1/files/{name}" and status < 300 else 0)
         _access_line(request, route, status, received, sent, seconds)
