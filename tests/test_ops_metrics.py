@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import urllib.request
@@ -100,6 +101,34 @@ async def test_merge_mismatch_abort_and_unmatched_routes(client):
     assert value(text, "casd_merge_digest_mismatches_total") == 1
     assert value(text, "casd_uploads_total", event="aborted") == 1
     assert value(text, "casd_requests_total", route="unmatched", method="GET", status="404") == 3
+
+
+async def test_in_flight_counts_a_request_being_received(client):
+    p = prepare(rand(CHUNK, seed=6), CHUNK)
+    upload_id = (await (await client.post("/v1/handshake", json=p.handshake)).json())["upload_id"]
+    half_sent, finish = asyncio.Event(), asyncio.Event()
+
+    async def body():
+        yield p.chunks[p.order[0]][:100]
+        half_sent.set()
+        await finish.wait()
+        yield p.chunks[p.order[0]][100:]
+
+    put = asyncio.create_task(client.put(
+        f"/v1/uploads/{upload_id}/chunks/{p.order[0]}", data=body(),
+        headers={"Content-Length": str(CHUNK)},
+    ))
+    await half_sent.wait()
+    # The scrape itself is in flight too.
+    for _ in range(200):
+        if value(await scrape(client), "casd_requests_in_flight") == 2:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the held PUT never showed as in flight")
+    finish.set()
+    assert (await put).status == 201
+    assert value(await scrape(client), "casd_requests_in_flight") == 1
 
 
 async def test_each_app_has_its_own_registry(aiohttp_client, tmp_path, settings):
