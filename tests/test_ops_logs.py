@@ -120,3 +120,21 @@ def test_bad_log_flags_are_one_line(args, message, tmp_path):
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_malformed_request_is_one_warning_line_not_a_traceback(daemon_factory):
+    import socket
+    import time
+
+    d = daemon_factory("--log-format", "text")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n")
+        assert b" 400 " in s.recv(4096).split(b"\r\n", 1)[0]
+    deadline = time.monotonic() + 10
+    while "aiohttp.server" not in d.log():
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.05)
+    log = d.log()
+    assert "Traceback" not in log
+    line = next(x for x in log.splitlines() if "aiohttp.server" in x)
+    assert " WARNING aiohttp.server: " in line and "Invalid header value char" in line
