@@ -118,6 +118,18 @@ class Catalog:
             raise
         return cls(writer, reader, group)
 
+    @property
+    def writer(self) -> "GroupWriter":
+        """The batching writer, for its queue depth and commit observer (metrics)."""
+        return self._group
+
+    async def count_expired_pending(self, now: float) -> int:
+        """Pending uploads expired at `now` that gc has not removed yet (a metric)."""
+        row = await self._one(
+            "SELECT count(*) FROM uploads WHERE state = 'pending' AND expires_at <= ?", (now,)
+        )
+        return row[0]
+
     async def close(self) -> None:
         await self._group.close()
         await self._reader.close()
@@ -293,6 +305,30 @@ class Catalog:
         """Remove a file from the catalogue; its chunks are left for gc. False if unknown."""
         return await self._group.run(_delete_file, digest)
 
+    # ---- webhook queue ------------------------------------------------------------------
+
+    async def enqueue_hook_events(
+        self, rows: list[tuple[str, str, str]], now: float, max_rows: int
+    ) -> int:
+        """Queue (url, kind, body) rows; when over `max_rows`, drop the oldest. Returns how
+        many were dropped."""
+        return await self._group.run(_enqueue_hook_events, rows, now, max_rows)
+
+    async def hook_events(self, url: str, limit: int) -> list[tuple[int, str, str]]:
+        """The oldest queued (id, kind, body) for one receiver URL, in order."""
+        return await self._all(
+            "SELECT id, kind, body FROM hook_events WHERE url = ? ORDER BY id LIMIT ?",
+            (url, limit),
+        )
+
+    async def count_hook_events(self) -> int:
+        """Events waiting for delivery, all receivers together (a metric)."""
+        row = await self._one("SELECT count(*) FROM hook_events")
+        return row[0]
+
+    async def hook_event_done(self, event_id: int) -> None:
+        await self._group.run(_hook_event_done, event_id)
+
 
 class GroupWriter:
     """One sqlite3 connection on one thread. Write operations are plain functions of the
@@ -308,6 +344,13 @@ class GroupWriter:
         self._thread = thread
         self._queue: list[tuple[Callable, tuple, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        # Told each transaction's duration in seconds (metrics); None costs nothing.
+        self.on_commit: Callable[[float], None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Write operations waiting for the next transaction."""
+        return len(self._queue)
 
     @classmethod
     async def open(cls, path: Path, synchronous: str) -> "GroupWriter":
@@ -343,10 +386,13 @@ class GroupWriter:
             while self._queue:
                 batch = self._queue[: self.MAX_BATCH]
                 del self._queue[: self.MAX_BATCH]
+                started = time.perf_counter()
                 try:
                     results = await loop.run_in_executor(self._thread, self._transact, batch)
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     results = [(False, exc)] * len(batch)
+                if self.on_commit is not None:
+                    self.on_commit(time.perf_counter() - started)
                 for (_fn, _args, fut), (ok, value) in zip(batch, results):
                     if not fut.done():
                         fut.set_result(value) if ok else fut.set_exception(value)
@@ -394,6 +440,25 @@ def _pragmas(synchronous: str) -> list[str]:
 
 
 # ---- write operations: run by GroupWriter inside a transaction, on its thread ------------
+
+
+def _enqueue_hook_events(con, rows, now, max_rows) -> int:
+    con.executemany(
+        "INSERT INTO hook_events (url, kind, body, created) VALUES (?, ?, ?, ?)",
+        [(url, kind, body, now) for url, kind, body in rows],
+    )
+    (count,) = con.execute("SELECT count(*) FROM hook_events").fetchone()
+    excess = count - max_rows
+    if excess > 0:
+        con.execute(
+            "DELETE FROM hook_events WHERE id IN"
+            " (SELECT id FROM hook_events ORDER BY id LIMIT ?)", (excess,)
+        )
+    return max(excess, 0)
+
+
+def _hook_event_done(con, event_id) -> None:
+    con.execute("DELETE FROM hook_events WHERE id = ?", (event_id,))
 
 _PENDING_OF_MANIFEST = (
     f"SELECT {_UPLOAD_COLUMNS} FROM manifests m JOIN uploads u ON u.manifest_id = m.id"

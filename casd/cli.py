@@ -7,7 +7,7 @@ import logging
 import sys
 
 from casd import cli_admin, cli_serve, cli_transfer
-from casd.cli_common import CliError
+from casd.cli_common import CliError, parse_args_with_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        args = parse_args_with_config(parser, argv)
+    except CliError as exc:
+        print(f"casd: {exc}", file=sys.stderr)
+        return exc.exit_code
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

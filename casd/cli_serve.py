@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import re
 import signal
+import urllib.parse
 
 from aiohttp import web
 
+from casd import logs
 from casd.cli_common import CliError, add_data_arg, data_dir, parse_size
 from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings
 from casd.digest import Algo
@@ -58,7 +61,36 @@ def register(sub) -> None:
     p.add_argument("--algos", default=os.environ.get("CASD_ALGOS", ",".join(d.algos)),
                    help="digest algorithms uploads may use, comma-separated (default"
                    " md5,sha256; 'sha256' refuses MD5 where collisions matter)")
+    _add_ops_args(p)
     p.set_defaults(func=run)
+
+
+def _add_ops_args(p: argparse.ArgumentParser) -> None:
+    """Metrics, logs and webhooks (docs/operating.md)."""
+    p.add_argument("--metrics-token", default=os.environ.get("CASD_METRICS_TOKEN"),
+                   help="token GET /metrics needs (default: $CASD_METRICS_TOKEN; unset: /metrics"
+                   " needs --token or --admin-token when they are set, else it is open)")
+    p.add_argument("--log-format", choices=logs.FORMATS, default=None,
+                   help="log lines on stderr (default: text on a terminal, else json)")
+    p.add_argument("--log-level", choices=logs.LEVELS, default="info",
+                   help="least severe level logged (default info: one access line per request)")
+    d = Settings()
+    p.add_argument("--hook-url", action="append", default=None, metavar="URL",
+                   help="POST file.completed and file.deleted events here (repeatable)")
+    p.add_argument("--hook-secret", default=os.environ.get("CASD_HOOK_SECRET"),
+                   help="sign events with HMAC-SHA256 in X-Casd-Signature"
+                   " (default: $CASD_HOOK_SECRET)")
+    p.add_argument("--hook-pre-handshake", default=None, metavar="URL",
+                   help="ask this URL before accepting each handshake; non-2xx refuses it")
+    p.add_argument("--hook-timeout", type=float, default=d.hook_timeout, metavar="SECONDS",
+                   help=f"seconds a hook receiver gets to answer (default {d.hook_timeout:g})")
+    p.add_argument("--hook-queue-max", type=int, default=d.hook_queue_max, metavar="N",
+                   help="events kept for delivery; beyond, the oldest are dropped"
+                   f" (default {d.hook_queue_max})")
+    p.add_argument("--check-config", action="store_true",
+                   help="check flags, config file and environment; print the settings; exit"
+                   " (0, or 2 with the error)")
+
 
 
 _ORIGIN = re.compile(r"https?://[^\s/?#@]+\Z", re.IGNORECASE)
@@ -106,6 +138,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
     if args.upload_ttl <= 0:
         raise CliError("--upload-ttl must be positive", 2)
+    if not args.hook_timeout > 0 or args.hook_queue_max < 1:
+        raise CliError("--hook-timeout must be positive and --hook-queue-max at least 1", 2)
     return Settings(
         data_dir=data_dir(args).resolve(),
         host=args.host,
@@ -122,11 +156,42 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sqlite_synchronous=args.sync,
         shutdown_timeout=args.shutdown_timeout,
         **_security_settings(args),
+        metrics_token=args.metrics_token or None,
+        hook_urls=tuple(_hook_url("--hook-url", u) for u in args.hook_url or ()),
+        hook_secret=args.hook_secret or None,
+        hook_pre_handshake=_hook_url("--hook-pre-handshake", args.hook_pre_handshake)
+        if args.hook_pre_handshake else None,
+        hook_timeout=args.hook_timeout,
+        hook_queue_max=args.hook_queue_max,
     )
+
+
+def _hook_url(flag: str, url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(f"{flag} {url!r} is not an http:// or https:// URL", 2)
+    return url
+
+
+def effective(settings: Settings, args: argparse.Namespace) -> str:
+    """The settings a daemon would run with, one `key = value` a line; secrets masked."""
+    lines = []
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if value and ("token" in field.name or "secret" in field.name):
+            value = "(set)"
+        lines.append(f"{field.name} = {value if not isinstance(value, tuple) else list(value)}")
+    lines.append(f"log_format = {args.log_format or logs.default_format()}")
+    lines.append(f"log_level = {args.log_level}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if args.check_config:
+        print(effective(settings, args))
+        return 0
+    logs.setup(args.log_format, args.log_level)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -138,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(settings: Settings) -> int:
     app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False)
+    # access_log=None: casd.observe writes the one access line per request.
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False,
+                           access_log=None)
     try:
         await runner.setup()
     except Exception as exc:

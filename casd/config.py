@@ -48,6 +48,13 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     # Digest algorithms handshakes may use; ("sha256",) refuses MD5 where collisions matter.
     algos: tuple[str, ...] = ("md5", "sha256")
+    # Operations (docs/operating.md): /metrics protection and webhooks.
+    metrics_token: str | None = None
+    hook_urls: tuple[str, ...] = ()
+    hook_secret: str | None = None
+    hook_pre_handshake: str | None = None
+    hook_timeout: float = 5.0
+    hook_queue_max: int = 10_000
 
     @property
     def blobs_dir(self) -> Path:

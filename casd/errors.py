@@ -60,7 +60,7 @@ class StorageFull(CasdError):
 
 
 class Forbidden(CasdError):
-    """The request comes from a web origin this server does not accept."""
+    """A policy refused the request: a foreign web origin, or the pre-handshake hook."""
 
 
 class UnsupportedMediaType(CasdError):
@@ -69,3 +69,7 @@ class UnsupportedMediaType(CasdError):
 
 class MisdirectedRequest(CasdError):
     """The request names a host this server does not answer for."""
+
+
+class Unavailable(CasdError):
+    """Something the request depends on (the pre-handshake hook) did not answer in time."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from casd import hooks, observe, openapi
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import (
@@ -34,8 +35,10 @@ from casd.errors import (
     StorageFull,
     TooLarge,
     Unauthorized,
+    Unavailable,
     UnsupportedMediaType,
 )
+from casd.hooks import HOOKS
 from casd.models import ChunkRef, FileEntry, HandshakeResult, Manifest
 from casd.service import Service
 from casd.web_guard import guard_middleware, install_guard, require_json
@@ -74,6 +77,7 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     DigestMismatch: (422, "digest_mismatch"),
     SizeMismatch: (422, "size_mismatch"),
     FileDigestMismatch: (422, "file_digest_mismatch"),
+    Unavailable: (503, "unavailable"),
     StorageFull: (507, "insufficient_storage"),
 }
 # aiohttp's own refusals (no route, wrong method, body over client_max_size) in the same shape.
@@ -287,13 +291,18 @@ async def handshake(request: web.Request) -> web.Response:
         body += piece
         if len(body) > limit:
             raise TooLarge(f"the handshake body is over {limit} bytes")
-    result: HandshakeResult
+    hooks = request.app[HOOKS]
     if len(body) > THREAD_PARSE_BYTES:
         async with request.app[BIG_HANDSHAKES]:
             manifest = await asyncio.to_thread(parse_manifest, body)
+            await hooks.check_handshake(request, manifest)
             result = await service.handshake(manifest)
     else:
-        result = await service.handshake(parse_manifest(body))
+        manifest = parse_manifest(body)
+        await hooks.check_handshake(request, manifest)
+        result = await service.handshake(manifest)
+    skipped = observe.handshake_answered(request, manifest, result)
+    hooks.remember_skipped(result.upload_id, skipped)
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
     return web.json_response(
@@ -342,7 +351,9 @@ async def put_chunk(request: web.Request) -> web.Response:
 
 
 async def merge(request: web.Request) -> web.Response:
-    entry = await request.app[SERVICE].merge(parse_upload_id(request))
+    upload_id = parse_upload_id(request)
+    entry = await request.app[SERVICE].merge(upload_id)
+    await request.app[HOOKS].file_completed(entry, upload_id)
     return web.json_response(_complete(entry.digest, entry.size, entry.ext))
 
 
@@ -576,6 +587,7 @@ async def get_file_chunks(request: web.Request) -> web.StreamResponse:
 async def delete_file(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "file digest")
     await request.app[SERVICE].delete_file(digest)
+    await request.app[HOOKS].file_deleted(digest.algo.value, digest.hex)
     return web.Response(status=204)
 
 
@@ -602,6 +614,14 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
 
 
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file of the upload page; a missing one is a JSON 404 like every other error."""
+    path = (STATIC_DIR / request.match_info["path"]).resolve()
+    if not path.is_relative_to(STATIC_DIR.resolve()) or not path.is_file():
+        raise NotFound(f"no static file {request.match_info['path']!r}")
+    return web.FileResponse(path)
+
+
 # ---- app --------------------------------------------------------------------------------
 
 
@@ -622,6 +642,8 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
 
     app.cleanup_ctx.append(service_ctx)
     install_guard(app, settings)
+    observe.install(app, SETTINGS, SERVICE)
+    hooks.install(app, SETTINGS, SERVICE, observe.METRICS)
     r = app.router
     r.add_post("/v1/handshake", handshake)
     r.add_get("/v1/uploads/{upload_id}", upload_status)
@@ -631,8 +653,8 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     r.add_get("/v1/files/{name}", get_file)
     r.add_get("/v1/files/{name}/chunks", get_file_chunks)
     r.add_delete("/v1/files/{digest}", delete_file)
+    r.add_get("/v1/openapi.json", openapi.serve)
     r.add_get("/healthz", healthz)
     r.add_get("/", index)
-    if STATIC_DIR.is_dir():
-        r.add_static("/static/", STATIC_DIR)
+    r.add_get("/static/{path:.+}", static_file)
     return app
