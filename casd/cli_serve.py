@@ -12,6 +12,7 @@ from aiohttp import web
 
 from casd.cli_common import CliError, add_data_arg, data_dir, parse_size
 from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings
+from casd.server import AcceptFailureLog, CasdAppRunner, connection_ceiling, raise_fd_limit
 from casd.web import create_app
 
 log = logging.getLogger("casd")
@@ -43,17 +44,36 @@ def register(sub) -> None:
                    help="SQLite synchronous level (default FULL: commits survive power loss)")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds in-flight requests get to finish on SIGTERM (default 10)")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection has to send a request's headers (default 60; 0: off)")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="seconds a request body may pause between bytes (default 60; 0: off)")
+    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
+                   help="seconds an idle connection stays open (default 75; 0: close after"
+                        " each answer)")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections at most; more are answered 503 (default 1000, lowered"
+                        " to fit the open-file limit)")
+    p.add_argument("--read-connections", type=int, default=d.read_connections,
+                   help="catalogue connections for quick reads (default 2)")
+    p.add_argument("--bulk-read-connections", type=int, default=d.bulk_read_connections,
+                   help="catalogue connections for long reads such as huge manifests (default 2)")
     p.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port} is not a port number", 2)
-    for flag in ("max_chunk_size", "max_chunks", "max_handshake_size", "io_workers"):
+    for flag in ("max_chunk_size", "max_chunks", "max_handshake_size", "io_workers",
+                 "max_connections", "read_connections", "bulk_read_connections"):
         if getattr(args, flag) < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
     if args.upload_ttl <= 0:
         raise CliError("--upload-ttl must be positive", 2)
+    for flag in ("header_timeout", "body_timeout", "keepalive_timeout"):
+        value = getattr(args, flag)
+        if not 0 <= value < float("inf"):
+            raise CliError(f"--{flag.replace('_', '-')} must be a number of seconds, 0 or more", 2)
     return Settings(
         data_dir=data_dir(args).resolve(),
         host=args.host,
@@ -67,6 +87,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         io_workers=args.io_workers,
         sqlite_synchronous=args.sync,
         shutdown_timeout=args.shutdown_timeout,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        max_connections=args.max_connections,
+        read_connections=args.read_connections,
+        bulk_read_connections=args.bulk_read_connections,
     )
 
 
@@ -82,14 +108,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    AcceptFailureLog(loop).install()
+    max_connections = _fit_connections(settings.max_connections)
     app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False)
+    runner = CasdAppRunner(
+        app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False,
+        max_connections=max_connections, header_timeout=settings.header_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+    )
     try:
         await runner.setup()
     except Exception as exc:
         raise CliError(f"cannot open the catalogue in {settings.data_dir}: {exc}") from None
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -106,3 +138,14 @@ async def serve(settings: Settings) -> int:
     finally:
         await runner.cleanup()
     return 0
+
+
+def _fit_connections(wanted: int) -> int:
+    """--max-connections, lowered (with a warning) to what the open-file limit can carry."""
+    ceiling = connection_ceiling(raise_fd_limit())
+    if wanted > ceiling:
+        log.warning(
+            "--max-connections %d does not fit the open-file limit; using %d", wanted, ceiling
+        )
+        return ceiling
+    return wanted

@@ -57,3 +57,11 @@ class RangeNotSatisfiable(CasdError):
 
 class StorageFull(CasdError):
     pass
+
+
+class BodyTimeout(CasdError):
+    """The client stopped sending a request body; the connection is dropped after the answer."""
+
+
+class MalformedBody(CasdError):
+    """The body's framing (chunked encoding, length) is broken; the connection is dropped."""

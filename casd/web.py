@@ -11,20 +11,23 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import (
     BadRequest,
+    BodyTimeout,
     CasdError,
     DigestMismatch,
     FileDigestMismatch,
     Incomplete,
+    MalformedBody,
     NotFound,
     NotInManifest,
     RangeNotSatisfiable,
@@ -58,9 +61,11 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     NotFound: (404, "not_found"),
     Incomplete: (409, "incomplete"),
     NotInManifest: (409, "not_in_manifest"),
+    BodyTimeout: (408, "request_timeout"),
     TooLarge: (413, "too_large"),
     RangeNotSatisfiable: (416, "range_not_satisfiable"),
     DigestMismatch: (422, "digest_mismatch"),
+    MalformedBody: (400, "bad_request"),
     SizeMismatch: (422, "size_mismatch"),
     FileDigestMismatch: (422, "file_digest_mismatch"),
     StorageFull: (507, "insufficient_storage"),
@@ -88,6 +93,8 @@ async def error_middleware(request: web.Request, handler):
         resp = error_response(status, code, exc.message, **exc.extra)
         if isinstance(exc, RangeNotSatisfiable):
             resp.headers["Content-Range"] = f"bytes */{exc.size}"
+        if isinstance(exc, (BodyTimeout, MalformedBody)):
+            await _answer_and_close(request, resp)
         return resp
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -104,6 +111,49 @@ async def error_middleware(request: web.Request, handler):
         return error_response(
             500, "internal_error", "the server failed to handle this request; see its log"
         )
+
+
+async def _answer_and_close(request: web.Request, resp: web.Response) -> None:
+    """Send `resp`, then drop the connection: the rest of this body is not coming (or is
+    garbage), so aiohttp must not wait for it before closing."""
+    resp.force_close()
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionError:
+        pass
+    if request.protocol is not None:
+        request.protocol.force_close()
+
+
+async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; BodyTimeout when the client pauses over
+    --body-timeout, MalformedBody when its chunked framing or length is broken."""
+    timeout = request.app[SETTINGS].body_timeout or None
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                piece = await content.readany()
+        except TimeoutError:
+            raise BodyTimeout(
+                f"no byte of the body arrived for {timeout:g} seconds; nothing was kept"
+            ) from None
+        except HttpProcessingError as exc:
+            raise MalformedBody(f"the body's framing is malformed: {exc.message}") from None
+        if not piece:
+            return
+        yield piece
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole (small) body, under the same timeout as a streamed one; TooLarge over `limit`."""
+    buf = bytearray()
+    async for piece in body_pieces(request):
+        buf += piece
+        if len(buf) > limit:
+            raise TooLarge(f"the body is over {limit} bytes")
+    return bytes(buf)
 
 
 def _reason(request: web.Request, exc: web.HTTPException) -> str:
@@ -244,7 +294,7 @@ async def handshake(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
-    body = await request.read()
+    body = await read_body(request, limit)
     if len(body) > THREAD_PARSE_BYTES:
         manifest = await asyncio.to_thread(parse_manifest, body)
     else:
@@ -285,7 +335,7 @@ async def put_chunk(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "chunk digest")
     minimal = bool(_MINIMAL.search(request.headers.get("Prefer", "")))
     result = await request.app[SERVICE].put_chunk(
-        upload_id, digest, request.content.iter_any(), request.content_length,
+        upload_id, digest, body_pieces(request), request.content_length,
         with_missing=not minimal,
     )
     status = 201 if result.stored else 200
