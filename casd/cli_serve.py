@@ -12,7 +12,12 @@ from aiohttp import web
 
 from casd.cli_common import CliError, add_data_arg, data_dir, parse_size
 from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings
-from casd.server import AcceptFailureLog, CasdAppRunner, connection_ceiling, raise_fd_limit
+from casd.server import (
+    AcceptFailureLog,
+    CasdAppRunner,
+    connection_ceiling,
+    raise_fd_limit,
+)
 from casd.web import create_app
 
 log = logging.getLogger("casd")
@@ -51,9 +56,9 @@ def register(sub) -> None:
     p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
                    help="seconds an idle connection stays open (default 75; 0: close after"
                         " each answer)")
-    p.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="open connections at most; more are answered 503 (default 1000, lowered"
-                        " to fit the open-file limit)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most; more are answered 503 (default 1000, or"
+                        " fewer when the open-file limit cannot carry that many)")
     p.add_argument("--read-connections", type=int, default=d.read_connections,
                    help="catalogue connections for quick reads (default 2)")
     p.add_argument("--bulk-read-connections", type=int, default=d.bulk_read_connections,
@@ -66,7 +71,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise CliError(f"--port {args.port} is not a port number", 2)
     for flag in ("max_chunk_size", "max_chunks", "max_handshake_size", "io_workers",
                  "max_connections", "read_connections", "bulk_read_connections"):
-        if getattr(args, flag) < 1:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
     if args.upload_ttl <= 0:
         raise CliError("--upload-ttl must be positive", 2)
@@ -90,7 +96,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout,
-        max_connections=args.max_connections,
+        max_connections=_fit_connections(args.max_connections),
         read_connections=args.read_connections,
         bulk_read_connections=args.bulk_read_connections,
     )
@@ -110,11 +116,10 @@ def run(args: argparse.Namespace) -> int:
 async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     AcceptFailureLog(loop).install()
-    max_connections = _fit_connections(settings.max_connections)
     app = create_app(settings)
     runner = CasdAppRunner(
         app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False,
-        max_connections=max_connections, header_timeout=settings.header_timeout,
+        max_connections=settings.max_connections, header_timeout=settings.header_timeout,
         keepalive_timeout=settings.keepalive_timeout,
     )
     try:
@@ -140,12 +145,16 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def _fit_connections(wanted: int) -> int:
-    """--max-connections, lowered (with a warning) to what the open-file limit can carry."""
-    ceiling = connection_ceiling(raise_fd_limit())
+def _fit_connections(wanted: int | None) -> int:
+    """--max-connections as given (warning when the open-file limit cannot carry it), else the
+    default lowered to what that limit can carry. Raises the soft limit to the hard one."""
+    fd_limit = raise_fd_limit()
+    ceiling = connection_ceiling(fd_limit)
+    if wanted is None:
+        return min(Settings().max_connections, ceiling)
     if wanted > ceiling:
         log.warning(
-            "--max-connections %d does not fit the open-file limit; using %d", wanted, ceiling
+            "--max-connections %d is more than %d open files can carry (about %d);"
+            " connections beyond that will fail to be accepted", wanted, fd_limit, ceiling,
         )
-        return ceiling
     return wanted

@@ -75,7 +75,7 @@ def parser_error(exc: BaseException | None, status: int) -> tuple[int, str, str]
 def _detail(exc: HttpProcessingError) -> str:
     # The parser's text can quote the client's bytes over several lines; one short line is enough.
     first = (exc.message or type(exc).__name__).strip().splitlines()
-    return (first[0] if first else type(exc).__name__)[:200]
+    return (first[0].rstrip(": ") if first else type(exc).__name__)[:200]
 
 
 class CasdRequestHandler(RequestHandler):
@@ -87,7 +87,7 @@ class CasdRequestHandler(RequestHandler):
     keep-alive timeout.
     """
 
-    def __init__(self, manager: "CasdServer", *, header_timeout: float, **kwargs: Any):
+    def __init__(self, manager: CasdServer, *, header_timeout: float, **kwargs: Any):
         super().__init__(manager, **kwargs)
         self._casd_server = manager
         self._header_timeout = header_timeout

@@ -140,7 +140,9 @@ async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
                 f"no byte of the body arrived for {timeout:g} seconds; nothing was kept"
             ) from None
         except HttpProcessingError as exc:
-            raise MalformedBody(f"the body's framing is malformed: {exc.message}") from None
+            raise MalformedBody(
+                f"the body's chunked framing or length is malformed ({type(exc).__name__})"
+            ) from None
         if not piece:
             return
         yield piece
@@ -286,6 +288,21 @@ def _complete(digest: Digest, size: int, ext: str) -> dict:
     }
 
 
+def missing_response(fields: dict, missing: list[str], status: int = 200) -> web.Response:
+    """`fields` plus `"missing": [...]` as JSON.
+
+    The list is joined, not walked by the JSON encoder: its entries are lowercase hex digests
+    from the catalogue, which JSON carries verbatim, and for a 500,000-entry list the join
+    costs the event loop a fifth of what json.dumps does.
+    """
+    head = json.dumps(fields)
+    tail = '"missing": ["' + '", "'.join(missing) + '"]}' if missing else '"missing": []}'
+    return web.Response(
+        body=(head[:-1] + ", " + tail).encode(), status=status,
+        content_type="application/json", charset="utf-8",
+    )
+
+
 # ---- handlers ---------------------------------------------------------------------------
 
 
@@ -302,31 +319,31 @@ async def handshake(request: web.Request) -> web.Response:
     result: HandshakeResult = await service.handshake(manifest)
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
-    return web.json_response(
+    return missing_response(
         {
             "status": "pending",
             "algo": result.digest.algo.value,
             result.digest.algo.value: result.digest.hex,
             "size": result.size,
             "upload_id": result.upload_id,
-            "missing": result.missing,
             "expires_at": rfc3339(result.expires_at),
-        }
+        },
+        result.missing,
     )
 
 
 async def upload_status(request: web.Request) -> web.Response:
     upload, missing = await request.app[SERVICE].status(parse_upload_id(request))
-    return web.json_response(
+    return missing_response(
         {
             "status": "pending",
             "upload_id": upload.id,
             "algo": upload.digest.algo.value,
             upload.digest.algo.value: upload.digest.hex,
             "size": upload.size,
-            "missing": missing,
             "expires_at": rfc3339(upload.expires_at),
-        }
+        },
+        missing,
     )
 
 
@@ -344,7 +361,7 @@ async def put_chunk(request: web.Request) -> web.Response:
             {"stored": result.stored}, status=status,
             headers={"Preference-Applied": "return=minimal"},
         )
-    return web.json_response({"stored": result.stored, "missing": result.missing}, status=status)
+    return missing_response({"stored": result.stored}, result.missing, status)
 
 
 async def merge(request: web.Request) -> web.Response:
