@@ -25,7 +25,8 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     PayloadEncodingError,
 )
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
@@ -129,8 +130,23 @@ class CasdRequestHandler(RequestHandler):
             # A request's headers are complete: from here the body timeout and the handler rule.
             self._cancel_header_timer()
             self._header_bytes = 0
+            self._fail_body_on_parser_error()
         elif idle or self._header_timer is not None:
             self._header_bytes += len(data)
+
+    def _fail_body_on_parser_error(self) -> None:
+        """When the parser fails inside the body being read (broken chunked framing), fail
+        that body: aiohttp only queues the error as the next request, and the handler would
+        wait for the rest of a body that is not coming."""
+        request = self._current_request
+        if request is None or not self._messages:
+            return
+        last = self._messages[-1][0]
+        if isinstance(last, RawRequestMessage) or request.content.is_eof():
+            return
+        request.content.set_exception(
+            RequestPayloadError(getattr(last, "message", "malformed request body"))
+        )
 
     def _arm_header_timer(self) -> None:
         if self._header_timeout > 0:
@@ -165,7 +181,10 @@ class CasdRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         """The parser's refusals and unhandled failures, in the protocol's JSON error shape."""
         status, code, text = parser_error(exc, status)
-        if status >= 500:
+        if isinstance(exc, ConnectionError):
+            # The client went away mid-request (a cut upload): nothing to report.
+            self.logger.debug("client %s went away: %s", request.remote, exc)
+        elif status >= 500:
             self.logger.error("error handling request from %s", request.remote, exc_info=exc)
         else:
             # A client's malformed bytes are its problem: one line, no traceback.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from casd.config import Settings
 from casd.digest import Algo, Digest
@@ -139,7 +140,7 @@ async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
             raise BodyTimeout(
                 f"no byte of the body arrived for {timeout:g} seconds; nothing was kept"
             ) from None
-        except HttpProcessingError as exc:
+        except (HttpProcessingError, RequestPayloadError) as exc:
             raise MalformedBody(
                 f"the body's chunked framing or length is malformed ({type(exc).__name__})"
             ) from None
