@@ -19,8 +19,6 @@ import threading
 import time
 import urllib.request
 
-import pytest
-
 from tests.conftest import Daemon
 from tests.helpers import prepare, rand, temp_files
 
@@ -244,7 +242,8 @@ def test_running_out_of_descriptors_logs_the_accept_failure_once(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "casd", "serve", "--data", str(data), "--port", "0",
              "--max-connections", "1000", "--header-timeout", "60"],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_limit,
+            # A limit for the child alone; nothing else runs between fork and exec here.
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_limit,  # noqa: PLW1509
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
     socks: list[socket.socket] = []
@@ -299,13 +298,13 @@ MALFORMED = [
      b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 12x\r\n\r\n",
      400, "bad_request"),
     ("two Content-Lengths",
-     b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
-     b"Content-Length: 2\r\n\r\n{}", 400, "bad_request"),
+     (b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+      b"Content-Length: 2\r\n\r\n{}"), 400, "bad_request"),
     ("malformed header",
      b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nNo colon here\r\n\r\n", 400, "bad_request"),
     ("bad chunk size",
-     b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"zz\r\n{}\r\n0\r\n\r\n", 400, "bad_request"),
+     (b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+      b"zz\r\n{}\r\n0\r\n\r\n"), 400, "bad_request"),
 ]
 
 
@@ -343,7 +342,6 @@ def test_broken_chunked_framing_mid_body_answers_json_and_keeps_nothing(daemon):
 HUGE = 200_000
 
 
-@pytest.mark.slow
 def test_polling_a_huge_upload_does_not_queue_other_clients(daemon_factory):
     d = daemon_factory()
     # A 200,000-chunk manifest, none of it stored: every status answer lists all of it.
@@ -372,7 +370,7 @@ def test_polling_a_huge_upload_does_not_queue_other_clients(daemon_factory):
 
     def poll(k: int) -> None:
         while not stop.is_set():
-            status, body = request(d, "GET", f"/v1/uploads/{big['upload_id']}")
+            status, _ = request(d, "GET", f"/v1/uploads/{big['upload_id']}")
             assert status == 200
             polls[k] += 1
 
@@ -388,5 +386,6 @@ def test_polling_a_huge_upload_does_not_queue_other_clients(daemon_factory):
             t.join(60)
     # Generous: the pollers share two cores with this test, but a cheap request must never
     # wait for their reads (about a quarter second each) to finish.
-    assert busy_health < max(20 * idle_health, 0.25), (idle_health, busy_health, polls)
-    assert busy_shake < max(20 * idle_shake, 0.5), (idle_shake, busy_shake, polls)
+    # (With one shared reader they waited about 1 s and 1.6 s on a quiet machine.)
+    assert busy_health < max(20 * idle_health, 0.4), (idle_health, busy_health, polls)
+    assert busy_shake < max(20 * idle_shake, 0.6), (idle_shake, busy_shake, polls)
