@@ -122,8 +122,14 @@ class CasdRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         idle = self._waiter is not None and not self._waiter.done()
-        if idle and data and self._header_timer is None:
+        if idle and data and self._header_timer is None and self._header_timeout > 0:
             self._arm_header_timer()
+            # A request has begun: the header timeout rules now, not the keep-alive timer,
+            # which would otherwise cut off a request that began just before it fired.
+            # aiohttp arms it again after the answer.
+            if self._keepalive_handle is not None:
+                self._keepalive_handle.cancel()
+                self._keepalive_handle = None
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:

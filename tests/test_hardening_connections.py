@@ -6,6 +6,7 @@ Each attack is driven against a real `casd serve` over 127.0.0.1, as an outside 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -19,6 +20,9 @@ import threading
 import time
 import urllib.request
 
+from casd.catalog import BULK_ENTRIES, Catalog
+from casd.digest import Algo, Digest
+from casd.models import ChunkRef, Manifest
 from tests.conftest import Daemon
 from tests.helpers import prepare, rand, temp_files
 
@@ -389,3 +393,33 @@ def test_polling_a_huge_upload_does_not_queue_other_clients(daemon_factory):
     # (With one shared reader they waited about 1 s and 1.6 s on a quiet machine.)
     assert busy_health < max(20 * idle_health, 0.4), (idle_health, busy_health, polls)
     assert busy_shake < max(20 * idle_shake, 0.6), (idle_shake, busy_shake, polls)
+
+
+async def test_reads_of_huge_manifests_have_their_own_lane(tmp_path):
+    """While every bulk reader is held, quick reads and small manifests still answer, and a
+    huge manifest's list waits for a bulk reader rather than taking a quick one."""
+    def manifest(n: int, salt: int) -> Manifest:
+        chunks = tuple(
+            ChunkRef(hashlib.md5(f"{salt}-{i}".encode()).hexdigest(), 1) for i in range(n)
+        )
+        return Manifest(Digest(Algo("md5"), f"{salt:032x}"), n, chunks, "", "")
+
+    cat = await Catalog.open(tmp_path / "catalog.sqlite", "NORMAL", readers=1, bulk_readers=1)
+    gate = threading.Event()
+    try:
+        big, big_missing = await cat.begin_upload(
+            manifest(BULK_ENTRIES + 1, 1), "k1", 0, 1e12, "a" * 32
+        )
+        small, small_missing = await cat.begin_upload(manifest(3, 2), "k2", 0, 1e12, "b" * 32)
+        held = asyncio.create_task(cat.read(lambda con: gate.wait(30), bulk=True))
+        huge = asyncio.create_task(cat.missing(big.manifest_id))
+        await asyncio.wait_for(cat.ping(), 10)
+        assert await asyncio.wait_for(cat.get_upload(big.id), 10) == big
+        assert await asyncio.wait_for(cat.missing(small.manifest_id), 10) == small_missing
+        assert not huge.done()  # its lane is held; the quick lane served everyone else
+        gate.set()
+        assert await asyncio.wait_for(huge, 30) == big_missing
+        assert await held is True
+    finally:
+        gate.set()
+        await cat.close()
