@@ -425,3 +425,39 @@ async def test_reads_of_huge_manifests_have_their_own_lane(tmp_path):
     finally:
         gate.set()
         await cat.close()
+
+
+def test_a_download_nobody_reads_is_cut_off_after_body_timeout(daemon_factory):
+    d = daemon_factory("--body-timeout", "1")
+    p = prepare(rand(8 << 20, seed=5), chunk_size=1 << 20)
+    hs = handshake(d, p.handshake)
+    for digest in hs["missing"]:
+        assert request(d, "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{digest}",
+                       p.chunks[digest])[0] == 201
+    assert request(d, "POST", f"/v1/uploads/{hs['upload_id']}/merge")[0] == 200
+    blobs = str(d.data_dir / "blobs")
+
+    def open_blobs() -> int:
+        n = 0
+        for fd in os.listdir(f"/proc/{d.proc.pid}/fd"):
+            try:
+                n += os.readlink(f"/proc/{d.proc.pid}/fd/{fd}").startswith(blobs)
+            except OSError:
+                pass
+        return n
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.connect(("127.0.0.1", d.port))
+        s.sendall(f"GET /v1/files/{p.digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        # The daemon holds a blob open while it sends...
+        wait_for(open_blobs, 10, "the download starting", step=0.01)
+        # ...and lets it go once the client has taken nothing for a while.
+        wait_for(lambda: open_blobs() == 0, 20, "the stalled download being cut off")
+        got = len(read_until_closed(s, 30))
+    finally:
+        s.close()
+    assert got < len(p.data)
+    assert healthz(d)[0] == 200
+    assert "Traceback" not in d.log()
