@@ -503,22 +503,39 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+# A download must move at least this much every --body-timeout seconds (4 KiB/s with the
+# default): a client that stops reading is cut off instead of holding a connection and an
+# open blob forever, and a phone on a poor network is still far above it.
+SEND_SLICE = 256 * 1024
+
+
 async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -> None:
     """Zero-copy where the transport allows it: sendfile each blob slice in order."""
     loop = asyncio.get_running_loop()
+    timeout = request.app[SETTINGS].body_timeout or None
     for seg in plan:
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
         f = await asyncio.to_thread(open, seg.path, "rb")
         try:
-            try:
-                sent = await loop.sendfile(transport, f, seg.offset, seg.length)
-            except NotImplementedError:
-                await _copy_segment(resp, f, seg.offset, seg.length)
-            else:
-                if sent != seg.length:
-                    raise BlobShort(f"{seg.path} ended after {sent} of {seg.length} bytes")
+            pos, end = seg.offset, seg.offset + seg.length
+            while pos < end:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("client went away")
+                n = min(SEND_SLICE, end - pos)
+                try:
+                    async with asyncio.timeout(timeout):
+                        try:
+                            sent = await loop.sendfile(transport, f, pos, n)
+                        except NotImplementedError:
+                            await _copy_segment(resp, f, pos, n)
+                            sent = n
+                except TimeoutError:
+                    raise ConnectionResetError(
+                        f"the client took no {n} bytes in {timeout:g} seconds"
+                    ) from None
+                if sent != n:
+                    raise BlobShort(f"{seg.path} ended {n - sent} bytes short of its slice")
+                pos += n
         finally:
             f.close()
 
