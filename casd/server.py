@@ -242,7 +242,8 @@ class CasdAppRunner(web.AppRunner):
         **kwargs: Any,
     ):
         super().__init__(app, **kwargs)
-        self._casd_limits = {"max_connections": max_connections, "header_timeout": header_timeout}
+        self._max_connections = max_connections
+        self._header_timeout = header_timeout
 
     async def _make_server(self) -> Server:
         plain = await super()._make_server()
@@ -252,7 +253,8 @@ class CasdAppRunner(web.AppRunner):
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
-            **self._casd_limits,
+            max_connections=self._max_connections,
+            header_timeout=self._header_timeout,
             **plain._kwargs,
         )
 
