@@ -2,8 +2,10 @@
 
 All writes go through one connection, one transaction at a time, each `BEGIN IMMEDIATE` so
 that it takes SQLite's write lock up front; that lock is also what serializes the daemon
-against `casd gc` running as another process on the same data folder. Reads use a second
-connection (WAL lets them run beside a writer).
+against `casd gc` running as another process on the same data folder. Reads run on pools of
+their own connections (WAL lets them run beside a writer): a quick lane for lookups by key,
+and a bulk lane for the long lists of huge manifests, so that a client polling a
+500,000-chunk upload never queues another client's handshake or health check.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ DELETING = 1
 
 # Enough to wait out a gc transaction on a busy disk; SQLite retries inside this budget.
 BUSY_TIMEOUT_MS = 60_000
+# A manifest with more entries than this has its chunk lists read on the bulk lane.
+BULK_ENTRIES = 4096
 
 _UPLOAD_COLUMNS = (
     "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at"
@@ -92,31 +96,103 @@ async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
     return db
 
 
+class ReadPool:
+    """`n` read-only sqlite3 connections, each lent to one read function at a time, on `n`
+    threads of its own: at most `n` reads of this pool run at once, the rest wait their turn.
+    """
+
+    def __init__(self, cons: list[sqlite3.Connection], thread: ThreadPoolExecutor):
+        self._cons = cons
+        self._thread = thread
+        self._free: asyncio.Queue[sqlite3.Connection] = asyncio.Queue()
+        for con in cons:
+            self._free.put_nowait(con)
+
+    @classmethod
+    async def open(cls, path: Path, synchronous: str, n: int, name: str) -> "ReadPool":
+        thread = ThreadPoolExecutor(n, thread_name_prefix=f"casd-sql-{name}")
+
+        def connect() -> sqlite3.Connection:
+            con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            for pragma in _pragmas(synchronous):
+                con.execute(pragma)
+            con.execute("PRAGMA query_only = ON")
+            return con
+
+        loop = asyncio.get_running_loop()
+        cons: list[sqlite3.Connection] = []
+        try:
+            for _ in range(n):
+                cons.append(await loop.run_in_executor(thread, connect))
+        except BaseException:
+            for con in cons:
+                con.close()
+            thread.shutdown(wait=False)
+            raise
+        return cls(cons, thread)
+
+    async def run(self, fn: Callable, *args):
+        """fn(connection, *args) inside one read transaction (one snapshot); its result."""
+        con = await self._free.get()
+        fut = asyncio.get_running_loop().run_in_executor(self._thread, _snapshot, fn, con, args)
+        # The connection goes back only once the thread is done with it, even if the caller
+        # is cancelled meanwhile.
+        fut.add_done_callback(lambda _f: self._free.put_nowait(con))
+        return await asyncio.shield(fut)
+
+    async def close(self) -> None:
+        for _ in self._cons:
+            await self._free.get()
+        loop = asyncio.get_running_loop()
+        for con in self._cons:
+            await loop.run_in_executor(self._thread, con.close)
+        self._thread.shutdown(wait=True)
+
+
+def _snapshot(fn: Callable, con: sqlite3.Connection, args: tuple):
+    con.execute("BEGIN")
+    try:
+        return fn(con, *args)
+    finally:
+        con.execute("COMMIT")
+
+
+def _fetch_all(con: sqlite3.Connection, sql: str, params: tuple) -> list:
+    return con.execute(sql, params).fetchall()
+
+
 class Catalog:
     """Manifests, uploads, chunks and files, and the transactions that change them."""
 
     def __init__(
-        self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, group: "GroupWriter"
+        self, writer: aiosqlite.Connection, quick: ReadPool, bulk: ReadPool, group: "GroupWriter"
     ):
         self._db = writer
-        self._reader = reader
+        self._quick = quick
+        self._bulk = bulk
         self._group = group
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path, synchronous: str = "FULL") -> "Catalog":
+    async def open(
+        cls, path: Path, synchronous: str = "FULL", readers: int = 2, bulk_readers: int = 2
+    ) -> "Catalog":
         """Open (creating and migrating as needed) the catalogue at `path`."""
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"bad synchronous level {synchronous!r}")
         writer = await _connect(path, synchronous)
+        opened: list = []
         try:
             await _migrate(writer)
-            reader = await _connect(path, synchronous)
+            opened.append(await ReadPool.open(path, synchronous, readers, "read"))
+            opened.append(await ReadPool.open(path, synchronous, bulk_readers, "bulk"))
             group = await GroupWriter.open(path, synchronous)
         except BaseException:
+            for pool in opened:
+                await pool.close()
             await writer.close()
             raise
-        return cls(writer, reader, group)
+        return cls(writer, opened[0], opened[1], group)
 
     @property
     def writer(self) -> "GroupWriter":
@@ -132,8 +208,21 @@ class Catalog:
 
     async def close(self) -> None:
         await self._group.close()
-        await self._reader.close()
+        await self._quick.close()
+        await self._bulk.close()
         await self._db.close()
+
+    async def read(self, fn: Callable, *args, bulk: bool = False):
+        """Run fn(sqlite3 connection, *args) in one read transaction, so every query it makes
+        sees the same snapshot; on the bulk lane when it reads long lists."""
+        return await (self._bulk if bulk else self._quick).run(fn, *args)
+
+    async def _read_manifest(self, fn: Callable, manifest_id: int):
+        """fn(connection, manifest_id), on the lane its manifest's length calls for."""
+        result = await self._quick.run(_unless_huge, fn, manifest_id)
+        if result is _HUGE:
+            result = await self._bulk.run(fn, manifest_id)
+        return result
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -155,11 +244,11 @@ class Catalog:
                 raise
 
     async def _one(self, sql: str, params: Iterable = ()):
-        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        rows = await self._quick.run(_fetch_all, sql, tuple(params))
         return rows[0] if rows else None
 
-    async def _all(self, sql: str, params: Iterable = ()):
-        return list(await self._reader.execute_fetchall(sql, tuple(params)))
+    async def _all(self, sql: str, params: Iterable = (), bulk: bool = False):
+        return await self.read(_fetch_all, sql, tuple(params), bulk=bulk)
 
     # ---- reads ----------------------------------------------------------------------
 
@@ -232,14 +321,11 @@ class Catalog:
 
     async def missing(self, manifest_id: int) -> list[str]:
         """Chunk digests the manifest needs and the store lacks, once each, in manifest order."""
-        return await _missing(self._reader, manifest_id)
+        return await self._read_manifest(_missing_sync, manifest_id)
 
     async def manifest_chunks(self, manifest_id: int) -> list[tuple[str, int]]:
         """(digest hex, size) of every chunk of a manifest, in order."""
-        return await self._all(
-            "SELECT digest, size FROM manifest_chunks WHERE manifest_id = ? ORDER BY seq",
-            (manifest_id,),
-        )
+        return await self._read_manifest(_manifest_chunks_sync, manifest_id)
 
     async def manifest_chunk_count(self, manifest_id: int) -> int | None:
         """How many chunks a manifest lists, or None when it is gone."""
@@ -624,6 +710,24 @@ def _missing_sync(con: sqlite3.Connection, manifest_id: int) -> list[str]:
     return list(dict.fromkeys(r[0] for r in rows))
 
 
+def _manifest_chunks_sync(con: sqlite3.Connection, manifest_id: int) -> list[tuple[str, int]]:
+    return con.execute(
+        "SELECT digest, size FROM manifest_chunks WHERE manifest_id = ? ORDER BY seq",
+        (manifest_id,),
+    ).fetchall()
+
+
+_HUGE = object()
+
+
+def _unless_huge(con: sqlite3.Connection, fn: Callable, manifest_id: int):
+    """fn(con, manifest_id), or _HUGE without running it when the manifest is long."""
+    row = con.execute("SELECT chunk_count FROM manifests WHERE id = ?", (manifest_id,)).fetchone()
+    if row is not None and row[0] > BULK_ENTRIES:
+        return _HUGE
+    return fn(con, manifest_id)
+
+
 def _drop_upload_sync(con: sqlite3.Connection, upload_id: str, manifest_id: int) -> None:
     con.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
     _drop_manifest_if_unused_sync(con, manifest_id)
@@ -631,11 +735,6 @@ def _drop_upload_sync(con: sqlite3.Connection, upload_id: str, manifest_id: int)
 
 def _drop_manifest_if_unused_sync(con: sqlite3.Connection, manifest_id: int) -> None:
     con.execute(_DROP_MANIFEST_IF_UNUSED, (manifest_id, manifest_id, manifest_id))
-
-
-async def _missing(db: aiosqlite.Connection, manifest_id: int) -> list[str]:
-    rows = await db.execute_fetchall(_MISSING, (manifest_id, LIVE))
-    return list(dict.fromkeys(r[0] for r in rows))
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:

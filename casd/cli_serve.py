@@ -17,6 +17,12 @@ from casd import logs
 from casd.cli_common import CliError, add_data_arg, data_dir, parse_size
 from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings
 from casd.digest import Algo
+from casd.server import (
+    AcceptFailureLog,
+    CasdAppRunner,
+    connection_ceiling,
+    raise_fd_limit,
+)
 from casd.web import create_app
 
 log = logging.getLogger("casd")
@@ -61,6 +67,20 @@ def register(sub) -> None:
     p.add_argument("--algos", default=os.environ.get("CASD_ALGOS", ",".join(d.algos)),
                    help="digest algorithms uploads may use, comma-separated (default"
                    " md5,sha256; 'sha256' refuses MD5 where collisions matter)")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection has to send a request's headers (default 60; 0: off)")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="seconds a request body may pause between bytes (default 60; 0: off)")
+    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
+                   help="seconds an idle connection stays open (default 75; 0: close after"
+                        " each answer)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most; more are answered 503 (default 1000, or"
+                        " fewer when the open-file limit cannot carry that many)")
+    p.add_argument("--read-connections", type=int, default=d.read_connections,
+                   help="catalogue connections for quick reads (default 2)")
+    p.add_argument("--bulk-read-connections", type=int, default=d.bulk_read_connections,
+                   help="catalogue connections for long reads such as huge manifests (default 2)")
     _add_ops_args(p)
     p.set_defaults(func=run)
 
@@ -132,14 +152,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise CliError(f"--port {args.port} is not a port number", 2)
     for flag in (
         "max_chunk_size", "max_chunks", "max_handshake_size", "max_file_size", "io_workers",
-        "hash_workers",
+        "hash_workers", "max_connections", "read_connections", "bulk_read_connections",
     ):
-        if getattr(args, flag) < 1:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
     if args.upload_ttl <= 0:
         raise CliError("--upload-ttl must be positive", 2)
     if not args.hook_timeout > 0 or args.hook_queue_max < 1:
         raise CliError("--hook-timeout must be positive and --hook-queue-max at least 1", 2)
+    for flag in ("header_timeout", "body_timeout", "keepalive_timeout"):
+        value = getattr(args, flag)
+        if not 0 <= value < float("inf"):
+            raise CliError(f"--{flag.replace('_', '-')} must be a number of seconds, 0 or more", 2)
     return Settings(
         data_dir=data_dir(args).resolve(),
         host=args.host,
@@ -163,6 +188,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if args.hook_pre_handshake else None,
         hook_timeout=args.hook_timeout,
         hook_queue_max=args.hook_queue_max,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        max_connections=_fit_connections(args.max_connections),
+        read_connections=args.read_connections,
+        bulk_read_connections=args.bulk_read_connections,
     )
 
 
@@ -202,16 +233,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    AcceptFailureLog(loop).install()
     app = create_app(settings)
     # access_log=None: casd.observe writes the one access line per request.
-    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False,
-                           access_log=None)
+    runner = CasdAppRunner(
+        app, shutdown_timeout=settings.shutdown_timeout, handle_signals=False, access_log=None,
+        max_connections=settings.max_connections, header_timeout=settings.header_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+    )
     try:
         await runner.setup()
     except Exception as exc:
         raise CliError(f"cannot open the catalogue in {settings.data_dir}: {exc}") from None
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -228,3 +263,18 @@ async def serve(settings: Settings) -> int:
     finally:
         await runner.cleanup()
     return 0
+
+
+def _fit_connections(wanted: int | None) -> int:
+    """--max-connections as given (warning when the open-file limit cannot carry it), else the
+    default lowered to what that limit can carry. Raises the soft limit to the hard one."""
+    fd_limit = raise_fd_limit()
+    ceiling = connection_ceiling(fd_limit)
+    if wanted is None:
+        return min(Settings().max_connections, ceiling)
+    if wanted > ceiling:
+        log.warning(
+            "--max-connections %d is more than %d open files can carry (about %d);"
+            " connections beyond that will fail to be accepted", wanted, fd_limit, ceiling,
+        )
+    return wanted

@@ -55,6 +55,20 @@ class Settings:
     hook_pre_handshake: str | None = None
     hook_timeout: float = 5.0
     hook_queue_max: int = 10_000
+    # Connection timeouts, in seconds (0 turns one off). A request's headers must arrive
+    # within header_timeout of connecting or of its first byte; a body may pause at most
+    # body_timeout between bytes; an idle connection is closed after keepalive_timeout.
+    # The defaults are nginx's: a phone on a bad network stalls for seconds, not a minute.
+    header_timeout: float = 60.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    # Open connections beyond this are answered 503 and closed at once. `casd serve` lowers
+    # it to what the open-file limit can carry.
+    max_connections: int = 1000
+    # Catalogue readers: `read_connections` for quick lookups, `bulk_read_connections` more
+    # for reading long lists (huge manifests), so those never queue the quick ones.
+    read_connections: int = 2
+    bulk_read_connections: int = 2
 
     @property
     def blobs_dir(self) -> Path:

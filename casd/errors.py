@@ -73,3 +73,11 @@ class MisdirectedRequest(CasdError):
 
 class Unavailable(CasdError):
     """Something the request depends on (the pre-handshake hook) did not answer in time."""
+
+
+class BodyTimeout(CasdError):
+    """The client stopped sending a request body; the connection is dropped after the answer."""
+
+
+class MalformedBody(CasdError):
+    """The body's framing (chunked encoding, length) is broken; the connection is dropped."""

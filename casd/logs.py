@@ -10,7 +10,6 @@ import secrets
 import sys
 import time
 
-from aiohttp.http_exceptions import HttpProcessingError
 
 # The id of the request the current task serves; asyncio copies it into tasks it starts.
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -36,20 +35,6 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = REQUEST_ID.get()
-        return True
-
-
-class OneLineBadRequests(logging.Filter):
-    """aiohttp logs a malformed request (a NUL in a header...) with a traceback; that is the
-    client's fault, not the daemon's: keep one warning line and no traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            detail = " ".join(str(exc.message).split())
-            record.msg, record.args = "%s: %s", (record.getMessage(), detail)
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
@@ -101,5 +86,4 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if (fmt or default_format()) == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
-    handler.addFilter(OneLineBadRequests())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

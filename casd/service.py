@@ -145,7 +145,10 @@ class Service:
     async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Service":
         blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
         await asyncio.to_thread(blobs.ensure_dirs)
-        catalog = await Catalog.open(settings.catalog_path, settings.sqlite_synchronous)
+        catalog = await Catalog.open(
+            settings.catalog_path, settings.sqlite_synchronous,
+            settings.read_connections, settings.bulk_read_connections,
+        )
         return cls(settings, catalog, blobs, clock)
 
     async def close(self) -> None:

@@ -122,7 +122,7 @@ def test_bad_log_flags_are_one_line(args, message, tmp_path):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_malformed_request_is_one_warning_line_not_a_traceback(daemon_factory):
+def test_malformed_request_is_one_line_not_a_traceback(daemon_factory):
     import socket
     import time
 
@@ -137,4 +137,4 @@ def test_malformed_request_is_one_warning_line_not_a_traceback(daemon_factory):
     log = d.log()
     assert "Traceback" not in log
     line = next(x for x in log.splitlines() if "aiohttp.server" in x)
-    assert " WARNING aiohttp.server: " in line and "Invalid header value char" in line
+    assert "refused a malformed request" in line and "Invalid header value char" in line
