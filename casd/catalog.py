@@ -21,11 +21,22 @@ from pathlib import Path
 import aiosqlite
 
 from casd.digest import Algo, Digest
-from casd.errors import BadRequest, FileDigestMismatch, Incomplete, StorageFull
-from casd.models import FileEntry, Manifest, Upload
+from casd.errors import (
+    BadRequest,
+    FileDigestMismatch,
+    Incomplete,
+    StorageFull,
+    TooLarge,
+    TooManyPending,
+)
+from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
 
 LIVE = 0
 DELETING = 1
+# fsck --repair found the blob's bytes wrong or gone and moved it to quarantine/: absent, like
+# DELETING, but kept (so handshakes of files using it can say those files are damaged) until
+# a PUT stores the chunk again.
+QUARANTINED = 2
 
 # Enough to wait out a gc transaction on a busy disk; SQLite retries inside this budget.
 BUSY_TIMEOUT_MS = 60_000
@@ -181,6 +192,11 @@ class Catalog:
         )
         return {r[0] for r in rows}
 
+    async def damaged(self, manifest_id: int) -> bool:
+        """True when the manifest uses a quarantined chunk (its file cannot be served whole)."""
+        row = await self._one(_DAMAGED, (QUARANTINED, manifest_id))
+        return row is not None
+
     async def missing(self, manifest_id: int) -> list[str]:
         """Chunk digests the manifest needs and the store lacks, once each, in manifest order."""
         return await _missing(self._reader, manifest_id)
@@ -195,10 +211,17 @@ class Catalog:
     # ---- the daemon's writes: queued, committed together ----------------------------
 
     async def begin_upload(
-        self, manifest: Manifest, chunks_key: str, now: float, expires_at: float, new_id: str
+        self, manifest: Manifest, chunks_key: str, now: float, expires_at: float, new_id: str,
+        client: str = "", budget: PendingBudget | None = None,
     ) -> tuple[Upload, list[str]]:
-        """Find the live pending upload of this exact manifest or create one; one transaction."""
-        return await self._group.run(_begin_upload, manifest, chunks_key, now, expires_at, new_id)
+        """Find the live pending upload of this exact manifest or create one; one transaction.
+
+        A new upload is refused (TooManyPending, nothing written) when its chunk entries would
+        take `client`'s or everyone's pending entries over `budget`; resuming never is.
+        """
+        return await self._group.run(
+            _begin_upload, manifest, chunks_key, now, expires_at, new_id, client, budget
+        )
 
     async def touch_upload(self, upload_id: str, now: float, expires_at: float) -> bool:
         """Push a live pending upload's expiry forward; False when there is none."""
@@ -212,6 +235,7 @@ class Catalog:
         now: float,
         place: Callable[[], None],
         touch: tuple[str, float] | None = None,
+        replace: bool = False,
     ) -> bool:
         """Record a verified blob; False when it was already stored.
 
@@ -219,8 +243,12 @@ class Catalog:
         transaction so that gc, which unlinks blob files under the same lock, can never
         interleave between that check and the row: no row ever names a file gc removed.
         `touch` is an (upload id, new expiry) pushed forward in the same transaction.
+        `replace`: the stored blob's bytes were found wrong; `place` puts the verified ones
+        over it and the row is rewritten even though it is live.
         """
-        return await self._group.run(_publish_chunk, digest, size, xxh3, now, place, touch)
+        return await self._group.run(
+            _publish_chunk, digest, size, xxh3, now, place, touch, replace
+        )
 
     async def register_file(self, upload_id: str, now: float) -> FileEntry | None:
         """Turn a fully present pending upload into a complete file; None if no such upload.
@@ -352,7 +380,7 @@ _UPLOAD_BY_ID = (
 
 def _begin_upload(
     con: sqlite3.Connection, manifest: Manifest, chunks_key: str, now: float,
-    expires_at: float, new_id: str,
+    expires_at: float, new_id: str, client: str, budget: PendingBudget | None,
 ) -> tuple[Upload, list[str]]:
     d = manifest.digest
     row = con.execute(_PENDING_OF_MANIFEST, (d.hex, manifest.size, chunks_key)).fetchone()
@@ -363,6 +391,8 @@ def _begin_upload(
         return upload, _missing_sync(con, upload.manifest_id)
     if existing is not None:
         _drop_upload_sync(con, existing.id, existing.manifest_id)
+    if budget is not None:
+        _check_budget(con, budget, client, len(manifest.chunks), now)
     manifest_id = con.execute(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -383,14 +413,39 @@ def _begin_upload(
             f"chunk {clash[0]} is stored with size {clash[2]}, the manifest says {clash[1]}"
         )
     con.execute(
-        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at)"
-        " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at),
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
+        " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+        (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client),
     )
     upload = Upload(
         new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, "pending", expires_at
     )
     return upload, _missing_sync(con, manifest_id)
+
+
+def _check_budget(
+    con: sqlite3.Connection, budget: PendingBudget, client: str, entries: int, now: float
+) -> None:
+    """Raise unless `entries` more pending chunk entries fit `client`'s share and the total."""
+    if entries > budget.per_client:
+        raise TooLarge(
+            f"the manifest has {entries} chunk entries; a client may hold at most"
+            f" {budget.per_client} in pending uploads"
+        )
+    mine = con.execute(_PENDING_ENTRIES + " AND u.client = ?", (now, client)).fetchone()[0]
+    if mine + entries > budget.per_client:
+        raise TooManyPending(
+            f"your pending uploads hold {mine} chunk entries; this one would take them over"
+            f" the limit of {budget.per_client}: merge or abort some, or wait for them to expire",
+            pending=mine, limit=budget.per_client,
+        )
+    total = con.execute(_PENDING_ENTRIES, (now,)).fetchone()[0]
+    if total + entries > budget.total:
+        raise TooManyPending(
+            f"pending uploads hold {total} chunk entries; this one would take them over the"
+            f" server's limit of {budget.total}: try again later",
+            pending=total, limit=budget.total,
+        )
 
 
 def _touch_upload(con: sqlite3.Connection, upload_id: str, now: float, expires_at: float) -> bool:
@@ -403,7 +458,7 @@ def _touch_upload(con: sqlite3.Connection, upload_id: str, now: float, expires_a
 
 def _publish_chunk(
     con: sqlite3.Connection, digest: Digest, size: int, xxh3: str, now: float,
-    place: Callable[[], None], touch: tuple[str, float] | None,
+    place: Callable[[], None], touch: tuple[str, float] | None, replace: bool = False,
 ) -> bool:
     if touch is not None:
         # Never revives an upload that expired meanwhile (gc may already be emptying it).
@@ -412,7 +467,7 @@ def _publish_chunk(
             " AND expires_at > ?",
             (touch[1], touch[0], now),
         )
-    if con.execute(
+    if not replace and con.execute(
         "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
     ).fetchone():
         return False
@@ -486,6 +541,16 @@ _MISSING = (
     "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = ?"
     " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
     " ORDER BY mc.seq"
+)
+# Sum of the chunk entries of live pending uploads (append "AND u.client = ?" for one client).
+_PENDING_ENTRIES = (
+    "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u JOIN manifests m"
+    " ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > ?"
+)
+# Driven by the partial index on quarantined chunks: free when nothing is quarantined.
+_DAMAGED = (
+    "SELECT 1 FROM chunks c JOIN manifest_chunks mc ON mc.digest = c.digest"
+    " WHERE c.state = ? AND mc.manifest_id = ? LIMIT 1"
 )
 _DROP_MANIFEST_IF_UNUSED = (
     "DELETE FROM manifests WHERE id = ?"

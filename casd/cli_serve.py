@@ -31,6 +31,14 @@ def register(sub) -> None:
                    help="most chunks in one manifest (default 1000000)")
     p.add_argument("--max-handshake-size", type=parse_size, default=d.max_handshake_bytes,
                    help="largest handshake body (default 128MiB)")
+    p.add_argument("--max-pending-chunks", type=int, default=d.max_pending_chunks,
+                   help="chunk entries all pending uploads may hold (default 4000000)")
+    p.add_argument("--max-pending-chunks-per-client", type=int,
+                   default=d.max_pending_chunks_per_client,
+                   help="chunk entries one client's pending uploads may hold (default 1000000)")
+    p.add_argument("--reserve", type=parse_size, default=d.reserve_bytes,
+                   help="disk space set aside for deletes and gc when the disk fills"
+                   " (default 32MiB; 0: none)")
     p.add_argument("--upload-ttl", type=float, default=d.upload_ttl,
                    help="seconds an unmerged upload lives after its last activity (default 86400)")
     p.add_argument("--token", default=os.environ.get("CASD_TOKEN"),
@@ -49,9 +57,12 @@ def register(sub) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port} is not a port number", 2)
-    for flag in ("max_chunk_size", "max_chunks", "max_handshake_size", "io_workers"):
+    for flag in ("max_chunk_size", "max_chunks", "max_handshake_size", "io_workers",
+                 "max_pending_chunks", "max_pending_chunks_per_client"):
         if getattr(args, flag) < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
+    if args.max_pending_chunks_per_client > args.max_pending_chunks:
+        raise CliError("--max-pending-chunks-per-client cannot exceed --max-pending-chunks", 2)
     if args.upload_ttl <= 0:
         raise CliError("--upload-ttl must be positive", 2)
     return Settings(
@@ -62,6 +73,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_chunks=args.max_chunks,
         max_handshake_bytes=args.max_handshake_size,
         upload_ttl=args.upload_ttl,
+        max_pending_chunks=args.max_pending_chunks,
+        max_pending_chunks_per_client=args.max_pending_chunks_per_client,
+        reserve_bytes=args.reserve,
         token=args.token or None,
         admin_token=args.admin_token or None,
         io_workers=args.io_workers,

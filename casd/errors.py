@@ -57,3 +57,11 @@ class RangeNotSatisfiable(CasdError):
 
 class StorageFull(CasdError):
     pass
+
+
+class TooManyPending(CasdError):
+    """A new upload would take pending manifests over their budget (it frees as uploads end)."""
+
+
+class Unavailable(CasdError):
+    """The thing exists but cannot be served as it is now (e.g. a file with a quarantined chunk)."""

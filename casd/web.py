@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -31,7 +32,9 @@ from casd.errors import (
     SizeMismatch,
     StorageFull,
     TooLarge,
+    TooManyPending,
     Unauthorized,
+    Unavailable,
 )
 from casd.models import ChunkRef, FileEntry, HandshakeResult, Manifest
 from casd.service import Service
@@ -63,6 +66,8 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     DigestMismatch: (422, "digest_mismatch"),
     SizeMismatch: (422, "size_mismatch"),
     FileDigestMismatch: (422, "file_digest_mismatch"),
+    TooManyPending: (429, "too_many_pending"),
+    Unavailable: (503, "unavailable"),
     StorageFull: (507, "insufficient_storage"),
 }
 # aiohttp's own refusals (no route, wrong method, body over client_max_size) in the same shape.
@@ -131,6 +136,18 @@ async def auth_middleware(request: web.Request, handler):
     elif settings.token is not None and not (is_admin or _same(given, settings.token)):
         raise Unauthorized("missing or wrong token (Authorization: Bearer ...)")
     return await handler(request)
+
+
+def client_of(request: web.Request) -> str:
+    """Who a request comes from, for per-client budgets: its bearer token when tokens are
+    required (a fingerprint: the catalogue never holds a secret), else its address."""
+    settings = request.app[SETTINGS]
+    if settings.token is not None or settings.admin_token is not None:
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header[:7].lower() == "bearer " else ""
+        fingerprint = hashlib.sha256(given.encode("utf-8", "surrogatepass")).hexdigest()
+        return "token:" + fingerprint[:16]
+    return f"addr:{request.remote or '-'}"
 
 
 def _same(a: str, b: str) -> bool:
@@ -249,7 +266,7 @@ async def handshake(request: web.Request) -> web.Response:
         manifest = await asyncio.to_thread(parse_manifest, body)
     else:
         manifest = parse_manifest(body)
-    result: HandshakeResult = await service.handshake(manifest)
+    result: HandshakeResult = await service.handshake(manifest, client_of(request))
     if result.status == "complete":
         return web.json_response(_complete(result.digest, result.size, result.ext))
     return web.json_response(
