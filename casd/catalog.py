@@ -799,7 +799,61 @@ class AdminCatalog(Catalog):
                 )
         return rows
 
+    # -- gc: orphan blob files (a file under blobs/ with no row, left by a kill) --
+
+    async def orphans(self, digests: list[str]) -> set[str]:
+        """Those of `digests` with no chunk row that no complete file uses."""
+        out: set[str] = set()
+        for i in range(0, len(digests), 500):
+            part = digests[i:i + 500]
+            rows = await self._all(
+                f"SELECT digest FROM chunks WHERE digest IN ({_marks(len(part))})"
+                " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
+                f" ON f.manifest_id = mc.manifest_id WHERE mc.digest IN ({_marks(len(part))})",
+                (*part, *part),
+            )
+            out.update(set(part) - {r[0] for r in rows})
+        return out
+
+    async def retire_orphans(
+        self, digests: list[str], unlink: Callable[[set[str]], Awaitable[object]]
+    ) -> object:
+        """Under the write lock, `unlink` those of `digests` that are still orphans.
+
+        No `publish_chunk` commits a row meanwhile, so a blob file that a client is being
+        granted right now is either already rowed (skipped) or will be put back from its
+        temp file by the daemon's own check under this lock.
+        """
+        if not digests:
+            return await unlink(set())
+        async with self.write() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT digest FROM chunks WHERE digest IN ({_marks(len(digests))})"
+                " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
+                f" ON f.manifest_id = mc.manifest_id WHERE mc.digest IN ({_marks(len(digests))})",
+                (*digests, *digests),
+            )
+            return await unlink(set(digests) - {r[0] for r in rows})
+
     # -- fsck --
+
+    async def quarantine(
+        self, digests: Iterable[str], now: float,
+        decide: Callable[[dict[str, ChunkUsers]], Awaitable[list[tuple[Digest, int]]]],
+    ) -> list[tuple[Digest, int]]:
+        """fsck --repair: under the write lock, `decide` (from the facts) which chunks to set
+        aside and moves their blobs away; their rows become QUARANTINED in the same
+        transaction, so from its commit on they count as absent."""
+        async with self.write() as db:
+            facts = {d: await _chunk_users(db, d, now) for d in digests}
+            chosen = await decide(facts)
+            await db.executemany(
+                "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
+                " VALUES (?, ?, ?, '', ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+                " state = excluded.state",
+                [(d.hex, d.algo.value, size, now, QUARANTINED) for d, size in chosen],
+            )
+        return chosen
 
     async def all_chunks(self) -> list[ChunkRow]:
         rows = await self._all(f"SELECT {_CHUNK_COLUMNS} FROM chunks c")
@@ -846,12 +900,43 @@ class AdminCatalog(Catalog):
         expired = (
             await self._one("SELECT count(*) FROM uploads WHERE expires_at <= ?", (now,))
         )[0]
+        entries = (await self._one(_PENDING_ENTRIES, (now,)))[0]
+        quarantined = (
+            await self._one("SELECT count(*) FROM chunks WHERE state = ?", (QUARANTINED,))
+        )[0]
         return {
+            "pending_entries": entries, "quarantined_chunks": quarantined,
             "files": files, "logical_bytes": logical, "chunks": chunks,
             "physical_bytes": physical, "pending_uploads": pending,
             "pending_bytes": pending_bytes, "deleting_chunks": deleting,
             "expired_uploads": expired,
         }
+
+    async def pending_uploads(self) -> list[PendingUpload]:
+        """Every upload not merged yet (expired ones too, until gc drops them), oldest first."""
+        rows = await self._all(
+            "SELECT u.id, m.algo, m.digest, m.size, m.chunk_count, u.name, u.created,"
+            " u.expires_at, u.client FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
+            " WHERE u.state = 'pending' ORDER BY u.created, u.id"
+        )
+        return [
+            PendingUpload(r[0], Digest(Algo(r[1]), r[2]), *r[3:]) for r in rows
+        ]
+
+    async def abort_uploads(self, ids: list[str]) -> list[str]:
+        """Drop these pending uploads (and their manifests) in one transaction; the ids found."""
+        found = []
+        async with self.write() as db:
+            for uid in ids:
+                async with db.execute(
+                    "DELETE FROM uploads WHERE id = ? AND state = 'pending' RETURNING manifest_id",
+                    (uid,),
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    found.append(uid)
+                    await _delete_manifest_if_unused(db, row[0])
+        return found
 
     async def list_files(self) -> list[FileEntry]:
         rows = await self._all(f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest")

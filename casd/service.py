@@ -309,9 +309,9 @@ class Service:
                     return False
                 log.warning("chunk %s: the stored blob's bytes are wrong; replacing them with"
                             " the verified ones just received", digest.hex)
-                place = lambda: self.blobs.put_over(temp, digest)  # noqa: E731
+                place = lambda: self.blobs.put_over(temp, digest)
             else:
-                place = lambda: self.blobs.ensure_placed(temp, digest)  # noqa: E731
+                place = lambda: self.blobs.ensure_placed(temp, digest)
             await self._run(temp.finish)
             if not check_stored:
                 # Link into place and fsync the folder here, in parallel with other uploads;
