@@ -344,7 +344,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if s.deleting_chunks:
             rows.append(("chunks being deleted", f"{s.deleting_chunks}"))
         for k, v in rows:
-            print(f"{k + ':':<22}{v}")
+            print(f"{k + ':':<24}{v}")
         return 0
 
     return _run(args, work)

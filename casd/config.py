@@ -22,9 +22,9 @@ class Settings:
     max_chunks: int = 1_000_000
     max_handshake_bytes: int = 128 * MiB
     upload_ttl: float = 24 * 3600.0
-    # Chunk entries live pending uploads may hold in the catalogue (each ~110 bytes on disk):
-    # in total, and per client (its address, or its token when tokens are required). One
-    # client's share takes a manifest of --max-chunks entries.
+    # Chunk entries live pending uploads may hold in the catalogue (each ~100 bytes of
+    # database): in total (~400 MB at the default), and per client (its address, or its
+    # token when tokens are required). One client's share takes a --max-chunks manifest.
     max_pending_chunks: int = 4_000_000
     max_pending_chunks_per_client: int = 1_000_000
     # A file of this size kept in the data folder and deleted when the disk fills, so that
