@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -209,6 +210,50 @@ def test_gc_removes_old_orphan_blobs_and_fsck_only_notes_them(daemon):
     assert status == 200 and body == p.data
 
 
+def test_a_daemon_killed_while_publishing_leaves_an_orphan_gc_removes(daemon):
+    """kill -9 after the blob is linked into place and before its row is committed."""
+    p = prepare(rand(2 * CHUNK, seed=20), CHUNK)
+    status, hs = request_json("POST", f"{daemon.url}/v1/handshake", json=p.handshake)
+    assert status == 200
+    target = p.order[0]
+    path = blob(daemon.data_dir, target)
+    # Hold SQLite's write lock: the daemon links the verified blob, then waits to record it.
+    con = sqlite3.connect(daemon.data_dir / "catalog.sqlite", isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    put = subprocess.Popen([
+        sys.executable, "-c",
+        "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request("
+        "sys.argv[1], data=sys.stdin.buffer.read(), method='PUT'), timeout=60)",
+        f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{target}",
+    ], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        put.stdin.write(p.chunks[target])
+        put.stdin.close()
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert time.monotonic() < deadline, "the daemon never linked the blob"
+            time.sleep(0.01)
+        daemon.kill()
+    finally:
+        con.rollback()
+        con.close()
+        put.kill()
+        put.wait()
+    assert path.exists()
+    code, report = casd_json(daemon.data_dir, "fsck")
+    assert code == 0 and report["issues"] == [], report
+    assert [(n["kind"], n["digest"]) for n in report["notes"]] == [("orphan_file", target)]
+    then = time.time() - 7200
+    os.utime(path, (then, then))
+    code, r = casd_json(daemon.data_dir, "gc")
+    assert code == 0 and r["removed"]["orphan_blobs"] == [target] and not path.exists()
+    # The restarted daemon still takes the upload.
+    daemon.start()
+    assert upload(daemon.url, p)["status"] == "complete"
+    status, body = request("GET", f"{daemon.url}/v1/files/{p.digest}")
+    assert status == 200 and body == p.data
+
+
 def test_gc_leaves_an_orphan_whose_inode_a_daemon_still_holds(daemon, tmp_path):
     """A blob linked into place whose row is not written yet is in flight, not an orphan."""
     stray = rand(1000, seed=11)
@@ -235,8 +280,6 @@ def test_gc_leaves_an_orphan_whose_inode_a_daemon_still_holds(daemon, tmp_path):
 def test_gc_never_removes_a_rowless_blob_a_complete_file_uses(daemon):
     p = prepare(rand(2 * CHUNK, seed=12), CHUNK)
     upload(daemon.url, p)
-    import sqlite3
-
     con = sqlite3.connect(daemon.data_dir / "catalog.sqlite")
     with con:
         con.execute("DELETE FROM chunks WHERE digest = ?", (p.order[0],))
