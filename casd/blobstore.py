@@ -278,6 +278,13 @@ class BlobStore:
             temp.discard()
 
 
+def _write_zeros(fd: int, size: int) -> None:
+    block = bytes(1 << 20)
+    left = size
+    while left > 0:
+        left -= os.write(fd, block[:min(left, len(block))])
+
+
 def free_bytes(path: Path) -> int:
     """Bytes an unprivileged writer can still put on the filesystem holding `path`."""
     st = os.statvfs(path)
@@ -312,7 +319,12 @@ class Reserve:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             # Real blocks, not a sparse file: releasing it must give space back.
-            os.posix_fallocate(fd, 0, self.size)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise
+                _write_zeros(fd, self.size)  # a filesystem without fallocate
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)

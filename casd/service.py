@@ -126,6 +126,7 @@ class Service:
         self._file_hashes: OrderedDict[str, FileHash] = OrderedDict()
         self._background: set[asyncio.Task] = set()
         self.reserve = Reserve(settings.reserve_path, settings.reserve_bytes)
+        self._reserve_lock = asyncio.Lock()
         self.budget = PendingBudget(
             settings.max_pending_chunks, settings.max_pending_chunks_per_client
         )
@@ -136,7 +137,14 @@ class Service:
         await asyncio.to_thread(blobs.ensure_dirs)
         catalog = await Catalog.open(settings.catalog_path, settings.sqlite_synchronous)
         service = cls(settings, catalog, blobs, clock)
-        if not await asyncio.to_thread(service.reserve.ensure):
+        try:
+            made = await asyncio.to_thread(service.reserve.ensure)
+        except OSError as exc:
+            log.warning("cannot make the disk reserve %s (%s): running without one",
+                        settings.reserve_path, exc)
+            service.reserve = Reserve(settings.reserve_path, 0)
+            made = True
+        if not made:
             log.warning(
                 "the disk is too full for the %d-byte reserve; uploads are refused until"
                 " there is room for it", settings.reserve_bytes,
@@ -164,9 +172,11 @@ class Service:
         Once the reserve was given up for a delete on a full disk, new bytes would eat the
         headroom it left; they wait (507) until deletes and gc made room for it again.
         """
-        if self.settings.reserve_bytes <= 0 or self.reserve.present():
+        if self.reserve.size <= 0 or self.reserve.present():
             return
-        if not await self._run(self.reserve.ensure):
+        async with self._reserve_lock:  # one request re-makes it; the others wait for that
+            made = await self._run(self.reserve.ensure)
+        if not made:
             raise StorageFull(
                 "the data folder's disk is nearly full; uploads resume once space is freed"
                 " (delete files, then casd gc)"
