@@ -194,7 +194,7 @@ class Catalog:
 
     async def damaged(self, manifest_id: int) -> bool:
         """True when the manifest uses a quarantined chunk (its file cannot be served whole)."""
-        row = await self._one(_DAMAGED, (QUARANTINED, manifest_id))
+        row = await self._one(_DAMAGED, (manifest_id,))
         return row is not None
 
     async def missing(self, manifest_id: int) -> list[str]:
@@ -543,14 +543,17 @@ _MISSING = (
     " ORDER BY mc.seq"
 )
 # Sum of the chunk entries of live pending uploads (append "AND u.client = ?" for one client).
+# The partial index holds pending uploads only; merged ones, kept a day, are never read.
 _PENDING_ENTRIES = (
-    "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u JOIN manifests m"
-    " ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > ?"
+    "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u INDEXED BY uploads_pending_by_client"
+    " JOIN manifests m ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > ?"
 )
-# Driven by the partial index on quarantined chunks: free when nothing is quarantined.
+# Starts from the partial index of quarantined chunks (empty on a healthy store), never from
+# the manifest's entries: a complete handshake of a 1,000,000-chunk file stays one lookup.
+# The literal 2 is QUARANTINED: a bound parameter would not match the partial index.
 _DAMAGED = (
-    "SELECT 1 FROM chunks c JOIN manifest_chunks mc ON mc.digest = c.digest"
-    " WHERE c.state = ? AND mc.manifest_id = ? LIMIT 1"
+    "SELECT 1 FROM chunks c INDEXED BY chunks_quarantined CROSS JOIN manifest_chunks mc"
+    " ON mc.digest = c.digest WHERE c.state = 2 AND mc.manifest_id = ? LIMIT 1"
 )
 _DROP_MANIFEST_IF_UNUSED = (
     "DELETE FROM manifests WHERE id = ?"
