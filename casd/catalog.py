@@ -802,6 +802,23 @@ class AdminCatalog(Catalog):
                 )
         return rows
 
+    async def unused_quarantined(self, now: float) -> int:
+        """Quarantined chunks that nothing relies on any more (nothing left to heal)."""
+        row = await self._one(
+            f"SELECT count(*) FROM chunks c WHERE c.state = ? AND NOT {_REFERENCED.format(c='c')}",
+            (QUARANTINED, now),
+        )
+        return row[0]
+
+    async def drop_unused_quarantined(self, now: float) -> int:
+        """Forget quarantined chunks nothing relies on (their files stay in quarantine/)."""
+        async with self.write() as db:
+            async with db.execute(
+                f"DELETE FROM chunks WHERE state = ? AND NOT {_REFERENCED.format(c='chunks')}",
+                (QUARANTINED, now),
+            ) as cur:
+                return cur.rowcount
+
     # -- gc: orphan blob files (a file under blobs/ with no row, left by a kill) --
 
     async def orphans(self, digests: list[str]) -> set[str]:

@@ -183,6 +183,7 @@ def _plan_json(plan: GcPlan) -> dict:
             {"algo": b.digest.algo.value, "digest": b.digest.hex, "size": b.size}
             for b in plan.orphans
         ],
+        "quarantined_rows": plan.quarantined,
         "bytes": plan.bytes,
     }
 
@@ -198,6 +199,7 @@ def _result_json(r: GcResult) -> dict:
         "kept": r.kept,
         "temp_files": [str(t.path) for t in r.temp_files],
         "orphan_blobs": [b.digest.hex for b in r.orphans],
+        "quarantined_rows": r.quarantined,
         "bytes_freed": r.bytes_freed,
         "seconds": round(r.seconds, 3),
     }

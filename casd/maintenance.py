@@ -72,6 +72,7 @@ class GcPlan:
     unfinished: tuple[ChunkRow, ...]  # DELETING rows an earlier gc did not finish
     temp_files: tuple[TempFile, ...]
     orphans: tuple[StoredBlob, ...] = ()  # blob files with no row, older than the grace
+    quarantined: int = 0  # quarantined chunks no file or live upload needs any more
 
     @property
     def chunk_bytes(self) -> int:
@@ -100,6 +101,7 @@ class GcResult:
     temp_files: tuple[TempFile, ...]
     seconds: float
     orphans: tuple[StoredBlob, ...] = ()  # orphan blob files unlinked
+    quarantined: int = 0  # quarantined chunk rows forgotten
 
     @property
     def bytes_freed(self) -> int:
@@ -332,9 +334,10 @@ class Maintenance:
         unfinished = await cat.deleting_chunks()
         temps = await asyncio.to_thread(self._stale_temps, now - temp_age)
         orphans = await self._orphans(now - grace)
+        quarantined = await cat.unused_quarantined(now)
         return GcPlan(
             now, grace, temp_age, tuple(expired), tuple(manifests), tuple(chunks),
-            tuple(unfinished), tuple(temps), tuple(orphans),
+            tuple(unfinished), tuple(temps), tuple(orphans), quarantined,
         )
 
     async def _orphans(self, before: float) -> list[StoredBlob]:
@@ -425,9 +428,13 @@ class Maintenance:
             async with self._turn():
                 await cat.retire_orphans(sorted(by_hex), unlink_orphans)
         report("orphans", len(orphans))
+        quarantined = 0
+        if plan.quarantined:
+            async with self._turn():
+                quarantined = await cat.drop_unused_quarantined(plan.now)
         return GcResult(
             uploads, manifests, tuple(retired), len(plan.chunks) - marked, freed,
-            tuple(temps), time.monotonic() - started, tuple(orphans),
+            tuple(temps), time.monotonic() - started, tuple(orphans), quarantined,
         )
 
     @staticmethod

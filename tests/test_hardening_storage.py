@@ -334,6 +334,24 @@ def test_fsck_repair_quarantines_a_corrupt_blob_and_a_reupload_heals_the_file(da
     assert code == 0 and report["issues"] == []
 
 
+def test_gc_forgets_a_quarantined_chunk_once_nothing_needs_it(daemon):
+    p = prepare(rand(2 * CHUNK, seed=21), CHUNK)
+    upload(daemon.url, p)
+    flip(blob(daemon.data_dir, p.order[1]))
+    code, report = casd_json(daemon.data_dir, "fsck", "--repair")
+    assert report["quarantined"] == [p.order[1]]
+    code, r = casd_json(daemon.data_dir, "gc", "--grace", "0")
+    assert code == 0 and r["removed"]["quarantined_rows"] == 0  # the file still needs it
+    assert request("DELETE", f"{daemon.url}/v1/files/{p.digest}")[0] == 204
+    code, r = casd_json(daemon.data_dir, "gc", "--grace", "0")
+    assert code == 0 and r["removed"]["quarantined_rows"] == 1
+    code, stats = casd_json(daemon.data_dir, "stats")
+    assert stats["quarantined_chunks"] == 0
+    assert len(list((daemon.data_dir / "quarantine").iterdir())) == 1  # kept for the operator
+    code, report = casd_json(daemon.data_dir, "fsck")
+    assert code == 0
+
+
 def test_fsck_repair_of_a_missing_blob_lists_it_missing_for_every_file_using_it(daemon):
     common = rand(2 * CHUNK, seed=14)
     a = prepare(common + rand(CHUNK, seed=15), CHUNK)
