@@ -85,8 +85,13 @@ def _statements(script: str) -> list[str]:
 
 async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
-    for pragma in _pragmas(synchronous):
-        await db.execute(pragma)
+    try:
+        for pragma in _pragmas(synchronous):
+            await db.execute(pragma)
+    except BaseException:
+        # Its thread is not a daemon thread: left open, it keeps the process alive.
+        await db.close()
+        raise
     return db
 
 
@@ -107,11 +112,14 @@ class Catalog:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"bad synchronous level {synchronous!r}")
         writer = await _connect(path, synchronous)
+        reader = None
         try:
             await _migrate(writer)
             reader = await _connect(path, synchronous)
             group = await GroupWriter.open(path, synchronous)
         except BaseException:
+            if reader is not None:
+                await reader.close()
             await writer.close()
             raise
         return cls(writer, reader, group)

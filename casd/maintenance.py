@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import logging
 import secrets
+import sqlite3
 import stat as statmod
 import threading
 import time
@@ -29,6 +31,8 @@ from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import CasdError, NotFound, StorageFull
 from casd.models import FileEntry, FsckIssue, PendingUpload, Stats
+
+log = logging.getLogger("casd.maintenance")
 
 HASH_BLOCK = 1 << 20
 # Chunks per gc transaction: each one holds the write lock, so the daemon waits at most
@@ -301,7 +305,16 @@ class Maintenance:
             raise NotFound(
                 f"no casd catalogue at {path} (is --data or $CASD_DATA the daemon's data folder?)"
             )
-        catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
+        try:
+            catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
+        except sqlite3.OperationalError as exc:
+            # With no daemon running, opening makes the WAL and its shared-memory file, and
+            # a full disk fails that as "disk I/O error": the reserve is there for this.
+            reserve = Reserve(settings.reserve_path, 0)
+            if not await asyncio.to_thread(reserve.release):
+                raise
+            log.warning("%s; released the disk reserve %s", exc, settings.reserve_path)
+            catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
         return cls(settings, catalog, BlobStore(settings.blobs_dir, settings.tmp_dir), clock)
 
     async def close(self) -> None:

@@ -509,3 +509,33 @@ def test_a_full_disk_can_still_be_emptied_with_delete_rm_and_gc(small_disk, daem
         assert code == 0, report
     finally:
         d.kill()
+
+
+def test_admin_tools_work_on_a_full_disk(small_disk, daemon_factory):
+    data = small_disk / "d"
+    d = daemon_factory("--reserve", "4MiB", data_dir=data)
+    try:
+        files = [prepare(rand(MiB, seed=300 + i), 256 * KiB) for i in range(3)]
+        for p in files:
+            assert upload(d.url, p)["status"] == "complete"
+        pending = prepare(rand(MiB, seed=400), 256 * KiB)
+        status, hs = request_json("POST", f"{d.url}/v1/handshake", json=pending.handshake)
+        assert status == 200
+        d.stop()  # the admin tools alone, as after a crash
+        _fill(small_disk / "filler")
+        assert _free(small_disk) < 64 * KiB
+
+        r = casd(data, "rm", files[0].digest)
+        assert r.returncode == 0, r.stderr
+        r = casd(data, "uploads", "abort", hs["upload_id"])
+        assert r.returncode == 0, r.stderr
+        free_before = _free(small_disk)
+        code, out = casd_json(data, "gc", "--grace", "0")
+        assert code == 0 and out["removed"]["bytes_freed"] >= MiB
+        assert _free(small_disk) >= free_before + MiB // 2
+        # Whoever hit the full disk first gave up the reserve for it.
+        assert not (data / "reserve").exists()
+        code, report = casd_json(data, "fsck")
+        assert code == 0, report
+    finally:
+        d.kill()
