@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import sqlite3
 import time
 from bisect import bisect_right
 from collections import OrderedDict
@@ -135,7 +136,14 @@ class Service:
     async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Service":
         blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
         await asyncio.to_thread(blobs.ensure_dirs)
-        catalog = await Catalog.open(settings.catalog_path, settings.sqlite_synchronous)
+        try:
+            catalog = await Catalog.open(settings.catalog_path, settings.sqlite_synchronous)
+        except sqlite3.OperationalError as exc:
+            # A restart on a full disk cannot make the WAL ("disk I/O error"): use the reserve.
+            if not await asyncio.to_thread(Reserve(settings.reserve_path, 0).release):
+                raise
+            log.warning("%s: released the disk reserve to open the catalogue", exc)
+            catalog = await Catalog.open(settings.catalog_path, settings.sqlite_synchronous)
         service = cls(settings, catalog, blobs, clock)
         try:
             made = await asyncio.to_thread(service.reserve.ensure)

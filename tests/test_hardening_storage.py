@@ -537,5 +537,31 @@ def test_admin_tools_work_on_a_full_disk(small_disk, daemon_factory):
         assert not (data / "reserve").exists()
         code, report = casd_json(data, "fsck")
         assert code == 0, report
+        # The daemon starts again on the nearly full disk; it takes uploads once the disk
+        # has room for its reserve again.
+        d.start()
+        p = prepare(rand(MiB // 2, seed=401), 256 * KiB)
+        status, err = request_json("POST", f"{d.url}/v1/handshake", json=p.handshake)
+        assert status == 507 and err["error"] == "insufficient_storage"
+        (small_disk / "filler").unlink()
+        assert upload(d.url, p)["status"] == "complete"
+        assert (data / "reserve").stat().st_size == 4 * MiB
+        assert request("GET", f"{d.url}/v1/files/{files[1].digest}") == (200, files[1].data)
+    finally:
+        d.kill()
+
+
+def test_the_daemon_restarts_on_a_full_disk_and_can_delete(small_disk, daemon_factory):
+    data = small_disk / "d"
+    d = daemon_factory("--reserve", "4MiB", data_dir=data)
+    try:
+        p = prepare(rand(MiB, seed=500), 256 * KiB)
+        assert upload(d.url, p)["status"] == "complete"
+        d.stop()  # a clean stop removes the WAL: opening again must make it
+        _fill(small_disk / "filler")
+        d.start()
+        assert "released the disk reserve" in d.log()
+        assert request("GET", f"{d.url}/v1/files/{p.digest}") == (200, p.data)
+        assert request("DELETE", f"{d.url}/v1/files/{p.digest}")[0] == 204
     finally:
         d.kill()
