@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import logging
+import os
 import secrets
 import sqlite3
 import stat as statmod
@@ -25,7 +25,14 @@ from pathlib import Path
 
 import xxhash
 
-from casd.blobstore import BlobStore, Reserve, StoredBlob, TempFile, fsync_dir, temp_busy
+from casd.blobstore import (
+    BlobStore,
+    Reserve,
+    StoredBlob,
+    TempFile,
+    fsync_dir,
+    temp_busy,
+)
 from casd.catalog import DELETING, LIVE, QUARANTINED, AdminCatalog, ChunkRow, ChunkUsers
 from casd.config import Settings
 from casd.digest import Algo, Digest

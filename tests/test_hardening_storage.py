@@ -220,12 +220,15 @@ def test_a_daemon_killed_while_publishing_leaves_an_orphan_gc_removes(daemon):
     # Hold SQLite's write lock: the daemon links the verified blob, then waits to record it.
     con = sqlite3.connect(daemon.data_dir / "catalog.sqlite", isolation_level=None)
     con.execute("BEGIN IMMEDIATE")
-    put = subprocess.Popen([
-        sys.executable, "-c",
+    script = (
         "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request("
-        "sys.argv[1], data=sys.stdin.buffer.read(), method='PUT'), timeout=60)",
-        f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{target}",
-    ], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        "sys.argv[1], data=sys.stdin.buffer.read(), method='PUT'), timeout=60)"
+    )
+    put = subprocess.Popen(
+        [sys.executable, "-c", script,
+         f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{target}"],
+        stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
     try:
         put.stdin.write(p.chunks[target])
         put.stdin.close()
@@ -431,8 +434,7 @@ def _fill(path: Path) -> None:
     """Write until the disk says ENOSPC (at most 64 MiB)."""
     try:
         with open(path, "wb", buffering=0) as f:
-            for _ in range(64 * 1024):
-                f.write(b"x" * KiB)
+            f.writelines(b"x" * KiB for _ in range(64 * 1024))
     except OSError as exc:
         assert exc.errno == errno.ENOSPC, exc
     else:
