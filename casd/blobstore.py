@@ -9,9 +9,12 @@ import errno
 import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import xxhash
 
 from casd.digest import Algo, Digest
 
@@ -70,6 +73,7 @@ class StoredBlob:
     digest: Digest | None
     path: Path
     size: int
+    mtime: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,45 @@ class BlobStore:
                 fsync_dir(d.parent)
         self._known_dirs.add(parent)
 
+    def put_over(self, temp: TempBlob, digest: Digest) -> None:
+        """Under the catalogue's write lock: a finished temp file replaces the blob, atomically.
+
+        For a blob whose bytes were found wrong: readers that opened the old file keep it,
+        every later open gets the verified bytes. The temp name goes with the rename; its
+        flock stays on the inode until the caller discards the temp.
+        """
+        final = self.path(digest)
+        self._ensure_parent(final.parent)
+        os.replace(temp.path, final)
+        fsync_dir(final.parent)
+        fsync_dir(temp.path.parent)
+
+    def matches(self, digest: Digest, size: int, xxh3: str) -> bool:
+        """True when the blob file is there with exactly this size and xxh3-128."""
+        path = self.path(digest)
+        h = xxhash.xxh3_128()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size != size:
+                    return False
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except FileNotFoundError:
+            return False
+        return h.hexdigest() == xxh3
+
+    def quarantine(self, digest: Digest, folder: Path) -> Path | None:
+        """Move a blob into `folder` (kept for the operator, never served); None if absent."""
+        src = self.path(digest)
+        if not src.is_file():
+            return None
+        folder.mkdir(exist_ok=True)
+        dest = folder / f"{digest.algo.value}-{digest.hex}-{int(time.time())}"
+        os.replace(src, dest)
+        fsync_dir(folder)
+        fsync_dir(src.parent)
+        return dest
+
     def exists(self, digest: Digest) -> bool:
         return self.path(digest).is_file()
 
@@ -207,10 +250,11 @@ class BlobStore:
                 ok = hex_ == name and fan == (name[:2], name[2:4])
                 digest = Digest(algo, hex_) if ok else None
             try:
-                size = e.stat(follow_symlinks=False).st_size
+                st = e.stat(follow_symlinks=False)
             except FileNotFoundError:
-                size = -1
-            yield StoredBlob(digest, Path(e.path), size)
+                yield StoredBlob(digest, Path(e.path), -1)
+                continue
+            yield StoredBlob(digest, Path(e.path), st.st_size, st.st_mtime)
 
     def temp_files(self) -> Iterator[TempFile]:
         try:
@@ -232,3 +276,74 @@ class BlobStore:
             temp.finish()
         finally:
             temp.discard()
+
+
+def _write_zeros(fd: int, size: int) -> None:
+    block = bytes(1 << 20)
+    left = size
+    while left > 0:
+        left -= os.write(fd, block[:min(left, len(block))])
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer can still put on the filesystem holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+class Reserve:
+    """Headroom for a full disk: a file of `size` bytes, deleted when the disk fills.
+
+    SQLite needs free space for every change (its WAL grows before anything is freed), so on
+    a full disk even a delete fails. Deleting this file gives the delete, an abort, `casd rm`
+    or `casd gc` room to commit; it is created again once the disk has room for it twice over.
+    """
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.size = size
+
+    def present(self) -> bool:
+        try:
+            return self.path.stat().st_size >= self.size
+        except FileNotFoundError:
+            return False
+
+    def ensure(self) -> bool:
+        """Create the file when it is missing and there is room; True when it is in place."""
+        if self.size <= 0 or self.present():
+            return True
+        if free_bytes(self.path.parent) < 2 * self.size:
+            return False
+        part = self.path.with_name(self.path.name + ".part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            # Real blocks, not a sparse file: releasing it must give space back.
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise
+                _write_zeros(fd, self.size)  # a filesystem without fallocate
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(part)
+            if is_disk_full(exc):
+                return False
+            raise
+        os.close(fd)
+        os.replace(part, self.path)
+        fsync_dir(self.path.parent)
+        return True
+
+    def release(self) -> bool:
+        """Delete the file (and a half-made one); True when that freed space."""
+        freed = False
+        for p in (self.path, self.path.with_name(self.path.name + ".part")):
+            try:
+                os.unlink(p)
+                freed = True
+            except FileNotFoundError:
+                pass
+        return freed

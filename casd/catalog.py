@@ -23,11 +23,22 @@ from pathlib import Path
 import aiosqlite
 
 from casd.digest import Algo, Digest
-from casd.errors import BadRequest, FileDigestMismatch, Incomplete, StorageFull
-from casd.models import FileEntry, Manifest, Upload
+from casd.errors import (
+    BadRequest,
+    FileDigestMismatch,
+    Incomplete,
+    StorageFull,
+    TooLarge,
+    TooManyPending,
+)
+from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
 
 LIVE = 0
 DELETING = 1
+# fsck --repair found the blob's bytes wrong or gone and moved it to quarantine/: absent, like
+# DELETING, but kept (so handshakes of files using it can say those files are damaged) until
+# a PUT stores the chunk again.
+QUARANTINED = 2
 
 # Enough to wait out a gc transaction on a busy disk; SQLite retries inside this budget.
 BUSY_TIMEOUT_MS = 60_000
@@ -91,8 +102,13 @@ def _statements(script: str) -> list[str]:
 
 async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None)
-    for pragma in _pragmas(synchronous):
-        await db.execute(pragma)
+    try:
+        for pragma in _pragmas(synchronous):
+            await db.execute(pragma)
+    except BaseException:
+        # Its thread is not a daemon thread: left open, it keeps the process alive.
+        await db.close()
+        raise
     return db
 
 
@@ -319,6 +335,11 @@ class Catalog:
         )
         return {r[0] for r in rows}
 
+    async def damaged(self, manifest_id: int) -> bool:
+        """True when the manifest uses a quarantined chunk (its file cannot be served whole)."""
+        row = await self._one(_DAMAGED, (manifest_id,))
+        return row is not None
+
     async def missing(self, manifest_id: int) -> list[str]:
         """Chunk digests the manifest needs and the store lacks, once each, in manifest order."""
         return await self._read_manifest(_missing_sync, manifest_id)
@@ -345,10 +366,17 @@ class Catalog:
     # ---- the daemon's writes: queued, committed together ----------------------------
 
     async def begin_upload(
-        self, manifest: Manifest, chunks_key: str, now: float, expires_at: float, new_id: str
+        self, manifest: Manifest, chunks_key: str, now: float, expires_at: float, new_id: str,
+        client: str = "", budget: PendingBudget | None = None,
     ) -> tuple[Upload, list[str]]:
-        """Find the live pending upload of this exact manifest or create one; one transaction."""
-        return await self._group.run(_begin_upload, manifest, chunks_key, now, expires_at, new_id)
+        """Find the live pending upload of this exact manifest or create one; one transaction.
+
+        A new upload is refused (TooManyPending, nothing written) when its chunk entries would
+        take `client`'s or everyone's pending entries over `budget`; resuming never is.
+        """
+        return await self._group.run(
+            _begin_upload, manifest, chunks_key, now, expires_at, new_id, client, budget
+        )
 
     async def touch_upload(self, upload_id: str, now: float, expires_at: float) -> bool:
         """Push a live pending upload's expiry forward; False when there is none."""
@@ -362,6 +390,7 @@ class Catalog:
         now: float,
         place: Callable[[], None],
         touch: tuple[str, float] | None = None,
+        replace: bool = False,
     ) -> bool:
         """Record a verified blob; False when it was already stored.
 
@@ -369,8 +398,12 @@ class Catalog:
         transaction so that gc, which unlinks blob files under the same lock, can never
         interleave between that check and the row: no row ever names a file gc removed.
         `touch` is an (upload id, new expiry) pushed forward in the same transaction.
+        `replace`: the stored blob's bytes were found wrong; `place` puts the verified ones
+        over it and the row is rewritten even though it is live.
         """
-        return await self._group.run(_publish_chunk, digest, size, xxh3, now, place, touch)
+        return await self._group.run(
+            _publish_chunk, digest, size, xxh3, now, place, touch, replace
+        )
 
     async def register_file(self, upload_id: str, now: float) -> FileEntry | None:
         """Turn a fully present pending upload into a complete file; None if no such upload.
@@ -559,7 +592,7 @@ _UPLOAD_BY_ID = (
 
 def _begin_upload(
     con: sqlite3.Connection, manifest: Manifest, chunks_key: str, now: float,
-    expires_at: float, new_id: str,
+    expires_at: float, new_id: str, client: str, budget: PendingBudget | None,
 ) -> tuple[Upload, list[str]]:
     d = manifest.digest
     row = con.execute(_PENDING_OF_MANIFEST, (d.hex, manifest.size, chunks_key)).fetchone()
@@ -570,6 +603,8 @@ def _begin_upload(
         return upload, _missing_sync(con, upload.manifest_id)
     if existing is not None:
         _drop_upload_sync(con, existing.id, existing.manifest_id)
+    if budget is not None:
+        _check_budget(con, budget, client, len(manifest.chunks), now)
     manifest_id = con.execute(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -591,14 +626,39 @@ def _begin_upload(
             f"chunk {clash[0]} does not have the size {clash[1]} this manifest gives it"
         )
     con.execute(
-        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at)"
-        " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at),
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
+        " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+        (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client),
     )
     upload = Upload(
         new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, "pending", expires_at
     )
     return upload, _missing_sync(con, manifest_id)
+
+
+def _check_budget(
+    con: sqlite3.Connection, budget: PendingBudget, client: str, entries: int, now: float
+) -> None:
+    """Raise unless `entries` more pending chunk entries fit `client`'s share and the total."""
+    if entries > budget.per_client:
+        raise TooLarge(
+            f"the manifest has {entries} chunk entries; a client may hold at most"
+            f" {budget.per_client} in pending uploads"
+        )
+    mine = con.execute(_PENDING_ENTRIES + " AND u.client = ?", (now, client)).fetchone()[0]
+    if mine + entries > budget.per_client:
+        raise TooManyPending(
+            f"your pending uploads hold {mine} chunk entries; this one would take them over"
+            f" the limit of {budget.per_client}: merge or abort some, or wait for them to expire",
+            pending=mine, limit=budget.per_client,
+        )
+    total = con.execute(_PENDING_ENTRIES, (now,)).fetchone()[0]
+    if total + entries > budget.total:
+        raise TooManyPending(
+            f"pending uploads hold {total} chunk entries; this one would take them over the"
+            f" server's limit of {budget.total}: try again later",
+            pending=total, limit=budget.total,
+        )
 
 
 def _touch_upload(con: sqlite3.Connection, upload_id: str, now: float, expires_at: float) -> bool:
@@ -611,7 +671,7 @@ def _touch_upload(con: sqlite3.Connection, upload_id: str, now: float, expires_a
 
 def _publish_chunk(
     con: sqlite3.Connection, digest: Digest, size: int, xxh3: str, now: float,
-    place: Callable[[], None], touch: tuple[str, float] | None,
+    place: Callable[[], None], touch: tuple[str, float] | None, replace: bool = False,
 ) -> bool:
     if touch is not None:
         # Never revives an upload that expired meanwhile (gc may already be emptying it).
@@ -620,7 +680,7 @@ def _publish_chunk(
             " AND expires_at > ?",
             (touch[1], touch[0], now),
         )
-    if con.execute(
+    if not replace and con.execute(
         "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
     ).fetchone():
         return False
@@ -697,6 +757,19 @@ _MISSING = (
     "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = ?"
     " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
     " ORDER BY mc.seq"
+)
+# Sum of the chunk entries of live pending uploads (append "AND u.client = ?" for one client).
+# The partial index holds pending uploads only; merged ones, kept a day, are never read.
+_PENDING_ENTRIES = (
+    "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u INDEXED BY uploads_pending_by_client"
+    " JOIN manifests m ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > ?"
+)
+# Starts from the partial index of quarantined chunks (empty on a healthy store), never from
+# the manifest's entries: a complete handshake of a 1,000,000-chunk file stays one lookup.
+# The literal 2 is QUARANTINED: a bound parameter would not match the partial index.
+_DAMAGED = (
+    "SELECT 1 FROM chunks c INDEXED BY chunks_quarantined CROSS JOIN manifest_chunks mc"
+    " ON mc.digest = c.digest WHERE c.state = 2 AND mc.manifest_id = ? LIMIT 1"
 )
 _DROP_MANIFEST_IF_UNUSED = (
     "DELETE FROM manifests WHERE id = ?"
@@ -974,7 +1047,78 @@ class AdminCatalog(Catalog):
                 )
         return rows
 
+    async def unused_quarantined(self, now: float) -> int:
+        """Quarantined chunks that nothing relies on any more (nothing left to heal)."""
+        row = await self._one(
+            f"SELECT count(*) FROM chunks c WHERE c.state = ? AND NOT {_REFERENCED.format(c='c')}",
+            (QUARANTINED, now),
+        )
+        return row[0]
+
+    async def drop_unused_quarantined(self, now: float) -> int:
+        """Forget quarantined chunks nothing relies on (their files stay in quarantine/)."""
+        async with self.write() as db:
+            async with db.execute(
+                f"DELETE FROM chunks WHERE state = ? AND NOT {_REFERENCED.format(c='chunks')}",
+                (QUARANTINED, now),
+            ) as cur:
+                return cur.rowcount
+
+    # -- gc: orphan blob files (a file under blobs/ with no row, left by a kill) --
+
+    async def orphans(self, digests: list[str]) -> set[str]:
+        """Those of `digests` with no chunk row that no complete file uses."""
+        out: set[str] = set()
+        for i in range(0, len(digests), 500):
+            part = digests[i:i + 500]
+            rows = await self._all(
+                f"SELECT digest FROM chunks WHERE digest IN ({_marks(len(part))})"
+                " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
+                f" ON f.manifest_id = mc.manifest_id WHERE mc.digest IN ({_marks(len(part))})",
+                (*part, *part),
+            )
+            out.update(set(part) - {r[0] for r in rows})
+        return out
+
+    async def retire_orphans(
+        self, digests: list[str], unlink: Callable[[set[str]], Awaitable[object]]
+    ) -> object:
+        """Under the write lock, `unlink` those of `digests` that are still orphans.
+
+        No `publish_chunk` commits a row meanwhile, so a blob file that a client is being
+        granted right now is either already rowed (skipped) or will be put back from its
+        temp file by the daemon's own check under this lock.
+        """
+        if not digests:
+            return await unlink(set())
+        async with self.write() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT digest FROM chunks WHERE digest IN ({_marks(len(digests))})"
+                " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
+                f" ON f.manifest_id = mc.manifest_id WHERE mc.digest IN ({_marks(len(digests))})",
+                (*digests, *digests),
+            )
+            return await unlink(set(digests) - {r[0] for r in rows})
+
     # -- fsck --
+
+    async def quarantine(
+        self, digests: Iterable[str], now: float,
+        decide: Callable[[dict[str, ChunkUsers]], Awaitable[list[tuple[Digest, int]]]],
+    ) -> list[tuple[Digest, int]]:
+        """fsck --repair: under the write lock, `decide` (from the facts) which chunks to set
+        aside and moves their blobs away; their rows become QUARANTINED in the same
+        transaction, so from its commit on they count as absent."""
+        async with self.write() as db:
+            facts = {d: await _chunk_users(db, d, now) for d in digests}
+            chosen = await decide(facts)
+            await db.executemany(
+                "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
+                " VALUES (?, ?, ?, '', ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+                " state = excluded.state",
+                [(d.hex, d.algo.value, size, now, QUARANTINED) for d, size in chosen],
+            )
+        return chosen
 
     async def all_chunks(self) -> list[ChunkRow]:
         rows = await self._all(f"SELECT {_CHUNK_COLUMNS} FROM chunks c")
@@ -1021,12 +1165,43 @@ class AdminCatalog(Catalog):
         expired = (
             await self._one("SELECT count(*) FROM uploads WHERE expires_at <= ?", (now,))
         )[0]
+        entries = (await self._one(_PENDING_ENTRIES, (now,)))[0]
+        quarantined = (
+            await self._one("SELECT count(*) FROM chunks WHERE state = ?", (QUARANTINED,))
+        )[0]
         return {
+            "pending_entries": entries, "quarantined_chunks": quarantined,
             "files": files, "logical_bytes": logical, "chunks": chunks,
             "physical_bytes": physical, "pending_uploads": pending,
             "pending_bytes": pending_bytes, "deleting_chunks": deleting,
             "expired_uploads": expired,
         }
+
+    async def pending_uploads(self) -> list[PendingUpload]:
+        """Every upload not merged yet (expired ones too, until gc drops them), oldest first."""
+        rows = await self._all(
+            "SELECT u.id, m.algo, m.digest, m.size, m.chunk_count, u.name, u.created,"
+            " u.expires_at, u.client FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
+            " WHERE u.state = 'pending' ORDER BY u.created, u.id"
+        )
+        return [
+            PendingUpload(r[0], Digest(Algo(r[1]), r[2]), *r[3:]) for r in rows
+        ]
+
+    async def abort_uploads(self, ids: list[str]) -> list[str]:
+        """Drop these pending uploads (and their manifests) in one transaction; the ids found."""
+        found = []
+        async with self.write() as db:
+            for uid in ids:
+                async with db.execute(
+                    "DELETE FROM uploads WHERE id = ? AND state = 'pending' RETURNING manifest_id",
+                    (uid,),
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    found.append(uid)
+                    await _delete_manifest_if_unused(db, row[0])
+        return found
 
     async def list_files(self) -> list[FileEntry]:
         rows = await self._all(f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest")

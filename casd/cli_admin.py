@@ -7,6 +7,7 @@ import asyncio
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import CasdError
 from casd.maintenance import GC_BATCH, FsckReport, GcPlan, GcResult, Maintenance
-from casd.models import FileEntry
+from casd.models import FileEntry, PendingUpload
 
 
 def register(sub) -> None:
@@ -48,6 +49,9 @@ def register(sub) -> None:
                    help="recompute each blob's md5/sha256 instead of trusting xxh3-128")
     p.add_argument("--workers", type=_positive, default=None, metavar="N",
                    help="hashing threads (default: CPUs, at most 4)")
+    p.add_argument("--repair", action="store_true",
+                   help="move corrupt or missing blobs to DATA/quarantine/ and mark their"
+                   " chunks absent, so that uploading them again heals the files")
     _add_json(p)
     p.set_defaults(func=cmd_fsck)
 
@@ -55,6 +59,18 @@ def register(sub) -> None:
     add_data_arg(p)
     _add_json(p)
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("uploads", help="list or abort pending uploads")
+    usub = p.add_subparsers(dest="uploads_command", metavar="ls|abort", required=True)
+    q = usub.add_parser("ls", help="list pending uploads and what they hold")
+    add_data_arg(q)
+    _add_json(q)
+    q.set_defaults(func=cmd_uploads_ls)
+    q = usub.add_parser("abort", help="abort pending uploads (safe beside a live daemon)")
+    add_data_arg(q)
+    q.add_argument("ids", nargs="+", metavar="ID", help="upload ids, as `casd uploads ls` shows")
+    _add_json(q)
+    q.set_defaults(func=cmd_uploads_abort)
 
     p = sub.add_parser("ls", help="list complete files")
     add_data_arg(p)
@@ -163,6 +179,11 @@ def _plan_json(plan: GcPlan) -> dict:
         ],
         "chunk_bytes": plan.chunk_bytes,
         "temp_files": [{"path": str(t.path), "size": t.size} for t in plan.temp_files],
+        "orphan_blobs": [
+            {"algo": b.digest.algo.value, "digest": b.digest.hex, "size": b.size}
+            for b in plan.orphans
+        ],
+        "quarantined_rows": plan.quarantined,
         "bytes": plan.bytes,
     }
 
@@ -177,6 +198,8 @@ def _result_json(r: GcResult) -> dict:
         ],
         "kept": r.kept,
         "temp_files": [str(t.path) for t in r.temp_files],
+        "orphan_blobs": [b.digest.hex for b in r.orphans],
+        "quarantined_rows": r.quarantined,
         "bytes_freed": r.bytes_freed,
         "seconds": round(r.seconds, 3),
     }
@@ -188,7 +211,8 @@ def _plan_text(plan: GcPlan, verbose: bool) -> None:
     print(f"plan (grace {plan.grace:g} s): {len(plan.expired_uploads)} expired uploads,"
           f" {len(plan.unused_manifests)} unused manifests, {n_chunks} chunks"
           f" ({human(plan.chunk_bytes)}{unfinished}), {len(plan.temp_files)} stale temp files"
-          f" ({human(plan.temp_bytes)})")
+          f" ({human(plan.temp_bytes)}), {len(plan.orphans)} orphan blob files"
+          f" ({human(plan.orphan_bytes)})")
     if verbose:
         for uid, size in plan.expired_uploads:
             print(f"  upload {uid} ({size} bytes)")
@@ -196,6 +220,8 @@ def _plan_text(plan: GcPlan, verbose: bool) -> None:
             print(f"  chunk {c.digest.algo.value} {c.digest.hex} {c.size}")
         for t in plan.temp_files:
             print(f"  temp {t.path} {t.size}")
+        for b in plan.orphans:
+            print(f"  orphan {b.digest.algo.value} {b.digest.hex} {b.size}")
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -219,7 +245,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         else:
             kept = f"; {result.kept} chunks kept (in use again)" if result.kept else ""
             print(f"removed {result.uploads} uploads, {result.manifests} manifests,"
-                  f" {len(result.chunks)} chunks, {len(result.temp_files)} temp files{kept};"
+                  f" {len(result.chunks)} chunks, {len(result.temp_files)} temp files,"
+                  f" {len(result.orphans)} orphan blob files{kept};"
                   f" freed {human(result.bytes_freed)} ({result.bytes_freed} bytes)"
                   f" in {result.seconds:.2f} s")
         return 0
@@ -234,10 +261,9 @@ def _fsck_json(r: FsckReport) -> dict:
     return {
         "ok": r.ok,
         "deep": r.deep,
-        "issues": [
-            {"kind": i.kind, "digest": i.digest, "detail": i.detail, "files": list(i.files)}
-            for i in r.issues
-        ],
+        "issues": [_issue_json(i) for i in r.issues],
+        "notes": [_issue_json(i) for i in r.notes],
+        "quarantined": list(r.quarantined),
         "blobs_checked": r.blobs_checked,
         "bytes_checked": r.bytes_checked,
         "seconds": round(r.seconds, 3),
@@ -246,9 +272,13 @@ def _fsck_json(r: FsckReport) -> dict:
     }
 
 
+def _issue_json(i) -> dict:
+    return {"kind": i.kind, "digest": i.digest, "detail": i.detail, "files": list(i.files)}
+
+
 def cmd_fsck(args: argparse.Namespace) -> int:
     async def work(m: Maintenance) -> int:
-        r = await m.fsck(deep=args.deep, workers=args.workers)
+        r = await m.fsck(deep=args.deep, workers=args.workers, repair=args.repair)
         if args.json:
             _print_json(_fsck_json(r))
             return 0 if r.ok else 1
@@ -258,6 +288,13 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             if i.files:
                 line += f"; files: {', '.join(safe_text(f) for f in i.files)}"
             print(line)
+        for i in r.notes:
+            print(f"note: {i.kind} {i.digest or '-'}  {i.detail}; casd gc removes it once it"
+                  " is older than the grace period (not a problem)")
+        if r.quarantined:
+            print(f"repaired: {len(r.quarantined)} chunk(s) moved to"
+                  f" {m.settings.quarantine_dir} and marked absent; uploading the files"
+                  " that use them again heals them")
         how = "md5/sha256 and xxh3-128" if r.deep else "xxh3-128"
         rate = r.bytes_checked / r.seconds / (1 << 20) if r.seconds else 0.0
         extra = ""
@@ -285,6 +322,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 "physical_bytes": s.physical_bytes, "dedup_ratio": round(s.dedup_ratio, 4),
                 "pending_uploads": s.pending_uploads, "pending_bytes": s.pending_bytes,
                 "expired_uploads": s.expired_uploads, "deleting_chunks": s.deleting_chunks,
+                "pending_chunk_entries": s.pending_entries,
+                "pending_catalog_bytes": s.pending_catalog_bytes,
+                "catalog_bytes": s.catalog_bytes,
+                "quarantined_chunks": s.quarantined_chunks,
             })
             return 0
         rows = [
@@ -295,14 +336,61 @@ def cmd_stats(args: argparse.Namespace) -> int:
             ("dedup ratio", f"{s.dedup_ratio:.2f}"),
             ("pending uploads",
              f"{s.pending_uploads} ({human(s.pending_bytes)}, {s.pending_bytes} bytes)"),
+            ("pending chunk entries",
+             f"{s.pending_entries} (~{human(s.pending_catalog_bytes)} of catalogue)"),
+            ("catalogue size", f"{human(s.catalog_bytes)} ({s.catalog_bytes})"),
         ]
+        if s.quarantined_chunks:
+            rows.append(("quarantined chunks", f"{s.quarantined_chunks} (re-upload heals)"))
         if s.expired_uploads:
             rows.append(("expired uploads", f"{s.expired_uploads} (casd gc drops them)"))
         if s.deleting_chunks:
             rows.append(("chunks being deleted", f"{s.deleting_chunks}"))
         for k, v in rows:
-            print(f"{k + ':':<22}{v}")
+            print(f"{k + ':':<24}{v}")
         return 0
+
+    return _run(args, work)
+
+
+def _upload_json(u: PendingUpload, now: float) -> dict:
+    return {
+        "id": u.id, "algo": u.digest.algo.value, "digest": u.digest.hex, "size": u.size,
+        "chunk_entries": u.entries, "name": u.name, "created": _time(u.created),
+        "expires_at": _time(u.expires_at), "expired": u.expires_at <= now, "client": u.client,
+    }
+
+
+def cmd_uploads_ls(args: argparse.Namespace) -> int:
+    async def work(m: Maintenance) -> int:
+        ups = await m.uploads()
+        now = time.time()
+        if args.json:
+            _print_json([_upload_json(u, now) for u in ups])
+            return 0
+        for u in ups:
+            expired = " (expired)" if u.expires_at <= now else ""
+            print(f"{u.id}  {u.digest.hex}  {u.size:>14}  {u.entries:>8} entries"
+                  f"  {_time(u.created)}  {_time(u.expires_at)}{expired}  {u.client or '-'}")
+        return 0
+
+    return _run(args, work)
+
+
+def cmd_uploads_abort(args: argparse.Namespace) -> int:
+    ids = list(dict.fromkeys(args.ids))
+
+    async def work(m: Maintenance) -> int:
+        found = await m.abort_uploads(ids)
+        unknown = [i for i in ids if i not in found]
+        if args.json:
+            _print_json({"aborted": found, "unknown": unknown})
+        else:
+            for uid in found:
+                print(f"aborted {uid}")
+        for uid in unknown:
+            print(f"casd uploads abort: no pending upload {uid!r}", file=sys.stderr)
+        return 1 if unknown else 0
 
     return _run(args, work)
 

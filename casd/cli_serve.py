@@ -44,6 +44,14 @@ def register(sub) -> None:
                    help="largest handshake body (default 24MiB)")
     p.add_argument("--max-file-size", type=parse_size, default=d.max_file_size,
                    help="largest file a handshake may describe (default 64GiB)")
+    p.add_argument("--max-pending-chunks", type=int, default=d.max_pending_chunks,
+                   help="chunk entries all pending uploads may hold (default 4000000)")
+    p.add_argument("--max-pending-chunks-per-client", type=int,
+                   default=d.max_pending_chunks_per_client,
+                   help="chunk entries one client's pending uploads may hold (default 1000000)")
+    p.add_argument("--reserve", type=parse_size, default=d.reserve_bytes,
+                   help="disk space set aside for deletes and gc when the disk fills"
+                   " (default 32MiB; 0: none)")
     p.add_argument("--upload-ttl", type=float, default=d.upload_ttl,
                    help="seconds an unmerged upload lives after its last activity (default 86400)")
     p.add_argument("--token", default=os.environ.get("CASD_TOKEN"),
@@ -153,10 +161,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for flag in (
         "max_chunk_size", "max_chunks", "max_handshake_size", "max_file_size", "io_workers",
         "hash_workers", "max_connections", "read_connections", "bulk_read_connections",
+        "max_pending_chunks", "max_pending_chunks_per_client",
     ):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
+    if args.max_pending_chunks_per_client > args.max_pending_chunks:
+        raise CliError("--max-pending-chunks-per-client cannot exceed --max-pending-chunks", 2)
     if args.upload_ttl <= 0:
         raise CliError("--upload-ttl must be positive", 2)
     if not args.hook_timeout > 0 or args.hook_queue_max < 1:
@@ -174,6 +185,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_handshake_bytes=args.max_handshake_size,
         max_file_size=args.max_file_size,
         upload_ttl=args.upload_ttl,
+        max_pending_chunks=args.max_pending_chunks,
+        max_pending_chunks_per_client=args.max_pending_chunks_per_client,
+        reserve_bytes=args.reserve,
         token=args.token or None,
         admin_token=args.admin_token or None,
         io_workers=args.io_workers,

@@ -28,6 +28,14 @@ class Settings:
     # huge file from a small handshake, so the size a manifest may claim is bounded.
     max_file_size: int = 64 * GiB
     upload_ttl: float = 24 * 3600.0
+    # Chunk entries live pending uploads may hold in the catalogue (each ~100 bytes of
+    # database): in total (~400 MB at the default), and per client (its address, or its
+    # token when tokens are required). One client's share takes a --max-chunks manifest.
+    max_pending_chunks: int = 4_000_000
+    max_pending_chunks_per_client: int = 1_000_000
+    # A file of this size kept in the data folder and deleted when the disk fills, so that
+    # deletes, aborts, `casd rm` and `casd gc` still find room for their catalogue writes.
+    reserve_bytes: int = 32 * MiB
     # Bearer tokens; when token is set every /v1 request needs it (or the admin token),
     # and DELETE /v1/files needs the admin token once that is set.
     token: str | None = None
@@ -77,6 +85,14 @@ class Settings:
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.data_dir / "reserve"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
 
     @property
     def catalog_path(self) -> Path:

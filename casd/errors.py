@@ -72,7 +72,8 @@ class MisdirectedRequest(CasdError):
 
 
 class Unavailable(CasdError):
-    """Something the request depends on (the pre-handshake hook) did not answer in time."""
+    """What the request needs cannot be had now: the pre-handshake hook did not answer, or a
+    file has a quarantined chunk (until it is sent again)."""
 
 
 class BodyTimeout(CasdError):
@@ -81,3 +82,7 @@ class BodyTimeout(CasdError):
 
 class MalformedBody(CasdError):
     """The body's framing (chunked encoding, length) is broken; the connection is dropped."""
+
+
+class TooManyPending(CasdError):
+    """A new upload would take pending manifests over their budget (it frees as uploads end)."""

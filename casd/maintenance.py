@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import secrets
+import sqlite3
 import stat as statmod
 import threading
 import time
@@ -23,12 +25,21 @@ from pathlib import Path
 
 import xxhash
 
-from casd.blobstore import BlobStore, StoredBlob, TempFile, fsync_dir, temp_busy
-from casd.catalog import LIVE, AdminCatalog, ChunkRow, ChunkUsers
+from casd.blobstore import (
+    BlobStore,
+    Reserve,
+    StoredBlob,
+    TempFile,
+    fsync_dir,
+    temp_busy,
+)
+from casd.catalog import DELETING, LIVE, QUARANTINED, AdminCatalog, ChunkRow, ChunkUsers
 from casd.config import Settings
 from casd.digest import Algo, Digest
-from casd.errors import CasdError, NotFound
-from casd.models import FileEntry, FsckIssue, Stats
+from casd.errors import CasdError, NotFound, StorageFull
+from casd.models import FileEntry, FsckIssue, PendingUpload, Stats
+
+log = logging.getLogger("casd.maintenance")
 
 HASH_BLOCK = 1 << 20
 # Chunks per gc transaction: each one holds the write lock, so the daemon waits at most
@@ -44,6 +55,12 @@ RECHECK_BATCH = 200
 # and the rename it may wait for the write lock (up to the busy timeout, 60 s). A temp file
 # untouched for this long is a leftover, whatever --grace says.
 TEMP_MIN_AGE = 600.0
+# What one pending chunk entry costs in the catalogue: its manifest_chunks row and its entry
+# in the by-digest index (measured: 100,000 entries of md5 chunks grow the database by
+# 9.8 MB; until a checkpoint the WAL holds about as much again).
+CATALOG_BYTES_PER_ENTRY = 100
+# fsck --repair sets these aside: the chunk's stored bytes are wrong or gone.
+REPAIRABLE = ("missing_blob", "wrong_size", "corrupt", "orphan_row")
 
 
 class AdminError(CasdError):
@@ -65,6 +82,8 @@ class GcPlan:
     chunks: tuple[ChunkRow, ...]  # live, unreferenced, older than the grace period
     unfinished: tuple[ChunkRow, ...]  # DELETING rows an earlier gc did not finish
     temp_files: tuple[TempFile, ...]
+    orphans: tuple[StoredBlob, ...] = ()  # blob files with no row, older than the grace
+    quarantined: int = 0  # quarantined chunks no file or live upload needs any more
 
     @property
     def chunk_bytes(self) -> int:
@@ -75,8 +94,12 @@ class GcPlan:
         return sum(t.size for t in self.temp_files)
 
     @property
+    def orphan_bytes(self) -> int:
+        return sum(b.size for b in self.orphans)
+
+    @property
     def bytes(self) -> int:
-        return self.chunk_bytes + self.temp_bytes
+        return self.chunk_bytes + self.temp_bytes + self.orphan_bytes
 
 
 @dataclass(frozen=True)
@@ -88,10 +111,15 @@ class GcResult:
     chunk_bytes: int  # bytes of blob files unlinked
     temp_files: tuple[TempFile, ...]
     seconds: float
+    orphans: tuple[StoredBlob, ...] = ()  # orphan blob files unlinked
+    quarantined: int = 0  # quarantined chunk rows forgotten
 
     @property
     def bytes_freed(self) -> int:
-        return self.chunk_bytes + sum(t.size for t in self.temp_files)
+        return (
+            self.chunk_bytes + sum(t.size for t in self.temp_files)
+            + sum(b.size for b in self.orphans)
+        )
 
 
 # ---- fsck -------------------------------------------------------------------------------
@@ -106,6 +134,8 @@ class FsckReport:
     seconds: float
     deleting: int  # rows a gc is retiring: neither a problem nor counted as stored
     temp_in_flight: int  # young temp files: chunks the daemon is receiving
+    notes: tuple[FsckIssue, ...] = ()  # leftovers `casd gc` removes: not problems
+    quarantined: tuple[str, ...] = ()  # digests --repair set aside
 
     @property
     def ok(self) -> bool:
@@ -216,7 +246,12 @@ def _judge(hex_: str, users: ChunkUsers, ident, corrupt: str | None) -> list[Fsc
     out: list[FsckIssue] = []
     uploads = f"; live uploads using it: {', '.join(users.uploads)}" if users.uploads else ""
     if users.files and not live:
-        why = "no catalogue row" if row is None else "its row is being deleted by gc"
+        if row is None:
+            why = "no catalogue row"
+        elif row.state == QUARANTINED:
+            why = "been set aside by fsck --repair (uploading it again heals the files)"
+        else:
+            why = "its row is being deleted by gc"
         on_disk = ", though a blob file is on disk" if ident is not None else ""
         out.append(FsckIssue(
             "missing_blob", hex_, f"complete files use it, but it has {why}{on_disk}", files
@@ -244,6 +279,14 @@ def _judge(hex_: str, users: ChunkUsers, ident, corrupt: str | None) -> list[Fsc
     return out
 
 
+def _is_note(issue: FsckIssue) -> bool:
+    """Leftovers `casd gc` removes by itself: a temp file, a blob file no row and no file
+    names (a daemon killed between linking a verified blob and recording it)."""
+    return issue.kind == "temp_file" or (
+        issue.kind == "orphan_file" and issue.digest is not None and not issue.files
+    )
+
+
 # ---- the façade -------------------------------------------------------------------------
 
 
@@ -269,11 +312,31 @@ class Maintenance:
             raise NotFound(
                 f"no casd catalogue at {path} (is --data or $CASD_DATA the daemon's data folder?)"
             )
-        catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
+        try:
+            catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
+        except sqlite3.OperationalError as exc:
+            # With no daemon running, opening makes the WAL and its shared-memory file, and
+            # a full disk fails that as "disk I/O error": the reserve is there for this.
+            reserve = Reserve(settings.reserve_path, 0)
+            if not await asyncio.to_thread(reserve.release):
+                raise
+            log.warning("%s; released the disk reserve %s", exc, settings.reserve_path)
+            catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
         return cls(settings, catalog, BlobStore(settings.blobs_dir, settings.tmp_dir), clock)
 
     async def close(self) -> None:
         await self.catalog.close()
+
+    async def _freeing(self, fn, *args):
+        """Run a change that frees space; on a full disk, delete the daemon's reserve file
+        (its headroom is for exactly this) and run it once more."""
+        try:
+            return await fn(*args)
+        except StorageFull:
+            reserve = Reserve(self.settings.reserve_path, 0)
+            if not await asyncio.to_thread(reserve.release):
+                raise
+            return await fn(*args)
 
     # -- gc --
 
@@ -290,10 +353,20 @@ class Maintenance:
         chunks = await cat.garbage_chunks(now, now - grace)
         unfinished = await cat.deleting_chunks()
         temps = await asyncio.to_thread(self._stale_temps, now - temp_age)
+        orphans = await self._orphans(now - grace)
+        quarantined = await cat.unused_quarantined(now)
         return GcPlan(
             now, grace, temp_age, tuple(expired), tuple(manifests), tuple(chunks),
-            tuple(unfinished), tuple(temps),
+            tuple(unfinished), tuple(temps), tuple(orphans), quarantined,
         )
+
+    async def _orphans(self, before: float) -> list[StoredBlob]:
+        """Blob files untouched since `before` with no row, that no complete file uses."""
+        old = await asyncio.to_thread(
+            lambda: [b for b in self.blobs.walk() if b.digest is not None and b.mtime < before]
+        )
+        unrowed = await self.catalog.orphans([b.digest.hex for b in old])
+        return [b for b in old if b.digest.hex in unrowed]
 
     def _stale_temps(self, before: float) -> list[TempFile]:
         return [
@@ -305,7 +378,16 @@ class Maintenance:
         self, plan: GcPlan, batch: int = GC_BATCH,
         progress: Callable[[str, int], None] | None = None,
     ) -> GcResult:
-        """Carry out a plan, batch by batch, rechecking each item inside its transaction."""
+        """Carry out a plan, batch by batch, rechecking each item inside its transaction.
+
+        On a full disk it deletes the daemon's reserve file and starts over (every item is
+        rechecked, so what was done already is skipped).
+        """
+        return await self._freeing(self._gc_execute, plan, batch, progress)
+
+    async def _gc_execute(
+        self, plan: GcPlan, batch: int, progress: Callable[[str, int], None] | None,
+    ) -> GcResult:
         if batch < 1:
             raise AdminError("the batch size must be at least 1")
         started = time.monotonic()
@@ -354,10 +436,41 @@ class Maintenance:
             self._remove_temps, plan.temp_files, plan.now - plan.temp_age
         )
         report("temp_files", len(temps))
+        orphans: list[StoredBlob] = []
+        for blobs in _batches(plan.orphans, batch):
+            by_hex = {b.digest.hex: b for b in blobs}
+
+            async def unlink_orphans(still: set[str], by_hex=by_hex) -> None:
+                orphans.extend(await asyncio.to_thread(
+                    self._unlink_orphans, [by_hex[h] for h in sorted(still)], cutoff
+                ))
+
+            async with self._turn():
+                await cat.retire_orphans(sorted(by_hex), unlink_orphans)
+        report("orphans", len(orphans))
+        quarantined = 0
+        if plan.quarantined:
+            async with self._turn():
+                quarantined = await cat.drop_unused_quarantined(plan.now)
         return GcResult(
             uploads, manifests, tuple(retired), len(plan.chunks) - marked, freed,
-            tuple(temps), time.monotonic() - started,
+            tuple(temps), time.monotonic() - started, tuple(orphans), quarantined,
         )
+
+    @staticmethod
+    def _unlink_orphans(blobs: list[StoredBlob], before: float) -> list[StoredBlob]:
+        """Called under the write lock with blobs that still have no row: unlink the old ones
+        whose inode is not a temp file a daemon still holds (linked, row not yet written)."""
+        removed = []
+        for b in blobs:
+            try:
+                if os.lstat(b.path).st_mtime >= before or temp_busy(b.path):
+                    continue
+                os.unlink(b.path)
+            except FileNotFoundError:
+                continue
+            removed.append(b)
+        return removed
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
@@ -398,8 +511,13 @@ class Maintenance:
 
     # -- fsck --
 
-    async def fsck(self, deep: bool = False, workers: int | None = None) -> FsckReport:
-        """Check every blob and every row against each other; report every problem."""
+    async def fsck(
+        self, deep: bool = False, workers: int | None = None, repair: bool = False
+    ) -> FsckReport:
+        """Check every blob and every row against each other; report every problem.
+
+        `repair`: set aside each chunk whose bytes are wrong or gone (see `_quarantine`).
+        """
         started = time.monotonic()
         now = self.clock()
         cat = self.catalog
@@ -441,6 +559,12 @@ class Maintenance:
         items = sorted(suspects.items())
         for i in range(0, len(items), RECHECK_BATCH):
             issues += await self._recheck(dict(items[i:i + RECHECK_BATCH]), now, deep)
+        quarantined: list[str] = []
+        if repair:
+            bad = sorted({i.digest for i in issues if i.kind in REPAIRABLE and i.digest})
+            for i in range(0, len(bad), RECHECK_BATCH):
+                part = {h: suspects.get(h, _Suspect()) for h in bad[i:i + RECHECK_BATCH]}
+                quarantined += await self._quarantine(part, now, deep)
         stale_before = now - TEMP_MIN_AGE
         in_flight = 0
         for t in temps:
@@ -451,11 +575,46 @@ class Maintenance:
                 ))
             else:
                 in_flight += 1
-        deleting = sum(1 for r in rows.values() if r.state != LIVE)
+        deleting = sum(1 for r in rows.values() if r.state == DELETING)
         return FsckReport(
-            tuple(issues), deep, checked, nbytes, time.monotonic() - started, deleting,
-            in_flight,
+            tuple(i for i in issues if not _is_note(i)), deep, checked, nbytes,
+            time.monotonic() - started, deleting, in_flight,
+            tuple(i for i in issues if _is_note(i)), tuple(quarantined),
         )
+
+    async def _quarantine(self, batch: dict[str, _Suspect], now: float, deep: bool) -> list[str]:
+        """Judge again under the write lock; move the blobs of chunks still found wrong or gone
+        to quarantine/ and mark them absent in the same transaction.
+
+        From the commit on, handshakes list those chunks as missing (also for complete files
+        that use them, which answer "pending" until healed) and downloads of such files are
+        refused; a PUT of the chunk stores it again and heals every file using it.
+        """
+        folder = self.settings.quarantine_dir
+
+        def move(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
+            chosen = []
+            judged = self._judge_all(batch, facts, deep)
+            for hex_ in sorted({i.digest for i in judged if i.kind in REPAIRABLE}):
+                users = facts[hex_]
+                digest = Digest(Algo.for_hex_len(len(hex_)), hex_)
+                if users.row is not None and users.row.state == QUARANTINED:
+                    continue
+                if users.row is not None:
+                    size = users.row.size
+                elif users.files:
+                    size = users.files[0][1]
+                else:
+                    continue
+                self.blobs.quarantine(digest, folder)
+                chosen.append((digest, size))
+            return chosen
+
+        async def decide(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
+            return await asyncio.to_thread(move, facts)
+
+        chosen = await self.catalog.quarantine(batch.keys(), now, decide)
+        return [d.hex for d, _ in chosen]
 
     def _hash_all(
         self, jobs: list[tuple[ChunkRow, StoredBlob]], deep: bool, workers: int | None,
@@ -525,15 +684,34 @@ class Maintenance:
 
     async def stats(self) -> Stats:
         c = await self.catalog.stats_counts(self.clock())
-        return Stats(**c)
+        path = self.settings.catalog_path
+        size = 0
+        for p in (path, path.with_name(path.name + "-wal")):
+            try:
+                size += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return Stats(
+            **c, catalog_bytes=size,
+            pending_catalog_bytes=c["pending_entries"] * CATALOG_BYTES_PER_ENTRY,
+        )
 
     async def ls(self) -> list[FileEntry]:
         return await self.catalog.list_files()
 
     async def rm(self, digest: Digest) -> None:
         """Remove a complete file from the catalogue, as DELETE /v1/files does."""
-        if not await self.catalog.delete_file(digest):
+        if not await self._freeing(self.catalog.delete_file, digest):
             raise NotFound(f"no file {digest.hex}")
+
+    # -- pending uploads --
+
+    async def uploads(self) -> list[PendingUpload]:
+        return await self.catalog.pending_uploads()
+
+    async def abort_uploads(self, ids: list[str]) -> list[str]:
+        """Abort these pending uploads in one transaction; the ids that were found."""
+        return await self._freeing(self.catalog.abort_uploads, ids)
 
     # -- export --
 

@@ -46,6 +46,28 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class PendingBudget:
+    """How many chunk entries live pending uploads may hold, in total and per client."""
+
+    total: int
+    per_client: int
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A pending upload as `casd uploads ls` shows it."""
+
+    id: str
+    digest: Digest
+    size: int
+    entries: int  # chunk entries of its manifest (what it holds in the catalogue)
+    name: str
+    created: float
+    expires_at: float
+    client: str
+
+
+@dataclass(frozen=True)
 class FileEntry:
     """A complete file: its digest, size, and the manifest its chunks are read by."""
 
@@ -93,6 +115,10 @@ class Stats:
     pending_bytes: int
     deleting_chunks: int = 0  # rows a gc is retiring right now (or was, when killed)
     expired_uploads: int = 0  # uploads past their expiry, left for gc to drop
+    pending_entries: int = 0  # chunk entries of the manifests of live pending uploads
+    pending_catalog_bytes: int = 0  # an estimate of the catalogue space those entries take
+    catalog_bytes: int = 0  # catalogue file plus its WAL, as on disk
+    quarantined_chunks: int = 0  # set aside by fsck --repair, absent until re-sent
 
     @property
     def dedup_ratio(self) -> float:

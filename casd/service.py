@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import sqlite3
 import time
 from bisect import bisect_right
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import xxhash
 
-from casd.blobstore import BlobStore, TempBlob, is_disk_full
+from casd.blobstore import BlobStore, Reserve, TempBlob, is_disk_full
 from casd.catalog import Catalog
 from casd.config import Settings
 from casd.digest import ChunkHasher, Digest
@@ -36,8 +37,16 @@ from casd.errors import (
     SizeMismatch,
     StorageFull,
     TooLarge,
+    Unavailable,
 )
-from casd.models import FileEntry, HandshakeResult, Manifest, PutResult, Upload
+from casd.models import (
+    FileEntry,
+    HandshakeResult,
+    Manifest,
+    PendingBudget,
+    PutResult,
+    Upload,
+)
 
 log = logging.getLogger("casd.service")
 
@@ -140,16 +149,44 @@ class Service:
         self._ahead_turns = asyncio.Semaphore(settings.hash_workers)
         self._file_hashes: OrderedDict[str, FileHash] = OrderedDict()
         self._background: set[asyncio.Task] = set()
+        self.reserve = Reserve(settings.reserve_path, settings.reserve_bytes)
+        self._reserve_lock = asyncio.Lock()
+        self.budget = PendingBudget(
+            settings.max_pending_chunks, settings.max_pending_chunks_per_client
+        )
 
     @classmethod
     async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Service":
         blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
         await asyncio.to_thread(blobs.ensure_dirs)
-        catalog = await Catalog.open(
-            settings.catalog_path, settings.sqlite_synchronous,
-            settings.read_connections, settings.bulk_read_connections,
-        )
-        return cls(settings, catalog, blobs, clock)
+        def open_catalog():
+            return Catalog.open(
+                settings.catalog_path, settings.sqlite_synchronous,
+                settings.read_connections, settings.bulk_read_connections,
+            )
+
+        try:
+            catalog = await open_catalog()
+        except sqlite3.OperationalError as exc:
+            # A restart on a full disk cannot make the WAL ("disk I/O error"): use the reserve.
+            if not await asyncio.to_thread(Reserve(settings.reserve_path, 0).release):
+                raise
+            log.warning("%s: released the disk reserve to open the catalogue", exc)
+            catalog = await open_catalog()
+        service = cls(settings, catalog, blobs, clock)
+        try:
+            made = await asyncio.to_thread(service.reserve.ensure)
+        except OSError as exc:
+            log.warning("cannot make the disk reserve %s (%s): running without one",
+                        settings.reserve_path, exc)
+            service.reserve = Reserve(settings.reserve_path, 0)
+            made = True
+        if not made:
+            log.warning(
+                "the disk is too full for the %d-byte reserve; uploads are refused until"
+                " there is room for it", settings.reserve_bytes,
+            )
+        return service
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -166,6 +203,33 @@ class Service:
 
     def _expiry(self, now: float) -> float:
         return now + self.settings.upload_ttl
+
+    async def _admit_upload(self) -> None:
+        """Uploads go on only while the disk reserve is in place (re-made when there is room).
+
+        Once the reserve was given up for a delete on a full disk, new bytes would eat the
+        headroom it left; they wait (507) until deletes and gc made room for it again.
+        """
+        if self.reserve.size <= 0 or self.reserve.present():
+            return
+        async with self._reserve_lock:  # one request re-makes it; the others wait for that
+            made = await self._run(self.reserve.ensure)
+        if not made:
+            raise StorageFull(
+                "the data folder's disk is nearly full; uploads resume once space is freed"
+                " (delete files, then casd gc)"
+            )
+
+    async def _freeing(self, fn, *args):
+        """A change that frees space (delete, abort): on a full disk, give up the reserve
+        and try once more, so that it can still commit."""
+        try:
+            return await fn(*args)
+        except StorageFull:
+            if not await asyncio.to_thread(self.reserve.release):
+                raise
+            log.warning("the disk is full: released the %d-byte reserve", self.reserve.size)
+            return await fn(*args)
 
     # ---- handshake --------------------------------------------------------------------
 
@@ -211,15 +275,22 @@ class Service:
                 allowed_algos=list(allowed),
             )
 
-    async def handshake(self, m: Manifest) -> HandshakeResult:
+    async def handshake(self, m: Manifest, client: str = "") -> HandshakeResult:
+        """`client` names who asks (see web.client_of), for the pending-upload budget."""
         self.check_algo(m.digest)
         self.check_manifest(m)
         existing = await self.catalog.get_file(m.digest)
-        if existing is not None and existing.size == m.size:
+        if (
+            existing is not None and existing.size == m.size
+            # A file that uses a quarantined chunk is damaged: upload it again to heal it.
+            and not await self.catalog.damaged(existing.manifest_id)
+        ):
             return HandshakeResult("complete", m.digest, m.size, m.ext)
+        await self._admit_upload()
         now = self.clock()
         upload, missing = await self.catalog.begin_upload(
-            m, chunks_key(m), now, self._expiry(now), secrets.token_hex(16)
+            m, chunks_key(m), now, self._expiry(now), secrets.token_hex(16), client,
+            self.budget,
         )
         return HandshakeResult(
             "pending", m.digest, m.size, m.ext, upload.id, missing, upload.expires_at
@@ -271,11 +342,9 @@ class Service:
                     f" {digest.hex} {size} bytes"
                 )
         if await self.catalog.has_chunk(digest):
-            await _drain(body, size, limit, digest)
-            stored = False
-            now = self.clock()
-            await self.catalog.touch_upload(upload_id, now, self._expiry(now))
+            stored = await self._receive(upload_id, digest, size, body, check_stored=True)
         else:
+            await self._admit_upload()
             stored = await self._receive(upload_id, digest, size, body)
         self._start_hash_ahead(upload)
         if not with_missing:
@@ -283,22 +352,40 @@ class Service:
         return PutResult(stored, await self.catalog.missing(upload.manifest_id))
 
     async def _receive(
-        self, upload_id: str, digest: Digest, size: int, body: AsyncIterator[bytes]
+        self, upload_id: str, digest: Digest, size: int, body: AsyncIterator[bytes],
+        check_stored: bool = False,
     ) -> bool:
+        """Verify and store a chunk; True when its bytes were written into the store.
+
+        `check_stored`: the catalogue says the chunk is stored already. The bytes are still
+        verified; when the stored blob's size or xxh3-128 differs from theirs (it rotted or
+        was damaged), they replace it, otherwise they are dropped.
+        """
         temp = await self._run(self.blobs.new_temp)
         published = False
         try:
             hasher = await self._ingest(temp, body, size, digest)
+            xxh3 = hasher.xxh3()
+            if check_stored:
+                if await self._run(self.blobs.matches, digest, size, xxh3):
+                    now = self.clock()
+                    await self.catalog.touch_upload(upload_id, now, self._expiry(now))
+                    return False
+                log.warning("chunk %s: the stored blob's bytes are wrong; replacing them with"
+                            " the verified ones just received", digest.hex)
+                place = lambda: self.blobs.put_over(temp, digest)
+            else:
+                place = lambda: self.blobs.ensure_placed(temp, digest)
             await self._run(temp.finish)
-            # Link into place and fsync the folder here, in parallel with other uploads; the
-            # serialized write transaction then only checks the file is still there.
-            await self._run(self.blobs.place, temp, digest)
+            if not check_stored:
+                # Link into place and fsync the folder here, in parallel with other uploads;
+                # the serialized write transaction then only checks the file is still there.
+                await self._run(self.blobs.place, temp, digest)
             now = self.clock()
             with full_disk_refused():
                 published = await self.catalog.publish_chunk(
-                    digest, size, hasher.xxh3(), now,
-                    lambda: self.blobs.ensure_placed(temp, digest),
-                    (upload_id, self._expiry(now)),
+                    digest, size, xxh3, now, place, (upload_id, self._expiry(now)),
+                    replace=check_stored,
                 )
             return published
         finally:
@@ -533,7 +620,7 @@ class Service:
 
     async def abort(self, upload_id: str) -> None:
         """Forget a pending upload; NotFound once it is merged (a merge that won stays won)."""
-        if not await self.catalog.drop_pending_upload(upload_id):
+        if not await self._freeing(self.catalog.drop_pending_upload, upload_id):
             raise NotFound(f"no pending upload {upload_id!r}")
         self._forget_hash(upload_id)
 
@@ -552,6 +639,11 @@ class Service:
         if found is None:
             raise NotFound(f"no file {digest.hex}")
         entry, chunks = found
+        if await self.catalog.damaged(entry.manifest_id):
+            raise Unavailable(
+                f"file {entry.digest.hex} uses a chunk that failed a check and was set aside;"
+                " uploading the file again repairs it"
+            )
         return OpenFile(entry, chunks)
 
     def read_plan(self, file: OpenFile, start: int, length: int) -> list[ReadSegment]:
@@ -615,7 +707,7 @@ class Service:
             raise NotFound(f"file {entry.digest.hex} was deleted while its manifest was read")
 
     async def delete_file(self, digest: Digest) -> None:
-        if not await self.catalog.delete_file(digest):
+        if not await self._freeing(self.catalog.delete_file, digest):
             raise NotFound(f"no file {digest.hex}")
 
     async def health(self) -> None:
@@ -623,15 +715,3 @@ class Service:
         await self.catalog.ping()
         await self._run(self.blobs.check_writable)
 
-
-async def _drain(body: AsyncIterator[bytes], size: int, limit: int, digest: Digest) -> None:
-    """Read and drop a body whose chunk is already stored; its length must still be right."""
-    received = 0
-    async for piece in body:
-        received += len(piece)
-        if received > limit:
-            raise TooLarge(f"the body is over the chunk limit of {limit} bytes")
-    if received != size:
-        raise SizeMismatch(
-            f"the body has {received} bytes; the manifest gives chunk {digest.hex} {size} bytes"
-        )

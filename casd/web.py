@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import hmac
 import logging
@@ -39,6 +40,7 @@ from casd.errors import (
     SizeMismatch,
     StorageFull,
     TooLarge,
+    TooManyPending,
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
@@ -84,6 +86,7 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     MalformedBody: (400, "bad_request"),
     SizeMismatch: (422, "size_mismatch"),
     FileDigestMismatch: (422, "file_digest_mismatch"),
+    TooManyPending: (429, "too_many_pending"),
     Unavailable: (503, "unavailable"),
     StorageFull: (507, "insufficient_storage"),
 }
@@ -203,6 +206,18 @@ async def auth_middleware(request: web.Request, handler):
     elif settings.token is not None and not (is_admin or _same(given, settings.token)):
         raise Unauthorized("missing or wrong token (Authorization: Bearer ...)")
     return await handler(request)
+
+
+def client_of(request: web.Request) -> str:
+    """Who a request comes from, for per-client budgets: its bearer token when tokens are
+    required (a fingerprint: the catalogue never holds a secret), else its address."""
+    settings = request.app[SETTINGS]
+    if settings.token is not None or settings.admin_token is not None:
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header[:7].lower() == "bearer " else ""
+        fingerprint = hashlib.sha256(given.encode("utf-8", "surrogateescape")).hexdigest()
+        return "token:" + fingerprint[:16]
+    return f"addr:{request.remote or '-'}"
 
 
 def _same(given: str, token: str) -> bool:
@@ -359,15 +374,16 @@ async def handshake(request: web.Request) -> web.Response:
         raise TooLarge(f"the handshake body is over {limit} bytes")
     body = await read_body(request, limit)
     hooks = request.app[HOOKS]
+    client = client_of(request)
     if len(body) > THREAD_PARSE_BYTES:
         async with request.app[BIG_HANDSHAKES]:
             manifest = await asyncio.to_thread(parse_manifest, body)
             await hooks.check_handshake(request, manifest)
-            result = await service.handshake(manifest)
+            result = await service.handshake(manifest, client)
     else:
         manifest = parse_manifest(body)
         await hooks.check_handshake(request, manifest)
-        result = await service.handshake(manifest)
+        result = await service.handshake(manifest, client)
     skipped = observe.handshake_answered(request, manifest, result)
     hooks.remember_skipped(result.upload_id, skipped)
     if result.status == "complete":

@@ -175,17 +175,14 @@ def manifest_ids(data_dir) -> list[int]:
 async def test_a_version_1_catalogue_with_data_is_migrated(
     aiohttp_client, settings, monkeypatch
 ):
-    first = casd.catalog._migrations()[:1]
-    assert first[0][0] == 1
-    with monkeypatch.context() as m:
-        m.setattr(casd.catalog, "_migrations", lambda: first)
-        old = await aiohttp_client(create_app(settings))
-        files = [prepare(rand(3 * CHUNK + i), CHUNK, name=f"f{i}.bin") for i in range(3)]
-        for p in files:
-            await upload(old, "", p)
-        pending = prepare(rand(2 * CHUNK), CHUNK)
-        hs = await handshake(old, pending.handshake)
-        await old.close()
+    old = await aiohttp_client(create_app(settings))
+    files = [prepare(rand(3 * CHUNK + i), CHUNK, name=f"f{i}.bin") for i in range(3)]
+    for p in files:
+        await upload(old, "", p)
+    pending = prepare(rand(2 * CHUNK), CHUNK)
+    hs = await handshake(old, pending.handshake)
+    await old.close()
+    downgrade_to_version_1(settings.data_dir)
     before = table_rows(settings.data_dir)
 
     client = await aiohttp_client(create_app(settings))
@@ -222,12 +219,58 @@ async def test_a_version_1_catalogue_with_data_is_migrated(
     assert orphans == 0
 
 
+def version_1_columns() -> dict[str, list[str]]:
+    """The columns each table had in version 1 of the schema."""
+    _version, _name, script = casd.catalog._migrations()[0]
+    con = sqlite3.connect(":memory:")
+    try:
+        con.executescript(script)
+        return {
+            t: [r[1] for r in con.execute(f"PRAGMA table_info({t})")]
+            for t in ("manifests", "manifest_chunks", "uploads", "files", "chunks")
+        }
+    finally:
+        con.close()
+
+
+def downgrade_to_version_1(data_dir) -> None:
+    """Rewrite the catalogue as version 1 of the schema held it: the same rows, its columns."""
+    path = data_dir / "catalog.sqlite"
+    columns = version_1_columns()
+    con = sqlite3.connect(path)
+    try:
+        rows = {
+            t: con.execute(f"SELECT {', '.join(cols)} FROM {t}").fetchall()
+            for t, cols in columns.items()
+        }
+    finally:
+        con.close()
+    for suffix in ("", "-wal", "-shm"):
+        (data_dir / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    version, name, script = casd.catalog._migrations()[0]
+    con = sqlite3.connect(path)
+    try:
+        con.executescript(script)
+        con.execute(
+            "CREATE TABLE schema_migrations"
+            " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
+        )
+        con.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+        for t, cols in columns.items():
+            marks = ", ".join("?" * len(cols))
+            con.executemany(f"INSERT INTO {t} ({', '.join(cols)}) VALUES ({marks})", rows[t])
+        con.commit()
+    finally:
+        con.close()
+
+
 def table_rows(data_dir) -> dict:
+    """Every row of every version-1 table, by its version-1 columns."""
     con = sqlite3.connect(data_dir / "catalog.sqlite")
     try:
         return {
-            t: sorted(con.execute(f"SELECT * FROM {t}").fetchall())
-            for t in ("manifests", "manifest_chunks", "uploads", "files", "chunks")
+            t: sorted(con.execute(f"SELECT {', '.join(cols)} FROM {t}").fetchall())
+            for t, cols in version_1_columns().items()
         }
     finally:
         con.close()
