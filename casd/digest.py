@@ -71,10 +71,6 @@ class Digest:
         return self.hex
 
 
-def xxh3_hex(data: bytes) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
-
-
 class ChunkHasher:
     """The declared digest's hasher plus xxh3-128, fed in order, counting bytes."""
 

@@ -41,11 +41,14 @@ from casd.errors import (
 )
 from casd.models import (
     FileEntry,
+    HandshakeComplete,
+    HandshakePending,
     HandshakeResult,
     Manifest,
     PendingBudget,
     PutResult,
     Upload,
+    UploadState,
 )
 
 log = logging.getLogger("casd.service")
@@ -285,22 +288,20 @@ class Service:
             # A file that uses a quarantined chunk is damaged: upload it again to heal it.
             and not await self.catalog.damaged(existing.manifest_id)
         ):
-            return HandshakeResult("complete", m.digest, m.size, m.ext)
+            return HandshakeComplete(m.digest, m.size, m.ext)
         await self._admit_upload()
         now = self.clock()
         upload, missing = await self.catalog.begin_upload(
             m, chunks_key(m), now, self._expiry(now), secrets.token_hex(16), client,
             self.budget,
         )
-        return HandshakeResult(
-            "pending", m.digest, m.size, m.ext, upload.id, missing, upload.expires_at
-        )
+        return HandshakePending(m.digest, m.size, m.ext, upload.id, missing, upload.expires_at)
 
     # ---- uploads ----------------------------------------------------------------------
 
     async def _pending(self, upload_id: str) -> Upload:
         upload = await self.catalog.get_upload(upload_id)
-        if upload is None or upload.state != "pending" or upload.expires_at <= self.clock():
+        if upload is None or upload.state != UploadState.PENDING or upload.expires_at <= self.clock():
             raise NotFound(f"no pending upload {upload_id!r} (never created, merged, aborted or expired)")
         return upload
 
@@ -449,7 +450,7 @@ class Service:
         """Verify the whole file's digest over its chunks and register it; idempotent."""
         # One read decides: another client merging the same upload may flip it to merged.
         upload = await self.catalog.get_upload(upload_id)
-        if upload is not None and upload.state == "merged":
+        if upload is not None and upload.state == UploadState.MERGED:
             return await self._merged_file(upload)
         if upload is None or upload.expires_at <= self.clock():
             raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
@@ -482,7 +483,7 @@ class Service:
     async def _settled(self, upload_id: str) -> FileEntry:
         """The answer for an upload that stopped being pending under a merge's feet."""
         upload = await self.catalog.get_upload(upload_id)
-        if upload is not None and upload.state == "merged":
+        if upload is not None and upload.state == UploadState.MERGED:
             return await self._merged_file(upload)
         raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
 
