@@ -97,6 +97,16 @@ HTTP_CODES = {
 }
 
 
+def mapped_error(exc: CasdError) -> tuple[int, str] | None:
+    """(HTTP status, error code) of the nearest of `exc`'s classes in ERROR_MAP; None when
+    none is there (a bug: the middleware answers 500 and logs it)."""
+    for cls in type(exc).__mro__:
+        found = ERROR_MAP.get(cls)
+        if found is not None:
+            return found
+    return None
+
+
 def error_response(status: int, code: str, message: str, **extra) -> web.Response:
     return web.json_response({"error": code, "message": message, **extra}, status=status)
 
@@ -106,7 +116,12 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except CasdError as exc:
-        status, code = ERROR_MAP[type(exc)]
+        mapped = mapped_error(exc)
+        if mapped is None:
+            log.error("unmapped domain error on %s %s", request.method, request.raw_path,
+                      exc_info=exc)
+            return _internal_error()
+        status, code = mapped
         resp = error_response(status, code, exc.message, **exc.extra)
         if isinstance(exc, RangeNotSatisfiable):
             resp.headers["Content-Range"] = f"bytes */{exc.size}"
@@ -125,9 +140,13 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.raw_path)
-        return error_response(
-            500, protocol.INTERNAL_ERROR, "the server failed to handle this request; see its log"
-        )
+        return _internal_error()
+
+
+def _internal_error() -> web.Response:
+    return error_response(
+        500, protocol.INTERNAL_ERROR, "the server failed to handle this request; see its log"
+    )
 
 
 async def _answer_and_close(request: web.Request, resp: web.Response) -> None:
