@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace, work: Callable[[Maintenance], Awaitable[int]]
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise CliError(f"{exc.strerror or exc}{where}") from None
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, never a traceback
+    except Exception as exc:  # a bug: still one line, never a traceback
         raise CliError(f"internal error: {type(exc).__name__}: {exc}") from None
 
 

@@ -126,7 +126,7 @@ class Hooks:
                     delay = BACKOFF_FIRST
                     await self.catalog.hook_event_done(event_id)
                     self.metrics.hook_events.labels("delivered").inc()
-            except Exception as exc:  # noqa: BLE001 - a busy catalogue must not end delivery
+            except Exception as exc:  # a busy catalogue must not end delivery
                 log.warning("webhook delivery to %s paused: %s", url, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)

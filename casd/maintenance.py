@@ -10,6 +10,7 @@ casd/catalog.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -133,10 +134,8 @@ class Maintenance:
         path = self.settings.catalog_path
         size = 0
         for p in (path, path.with_name(path.name + "-wal")):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 size += p.stat().st_size
-            except FileNotFoundError:
-                pass
         return Stats(
             **c, catalog_bytes=size,
             pending_catalog_bytes=c["pending_entries"] * CATALOG_BYTES_PER_ENTRY,
@@ -239,8 +238,6 @@ def _assemble(parts: list[tuple[Path, int]], dest: Path, total: int) -> None:
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        except FileNotFoundError:
-            pass
         raise

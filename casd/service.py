@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import secrets
 import sqlite3
@@ -159,7 +160,7 @@ class Service:
         )
 
     @classmethod
-    async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Service":
+    async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Service:
         blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
         await asyncio.to_thread(blobs.ensure_dirs)
         def open_catalog():
@@ -374,9 +375,9 @@ class Service:
                     return False
                 log.warning("chunk %s: the stored blob's bytes are wrong; replacing them with"
                             " the verified ones just received", digest.hex)
-                place = lambda: self.blobs.put_over(temp, digest)
+                place = functools.partial(self.blobs.put_over, temp, digest)
             else:
-                place = lambda: self.blobs.ensure_placed(temp, digest)
+                place = functools.partial(self.blobs.ensure_placed, temp, digest)
             await self._run(temp.finish)
             if not check_stored:
                 # Link into place and fsync the folder here, in parallel with other uploads;

@@ -36,9 +36,9 @@ class Daemon:
         self.url = ""
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def start(self, timeout: float = 30.0) -> Daemon:
         assert self.proc is None, "already running"
-        log = open(self.log_path, "a")
+        log = open(self.log_path, "a")  # noqa: SIM115 - the child keeps it; closed below
         start_offset = log.tell()
         cmd = [
             sys.executable, "-m", "casd", "serve",
@@ -81,7 +81,7 @@ class Daemon:
             proc.kill()
             proc.wait()
 
-    def restart(self) -> "Daemon":
+    def restart(self) -> Daemon:
         self.kill()
         return self.start()
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import Prepared, prepare, rand, snapshot
-from helpers import upload as upload_one
 
 from casd.blobstore import BlobStore
+from helpers import Prepared, prepare, rand, snapshot
+from helpers import upload as upload_one
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -184,6 +184,9 @@ def _plant_orphan(data: Path, seed: int, age: float) -> tuple[str, Path]:
     return d, path
 
 
+# Slow: test_a_daemon_killed_while_publishing_leaves_an_orphan_gc_removes stays in the fast
+# loop.
+@pytest.mark.slow
 def test_gc_removes_old_orphan_blobs_and_fsck_only_notes_them(daemon):
     p = prepare(rand(3 * CHUNK, seed=8), CHUNK)
     upload(daemon.url, p)

@@ -8,10 +8,10 @@ import re
 import urllib.request
 
 import pytest
-from helpers import prepare, rand, upload
 from prometheus_client.parser import text_string_to_metric_families
 
 from casd.web import create_app
+from helpers import prepare, rand, upload
 
 CHUNK = 64 * 1024
 
