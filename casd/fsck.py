@@ -144,7 +144,7 @@ def _judge(hex_: str, users: ChunkUsers, ident, corrupt: str | None) -> list[Fsc
     """The problems of one chunk, from facts read under the write lock and its blob's stat."""
     row = users.row
     files = _file_names(users)
-    live = row is not None and row.state == ChunkState.LIVE
+    live = row if row is not None and row.state == ChunkState.LIVE else None
     out: list[FsckIssue] = []
     uploads = f"; live uploads using it: {', '.join(users.uploads)}" if users.uploads else ""
     if users.files and not live:
@@ -158,21 +158,21 @@ def _judge(hex_: str, users: ChunkUsers, ident, corrupt: str | None) -> list[Fsc
         out.append(FsckIssue(
             FsckKind.MISSING_BLOB, hex_, f"complete files use it, but it has {why}{on_disk}", files
         ))
-    if live:
-        for size in sorted({s for _f, s in users.files if s != row.size}):
+    if live is not None:
+        for size in sorted({s for _f, s in users.files if s != live.size}):
             out.append(FsckIssue(
                 FsckKind.WRONG_SIZE, hex_,
-                f"a file's manifest gives it {size} bytes, its row says {row.size}", files,
+                f"a file's manifest gives it {size} bytes, its row says {live.size}", files,
             ))
         if ident is None:
             kind = FsckKind.MISSING_BLOB if users.files else FsckKind.ORPHAN_ROW
             out.append(FsckIssue(
-                kind, hex_, f"the row says {row.size} bytes, the blob file is gone{uploads}", files
+                kind, hex_, f"the row says {live.size} bytes, the blob file is gone{uploads}", files
             ))
-        elif ident[2] != row.size:
+        elif ident[2] != live.size:
             out.append(FsckIssue(
                 FsckKind.WRONG_SIZE, hex_,
-                f"the blob file has {ident[2]} bytes, the row says {row.size}{uploads}", files,
+                f"the blob file has {ident[2]} bytes, the row says {live.size}{uploads}", files,
             ))
         elif corrupt is not None:
             out.append(FsckIssue(FsckKind.CORRUPT, hex_, corrupt + uploads, files))
@@ -243,13 +243,13 @@ class Fsck:
                 suspects.setdefault(hex_, _Suspect())
         jobs: list[tuple[ChunkRow, StoredBlob]] = []
         for hex_, r in rows.items():
-            b = disk.get(hex_)
+            blob = disk.get(hex_)
             if r.state != ChunkState.LIVE:
                 continue
-            if b is None or b.size != r.size:
+            if blob is None or blob.size != r.size:
                 suspects.setdefault(hex_, _Suspect())
             else:
-                jobs.append((r, b))
+                jobs.append((r, blob))
         for hex_ in disk.keys() - rows.keys():
             suspects.setdefault(hex_, _Suspect())
 
@@ -294,9 +294,9 @@ class Fsck:
         def move(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
             chosen = []
             judged = self._judge_all(batch, facts, deep)
-            for hex_ in sorted({i.digest for i in judged if i.kind in REPAIRABLE}):
+            for hex_ in sorted({i.digest for i in judged if i.kind in REPAIRABLE and i.digest}):
                 users = facts[hex_]
-                digest = Digest(Algo.for_hex_len(len(hex_)), hex_)
+                digest = Digest.parse_any(hex_)
                 if users.row is not None and users.row.state == ChunkState.QUARANTINED:
                     continue
                 if users.row is not None:
@@ -346,10 +346,12 @@ class Fsck:
     ) -> list[FsckIssue]:
         """Judge suspects on facts read under the write lock, when nothing moves."""
 
-        async def probe(facts: dict[str, ChunkUsers]) -> list[FsckIssue]:
-            return await asyncio.to_thread(self._judge_all, batch, facts, deep)
+        issues: list[FsckIssue] = []
 
-        _facts, issues = await self.catalog.chunk_users(batch.keys(), now, probe)
+        async def probe(facts: dict[str, ChunkUsers]) -> None:
+            issues[:] = await asyncio.to_thread(self._judge_all, batch, facts, deep)
+
+        await self.catalog.chunk_users(batch.keys(), now, probe)
         return issues
 
     def _judge_all(
@@ -358,8 +360,9 @@ class Fsck:
         out = []
         for hex_, s in batch.items():
             users = facts[hex_]
-            algo = Algo.for_hex_len(len(hex_))
-            path = self.blobs.path(Digest(algo, hex_))
+            digest = Digest.parse_any(hex_)
+            algo = digest.algo
+            path = self.blobs.path(digest)
             if users.row is None and temp_busy(path):
                 # Linked into place by a daemon that has not committed its row yet: the
                 # inode is its temp file's, still locked. In flight, not an orphan.

@@ -76,7 +76,9 @@ class Maintenance:
                 raise
             log.warning("%s; released the disk reserve %s", exc, settings.reserve_path)
             catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
-        return cls(settings, catalog, BlobStore(settings.blobs_dir, settings.tmp_dir), clock)
+        blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
+        # Catalog.open is annotated to return a Catalog; called on AdminCatalog it builds one.
+        return cls(settings, catalog, blobs, clock)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         await self.catalog.close()

@@ -433,7 +433,7 @@ async def put_chunk(request: web.Request) -> web.Response:
         with_missing=not minimal,
     )
     status = 201 if result.stored else 200
-    if minimal:
+    if result.missing is None:  # the client asked for the minimal answer
         return web.json_response(
             {"stored": result.stored}, status=status,
             headers={"Preference-Applied": "return=minimal"},
