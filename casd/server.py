@@ -15,7 +15,7 @@ import logging
 import resource
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
@@ -103,11 +103,13 @@ class CasdRequestHandler(RequestHandler):
         if server.live >= server.max_connections:
             server.refused += 1
             server.note_refusal()
-            transport.write(raw_error(  # type: ignore[attr-defined]
-                503, "unavailable",
+            answer = raw_error(
+                503, protocol.UNAVAILABLE,
                 f"the server is at its limit of {server.max_connections} connections;"
                 " try again shortly",
-            ))
+            )
+            # A listening socket's transports are full asyncio.Transports: they write.
+            cast(asyncio.Transport, transport).write(answer)
             transport.close()
             return
         server.live += 1
@@ -175,7 +177,7 @@ class CasdRequestHandler(RequestHandler):
             return  # a request is being handled; its own rules apply
         if self._header_bytes:
             self.transport.write(raw_error(
-                408, "request_timeout",
+                408, protocol.REQUEST_TIMEOUT,
                 f"the request headers did not arrive within {self._header_timeout:g} seconds",
             ))
         self.force_close()

@@ -708,7 +708,7 @@ async def healthz(request: web.Request) -> web.Response:
         # The details (paths, SQLite's words) are for the operator; /healthz needs no token.
         log.warning("health check failed: %s", exc)
         return error_response(
-            503, "unavailable",
+            503, protocol.UNAVAILABLE,
             "unhealthy: the catalogue cannot be read or the data folder cannot be written;"
             " the daemon's log says which",
         )
