@@ -10,14 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from casd.chunking import DEFAULT_FASTCDC_AVG
 from casd.cli_common import CliError, parse_size
 from casd.client import (
-    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNKING,
     DEFAULT_CONCURRENCY,
     DEFAULT_RETRIES,
     DEFAULT_SERVER,
     CasdClient,
     CasdClientError,
+    Chunking,
     FileRef,
     Phase,
     Progress,
@@ -33,8 +35,14 @@ def register(sub) -> None:
     )
     up.add_argument("files", nargs="+", metavar="FILE", help="files to upload")
     _add_server_args(up)
-    up.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
-                    help="chunk size, e.g. 5MiB (default), 1M, 65536")
+    up.add_argument("--chunking", choices=("fixed", "fastcdc"), default=DEFAULT_CHUNKING,
+                    help="where chunks are cut: fixed sizes, or by content (FastCDC 2020, "
+                         "so an insertion resends only the chunks around it); default "
+                         f"{DEFAULT_CHUNKING}")
+    up.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
+                    help="the fixed chunk size (default 5MiB) or the FastCDC average, a power "
+                         f"of two from 1KiB to 4MiB (default {DEFAULT_FASTCDC_AVG // 1024}KiB);"
+                         " e.g. 1M, 65536")
     up.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                     help=f"chunk uploads in flight at once (default {DEFAULT_CONCURRENCY})")
     up.add_argument("--algo", choices=("md5", "sha256"), default="md5",
@@ -116,8 +124,12 @@ class _Bars:
 
 def run_upload(args: argparse.Namespace) -> int:
     """Upload each FILE; a file that fails is reported on stderr and the others still go."""
-    if args.chunk_size < 1:
+    if args.chunk_size is not None and args.chunk_size < 1:
         raise CliError("--chunk-size must be at least 1 byte", exit_code=2)
+    try:
+        args.chunking = Chunking.parse(args.chunking, args.chunk_size)
+    except ValueError as exc:
+        raise CliError(f"--chunk-size: {exc}", exit_code=2) from None
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1", exit_code=2)
     client = _client(args)
@@ -134,7 +146,7 @@ async def _upload_all(client: CasdClient, args: argparse.Namespace) -> int:
             bars = _Bars(Path(name).name)
             try:
                 s = await client.upload(
-                    name, chunk_size=args.chunk_size, concurrency=args.concurrency,
+                    name, chunking=args.chunking, concurrency=args.concurrency,
                     algo=args.algo, on_progress=bars, use_cache=not args.no_cache)
             except (CasdClientError, OSError, ValueError) as exc:
                 bars.close()

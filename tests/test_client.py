@@ -186,7 +186,7 @@ def test_cache_entry_with_wrong_shape_is_a_miss(tmp_path, cache_home, rng):
     cache = DigestCache(cache_home)
     file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
     with sqlite3.connect(cache_home / "digests.sqlite") as conn:
-        conn.execute("UPDATE digests SET chunk_digests = x'00'")
+        conn.execute("UPDATE chunk_digests SET chunk_digests = x'00'")
     fd, cached = file_digests(path, chunk_size=MiB, algo=Algo.MD5, cache=cache)
     assert not cached and fd.digest == hashlib.md5(data).hexdigest()
 
@@ -321,7 +321,7 @@ async def test_stale_cache_entry_is_caught_by_the_server_and_the_file_rehashed(d
     other = rng.bytes(len(data), 2)
     lie = b"".join(hashlib.md5(other[i:i + MiB]).digest() for i in range(0, len(other), MiB))
     with sqlite3.connect(cache_home / "digests.sqlite") as conn:
-        conn.execute("UPDATE digests SET file_digest = ?, chunk_digests = ?",
+        conn.execute("UPDATE chunk_digests SET file_digest = ?, chunk_digests = ?",
                      (hashlib.md5(other).hexdigest(), lie))
     async with CasdClient(daemon.url) as client:
         s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)

@@ -35,8 +35,10 @@ from casd.client.hashing import (
     hash_file,
     hash_stream,
 )
+from casd.chunking import Chunking
 from casd.client.transfer import (
     DEFAULT_BACKOFF,
+    DEFAULT_CHUNKING,
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BACKOFF,
     DEFAULT_RETRIES,
@@ -60,7 +62,7 @@ from casd.client.values import (
 __all__ = [
     "CACHE_MAX_ENTRIES", "DEFAULT_BACKOFF", "DEFAULT_CHUNK_SIZE", "DEFAULT_CONCURRENCY",
     "DEFAULT_MAX_BACKOFF", "DEFAULT_RETRIES", "DEFAULT_SERVER", "HASH_PIECE", "IO_PIECE",
-    "MAX_ROUNDS", "RACY_COARSE_NS", "RACY_NS", "CasdClient", "CasdClientError",
+    "MAX_ROUNDS", "RACY_COARSE_NS", "RACY_NS", "CasdClient", "Chunking", "DEFAULT_CHUNKING", "CasdClientError",
     "CasdConnectionError", "CasdHTTPError", "CasdIntegrityError", "ChunkSpan", "DigestCache",
     "DownloadSummary", "FileChangedError", "FileDigests", "FileRef", "MiB", "Phase",
     "Progress", "ProgressCallback", "UploadSummary", "default_cache_dir", "download",

@@ -33,13 +33,14 @@ from casd.client.errors import (
     CasdIntegrityError,
     FileChangedError,
 )
+from casd.chunking import Chunking
 from casd.client.hashing import (
-    DEFAULT_CHUNK_SIZE,
     HASH_PIECE,
     ChunkSpan,
     DigestCache,
     FileDigests,
     MiB,
+    as_chunking,
     default_cache_dir,
     file_digests,
 )
@@ -67,6 +68,9 @@ DEFAULT_SERVER = "http://127.0.0.1:8080"
 DEFAULT_RETRIES = 6
 DEFAULT_BACKOFF = 0.25
 DEFAULT_MAX_BACKOFF = 8.0
+# How `casd upload` and CasdClient.upload cut a file when told nothing (see docs/chunking.md
+# for the measurements behind the choice).
+DEFAULT_CHUNKING = "fixed"
 # Chunk bodies and downloads move through the event loop in pieces of this size.
 IO_PIECE = 1 * MiB
 # Handshake -> send -> merge rounds before giving up when the server keeps losing the upload
@@ -202,15 +206,24 @@ class CasdClient:
 
     # --- upload ---
 
-    async def upload(self, path: str | os.PathLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    async def upload(self, path: str | os.PathLike, *, chunk_size: int | None = None,
+                     chunking: Chunking | str | None = None,
                      concurrency: int = DEFAULT_CONCURRENCY, algo: Algo | str = Algo.MD5,
                      ext: str | None = None, name: str | None = None,
                      on_progress: ProgressCallback | None = None,
                      use_cache: bool = True) -> UploadSummary:
-        """Upload a file, sending only the chunks the server lacks; rerun it to resume."""
+        """Upload a file, sending only the chunks the server lacks; rerun it to resume.
+
+        `chunking` is a `Chunking`, or "fixed"/"fastcdc" with `chunk_size` as the size or
+        FastCDC average (each kind's default when None). Without `chunking`, a `chunk_size`
+        alone means fixed chunks of that size, as before; neither means DEFAULT_CHUNKING.
+        """
         algo = algo if isinstance(algo, Algo) else Algo.parse(algo)
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError("chunk size must be at least 1 byte")
+        if chunking is None and chunk_size is None:
+            chunking = DEFAULT_CHUNKING
+        chunking = as_chunking(chunking, chunk_size)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         path = Path(path)
@@ -218,7 +231,7 @@ class CasdClient:
         ext = ext_of(name) if ext is None else ext
         cache = DigestCache(self.cache_dir or default_cache_dir()) if use_cache else None
         started = time.perf_counter()
-        fd, cached = await self._file_digests(path, chunk_size, algo, cache, on_progress)
+        fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
         hash_seconds = time.perf_counter() - started
         try:
             result = await self._push(path, fd, ext, name, concurrency, on_progress)
@@ -230,7 +243,7 @@ class CasdClient:
             log.debug("%s: cached digests are stale; rehashing", path)
             cache.forget(os.path.realpath(path))
             t = time.perf_counter()
-            fd, cached = await self._file_digests(path, chunk_size, algo, cache, on_progress)
+            fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
             hash_seconds += time.perf_counter() - t
             result = await self._push(path, fd, ext, name, concurrency, on_progress)
         _report(on_progress, Phase.DONE, fd, done=True)
@@ -244,7 +257,7 @@ class CasdClient:
             merge_seconds=result.merge_seconds, seconds=time.perf_counter() - started,
         )
 
-    async def _file_digests(self, path: Path, chunk_size: int, algo: Algo,
+    async def _file_digests(self, path: Path, chunking: Chunking, algo: Algo,
                             cache: DigestCache | None,
                             on_progress: ProgressCallback | None) -> tuple[FileDigests, bool]:
         loop = asyncio.get_running_loop()
@@ -258,7 +271,7 @@ class CasdClient:
         stop = threading.Event()
         try:
             return await asyncio.to_thread(
-                file_digests, path, chunk_size=chunk_size, algo=algo, cache=cache,
+                file_digests, path, chunking=chunking, algo=algo, cache=cache,
                 on_bytes=on_bytes, stop=stop)
         except asyncio.CancelledError:
             stop.set()  # let the hashing thread end now rather than read the whole file
