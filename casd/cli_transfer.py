@@ -63,6 +63,16 @@ def register(sub) -> None:
                       help="the file's digest (md5 or sha256) or its URL")
     down.add_argument("-o", "--output", metavar="PATH", default=None,
                       help="where to write it (a folder or a file name; default ./DIGEST.ext)")
+    down.add_argument("--reuse", action="append", default=[], metavar="PATH",
+                      help="a local file (e.g. an older version) whose chunks need not be "
+                           "fetched: they are copied, verified; repeat for several")
+    down.add_argument("--chunking", choices=("fixed", "fastcdc"), default=None,
+                      help="how the stored file was cut, to find its chunks in --reuse files "
+                           "(default: guessed from the file's chunk sizes)")
+    down.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
+                      help="the chunk size or FastCDC average that goes with --chunking")
+    down.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
+                      help=f"chunk requests in flight at once (default {DEFAULT_CONCURRENCY})")
     _add_server_args(down)
     down.add_argument("--json", action="store_true", help="print the result as one JSON object")
     down.set_defaults(func=run_download)
@@ -176,6 +186,18 @@ def run_download(args: argparse.Namespace) -> int:
         ref = FileRef.parse(args.ref)
     except ValueError as exc:
         raise CliError(str(exc), exit_code=2) from None
+    if args.concurrency < 1:
+        raise CliError("--concurrency must be at least 1", exit_code=2)
+    if args.chunk_size is not None and args.chunking is None:
+        raise CliError("--chunk-size needs --chunking", exit_code=2)
+    try:
+        args.chunking = (None if args.chunking is None
+                         else Chunking.parse(args.chunking, args.chunk_size))
+    except ValueError as exc:
+        raise CliError(f"--chunk-size: {exc}", exit_code=2) from None
+    for path in args.reuse:
+        if not os.path.isfile(path):
+            raise CliError(f"--reuse {path}: not a readable file", exit_code=2)
     try:
         return asyncio.run(_download(client, ref, args))
     except CliError:
@@ -188,7 +210,9 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
     bars = _Bars(ref.digest.hex[:12])
     try:
         async with client:
-            s = await client.download(ref, args.output, on_progress=bars)
+            s = await client.download(ref, args.output, reuse=args.reuse,
+                                      chunking=args.chunking, concurrency=args.concurrency,
+                                      on_progress=bars)
     except (CasdClientError, OSError) as exc:
         raise CliError(_reason(exc)) from None
     finally:
@@ -196,9 +220,16 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
     if args.json:
         print(json.dumps(s.to_json()), flush=True)
     else:
-        resumed = f", resumed at byte {s.resumed_from}" if s.resumed_from else ""
-        print(f"{s.path}: {format_bytes(s.size)}, {s.algo} verified{resumed}, in {s.seconds:.2f}s",
-              flush=True)
+        if s.chunked:
+            how = (f"{s.algo} verified chunk by chunk: fetched {s.chunks_fetched} of "
+                   f"{s.chunks_total} chunks ({format_bytes(s.bytes_fetched)}), reused "
+                   f"{s.chunks_reused} ({format_bytes(s.bytes_reused)})")
+            if s.resumed_from:
+                how += f", {format_bytes(s.resumed_from)} of them from an earlier try"
+        else:
+            resumed = f", resumed at byte {s.resumed_from}" if s.resumed_from else ""
+            how = f"{s.algo} verified{resumed}"
+        print(f"{s.path}: {format_bytes(s.size)}, {how}, in {s.seconds:.2f}s", flush=True)
     return 0
 
 
