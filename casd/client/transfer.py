@@ -26,13 +26,6 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from casd import protocol
-from casd.client.errors import (
-    CasdClientError,
-    CasdConnectionError,
-    CasdHTTPError,
-    CasdIntegrityError,
-    FileChangedError,
-)
 from casd.chunking import Chunking
 from casd.client.delta import (
     ManifestChunk,
@@ -43,6 +36,13 @@ from casd.client.delta import (
     pwrite_all,
     read_verified,
     reuse_index,
+)
+from casd.client.errors import (
+    CasdClientError,
+    CasdConnectionError,
+    CasdHTTPError,
+    CasdIntegrityError,
+    FileChangedError,
 )
 from casd.client.hashing import (
     HASH_PIECE,
@@ -466,7 +466,8 @@ class CasdClient:
         loop = asyncio.get_running_loop()
         # Hashing and disk work: one thread per core, at least two, so verification keeps
         # pace with the network instead of being bound by one MD5 core.
-        pool = ThreadPoolExecutor(max(2, os.cpu_count() or 1), thread_name_prefix="casd-verify")
+        threads = max(2, os.cpu_count() or 1)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="casd-verify")
         fd = await loop.run_in_executor(pool, _open_part, part, size)
         done = {"bytes": 0, "chunks": 0}
         stats = {"fetched": 0, "fetched_bytes": 0, "reused": 0, "reused_bytes": 0,
@@ -480,7 +481,7 @@ class CasdClient:
         try:
             progress()
             todo = await self._reuse_local(chunks, fd, part, reuse, rule, cache, algo, pool,
-                                           done, stats, progress)
+                                           2 * threads, done, stats, progress)
             queue = iter(todo)
 
             async def worker() -> None:
@@ -517,8 +518,8 @@ class CasdClient:
 
     async def _reuse_local(self, chunks: list[ManifestChunk], fd: int, part: Path,
                            reuse: list, rule: Chunking | None, cache: DigestCache | None,
-                           algo: Algo, pool: ThreadPoolExecutor, done: dict, stats: dict,
-                           progress: Callable[[], None]) -> list[ManifestChunk]:
+                           algo: Algo, pool: ThreadPoolExecutor, window: int, done: dict,
+                           stats: dict, progress: Callable[[], None]) -> list[ManifestChunk]:
         """Verify what an earlier try left, copy what `reuse` files hold; the chunks left."""
         loop = asyncio.get_running_loop()
         have = await loop.run_in_executor(pool, _part_length, part)
@@ -546,8 +547,7 @@ class CasdClient:
         if not have and not index:
             return list(chunks)
         todo: list[ManifestChunk] = []
-        # A window of futures keeps every core busy without queueing the whole file.
-        window = 2 * (pool._max_workers)
+        # A window of futures keeps every thread busy without queueing the whole file.
         pending: list[tuple[ManifestChunk, asyncio.Future]] = []
 
         async def drain_one() -> None:
