@@ -468,6 +468,8 @@ class CasdClient:
         # pace with the network instead of being bound by one MD5 core.
         threads = max(2, os.cpu_count() or 1)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="casd-verify")
+        # What an earlier try left, measured before the temp file is sized for this one.
+        have = await loop.run_in_executor(pool, _part_length, part)
         fd = await loop.run_in_executor(pool, _open_part, part, size)
         done = {"bytes": 0, "chunks": 0}
         stats = {"fetched": 0, "fetched_bytes": 0, "reused": 0, "reused_bytes": 0,
@@ -480,8 +482,8 @@ class CasdClient:
 
         try:
             progress()
-            todo = await self._reuse_local(chunks, fd, part, reuse, rule, cache, algo, pool,
-                                           2 * threads, done, stats, progress)
+            todo = await self._reuse_local(chunks, fd, part, have, reuse, rule, cache, algo,
+                                           pool, 2 * threads, done, stats, progress)
             queue = iter(todo)
 
             async def worker() -> None:
@@ -516,13 +518,12 @@ class CasdClient:
             chunks_reused=stats["reused"], bytes_reused=stats["reused_bytes"],
         )
 
-    async def _reuse_local(self, chunks: list[ManifestChunk], fd: int, part: Path,
+    async def _reuse_local(self, chunks: list[ManifestChunk], fd: int, part: Path, have: int,
                            reuse: list, rule: Chunking | None, cache: DigestCache | None,
                            algo: Algo, pool: ThreadPoolExecutor, window: int, done: dict,
                            stats: dict, progress: Callable[[], None]) -> list[ManifestChunk]:
         """Verify what an earlier try left, copy what `reuse` files hold; the chunks left."""
         loop = asyncio.get_running_loop()
-        have = await loop.run_in_executor(pool, _part_length, part)
         wanted = {c.digest for c in chunks}
         index: dict[str, Source] = {}
         if reuse:
