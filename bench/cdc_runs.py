@@ -26,7 +26,7 @@ from casd.client import CasdClient
 
 KiB = 1024
 # The rules a fresh upload is compared under: casd's fixed default and three FastCDC
-# averages around REAPI's recommended 512 KiB.
+# averages from REAPI's recommended 512 KiB up (1 MiB is casd's default).
 FRESH_RULES = (Chunking.fixed(5 * MiB), Chunking.fastcdc(512 * KiB), Chunking.fastcdc(MiB),
                Chunking.fastcdc(2 * MiB))
 

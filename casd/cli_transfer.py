@@ -41,7 +41,7 @@ def register(sub) -> None:
                          f"{DEFAULT_CHUNKING}")
     up.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
                     help="the fixed chunk size (default 5MiB) or the FastCDC average, a power "
-                         f"of two from 1KiB to 4MiB (default {DEFAULT_FASTCDC_AVG // 1024}KiB);"
+                         f"of two from 1KiB to 4MiB (default {DEFAULT_FASTCDC_AVG // 1024 // 1024}MiB);"
                          " e.g. 1M, 65536")
     up.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                     help=f"chunk uploads in flight at once (default {DEFAULT_CONCURRENCY})")

@@ -35,6 +35,6 @@ def test_quick_bench_prints_the_table_with_every_row(tmp_path):
     b1 = r"\| B1 \| fresh upload .*\| \d+\.\d\d s = \d+ MB/s \| MD5 \d+ MB/s \| \d+\.\d\d \|"
     assert re.search(b1, body), out
     assert "fixed-size chunking resends everything after an insertion" in body
-    assert "FastCDC 512 KiB: 1 KiB inserted at the front: chunks sent" in body
+    assert "FastCDC 1 MiB: 1 KiB inserted at the front: chunks sent" in body
     # Nothing is left behind in the temp folder it was given.
     assert list(tmp_path.iterdir()) == []

@@ -153,7 +153,7 @@ function runWorker(job, transfer, signal, onBytes) {
  * chunk's digest. With 2+ cores, one worker reads the file and computes the file digest,
  * and hands each slice on to a second worker that computes the chunk digests.
  * `chunking` "fastcdc" cuts by content (FastCDC 2020 as casd.chunking, `chunkSize` the
- * average, default 512 KiB), in the reading worker as the slices go by; "fixed" (the
+ * average, default 1 MiB), in the reading worker as the slices go by; "fixed" (the
  * default) cuts every `chunkSize` bytes (default 5 MiB).
  * Resolves to {algo, digest, size, chunking, chunkSize, chunks: [{index, offset, size, digest}]}.
  */
