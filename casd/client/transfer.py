@@ -505,8 +505,10 @@ class CasdClient:
                 raise
             await loop.run_in_executor(pool, os.fsync, fd)
         finally:
-            await loop.run_in_executor(pool, os.close, fd)
-            pool.shutdown(wait=False)
+            # No thread may still write through `fd` when it closes (its number could be
+            # reused at once): queued work is dropped, running work finishes first.
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+            os.close(fd)
         await asyncio.to_thread(_publish, part, dest)
         if on_progress is not None:
             on_progress(Progress(Phase.DONE, size, size, len(chunks), len(chunks)))
