@@ -151,21 +151,27 @@ def _same_file(a: Path, b: Path) -> bool:
                 return True
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 async def _plain_get_to_disk(url: str, dest: Path) -> float:
     """Seconds for one GET streamed into a file, fsynced: the disk work of a download."""
     t = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
     loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(url, headers={"Accept-Encoding": "identity"}) as resp:
-            resp.raise_for_status()
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                async for data in resp.content.iter_chunked(MiB):
-                    await loop.run_in_executor(None, os.write, fd, data)
-                await loop.run_in_executor(None, os.fsync, fd)
-            finally:
-                os.close(fd)
+    async with aiohttp.ClientSession(timeout=timeout) as session, \
+            session.get(url, headers={"Accept-Encoding": "identity"}) as resp:
+        resp.raise_for_status()
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            async for data in resp.content.iter_chunked(MiB):
+                await loop.run_in_executor(None, _write_all, fd, data)
+            await loop.run_in_executor(None, os.fsync, fd)
+        finally:
+            os.close(fd)
     return time.perf_counter() - t
 
 
