@@ -262,3 +262,21 @@ async def test_server_without_manifests_gets_one_verified_get(proxy, daemon, tmp
     assert (tmp_path / "out.bin").read_bytes() == data
     assert not got.chunked and got.bytes_received == len(data)
     assert [(m, r) for m, p, r in proxy.seen if not p.endswith("/chunks")] == [("GET", None)]
+
+
+async def test_chunking_given_for_reuse_is_the_rule_used(proxy, daemon, tmp_path, rng):
+    old = tmp_path / "old.bin"
+    old_data = rng.write(old, 2 * MiB, 1)
+    new = tmp_path / "new.bin"
+    new_data = rng.bytes(KiB, 2) + old_data
+    new.write_bytes(new_data)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(new, chunking="fastcdc", chunk_size=32 * KiB)
+    async with CasdClient(proxy.url) as client:
+        wrong = await client.download(s.digest, tmp_path / "a.bin", reuse=[old],
+                                      chunking=Chunking.fixed(32 * KiB))
+        right = await client.download(s.digest, tmp_path / "b.bin", reuse=[old],
+                                      chunking=Chunking.fastcdc(32 * KiB))
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == new_data
+    assert wrong.chunks_fetched > right.chunks_fetched
+    assert right.chunks_fetched <= 3 and right.chunks_reused > 20
