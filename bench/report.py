@@ -245,8 +245,9 @@ def cdc_rows(sizes: Sizes, r: dict) -> list[Row]:
                     "≤ the chunks it touches",
                     _verdict(b3["overwrite_chunks_sent"] <= b3["overwrite_touched"],
                              "" if b3["overwrite_chunks_sent"] <= b3["overwrite_touched"] else
-                             "FastCDC's cuts fall back in step a chunk or two after an edit,"
-                             " so the chunks right after the region change too")))
+                             "FastCDC's cuts fall back in step with the old ones only some "
+                             "chunks after an edit (its mask depends on the distance from "
+                             "the chunk's start), so chunks after the region change too")))
     rows.append(Row("B3c", f"FastCDC {avg}: 1 KiB inserted at the front: chunks sent",
                     f"{b3['insert_chunks_sent']} of {b3['chunks_total']} "
                     f"({_size(b3['insert_sent'])})", "1 KiB changed", "—", "≤ 3 chunks",
