@@ -34,7 +34,9 @@ CASD = Path(__file__).resolve().parent.parent / "casd"
 
 # ---- layering ---------------------------------------------------------------------------
 
-LEAVES = {"casd.config", "casd.digest", "casd.errors", "casd.models", "casd.protocol"}
+LEAVES = {
+    "casd.chunking", "casd.config", "casd.digest", "casd.errors", "casd.models", "casd.protocol",
+}
 # The modules that may use aiohttp's server side: web.py and its plumbing, and `casd serve`.
 SERVER_SIDE = {
     "casd.web", "casd.web_guard", "casd.server", "casd.observe", "casd.metrics",
