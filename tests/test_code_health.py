@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import helpers
+from casd.cli import main
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import CasdError, NotFound, StorageFull
@@ -215,14 +216,23 @@ def test_settings_take_the_edges_of_their_ranges(tmp_path):
     (["--port", "70000"], "--port"),
     (["--upload-ttl", "0"], "--upload-ttl must be"),
 ])
-def test_serve_names_the_flag_of_a_bad_setting(tmp_path, argv, words):
+def test_serve_names_the_flag_of_a_bad_setting(tmp_path, capsys, argv, words):
+    code = main(["serve", "--check-config", "--data", str(tmp_path / "d"), *argv])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("casd serve: ")
+
+
+def test_a_bad_setting_is_one_line_from_the_real_command(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "casd", "serve", "--check-config", "--data", str(tmp_path / "d"),
-         *argv], capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "casd", "serve", "--data", str(tmp_path / "d"), "--port", "0",
+         "--max-pending-chunks", "10"], capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 2, proc
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("casd serve: ")
+    assert proc.stderr.strip().splitlines() == [
+        "casd serve: --max-pending-chunks-per-client cannot exceed --max-pending-chunks"
+    ]
+    assert not (tmp_path / "d").exists()  # refused before anything was made
 
 
 # ---- states as types ---------------------------------------------------------------------
