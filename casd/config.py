@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,23 @@ DEFAULT_DATA = "./casd-data"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 
+ALGOS = ("md5", "sha256")
+SYNC_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+# Settings that count something and must be at least 1.
+_COUNTS = (
+    "max_chunk_size", "max_chunks", "max_handshake_bytes", "max_file_size",
+    "max_pending_chunks", "max_pending_chunks_per_client", "io_workers", "hash_workers",
+    "hook_queue_max", "max_connections", "read_connections", "bulk_read_connections",
+)
+# Timeouts where 0 turns the timeout off.
+_TIMEOUTS = ("header_timeout", "body_timeout", "keepalive_timeout", "shutdown_timeout")
+
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything a daemon runs with. Checked when built: a value out of its range, or two
+    that contradict each other, raise ValueError naming the field (the CLI names its flag)."""
+
     data_dir: Path = Path(DEFAULT_DATA)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -77,6 +92,37 @@ class Settings:
     # for reading long lists (huge manifests), so those never queue the quick ones.
     read_connections: int = 2
     bulk_read_connections: int = 2
+
+    def __post_init__(self) -> None:
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            return value
+
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port!r} is out of range (0 to 65535)")
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError("host must name an address to listen on")
+        for name in _COUNTS:
+            if number(name) < 1 or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be a whole number, at least 1")
+        if self.max_pending_chunks_per_client > self.max_pending_chunks:
+            raise ValueError("max_pending_chunks_per_client cannot exceed max_pending_chunks")
+        if number("reserve_bytes") < 0:
+            raise ValueError("reserve_bytes cannot be negative")
+        for name in ("upload_ttl", "hook_timeout"):
+            if not 0 < number(name) < math.inf:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        for name in _TIMEOUTS:
+            if not 0 <= number(name) < math.inf:
+                raise ValueError(f"{name} must be a number of seconds, 0 or more")
+        if self.sqlite_synchronous not in SYNC_LEVELS:
+            raise ValueError(
+                f"sqlite_synchronous {self.sqlite_synchronous!r} is not one of {', '.join(SYNC_LEVELS)}"
+            )
+        if not self.algos or not set(self.algos) <= set(ALGOS):
+            raise ValueError(f"algos must be some of {', '.join(ALGOS)}, got {list(self.algos)}")
 
     @property
     def blobs_dir(self) -> Path:

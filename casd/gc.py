@@ -17,9 +17,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from casd.blobstore import BlobStore, StoredBlob, TempFile, temp_busy
+from casd.blobstore import BlobStore, TempFile, temp_busy
 from casd.catalog import AdminCatalog, ChunkRow
 from casd.config import Settings
+from casd.digest import Digest
 from casd.errors import AdminError
 
 # Chunks per gc transaction: each one holds the write lock, so the daemon waits at most
@@ -36,6 +37,16 @@ TEMP_MIN_AGE = 600.0
 
 
 @dataclass(frozen=True)
+class OrphanBlob:
+    """A blob file, named like a blob, with no catalogue row."""
+
+    digest: Digest
+    path: Path
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
 class GcPlan:
     """What a gc would remove at `now`; executing it rechecks every item first."""
 
@@ -47,7 +58,7 @@ class GcPlan:
     chunks: tuple[ChunkRow, ...]  # live, unreferenced, older than the grace period
     unfinished: tuple[ChunkRow, ...]  # DELETING rows an earlier gc did not finish
     temp_files: tuple[TempFile, ...]
-    orphans: tuple[StoredBlob, ...] = ()  # blob files with no row, older than the grace
+    orphans: tuple[OrphanBlob, ...] = ()  # blob files with no row, older than the grace
     quarantined: int = 0  # quarantined chunks no file or live upload needs any more
 
     @property
@@ -76,7 +87,7 @@ class GcResult:
     chunk_bytes: int  # bytes of blob files unlinked
     temp_files: tuple[TempFile, ...]
     seconds: float
-    orphans: tuple[StoredBlob, ...] = ()  # orphan blob files unlinked
+    orphans: tuple[OrphanBlob, ...] = ()  # orphan blob files unlinked
     quarantined: int = 0  # quarantined chunk rows forgotten
 
     @property
@@ -134,10 +145,13 @@ class Gc:
             tuple(unfinished), tuple(temps), tuple(orphans), quarantined,
         )
 
-    async def _orphans(self, before: float) -> list[StoredBlob]:
+    async def _orphans(self, before: float) -> list[OrphanBlob]:
         """Blob files untouched since `before` with no row, that no complete file uses."""
         old = await asyncio.to_thread(
-            lambda: [b for b in self.blobs.walk() if b.digest is not None and b.mtime < before]
+            lambda: [
+                OrphanBlob(b.digest, b.path, b.size, b.mtime) for b in self.blobs.walk()
+                if b.digest is not None and b.mtime < before
+            ]
         )
         unrowed = await self.catalog.orphans([b.digest.hex for b in old])
         return [b for b in old if b.digest.hex in unrowed]
@@ -199,7 +213,7 @@ class Gc:
             self._remove_temps, plan.temp_files, plan.now - plan.temp_age
         )
         report("temp_files", len(temps))
-        orphans: list[StoredBlob] = []
+        orphans: list[OrphanBlob] = []
         for blobs in _batches(plan.orphans, batch):
             by_hex = {b.digest.hex: b for b in blobs}
 
@@ -221,7 +235,7 @@ class Gc:
         )
 
     @staticmethod
-    def _unlink_orphans(blobs: list[StoredBlob], before: float) -> list[StoredBlob]:
+    def _unlink_orphans(blobs: list[OrphanBlob], before: float) -> list[OrphanBlob]:
         """Called under the write lock with blobs that still have no row: unlink the old ones
         whose inode is not a temp file a daemon still holds (linked, row not yet written)."""
         removed = []

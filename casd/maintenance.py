@@ -10,6 +10,7 @@ casd/catalog.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -75,7 +76,9 @@ class Maintenance:
                 raise
             log.warning("%s; released the disk reserve %s", exc, settings.reserve_path)
             catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
-        return cls(settings, catalog, BlobStore(settings.blobs_dir, settings.tmp_dir), clock)
+        blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
+        # Catalog.open is annotated to return a Catalog; called on AdminCatalog it builds one.
+        return cls(settings, catalog, blobs, clock)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         await self.catalog.close()
@@ -133,10 +136,8 @@ class Maintenance:
         path = self.settings.catalog_path
         size = 0
         for p in (path, path.with_name(path.name + "-wal")):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 size += p.stat().st_size
-            except FileNotFoundError:
-                pass
         return Stats(
             **c, catalog_bytes=size,
             pending_catalog_bytes=c["pending_entries"] * CATALOG_BYTES_PER_ENTRY,
@@ -239,8 +240,6 @@ def _assemble(parts: list[tuple[Path, int]], dest: Path, total: int) -> None:
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        except FileNotFoundError:
-            pass
         raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import secrets
 import sqlite3
@@ -41,11 +42,14 @@ from casd.errors import (
 )
 from casd.models import (
     FileEntry,
+    HandshakeComplete,
+    HandshakePending,
     HandshakeResult,
     Manifest,
     PendingBudget,
     PutResult,
     Upload,
+    UploadState,
 )
 
 log = logging.getLogger("casd.service")
@@ -156,7 +160,7 @@ class Service:
         )
 
     @classmethod
-    async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Service":
+    async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Service:
         blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
         await asyncio.to_thread(blobs.ensure_dirs)
         def open_catalog():
@@ -285,22 +289,20 @@ class Service:
             # A file that uses a quarantined chunk is damaged: upload it again to heal it.
             and not await self.catalog.damaged(existing.manifest_id)
         ):
-            return HandshakeResult("complete", m.digest, m.size, m.ext)
+            return HandshakeComplete(m.digest, m.size, m.ext)
         await self._admit_upload()
         now = self.clock()
         upload, missing = await self.catalog.begin_upload(
             m, chunks_key(m), now, self._expiry(now), secrets.token_hex(16), client,
             self.budget,
         )
-        return HandshakeResult(
-            "pending", m.digest, m.size, m.ext, upload.id, missing, upload.expires_at
-        )
+        return HandshakePending(m.digest, m.size, m.ext, upload.id, missing, upload.expires_at)
 
     # ---- uploads ----------------------------------------------------------------------
 
     async def _pending(self, upload_id: str) -> Upload:
         upload = await self.catalog.get_upload(upload_id)
-        if upload is None or upload.state != "pending" or upload.expires_at <= self.clock():
+        if upload is None or upload.state != UploadState.PENDING or upload.expires_at <= self.clock():
             raise NotFound(f"no pending upload {upload_id!r} (never created, merged, aborted or expired)")
         return upload
 
@@ -373,9 +375,9 @@ class Service:
                     return False
                 log.warning("chunk %s: the stored blob's bytes are wrong; replacing them with"
                             " the verified ones just received", digest.hex)
-                place = lambda: self.blobs.put_over(temp, digest)
+                place = functools.partial(self.blobs.put_over, temp, digest)
             else:
-                place = lambda: self.blobs.ensure_placed(temp, digest)
+                place = functools.partial(self.blobs.ensure_placed, temp, digest)
             await self._run(temp.finish)
             if not check_stored:
                 # Link into place and fsync the folder here, in parallel with other uploads;
@@ -449,7 +451,7 @@ class Service:
         """Verify the whole file's digest over its chunks and register it; idempotent."""
         # One read decides: another client merging the same upload may flip it to merged.
         upload = await self.catalog.get_upload(upload_id)
-        if upload is not None and upload.state == "merged":
+        if upload is not None and upload.state == UploadState.MERGED:
             return await self._merged_file(upload)
         if upload is None or upload.expires_at <= self.clock():
             raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
@@ -482,7 +484,7 @@ class Service:
     async def _settled(self, upload_id: str) -> FileEntry:
         """The answer for an upload that stopped being pending under a merge's feet."""
         upload = await self.catalog.get_upload(upload_id)
-        if upload is not None and upload.state == "merged":
+        if upload is not None and upload.state == UploadState.MERGED:
             return await self._merged_file(upload)
         raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
 

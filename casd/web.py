@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import hmac
+import json
 import logging
 import mimetypes
 import os
@@ -13,7 +13,6 @@ import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import msgspec
@@ -21,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from casd import hooks, observe, openapi
+from casd import hooks, observe, openapi, protocol
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import (
@@ -46,7 +45,7 @@ from casd.errors import (
     UnsupportedMediaType,
 )
 from casd.hooks import HOOKS
-from casd.models import ChunkRef, FileEntry, Manifest
+from casd.models import ChunkRef, FileEntry, HandshakeComplete, Manifest
 from casd.service import Service
 from casd.web_guard import guard_middleware, install_guard, require_json
 
@@ -58,9 +57,7 @@ BIG_HANDSHAKES = web.AppKey("big_handshakes", asyncio.Semaphore)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-_EXT = re.compile(r"\.[A-Za-z0-9_-]{1,16}\Z")
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}\Z")
-_URL_EXT = re.compile(r"(\.[A-Za-z0-9_-]{1,16})*\Z")
 # RFC 7240: a client that tracks progress itself may skip the `missing` list in chunk answers.
 _MINIMAL = re.compile(r"(^|[,;\s])return\s*=\s*minimal\b", re.I)
 # Parsing a big manifest takes long enough to stall other requests; do it in a thread.
@@ -71,33 +68,43 @@ BIG_HANDSHAKES_AT_ONCE = 2
 
 # Domain error -> (HTTP status, protocol error code). The only place they meet.
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
-    BadRequest: (400, "bad_request"),
-    Unauthorized: (401, "unauthorized"),
-    Forbidden: (403, "forbidden"),
-    NotFound: (404, "not_found"),
-    Incomplete: (409, "incomplete"),
-    NotInManifest: (409, "not_in_manifest"),
-    BodyTimeout: (408, "request_timeout"),
-    TooLarge: (413, "too_large"),
-    UnsupportedMediaType: (415, "unsupported_media_type"),
-    RangeNotSatisfiable: (416, "range_not_satisfiable"),
-    MisdirectedRequest: (421, "misdirected_request"),
-    DigestMismatch: (422, "digest_mismatch"),
-    MalformedBody: (400, "bad_request"),
-    SizeMismatch: (422, "size_mismatch"),
-    FileDigestMismatch: (422, "file_digest_mismatch"),
-    TooManyPending: (429, "too_many_pending"),
-    Unavailable: (503, "unavailable"),
-    StorageFull: (507, "insufficient_storage"),
+    BadRequest: (400, protocol.BAD_REQUEST),
+    Unauthorized: (401, protocol.UNAUTHORIZED),
+    Forbidden: (403, protocol.FORBIDDEN),
+    NotFound: (404, protocol.NOT_FOUND),
+    Incomplete: (409, protocol.INCOMPLETE),
+    NotInManifest: (409, protocol.NOT_IN_MANIFEST),
+    BodyTimeout: (408, protocol.REQUEST_TIMEOUT),
+    TooLarge: (413, protocol.TOO_LARGE),
+    UnsupportedMediaType: (415, protocol.UNSUPPORTED_MEDIA_TYPE),
+    RangeNotSatisfiable: (416, protocol.RANGE_NOT_SATISFIABLE),
+    MisdirectedRequest: (421, protocol.MISDIRECTED_REQUEST),
+    DigestMismatch: (422, protocol.DIGEST_MISMATCH),
+    MalformedBody: (400, protocol.BAD_REQUEST),
+    SizeMismatch: (422, protocol.SIZE_MISMATCH),
+    FileDigestMismatch: (422, protocol.FILE_DIGEST_MISMATCH),
+    TooManyPending: (429, protocol.TOO_MANY_PENDING),
+    Unavailable: (503, protocol.UNAVAILABLE),
+    StorageFull: (507, protocol.INSUFFICIENT_STORAGE),
 }
 # aiohttp's own refusals (no route, wrong method, body over client_max_size) in the same shape.
 HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
+    400: protocol.BAD_REQUEST,
+    401: protocol.UNAUTHORIZED,
+    404: protocol.NOT_FOUND,
+    405: protocol.METHOD_NOT_ALLOWED,
+    413: protocol.TOO_LARGE,
 }
+
+
+def mapped_error(exc: CasdError) -> tuple[int, str] | None:
+    """(HTTP status, error code) of the nearest of `exc`'s classes in ERROR_MAP; None when
+    none is there (a bug: the middleware answers 500 and logs it)."""
+    for cls in type(exc).__mro__:
+        found = ERROR_MAP.get(cls)
+        if found is not None:
+            return found
+    return None
 
 
 def error_response(status: int, code: str, message: str, **extra) -> web.Response:
@@ -109,7 +116,12 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except CasdError as exc:
-        status, code = ERROR_MAP[type(exc)]
+        mapped = mapped_error(exc)
+        if mapped is None:
+            log.error("unmapped domain error on %s %s", request.method, request.raw_path,
+                      exc_info=exc)
+            return _internal_error()
+        status, code = mapped
         resp = error_response(status, code, exc.message, **exc.extra)
         if isinstance(exc, RangeNotSatisfiable):
             resp.headers["Content-Range"] = f"bytes */{exc.size}"
@@ -119,7 +131,7 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = HTTP_CODES.get(exc.status, "bad_request")
+        code = HTTP_CODES.get(exc.status, protocol.BAD_REQUEST)
         resp = error_response(exc.status, code, _reason(request, exc))
         if "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]
@@ -128,9 +140,13 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.raw_path)
-        return error_response(
-            500, "internal_error", "the server failed to handle this request; see its log"
-        )
+        return _internal_error()
+
+
+def _internal_error() -> web.Response:
+    return error_response(
+        500, protocol.INTERNAL_ERROR, "the server failed to handle this request; see its log"
+    )
 
 
 async def _answer_and_close(request: web.Request, resp: web.Response) -> None:
@@ -238,7 +254,7 @@ def _same(given: str, token: str) -> bool:
 
 
 def parse_ext(value: object) -> str:
-    if not isinstance(value, str) or (value and not _EXT.match(value)):
+    if not isinstance(value, str) or (value and not protocol.EXT_RE.match(value)):
         raise BadRequest(
             f"ext {value!r} is not empty or a dot followed by 1 to 16 of [A-Za-z0-9_-]"
         )
@@ -299,7 +315,7 @@ def parse_manifest(body: bytes | bytearray) -> Manifest:
         ext = parse_ext(data.ext)
     else:
         guess = os.path.splitext(name)[1]
-        ext = guess.lower() if _EXT.match(guess) else ""
+        ext = guess.lower() if protocol.EXT_RE.match(guess) else ""
     chunks = []
     parse_hex = algo.parse_hex
     for i, c in enumerate(data.chunks):
@@ -330,21 +346,13 @@ def parse_upload_id(request: web.Request) -> str:
     return upload_id
 
 
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def file_url(digest: Digest, ext: str) -> str:
-    return f"/v1/files/{digest.hex}{ext}"
-
-
 def _complete(digest: Digest, size: int, ext: str) -> dict:
     return {
         "status": "complete",
         "algo": digest.algo.value,
         digest.algo.value: digest.hex,
         "size": size,
-        "url": file_url(digest, ext),
+        "url": protocol.file_url(digest, ext),
     }
 
 
@@ -385,9 +393,9 @@ async def handshake(request: web.Request) -> web.Response:
         await hooks.check_handshake(request, manifest)
         result = await service.handshake(manifest, client)
     skipped = observe.handshake_answered(request, manifest, result)
-    hooks.remember_skipped(result.upload_id, skipped)
-    if result.status == "complete":
+    if isinstance(result, HandshakeComplete):
         return web.json_response(_complete(result.digest, result.size, result.ext))
+    hooks.remember_skipped(result.upload_id, skipped)
     return missing_response(
         {
             "status": "pending",
@@ -395,7 +403,7 @@ async def handshake(request: web.Request) -> web.Response:
             result.digest.algo.value: result.digest.hex,
             "size": result.size,
             "upload_id": result.upload_id,
-            "expires_at": rfc3339(result.expires_at),
+            "expires_at": protocol.format_timestamp(result.expires_at),
         },
         result.missing,
     )
@@ -410,7 +418,7 @@ async def upload_status(request: web.Request) -> web.Response:
             "algo": upload.digest.algo.value,
             upload.digest.algo.value: upload.digest.hex,
             "size": upload.size,
-            "expires_at": rfc3339(upload.expires_at),
+            "expires_at": protocol.format_timestamp(upload.expires_at),
         },
         missing,
     )
@@ -425,7 +433,7 @@ async def put_chunk(request: web.Request) -> web.Response:
         with_missing=not minimal,
     )
     status = 201 if result.stored else 200
-    if minimal:
+    if result.missing is None:  # the client asked for the minimal answer
         return web.json_response(
             {"stored": result.stored}, status=status,
             headers={"Preference-Applied": "return=minimal"},
@@ -449,7 +457,7 @@ def _split_file_name(name: str) -> tuple[Digest, str]:
     hex_, dot, ext = name.partition(".")
     digest = parse_digest(hex_, "file digest")
     ext = dot + ext
-    if not _URL_EXT.match(ext):
+    if not protocol.EXTS_RE.match(ext):
         raise BadRequest(f"{ext!r} is not an extension")
     return digest, ext.lower()
 
@@ -700,7 +708,7 @@ async def healthz(request: web.Request) -> web.Response:
         # The details (paths, SQLite's words) are for the operator; /healthz needs no token.
         log.warning("health check failed: %s", exc)
         return error_response(
-            503, "unavailable",
+            503, protocol.UNAVAILABLE,
             "unhealthy: the catalogue cannot be read or the data folder cannot be written;"
             " the daemon's log says which",
         )

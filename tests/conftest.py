@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import subprocess
@@ -13,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from casd.config import Settings
+from helpers import RandomData
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -35,9 +36,9 @@ class Daemon:
         self.url = ""
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def start(self, timeout: float = 30.0) -> Daemon:
         assert self.proc is None, "already running"
-        log = open(self.log_path, "a")
+        log = open(self.log_path, "a")  # noqa: SIM115 - the child keeps it; closed below
         start_offset = log.tell()
         cmd = [
             sys.executable, "-m", "casd", "serve",
@@ -80,7 +81,7 @@ class Daemon:
             proc.kill()
             proc.wait()
 
-    def restart(self) -> "Daemon":
+    def restart(self) -> Daemon:
         self.kill()
         return self.start()
 
@@ -137,36 +138,21 @@ def browser():
         b.close()
 
 
-# One seed per test session, from $CASD_TEST_SEED or picked at random; pytest prints it in
-# its header and in the report of every failing test that used random data.
-TEST_SEED = int(os.environ.get("CASD_TEST_SEED") or random.SystemRandom().randrange(2**32))
-
-
 def pytest_report_header(config) -> str:
-    return f"random test data: CASD_TEST_SEED={TEST_SEED}"
-
-
-class RandomData:
-    """Random bytes for one test, the same again for the same seed and test id."""
-
-    def __init__(self, seed: int, test_id: str):
-        self.seed = seed
-        self.test_id = test_id
-
-    def bytes(self, n: int, tag: object = 0) -> bytes:
-        """`n` random bytes; a different `tag` gives different bytes within the test."""
-        return random.Random(f"{self.seed}:{self.test_id}:{tag}").randbytes(n)
-
-    def write(self, path: Path, n: int, tag: object = 0) -> bytes:
-        """Write `n` random bytes to `path` and return them."""
-        data = self.bytes(n, tag)
-        path.write_bytes(data)
-        return data
+    return f"random test data: CASD_TEST_SEED={helpers.TEST_SEED}"
 
 
 @pytest.fixture
 def rng(request) -> RandomData:
     """Seeded random test data; a failure report shows the seed that reproduces it."""
-    request.node.user_properties.append(("CASD_TEST_SEED", TEST_SEED))
-    print(f"random test data: CASD_TEST_SEED={TEST_SEED} reproduces this test's bytes")
-    return RandomData(TEST_SEED, request.node.nodeid)
+    request.node.user_properties.append(("CASD_TEST_SEED", helpers.TEST_SEED))
+    print(f"random test data: CASD_TEST_SEED={helpers.TEST_SEED} reproduces this test's bytes")
+    return RandomData(helpers.TEST_SEED, request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rand(request):
+    """`helpers.rand(n)` draws from this test's seeded stream (see `helpers.rand`)."""
+    helpers.current = helpers.Draws(RandomData(helpers.TEST_SEED, request.node.nodeid))
+    yield
+    helpers.current = None

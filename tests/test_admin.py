@@ -16,13 +16,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import Prepared, prepare, rand, snapshot
-from helpers import upload as upload_one
 
 from casd.catalog import AdminCatalog
 from casd.cli import main
 from casd.config import Settings
 from casd.maintenance import Maintenance
+from helpers import Prepared, prepare, rand, snapshot
+from helpers import upload as upload_one
 
 KiB = 1024
 CHUNK = 64 * KiB

@@ -11,9 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Slow: the whole bench at --quick, half a minute.
+@pytest.mark.slow
 def test_quick_bench_prints_the_table_with_every_row(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--tmp", str(tmp_path)],

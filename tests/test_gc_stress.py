@@ -69,7 +69,7 @@ class File:
         self.digest = h.hexdigest()
         self.handshake = {"algo": self.algo, self.algo: self.digest, "size": len(self.data),
                           "chunks": entries}
-        self.by_digest = {e[self.algo]: c for e, c in zip(entries, self.chunks)}
+        self.by_digest = {e[self.algo]: c for e, c in zip(entries, self.chunks, strict=True)}
 
 
 def make_file(algo: str, chunks: list[bytes]) -> File:
@@ -238,7 +238,7 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     daemon = daemon_factory("--sync", "NORMAL")  # quicker to fill with garbage
     rng = random.Random(7)
     garbage = [rng.randbytes(rng.randrange(512, 2 * KiB)) for _ in range(400)]
-    keep = make_file("md5", garbage[::40] + [rng.randbytes(4 * KiB)])  # shares 10 chunks
+    keep = make_file("md5", [*garbage[::40], rng.randbytes(4 * KiB)])  # shares 10 chunks
     doomed = make_file("md5", garbage)
     async with session() as s:
         async with s.post(f"{daemon.url}/v1/handshake", json=doomed.handshake) as r:
