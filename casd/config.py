@@ -77,6 +77,9 @@ class Settings:
     # for reading long lists (huge manifests), so those never queue the quick ones.
     read_connections: int = 2
     bulk_read_connections: int = 2
+    # Where the catalogue lives: a postgresql:// URL (shared by several daemons), or None
+    # for catalog.sqlite in the data folder.
+    catalog: str | None = None
 
     @property
     def blobs_dir(self) -> Path:
@@ -97,6 +100,11 @@ class Settings:
     @property
     def catalog_path(self) -> Path:
         return self.data_dir / "catalog.sqlite"
+
+    @property
+    def catalog_where(self) -> str | Path:
+        """What casd.catalog.open_catalog opens: the database URL, else the SQLite file."""
+        return self.catalog or self.catalog_path
 
 
 def data_dir_from_env(value: str | None = None) -> Path:

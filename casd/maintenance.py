@@ -1,8 +1,8 @@
 """Looking after a data folder beside a live daemon: gc (plan, execute), fsck, stats, ls, rm, export.
 
 Everything here opens the catalogue directly, as its own process next to a possibly running
-`casd serve`; SQLite's WAL and write lock make that safe. The ordering rules of gc are
-described at the maintenance section of casd/catalog.py.
+`casd serve`; the catalogue's digest lock makes that safe (docs/admin.md). The ordering
+rules of gc are described at the maintenance section of casd/catalog/sqlite.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,15 @@ from casd.blobstore import (
     fsync_dir,
     temp_busy,
 )
-from casd.catalog import DELETING, LIVE, QUARANTINED, AdminCatalog, ChunkRow, ChunkUsers
+from casd.catalog import (
+    DELETING,
+    LIVE,
+    QUARANTINED,
+    Catalog,
+    ChunkRow,
+    ChunkUsers,
+    open_catalog,
+)
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import CasdError, NotFound, StorageFull
@@ -294,7 +302,7 @@ class Maintenance:
     """The admin commands over one data folder's catalogue and blob store."""
 
     def __init__(
-        self, settings: Settings, catalog: AdminCatalog, blobs: BlobStore,
+        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
@@ -308,12 +316,16 @@ class Maintenance:
     ) -> Maintenance:
         """Open an existing data folder; NotFound when there is no catalogue in it."""
         path = settings.catalog_path
-        if not path.is_file():
+        if settings.catalog is None and not path.is_file():
             raise NotFound(
                 f"no casd catalogue at {path} (is --data or $CASD_DATA the daemon's data folder?)"
             )
+
+        def open_it():
+            return open_catalog(settings.catalog_where, synchronous=settings.sqlite_synchronous)
+
         try:
-            catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
+            catalog = await open_it()
         except sqlite3.OperationalError as exc:
             # With no daemon running, opening makes the WAL and its shared-memory file, and
             # a full disk fails that as "disk I/O error": the reserve is there for this.
@@ -321,7 +333,7 @@ class Maintenance:
             if not await asyncio.to_thread(reserve.release):
                 raise
             log.warning("%s; released the disk reserve %s", exc, settings.reserve_path)
-            catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
+            catalog = await open_it()
         return cls(settings, catalog, BlobStore(settings.blobs_dir, settings.tmp_dir), clock)
 
     async def close(self) -> None:
