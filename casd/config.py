@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -110,3 +111,21 @@ class Settings:
 def data_dir_from_env(value: str | None = None) -> Path:
     """The data folder: an explicit value, else $CASD_DATA, else ./casd-data."""
     return Path(value or os.environ.get("CASD_DATA") or DEFAULT_DATA)
+
+
+def is_database_url(value: str | None) -> bool:
+    """True when `value` names a PostgreSQL database rather than a file."""
+    return bool(value) and str(value).split(":", 1)[0] in ("postgresql", "postgres")
+
+
+def masked(url: str) -> str:
+    """`url` with its password replaced by ***, for logs, --check-config and errors."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(an unparsable URL)"
+    if password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

@@ -35,8 +35,8 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
+from casd.config import is_database_url, masked
 from casd.digest import Digest
 from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
 
@@ -295,21 +295,6 @@ class Catalog(Protocol):
         """Drop these pending uploads (and their manifests) in one transaction; the ids found."""
 
     async def list_files(self) -> list[FileEntry]: ...
-
-
-def is_database_url(value: str | None) -> bool:
-    """True when `value` names a PostgreSQL database rather than a file."""
-    return bool(value) and value.split(":", 1)[0] in ("postgresql", "postgres")
-
-
-def masked(url: str) -> str:
-    """`url` with its password replaced by ***, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 async def open_catalog(

@@ -159,6 +159,22 @@ async def _lock_digests(con: asyncpg.Connection, digests: Iterable[str]) -> None
         await con.execute("SELECT pg_advisory_xact_lock($1)", key)
 
 
+class _Theirs(Exception):
+    """An error raised by a Locked callback: carried out of the transaction unchanged (its
+    writes rolled back), never taken for a database failure."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+async def _locked(fn: Locked, arg):
+    """Await a Locked callback inside the transaction; its errors stay its own."""
+    try:
+        return await fn(arg)
+    except Exception as exc:
+        raise _Theirs(exc) from exc
+
+
 class _Writes:
     """Depth and commit timing of the engine's transactions (metrics)."""
 
@@ -218,6 +234,8 @@ class PostgresCatalog:
                     ) if read else con.transaction()
                     async with tx:
                         result = await fn(con, *args)
+            except _Theirs as theirs:
+                raise theirs.error from None
             except Exception as exc:
                 if _retryable(exc) and attempt + 1 < _RETRIES:
                     await asyncio.sleep(0.01 * (attempt + 1))
@@ -374,7 +392,7 @@ class PostgresCatalog:
                 "SELECT 1 FROM chunks WHERE digest = $1 AND state = $2", digest.hex, LIVE
             ):
                 return False
-            await place(digest)
+            await _locked(place, digest)
             await con.execute(
                 "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
                 " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (digest) DO UPDATE SET"
@@ -553,7 +571,7 @@ class PostgresCatalog:
                 )
             ]
             if rows:
-                await unlink(rows)
+                await _locked(unlink, rows)
                 await con.execute(
                     "DELETE FROM chunks WHERE digest = ANY($1::text[]) AND state = $2",
                     [r.digest.hex for r in rows], DELETING,
@@ -595,7 +613,7 @@ class PostgresCatalog:
         async def retire(con):
             await _lock_digests(con, digests)
             rows = await con.fetch(_ROWED_OR_FILED, digests)
-            return await unlink(set(digests) - {r[0] for r in rows})
+            return await _locked(unlink, set(digests) - {r[0] for r in rows})
 
         return await self._run(retire)
 
@@ -610,7 +628,7 @@ class PostgresCatalog:
         async def set_aside(con):
             await _lock_digests(con, wanted)
             facts = {d: await _chunk_users(con, d, now) for d in wanted}
-            chosen = await decide(facts)
+            chosen = await _locked(decide, facts)
             await con.executemany(
                 "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
                 " VALUES ($1, $2, $3, '', $4, $5) ON CONFLICT (digest) DO UPDATE SET"
@@ -641,7 +659,7 @@ class PostgresCatalog:
         async def look(con):
             await _lock_digests(con, wanted)
             facts = {d: await _chunk_users(con, d, now) for d in wanted}
-            answer = await probe(facts) if probe is not None else None
+            answer = await _locked(probe, facts) if probe is not None else None
             return facts, answer
 
         return await self._run(look)
