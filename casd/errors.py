@@ -86,3 +86,7 @@ class MalformedBody(CasdError):
 
 class TooManyPending(CasdError):
     """A new upload would take pending manifests over their budget (it frees as uploads end)."""
+
+
+class AdminError(CasdError):
+    """A maintenance request that cannot be done as asked (the message says why)."""
