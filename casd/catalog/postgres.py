@@ -198,7 +198,7 @@ class PostgresCatalog:
         at once). Unavailable, naming the URL without its password, when it cannot."""
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=max(4, readers + 4),
+                url, min_size=0, max_size=max(4, readers + 4),
                 command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT,
             )
         except Exception as exc:
