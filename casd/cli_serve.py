@@ -17,6 +17,7 @@ from casd import logs
 from casd.cli_common import CliError, add_data_arg, catalog_url, data_dir, parse_size
 from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings, masked
 from casd.digest import Algo
+from casd.errors import Unavailable
 from casd.server import (
     AcceptFailureLog,
     CasdAppRunner,
@@ -262,6 +263,8 @@ async def serve(settings: Settings) -> int:
     try:
         await runner.setup()
     except Exception as exc:
+        if isinstance(exc, Unavailable):  # says which database, its password masked
+            raise CliError(exc.message) from None
         raise CliError(f"cannot open the catalogue in {settings.data_dir}: {exc}") from None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

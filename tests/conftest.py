@@ -35,7 +35,7 @@ class Daemon:
         self.url = ""
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def start(self, timeout: float = 30.0) -> Daemon:
         assert self.proc is None, "already running"
         log = open(self.log_path, "a")
         start_offset = log.tell()
@@ -80,7 +80,7 @@ class Daemon:
             proc.kill()
             proc.wait()
 
-    def restart(self) -> "Daemon":
+    def restart(self) -> Daemon:
         self.kill()
         return self.start()
 

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from casd.config import is_database_url, masked
+from casd.config import is_database_url
 from casd.digest import Digest
 from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
 
@@ -47,14 +47,14 @@ DELETING = 1
 # a PUT stores the chunk again.
 QUARANTINED = 2
 
-A = TypeVar("A", contravariant=True)
-R = TypeVar("R", covariant=True)
+A_contra = TypeVar("A_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
 
 
-class Locked(Protocol[A, R]):
+class Locked(Protocol[A_contra, R_co]):
     """`async def fn(arg) -> result`, awaited once while the digest lock is held (above)."""
 
-    def __call__(self, arg: A, /) -> Awaitable[R]: ...
+    def __call__(self, arg: A_contra, /) -> Awaitable[R_co]: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,8 +38,8 @@ from casd.catalog import (
     ChunkRow,
     ChunkUsers,
     Locked,
-    masked,
 )
+from casd.config import masked
 from casd.digest import Algo, Digest
 from casd.errors import (
     BadRequest,
@@ -193,7 +193,7 @@ class PostgresCatalog:
         self._writes = _Writes()
 
     @classmethod
-    async def open(cls, url: str, readers: int = 4) -> "PostgresCatalog":
+    async def open(cls, url: str, readers: int = 4) -> PostgresCatalog:
         """Connect to `url`, migrating the schema as needed (safe when several daemons start
         at once). Unavailable, naming the URL without its password, when it cannot."""
         try:
@@ -201,15 +201,19 @@ class PostgresCatalog:
                 url, min_size=0, max_size=max(4, readers + 4),
                 command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to connect: one clear line
             raise Unavailable(
                 f"cannot open the catalogue database {masked(url)}: {_describe(exc, url)}"
             ) from None
         try:
-            async with pool.acquire() as con:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT * 2) as con:
                 await _migrate(con)
-        except BaseException:
+        except BaseException as exc:
             await pool.close()
+            if isinstance(exc, Exception) and _unavailable(exc):
+                raise Unavailable(
+                    f"cannot open the catalogue database {masked(url)}: {_describe(exc, url)}"
+                ) from None
             raise
         return cls(pool, url)
 

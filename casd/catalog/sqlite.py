@@ -17,19 +17,10 @@ import dataclasses
 import importlib.resources
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from casd.digest import Algo, Digest
-from casd.errors import (
-    BadRequest,
-    FileDigestMismatch,
-    Incomplete,
-    StorageFull,
-    TooLarge,
-    TooManyPending,
-)
 from casd.catalog import (
     DELETING,
     LIVE,
@@ -38,6 +29,15 @@ from casd.catalog import (
     ChunkUsers,
     Locked,
     WriteStats,
+)
+from casd.digest import Algo, Digest
+from casd.errors import (
+    BadRequest,
+    FileDigestMismatch,
+    Incomplete,
+    StorageFull,
+    TooLarge,
+    TooManyPending,
 )
 from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
 
@@ -114,7 +114,7 @@ class ReadPool:
             self._free.put_nowait(con)
 
     @classmethod
-    async def open(cls, path: Path, synchronous: str, n: int, name: str) -> "ReadPool":
+    async def open(cls, path: Path, synchronous: str, n: int, name: str) -> ReadPool:
         thread = ThreadPoolExecutor(n, thread_name_prefix=f"casd-sql-{name}")
 
         def connect() -> sqlite3.Connection:
@@ -169,7 +169,7 @@ def _fetch_all(con: sqlite3.Connection, sql: str, params: tuple) -> list:
 class _Daemon:
     """What the daemon asks of the catalogue (SqliteCatalog, at the end of this module)."""
 
-    def __init__(self, quick: ReadPool, bulk: ReadPool, group: "GroupWriter"):
+    def __init__(self, quick: ReadPool, bulk: ReadPool, group: GroupWriter):
         self._quick = quick
         self._bulk = bulk
         self._group = group
@@ -177,7 +177,7 @@ class _Daemon:
     @classmethod
     async def open(
         cls, path: Path, synchronous: str = "FULL", readers: int = 2, bulk_readers: int = 2
-    ) -> "SqliteCatalog":
+    ) -> SqliteCatalog:
         """Open (creating and migrating as needed) the catalogue at `path`."""
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"bad synchronous level {synchronous!r}")
@@ -436,7 +436,7 @@ class GroupWriter:
         return len(self._queue)
 
     @classmethod
-    async def open(cls, path: Path, synchronous: str) -> "GroupWriter":
+    async def open(cls, path: Path, synchronous: str) -> GroupWriter:
         thread = ThreadPoolExecutor(1, thread_name_prefix="casd-sql-writer")
 
         def connect() -> sqlite3.Connection:
