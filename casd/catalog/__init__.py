@@ -38,6 +38,7 @@ from typing import Protocol, TypeVar
 
 from casd.config import is_database_url
 from casd.digest import Digest
+from casd.errors import Unavailable
 from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
 
 LIVE = 0
@@ -303,7 +304,12 @@ async def open_catalog(
     """Open (creating and migrating as needed) the catalogue `where` names: a
     postgresql:// URL, or the path of a SQLite file. The caller closes it."""
     if isinstance(where, str) and is_database_url(where):
-        from casd.catalog.postgres import PostgresCatalog
+        try:
+            from casd.catalog.postgres import PostgresCatalog
+        except ImportError as exc:
+            raise Unavailable(
+                f"a PostgreSQL catalogue needs {exc.name}: pip install 'casd[postgres]'"
+            ) from None
 
         return await PostgresCatalog.open(where, readers=readers + bulk_readers)
     from casd.catalog.sqlite import SqliteCatalog

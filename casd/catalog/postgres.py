@@ -224,20 +224,27 @@ class PostgresCatalog:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def _run(self, fn: Callable[..., Awaitable], *args, read: bool = False):
-        """fn(connection, *args) in one transaction; failures of the database made
-        Unavailable, deadlocks retried."""
+    async def _run(
+        self, fn: Callable[..., Awaitable], *args, read: bool = False, snapshot: bool = False
+    ):
+        """fn(connection, *args) in one write transaction, or (`read`) as one statement that
+        is its own snapshot, or (`snapshot`) in one read-only REPEATABLE READ transaction for
+        several statements; failures of the database made Unavailable, deadlocks retried."""
+        read = read or snapshot
         for attempt in range(_RETRIES):
             started = time.perf_counter()
             if not read:
                 self._writes.depth += 1
             try:
                 async with self._pool.acquire(timeout=COMMAND_TIMEOUT) as con:
-                    tx = con.transaction(
-                        isolation="repeatable_read", readonly=True
-                    ) if read else con.transaction()
-                    async with tx:
+                    if read and not snapshot:
                         result = await fn(con, *args)
+                    else:
+                        tx = con.transaction(
+                            isolation="repeatable_read", readonly=True
+                        ) if snapshot else con.transaction()
+                        async with tx:
+                            result = await fn(con, *args)
             except _Theirs as theirs:
                 raise theirs.error from None
             except Exception as exc:
@@ -299,7 +306,7 @@ class PostgresCatalog:
             )
             return entry, [(r[0], r[1]) for r in chunks]
 
-        return await self._run(read, read=True)
+        return await self._run(read, snapshot=True)
 
     async def get_upload(self, upload_id: str) -> Upload | None:
         row = await self._one(_UPLOAD_BY_ID, upload_id)
@@ -701,7 +708,7 @@ class PostgresCatalog:
                 "expired_uploads": expired,
             }
 
-        return await self._run(count, read=True)
+        return await self._run(count, snapshot=True)
 
     async def pending_uploads(self) -> list[PendingUpload]:
         rows = await self._fetch(
