@@ -137,3 +137,26 @@ async def test_a_database_that_goes_down_gives_503_then_recovers(
         assert await get(s, d.url + fresh["url"]) == (200, q.data)
     assert "secret-pw" not in d.log()
     assert "Traceback" not in d.log()
+
+
+async def test_daemons_starting_together_migrate_once(postgres_url):
+    """Several processes opening a new database at once: one migrates, the others wait for
+    it; every step is recorded once."""
+    import asyncpg
+
+    from casd.catalog import open_catalog
+    from casd.catalog.postgres import _migrations
+
+    cats = await asyncio.gather(*(open_catalog(postgres_url) for _ in range(4)))
+    try:
+        for c in cats:
+            await c.ping()
+    finally:
+        for c in cats:
+            await c.close()
+    con = await asyncpg.connect(postgres_url)
+    try:
+        rows = await con.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    finally:
+        await con.close()
+    assert [(r[0], r[1]) for r in rows] == [(v, n) for v, n, _sql in _migrations()]

@@ -515,6 +515,10 @@ class GroupWriter:
                 try:
                     value = fn(con, *args)
                 except Exception as exc:  # noqa: BLE001 - this op's error, not the batch's
+                    if not con.in_transaction:
+                        # SQLite rolled the whole transaction back (SQLITE_FULL does): the
+                        # batch's earlier operations are undone too, so it fails as a whole.
+                        raise
                     con.execute("ROLLBACK TO op")
                     con.execute("RELEASE op")
                     results.append((False, _named(exc)))
