@@ -33,7 +33,7 @@ async def test_a_full_database_is_storage_full_and_writes_nothing(tmp_path):
             await cat.begin_upload(manifest("big", 20_000), "k", 0, 1e12, "a" * 32)
         assert await cat.get_upload("a" * 32) is None
         await cat.writer.alone(limit, 1 << 30)
-        up, missing = await cat.begin_upload(manifest("big", 20_000), "k", 0, 1e12, "a" * 32)
+        _up, missing = await cat.begin_upload(manifest("big", 20_000), "k", 0, 1e12, "a" * 32)
         assert len(missing) == 20_000
     finally:
         await cat.close()

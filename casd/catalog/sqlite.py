@@ -514,7 +514,7 @@ class GroupWriter:
                 con.execute("SAVEPOINT op")
                 try:
                     value = fn(con, *args)
-                except Exception as exc:  # noqa: BLE001 - this op's error, not the batch's
+                except Exception as exc:
                     if not con.in_transaction:
                         # SQLite rolled the whole transaction back (SQLITE_FULL does): the
                         # batch's earlier operations are undone too, so it fails as a whole.
