@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Self
 
 from casd.catalog import (
     DELETING,
@@ -177,7 +178,7 @@ class _Daemon:
     @classmethod
     async def open(
         cls, path: Path, synchronous: str = "FULL", readers: int = 2, bulk_readers: int = 2
-    ) -> SqliteCatalog:
+    ) -> Self:
         """Open (creating and migrating as needed) the catalogue at `path`."""
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"bad synchronous level {synchronous!r}")
@@ -466,7 +467,7 @@ class GroupWriter:
     def under_lock(self, fn: Locked, arg):
         """Await fn(arg) on the event loop from the writer thread, inside the running write
         transaction; its result or error. Only for write operations (they run on this thread)."""
-        return asyncio.run_coroutine_threadsafe(fn(arg), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(_awaited(fn, arg), self._loop).result()
 
     async def alone(self, fn: Callable, *args):
         """fn(connection, *args) on the writer thread with no transaction open around it (it
@@ -531,6 +532,10 @@ class GroupWriter:
                 con.execute("ROLLBACK")
             raise
         return results
+
+
+async def _awaited(fn: Locked, arg):
+    return await fn(arg)
 
 
 def _named(exc: Exception) -> Exception:
@@ -610,11 +615,11 @@ def _begin_upload(
         _drop_upload_sync(con, existing.id, existing.manifest_id)
     if budget is not None:
         _check_budget(con, budget, client, len(manifest.chunks), now)
-    manifest_id = con.execute(
+    manifest_id: int = con.execute(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (d.algo.value, d.hex, manifest.size, chunks_key, len(manifest.chunks), now),
-    ).lastrowid
+    ).fetchone()[0]
     con.executemany(
         "INSERT INTO manifest_chunks (manifest_id, seq, digest, size) VALUES (?, ?, ?, ?)",
         ((manifest_id, i, c.hex, c.size) for i, c in enumerate(manifest.chunks)),
