@@ -160,3 +160,39 @@ async def test_daemons_starting_together_migrate_once(postgres_url):
     finally:
         await con.close()
     assert [(r[0], r[1]) for r in rows] == [(v, n) for v, n, _sql in _migrations()]
+
+
+def test_the_catalogue_url_comes_from_flag_env_or_config_and_is_never_shown(tmp_path):
+    """`catalog = "..."` in the config file, $CASD_CATALOG, --catalog: each is taken, in that
+    order of precedence, and --check-config shows it with its password masked."""
+    import os
+
+    config = tmp_path / "casd.toml"
+    config.write_text('catalog = "postgresql://casd:file-pw@127.0.0.1:5/fromfile"\n')
+
+    def check(*args: str, env: dict | None = None) -> str:
+        r = subprocess.run(
+            [sys.executable, "-m", "casd", "serve", "--config", str(config), "--check-config",
+             *args], capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, **(env or {})},
+        )
+        assert r.returncode == 0, r.stderr
+        [line] = [ln for ln in r.stdout.splitlines() if ln.startswith("catalog = ")]
+        assert "-pw" not in r.stdout + r.stderr
+        return line
+
+    assert check() == "catalog = postgresql://casd:***@127.0.0.1:5/fromfile"
+    assert check(env={"CASD_CATALOG": "postgresql://e:env-pw@h:6/fromenv"}) == (
+        "catalog = postgresql://e:***@h:6/fromenv"
+    )
+    assert check("--catalog", "postgresql://f:flag-pw@h:7/fromflag",
+                 env={"CASD_CATALOG": "postgresql://e:env-pw@h:6/fromenv"}) == (
+        "catalog = postgresql://f:***@h:7/fromflag"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "casd", "stats", "--data", str(tmp_path),
+         "--catalog", "mysql://u:bad-pw@h/db"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert bad.returncode == 2 and "not a postgresql://" in bad.stderr
+    assert "bad-pw" not in bad.stderr
