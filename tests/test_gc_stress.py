@@ -254,8 +254,14 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
 # ---- kill -9 of gc ----------------------------------------------------------------------
 
 
-async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
-    daemon = daemon_factory("--sync", "NORMAL")  # quicker to fill with garbage
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory, engine, request):
+    env = dict(os.environ)
+    if engine == "sqlite":
+        daemon = daemon_factory("--sync", "NORMAL")  # quicker to fill with garbage
+    else:
+        env["CASD_CATALOG"] = request.getfixturevalue("postgres_url")
+        daemon = daemon_factory("--catalog", env["CASD_CATALOG"])
     rng = random.Random(7)
     garbage = [rng.randbytes(rng.randrange(512, 2 * KiB)) for _ in range(400)]
     keep = make_file("md5", garbage[::40] + [rng.randbytes(4 * KiB)])  # shares 10 chunks
@@ -280,7 +286,7 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     gc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "casd", "gc", "--grace", "0", "--batch-size", "1",
         "--data", str(daemon.data_dir),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     try:
         deadline = time.monotonic() + 60
@@ -296,15 +302,15 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     assert len(keep.by_digest) < left <= total - 30, left  # killed midway: garbage is left
 
     daemon.restart()  # the daemon too, kill -9 and start again
-    fsck = casd(daemon.data_dir, "fsck", "--json")
+    fsck = casd(daemon.data_dir, "fsck", "--json", env=env)
     report = json.loads(fsck.stdout)
     assert fsck.returncode == 0 and report["issues"] == [], report
     async with session() as s:
         assert await download(s, daemon.url, keep) == keep.data
-    again = casd(daemon.data_dir, "gc", "--grace", "0", "--json")
+    again = casd(daemon.data_dir, "gc", "--grace", "0", "--json", env=env)
     assert again.returncode == 0, again.stderr
     assert count_blobs(daemon.data_dir) == len(keep.by_digest)
-    deep = casd(daemon.data_dir, "fsck", "--deep", "--json")
+    deep = casd(daemon.data_dir, "fsck", "--deep", "--json", env=env)
     report = json.loads(deep.stdout)
     assert deep.returncode == 0 and report["issues"] == [] and report["deleting_chunks"] == 0
     async with session() as s:
