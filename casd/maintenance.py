@@ -134,15 +134,8 @@ class Maintenance:
 
     async def stats(self) -> Stats:
         c = await self.catalog.stats_counts(self.clock())
-        path = self.settings.catalog_path
-        size = 0
-        for p in (path, path.with_name(path.name + "-wal")):
-            try:
-                size += p.stat().st_size
-            except FileNotFoundError:
-                pass
         return Stats(
-            **c, catalog_bytes=size,
+            **c, catalog_bytes=await self.catalog.size_bytes(),
             pending_catalog_bytes=c["pending_entries"] * CATALOG_BYTES_PER_ENTRY,
         )
 

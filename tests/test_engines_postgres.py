@@ -62,6 +62,7 @@ async def test_round_trip_dedup_resume_and_admin_commands(daemon_factory, postgr
     assert stats.returncode == 0, stats.stderr
     counts = json.loads(stats.stdout)
     assert counts["files"] == 2 and counts["chunks"] == 12
+    assert counts["catalog_bytes"] > 1_000_000  # the database's size, not a missing file's
     ls = admin("ls", *where)
     assert ls.returncode == 0 and a.digest in ls.stdout and b.digest in ls.stdout
     fsck = admin("fsck", "--deep", *where)

@@ -289,6 +289,9 @@ class Catalog(Protocol):
 
     async def stats_counts(self, now: float) -> dict[str, int]: ...
 
+    async def size_bytes(self) -> int:
+        """The space the catalogue takes where it is stored (file and WAL, or database)."""
+
     async def pending_uploads(self) -> list[PendingUpload]:
         """Every upload not merged yet (expired ones too, until gc drops them), oldest first."""
 

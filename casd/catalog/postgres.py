@@ -733,6 +733,9 @@ class PostgresCatalog:
 
         return await self._run(abort)
 
+    async def size_bytes(self) -> int:
+        return (await self._one("SELECT pg_database_size(current_database())"))[0]
+
     async def list_files(self) -> list[FileEntry]:
         rows = await self._fetch(
             f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest"

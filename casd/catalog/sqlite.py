@@ -170,10 +170,11 @@ def _fetch_all(con: sqlite3.Connection, sql: str, params: tuple) -> list:
 class _Daemon:
     """What the daemon asks of the catalogue (SqliteCatalog, at the end of this module)."""
 
-    def __init__(self, quick: ReadPool, bulk: ReadPool, group: GroupWriter):
+    def __init__(self, quick: ReadPool, bulk: ReadPool, group: GroupWriter, path: Path):
         self._quick = quick
         self._bulk = bulk
         self._group = group
+        self._path = path
 
     @classmethod
     async def open(
@@ -193,7 +194,7 @@ class _Daemon:
                 await pool.close()
             await group.close()
             raise
-        return cls(opened[0], opened[1], group)
+        return cls(opened[0], opened[1], group, path)
 
     @property
     def writer(self) -> WriteStats:
@@ -1026,6 +1027,7 @@ class _Admin:
     """What gc, fsck, stats and ls ask of the catalogue (mixed into SqliteCatalog)."""
 
     _group: GroupWriter
+    _path: Path
     _one: Callable
     _all: Callable
 
@@ -1184,6 +1186,15 @@ class _Admin:
 
     async def abort_uploads(self, ids: list[str]) -> list[str]:
         return await self._group.run(_abort_uploads, ids)
+
+    async def size_bytes(self) -> int:
+        size = 0
+        for p in (self._path, self._path.with_name(self._path.name + "-wal")):
+            try:
+                size += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return size
 
     async def list_files(self) -> list[FileEntry]:
         rows = await self._all(f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest")
