@@ -6,8 +6,9 @@ import argparse
 import os
 import re
 import tomllib
+import urllib.parse
 
-from casd.config import data_dir_from_env
+from casd.config import data_dir_from_env, masked
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?\Z", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -55,12 +56,31 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="data folder (default: $CASD_DATA, else ./casd-data)",
     )
+    parser.add_argument(
+        "--catalog",
+        default=None,
+        help="a postgresql://USER:PASS@HOST:PORT/DB URL: keep the catalogue in PostgreSQL,"
+        " shared by several daemons (default: $CASD_CATALOG, else DATA/catalog.sqlite)",
+    )
     # Every command that opens a data folder reads the config file too.
     add_config_arg(parser)
 
 
 def data_dir(args: argparse.Namespace):
     return args.data if args.data is not None else data_dir_from_env()
+
+
+def catalog_url(args: argparse.Namespace) -> str | None:
+    """--catalog, else $CASD_CATALOG: a PostgreSQL URL, or None for the data folder's file."""
+    value = getattr(args, "catalog", None) or os.environ.get("CASD_CATALOG") or None
+    if value is None:
+        return None
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname or not parts.path[1:]:
+        raise CliError(
+            f"--catalog {masked(value)!r} is not a postgresql://USER:PASS@HOST:PORT/DB URL", 2
+        )
+    return value
 
 
 # ---- config file ------------------------------------------------------------------------

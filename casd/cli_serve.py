@@ -14,9 +14,10 @@ import urllib.parse
 from aiohttp import web
 
 from casd import logs
-from casd.cli_common import CliError, add_data_arg, data_dir, parse_size
-from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings
+from casd.cli_common import CliError, add_data_arg, catalog_url, data_dir, parse_size
+from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings, masked
 from casd.digest import Algo
+from casd.errors import Unavailable
 from casd.server import (
     AcceptFailureLog,
     CasdAppRunner,
@@ -214,6 +215,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         max_connections=_fit_connections(args.max_connections),
         read_connections=args.read_connections,
         bulk_read_connections=args.bulk_read_connections,
+        catalog=catalog_url(args),
     )
 
 
@@ -231,6 +233,8 @@ def effective(settings: Settings, args: argparse.Namespace) -> str:
         value = getattr(settings, field.name)
         if value and ("token" in field.name or "secret" in field.name):
             value = "(set)"
+        elif field.name == "catalog" and value:
+            value = masked(value)
         lines.append(f"{field.name} = {value if not isinstance(value, tuple) else list(value)}")
     lines.append(f"log_format = {args.log_format or logs.default_format()}")
     lines.append(f"log_level = {args.log_level}")
@@ -265,6 +269,8 @@ async def serve(settings: Settings) -> int:
     try:
         await runner.setup()
     except Exception as exc:
+        if isinstance(exc, Unavailable):  # says which database, its password masked
+            raise CliError(exc.message) from None
         raise CliError(f"cannot open the catalogue in {settings.data_dir}: {exc}") from None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

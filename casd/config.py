@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -92,6 +93,9 @@ class Settings:
     # for reading long lists (huge manifests), so those never queue the quick ones.
     read_connections: int = 2
     bulk_read_connections: int = 2
+    # Where the catalogue lives: a postgresql:// URL (shared by several daemons), or None
+    # for catalog.sqlite in the data folder.
+    catalog: str | None = None
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
@@ -144,7 +148,30 @@ class Settings:
     def catalog_path(self) -> Path:
         return self.data_dir / "catalog.sqlite"
 
+    @property
+    def catalog_where(self) -> str | Path:
+        """What casd.catalog.open_catalog opens: the database URL, else the SQLite file."""
+        return self.catalog or self.catalog_path
+
 
 def data_dir_from_env(value: str | None = None) -> Path:
     """The data folder: an explicit value, else $CASD_DATA, else ./casd-data."""
     return Path(value or os.environ.get("CASD_DATA") or DEFAULT_DATA)
+
+
+def is_database_url(value: str | None) -> bool:
+    """True when `value` names a PostgreSQL database rather than a file."""
+    return bool(value) and str(value).split(":", 1)[0] in ("postgresql", "postgres")
+
+
+def masked(url: str) -> str:
+    """`url` with its password replaced by ***, for logs, --check-config and errors."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(an unparsable URL)"
+    if password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import xxhash
 
 from casd.blobstore import BlobStore, StoredBlob, temp_busy
-from casd.catalog import AdminCatalog, ChunkRow, ChunkUsers
+from casd.catalog import Catalog, ChunkRow, ChunkUsers
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.gc import TEMP_MIN_AGE
@@ -202,7 +202,7 @@ class Fsck:
     """fsck over one data folder's catalogue and blob store (see `Maintenance`)."""
 
     def __init__(
-        self, settings: Settings, catalog: AdminCatalog, blobs: BlobStore,
+        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings

@@ -3,7 +3,7 @@
 `Gc.plan` lists what is garbage now (expired uploads, unused manifests, unreferenced chunks,
 orphan blob files, stale temp files, quarantined chunks no one needs); `Gc.execute` removes
 it batch by batch, rechecking every item inside its transaction. The ordering rules are
-described at the maintenance section of casd/catalog.py.
+described at the maintenance section of casd/catalog/sqlite.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from casd.blobstore import BlobStore, TempFile, temp_busy
-from casd.catalog import AdminCatalog, ChunkRow
+from casd.catalog import Catalog, ChunkRow
 from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import AdminError
@@ -117,7 +117,7 @@ class Gc:
     """gc over one data folder's catalogue and blob store (see `Maintenance`)."""
 
     def __init__(
-        self, settings: Settings, catalog: AdminCatalog, blobs: BlobStore,
+        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings

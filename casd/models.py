@@ -148,7 +148,7 @@ class Stats:
     expired_uploads: int = 0  # uploads past their expiry, left for gc to drop
     pending_entries: int = 0  # chunk entries of the manifests of live pending uploads
     pending_catalog_bytes: int = 0  # an estimate of the catalogue space those entries take
-    catalog_bytes: int = 0  # catalogue file plus its WAL, as on disk
+    catalog_bytes: int = 0  # catalogue file plus its WAL, or the PostgreSQL database's size
     quarantined_chunks: int = 0  # set aside by fsck --repair, absent until re-sent
 
     @property

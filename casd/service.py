@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import secrets
 import sqlite3
@@ -25,7 +24,7 @@ from pathlib import Path
 import xxhash
 
 from casd.blobstore import BlobStore, Reserve, TempBlob, is_disk_full
-from casd.catalog import Catalog
+from casd.catalog import Catalog, open_catalog
 from casd.config import Settings
 from casd.digest import ChunkHasher, Digest
 from casd.errors import (
@@ -163,20 +162,20 @@ class Service:
     async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Service:
         blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
         await asyncio.to_thread(blobs.ensure_dirs)
-        def open_catalog():
-            return Catalog.open(
-                settings.catalog_path, settings.sqlite_synchronous,
-                settings.read_connections, settings.bulk_read_connections,
+        def open_it():
+            return open_catalog(
+                settings.catalog_where, synchronous=settings.sqlite_synchronous,
+                readers=settings.read_connections, bulk_readers=settings.bulk_read_connections,
             )
 
         try:
-            catalog = await open_catalog()
+            catalog = await open_it()
         except sqlite3.OperationalError as exc:
             # A restart on a full disk cannot make the WAL ("disk I/O error"): use the reserve.
             if not await asyncio.to_thread(Reserve(settings.reserve_path, 0).release):
                 raise
             log.warning("%s: released the disk reserve to open the catalogue", exc)
-            catalog = await open_catalog()
+            catalog = await open_it()
         service = cls(settings, catalog, blobs, clock)
         try:
             made = await asyncio.to_thread(service.reserve.ensure)
@@ -375,9 +374,11 @@ class Service:
                     return False
                 log.warning("chunk %s: the stored blob's bytes are wrong; replacing them with"
                             " the verified ones just received", digest.hex)
-                place = functools.partial(self.blobs.put_over, temp, digest)
+                async def place(d: Digest) -> None:
+                    await self._run(self.blobs.put_over, temp, d)
             else:
-                place = functools.partial(self.blobs.ensure_placed, temp, digest)
+                async def place(d: Digest) -> None:
+                    await self._run(self.blobs.ensure_placed, temp, d)
             await self._run(temp.finish)
             if not check_stored:
                 # Link into place and fsync the folder here, in parallel with other uploads;

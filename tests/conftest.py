@@ -138,6 +138,36 @@ def browser():
         b.close()
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the whole session (tests/engine_postgres.py):
+    skipped where the server is not installed, except in CI."""
+    from engine_postgres import Cluster, why_missing
+
+    missing = why_missing()
+    if missing is not None:
+        if _in_ci():
+            pytest.fail(f"PostgreSQL tests cannot run in CI: {missing}")
+        pytest.skip(missing)
+    cluster = Cluster()
+    try:
+        cluster.init()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster) -> str:
+    """The URL of a fresh, empty database of the session's cluster (with a password in it,
+    which trust authentication ignores: what casd prints must never show it)."""
+    return postgres_cluster.database()
+
+
 def pytest_report_header(config) -> str:
     return f"random test data: CASD_TEST_SEED={helpers.TEST_SEED}"
 

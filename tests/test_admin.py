@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from casd.catalog import AdminCatalog
+from casd.catalog.sqlite import SqliteCatalog
 from casd.cli import main
 from casd.config import Settings
 from casd.maintenance import Maintenance
@@ -357,7 +357,7 @@ def test_a_chunk_revived_between_gc_steps_survives(daemon):
     settings = Settings(data_dir=daemon.data_dir)
 
     async def step(fn):
-        cat = await AdminCatalog.open(settings.catalog_path)
+        cat = await SqliteCatalog.open(settings.catalog_path)
         try:
             return await fn(cat)
         finally:

@@ -23,7 +23,7 @@ import urllib.request
 
 import pytest
 
-from casd.catalog import BULK_ENTRIES, Catalog
+from casd.catalog.sqlite import BULK_ENTRIES, SqliteCatalog
 from casd.digest import Algo, Digest
 from casd.models import ChunkRef, Manifest
 from conftest import Daemon
@@ -412,7 +412,7 @@ async def test_reads_of_huge_manifests_have_their_own_lane(tmp_path):
         )
         return Manifest(Digest(Algo("md5"), f"{salt:032x}"), n, chunks, "", "")
 
-    cat = await Catalog.open(tmp_path / "catalog.sqlite", "NORMAL", readers=1, bulk_readers=1)
+    cat = await SqliteCatalog.open(tmp_path / "catalog.sqlite", "NORMAL", readers=1, bulk_readers=1)
     gate = threading.Event()
     try:
         big, big_missing = await cat.begin_upload(
