@@ -39,14 +39,12 @@ from typing import Protocol, TypeVar
 from casd.config import is_database_url
 from casd.digest import Digest
 from casd.errors import Unavailable
-from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
+from casd.models import ChunkState, FileEntry, Manifest, PendingBudget, PendingUpload, Upload
 
-LIVE = 0
-DELETING = 1
-# fsck --repair found the blob's bytes wrong or gone and moved it to quarantine/: absent, like
-# DELETING, but kept (so handshakes of files using it can say those files are damaged) until
-# a PUT stores the chunk again.
-QUARANTINED = 2
+# The stored chunk states (casd.models.ChunkState), by their short names in the engines' SQL.
+LIVE = ChunkState.LIVE
+DELETING = ChunkState.DELETING
+QUARANTINED = ChunkState.QUARANTINED
 
 A_contra = TypeVar("A_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)

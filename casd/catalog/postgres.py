@@ -49,7 +49,7 @@ from casd.errors import (
     TooManyPending,
     Unavailable,
 )
-from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
+from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload, UploadState
 
 log = logging.getLogger("casd.catalog")
 
@@ -111,7 +111,8 @@ def digest_key(hex_: str) -> int:
 
 def _upload(row) -> Upload:
     uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
-    return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, state, expires_at)
+    return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, UploadState(state), expires_at
+    )
 
 
 def _file(row) -> FileEntry:
@@ -823,7 +824,8 @@ async def _begin_upload(
         new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client,
     )
     upload = Upload(
-        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, "pending", expires_at
+        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, UploadState.PENDING,
+        expires_at,
     )
     return upload, await _missing(con, manifest_id)
 

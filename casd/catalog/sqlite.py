@@ -40,7 +40,7 @@ from casd.errors import (
     TooLarge,
     TooManyPending,
 )
-from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
+from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload, UploadState
 
 # Enough to wait out a gc transaction on a busy disk; SQLite retries inside this budget.
 BUSY_TIMEOUT_MS = 60_000
@@ -68,7 +68,8 @@ _FILE_READ_TRIES = 3
 
 def _upload(row) -> Upload:
     uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
-    return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, state, expires_at)
+    return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, UploadState(state), expires_at
+    )
 
 
 def _file(row) -> FileEntry:
@@ -642,7 +643,8 @@ def _begin_upload(
         (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client),
     )
     upload = Upload(
-        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, "pending", expires_at
+        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, UploadState.PENDING,
+        expires_at,
     )
     return upload, _missing_sync(con, manifest_id)
 
