@@ -716,9 +716,15 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def static_file(request: web.Request) -> web.StreamResponse:
     """A file of the upload page; a missing one is a JSON 404 like every other error."""
-    path = (STATIC_DIR / request.match_info["path"]).resolve()
-    if not path.is_relative_to(STATIC_DIR.resolve()) or not path.is_file():
-        raise NotFound(f"no static file {request.match_info['path']!r}")
+    name = request.match_info["path"]
+    try:
+        path = (STATIC_DIR / name).resolve()
+        found = path.is_relative_to(STATIC_DIR.resolve()) and path.is_file()
+    except (OSError, ValueError):
+        # A NUL byte or a name over the filesystem's limits names no file of the page.
+        found = False
+    if not found:
+        raise NotFound(f"no static file {name[:200]!r}")
     return web.FileResponse(path)
 
 
