@@ -10,13 +10,16 @@ import pytest
 
 
 def raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
-    """Send one request on its own connection; (status, lowercased headers, body)."""
+    """Send one request on its own connection; (status, lowercased headers, body) of the
+    final answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(head.encode("latin-1") + body)
         out = b""
         while chunk := s.recv(65536):
             out += chunk
     head_bytes, _, rest = out.partition(b"\r\n\r\n")
+    while head_bytes.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue)
+        head_bytes, _, rest = rest.partition(b"\r\n\r\n")
     lines = head_bytes.decode("latin-1").split("\r\n")
     headers = {}
     for line in lines[1:]:
@@ -46,4 +49,12 @@ def test_static_names_no_file_can_have_are_404_not_500(daemon, target):
     assert_json_error(get(daemon.port, target), 404, "not_found")
     status, _, _ = get(daemon.port, "/static/casd.js")
     assert status == 200
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.parametrize("target", ["/healthz", "/v1/files/" + "0" * 32, "/no/such/route"])
+def test_an_unknown_expect_is_417_in_the_json_shape(daemon, target):
+    assert_json_error(get(daemon.port, target, "Expect: nonsense"), 417, "expectation_failed")
+    status, _, body = get(daemon.port, "/healthz", "Expect: 100-continue")
+    assert status == 200, body
     assert "Traceback" not in daemon.log()
