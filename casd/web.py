@@ -593,9 +593,17 @@ async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -
     """Zero-copy where the transport allows it: sendfile each blob slice in order."""
     loop = asyncio.get_running_loop()
     timeout = request.app[SETTINGS].body_timeout or None
-    for seg in plan:
-        f = await asyncio.to_thread(open, seg.path, "rb")
-        try:
+    f = None
+    f_path = None
+    try:
+        for seg in plan:
+            if f is None or f_path != seg.path:
+                # A manifest may list one chunk many times in a row: open it once for them.
+                if f is not None:
+                    f.close()
+                    f = None
+                f = await asyncio.to_thread(open, seg.path, "rb")
+                f_path = seg.path
             pos, end = seg.offset, seg.offset + seg.length
             while pos < end:
                 transport = request.transport
@@ -616,7 +624,8 @@ async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -
                 if sent != n:
                     raise BlobShort(f"{seg.path} ended {n - sent} bytes short of its slice")
                 pos += n
-        finally:
+    finally:
+        if f is not None:
             f.close()
 
 

@@ -3,6 +3,7 @@ real `casd serve` over raw sockets, each answered in the JSON error shape with n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 
@@ -28,9 +29,20 @@ def raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str,
     return int(lines[0].split()[1]), headers, rest
 
 
+def head(method: str, target: str, *extra: str) -> str:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *extra, "Connection: close"]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
 def get(port: int, target: str, *extra: str) -> tuple[int, dict[str, str], bytes]:
-    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", *extra, "Connection: close"]
-    return raw_request(port, "\r\n".join(lines) + "\r\n\r\n")
+    return raw_request(port, head("GET", target, *extra))
+
+
+def post(port: int, target: str, body: bytes = b"", ctype: str = "application/json"):
+    return raw_request(
+        port, head("POST", target, f"Content-Type: {ctype}", f"Content-Length: {len(body)}"),
+        body,
+    )
 
 
 def assert_json_error(answer, status: int, code: str) -> None:
@@ -57,4 +69,50 @@ def test_an_unknown_expect_is_417_in_the_json_shape(daemon, target):
     assert_json_error(get(daemon.port, target, "Expect: nonsense"), 417, "expectation_failed")
     status, _, body = get(daemon.port, "/healthz", "Expect: 100-continue")
     assert status == 200, body
+    assert "Traceback" not in daemon.log()
+
+
+def peak_rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+@pytest.mark.slow
+def test_downloads_of_a_file_of_many_tiny_chunks_cost_bounded_memory(daemon):
+    """A 100 KB file may list one 1-byte chunk 100,000 times. Each download of it used to
+    build 100,000 segment objects (~60 MB, on the event loop) before its first byte."""
+    n = 100_000
+    chunk = b"z"
+    chunk_md5 = hashlib.md5(chunk).hexdigest()
+    file_md5 = hashlib.md5(chunk * n).hexdigest()
+    manifest = json.dumps(
+        {"md5": file_md5, "size": n, "chunks": [{"md5": chunk_md5, "size": 1}] * n},
+        separators=(",", ":"),
+    ).encode()
+    status, _, body = post(daemon.port, "/v1/handshake", manifest, "application/json")
+    assert status == 200, body[:300]
+    upload_id = json.loads(body)["upload_id"]
+    put = f"/v1/uploads/{upload_id}/chunks/{chunk_md5}"
+    assert raw_request(daemon.port, head("PUT", put, "Content-Length: 1"), chunk)[0] == 201
+    assert post(daemon.port, f"/v1/uploads/{upload_id}/merge")[0] == 200
+
+    before = peak_rss_mib(daemon.proc.pid)
+    socks = []
+    try:
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=60)
+            s.sendall(head("GET", f"/v1/files/{file_md5}").encode())
+            socks.append(s)
+        for s in socks:  # every download has planned its bytes and started sending them
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in socks:
+            s.close()
+    # Six downloads planned at once: ~360 MB before, a few tens of MB now.
+    assert peak_rss_mib(daemon.proc.pid) - before < 150
+    status, _, _ = get(daemon.port, "/healthz")
+    assert status == 200
     assert "Traceback" not in daemon.log()
