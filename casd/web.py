@@ -68,6 +68,9 @@ THREAD_PARSE_BYTES = 256 * 1024
 # Handshakes over THREAD_PARSE_BYTES are parsed and recorded this many at a time: each costs
 # a few times its body in memory until it is recorded, so this bounds what they cost together.
 BIG_HANDSHAKES_AT_ONCE = 2
+# Handshake bodies being received may hold this many times the handshake limit together
+# (beyond THREAD_PARSE_BYTES each); past it a handshake is answered 503.
+BODIES_IN_MEMORY = 4
 
 # Domain error -> (HTTP status, protocol error code). The only place they meet.
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
@@ -168,17 +171,47 @@ async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
         yield piece
 
 
-async def read_body(request: web.Request, limit: int) -> bytearray:
-    """The whole (small) body, under the same timeout as a streamed one; TooLarge over `limit`.
+class BodyBudget:
+    """Bytes that bodies being received into memory may hold together beyond `free` each.
+
+    A handshake body is held whole until it is parsed; without a shared ceiling, many
+    connections each sending a body just under the limit would hold all of them at once.
+    """
+
+    def __init__(self, limit: int, free: int):
+        self.limit = limit
+        self.free = free
+        self.used = 0
+
+
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+
+
+async def read_body(request: web.Request, limit: int, budget: BodyBudget) -> bytearray:
+    """The whole (small) body, under the same timeout as a streamed one; TooLarge over
+    `limit`, Unavailable when the bodies being received together are over `budget`.
 
     One growing buffer, handed over as it is: request.read() would copy it once more.
     """
     buf = bytearray()
-    async for piece in body_pieces(request):
-        buf += piece
-        if len(buf) > limit:
-            raise TooLarge(f"the body is over {limit} bytes")
-    return buf
+    taken = 0
+    try:
+        async for piece in body_pieces(request):
+            buf += piece
+            if len(buf) > limit:
+                raise TooLarge(f"the body is over {limit} bytes")
+            need = max(0, len(buf) - budget.free) - taken
+            if need:
+                if budget.used + need > budget.limit:
+                    raise Unavailable(
+                        "the server is receiving too many large bodies at once;"
+                        " try again shortly"
+                    )
+                budget.used += need
+                taken += need
+        return buf
+    finally:
+        budget.used -= taken
 
 
 def _reason(request: web.Request, exc: web.HTTPException) -> str:
@@ -372,7 +405,7 @@ async def handshake(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, request.app[BODY_BUDGET])
     hooks = request.app[HOOKS]
     client = client_of(request)
     if len(body) > THREAD_PARSE_BYTES:
@@ -748,6 +781,9 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     )
     app[SETTINGS] = settings
     app[BIG_HANDSHAKES] = asyncio.Semaphore(BIG_HANDSHAKES_AT_ONCE)
+    app[BODY_BUDGET] = BodyBudget(
+        BODIES_IN_MEMORY * settings.max_handshake_bytes, THREAD_PARSE_BYTES
+    )
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)

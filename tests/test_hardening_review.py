@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import select
 import socket
+import time
 
 import pytest
 
@@ -116,3 +118,50 @@ def test_downloads_of_a_file_of_many_tiny_chunks_cost_bounded_memory(daemon):
     status, _, _ = get(daemon.port, "/healthz")
     assert status == 200
     assert "Traceback" not in daemon.log()
+
+
+def test_big_handshake_bodies_received_at_once_share_a_memory_budget(daemon_factory):
+    """Each handshake is bounded, but bodies are held whole until parsed: eight connections
+    each stalled one byte short of a 900 KB body used to hold all eight (at the default
+    24 MiB limit, 30 of them held 700 MB). Past 4x the limit together, a body is refused
+    with 503, and the budget comes back when those connections go."""
+    d = daemon_factory("--max-handshake-size", "1MiB")
+    n = 17_000
+    manifest = json.dumps(
+        {"md5": "0" * 32, "size": n,
+         "chunks": [{"md5": f"{i:032x}", "size": 1} for i in range(n)]},
+        separators=(",", ":"),
+    ).encode()
+    assert 800_000 < len(manifest) < 1 << 20
+    socks = []
+    try:
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=30)
+            s.sendall(
+                head("POST", "/v1/handshake", "Content-Type: application/json",
+                     f"Content-Length: {len(manifest)}").encode()
+                + manifest[:-1]
+            )
+            socks.append(s)
+        # A refusal comes at once; a held body waits for its last byte and answers nothing.
+        deadline = time.monotonic() + 3
+        answered: dict[socket.socket, bytes] = {}
+        while time.monotonic() < deadline and len(answered) < len(socks):
+            ready, _, _ = select.select(
+                [s for s in socks if s not in answered], [], [], deadline - time.monotonic()
+            )
+            for s in ready:
+                answered[s] = s.recv(65536)
+        answers = list(answered.values())
+    finally:
+        for s in socks:
+            s.close()
+    refused = [a for a in answers if a]
+    assert 1 <= len(refused) <= 4, answers
+    for a in refused:
+        assert a.startswith(b"HTTP/1.1 503"), a[:300]
+        assert b'"error": "unavailable"' in a
+    # Those connections are gone: their budget is free again for a whole handshake.
+    status, _, body = post(d.port, "/v1/handshake", manifest)
+    assert status == 200 and json.loads(body)["status"] == "pending", body[:300]
+    assert "Traceback" not in d.log()
