@@ -12,13 +12,11 @@ import logging
 import secrets
 import sqlite3
 import time
-from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 
 import xxhash
@@ -649,32 +647,38 @@ class Service:
             )
         return OpenFile(entry, chunks)
 
-    def read_plan(self, file: OpenFile, start: int, length: int) -> list[ReadSegment]:
-        """The blob slices that make bytes [start, start+length) of a file, in order."""
+    def read_plan(self, file: OpenFile, start: int, length: int) -> Iterator[ReadSegment]:
+        """The blob slices that make bytes [start, start+length) of a file, in order.
+
+        Checked now, produced lazily: a manifest may list a million one-byte chunks, and a
+        million segments built at once would hold the event loop for seconds and cost
+        hundreds of MB per download.
+        """
         if length <= 0:
-            return []
-        chunks = file.chunks
-        ends = list(accumulate(size for _hex, size in chunks))
-        if not ends or ends[-1] != file.entry.size:
+            return iter(())
+        total = sum(size for _hex, size in file.chunks)
+        if total != file.entry.size:
             # Cannot happen for a snapshot of a healthy catalogue; refuse rather than serve
             # bytes that do not add up to what the ETag names.
             raise RuntimeError(
                 f"file {file.entry.digest.hex}: its chunks add up to"
-                f" {ends[-1] if ends else 0} bytes, not {file.entry.size}"
+                f" {total} bytes, not {file.entry.size}"
             )
+        return self._segments(file, start, start + length)
+
+    def _segments(self, file: OpenFile, pos: int, stop: int) -> Iterator[ReadSegment]:
         algo = file.entry.digest.algo
-        out: list[ReadSegment] = []
-        i = bisect_right(ends, start)
-        pos, stop = start, start + length
-        while pos < stop:
-            hex_, size = chunks[i]
-            chunk_start = ends[i] - size
-            offset = pos - chunk_start
-            n = min(size - offset, stop - pos)
-            out.append(ReadSegment(self.blobs.path(Digest(algo, hex_)), offset, n))
-            pos += n
-            i += 1
-        return out
+        chunk_start = 0
+        for hex_, size in file.chunks:
+            chunk_end = chunk_start + size
+            if chunk_end > pos:
+                offset = pos - chunk_start
+                n = min(size - offset, stop - pos)
+                yield ReadSegment(self.blobs.path(Digest(algo, hex_)), offset, n)
+                pos += n
+                if pos >= stop:
+                    return
+            chunk_start = chunk_end
 
     async def file_manifest(self, digest: Digest) -> tuple[FileEntry, int]:
         """The file and how many chunks its manifest lists; NotFound as for get_file."""

@@ -65,6 +65,9 @@ THREAD_PARSE_BYTES = 256 * 1024
 # Handshakes over THREAD_PARSE_BYTES are parsed and recorded this many at a time: each costs
 # a few times its body in memory until it is recorded, so this bounds what they cost together.
 BIG_HANDSHAKES_AT_ONCE = 2
+# Handshake bodies being received may hold this many times the handshake limit together
+# (beyond THREAD_PARSE_BYTES each); past it a handshake is answered 503.
+BODIES_IN_MEMORY = 4
 
 # Domain error -> (HTTP status, protocol error code). The only place they meet.
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
@@ -184,17 +187,47 @@ async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
         yield piece
 
 
-async def read_body(request: web.Request, limit: int) -> bytearray:
-    """The whole (small) body, under the same timeout as a streamed one; TooLarge over `limit`.
+class BodyBudget:
+    """Bytes that bodies being received into memory may hold together beyond `free` each.
+
+    A handshake body is held whole until it is parsed; without a shared ceiling, many
+    connections each sending a body just under the limit would hold all of them at once.
+    """
+
+    def __init__(self, limit: int, free: int):
+        self.limit = limit
+        self.free = free
+        self.used = 0
+
+
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+
+
+async def read_body(request: web.Request, limit: int, budget: BodyBudget) -> bytearray:
+    """The whole (small) body, under the same timeout as a streamed one; TooLarge over
+    `limit`, Unavailable when the bodies being received together are over `budget`.
 
     One growing buffer, handed over as it is: request.read() would copy it once more.
     """
     buf = bytearray()
-    async for piece in body_pieces(request):
-        buf += piece
-        if len(buf) > limit:
-            raise TooLarge(f"the body is over {limit} bytes")
-    return buf
+    taken = 0
+    try:
+        async for piece in body_pieces(request):
+            buf += piece
+            if len(buf) > limit:
+                raise TooLarge(f"the body is over {limit} bytes")
+            need = max(0, len(buf) - budget.free) - taken
+            if need:
+                if budget.used + need > budget.limit:
+                    raise Unavailable(
+                        "the server is receiving too many large bodies at once;"
+                        " try again shortly"
+                    )
+                budget.used += need
+                taken += need
+        return buf
+    finally:
+        budget.used -= taken
 
 
 def _reason(request: web.Request, exc: web.HTTPException) -> str:
@@ -380,7 +413,7 @@ async def handshake(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, request.app[BODY_BUDGET])
     hooks = request.app[HOOKS]
     client = client_of(request)
     if len(body) > THREAD_PARSE_BYTES:
@@ -601,9 +634,17 @@ async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -
     """Zero-copy where the transport allows it: sendfile each blob slice in order."""
     loop = asyncio.get_running_loop()
     timeout = request.app[SETTINGS].body_timeout or None
-    for seg in plan:
-        f = await asyncio.to_thread(open, seg.path, "rb")
-        try:
+    f = None
+    f_path = None
+    try:
+        for seg in plan:
+            if f is None or f_path != seg.path:
+                # A manifest may list one chunk many times in a row: open it once for them.
+                if f is not None:
+                    f.close()
+                    f = None
+                f = await asyncio.to_thread(open, seg.path, "rb")
+                f_path = seg.path
             pos, end = seg.offset, seg.offset + seg.length
             while pos < end:
                 transport = request.transport
@@ -624,7 +665,8 @@ async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -
                 if sent != n:
                     raise BlobShort(f"{seg.path} ended {n - sent} bytes short of its slice")
                 pos += n
-        finally:
+    finally:
+        if f is not None:
             f.close()
 
 
@@ -724,9 +766,15 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def static_file(request: web.Request) -> web.StreamResponse:
     """A file of the upload page; a missing one is a JSON 404 like every other error."""
-    path = (STATIC_DIR / request.match_info["path"]).resolve()
-    if not path.is_relative_to(STATIC_DIR.resolve()) or not path.is_file():
-        raise NotFound(f"no static file {request.match_info['path']!r}")
+    name = request.match_info["path"]
+    try:
+        path = (STATIC_DIR / name).resolve()
+        found = path.is_relative_to(STATIC_DIR.resolve()) and path.is_file()
+    except (OSError, ValueError):
+        # A NUL byte or a name over the filesystem's limits names no file of the page.
+        found = False
+    if not found:
+        raise NotFound(f"no static file {name[:200]!r}")
     return web.FileResponse(path)
 
 
@@ -741,6 +789,9 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     )
     app[SETTINGS] = settings
     app[BIG_HANDSHAKES] = asyncio.Semaphore(BIG_HANDSHAKES_AT_ONCE)
+    app[BODY_BUDGET] = BodyBudget(
+        BODIES_IN_MEMORY * settings.max_handshake_bytes, THREAD_PARSE_BYTES
+    )
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)
