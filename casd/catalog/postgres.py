@@ -202,7 +202,7 @@ class PostgresCatalog:
                 url, min_size=0, max_size=max(4, readers + 4),
                 command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to connect: one clear line
             raise Unavailable(
                 f"cannot open the catalogue database {masked(url)}: {_describe(exc, url)}"
             ) from None
@@ -438,7 +438,7 @@ class PostgresCatalog:
         async def delete(con):
             await _queue_events(con, events, None)
             row = await con.fetchrow(
-                f"DELETE FROM files f WHERE f.digest = $1 AND f.algo = $2"
+                "DELETE FROM files f WHERE f.digest = $1 AND f.algo = $2"
                 f" RETURNING {_FILE_COLUMNS}",
                 digest.hex, digest.algo.value,
             )
