@@ -203,7 +203,7 @@ class PostgresCatalog:
                 url, min_size=0, max_size=max(4, readers + 4),
                 command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT,
             )
-        except Exception as exc:  # noqa: BLE001 - any failure to connect: one clear line
+        except Exception as exc:
             raise Unavailable(
                 f"cannot open the catalogue database {masked(url)}: {_describe(exc, url)}"
             ) from None

@@ -13,6 +13,7 @@ and a bulk lane for the long lists of huge manifests, so that a client polling a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
@@ -503,7 +504,7 @@ class GroupWriter:
                     results = [(False, exc)] * len(batch)
                 if self.on_commit is not None:
                     self.on_commit(time.perf_counter() - started)
-                for (_fn, _args, fut), (ok, value) in zip(batch, results):
+                for (_fn, _args, fut), (ok, value) in zip(batch, results, strict=True):
                     if not fut.done():
                         fut.set_result(value) if ok else fut.set_exception(value)
         finally:
@@ -1210,10 +1211,8 @@ class _Admin:
     async def size_bytes(self) -> int:
         size = 0
         for p in (self._path, self._path.with_name(self._path.name + "-wal")):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 size += p.stat().st_size
-            except FileNotFoundError:
-                pass
         return size
 
     async def list_files(self) -> list[FileEntry]:
