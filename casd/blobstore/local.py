@@ -1,20 +1,21 @@
-"""The filesystem side of storage: blobs/<algo>/ab/cd/<hex>, temp files, atomic publish.
+"""The local-folder blob store: blobs/<algo>/ab/cd/<hex>, temp files, atomic publish.
 
-Every method here is blocking; callers run them in worker threads.
+The blocking methods are the filesystem work; the async ones are the `BlobStore` interface
+(casd/blobstore/__init__.py), which runs them on the I/O executor it was given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
+import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import xxhash
 
 from casd.digest import Algo, Digest
 
@@ -99,11 +100,121 @@ def temp_busy(path: Path) -> bool:
     return False
 
 
-class BlobStore:
-    def __init__(self, blobs_dir: Path, tmp_dir: Path):
+class TempFiles:
+    """Temp files under `tmp_dir`, on local disk whatever the engine: a chunk is received,
+    hashed and verified there before the store sees it."""
+
+    tmp_dir: Path
+
+    def new_temp(self) -> TempBlob:
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.tmp_dir)
+        return TempBlob(Path(name), fd)
+
+    def temp_files(self) -> Iterator[TempFile]:
+        try:
+            entries = list(os.scandir(self.tmp_dir))
+        except FileNotFoundError:
+            return
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield TempFile(Path(e.path), st.st_size, st.st_mtime, temp_busy(Path(e.path)))
+
+    def check_writable(self) -> None:
+        """Create, fsync and remove a file in tmp/; raises OSError when that fails."""
+        temp = self.new_temp()
+        try:
+            temp.write(b"ok")
+            temp.finish()
+        finally:
+            temp.discard()
+
+
+class LocalBlobStore(TempFiles):
+    """Blobs as files in one folder; zero-copy reads (`BlobReader.file`)."""
+
+    def __init__(self, blobs_dir: Path, tmp_dir: Path, quarantine_dir: Path, io=None):
         self.blobs_dir = blobs_dir
         self.tmp_dir = tmp_dir
+        self.quarantine_dir = quarantine_dir
+        self.location = str(blobs_dir)
+        self._io = io
         self._known_dirs: set[Path] = set()
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    # -- the BlobStore interface --
+
+    async def start(self) -> None:
+        await self._run(self.ensure_dirs)
+
+    async def close(self) -> None:
+        pass
+
+    async def publish(self, temp: TempBlob, digest: Digest) -> None:
+        # A filesystem that cannot hard-link leaves the rename to ensure_stored.
+        await self._run(self.place, temp, digest)
+
+    async def ensure_stored(self, temp: TempBlob, digest: Digest) -> None:
+        await self._run(self.ensure_placed, temp, digest)
+
+    async def replace(self, temp: TempBlob, digest: Digest) -> None:
+        await self._run(self.put_over, temp, digest)
+
+    async def stat(self, digest: Digest):
+        from casd.blobstore import BlobInfo
+
+        path = self.path(digest)
+        try:
+            st = await self._run(os.stat, path)
+        except FileNotFoundError:
+            return None
+        return BlobInfo(digest, str(path), st.st_size, st.st_mtime)
+
+    async def open(self, digest: Digest) -> "LocalReader":
+        from casd.blobstore import BlobMissing
+
+        def opened():
+            f = open(self.path(digest), "rb", buffering=0)  # noqa: SIM115 - the reader closes it
+            return LocalReader(f, os.fstat(f.fileno()).st_size, self._io)
+
+        try:
+            return await self._run(opened)
+        except FileNotFoundError:
+            raise BlobMissing(f"no blob {digest.algo.value} {digest.hex}") from None
+
+    async def delete(self, digest: Digest) -> bool:
+        return await self._run(self.remove, digest)
+
+    async def delete_if_older(self, digest: Digest, before: float) -> bool:
+        def unlink_old() -> bool:
+            path = self.path(digest)
+            try:
+                # A file linked from a daemon's temp file (row not yet written) is in flight.
+                if os.lstat(path).st_mtime >= before or temp_busy(path):
+                    return False
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            return True
+
+        return await self._run(unlink_old)
+
+    async def list(self) -> AsyncIterator:
+        from casd.blobstore import BlobInfo
+
+        for b in await self._run(lambda: list(self.walk())):
+            yield BlobInfo(b.digest, str(b.path), b.size, b.mtime)
+
+    async def quarantine(self, digest: Digest) -> str | None:
+        dest = await self._run(self.move_aside, digest, self.quarantine_dir)
+        return None if dest is None else str(dest)
+
+    async def assemble(self, parts, dest: Path, total: int) -> None:
+        await self._run(_assemble, [(self.path(d), size) for d, size in parts], dest, total)
 
     def ensure_dirs(self) -> None:
         for d in (self.blobs_dir.parent, self.blobs_dir, self.tmp_dir):
@@ -114,10 +225,6 @@ class BlobStore:
     def path(self, digest: Digest) -> Path:
         h = digest.hex
         return self.blobs_dir / digest.algo.value / h[:2] / h[2:4] / h
-
-    def new_temp(self) -> TempBlob:
-        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.tmp_dir)
-        return TempBlob(Path(name), fd)
 
     def place(self, temp: TempBlob, digest: Digest) -> bool:
         """Hard-link a finished (fsynced) temp file at the blob's path, durably.
@@ -183,21 +290,7 @@ class BlobStore:
         fsync_dir(final.parent)
         fsync_dir(temp.path.parent)
 
-    def matches(self, digest: Digest, size: int, xxh3: str) -> bool:
-        """True when the blob file is there with exactly this size and xxh3-128."""
-        path = self.path(digest)
-        h = xxhash.xxh3_128()
-        try:
-            with open(path, "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size != size:
-                    return False
-                while block := f.read(1 << 20):
-                    h.update(block)
-        except FileNotFoundError:
-            return False
-        return h.hexdigest() == xxh3
-
-    def quarantine(self, digest: Digest, folder: Path) -> Path | None:
+    def move_aside(self, digest: Digest, folder: Path) -> Path | None:
         """Move a blob into `folder` (kept for the operator, never served); None if absent."""
         src = self.path(digest)
         if not src.is_file():
@@ -208,15 +301,6 @@ class BlobStore:
         fsync_dir(folder)
         fsync_dir(src.parent)
         return dest
-
-    def exists(self, digest: Digest) -> bool:
-        return self.path(digest).is_file()
-
-    def size(self, digest: Digest) -> int | None:
-        try:
-            return self.path(digest).stat().st_size
-        except FileNotFoundError:
-            return None
 
     def remove(self, digest: Digest) -> bool:
         """Unlink a blob; True when a file was removed."""
@@ -256,26 +340,132 @@ class BlobStore:
                 continue
             yield StoredBlob(digest, Path(e.path), st.st_size, st.st_mtime)
 
-    def temp_files(self) -> Iterator[TempFile]:
-        try:
-            entries = list(os.scandir(self.tmp_dir))
-        except FileNotFoundError:
-            return
-        for e in entries:
-            try:
-                st = e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield TempFile(Path(e.path), st.st_size, st.st_mtime, temp_busy(Path(e.path)))
 
-    def check_writable(self) -> None:
-        """Create, fsync and remove a file in tmp/; raises OSError when that fails."""
-        temp = self.new_temp()
-        try:
-            temp.write(b"ok")
-            temp.finish()
-        finally:
-            temp.discard()
+class LocalReader:
+    """An open blob file (see BlobReader); `file` is what sendfile sends from."""
+
+    def __init__(self, f, size: int, io=None):
+        self.file = f
+        self.size = size
+        self._io = io
+
+    async def stream(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        from casd.blobstore import READ_PIECE
+
+        loop = asyncio.get_running_loop()
+        end = offset + length
+        while offset < end:
+            data = await loop.run_in_executor(
+                self._io, os.pread, self.file.fileno(), min(READ_PIECE, end - offset), offset
+            )
+            if not data:
+                return
+            offset += len(data)
+            yield data
+
+    async def close(self) -> None:
+        self.file.close()
+
+    async def __aenter__(self) -> "LocalReader":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+# errno values with which copy_file_range says "not here": fall back to read/write.
+_NO_COPY_RANGE = {
+    errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM,
+    errno.EBADF,
+}
+
+
+def _assemble(parts: list[tuple[Path, int]], dest: Path, total: int) -> None:
+    """Concatenate blobs into a temp file beside `dest`, check its size, rename it in place.
+
+    Zero-copy (copy_file_range) where the filesystem allows it.
+    """
+    from casd.blobstore import READ_PIECE, BlobMissing
+
+    fd, temp = open_export_temp(dest)
+    try:
+        use_range = hasattr(os, "copy_file_range")
+        for path, size in parts:
+            try:
+                src = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise BlobMissing(f"chunk {path.name} is gone") from None
+            try:
+                have = os.fstat(src).st_size
+                if have != size:
+                    raise ValueError(f"chunk {path.name} has {have} bytes, the manifest says {size}")
+                left = size
+                while left and use_range:
+                    try:
+                        n = os.copy_file_range(src, fd, left)
+                    except OSError as exc:
+                        if exc.errno not in _NO_COPY_RANGE:
+                            raise
+                        use_range = False
+                        break
+                    if n == 0:
+                        break
+                    left -= n
+                while left:
+                    data = os.read(src, min(left, READ_PIECE))
+                    if not data:
+                        raise ValueError(f"chunk {path.name} ended {left} bytes early")
+                    write_all(fd, data)
+                    left -= len(data)
+            finally:
+                os.close(src)
+    except BaseException:
+        drop_export_temp(fd, temp)
+        raise
+    finish_export(fd, temp, dest, total)
+
+
+def open_export_temp(dest: Path) -> tuple[int, Path]:
+    """A new file beside `dest` to assemble an export in: (fd, its path)."""
+    temp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.casd-export")
+    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
+
+
+def write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def drop_export_temp(fd: int, temp: Path) -> None:
+    os.close(fd)
+    try:
+        os.unlink(temp)
+    except FileNotFoundError:
+        pass
+
+
+def finish_export(fd: int, temp: Path, dest: Path, total: int) -> None:
+    """fsync, check the size, rename `temp` to `dest` durably; `fd` is closed either way and
+    `temp` removed when anything fails."""
+    try:
+        os.fsync(fd)
+        written = os.fstat(fd).st_size
+        if written != total:
+            raise ValueError(f"assembled {written} bytes, the file has {total}")
+        os.close(fd)
+        fd = -1
+        os.replace(temp, dest)
+    except BaseException:
+        if fd >= 0:
+            drop_export_temp(fd, temp)
+        else:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+        raise
+    fsync_dir(dest.parent)
 
 
 def _write_zeros(fd: int, size: int) -> None:
