@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from casd.cli_common import CliError, add_data_arg, data_dir, safe_text
+from casd.cli_common import CliError, add_data_arg, data_dir, safe_text, store_settings
 from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import CasdError
@@ -125,7 +125,7 @@ def _digest(text: str) -> Digest:
 
 def _run(args: argparse.Namespace, work: Callable[[Maintenance], Awaitable[int]]) -> int:
     """Open the data folder, run `work`, close; every failure becomes one line."""
-    settings = Settings(data_dir=data_dir(args))
+    settings = Settings(data_dir=data_dir(args), **store_settings(args))
 
     async def main() -> int:
         m = await Maintenance.open(settings)

@@ -7,6 +7,7 @@ import os
 import re
 import tomllib
 
+from casd.blobstore import parse_s3_url
 from casd.config import data_dir_from_env
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?\Z", re.IGNORECASE)
@@ -55,12 +56,45 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="data folder (default: $CASD_DATA, else ./casd-data)",
     )
+    parser.add_argument(
+        "--blobs", type=_blobs_url, default=os.environ.get("CASD_BLOBS"), metavar="URL",
+        help="where blobs live: s3://BUCKET[/PREFIX] (credentials and region as every AWS"
+        " tool reads them); default: $CASD_BLOBS, else DATA/blobs",
+    )
+    parser.add_argument(
+        "--s3-endpoint", type=_endpoint, default=os.environ.get("CASD_S3_ENDPOINT"),
+        metavar="URL", help="an S3-compatible service's URL (MinIO, Ceph RGW, R2, ...);"
+        " default: $CASD_S3_ENDPOINT, else AWS",
+    )
     # Every command that opens a data folder reads the config file too.
     add_config_arg(parser)
 
 
+def _blobs_url(text: str) -> str | None:
+    if not text:
+        return None
+    try:
+        parse_s3_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _endpoint(text: str) -> str | None:
+    if not text:
+        return None
+    if not re.match(r"https?://[^/\s]+(/\S*)?\Z", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
 def data_dir(args: argparse.Namespace):
     return args.data if args.data is not None else data_dir_from_env()
+
+
+def store_settings(args: argparse.Namespace) -> dict:
+    """The Settings fields that pick the storage engines, from --blobs and --s3-endpoint."""
+    return {"blobs": args.blobs or None, "s3_endpoint": args.s3_endpoint or None}
 
 
 # ---- config file ------------------------------------------------------------------------

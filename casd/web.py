@@ -39,6 +39,7 @@ from casd.errors import (
     RangeNotSatisfiable,
     SizeMismatch,
     StorageFull,
+    StoreUnavailable,
     TooLarge,
     TooManyPending,
     Unauthorized,
@@ -88,6 +89,7 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     FileDigestMismatch: (422, "file_digest_mismatch"),
     TooManyPending: (429, "too_many_pending"),
     Unavailable: (503, "unavailable"),
+    StoreUnavailable: (503, "unavailable"),
     StorageFull: (507, "insufficient_storage"),
 }
 # aiohttp's own refusals (no route, wrong method, body over client_max_size) in the same shape.
@@ -565,20 +567,29 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         status = 206
         headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{entry.size}"
     plan = service.read_plan(opened, start, length) if opened is not None else []
-    resp = web.StreamResponse(status=status, headers=headers)
-    resp.content_length = length
-    await resp.prepare(request)
-    if request.method != "HEAD" and length:
-        try:
-            await _send_segments(request, resp, plan)
-        except OSError as exc:
-            # The status line is out: all that is left to say is "this body is incomplete",
-            # and closing the connection short of Content-Length says exactly that.
-            if not isinstance(exc, ConnectionResetError):
-                log.error("download of %s cut short: %s", entry.digest.hex, exc)
-            if request.transport is not None:
-                request.transport.close()
-            raise ConnectionResetError(str(exc)) from exc
+    send = request.method != "HEAD" and length > 0
+    # The first blob opens before the status line: a store that is down is a 503, not a
+    # cut-off body.
+    first = await service.open_segment(plan[0]) if send else None
+    try:
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = length
+        await resp.prepare(request)
+        if send:
+            try:
+                await _send_segments(request, resp, plan, first)
+            except (OSError, CasdError) as exc:
+                # The status line is out: all that is left to say is "this body is
+                # incomplete", and closing the connection short of Content-Length says
+                # exactly that.
+                if not isinstance(exc, ConnectionResetError):
+                    log.error("download of %s cut short: %s", entry.digest.hex, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                raise ConnectionResetError(str(exc)) from exc
+    finally:
+        if first is not None:
+            await first.close()
     await resp.write_eof()
     return resp
 
@@ -589,35 +600,56 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 SEND_SLICE = 256 * 1024
 
 
-async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -> None:
-    """Zero-copy where the transport allows it: sendfile each blob slice in order."""
-    loop = asyncio.get_running_loop()
+async def _send_segments(request: web.Request, resp: web.StreamResponse, plan, first) -> None:
+    """Each blob slice in order: zero-copy (sendfile) from a local file where the store and
+    the transport allow it, otherwise streamed in pieces from the store."""
+    service = request.app[SERVICE]
     timeout = request.app[SETTINGS].body_timeout or None
-    for seg in plan:
-        f = await asyncio.to_thread(open, seg.path, "rb")
+    for n, seg in enumerate(plan):
+        reader = first if n == 0 else await service.open_segment(seg)
         try:
-            pos, end = seg.offset, seg.offset + seg.length
-            while pos < end:
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError("client went away")
-                n = min(SEND_SLICE, end - pos)
-                try:
-                    async with asyncio.timeout(timeout):
-                        try:
-                            sent = await loop.sendfile(transport, f, pos, n)
-                        except NotImplementedError:
-                            await _copy_segment(resp, f, pos, n)
-                            sent = n
-                except TimeoutError:
-                    raise ConnectionResetError(
-                        f"the client took no {n} bytes in {timeout:g} seconds"
-                    ) from None
-                if sent != n:
-                    raise BlobShort(f"{seg.path} ended {n - sent} bytes short of its slice")
-                pos += n
+            await _send_segment(request, resp, reader, seg, timeout)
         finally:
-            f.close()
+            if n:
+                await reader.close()
+
+
+async def _send_segment(request, resp, reader, seg, timeout: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    pos, end = seg.offset, seg.offset + seg.length
+    if reader.file is None:
+        async for piece in reader.stream(pos, seg.length):
+            try:
+                async with asyncio.timeout(timeout):
+                    await resp.write(piece)
+            except TimeoutError:
+                raise ConnectionResetError(
+                    f"the client took no {len(piece)} bytes in {timeout:g} seconds"
+                ) from None
+            pos += len(piece)
+        if pos != end:
+            raise BlobShort(f"blob {seg.digest.hex} ended {end - pos} bytes short of its slice")
+        return
+    f = reader.file
+    while pos < end:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        n = min(SEND_SLICE, end - pos)
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    sent = await loop.sendfile(transport, f, pos, n)
+                except NotImplementedError:
+                    await _copy_segment(resp, f, pos, n)
+                    sent = n
+        except TimeoutError:
+            raise ConnectionResetError(
+                f"the client took no {n} bytes in {timeout:g} seconds"
+            ) from None
+        if sent != n:
+            raise BlobShort(f"blob {seg.digest.hex} ended {n - sent} bytes short of its slice")
+        pos += n
 
 
 class BlobShort(OSError):
