@@ -91,3 +91,7 @@ class TooManyPending(CasdError):
 class StoreUnavailable(CasdError):
     """The blob store cannot be reached or answers with errors (down, slow, refusing); the
     request can be retried, and nothing was recorded for it."""
+
+
+class AdminError(CasdError):
+    """A maintenance request that cannot be done as asked (the message says why)."""

@@ -1,0 +1,380 @@
+"""fsck of a data folder, beside a live daemon: every blob against every row, with --repair.
+
+The checker collects every problem instead of stopping at the first: disk first, then rows;
+suspects are judged again on facts read under the write lock, when nothing moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from casd.blobstore import BlobStore, StoredBlob, temp_busy
+from casd.catalog import DELETING, LIVE, QUARANTINED, AdminCatalog, ChunkRow, ChunkUsers
+from casd.config import Settings
+from casd.digest import Algo, Digest
+from casd.gc import TEMP_MIN_AGE
+from casd.models import FsckIssue
+
+HASH_BLOCK = 1 << 20
+# Suspects rechecked per hold of the write lock in fsck.
+RECHECK_BATCH = 200
+# fsck --repair sets these aside: the chunk's stored bytes are wrong or gone.
+REPAIRABLE = ("missing_blob", "wrong_size", "corrupt", "orphan_row")
+
+
+@dataclass(frozen=True)
+class FsckReport:
+    issues: tuple[FsckIssue, ...]
+    deep: bool
+    blobs_checked: int
+    bytes_checked: int
+    seconds: float
+    deleting: int  # rows a gc is retiring: neither a problem nor counted as stored
+    temp_in_flight: int  # young temp files: chunks the daemon is receiving
+    notes: tuple[FsckIssue, ...] = ()  # leftovers `casd gc` removes: not problems
+    quarantined: tuple[str, ...] = ()  # digests --repair set aside
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+
+@dataclass
+class _Hashed:
+    """One blob's hash pass: what the bytes hash to, and which inode was read."""
+
+    xxh3: str
+    digest: str | None
+    ident: tuple[int, int, int]  # (inode, mtime_ns, size)
+
+
+@dataclass
+class _Suspect:
+    hashed: _Hashed | None = None  # the hash pass, when it found the bytes wrong
+    corrupt: str | None = None
+
+
+_buffers = threading.local()
+
+
+def _hash_file(path: Path, algo: Algo | None) -> _Hashed:
+    """xxh3-128 of a file, plus its real digest when `algo` is given; 1 MiB reads."""
+    x = xxhash.xxh3_128()
+    h = algo.new() if algo is not None else None
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:  # one per thread: allocating 1 MiB per small blob costs more than hashing it
+        buf = _buffers.buf = bytearray(HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        while n := f.readinto(buf):
+            x.update(view[:n])
+            if h is not None:
+                h.update(view[:n])
+    return _Hashed(
+        x.hexdigest(), h.hexdigest() if h else None, (st.st_ino, st.st_mtime_ns, st.st_size)
+    )
+
+
+def _hash_group(group: list[tuple[Path, Algo | None]]) -> list[_Hashed | OSError]:
+    out: list[_Hashed | OSError] = []
+    for path, algo in group:
+        try:
+            out.append(_hash_file(path, algo))
+        except OSError as exc:
+            out.append(exc)
+    return out
+
+
+def _groups(jobs: list, size_of: Callable, target: int = 8 * HASH_BLOCK, most: int = 512):
+    """Consecutive runs of jobs of about `target` bytes (at most `most` jobs): one thread
+    hand-off per run, so a store of small blobs is not dominated by hand-offs."""
+    group: list = []
+    total = 0
+    for job in jobs:
+        group.append(job)
+        total += size_of(job)
+        if total >= target or len(group) >= most:
+            yield group
+            group, total = [], 0
+    if group:
+        yield group
+
+
+def _ident(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _windowed(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """(item, fn(item)) in order, computed in `pool` with at most `window` in flight."""
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            it, fut = pending.popleft()
+            yield it, fut.result()
+    for it, fut in pending:
+        yield it, fut.result()
+
+
+def _file_names(users: ChunkUsers) -> tuple[str, ...]:
+    seen = dict.fromkeys(
+        f"{f.digest.hex}{f.ext}" + (f" ({f.name})" if f.name else "") for f, _ in users.files
+    )
+    return tuple(seen)
+
+
+def _judge(hex_: str, users: ChunkUsers, ident, corrupt: str | None) -> list[FsckIssue]:
+    """The problems of one chunk, from facts read under the write lock and its blob's stat."""
+    row = users.row
+    files = _file_names(users)
+    live = row is not None and row.state == LIVE
+    out: list[FsckIssue] = []
+    uploads = f"; live uploads using it: {', '.join(users.uploads)}" if users.uploads else ""
+    if users.files and not live:
+        if row is None:
+            why = "no catalogue row"
+        elif row.state == QUARANTINED:
+            why = "been set aside by fsck --repair (uploading it again heals the files)"
+        else:
+            why = "its row is being deleted by gc"
+        on_disk = ", though a blob file is on disk" if ident is not None else ""
+        out.append(FsckIssue(
+            "missing_blob", hex_, f"complete files use it, but it has {why}{on_disk}", files
+        ))
+    if live:
+        for size in sorted({s for _f, s in users.files if s != row.size}):
+            out.append(FsckIssue(
+                "wrong_size", hex_,
+                f"a file's manifest gives it {size} bytes, its row says {row.size}", files,
+            ))
+        if ident is None:
+            kind = "missing_blob" if users.files else "orphan_row"
+            out.append(FsckIssue(
+                kind, hex_, f"the row says {row.size} bytes, the blob file is gone{uploads}", files
+            ))
+        elif ident[2] != row.size:
+            out.append(FsckIssue(
+                "wrong_size", hex_,
+                f"the blob file has {ident[2]} bytes, the row says {row.size}{uploads}", files,
+            ))
+        elif corrupt is not None:
+            out.append(FsckIssue("corrupt", hex_, corrupt + uploads, files))
+    elif row is None and ident is not None:
+        out.append(FsckIssue("orphan_file", hex_, "a blob file with no catalogue row", files))
+    return out
+
+
+def _is_note(issue: FsckIssue) -> bool:
+    """Leftovers `casd gc` removes by itself: a temp file, a blob file no row and no file
+    names (a daemon killed between linking a verified blob and recording it)."""
+    return issue.kind == "temp_file" or (
+        issue.kind == "orphan_file" and issue.digest is not None and not issue.files
+    )
+
+
+def _verdict(row: ChunkRow, hashed: _Hashed) -> str | None:
+    """Why a blob's bytes are not the row's, or None when they are."""
+    if hashed.digest is not None and hashed.digest != row.digest.hex:
+        return f"its bytes hash to {row.digest.algo.value} {hashed.digest}, not to its name"
+    if hashed.xxh3 != row.xxh3:
+        return f"its bytes hash to xxh3-128 {hashed.xxh3}; the row recorded {row.xxh3}"
+    return None
+
+
+class Fsck:
+    """fsck over one data folder's catalogue and blob store (see `Maintenance`)."""
+
+    def __init__(
+        self, settings: Settings, catalog: AdminCatalog, blobs: BlobStore,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings
+        self.catalog = catalog
+        self.blobs = blobs
+        self.clock = clock
+
+    async def check(
+        self, deep: bool = False, workers: int | None = None, repair: bool = False
+    ) -> FsckReport:
+        """Check every blob and every row against each other; report every problem.
+
+        `repair`: set aside each chunk whose bytes are wrong or gone (see `_quarantine`).
+        """
+        started = time.monotonic()
+        now = self.clock()
+        cat = self.catalog
+        # Disk first, then rows: a blob the daemon publishes meanwhile has its file before
+        # its row, so it shows up (at worst) as a suspect, which the locked recheck clears.
+        on_disk: list[StoredBlob] = await asyncio.to_thread(lambda: list(self.blobs.walk()))
+        temps = await asyncio.to_thread(lambda: list(self.blobs.temp_files()))
+        rows = {r.digest.hex: r for r in await cat.all_chunks()}
+        wanted = await cat.file_chunk_sizes()
+
+        issues: list[FsckIssue] = []
+        suspects: dict[str, _Suspect] = {}
+        disk: dict[str, StoredBlob] = {}
+        for b in on_disk:
+            if b.digest is None:
+                issues.append(FsckIssue(
+                    "orphan_file", None, f"{b.path} is not named or placed like a blob"
+                ))
+            else:
+                disk[b.digest.hex] = b
+        for hex_, size in wanted:
+            r = rows.get(hex_)
+            if r is None or r.state != LIVE or r.size != size:
+                suspects.setdefault(hex_, _Suspect())
+        jobs: list[tuple[ChunkRow, StoredBlob]] = []
+        for hex_, r in rows.items():
+            b = disk.get(hex_)
+            if r.state != LIVE:
+                continue
+            if b is None or b.size != r.size:
+                suspects.setdefault(hex_, _Suspect())
+            else:
+                jobs.append((r, b))
+        for hex_ in disk.keys() - rows.keys():
+            suspects.setdefault(hex_, _Suspect())
+
+        checked, nbytes = await asyncio.to_thread(self._hash_all, jobs, deep, workers, suspects)
+
+        items = sorted(suspects.items())
+        for i in range(0, len(items), RECHECK_BATCH):
+            issues += await self._recheck(dict(items[i:i + RECHECK_BATCH]), now, deep)
+        quarantined: list[str] = []
+        if repair:
+            bad = sorted({i.digest for i in issues if i.kind in REPAIRABLE and i.digest})
+            for i in range(0, len(bad), RECHECK_BATCH):
+                part = {h: suspects.get(h, _Suspect()) for h in bad[i:i + RECHECK_BATCH]}
+                quarantined += await self._quarantine(part, now, deep)
+        stale_before = now - TEMP_MIN_AGE
+        in_flight = 0
+        for t in temps:
+            if t.mtime < stale_before and not t.busy:
+                issues.append(FsckIssue(
+                    "temp_file", None, f"{t.path} ({t.size} bytes) is a leftover temp file;"
+                    " `casd gc` removes it once it is older than the grace period"
+                ))
+            else:
+                in_flight += 1
+        deleting = sum(1 for r in rows.values() if r.state == DELETING)
+        return FsckReport(
+            tuple(i for i in issues if not _is_note(i)), deep, checked, nbytes,
+            time.monotonic() - started, deleting, in_flight,
+            tuple(i for i in issues if _is_note(i)), tuple(quarantined),
+        )
+
+    async def _quarantine(self, batch: dict[str, _Suspect], now: float, deep: bool) -> list[str]:
+        """Judge again under the write lock; move the blobs of chunks still found wrong or gone
+        to quarantine/ and mark them absent in the same transaction.
+
+        From the commit on, handshakes list those chunks as missing (also for complete files
+        that use them, which answer "pending" until healed) and downloads of such files are
+        refused; a PUT of the chunk stores it again and heals every file using it.
+        """
+        folder = self.settings.quarantine_dir
+
+        def move(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
+            chosen = []
+            judged = self._judge_all(batch, facts, deep)
+            for hex_ in sorted({i.digest for i in judged if i.kind in REPAIRABLE}):
+                users = facts[hex_]
+                digest = Digest(Algo.for_hex_len(len(hex_)), hex_)
+                if users.row is not None and users.row.state == QUARANTINED:
+                    continue
+                if users.row is not None:
+                    size = users.row.size
+                elif users.files:
+                    size = users.files[0][1]
+                else:
+                    continue
+                self.blobs.quarantine(digest, folder)
+                chosen.append((digest, size))
+            return chosen
+
+        async def decide(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
+            return await asyncio.to_thread(move, facts)
+
+        chosen = await self.catalog.quarantine(batch.keys(), now, decide)
+        return [d.hex for d, _ in chosen]
+
+    def _hash_all(
+        self, jobs: list[tuple[ChunkRow, StoredBlob]], deep: bool, workers: int | None,
+        suspects: dict[str, _Suspect],
+    ) -> tuple[int, int]:
+        """Hash every listed blob in threads; mismatches and vanished files become suspects."""
+        workers = workers or min(4, os.cpu_count() or 1)
+        checked = nbytes = 0
+
+        def work(group: list[tuple[ChunkRow, StoredBlob]]):
+            return _hash_group([(b.path, r.digest.algo if deep else None) for r, b in group])
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="casd-fsck") as pool:
+            groups = _groups(jobs, lambda job: job[1].size)
+            for group, results in _windowed(pool, work, groups, workers * 2):
+                for (r, _b), res in zip(group, results, strict=True):
+                    hex_ = r.digest.hex
+                    if isinstance(res, OSError):
+                        suspects.setdefault(hex_, _Suspect())
+                        continue
+                    checked += 1
+                    nbytes += res.ident[2]
+                    bad = _verdict(r, res)
+                    if bad:
+                        suspects[hex_] = _Suspect(res, bad)
+        return checked, nbytes
+
+    async def _recheck(
+        self, batch: dict[str, _Suspect], now: float, deep: bool
+    ) -> list[FsckIssue]:
+        """Judge suspects on facts read under the write lock, when nothing moves."""
+
+        async def probe(facts: dict[str, ChunkUsers]) -> list[FsckIssue]:
+            return await asyncio.to_thread(self._judge_all, batch, facts, deep)
+
+        _facts, issues = await self.catalog.chunk_users(batch.keys(), now, probe)
+        return issues
+
+    def _judge_all(
+        self, batch: dict[str, _Suspect], facts: dict[str, ChunkUsers], deep: bool
+    ) -> list[FsckIssue]:
+        out = []
+        for hex_, s in batch.items():
+            users = facts[hex_]
+            algo = Algo.for_hex_len(len(hex_))
+            path = self.blobs.path(Digest(algo, hex_))
+            if users.row is None and temp_busy(path):
+                # Linked into place by a daemon that has not committed its row yet: the
+                # inode is its temp file's, still locked. In flight, not an orphan.
+                continue
+            ident = _ident(path)
+            corrupt = None
+            row = users.row
+            if s.corrupt is not None and ident is not None and row is not None:
+                if s.hashed is not None and s.hashed.ident == ident:
+                    corrupt = _verdict(row, s.hashed)
+                else:
+                    # The blob was replaced since it was hashed (re-uploaded): hash it again.
+                    try:
+                        corrupt = _verdict(row, _hash_file(path, algo if deep else None))
+                    except FileNotFoundError:
+                        ident = None
+            out += _judge(hex_, users, ident, corrupt)
+        return out
+
+    # -- stats, ls, rm --
