@@ -1,7 +1,7 @@
 """Garbage collection of a data folder, beside a live daemon: plan, then execute.
 
 `Gc.plan` lists what is garbage now (expired uploads, unused manifests, unreferenced chunks,
-orphan blob files, stale temp files, quarantined chunks no one needs); `Gc.execute` removes
+orphan blobs, stale temp files, quarantined chunks no one needs); `Gc.execute` removes
 it batch by batch, rechecking every item inside its transaction. The ordering rules are
 described at the maintenance section of casd/catalog.py.
 """
@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from casd.blobstore import BlobStore, StoredBlob, TempFile, temp_busy
+from casd.blobstore import BlobInfo, BlobStore, TempFile, temp_busy
 from casd.catalog import AdminCatalog, ChunkRow
 from casd.config import Settings
 from casd.errors import AdminError
@@ -47,7 +47,7 @@ class GcPlan:
     chunks: tuple[ChunkRow, ...]  # live, unreferenced, older than the grace period
     unfinished: tuple[ChunkRow, ...]  # DELETING rows an earlier gc did not finish
     temp_files: tuple[TempFile, ...]
-    orphans: tuple[StoredBlob, ...] = ()  # blob files with no row, older than the grace
+    orphans: tuple[BlobInfo, ...] = ()  # blobs with no row, older than the grace
     quarantined: int = 0  # quarantined chunks no file or live upload needs any more
 
     @property
@@ -73,10 +73,10 @@ class GcResult:
     manifests: int
     chunks: tuple[ChunkRow, ...]  # rows deleted
     kept: int  # planned chunks found in use again when their turn came
-    chunk_bytes: int  # bytes of blob files unlinked
+    chunk_bytes: int  # bytes of blobs removed
     temp_files: tuple[TempFile, ...]
     seconds: float
-    orphans: tuple[StoredBlob, ...] = ()  # orphan blob files unlinked
+    orphans: tuple[BlobInfo, ...] = ()  # orphan blobs removed
     quarantined: int = 0  # quarantined chunk rows forgotten
 
     @property
@@ -134,11 +134,9 @@ class Gc:
             tuple(unfinished), tuple(temps), tuple(orphans), quarantined,
         )
 
-    async def _orphans(self, before: float) -> list[StoredBlob]:
+    async def _orphans(self, before: float) -> list[BlobInfo]:
         """Blob files untouched since `before` with no row, that no complete file uses."""
-        old = await asyncio.to_thread(
-            lambda: [b for b in self.blobs.walk() if b.digest is not None and b.mtime < before]
-        )
+        old = [b async for b in self.blobs.list() if b.digest is not None and b.mtime < before]
         unrowed = await self.catalog.orphans([b.digest.hex for b in old])
         return [b for b in old if b.digest.hex in unrowed]
 
@@ -174,7 +172,10 @@ class Gc:
 
         async def unlink(rows: list[ChunkRow]) -> None:
             nonlocal freed
-            freed += await asyncio.to_thread(self._unlink_blobs, rows)
+            # Concurrently: the write lock is held meanwhile, and an object store answers
+            # each delete in a round trip.
+            gone = await asyncio.gather(*(self.blobs.delete(r.digest) for r in rows))
+            freed += sum(r.size for r, g in zip(rows, gone) if g)
 
         async def retire(rows: list[ChunkRow]) -> None:
             async with self._turn():
@@ -199,14 +200,17 @@ class Gc:
             self._remove_temps, plan.temp_files, plan.now - plan.temp_age
         )
         report("temp_files", len(temps))
-        orphans: list[StoredBlob] = []
+        orphans: list[BlobInfo] = []
         for blobs in _batches(plan.orphans, batch):
             by_hex = {b.digest.hex: b for b in blobs}
 
             async def unlink_orphans(still: set[str], by_hex=by_hex) -> None:
-                orphans.extend(await asyncio.to_thread(
-                    self._unlink_orphans, [by_hex[h] for h in sorted(still)], cutoff
-                ))
+                # With the digests locked: no daemon writes their rows meanwhile, and one
+                # that stored such a blob a moment ago puts it back under the same lock.
+                for h in sorted(still):
+                    b = by_hex[h]
+                    if await self.blobs.delete_if_older(b.digest, cutoff):
+                        orphans.append(b)
 
             async with self._turn():
                 await cat.retire_orphans(sorted(by_hex), unlink_orphans)
@@ -220,21 +224,6 @@ class Gc:
             tuple(temps), time.monotonic() - started, tuple(orphans), quarantined,
         )
 
-    @staticmethod
-    def _unlink_orphans(blobs: list[StoredBlob], before: float) -> list[StoredBlob]:
-        """Called under the write lock with blobs that still have no row: unlink the old ones
-        whose inode is not a temp file a daemon still holds (linked, row not yet written)."""
-        removed = []
-        for b in blobs:
-            try:
-                if os.lstat(b.path).st_mtime >= before or temp_busy(b.path):
-                    continue
-                os.unlink(b.path)
-            except FileNotFoundError:
-                continue
-            removed.append(b)
-        return removed
-
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
         """One gc transaction, then a pause in proportion to it.
@@ -247,9 +236,6 @@ class Gc:
         yield
         held = time.monotonic() - started
         await asyncio.sleep(min(GC_PAUSE_MAX, max(GC_PAUSE_MIN, held)))
-
-    def _unlink_blobs(self, rows: list[ChunkRow]) -> int:
-        return sum(r.size for r in rows if self.blobs.remove(r.digest))
 
     @staticmethod
     def _remove_temps(temps: Iterable[TempFile], before: float) -> list[TempFile]:

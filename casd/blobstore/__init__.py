@@ -30,12 +30,12 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import xxhash
 
+from casd.blobstore.base import READ_PIECE, BlobHash, BlobInfo, BlobMissing
 from casd.blobstore.local import (
     LocalBlobStore,
     Reserve,
@@ -47,34 +47,15 @@ from casd.blobstore.local import (
     is_disk_full,
     temp_busy,
 )
-from casd.digest import Digest
+from casd.digest import Algo, Digest
 from casd.errors import StoreUnavailable
 
 __all__ = [
-    "BlobInfo", "BlobMissing", "BlobReader", "BlobStore", "LocalBlobStore", "Reserve",
-    "StoreUnavailable", "StoredBlob", "TempBlob", "TempFile", "blob_matches", "free_bytes",
-    "fsync_dir", "is_disk_full", "open_blobstore", "parse_s3_url", "temp_busy",
+    "READ_PIECE", "BlobHash", "BlobInfo", "BlobMissing", "BlobReader", "BlobStore",
+    "LocalBlobStore", "Reserve", "StoreUnavailable", "StoredBlob", "TempBlob", "TempFile",
+    "blob_matches", "feed", "free_bytes", "fsync_dir", "hash_blob", "is_disk_full",
+    "open_blobstore", "parse_s3_url", "temp_busy",
 ]
-
-# The largest piece a reader hands over at once: a download or a merge of any size holds
-# about this much of a blob in memory.
-READ_PIECE = 1 << 20
-
-
-class BlobMissing(FileNotFoundError):
-    """The store holds no blob under this digest."""
-
-
-@dataclass(frozen=True)
-class BlobInfo:
-    """One stored object. `digest` is None when its name or place is not a blob's (fsck
-    reports it); `where` names it for people (a path or an s3:// key)."""
-
-    digest: Digest | None
-    where: str
-    size: int
-    mtime: float = 0.0
-
 
 class BlobReader(Protocol):
     """An open blob. `file` is a local file positioned anywhere (for zero-copy sendfile), or
@@ -155,6 +136,13 @@ class BlobStore(Protocol):
         when there was no blob."""
         ...
 
+    async def hash_blobs(
+        self, items: list[tuple[Digest, Algo | None]], workers: int
+    ) -> list[BlobHash | OSError]:
+        """xxh3-128 of each blob (and its real digest where an algo is given), `workers` at
+        a time, in order; a blob that is gone or unreadable gives its OSError (BlobMissing)."""
+        ...
+
     async def assemble(self, parts: list[tuple[Digest, int]], dest: Path, total: int) -> None:
         """Concatenate blobs (digest, expected size) into a local file at `dest`: written
         beside it, fsynced, checked to be `total` bytes, renamed in place. BlobMissing or
@@ -173,6 +161,24 @@ async def feed(
         await loop.run_in_executor(executor, sink, piece)
         done += len(piece)
     return done
+
+
+async def hash_blob(
+    store: BlobStore, digest: Digest, algo: Algo | None, executor=None
+) -> BlobHash:
+    """Hash one blob by reading it through the store; BlobMissing when it is gone."""
+    x = xxhash.xxh3_128()
+    h = algo.new() if algo is not None else None
+
+    def absorb(piece: bytes) -> None:
+        x.update(piece)
+        if h is not None:
+            h.update(piece)
+
+    async with await store.open(digest) as reader:
+        n = await feed(reader, 0, reader.size, absorb, executor)
+        version = getattr(reader, "version", ())
+    return BlobHash(x.hexdigest(), h.hexdigest() if h else None, version, n)
 
 
 async def blob_matches(

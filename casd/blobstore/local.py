@@ -12,11 +12,17 @@ import fcntl
 import os
 import secrets
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
+from casd.blobstore.base import READ_PIECE, BlobHash, BlobInfo, BlobMissing
 from casd.digest import Algo, Digest
 
 TEMP_PREFIX = "blob-"
@@ -165,18 +171,26 @@ class LocalBlobStore(TempFiles):
         await self._run(self.put_over, temp, digest)
 
     async def stat(self, digest: Digest):
-        from casd.blobstore import BlobInfo
-
         path = self.path(digest)
+
+        def look():
+            st = os.stat(path)
+            return st, temp_busy(path)
+
         try:
-            st = await self._run(os.stat, path)
+            st, busy = await self._run(look)
         except FileNotFoundError:
             return None
-        return BlobInfo(digest, str(path), st.st_size, st.st_mtime)
+        return BlobInfo(
+            digest, str(path), st.st_size, st.st_mtime,
+            (st.st_ino, st.st_mtime_ns, st.st_size), busy,
+        )
+
+    async def hash_blobs(self, items, workers: int) -> list:
+        jobs = [(self.path(d), algo) for d, algo in items]
+        return await asyncio.to_thread(_hash_paths, jobs, workers)
 
     async def open(self, digest: Digest) -> "LocalReader":
-        from casd.blobstore import BlobMissing
-
         def opened():
             f = open(self.path(digest), "rb", buffering=0)  # noqa: SIM115 - the reader closes it
             return LocalReader(f, os.fstat(f.fileno()).st_size, self._io)
@@ -204,8 +218,6 @@ class LocalBlobStore(TempFiles):
         return await self._run(unlink_old)
 
     async def list(self) -> AsyncIterator:
-        from casd.blobstore import BlobInfo
-
         for b in await self._run(lambda: list(self.walk())):
             yield BlobInfo(b.digest, str(b.path), b.size, b.mtime)
 
@@ -341,6 +353,77 @@ class LocalBlobStore(TempFiles):
             yield StoredBlob(digest, Path(e.path), st.st_size, st.st_mtime)
 
 
+_buffers = threading.local()
+
+
+def _hash_file(path: Path, algo) -> "BlobHash":
+    """xxh3-128 of a file, plus its real digest when `algo` is given; 1 MiB reads."""
+    x = xxhash.xxh3_128()
+    h = algo.new() if algo is not None else None
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:  # one per thread: allocating 1 MiB per small blob costs more than hashing it
+        buf = _buffers.buf = bytearray(READ_PIECE)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        while n := f.readinto(buf):
+            x.update(view[:n])
+            if h is not None:
+                h.update(view[:n])
+    return BlobHash(
+        x.hexdigest(), h.hexdigest() if h else None, (st.st_ino, st.st_mtime_ns, st.st_size),
+        st.st_size,
+    )
+
+
+def _hash_group(group: list) -> list:
+    out: list = []
+    for path, algo in group:
+        try:
+            out.append(_hash_file(path, algo))
+        except FileNotFoundError:
+            out.append(BlobMissing(f"{path} is gone"))
+        except OSError as exc:
+            out.append(exc)
+    return out
+
+
+def _groups(jobs: list, size_of, target: int = 8 << 20, most: int = 512):
+    """Consecutive runs of jobs of about `target` bytes (at most `most` jobs): one thread
+    hand-off per run, so a store of small blobs is not dominated by hand-offs."""
+    group: list = []
+    total = 0
+    for job in jobs:
+        group.append(job)
+        total += size_of(job)
+        if total >= target or len(group) >= most:
+            yield group
+            group, total = [], 0
+    if group:
+        yield group
+
+
+def _size_or_zero(job) -> int:
+    try:
+        return os.stat(job[0]).st_size
+    except OSError:
+        return 0
+
+
+def _hash_paths(jobs: list, workers: int) -> list:
+    """Hash files in `workers` threads, in order, a few in flight per thread."""
+    out: list = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="casd-fsck") as pool:
+        pending: deque = deque()
+        for group in _groups(jobs, _size_or_zero):
+            pending.append(pool.submit(_hash_group, group))
+            if len(pending) >= workers * 2:
+                out += pending.popleft().result()
+        for fut in pending:
+            out += fut.result()
+    return out
+
+
 class LocalReader:
     """An open blob file (see BlobReader); `file` is what sendfile sends from."""
 
@@ -350,8 +433,6 @@ class LocalReader:
         self._io = io
 
     async def stream(self, offset: int, length: int) -> AsyncIterator[bytes]:
-        from casd.blobstore import READ_PIECE
-
         loop = asyncio.get_running_loop()
         end = offset + length
         while offset < end:
@@ -385,8 +466,6 @@ def _assemble(parts: list[tuple[Path, int]], dest: Path, total: int) -> None:
 
     Zero-copy (copy_file_range) where the filesystem allows it.
     """
-    from casd.blobstore import READ_PIECE, BlobMissing
-
     fd, temp = open_export_temp(dest)
     try:
         use_range = hasattr(os, "copy_file_range")
