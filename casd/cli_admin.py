@@ -293,9 +293,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                   " is older than the grace period (not a problem)")
         if r.quarantined:
             print(f"repaired: {len(r.quarantined)} chunk(s) moved to"
-                  f" {m.settings.quarantine_dir} and marked absent; uploading the files"
+                  f" {m.blobs.quarantine_location} and marked absent; uploading the files"
                   " that use them again heals them")
-        how = "md5/sha256 and xxh3-128" if r.deep else "xxh3-128"
+        how = "md5/sha256 and xxh3-128" if r.deep else (
+            "xxh3-128" if m.blobs.quick_rehash else "size (--deep rehashes)"
+        )
         rate = r.bytes_checked / r.seconds / (1 << 20) if r.seconds else 0.0
         extra = ""
         if r.deleting:

@@ -171,6 +171,8 @@ class Fsck:
         for hex_ in disk.keys() - rows.keys():
             suspects.setdefault(hex_, _Suspect())
 
+        if not (deep or self.blobs.quick_rehash):
+            jobs = []  # listed with their sizes, which were compared above
         checked, nbytes = await self._hash_all(jobs, deep, workers, suspects)
 
         items = sorted(suspects.items())

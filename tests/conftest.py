@@ -209,6 +209,10 @@ class Gate:
         """Refuse new connections and cut every open one."""
         sock, self._listener = self._listener, None
         if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass
             sock.close()
         with self._lock:
             conns, self._conns = self._conns, set()

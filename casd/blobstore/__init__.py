@@ -81,6 +81,11 @@ class BlobStore(Protocol):
     tmp_dir: Path
     # Shown in logs and errors: the folder or s3://bucket/prefix.
     location: str
+    # Where `quarantine` puts blobs, for people.
+    quarantine_location: str
+    # Whether a quick `casd fsck` rehashes every blob (xxh3-128): yes on a local disk; no
+    # where that would read every byte over the network (it checks sizes; --deep rehashes).
+    quick_rehash: bool
 
     async def start(self) -> None:
         """Make folders / check that the bucket answers; StoreUnavailable if not."""

@@ -141,11 +141,14 @@ class TempFiles:
 class LocalBlobStore(TempFiles):
     """Blobs as files in one folder; zero-copy reads (`BlobReader.file`)."""
 
+    quick_rehash = True
+
     def __init__(self, blobs_dir: Path, tmp_dir: Path, quarantine_dir: Path, io=None):
         self.blobs_dir = blobs_dir
         self.tmp_dir = tmp_dir
         self.quarantine_dir = quarantine_dir
         self.location = str(blobs_dir)
+        self.quarantine_location = str(quarantine_dir)
         self._io = io
         self._known_dirs: set[Path] = set()
 

@@ -64,12 +64,15 @@ def _missing(exc: ClientError) -> bool:
 class S3BlobStore(TempFiles):
     """Blobs as objects; temp files stay local under tmp_dir (see the package docstring)."""
 
+    quick_rehash = False
+
     def __init__(self, bucket: str, prefix: str, tmp_dir: Path, endpoint: str | None = None):
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.tmp_dir = tmp_dir
         self.endpoint = endpoint
         self.location = f"s3://{bucket}/{prefix}" + (f" at {endpoint}" if endpoint else "")
+        self.quarantine_location = f"s3://{bucket}/{self.prefix}{QUARANTINE}/"
         self._stack: AsyncExitStack | None = None
         self._client = None
 
@@ -87,7 +90,14 @@ class S3BlobStore(TempFiles):
         self._stack = stack
         try:
             async with self._errors("reach the bucket"):
-                await self._client.head_bucket(Bucket=self.bucket)
+                try:
+                    await self._client.head_bucket(Bucket=self.bucket)
+                except ClientError as exc:
+                    if _missing(exc):
+                        raise StoreUnavailable(
+                            f"the blob store {self.location} has no bucket {self.bucket!r}"
+                        ) from None
+                    raise
         except BaseException:
             await self.close()
             raise
