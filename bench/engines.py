@@ -134,8 +134,8 @@ def render(sizes: Sizes, local: dict, s3: dict, raw: dict) -> str:
          None),
         ("daemon peak RSS MB, download", local["get_peak_rss_mb"], s3["get_peak_rss_mb"], None),
     ]
-    out = [f"blob-store engines, {sizes.file_bytes >> 20} MiB file in {sizes.chunk_size >> 20}"
-           " MiB chunks (S3: moto on 127.0.0.1, SQLite catalogue)", "",
+    out = [(f"blob-store engines, {sizes.file_bytes >> 20} MiB file in {sizes.chunk_size >> 20}"
+            " MiB chunks (S3: moto on 127.0.0.1, SQLite catalogue)"), "",
            "| figure | local | S3 (moto) | S3 / local | moto alone (aiobotocore) | S3 / moto alone |",
            "|---|---:|---:|---:|---:|---:|"]
     for name, a, b, c in rows:

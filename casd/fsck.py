@@ -57,7 +57,7 @@ def _file_names(users: ChunkUsers) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _judge(hex_: str, users: ChunkUsers, size: int | None, corrupt: str | None) -> list[FsckIssue]:
+def _judge(hex_: str, users: ChunkUsers, stored: int | None, corrupt: str | None) -> list[FsckIssue]:
     """The problems of one chunk, from facts read under the write lock and its blob's size
     (None: no blob stored)."""
     row = users.row
@@ -72,7 +72,7 @@ def _judge(hex_: str, users: ChunkUsers, size: int | None, corrupt: str | None) 
             why = "been set aside by fsck --repair (uploading it again heals the files)"
         else:
             why = "its row is being deleted by gc"
-        on_disk = ", though a blob file is on disk" if size is not None else ""
+        on_disk = ", though a blob file is on disk" if stored is not None else ""
         out.append(FsckIssue(
             "missing_blob", hex_, f"complete files use it, but it has {why}{on_disk}", files
         ))
@@ -82,19 +82,19 @@ def _judge(hex_: str, users: ChunkUsers, size: int | None, corrupt: str | None) 
                 "wrong_size", hex_,
                 f"a file's manifest gives it {size} bytes, its row says {row.size}", files,
             ))
-        if size is None:
+        if stored is None:
             kind = "missing_blob" if users.files else "orphan_row"
             out.append(FsckIssue(
                 kind, hex_, f"the row says {row.size} bytes, the blob file is gone{uploads}", files
             ))
-        elif size != row.size:
+        elif stored != row.size:
             out.append(FsckIssue(
                 "wrong_size", hex_,
-                f"the blob file has {size} bytes, the row says {row.size}{uploads}", files,
+                f"the blob file has {stored} bytes, the row says {row.size}{uploads}", files,
             ))
         elif corrupt is not None:
             out.append(FsckIssue("corrupt", hex_, corrupt + uploads, files))
-    elif row is None and size is not None:
+    elif row is None and stored is not None:
         out.append(FsckIssue("orphan_file", hex_, "a blob file with no catalogue row", files))
     return out
 

@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
 from conftest import Gate
 from helpers import Prepared, prepare
 
@@ -235,10 +234,13 @@ def test_blobs_from_the_config_file_and_the_environment(tmp_path):
     cfg = tmp_path / "casd.toml"
     cfg.write_text('blobs = "s3://from-file/p"\ns3-endpoint = "http://127.0.0.1:9"\n')
     env = {k: v for k, v in os.environ.items() if k not in ("CASD_BLOBS", "CASD_S3_ENDPOINT")}
-    run = lambda *a, **e: subprocess.run(  # noqa: E731 - a local shorthand
-        [sys.executable, "-m", "casd", "serve", "--check-config", *a],
-        capture_output=True, text=True, timeout=60, check=False, env={**env, **e},
-    )
+
+    def run(*a: str, **e: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "casd", "serve", "--check-config", *a],
+            capture_output=True, text=True, timeout=60, check=False, env={**env, **e},
+        )
+
     r = run("--config", str(cfg))
     assert "blobs = s3://from-file/p" in r.stdout and "s3_endpoint = http://127.0.0.1:9" in r.stdout
     r = run("--config", str(cfg), CASD_BLOBS="s3://from-env")

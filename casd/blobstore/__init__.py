@@ -31,7 +31,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, Self
 
 import xxhash
 
@@ -70,7 +70,7 @@ class BlobReader(Protocol):
 
     async def close(self) -> None: ...
 
-    async def __aenter__(self) -> BlobReader: ...
+    async def __aenter__(self) -> Self: ...
 
     async def __aexit__(self, *exc) -> None: ...
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import xxhash
 
@@ -193,7 +194,7 @@ class LocalBlobStore(TempFiles):
         jobs = [(self.path(d), algo) for d, algo in items]
         return await asyncio.to_thread(_hash_paths, jobs, workers)
 
-    async def open(self, digest: Digest) -> "LocalReader":
+    async def open(self, digest: Digest) -> LocalReader:
         def opened():
             f = open(self.path(digest), "rb", buffering=0)  # noqa: SIM115 - the reader closes it
             return LocalReader(f, os.fstat(f.fileno()).st_size, self._io)
@@ -359,7 +360,7 @@ class LocalBlobStore(TempFiles):
 _buffers = threading.local()
 
 
-def _hash_file(path: Path, algo) -> "BlobHash":
+def _hash_file(path: Path, algo) -> BlobHash:
     """xxh3-128 of a file, plus its real digest when `algo` is given; 1 MiB reads."""
     x = xxhash.xxh3_128()
     h = algo.new() if algo is not None else None
@@ -450,7 +451,7 @@ class LocalReader:
     async def close(self) -> None:
         self.file.close()
 
-    async def __aenter__(self) -> "LocalReader":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 from aiobotocore.session import get_session
@@ -311,7 +312,7 @@ class S3Reader:
     async def close(self) -> None:
         pass
 
-    async def __aenter__(self) -> S3Reader:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:
