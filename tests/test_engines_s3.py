@@ -247,3 +247,42 @@ def test_blobs_from_the_config_file_and_the_environment(tmp_path):
     assert "blobs = s3://from-env" in r.stdout
     r = run("--blobs", "s3://Bad_Bucket")
     assert r.returncode == 2 and "bucket name" in r.stderr
+
+
+def test_gc_killed_midway_is_finished_by_the_next_gc(s3_server, s3_bucket, daemon_factory, rng):
+    """kill -9 of gc while it deletes objects: nothing a file uses is lost, no row names a
+    deleted object as live, and the next gc finishes the job."""
+    daemon = daemon_factory(*s3_args(s3_server, s3_bucket))
+    args = s3_args(s3_server, s3_bucket)
+    keep = prepare(rng.bytes(2 * CHUNK, "keep"), CHUNK)
+    upload(daemon.url, keep)
+    doomed = [prepare(rng.bytes(4 * KiB, n), KiB) for n in range(40)]
+    for p in doomed:
+        upload(daemon.url, p)
+        assert request("DELETE", f"{daemon.url}/v1/files/{p.digest}")[0] == 204
+    kept = {f"casd/md5/{d}" for d in keep.order}
+    total = len(s3_server.keys(s3_bucket))
+    assert total == len(kept) + 160
+    time.sleep(1.1)
+    gc = subprocess.Popen(
+        [sys.executable, "-m", "casd", "gc", "--grace", "0", "--batch-size", "4", *args,
+         "--data", str(daemon.data_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(s3_server.keys(s3_bucket)) > total - 20 and gc.poll() is None:
+        assert time.monotonic() < deadline, "gc deleted nothing within a minute"
+        time.sleep(0.02)
+    assert gc.poll() is None, "gc finished before it could be killed; give it more to do"
+    gc.kill()
+    gc.wait()
+    left = set(s3_server.keys(s3_bucket))
+    assert kept <= left and len(kept) < len(left) < total
+    assert request("GET", f"{daemon.url}/v1/files/{keep.digest}")[2] == keep.data
+    # A live row never names an object gc deleted.
+    assert {f"casd/md5/{d}" for d in chunk_rows(daemon.data_dir)} <= left
+    r = casd(daemon.data_dir, "gc", "--grace", "0", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(s3_server.keys(s3_bucket)) == kept
+    r = casd(daemon.data_dir, "fsck", "--deep", *args)
+    assert r.returncode == 0 and "no problems" in r.stdout, r.stdout + r.stderr
