@@ -63,7 +63,6 @@ log = logging.getLogger("casd.service")
 # Bytes handed to a worker thread at a time: large enough that hashlib releases the GIL and
 # thread hand-offs are rare, small enough that a request holds only a couple of them.
 INGEST_BLOCK = 1 << 20
-READ_BLOCK = 1 << 20
 
 
 @contextmanager
