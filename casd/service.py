@@ -756,7 +756,9 @@ class Service:
             raise NotFound(f"no file {digest.hex}")
 
     async def health(self) -> None:
-        """Raises when the catalogue cannot be read or the data folder cannot be written."""
+        """Raises when the catalogue cannot be read, the data folder cannot be written or
+        the blob store does not answer."""
         await self.catalog.ping()
         await self._run(self.blobs.check_writable)
+        await self.blobs.ping()
 

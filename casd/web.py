@@ -733,8 +733,8 @@ async def healthz(request: web.Request) -> web.Response:
         log.warning("health check failed: %s", exc)
         return error_response(
             503, "unavailable",
-            "unhealthy: the catalogue cannot be read or the data folder cannot be written;"
-            " the daemon's log says which",
+            "unhealthy: the catalogue cannot be read, the data folder cannot be written or"
+            " the blob store does not answer; the daemon's log says which",
         )
     return web.json_response({"status": "ok"})
 

@@ -197,7 +197,10 @@ def test_store_down_gives_503_and_the_upload_resumes(s3_server, s3_bucket, daemo
         uid = hs["upload_id"]
         first, second, third = p.order
         assert put(daemon.url, uid, p, first)[0] == 201
+        assert request("GET", f"{daemon.url}/healthz")[0] == 200
         gate.close()
+        # A load balancer's health check sees it too.
+        assert request("GET", f"{daemon.url}/healthz")[0] == 503
         status, body = put(daemon.url, uid, p, second)
         assert status == 503 and b'"unavailable"' in body, body
         assert b"Traceback" not in body

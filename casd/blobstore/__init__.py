@@ -92,6 +92,9 @@ class BlobStore(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Raises (StoreUnavailable) when the store does not answer now; for /healthz."""
+
     # -- temp files: always local, under tmp_dir --
 
     def new_temp(self) -> TempBlob:

@@ -164,6 +164,9 @@ class LocalBlobStore(TempFiles):
     async def close(self) -> None:
         pass
 
+    async def ping(self) -> None:
+        pass  # the folder's health is check_writable's (its temp files share the disk)
+
     async def publish(self, temp: TempBlob, digest: Digest) -> None:
         # A filesystem that cannot hard-link leaves the rename to ensure_stored.
         await self._run(self.place, temp, digest)

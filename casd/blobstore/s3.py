@@ -108,6 +108,10 @@ class S3BlobStore(TempFiles):
         if stack is not None:
             await stack.aclose()
 
+    async def ping(self) -> None:
+        async with self._errors("reach the bucket"):
+            await self._client.head_bucket(Bucket=self.bucket)
+
     @asynccontextmanager
     async def _errors(self, what: str):
         """Turn what the store or the network says into StoreUnavailable."""
