@@ -154,7 +154,7 @@ def casd_rows(lim: Limits, sizes: Sizes, r: dict) -> list[Row]:
                     f"({b3['insert_sent'] / b3['insert_size']:.0%} of the file)",
                     "none (expected: everything)",
                     "fixed-size chunking resends everything after an insertion (every boundary"
-                    " shifts); content-defined chunking would resend ~1 chunk"))
+                    " shifts); FastCDC resends about one chunk: see B3c"))
     b4 = r["b4"]
     gr = b4["get_mb_s"] / lim.fileresponse_mb_s
     rows.append(Row("B4", f"download of the {_size(size)} file (raw socket GET, body dropped)",
@@ -213,6 +213,69 @@ def casd_rows(lim: Limits, sizes: Sizes, r: dict) -> list[Row]:
                     f"{b6['peak_rss_mb']:.0f} MB", "—", "—", "< 150 MB",
                     _verdict(b6["peak_rss_mb"] < 150,
                              f"sampled VmRSS max {b6['sampled_rss_max_mb']:.0f} MB")))
+    return rows
+
+
+def cdc_rows(sizes: Sizes, r: dict) -> list[Row]:
+    """Rows of bench/cdc_runs.py: FastCDC uploads and chunked downloads."""
+    rows: list[Row] = []
+    size = sizes.file_bytes
+    fresh = r["b1c"]
+    base = fresh["fixed 5 MiB"]["seconds"]
+    for name, f in fresh.items():
+        if name == "fixed 5 MiB":
+            rows.append(Row("B1c", f"fresh upload of {_size(size)}, {name} ({f['chunks']} chunks)",
+                            f"{f['seconds']:.2f} s = {mb_s(size, f['seconds']):.0f} MB/s",
+                            "—", "1.00", "the reference", "informational"))
+            continue
+        extra = f["seconds"] / base - 1
+        rows.append(Row("B1c", f"… {name} ({f['chunks']} chunks)",
+                        f"{f['seconds']:.2f} s = {mb_s(size, f['seconds']):.0f} MB/s",
+                        f"fixed 5 MiB {base:.2f} s", f"{f['seconds'] / base:.2f}",
+                        "≤ 1.05 to be the default",
+                        _verdict(extra <= 0.05, f"hashing {f['hash_s']:.2f} s, transfer "
+                                                f"{f['transfer_s']:.2f} s")))
+    b3 = r["b3c"]
+    avg = _size(r["avg"])
+    rows.append(Row("B3c", f"FastCDC {avg}: {_size(b3['overwrite_changed'])} overwritten "
+                           "mid-file: chunks sent",
+                    f"{b3['overwrite_chunks_sent']} of {b3['chunks_total']} "
+                    f"({_size(b3['overwrite_sent'])})",
+                    f"{b3['overwrite_touched']} chunks touch the region", "—",
+                    "≤ the chunks it touches",
+                    _verdict(b3["overwrite_chunks_sent"] <= b3["overwrite_touched"],
+                             "" if b3["overwrite_chunks_sent"] <= b3["overwrite_touched"] else
+                             "FastCDC's cuts fall back in step with the old ones only some "
+                             "chunks after an edit (its mask depends on the distance from "
+                             "the chunk's start), so chunks after the region change too")))
+    rows.append(Row("B3c", f"FastCDC {avg}: 1 KiB inserted at the front: chunks sent",
+                    f"{b3['insert_chunks_sent']} of {b3['chunks_total']} "
+                    f"({_size(b3['insert_sent'])})", "1 KiB changed", "—", "≤ 3 chunks",
+                    _verdict(b3["insert_chunks_sent"] <= 3)))
+    b8 = r["b8"]
+    ratio = b8["client_mb_s"] / b8["plain_mb_s"]
+    rows.append(Row("B8", f"verified client download of {_size(size)} (5 MiB chunks by Range, "
+                          "each verified)",
+                    f"{b8['client_mb_s']:.0f} MB/s",
+                    f"plain GET to disk + fsync {b8['plain_mb_s']:.0f} MB/s", f"{ratio:.2f}",
+                    "≥ 0.8", _verdict(ratio >= 0.8)))
+    b9 = r["b9"]
+    rows.append(Row("B9", f"download of the edited {_size(size)} file (FastCDC {avg}; 1 KiB "
+                          "inserted + 5 MiB overwritten) with --reuse of the old one",
+                    f"{_size(b9['bytes_fetched'])} fetched ({b9['chunks_fetched']} of "
+                    f"{b9['chunks_total']} chunks) in {b9['seconds']:.2f} s",
+                    f"{_size(b9['size'])} file", f"{b9['bytes_fetched'] / b9['size']:.3f}",
+                    "≤ the chunks the edits touch (B3c) + 3",
+                    _verdict(b9["byte_exact"]
+                             and b9["chunks_fetched"] <= b3["overwrite_touched"] + 3,
+                             "byte-exact" if b9["byte_exact"] else "NOT byte-exact")))
+    c1 = r["c1"]
+    rows.append(Row("C1", f"FastCDC {avg} cut in Python (pyfastcdc), in memory",
+                    f"{c1['fastcdc_mb_s']:.0f} MB/s", f"MD5 {c1['md5_mb_s']:.0f} MB/s",
+                    f"{c1['fastcdc_mb_s'] / c1['md5_mb_s']:.2f}", "> 1 (cheaper than hashing)",
+                    _verdict(c1["fastcdc_mb_s"] > c1["md5_mb_s"],
+                             "the browser's fastcdc.js: see docs/chunking.md (slow-marked "
+                             "throughput test)")))
     return rows
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench import casd_runs, limits, procs, report
+from bench import casd_runs, cdc_runs, limits, procs, report
 from bench.casd_runs import FULL, QUICK, Sizes
 from bench.log import log
 
@@ -146,6 +146,7 @@ async def measure_casd(sizes: Sizes, work: Path, big: Path, tmpfs: Path | None,
     log("B5 big manifests (preparing the stored chunks first)")
     results["b5"] = await casd_runs.b5_handshakes(sizes, work, work / "client-cache-b5", tmpfs,
                                                   work)
+    results["cdc"] = await cdc_runs.measure(work, big, sizes, min(rounds, 2))
     return results
 
 
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     info["loadavg_end"] = loadavg()
-    rows = report.limit_rows(lim, sizes) + report.casd_rows(lim, sizes, results)
+    rows = (report.limit_rows(lim, sizes) + report.casd_rows(lim, sizes, results)
+            + report.cdc_rows(sizes, results["cdc"]))
     cmd = "python -m bench" + (" --quick" if args.quick else "")
     print(f"casd benchmark ({'quick' if args.quick else 'full'}): `{cmd}`, "
           f"{time.perf_counter() - started:.0f} s")
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
           f"casd at {info['commit']}")
     busy = [("limits", limits_others)] + [(k.upper(), results[k]["others_cores"])
                                           for k in ("b1", "b2", "b3", "b4", "b5", "b6")]
+    busy += [(k.upper(), results["cdc"][k]["others_cores"]) for k in ("b3c", "b8")]
     if results["rounds"] > 1:
         print(f"B1, B2, B4 and B6: best of {results['rounds']} rounds, each on a fresh daemon "
               "(peak RSS: the highest of the rounds); B3 and B5: one run.")

@@ -9,15 +9,22 @@ import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
-from casd.cli_common import CliError, add_data_arg, data_dir, safe_text, store_settings
+from casd.cli_common import (
+    CliError,
+    add_data_arg,
+    catalog_url,
+    data_dir,
+    safe_text,
+    store_settings,
+)
 from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import CasdError
 from casd.maintenance import GC_BATCH, FsckReport, GcPlan, GcResult, Maintenance
 from casd.models import FileEntry, PendingUpload
+from casd.protocol import file_url, format_bytes, format_timestamp
 
 
 def register(sub) -> None:
@@ -125,7 +132,7 @@ def _digest(text: str) -> Digest:
 
 def _run(args: argparse.Namespace, work: Callable[[Maintenance], Awaitable[int]]) -> int:
     """Open the data folder, run `work`, close; every failure becomes one line."""
-    settings = Settings(data_dir=data_dir(args), **store_settings(args))
+    settings = Settings(data_dir=data_dir(args), catalog=catalog_url(args), **store_settings(args))
 
     async def main() -> int:
         m = await Maintenance.open(settings)
@@ -145,24 +152,13 @@ def _run(args: argparse.Namespace, work: Callable[[Maintenance], Awaitable[int]]
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise CliError(f"{exc.strerror or exc}{where}") from None
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, never a traceback
+    except Exception as exc:  # a bug: still one line, never a traceback
         raise CliError(f"internal error: {type(exc).__name__}: {exc}") from None
 
 
 def _print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-
-def human(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---- gc ---------------------------------------------------------------------------------
@@ -210,9 +206,9 @@ def _plan_text(plan: GcPlan, verbose: bool) -> None:
     unfinished = f", {len(plan.unfinished)} of them left by an interrupted gc" if plan.unfinished else ""
     print(f"plan (grace {plan.grace:g} s): {len(plan.expired_uploads)} expired uploads,"
           f" {len(plan.unused_manifests)} unused manifests, {n_chunks} chunks"
-          f" ({human(plan.chunk_bytes)}{unfinished}), {len(plan.temp_files)} stale temp files"
-          f" ({human(plan.temp_bytes)}), {len(plan.orphans)} orphan blob files"
-          f" ({human(plan.orphan_bytes)})")
+          f" ({format_bytes(plan.chunk_bytes)}{unfinished}), {len(plan.temp_files)} stale temp files"
+          f" ({format_bytes(plan.temp_bytes)}), {len(plan.orphans)} orphan blob files"
+          f" ({format_bytes(plan.orphan_bytes)})")
     if verbose:
         for uid, size in plan.expired_uploads:
             print(f"  upload {uid} ({size} bytes)")
@@ -232,7 +228,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 _print_json({"dry_run": True, "plan": _plan_json(plan)})
             else:
                 _plan_text(plan, args.verbose)
-                print(f"dry run: nothing changed; would free up to {human(plan.bytes)}"
+                print(f"dry run: nothing changed; would free up to {format_bytes(plan.bytes)}"
                       f" ({plan.bytes} bytes)")
             return 0
         if not args.json:
@@ -247,7 +243,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"removed {result.uploads} uploads, {result.manifests} manifests,"
                   f" {len(result.chunks)} chunks, {len(result.temp_files)} temp files,"
                   f" {len(result.orphans)} orphan blob files{kept};"
-                  f" freed {human(result.bytes_freed)} ({result.bytes_freed} bytes)"
+                  f" freed {format_bytes(result.bytes_freed)} ({result.bytes_freed} bytes)"
                   f" in {result.seconds:.2f} s")
         return 0
 
@@ -305,7 +301,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         if r.temp_in_flight:
             extra += f"; {r.temp_in_flight} temp files in flight (not a problem)"
         verdict = f"{len(r.issues)} problem(s)" if r.issues else "no problems"
-        print(f"fsck: {r.blobs_checked} blobs ({human(r.bytes_checked)}) checked by {how} in"
+        print(f"fsck: {r.blobs_checked} blobs ({format_bytes(r.bytes_checked)}) checked by {how} in"
               f" {r.seconds:.2f} s ({rate:.0f} MiB/s){extra}; {verdict}")
         return 0 if r.ok else 1
 
@@ -332,15 +328,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
             return 0
         rows = [
             ("complete files", f"{s.files}"),
-            ("logical bytes", f"{human(s.logical_bytes)} ({s.logical_bytes})"),
+            ("logical bytes", f"{format_bytes(s.logical_bytes)} ({s.logical_bytes})"),
             ("distinct chunks", f"{s.chunks}"),
-            ("physical bytes", f"{human(s.physical_bytes)} ({s.physical_bytes})"),
+            ("physical bytes", f"{format_bytes(s.physical_bytes)} ({s.physical_bytes})"),
             ("dedup ratio", f"{s.dedup_ratio:.2f}"),
             ("pending uploads",
-             f"{s.pending_uploads} ({human(s.pending_bytes)}, {s.pending_bytes} bytes)"),
+             f"{s.pending_uploads} ({format_bytes(s.pending_bytes)}, {s.pending_bytes} bytes)"),
             ("pending chunk entries",
-             f"{s.pending_entries} (~{human(s.pending_catalog_bytes)} of catalogue)"),
-            ("catalogue size", f"{human(s.catalog_bytes)} ({s.catalog_bytes})"),
+             f"{s.pending_entries} (~{format_bytes(s.pending_catalog_bytes)} of catalogue)"),
+            ("catalogue size", f"{format_bytes(s.catalog_bytes)} ({s.catalog_bytes})"),
         ]
         if s.quarantined_chunks:
             rows.append(("quarantined chunks", f"{s.quarantined_chunks} (re-upload heals)"))
@@ -358,8 +354,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def _upload_json(u: PendingUpload, now: float) -> dict:
     return {
         "id": u.id, "algo": u.digest.algo.value, "digest": u.digest.hex, "size": u.size,
-        "chunk_entries": u.entries, "name": u.name, "created": _time(u.created),
-        "expires_at": _time(u.expires_at), "expired": u.expires_at <= now, "client": u.client,
+        "chunk_entries": u.entries, "name": u.name, "created": format_timestamp(u.created),
+        "expires_at": format_timestamp(u.expires_at), "expired": u.expires_at <= now, "client": u.client,
     }
 
 
@@ -373,7 +369,7 @@ def cmd_uploads_ls(args: argparse.Namespace) -> int:
         for u in ups:
             expired = " (expired)" if u.expires_at <= now else ""
             print(f"{u.id}  {u.digest.hex}  {u.size:>14}  {u.entries:>8} entries"
-                  f"  {_time(u.created)}  {_time(u.expires_at)}{expired}  {u.client or '-'}")
+                  f"  {format_timestamp(u.created)}  {format_timestamp(u.expires_at)}{expired}  {u.client or '-'}")
         return 0
 
     return _run(args, work)
@@ -400,7 +396,7 @@ def cmd_uploads_abort(args: argparse.Namespace) -> int:
 def _file_json(f: FileEntry) -> dict:
     return {
         "algo": f.digest.algo.value, "digest": f.digest.hex, "size": f.size, "ext": f.ext,
-        "name": f.name, "created": _time(f.created), "url": f"/v1/files/{f.digest.hex}{f.ext}",
+        "name": f.name, "created": format_timestamp(f.created), "url": file_url(f.digest, f.ext),
     }
 
 
@@ -412,7 +408,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             return 0
         for f in files:
             name = safe_text(f.name) if f.name else "-"
-            print(f"{f.digest.hex}{f.ext}  {f.size:>14}  {_time(f.created)}  {name}")
+            print(f"{f.digest.hex}{f.ext}  {f.size:>14}  {format_timestamp(f.created)}  {name}")
         return 0
 
     return _run(args, work)

@@ -6,9 +6,10 @@ import argparse
 import os
 import re
 import tomllib
+import urllib.parse
 
 from casd.blobstore import parse_s3_url
-from casd.config import data_dir_from_env
+from casd.config import data_dir_from_env, masked
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?\Z", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -66,6 +67,12 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
         metavar="URL", help="an S3-compatible service's URL (MinIO, Ceph RGW, R2, ...);"
         " default: $CASD_S3_ENDPOINT, else AWS",
     )
+    parser.add_argument(
+        "--catalog",
+        default=None,
+        help="a postgresql://USER:PASS@HOST:PORT/DB URL: keep the catalogue in PostgreSQL,"
+        " shared by several daemons (default: $CASD_CATALOG, else DATA/catalog.sqlite)",
+    )
     # Every command that opens a data folder reads the config file too.
     add_config_arg(parser)
 
@@ -95,6 +102,19 @@ def data_dir(args: argparse.Namespace):
 def store_settings(args: argparse.Namespace) -> dict:
     """The Settings fields that pick the storage engines, from --blobs and --s3-endpoint."""
     return {"blobs": args.blobs or None, "s3_endpoint": args.s3_endpoint or None}
+
+
+def catalog_url(args: argparse.Namespace) -> str | None:
+    """--catalog, else $CASD_CATALOG: a PostgreSQL URL, or None for the data folder's file."""
+    value = getattr(args, "catalog", None) or os.environ.get("CASD_CATALOG") or None
+    if value is None:
+        return None
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname or not parts.path[1:]:
+        raise CliError(
+            f"--catalog {masked(value)!r} is not a postgresql://USER:PASS@HOST:PORT/DB URL", 2
+        )
+    return value
 
 
 # ---- config file ------------------------------------------------------------------------

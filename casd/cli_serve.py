@@ -14,10 +14,17 @@ import urllib.parse
 from aiohttp import web
 
 from casd import logs
-from casd.cli_common import CliError, add_data_arg, data_dir, parse_size, store_settings
-from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings
+from casd.cli_common import (
+    CliError,
+    add_data_arg,
+    catalog_url,
+    data_dir,
+    parse_size,
+    store_settings,
+)
+from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings, masked
 from casd.digest import Algo
-from casd.errors import StoreUnavailable
+from casd.errors import StoreUnavailable, Unavailable
 from casd.server import (
     AcceptFailureLog,
     CasdAppRunner,
@@ -156,27 +163,33 @@ def _security_settings(args: argparse.Namespace) -> dict:
             "algos": tuple(dict.fromkeys(algos))}
 
 
+# Settings fields whose flag is not the field's name with dashes.
+_FLAG_OF = {
+    "max_handshake_bytes": "--max-handshake-size", "reserve_bytes": "--reserve",
+    "sqlite_synchronous": "--sync", "allowed_hosts": "--allowed-host",
+    "cors_origins": "--cors-origin", "hook_urls": "--hook-url",
+}
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))
+
+
+def _flags_named(message: str) -> str:
+    """A Settings error with its field names written as the flags that set them."""
+    return re.sub(
+        r"\b[a-z][a-z_]*\b",
+        lambda m: _FLAG_OF.get(m[0], "--" + m[0].replace("_", "-")) if m[0] in _FIELDS else m[0],
+        message,
+    )
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    if not 0 <= args.port <= 65535:
-        raise CliError(f"--port {args.port} is not a port number", 2)
-    for flag in (
-        "max_chunk_size", "max_chunks", "max_handshake_size", "max_file_size", "io_workers",
-        "hash_workers", "max_connections", "read_connections", "bulk_read_connections",
-        "max_pending_chunks", "max_pending_chunks_per_client",
-    ):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise CliError(f"--{flag.replace('_', '-')} must be at least 1", 2)
-    if args.max_pending_chunks_per_client > args.max_pending_chunks:
-        raise CliError("--max-pending-chunks-per-client cannot exceed --max-pending-chunks", 2)
-    if args.upload_ttl <= 0:
-        raise CliError("--upload-ttl must be positive", 2)
-    if not args.hook_timeout > 0 or args.hook_queue_max < 1:
-        raise CliError("--hook-timeout must be positive and --hook-queue-max at least 1", 2)
-    for flag in ("header_timeout", "body_timeout", "keepalive_timeout"):
-        value = getattr(args, flag)
-        if not 0 <= value < float("inf"):
-            raise CliError(f"--{flag.replace('_', '-')} must be a number of seconds, 0 or more", 2)
+    """The daemon's Settings from parsed flags; CliError (exit 2) for a value out of range."""
+    try:
+        return _settings(args)
+    except ValueError as exc:
+        raise CliError(_flags_named(str(exc)), 2) from None
+
+
+def _settings(args: argparse.Namespace) -> Settings:
     return Settings(
         data_dir=data_dir(args).resolve(),
         **store_settings(args),
@@ -210,6 +223,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_connections=_fit_connections(args.max_connections),
         read_connections=args.read_connections,
         bulk_read_connections=args.bulk_read_connections,
+        catalog=catalog_url(args),
     )
 
 
@@ -227,6 +241,8 @@ def effective(settings: Settings, args: argparse.Namespace) -> str:
         value = getattr(settings, field.name)
         if value and ("token" in field.name or "secret" in field.name):
             value = "(set)"
+        elif field.name == "catalog" and value:
+            value = masked(value)
         lines.append(f"{field.name} = {value if not isinstance(value, tuple) else list(value)}")
     lines.append(f"log_format = {args.log_format or logs.default_format()}")
     lines.append(f"log_level = {args.log_level}")
@@ -263,6 +279,8 @@ async def serve(settings: Settings) -> int:
     except StoreUnavailable as exc:
         raise CliError(f"cannot open the blob store: {exc}") from None
     except Exception as exc:
+        if isinstance(exc, Unavailable):  # says which database, its password masked
+            raise CliError(exc.message) from None
         raise CliError(f"cannot open the catalogue in {settings.data_dir}: {exc}") from None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,14 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from casd.chunking import DEFAULT_FASTCDC_AVG
 from casd.cli_common import CliError, parse_size
 from casd.client import (
-    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNKING,
     DEFAULT_CONCURRENCY,
     DEFAULT_RETRIES,
     DEFAULT_SERVER,
     CasdClient,
     CasdClientError,
+    Chunking,
     FileRef,
     Phase,
     Progress,
@@ -33,8 +35,14 @@ def register(sub) -> None:
     )
     up.add_argument("files", nargs="+", metavar="FILE", help="files to upload")
     _add_server_args(up)
-    up.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
-                    help="chunk size, e.g. 5MiB (default), 1M, 65536")
+    up.add_argument("--chunking", choices=("fixed", "fastcdc"), default=DEFAULT_CHUNKING,
+                    help="where chunks are cut: fixed sizes, or by content (FastCDC 2020, "
+                         "so an insertion resends only the chunks around it); default "
+                         f"{DEFAULT_CHUNKING}")
+    up.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
+                    help="the fixed chunk size (default 5MiB) or the FastCDC average, a power "
+                         f"of two from 1KiB to 4MiB (default {DEFAULT_FASTCDC_AVG // 1024 // 1024}MiB);"
+                         " e.g. 1M, 65536")
     up.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                     help=f"chunk uploads in flight at once (default {DEFAULT_CONCURRENCY})")
     up.add_argument("--algo", choices=("md5", "sha256"), default="md5",
@@ -55,6 +63,16 @@ def register(sub) -> None:
                       help="the file's digest (md5 or sha256) or its URL")
     down.add_argument("-o", "--output", metavar="PATH", default=None,
                       help="where to write it (a folder or a file name; default ./DIGEST.ext)")
+    down.add_argument("--reuse", action="append", default=[], metavar="PATH",
+                      help="a local file (e.g. an older version) whose chunks need not be "
+                           "fetched: they are copied, verified; repeat for several")
+    down.add_argument("--chunking", choices=("fixed", "fastcdc"), default=None,
+                      help="how the stored file was cut, to find its chunks in --reuse files "
+                           "(default: guessed from the file's chunk sizes)")
+    down.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
+                      help="the chunk size or FastCDC average that goes with --chunking")
+    down.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
+                      help=f"chunk requests in flight at once (default {DEFAULT_CONCURRENCY})")
     _add_server_args(down)
     down.add_argument("--json", action="store_true", help="print the result as one JSON object")
     down.set_defaults(func=run_download)
@@ -116,8 +134,12 @@ class _Bars:
 
 def run_upload(args: argparse.Namespace) -> int:
     """Upload each FILE; a file that fails is reported on stderr and the others still go."""
-    if args.chunk_size < 1:
+    if args.chunk_size is not None and args.chunk_size < 1:
         raise CliError("--chunk-size must be at least 1 byte", exit_code=2)
+    try:
+        args.chunking = Chunking.parse(args.chunking, args.chunk_size)
+    except ValueError as exc:
+        raise CliError(f"--chunk-size: {exc}", exit_code=2) from None
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1", exit_code=2)
     client = _client(args)
@@ -134,7 +156,7 @@ async def _upload_all(client: CasdClient, args: argparse.Namespace) -> int:
             bars = _Bars(Path(name).name)
             try:
                 s = await client.upload(
-                    name, chunk_size=args.chunk_size, concurrency=args.concurrency,
+                    name, chunking=args.chunking, concurrency=args.concurrency,
                     algo=args.algo, on_progress=bars, use_cache=not args.no_cache)
             except (CasdClientError, OSError, ValueError) as exc:
                 bars.close()
@@ -164,6 +186,18 @@ def run_download(args: argparse.Namespace) -> int:
         ref = FileRef.parse(args.ref)
     except ValueError as exc:
         raise CliError(str(exc), exit_code=2) from None
+    if args.concurrency < 1:
+        raise CliError("--concurrency must be at least 1", exit_code=2)
+    if args.chunk_size is not None and args.chunking is None:
+        raise CliError("--chunk-size needs --chunking", exit_code=2)
+    try:
+        args.chunking = (None if args.chunking is None
+                         else Chunking.parse(args.chunking, args.chunk_size))
+    except ValueError as exc:
+        raise CliError(f"--chunk-size: {exc}", exit_code=2) from None
+    for path in args.reuse:
+        if not os.path.isfile(path):
+            raise CliError(f"--reuse {path}: not a readable file", exit_code=2)
     try:
         return asyncio.run(_download(client, ref, args))
     except CliError:
@@ -176,7 +210,9 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
     bars = _Bars(ref.digest.hex[:12])
     try:
         async with client:
-            s = await client.download(ref, args.output, on_progress=bars)
+            s = await client.download(ref, args.output, reuse=args.reuse,
+                                      chunking=args.chunking, concurrency=args.concurrency,
+                                      on_progress=bars)
     except (CasdClientError, OSError) as exc:
         raise CliError(_reason(exc)) from None
     finally:
@@ -184,9 +220,16 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
     if args.json:
         print(json.dumps(s.to_json()), flush=True)
     else:
-        resumed = f", resumed at byte {s.resumed_from}" if s.resumed_from else ""
-        print(f"{s.path}: {format_bytes(s.size)}, {s.algo} verified{resumed}, in {s.seconds:.2f}s",
-              flush=True)
+        if s.chunked:
+            how = (f"{s.algo} verified chunk by chunk: fetched {s.chunks_fetched} of "
+                   f"{s.chunks_total} chunks ({format_bytes(s.bytes_fetched)}), reused "
+                   f"{s.chunks_reused} ({format_bytes(s.bytes_reused)})")
+            if s.resumed_from:
+                how += f", {format_bytes(s.resumed_from)} of them from an earlier try"
+        else:
+            resumed = f", resumed at byte {s.resumed_from}" if s.resumed_from else ""
+            how = f"{s.algo} verified{resumed}"
+        print(f"{s.path}: {format_bytes(s.size)}, {how}, in {s.seconds:.2f}s", flush=True)
     return 0
 
 

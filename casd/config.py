@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -13,9 +15,23 @@ DEFAULT_DATA = "./casd-data"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 
+ALGOS = ("md5", "sha256")
+SYNC_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+# Settings that count something and must be at least 1.
+_COUNTS = (
+    "max_chunk_size", "max_chunks", "max_handshake_bytes", "max_file_size",
+    "max_pending_chunks", "max_pending_chunks_per_client", "io_workers", "hash_workers",
+    "hook_queue_max", "max_connections", "read_connections", "bulk_read_connections",
+)
+# Timeouts where 0 turns the timeout off.
+_TIMEOUTS = ("header_timeout", "body_timeout", "keepalive_timeout", "shutdown_timeout")
+
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything a daemon runs with. Checked when built: a value out of its range, or two
+    that contradict each other, raise ValueError naming the field (the CLI names its flag)."""
+
     data_dir: Path = Path(DEFAULT_DATA)
     # Where blobs live: None keeps them under data_dir/blobs; "s3://BUCKET[/PREFIX]" puts them
     # in that bucket (casd/blobstore). Temp files stay under data_dir either way.
@@ -82,6 +98,40 @@ class Settings:
     # for reading long lists (huge manifests), so those never queue the quick ones.
     read_connections: int = 2
     bulk_read_connections: int = 2
+    # Where the catalogue lives: a postgresql:// URL (shared by several daemons), or None
+    # for catalog.sqlite in the data folder.
+    catalog: str | None = None
+
+    def __post_init__(self) -> None:
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            return value
+
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port!r} is out of range (0 to 65535)")
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError("host must name an address to listen on")
+        for name in _COUNTS:
+            if number(name) < 1 or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be a whole number, at least 1")
+        if self.max_pending_chunks_per_client > self.max_pending_chunks:
+            raise ValueError("max_pending_chunks_per_client cannot exceed max_pending_chunks")
+        if number("reserve_bytes") < 0:
+            raise ValueError("reserve_bytes cannot be negative")
+        for name in ("upload_ttl", "hook_timeout"):
+            if not 0 < number(name) < math.inf:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        for name in _TIMEOUTS:
+            if not 0 <= number(name) < math.inf:
+                raise ValueError(f"{name} must be a number of seconds, 0 or more")
+        if self.sqlite_synchronous not in SYNC_LEVELS:
+            raise ValueError(
+                f"sqlite_synchronous {self.sqlite_synchronous!r} is not one of {', '.join(SYNC_LEVELS)}"
+            )
+        if not self.algos or not set(self.algos) <= set(ALGOS):
+            raise ValueError(f"algos must be some of {', '.join(ALGOS)}, got {list(self.algos)}")
 
     @property
     def blobs_dir(self) -> Path:
@@ -103,7 +153,30 @@ class Settings:
     def catalog_path(self) -> Path:
         return self.data_dir / "catalog.sqlite"
 
+    @property
+    def catalog_where(self) -> str | Path:
+        """What casd.catalog.open_catalog opens: the database URL, else the SQLite file."""
+        return self.catalog or self.catalog_path
+
 
 def data_dir_from_env(value: str | None = None) -> Path:
     """The data folder: an explicit value, else $CASD_DATA, else ./casd-data."""
     return Path(value or os.environ.get("CASD_DATA") or DEFAULT_DATA)
+
+
+def is_database_url(value: str | None) -> bool:
+    """True when `value` names a PostgreSQL database rather than a file."""
+    return bool(value) and str(value).split(":", 1)[0] in ("postgresql", "postgres")
+
+
+def masked(url: str) -> str:
+    """`url` with its password replaced by ***, for logs, --check-config and errors."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(an unparsable URL)"
+    if password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

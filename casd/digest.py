@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import xxhash
 
 
-class Algo(str, Enum):
+class Algo(StrEnum):
     MD5 = "md5"
     SHA256 = "sha256"
 
@@ -30,7 +30,7 @@ class Algo(str, Enum):
         )
 
     @classmethod
-    def parse(cls, value: object) -> "Algo":
+    def parse(cls, value: object) -> Algo:
         if value is None:
             return cls.MD5
         if isinstance(value, str):
@@ -40,7 +40,7 @@ class Algo(str, Enum):
         raise ValueError(f"unknown algo {value!r}: use \"md5\" or \"sha256\"")
 
     @classmethod
-    def for_hex_len(cls, n: int) -> "Algo | None":
+    def for_hex_len(cls, n: int) -> Algo | None:
         return {32: cls.MD5, 64: cls.SHA256}.get(n)
 
 
@@ -56,11 +56,11 @@ class Digest:
     hex: str
 
     @classmethod
-    def parse(cls, algo: Algo, text: object) -> "Digest":
+    def parse(cls, algo: Algo, text: object) -> Digest:
         return cls(algo, algo.parse_hex(text))
 
     @classmethod
-    def parse_any(cls, text: str) -> "Digest":
+    def parse_any(cls, text: str) -> Digest:
         """Parse a digest whose algorithm is told by its length (32: md5, 64: sha256)."""
         algo = Algo.for_hex_len(len(text))
         if algo is None:
@@ -71,14 +71,10 @@ class Digest:
         return self.hex
 
 
-def xxh3_hex(data: bytes) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
-
-
 class ChunkHasher:
     """The declared digest's hasher plus xxh3-128, fed in order, counting bytes."""
 
-    __slots__ = ("algo", "_h", "_x", "size")
+    __slots__ = ("_h", "_x", "algo", "size")
 
     def __init__(self, algo: Algo):
         self.algo = algo

@@ -13,18 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from casd.blobstore import BlobHash, BlobInfo, BlobStore
-from casd.catalog import DELETING, LIVE, QUARANTINED, AdminCatalog, ChunkRow, ChunkUsers
+from casd.catalog import Catalog, ChunkRow, ChunkUsers
 from casd.config import Settings
-from casd.digest import Algo, Digest
+from casd.digest import Digest
 from casd.gc import TEMP_MIN_AGE
-from casd.models import FsckIssue
+from casd.models import ChunkState, FsckIssue, FsckKind
 
 # Blobs handed to the store's hasher at a time (bounds what one fsck holds in flight).
 HASH_BATCH = 10_000
 # Suspects rechecked per hold of the write lock in fsck.
 RECHECK_BATCH = 200
 # fsck --repair sets these aside: the chunk's stored bytes are wrong or gone.
-REPAIRABLE = ("missing_blob", "wrong_size", "corrupt", "orphan_row")
+REPAIRABLE = frozenset(
+    {FsckKind.MISSING_BLOB, FsckKind.WRONG_SIZE, FsckKind.CORRUPT, FsckKind.ORPHAN_ROW}
+)
 
 
 @dataclass(frozen=True)
@@ -62,48 +64,48 @@ def _judge(hex_: str, users: ChunkUsers, stored: int | None, corrupt: str | None
     (None: no blob stored)."""
     row = users.row
     files = _file_names(users)
-    live = row is not None and row.state == LIVE
+    live = row if row is not None and row.state == ChunkState.LIVE else None
     out: list[FsckIssue] = []
     uploads = f"; live uploads using it: {', '.join(users.uploads)}" if users.uploads else ""
     if users.files and not live:
         if row is None:
             why = "no catalogue row"
-        elif row.state == QUARANTINED:
+        elif row.state == ChunkState.QUARANTINED:
             why = "been set aside by fsck --repair (uploading it again heals the files)"
         else:
             why = "its row is being deleted by gc"
         on_disk = ", though a blob file is on disk" if stored is not None else ""
         out.append(FsckIssue(
-            "missing_blob", hex_, f"complete files use it, but it has {why}{on_disk}", files
+            FsckKind.MISSING_BLOB, hex_, f"complete files use it, but it has {why}{on_disk}", files
         ))
-    if live:
-        for size in sorted({s for _f, s in users.files if s != row.size}):
+    if live is not None:
+        for size in sorted({s for _f, s in users.files if s != live.size}):
             out.append(FsckIssue(
-                "wrong_size", hex_,
-                f"a file's manifest gives it {size} bytes, its row says {row.size}", files,
+                FsckKind.WRONG_SIZE, hex_,
+                f"a file's manifest gives it {size} bytes, its row says {live.size}", files,
             ))
         if stored is None:
-            kind = "missing_blob" if users.files else "orphan_row"
+            kind = FsckKind.MISSING_BLOB if users.files else FsckKind.ORPHAN_ROW
             out.append(FsckIssue(
-                kind, hex_, f"the row says {row.size} bytes, the blob file is gone{uploads}", files
+                kind, hex_, f"the row says {live.size} bytes, the blob file is gone{uploads}", files
             ))
-        elif stored != row.size:
+        elif stored != live.size:
             out.append(FsckIssue(
-                "wrong_size", hex_,
-                f"the blob file has {stored} bytes, the row says {row.size}{uploads}", files,
+                FsckKind.WRONG_SIZE, hex_,
+                f"the blob file has {stored} bytes, the row says {live.size}{uploads}", files,
             ))
         elif corrupt is not None:
-            out.append(FsckIssue("corrupt", hex_, corrupt + uploads, files))
+            out.append(FsckIssue(FsckKind.CORRUPT, hex_, corrupt + uploads, files))
     elif row is None and stored is not None:
-        out.append(FsckIssue("orphan_file", hex_, "a blob file with no catalogue row", files))
+        out.append(FsckIssue(FsckKind.ORPHAN_FILE, hex_, "a blob file with no catalogue row", files))
     return out
 
 
 def _is_note(issue: FsckIssue) -> bool:
     """Leftovers `casd gc` removes by itself: a temp file, a blob file no row and no file
     names (a daemon killed between linking a verified blob and recording it)."""
-    return issue.kind == "temp_file" or (
-        issue.kind == "orphan_file" and issue.digest is not None and not issue.files
+    return issue.kind == FsckKind.TEMP_FILE or (
+        issue.kind == FsckKind.ORPHAN_FILE and issue.digest is not None and not issue.files
     )
 
 
@@ -120,7 +122,7 @@ class Fsck:
     """fsck over one data folder's catalogue and blob store (see `Maintenance`)."""
 
     def __init__(
-        self, settings: Settings, catalog: AdminCatalog, blobs: BlobStore,
+        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
@@ -151,23 +153,23 @@ class Fsck:
         for b in on_disk:
             if b.digest is None:
                 issues.append(FsckIssue(
-                    "orphan_file", None, f"{b.where} is not named or placed like a blob"
+                    FsckKind.ORPHAN_FILE, None, f"{b.where} is not named or placed like a blob"
                 ))
             else:
                 disk[b.digest.hex] = b
         for hex_, size in wanted:
             r = rows.get(hex_)
-            if r is None or r.state != LIVE or r.size != size:
+            if r is None or r.state != ChunkState.LIVE or r.size != size:
                 suspects.setdefault(hex_, _Suspect())
         jobs: list[tuple[ChunkRow, BlobInfo]] = []
         for hex_, r in rows.items():
-            b = disk.get(hex_)
-            if r.state != LIVE:
+            blob = disk.get(hex_)
+            if r.state != ChunkState.LIVE:
                 continue
-            if b is None or b.size != r.size:
+            if blob is None or blob.size != r.size:
                 suspects.setdefault(hex_, _Suspect())
             else:
-                jobs.append((r, b))
+                jobs.append((r, blob))
         for hex_ in disk.keys() - rows.keys():
             suspects.setdefault(hex_, _Suspect())
 
@@ -189,12 +191,12 @@ class Fsck:
         for t in temps:
             if t.mtime < stale_before and not t.busy:
                 issues.append(FsckIssue(
-                    "temp_file", None, f"{t.path} ({t.size} bytes) is a leftover temp file;"
+                    FsckKind.TEMP_FILE, None, f"{t.path} ({t.size} bytes) is a leftover temp file;"
                     " `casd gc` removes it once it is older than the grace period"
                 ))
             else:
                 in_flight += 1
-        deleting = sum(1 for r in rows.values() if r.state == DELETING)
+        deleting = sum(1 for r in rows.values() if r.state == ChunkState.DELETING)
         return FsckReport(
             tuple(i for i in issues if not _is_note(i)), deep, checked, nbytes,
             time.monotonic() - started, deleting, in_flight,
@@ -212,10 +214,10 @@ class Fsck:
         async def decide(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
             chosen = []
             judged = await self._judge_all(batch, facts, deep)
-            for hex_ in sorted({i.digest for i in judged if i.kind in REPAIRABLE}):
+            for hex_ in sorted({i.digest for i in judged if i.kind in REPAIRABLE and i.digest}):
                 users = facts[hex_]
-                digest = Digest(Algo.for_hex_len(len(hex_)), hex_)
-                if users.row is not None and users.row.state == QUARANTINED:
+                digest = Digest.parse_any(hex_)
+                if users.row is not None and users.row.state == ChunkState.QUARANTINED:
                     continue
                 if users.row is not None:
                     size = users.row.size
@@ -259,10 +261,12 @@ class Fsck:
     ) -> list[FsckIssue]:
         """Judge suspects on facts read under the write lock, when nothing moves."""
 
-        async def probe(facts: dict[str, ChunkUsers]) -> list[FsckIssue]:
-            return await self._judge_all(batch, facts, deep)
+        issues: list[FsckIssue] = []
 
-        _facts, issues = await self.catalog.chunk_users(batch.keys(), now, probe)
+        async def probe(facts: dict[str, ChunkUsers]) -> None:
+            issues[:] = await self._judge_all(batch, facts, deep)
+
+        await self.catalog.chunk_users(batch.keys(), now, probe)
         return issues
 
     async def _judge_all(
@@ -271,8 +275,8 @@ class Fsck:
         out = []
         for hex_, s in batch.items():
             users = facts[hex_]
-            algo = Algo.for_hex_len(len(hex_))
-            digest = Digest(algo, hex_)
+            digest = Digest.parse_any(hex_)
+            algo = digest.algo
             info = await self.blobs.stat(digest)
             if users.row is None and info is not None and info.in_flight:
                 # Stored by a daemon that has not committed its row yet. Not an orphan.
@@ -286,7 +290,8 @@ class Fsck:
                     corrupt = _verdict(row, s.hashed)
                 else:
                     # The blob was replaced since it was hashed (re-uploaded): hash it again.
-                    [res] = await self.blobs.hash_blobs([(digest, algo if deep else None)], 1)
+                    results = await self.blobs.hash_blobs([(digest, algo if deep else None)], 1)
+                    res = results[0]
                     if isinstance(res, OSError):
                         size = None
                     else:

@@ -3,7 +3,7 @@
 `Gc.plan` lists what is garbage now (expired uploads, unused manifests, unreferenced chunks,
 orphan blobs, stale temp files, quarantined chunks no one needs); `Gc.execute` removes
 it batch by batch, rechecking every item inside its transaction. The ordering rules are
-described at the maintenance section of casd/catalog.py.
+described at the maintenance section of casd/catalog/sqlite.py.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from casd.blobstore import BlobInfo, BlobStore, TempFile, temp_busy
-from casd.catalog import AdminCatalog, ChunkRow
+from casd.blobstore import BlobStore, TempFile, temp_busy
+from casd.catalog import Catalog, ChunkRow
 from casd.config import Settings
+from casd.digest import Digest
 from casd.errors import AdminError
 
 # Chunks per gc transaction: each one holds the write lock, so the daemon waits at most
@@ -36,6 +37,16 @@ TEMP_MIN_AGE = 600.0
 
 
 @dataclass(frozen=True)
+class OrphanBlob:
+    """A stored blob, named like a blob, with no catalogue row; `where` names it for people."""
+
+    digest: Digest
+    where: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
 class GcPlan:
     """What a gc would remove at `now`; executing it rechecks every item first."""
 
@@ -47,7 +58,7 @@ class GcPlan:
     chunks: tuple[ChunkRow, ...]  # live, unreferenced, older than the grace period
     unfinished: tuple[ChunkRow, ...]  # DELETING rows an earlier gc did not finish
     temp_files: tuple[TempFile, ...]
-    orphans: tuple[BlobInfo, ...] = ()  # blobs with no row, older than the grace
+    orphans: tuple[OrphanBlob, ...] = ()  # blobs with no row, older than the grace
     quarantined: int = 0  # quarantined chunks no file or live upload needs any more
 
     @property
@@ -76,7 +87,7 @@ class GcResult:
     chunk_bytes: int  # bytes of blobs removed
     temp_files: tuple[TempFile, ...]
     seconds: float
-    orphans: tuple[BlobInfo, ...] = ()  # orphan blobs removed
+    orphans: tuple[OrphanBlob, ...] = ()  # orphan blobs removed
     quarantined: int = 0  # quarantined chunk rows forgotten
 
     @property
@@ -106,7 +117,7 @@ class Gc:
     """gc over one data folder's catalogue and blob store (see `Maintenance`)."""
 
     def __init__(
-        self, settings: Settings, catalog: AdminCatalog, blobs: BlobStore,
+        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
@@ -134,9 +145,12 @@ class Gc:
             tuple(unfinished), tuple(temps), tuple(orphans), quarantined,
         )
 
-    async def _orphans(self, before: float) -> list[BlobInfo]:
+    async def _orphans(self, before: float) -> list[OrphanBlob]:
         """Blob files untouched since `before` with no row, that no complete file uses."""
-        old = [b async for b in self.blobs.list() if b.digest is not None and b.mtime < before]
+        old = [
+            OrphanBlob(b.digest, b.where, b.size, b.mtime) async for b in self.blobs.list()
+            if b.digest is not None and b.mtime < before
+        ]
         unrowed = await self.catalog.orphans([b.digest.hex for b in old])
         return [b for b in old if b.digest.hex in unrowed]
 
@@ -175,7 +189,7 @@ class Gc:
             # Concurrently: the write lock is held meanwhile, and an object store answers
             # each delete in a round trip.
             gone = await asyncio.gather(*(self.blobs.delete(r.digest) for r in rows))
-            freed += sum(r.size for r, g in zip(rows, gone) if g)
+            freed += sum(r.size for r, g in zip(rows, gone, strict=True) if g)
 
         async def retire(rows: list[ChunkRow]) -> None:
             async with self._turn():
@@ -200,7 +214,7 @@ class Gc:
             self._remove_temps, plan.temp_files, plan.now - plan.temp_age
         )
         report("temp_files", len(temps))
-        orphans: list[BlobInfo] = []
+        orphans: list[OrphanBlob] = []
         for blobs in _batches(plan.orphans, batch):
             by_hex = {b.digest.hex: b for b in blobs}
 

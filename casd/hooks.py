@@ -14,6 +14,7 @@ from collections import OrderedDict
 import aiohttp
 from aiohttp import web
 
+from casd import protocol
 from casd.catalog import Catalog
 from casd.config import Settings
 from casd.errors import Forbidden, Unavailable
@@ -64,9 +65,9 @@ class Hooks:
 
     # ---- events -----------------------------------------------------------------------
 
-    def remember_skipped(self, upload_id: str | None, skipped: int) -> None:
+    def remember_skipped(self, upload_id: str, skipped: int) -> None:
         """What a handshake did not need sent, for the file.completed event of its upload."""
-        if upload_id is None or not self.settings.hook_urls:
+        if not self.settings.hook_urls:
             return
         self._skipped[upload_id] = skipped
         self._skipped.move_to_end(upload_id)
@@ -125,7 +126,7 @@ class Hooks:
                     delay = BACKOFF_FIRST
                     await self.catalog.hook_event_done(event_id)
                     self.metrics.hook_events.labels("delivered").inc()
-            except Exception as exc:  # noqa: BLE001 - a busy catalogue must not end delivery
+            except Exception as exc:  # a busy catalogue must not end delivery
                 log.warning("webhook delivery to %s paused: %s", url, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
@@ -189,7 +190,7 @@ def _file_fields(entry: FileEntry) -> dict:
     algo = entry.digest.algo.value
     return {"algo": algo, algo: entry.digest.hex, "digest": entry.digest.hex,
             "size": entry.size, "name": entry.name, "ext": entry.ext,
-            "url": f"/v1/files/{entry.digest.hex}{entry.ext}"}
+            "url": protocol.file_url(entry.digest, entry.ext)}
 
 
 HOOKS = web.AppKey("hooks", Hooks)

@@ -10,7 +10,6 @@ import secrets
 import sys
 import time
 
-
 # The id of the request the current task serves; asyncio copies it into tasks it starts.
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "casd_request_id", default=None

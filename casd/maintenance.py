@@ -2,9 +2,9 @@
 commands (gc, fsck, stats, ls, rm, export, pending uploads).
 
 Everything here opens the catalogue directly, as its own process next to a possibly running
-`casd serve`; SQLite's WAL and write lock make that safe. gc lives in casd/gc.py, fsck in
-casd/fsck.py; the ordering rules of gc are described at the maintenance section of
-casd/catalog.py.
+`casd serve` and other daemons; the catalogue's digest lock makes that safe (docs/admin.md).
+gc lives in casd/gc.py, fsck in casd/fsck.py; the ordering rules of gc are described at the
+maintenance section of casd/catalog/sqlite.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from casd.blobstore import BlobMissing, BlobStore, Reserve, open_blobstore
-from casd.catalog import AdminCatalog
+from casd.catalog import Catalog, open_catalog
 from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import AdminError, NotFound, StorageFull
@@ -43,7 +43,7 @@ class Maintenance:
     """The admin commands over one data folder's catalogue and blob store."""
 
     def __init__(
-        self, settings: Settings, catalog: AdminCatalog, blobs: BlobStore,
+        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
@@ -59,12 +59,16 @@ class Maintenance:
     ) -> Maintenance:
         """Open an existing data folder; NotFound when there is no catalogue in it."""
         path = settings.catalog_path
-        if not path.is_file():
+        if settings.catalog is None and not path.is_file():
             raise NotFound(
                 f"no casd catalogue at {path} (is --data or $CASD_DATA the daemon's data folder?)"
             )
+
+        def open_it():
+            return open_catalog(settings.catalog_where, synchronous=settings.sqlite_synchronous)
+
         try:
-            catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
+            catalog = await open_it()
         except sqlite3.OperationalError as exc:
             # With no daemon running, opening makes the WAL and its shared-memory file, and
             # a full disk fails that as "disk I/O error": the reserve is there for this.
@@ -72,7 +76,7 @@ class Maintenance:
             if not await asyncio.to_thread(reserve.release):
                 raise
             log.warning("%s; released the disk reserve %s", exc, settings.reserve_path)
-            catalog = await AdminCatalog.open(path, settings.sqlite_synchronous)
+            catalog = await open_it()
         blobs = open_blobstore(settings.blobs, settings.data_dir, settings.s3_endpoint)
         try:
             await blobs.start()
@@ -135,15 +139,8 @@ class Maintenance:
 
     async def stats(self) -> Stats:
         c = await self.catalog.stats_counts(self.clock())
-        path = self.settings.catalog_path
-        size = 0
-        for p in (path, path.with_name(path.name + "-wal")):
-            try:
-                size += p.stat().st_size
-            except FileNotFoundError:
-                pass
         return Stats(
-            **c, catalog_bytes=size,
+            **c, catalog_bytes=await self.catalog.size_bytes(),
             pending_catalog_bytes=c["pending_entries"] * CATALOG_BYTES_PER_ENTRY,
         )
 

@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
 
 from casd.digest import Algo, Digest
+
+
+class UploadState(StrEnum):
+    """Where an upload is; the values are what the catalogue stores."""
+
+    PENDING = "pending"  # taking chunks until merged, aborted or expired
+    MERGED = "merged"  # its file is complete; kept so a repeated merge answers the same
+
+
+class ChunkState(IntEnum):
+    """What a chunk row says about its blob; the values are what the catalogue stores."""
+
+    LIVE = 0  # the blob is in place and may be used
+    DELETING = 1  # a gc is retiring it: absent to the daemon, a re-upload revives it
+    QUARANTINED = 2  # set aside by fsck --repair: absent until sent again
+
+
+class FsckKind(StrEnum):
+    """The kinds of problem fsck reports (the `kind` of its JSON output)."""
+
+    MISSING_BLOB = "missing_blob"
+    WRONG_SIZE = "wrong_size"
+    CORRUPT = "corrupt"
+    ORPHAN_FILE = "orphan_file"
+    ORPHAN_ROW = "orphan_row"
+    TEMP_FILE = "temp_file"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +68,7 @@ class Upload:
     size: int
     ext: str
     name: str
-    state: str  # "pending" or "merged"
+    state: UploadState
     expires_at: float
 
 
@@ -80,23 +107,27 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class Segment:
-    """A slice of one blob: what a download streams, in order."""
+class HandshakeComplete:
+    """The file is stored already: nothing to send."""
 
-    digest: Digest
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class HandshakeResult:
-    status: str  # "complete" or "pending"
     digest: Digest
     size: int
     ext: str
-    upload_id: str | None = None
-    missing: list[str] = field(default_factory=list)
-    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class HandshakePending:
+    """An upload is open: send the `missing` chunks to `upload_id` before `expires_at`."""
+
+    digest: Digest
+    size: int
+    ext: str
+    upload_id: str
+    missing: list[str]
+    expires_at: float
+
+
+HandshakeResult = HandshakeComplete | HandshakePending
 
 
 @dataclass(frozen=True)
@@ -117,7 +148,7 @@ class Stats:
     expired_uploads: int = 0  # uploads past their expiry, left for gc to drop
     pending_entries: int = 0  # chunk entries of the manifests of live pending uploads
     pending_catalog_bytes: int = 0  # an estimate of the catalogue space those entries take
-    catalog_bytes: int = 0  # catalogue file plus its WAL, as on disk
+    catalog_bytes: int = 0  # catalogue file plus its WAL, or the PostgreSQL database's size
     quarantined_chunks: int = 0  # set aside by fsck --repair, absent until re-sent
 
     @property
@@ -127,7 +158,7 @@ class Stats:
 
 @dataclass(frozen=True)
 class FsckIssue:
-    kind: str  # missing_blob, wrong_size, corrupt, orphan_file, orphan_row, temp_file
+    kind: FsckKind
     digest: str | None
     detail: str
     files: tuple[str, ...] = ()

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from casd.logs import REQUEST_ID, request_id
 from casd.metrics import Metrics, metrics_handler
+from casd.models import HandshakeComplete, HandshakeResult, Manifest
 
 access_log = logging.getLogger("casd.access")
 
@@ -24,19 +25,21 @@ def note(request: web.Request, **facts) -> None:
     request.setdefault(NOTES, {}).update(facts)
 
 
-def handshake_answered(request: web.Request, manifest, result) -> int:
+def handshake_answered(request: web.Request, manifest: Manifest, result: HandshakeResult) -> int:
     """Account a handshake: dedup-skipped bytes (returned), a started upload, its log ids."""
     metrics = request.app[METRICS]
-    if result.status == "complete":
+    upload_id = None
+    if isinstance(result, HandshakeComplete):
         skipped = manifest.size
     else:
+        upload_id = result.upload_id
         missing = set(result.missing)
         sizes = {c.hex: c.size for c in manifest.chunks}
         skipped = manifest.size - sum(sizes[h] for h in missing if h in sizes)
         metrics.uploads.labels("started").inc()
     if skipped > 0:
         metrics.bytes_skipped.inc(skipped)
-    note(request, upload_id=result.upload_id, digest=manifest.digest.hex, skipped=skipped)
+    note(request, upload_id=upload_id, digest=manifest.digest.hex, skipped=skipped)
     return skipped
 
 

@@ -7,10 +7,10 @@ from functools import cache
 
 from aiohttp import web
 
-from casd import __version__
+from casd import __version__, protocol
 
 _HEX = "^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$"
-_FILE_NAME = "^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})(\\.[A-Za-z0-9_-]{1,16})*$"
+_FILE_NAME = "^" + protocol.FILE_NAME_PATTERN + "$"
 
 
 def _ref(name: str) -> dict:
@@ -78,7 +78,7 @@ def _schemas() -> dict:
             "properties": {
                 "algo": {"enum": ["md5", "sha256"]}, "md5": digest, "sha256": digest,
                 "size": {"type": "integer", "minimum": 0},
-                "ext": {"type": ["string", "null"], "pattern": "^(\\.[A-Za-z0-9_-]{1,16})?$"},
+                "ext": {"type": ["string", "null"], "pattern": "^(" + protocol.EXT_PATTERN + ")?$"},
                 "name": {"type": ["string", "null"], "maxLength": 255},
                 "chunks": {"type": "array", "items": chunk},
             },

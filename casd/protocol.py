@@ -15,20 +15,30 @@ from casd.digest import Digest
 EXT_PATTERN = r"\.[A-Za-z0-9_-]{1,16}"
 EXT_RE = re.compile(EXT_PATTERN + r"\Z")
 # A file path as the server hands it out: /v1/files/DIGEST[.ext] (group 1 digest, 2 ext).
+# The name part of a file URL: a digest's hex, then any number of extensions (ignored).
+# Any number of extensions after a file URL's digest (a download ignores them).
+EXTS_RE = re.compile("(" + EXT_PATTERN + r")*\Z")
+FILE_NAME_PATTERN = r"([0-9a-fA-F]{32}|[0-9a-fA-F]{64})(" + EXT_PATTERN + r")*"
 FILE_PATH_RE = re.compile(r"/v1/files/([0-9a-fA-F]+)(" + EXT_PATTERN + r")?\Z")
 
 # The `error` codes of error answers (PROTOCOL.md, "Error codes").
 BAD_REQUEST = "bad_request"
 UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
+REQUEST_TIMEOUT = "request_timeout"
 INCOMPLETE = "incomplete"
 NOT_IN_MANIFEST = "not_in_manifest"
 TOO_LARGE = "too_large"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
+MISDIRECTED_REQUEST = "misdirected_request"
 DIGEST_MISMATCH = "digest_mismatch"
 SIZE_MISMATCH = "size_mismatch"
 FILE_DIGEST_MISMATCH = "file_digest_mismatch"
+TOO_MANY_PENDING = "too_many_pending"
+HEADERS_TOO_LARGE = "headers_too_large"
 INTERNAL_ERROR = "internal_error"
 UNAVAILABLE = "unavailable"
 INSUFFICIENT_STORAGE = "insufficient_storage"

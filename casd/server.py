@@ -15,7 +15,7 @@ import logging
 import resource
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
@@ -29,6 +29,8 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
+
+from casd import protocol
 
 log = logging.getLogger("casd.server")
 
@@ -59,18 +61,18 @@ def raw_error(status: int, code: str, message: str) -> bytes:
 def parser_error(exc: BaseException | None, status: int) -> tuple[int, str, str]:
     """(status, code, message) for what aiohttp's HTTP parser refused."""
     if isinstance(exc, LineTooLong):
-        return 431, "headers_too_large", "the request line or a header line is over the limit"
+        return 431, protocol.HEADERS_TOO_LARGE, "the request line or a header line is over the limit"
     if isinstance(exc, BadStatusLine):
-        return 400, "bad_request", "the request line is not 'METHOD /path HTTP/1.x'"
+        return 400, protocol.BAD_REQUEST, "the request line is not 'METHOD /path HTTP/1.x'"
     if isinstance(exc, InvalidHeader):
-        return 400, "bad_request", f"a header is malformed: {_detail(exc)}"
+        return 400, protocol.BAD_REQUEST, f"a header is malformed: {_detail(exc)}"
     if isinstance(exc, PayloadEncodingError):
-        return 400, "bad_request", f"the body's framing is malformed: {_detail(exc)}"
+        return 400, protocol.BAD_REQUEST, f"the body's framing is malformed: {_detail(exc)}"
     if isinstance(exc, HttpProcessingError):
-        return 400, "bad_request", f"the request is not valid HTTP/1.1: {_detail(exc)}"
+        return 400, protocol.BAD_REQUEST, f"the request is not valid HTTP/1.1: {_detail(exc)}"
     if status >= 500:
-        return status, "internal_error", "the server failed to handle this request; see its log"
-    return status, "bad_request", HTTPStatus(status).phrase
+        return status, protocol.INTERNAL_ERROR, "the server failed to handle this request; see its log"
+    return status, protocol.BAD_REQUEST, HTTPStatus(status).phrase
 
 
 def _detail(exc: HttpProcessingError) -> str:
@@ -101,11 +103,13 @@ class CasdRequestHandler(RequestHandler):
         if server.live >= server.max_connections:
             server.refused += 1
             server.note_refusal()
-            transport.write(raw_error(  # type: ignore[attr-defined]
-                503, "unavailable",
+            answer = raw_error(
+                503, protocol.UNAVAILABLE,
                 f"the server is at its limit of {server.max_connections} connections;"
                 " try again shortly",
-            ))
+            )
+            # A listening socket's transports are full asyncio.Transports: they write.
+            cast(asyncio.Transport, transport).write(answer)
             transport.close()
             return
         server.live += 1
@@ -173,10 +177,25 @@ class CasdRequestHandler(RequestHandler):
             return  # a request is being handled; its own rules apply
         if self._header_bytes:
             self.transport.write(raw_error(
-                408, "request_timeout",
+                408, protocol.REQUEST_TIMEOUT,
                 f"the request headers did not arrive within {self._header_timeout:g} seconds",
             ))
         self.force_close()
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Refusals aiohttp raises before the app's middlewares run (an unknown `Expect`),
+        in the protocol's JSON error shape like every other refusal."""
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            status = resp.status
+            code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+            resp = web.Response(
+                status=status, body=error_body(code, resp.text or HTTPStatus(status).phrase),
+                content_type="application/json", charset="utf-8",
+            )
+            resp.force_close()
+        return await super().finish_response(request, resp, start_time)
 
     def handle_error(
         self,

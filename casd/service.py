@@ -13,13 +13,11 @@ import logging
 import secrets
 import sqlite3
 import time
-from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import accumulate
 
 import xxhash
 
@@ -34,7 +32,7 @@ from casd.blobstore import (
     is_disk_full,
     open_blobstore,
 )
-from casd.catalog import Catalog
+from casd.catalog import Catalog, open_catalog
 from casd.config import Settings
 from casd.digest import ChunkHasher, Digest
 from casd.errors import (
@@ -51,11 +49,14 @@ from casd.errors import (
 )
 from casd.models import (
     FileEntry,
+    HandshakeComplete,
+    HandshakePending,
     HandshakeResult,
     Manifest,
     PendingBudget,
     PutResult,
     Upload,
+    UploadState,
 )
 
 log = logging.getLogger("casd.service")
@@ -168,25 +169,25 @@ class Service:
         )
 
     @classmethod
-    async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Service":
+    async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Service:
         io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="casd-io")
         blobs = open_blobstore(settings.blobs, settings.data_dir, settings.s3_endpoint, io)
         await blobs.start()
 
-        def open_catalog():
-            return Catalog.open(
-                settings.catalog_path, settings.sqlite_synchronous,
-                settings.read_connections, settings.bulk_read_connections,
+        def open_it():
+            return open_catalog(
+                settings.catalog_where, synchronous=settings.sqlite_synchronous,
+                readers=settings.read_connections, bulk_readers=settings.bulk_read_connections,
             )
 
         try:
-            catalog = await open_catalog()
+            catalog = await open_it()
         except sqlite3.OperationalError as exc:
             # A restart on a full disk cannot make the WAL ("disk I/O error"): use the reserve.
             if not await asyncio.to_thread(Reserve(settings.reserve_path, 0).release):
                 raise
             log.warning("%s: released the disk reserve to open the catalogue", exc)
-            catalog = await open_catalog()
+            catalog = await open_it()
         service = cls(settings, catalog, blobs, clock, io)
         try:
             made = await asyncio.to_thread(service.reserve.ensure)
@@ -300,22 +301,20 @@ class Service:
             # A file that uses a quarantined chunk is damaged: upload it again to heal it.
             and not await self.catalog.damaged(existing.manifest_id)
         ):
-            return HandshakeResult("complete", m.digest, m.size, m.ext)
+            return HandshakeComplete(m.digest, m.size, m.ext)
         await self._admit_upload()
         now = self.clock()
         upload, missing = await self.catalog.begin_upload(
             m, chunks_key(m), now, self._expiry(now), secrets.token_hex(16), client,
             self.budget,
         )
-        return HandshakeResult(
-            "pending", m.digest, m.size, m.ext, upload.id, missing, upload.expires_at
-        )
+        return HandshakePending(m.digest, m.size, m.ext, upload.id, missing, upload.expires_at)
 
     # ---- uploads ----------------------------------------------------------------------
 
     async def _pending(self, upload_id: str) -> Upload:
         upload = await self.catalog.get_upload(upload_id)
-        if upload is None or upload.state != "pending" or upload.expires_at <= self.clock():
+        if upload is None or upload.state != UploadState.PENDING or upload.expires_at <= self.clock():
             raise NotFound(f"no pending upload {upload_id!r} (never created, merged, aborted or expired)")
         return upload
 
@@ -399,7 +398,10 @@ class Service:
                 with full_disk_refused():
                     await self.blobs.publish(temp, digest)
             now = self.clock()
-            place = self._locked(locked, temp, digest)
+
+            async def place(d: Digest) -> None:
+                await locked(temp, d)
+
             with full_disk_refused():
                 published = await self.catalog.publish_chunk(
                     digest, size, xxh3, now, place, (upload_id, self._expiry(now)),
@@ -410,17 +412,6 @@ class Service:
             # The blob path is its own link: dropping the temp name (and the flock that told
             # gc and fsck this inode is in flight) leaves the blob.
             await asyncio.shield(self._run(temp.discard))
-
-    @staticmethod
-    def _locked(op, *args) -> Callable[[], None]:
-        """The blob store's async `op(*args)` as the blocking callable the catalogue runs in
-        its writer thread while it holds the digest locked."""
-        loop = asyncio.get_running_loop()
-
-        def run() -> None:
-            asyncio.run_coroutine_threadsafe(op(*args), loop).result()
-
-        return run
 
     async def _ingest(
         self, temp: TempBlob, body: AsyncIterator[bytes], size: int, digest: Digest
@@ -478,7 +469,7 @@ class Service:
         """Verify the whole file's digest over its chunks and register it; idempotent."""
         # One read decides: another client merging the same upload may flip it to merged.
         upload = await self.catalog.get_upload(upload_id)
-        if upload is not None and upload.state == "merged":
+        if upload is not None and upload.state == UploadState.MERGED:
             return await self._merged_file(upload)
         if upload is None or upload.expires_at <= self.clock():
             raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
@@ -511,7 +502,7 @@ class Service:
     async def _settled(self, upload_id: str) -> FileEntry:
         """The answer for an upload that stopped being pending under a merge's feet."""
         upload = await self.catalog.get_upload(upload_id)
-        if upload is not None and upload.state == "merged":
+        if upload is not None and upload.state == UploadState.MERGED:
             return await self._merged_file(upload)
         raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
 
@@ -679,32 +670,38 @@ class Service:
             )
         return OpenFile(entry, chunks)
 
-    def read_plan(self, file: OpenFile, start: int, length: int) -> list[ReadSegment]:
-        """The blob slices that make bytes [start, start+length) of a file, in order."""
+    def read_plan(self, file: OpenFile, start: int, length: int) -> Iterator[ReadSegment]:
+        """The blob slices that make bytes [start, start+length) of a file, in order.
+
+        Checked now, produced lazily: a manifest may list a million one-byte chunks, and a
+        million segments built at once would hold the event loop for seconds and cost
+        hundreds of MB per download.
+        """
         if length <= 0:
-            return []
-        chunks = file.chunks
-        ends = list(accumulate(size for _hex, size in chunks))
-        if not ends or ends[-1] != file.entry.size:
+            return iter(())
+        total = sum(size for _hex, size in file.chunks)
+        if total != file.entry.size:
             # Cannot happen for a snapshot of a healthy catalogue; refuse rather than serve
             # bytes that do not add up to what the ETag names.
             raise RuntimeError(
                 f"file {file.entry.digest.hex}: its chunks add up to"
-                f" {ends[-1] if ends else 0} bytes, not {file.entry.size}"
+                f" {total} bytes, not {file.entry.size}"
             )
+        return self._segments(file, start, start + length)
+
+    def _segments(self, file: OpenFile, pos: int, stop: int) -> Iterator[ReadSegment]:
         algo = file.entry.digest.algo
-        out: list[ReadSegment] = []
-        i = bisect_right(ends, start)
-        pos, stop = start, start + length
-        while pos < stop:
-            hex_, size = chunks[i]
-            chunk_start = ends[i] - size
-            offset = pos - chunk_start
-            n = min(size - offset, stop - pos)
-            out.append(ReadSegment(Digest(algo, hex_), offset, n))
-            pos += n
-            i += 1
-        return out
+        chunk_start = 0
+        for hex_, size in file.chunks:
+            chunk_end = chunk_start + size
+            if chunk_end > pos:
+                offset = pos - chunk_start
+                n = min(size - offset, stop - pos)
+                yield ReadSegment(Digest(algo, hex_), offset, n)
+                pos += n
+                if pos >= stop:
+                    return
+            chunk_start = chunk_end
 
     async def open_segment(self, segment: ReadSegment) -> BlobReader:
         """An open reader of the segment's blob; the caller closes it. A blob the catalogue

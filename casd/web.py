@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import hmac
+import itertools
+import json
 import logging
 import mimetypes
 import os
@@ -13,7 +14,6 @@ import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import msgspec
@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from casd import hooks, observe, openapi
+from casd import hooks, observe, openapi, protocol
 from casd.config import Settings
 from casd.digest import Algo, Digest
 from casd.errors import (
@@ -47,8 +47,8 @@ from casd.errors import (
     UnsupportedMediaType,
 )
 from casd.hooks import HOOKS
-from casd.models import ChunkRef, FileEntry, Manifest
-from casd.service import Service
+from casd.models import ChunkRef, FileEntry, HandshakeComplete, Manifest
+from casd.service import BlobReader, Service
 from casd.web_guard import guard_middleware, install_guard, require_json
 
 log = logging.getLogger("casd.web")
@@ -59,9 +59,7 @@ BIG_HANDSHAKES = web.AppKey("big_handshakes", asyncio.Semaphore)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-_EXT = re.compile(r"\.[A-Za-z0-9_-]{1,16}\Z")
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}\Z")
-_URL_EXT = re.compile(r"(\.[A-Za-z0-9_-]{1,16})*\Z")
 # RFC 7240: a client that tracks progress itself may skip the `missing` list in chunk answers.
 _MINIMAL = re.compile(r"(^|[,;\s])return\s*=\s*minimal\b", re.I)
 # Parsing a big manifest takes long enough to stall other requests; do it in a thread.
@@ -69,37 +67,50 @@ THREAD_PARSE_BYTES = 256 * 1024
 # Handshakes over THREAD_PARSE_BYTES are parsed and recorded this many at a time: each costs
 # a few times its body in memory until it is recorded, so this bounds what they cost together.
 BIG_HANDSHAKES_AT_ONCE = 2
+# Handshake bodies being received may hold this many times the handshake limit together
+# (beyond THREAD_PARSE_BYTES each); past it a handshake is answered 503.
+BODIES_IN_MEMORY = 4
 
 # Domain error -> (HTTP status, protocol error code). The only place they meet.
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
-    BadRequest: (400, "bad_request"),
-    Unauthorized: (401, "unauthorized"),
-    Forbidden: (403, "forbidden"),
-    NotFound: (404, "not_found"),
-    Incomplete: (409, "incomplete"),
-    NotInManifest: (409, "not_in_manifest"),
-    BodyTimeout: (408, "request_timeout"),
-    TooLarge: (413, "too_large"),
-    UnsupportedMediaType: (415, "unsupported_media_type"),
-    RangeNotSatisfiable: (416, "range_not_satisfiable"),
-    MisdirectedRequest: (421, "misdirected_request"),
-    DigestMismatch: (422, "digest_mismatch"),
-    MalformedBody: (400, "bad_request"),
-    SizeMismatch: (422, "size_mismatch"),
-    FileDigestMismatch: (422, "file_digest_mismatch"),
-    TooManyPending: (429, "too_many_pending"),
-    Unavailable: (503, "unavailable"),
-    StoreUnavailable: (503, "unavailable"),
-    StorageFull: (507, "insufficient_storage"),
+    BadRequest: (400, protocol.BAD_REQUEST),
+    Unauthorized: (401, protocol.UNAUTHORIZED),
+    Forbidden: (403, protocol.FORBIDDEN),
+    NotFound: (404, protocol.NOT_FOUND),
+    Incomplete: (409, protocol.INCOMPLETE),
+    NotInManifest: (409, protocol.NOT_IN_MANIFEST),
+    BodyTimeout: (408, protocol.REQUEST_TIMEOUT),
+    TooLarge: (413, protocol.TOO_LARGE),
+    UnsupportedMediaType: (415, protocol.UNSUPPORTED_MEDIA_TYPE),
+    RangeNotSatisfiable: (416, protocol.RANGE_NOT_SATISFIABLE),
+    MisdirectedRequest: (421, protocol.MISDIRECTED_REQUEST),
+    DigestMismatch: (422, protocol.DIGEST_MISMATCH),
+    MalformedBody: (400, protocol.BAD_REQUEST),
+    SizeMismatch: (422, protocol.SIZE_MISMATCH),
+    FileDigestMismatch: (422, protocol.FILE_DIGEST_MISMATCH),
+    TooManyPending: (429, protocol.TOO_MANY_PENDING),
+    Unavailable: (503, protocol.UNAVAILABLE),
+    StoreUnavailable: (503, protocol.UNAVAILABLE),
+    StorageFull: (507, protocol.INSUFFICIENT_STORAGE),
 }
 # aiohttp's own refusals (no route, wrong method, body over client_max_size) in the same shape.
 HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
+    400: protocol.BAD_REQUEST,
+    401: protocol.UNAUTHORIZED,
+    404: protocol.NOT_FOUND,
+    405: protocol.METHOD_NOT_ALLOWED,
+    413: protocol.TOO_LARGE,
 }
+
+
+def mapped_error(exc: CasdError) -> tuple[int, str] | None:
+    """(HTTP status, error code) of the nearest of `exc`'s classes in ERROR_MAP; None when
+    none is there (a bug: the middleware answers 500 and logs it)."""
+    for cls in type(exc).__mro__:
+        found = ERROR_MAP.get(cls)
+        if found is not None:
+            return found
+    return None
 
 
 def error_response(status: int, code: str, message: str, **extra) -> web.Response:
@@ -111,7 +122,12 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except CasdError as exc:
-        status, code = ERROR_MAP[type(exc)]
+        mapped = mapped_error(exc)
+        if mapped is None:
+            log.error("unmapped domain error on %s %s", request.method, request.raw_path,
+                      exc_info=exc)
+            return _internal_error()
+        status, code = mapped
         resp = error_response(status, code, exc.message, **exc.extra)
         if isinstance(exc, RangeNotSatisfiable):
             resp.headers["Content-Range"] = f"bytes */{exc.size}"
@@ -121,7 +137,7 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = HTTP_CODES.get(exc.status, "bad_request")
+        code = HTTP_CODES.get(exc.status, protocol.BAD_REQUEST)
         resp = error_response(exc.status, code, _reason(request, exc))
         if "Allow" in exc.headers:
             resp.headers["Allow"] = exc.headers["Allow"]
@@ -130,9 +146,13 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.raw_path)
-        return error_response(
-            500, "internal_error", "the server failed to handle this request; see its log"
-        )
+        return _internal_error()
+
+
+def _internal_error() -> web.Response:
+    return error_response(
+        500, protocol.INTERNAL_ERROR, "the server failed to handle this request; see its log"
+    )
 
 
 async def _answer_and_close(request: web.Request, resp: web.Response) -> None:
@@ -170,17 +190,47 @@ async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
         yield piece
 
 
-async def read_body(request: web.Request, limit: int) -> bytearray:
-    """The whole (small) body, under the same timeout as a streamed one; TooLarge over `limit`.
+class BodyBudget:
+    """Bytes that bodies being received into memory may hold together beyond `free` each.
+
+    A handshake body is held whole until it is parsed; without a shared ceiling, many
+    connections each sending a body just under the limit would hold all of them at once.
+    """
+
+    def __init__(self, limit: int, free: int):
+        self.limit = limit
+        self.free = free
+        self.used = 0
+
+
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+
+
+async def read_body(request: web.Request, limit: int, budget: BodyBudget) -> bytearray:
+    """The whole (small) body, under the same timeout as a streamed one; TooLarge over
+    `limit`, Unavailable when the bodies being received together are over `budget`.
 
     One growing buffer, handed over as it is: request.read() would copy it once more.
     """
     buf = bytearray()
-    async for piece in body_pieces(request):
-        buf += piece
-        if len(buf) > limit:
-            raise TooLarge(f"the body is over {limit} bytes")
-    return buf
+    taken = 0
+    try:
+        async for piece in body_pieces(request):
+            buf += piece
+            if len(buf) > limit:
+                raise TooLarge(f"the body is over {limit} bytes")
+            need = max(0, len(buf) - budget.free) - taken
+            if need:
+                if budget.used + need > budget.limit:
+                    raise Unavailable(
+                        "the server is receiving too many large bodies at once;"
+                        " try again shortly"
+                    )
+                budget.used += need
+                taken += need
+        return buf
+    finally:
+        budget.used -= taken
 
 
 def _reason(request: web.Request, exc: web.HTTPException) -> str:
@@ -240,7 +290,7 @@ def _same(given: str, token: str) -> bool:
 
 
 def parse_ext(value: object) -> str:
-    if not isinstance(value, str) or (value and not _EXT.match(value)):
+    if not isinstance(value, str) or (value and not protocol.EXT_RE.match(value)):
         raise BadRequest(
             f"ext {value!r} is not empty or a dot followed by 1 to 16 of [A-Za-z0-9_-]"
         )
@@ -301,7 +351,7 @@ def parse_manifest(body: bytes | bytearray) -> Manifest:
         ext = parse_ext(data.ext)
     else:
         guess = os.path.splitext(name)[1]
-        ext = guess.lower() if _EXT.match(guess) else ""
+        ext = guess.lower() if protocol.EXT_RE.match(guess) else ""
     chunks = []
     parse_hex = algo.parse_hex
     for i, c in enumerate(data.chunks):
@@ -332,21 +382,13 @@ def parse_upload_id(request: web.Request) -> str:
     return upload_id
 
 
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def file_url(digest: Digest, ext: str) -> str:
-    return f"/v1/files/{digest.hex}{ext}"
-
-
 def _complete(digest: Digest, size: int, ext: str) -> dict:
     return {
         "status": "complete",
         "algo": digest.algo.value,
         digest.algo.value: digest.hex,
         "size": size,
-        "url": file_url(digest, ext),
+        "url": protocol.file_url(digest, ext),
     }
 
 
@@ -374,7 +416,7 @@ async def handshake(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, request.app[BODY_BUDGET])
     hooks = request.app[HOOKS]
     client = client_of(request)
     if len(body) > THREAD_PARSE_BYTES:
@@ -387,9 +429,9 @@ async def handshake(request: web.Request) -> web.Response:
         await hooks.check_handshake(request, manifest)
         result = await service.handshake(manifest, client)
     skipped = observe.handshake_answered(request, manifest, result)
-    hooks.remember_skipped(result.upload_id, skipped)
-    if result.status == "complete":
+    if isinstance(result, HandshakeComplete):
         return web.json_response(_complete(result.digest, result.size, result.ext))
+    hooks.remember_skipped(result.upload_id, skipped)
     return missing_response(
         {
             "status": "pending",
@@ -397,7 +439,7 @@ async def handshake(request: web.Request) -> web.Response:
             result.digest.algo.value: result.digest.hex,
             "size": result.size,
             "upload_id": result.upload_id,
-            "expires_at": rfc3339(result.expires_at),
+            "expires_at": protocol.format_timestamp(result.expires_at),
         },
         result.missing,
     )
@@ -412,7 +454,7 @@ async def upload_status(request: web.Request) -> web.Response:
             "algo": upload.digest.algo.value,
             upload.digest.algo.value: upload.digest.hex,
             "size": upload.size,
-            "expires_at": rfc3339(upload.expires_at),
+            "expires_at": protocol.format_timestamp(upload.expires_at),
         },
         missing,
     )
@@ -427,7 +469,7 @@ async def put_chunk(request: web.Request) -> web.Response:
         with_missing=not minimal,
     )
     status = 201 if result.stored else 200
-    if minimal:
+    if result.missing is None:  # the client asked for the minimal answer
         return web.json_response(
             {"stored": result.stored}, status=status,
             headers={"Preference-Applied": "return=minimal"},
@@ -451,7 +493,7 @@ def _split_file_name(name: str) -> tuple[Digest, str]:
     hex_, dot, ext = name.partition(".")
     digest = parse_digest(hex_, "file digest")
     ext = dot + ext
-    if not _URL_EXT.match(ext):
+    if not protocol.EXTS_RE.match(ext):
         raise BadRequest(f"{ext!r} is not an extension")
     return digest, ext.lower()
 
@@ -566,18 +608,20 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         start, length = rng
         status = 206
         headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{entry.size}"
-    plan = service.read_plan(opened, start, length) if opened is not None else []
-    send = request.method != "HEAD" and length > 0
-    # The first blob opens before the status line: a store that is down is a 503, not a
-    # cut-off body.
-    first = await service.open_segment(plan[0]) if send else None
+    plan = iter(service.read_plan(opened, start, length) if opened is not None else ())
+    first = next(plan, None) if request.method != "HEAD" else None
+    cursor = _BlobCursor(service)
     try:
+        if first is not None:
+            # The first blob opens before the status line: a store that is down is a 503,
+            # not a cut-off body.
+            await cursor.reader_for(first)
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = length
         await resp.prepare(request)
-        if send:
+        if first is not None:
             try:
-                await _send_segments(request, resp, plan, first)
+                await _send_segments(request, resp, itertools.chain([first], plan), cursor)
             except (OSError, CasdError) as exc:
                 # The status line is out: all that is left to say is "this body is
                 # incomplete", and closing the connection short of Content-Length says
@@ -588,8 +632,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
                     request.transport.close()
                 raise ConnectionResetError(str(exc)) from exc
     finally:
-        if first is not None:
-            await first.close()
+        await cursor.close()
     await resp.write_eof()
     return resp
 
@@ -600,18 +643,35 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 SEND_SLICE = 256 * 1024
 
 
-async def _send_segments(request: web.Request, resp: web.StreamResponse, plan, first) -> None:
+class _BlobCursor:
+    """The blob a download is reading: a manifest may list one chunk many times in a row,
+    and it is opened once for them. Whoever made the cursor closes it."""
+
+    def __init__(self, service: Service):
+        self._service = service
+        self._reader: BlobReader | None = None
+        self._digest: Digest | None = None
+
+    async def reader_for(self, seg):
+        if self._reader is None or self._digest != seg.digest:
+            await self.close()
+            self._reader = await self._service.open_segment(seg)
+            self._digest = seg.digest
+        return self._reader
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
+
+
+async def _send_segments(request: web.Request, resp: web.StreamResponse, plan,
+                         cursor: _BlobCursor) -> None:
     """Each blob slice in order: zero-copy (sendfile) from a local file where the store and
     the transport allow it, otherwise streamed in pieces from the store."""
-    service = request.app[SERVICE]
     timeout = request.app[SETTINGS].body_timeout or None
-    for n, seg in enumerate(plan):
-        reader = first if n == 0 else await service.open_segment(seg)
-        try:
-            await _send_segment(request, resp, reader, seg, timeout)
-        finally:
-            if n:
-                await reader.close()
+    for seg in plan:
+        await _send_segment(request, resp, await cursor.reader_for(seg), seg, timeout)
 
 
 async def _send_segment(request, resp, reader, seg, timeout: float | None) -> None:
@@ -732,7 +792,7 @@ async def healthz(request: web.Request) -> web.Response:
         # The details (paths, SQLite's words) are for the operator; /healthz needs no token.
         log.warning("health check failed: %s", exc)
         return error_response(
-            503, "unavailable",
+            503, protocol.UNAVAILABLE,
             "unhealthy: the catalogue cannot be read, the data folder cannot be written or"
             " the blob store does not answer; the daemon's log says which",
         )
@@ -748,9 +808,15 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def static_file(request: web.Request) -> web.StreamResponse:
     """A file of the upload page; a missing one is a JSON 404 like every other error."""
-    path = (STATIC_DIR / request.match_info["path"]).resolve()
-    if not path.is_relative_to(STATIC_DIR.resolve()) or not path.is_file():
-        raise NotFound(f"no static file {request.match_info['path']!r}")
+    name = request.match_info["path"]
+    try:
+        path = (STATIC_DIR / name).resolve()
+        found = path.is_relative_to(STATIC_DIR.resolve()) and path.is_file()
+    except (OSError, ValueError):
+        # A NUL byte or a name over the filesystem's limits names no file of the page.
+        found = False
+    if not found:
+        raise NotFound(f"no static file {name[:200]!r}")
     return web.FileResponse(path)
 
 
@@ -765,6 +831,9 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     )
     app[SETTINGS] = settings
     app[BIG_HANDSHAKES] = asyncio.Semaphore(BIG_HANDSHAKES_AT_ONCE)
+    app[BODY_BUDGET] = BodyBudget(
+        BODIES_IN_MEMORY * settings.max_handshake_bytes, THREAD_PARSE_BYTES
+    )
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)

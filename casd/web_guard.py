@@ -80,14 +80,13 @@ class Guard:
     @classmethod
     def from_settings(cls, settings: Settings) -> Guard:
         given = {_host_name(h) for h in settings.allowed_hosts}
-        if "*" in given:
-            hosts = None
-        else:
+        hosts: frozenset[str] | None = None
+        if "*" not in given:
             default = default_allowed_hosts(settings.host)
-            if default is None:
-                hosts = frozenset(given) if given else None
-            else:
+            if default is not None:
                 hosts = default | given
+            elif given:
+                hosts = frozenset(given)
         origins = frozenset(o.rstrip("/").lower() for o in settings.cors_origins if o != "*")
         return cls(hosts, origins, "*" in settings.cors_origins)
 

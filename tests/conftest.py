@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import random
 import re
 import signal
 import socket
@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from casd.config import Settings
+from helpers import RandomData
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -38,9 +40,9 @@ class Daemon:
         self.url = ""
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def start(self, timeout: float = 30.0) -> Daemon:
         assert self.proc is None, "already running"
-        log = open(self.log_path, "a")
+        log = open(self.log_path, "a")  # noqa: SIM115 - the child keeps it; closed below
         start_offset = log.tell()
         cmd = [
             sys.executable, "-m", "casd", "serve",
@@ -83,7 +85,7 @@ class Daemon:
             proc.kill()
             proc.wait()
 
-    def restart(self) -> "Daemon":
+    def restart(self) -> Daemon:
         self.kill()
         return self.start()
 
@@ -140,39 +142,54 @@ def browser():
         b.close()
 
 
-# One seed per test session, from $CASD_TEST_SEED or picked at random; pytest prints it in
-# its header and in the report of every failing test that used random data.
-TEST_SEED = int(os.environ.get("CASD_TEST_SEED") or random.SystemRandom().randrange(2**32))
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the whole session (tests/engine_postgres.py):
+    skipped where the server is not installed, except in CI."""
+    from engine_postgres import Cluster, why_missing
+
+    missing = why_missing()
+    if missing is not None:
+        if _in_ci():
+            pytest.fail(f"PostgreSQL tests cannot run in CI: {missing}")
+        pytest.skip(missing)
+    cluster = Cluster()
+    try:
+        cluster.init()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster) -> str:
+    """The URL of a fresh, empty database of the session's cluster (with a password in it,
+    which trust authentication ignores: what casd prints must never show it)."""
+    return postgres_cluster.database()
 
 
 def pytest_report_header(config) -> str:
-    return f"random test data: CASD_TEST_SEED={TEST_SEED}"
-
-
-class RandomData:
-    """Random bytes for one test, the same again for the same seed and test id."""
-
-    def __init__(self, seed: int, test_id: str):
-        self.seed = seed
-        self.test_id = test_id
-
-    def bytes(self, n: int, tag: object = 0) -> bytes:
-        """`n` random bytes; a different `tag` gives different bytes within the test."""
-        return random.Random(f"{self.seed}:{self.test_id}:{tag}").randbytes(n)
-
-    def write(self, path: Path, n: int, tag: object = 0) -> bytes:
-        """Write `n` random bytes to `path` and return them."""
-        data = self.bytes(n, tag)
-        path.write_bytes(data)
-        return data
+    return f"random test data: CASD_TEST_SEED={helpers.TEST_SEED}"
 
 
 @pytest.fixture
 def rng(request) -> RandomData:
     """Seeded random test data; a failure report shows the seed that reproduces it."""
-    request.node.user_properties.append(("CASD_TEST_SEED", TEST_SEED))
-    print(f"random test data: CASD_TEST_SEED={TEST_SEED} reproduces this test's bytes")
-    return RandomData(TEST_SEED, request.node.nodeid)
+    request.node.user_properties.append(("CASD_TEST_SEED", helpers.TEST_SEED))
+    print(f"random test data: CASD_TEST_SEED={helpers.TEST_SEED} reproduces this test's bytes")
+    return RandomData(helpers.TEST_SEED, request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rand(request):
+    """`helpers.rand(n)` draws from this test's seeded stream (see `helpers.rand`)."""
+    helpers.current = helpers.Draws(RandomData(helpers.TEST_SEED, request.node.nodeid))
+    yield
+    helpers.current = None
 
 
 def _in_ci() -> bool:
@@ -209,18 +226,14 @@ class Gate:
         """Refuse new connections and cut every open one."""
         sock, self._listener = self._listener, None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-            except OSError:
-                pass
             sock.close()
         with self._lock:
             conns, self._conns = self._conns, set()
         for c in conns:
-            try:
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             c.close()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -247,10 +260,8 @@ class Gate:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 class S3Server:
@@ -303,12 +314,11 @@ def s3_server():
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     port = _free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"casd-moto-{port}.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
+    with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"casd-moto-{port}.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 30
     while True:
         try:

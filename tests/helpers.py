@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +46,59 @@ def prepare(
     return Prepared(hs, chunks, order, h.hexdigest(), data)
 
 
-def rand(n: int, seed: int | None = None) -> bytes:
-    if seed is None:
-        return os.urandom(n)
-    import random
+# One seed per test session, from $CASD_TEST_SEED or picked at random; pytest prints it in
+# its header, and a failing test that drew random data prints it in its captured output.
+TEST_SEED = int(os.environ.get("CASD_TEST_SEED") or random.SystemRandom().randrange(2**32))
 
-    return random.Random(seed).randbytes(n)
+
+class RandomData:
+    """Random bytes for one test, the same again for the same seed and test id."""
+
+    def __init__(self, seed: int, test_id: str):
+        self.seed = seed
+        self.test_id = test_id
+
+    def bytes(self, n: int, tag: object = 0) -> bytes:
+        """`n` random bytes; a different `tag` gives different bytes within the test."""
+        return random.Random(f"{self.seed}:{self.test_id}:{tag}").randbytes(n)
+
+    def write(self, path: Path, n: int, tag: object = 0) -> bytes:
+        """Write `n` random bytes to `path` and return them."""
+        data = self.bytes(n, tag)
+        path.write_bytes(data)
+        return data
+
+
+class Draws:
+    """Successive draws from one test's RandomData: the k-th call gets tag "draw-k"."""
+
+    def __init__(self, data: RandomData):
+        self.data = data
+        self.count = 0
+        self.lock = threading.Lock()  # tests draw from worker threads too
+
+    def next(self, n: int) -> bytes:
+        with self.lock:
+            k = self.count
+            self.count += 1
+        if k == 0:
+            print(f"random test data: CASD_TEST_SEED={self.data.seed} reproduces this test's"
+                  " bytes")
+        return self.data.bytes(n, f"draw-{k}")
+
+
+# The running test's draws, set by an autouse fixture in conftest.py; outside a test (a
+# fixture wider than one test), draws from a stream of the session seed alone.
+current: Draws | None = None
+_outside = Draws(RandomData(TEST_SEED, "outside a test"))
+
+
+def rand(n: int, seed: int | None = None) -> bytes:
+    """`n` random bytes: from `seed` when given, else the running test's next draw, which
+    CASD_TEST_SEED=<the seed a failure prints> reproduces."""
+    if seed is not None:
+        return random.Random(seed).randbytes(n)
+    return (current or _outside).next(n)
 
 
 async def upload(session, base: str, p: Prepared) -> dict:

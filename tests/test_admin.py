@@ -16,13 +16,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import Prepared, prepare, rand, snapshot
-from helpers import upload as upload_one
 
-from casd.catalog import AdminCatalog
+from casd.catalog.sqlite import SqliteCatalog
 from casd.cli import main
 from casd.config import Settings
 from casd.maintenance import Maintenance
+from helpers import Prepared, prepare, rand, snapshot
+from helpers import upload as upload_one
 
 KiB = 1024
 CHUNK = 64 * KiB
@@ -357,7 +357,7 @@ def test_a_chunk_revived_between_gc_steps_survives(daemon):
     settings = Settings(data_dir=daemon.data_dir)
 
     async def step(fn):
-        cat = await AdminCatalog.open(settings.catalog_path)
+        cat = await SqliteCatalog.open(settings.catalog_path)
         try:
             return await fn(cat)
         finally:

@@ -84,7 +84,7 @@ async def test_round_trip_lists_missing_in_order_and_downloads_exact_bytes(clien
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", hs["expires_at"])
     left = list(p.order)
     for d in reversed(p.order):  # any order works
-        status, body = await put(client, hs["upload_id"], d, p.chunks[d], 201)
+        _status, body = await put(client, hs["upload_id"], d, p.chunks[d], 201)
         left.remove(d)
         assert body == {"stored": True, "missing": left}
     r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
@@ -172,9 +172,9 @@ async def test_chunk_already_held_answers_200_and_drops_the_body(client, setting
     hb = await handshake(client, b.handshake)
     assert hb["missing"] == b.order  # nothing stored yet
     await put(client, ha["upload_id"], a.order[0], shared, 201)
-    status, body = await put(client, hb["upload_id"], b.order[0], shared, 200)
+    _status, body = await put(client, hb["upload_id"], b.order[0], shared, 200)
     assert body == {"stored": False, "missing": [b.order[1]]}
-    status, body = await put(client, ha["upload_id"], a.order[0], shared, 200)
+    _status, body = await put(client, ha["upload_id"], a.order[0], shared, 200)
     assert body["stored"] is False
     assert len(blob_files(settings.data_dir)) == 1
 
@@ -273,9 +273,9 @@ async def test_interleaved_uploads_verify_right_when_prefix_hashes_are_evicted(
     files = [prepare(rand(5 * CHUNK + 1 + i), CHUNK) for i in range(3)]
     started = [await handshake(client, p.handshake) for p in files]
     for i in (2, 0, 4, 1, 3, 5):  # out of order, and the uploads take turns
-        for p, hs in zip(files, started):
+        for p, hs in zip(files, started, strict=True):
             await put(client, hs["upload_id"], p.order[i], p.chunks[p.order[i]], 201)
-    for p, hs in zip(files, started):
+    for p, hs in zip(files, started, strict=True):
         r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
         assert r.status == 200, await r.text()
         assert await (await client.get(f"/v1/files/{p.digest}")).read() == p.data
@@ -410,7 +410,7 @@ async def test_size_mismatch_stores_nothing(client, pending, settings):
 
 
 async def test_chunk_not_in_manifest(client, pending, settings):
-    p, uid = pending
+    _p, uid = pending
     before = snapshot(settings.data_dir)
     other = rand(100)
     r = await client.put(f"/v1/uploads/{uid}/chunks/{hashlib.md5(other).hexdigest()}", data=other)
@@ -607,11 +607,13 @@ async def test_client_disconnect_mid_chunk_leaves_nothing(aiohttp_server, settin
     p = prepare(rand(4 * CHUNK), 4 * CHUNK)
     import aiohttp
 
-    async with aiohttp.ClientSession() as s:
-        async with s.post(server.make_url("/v1/handshake"), json=p.handshake) as r:
-            uid = (await r.json())["upload_id"]
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(server.make_url("/v1/handshake"), json=p.handshake) as r,
+    ):
+        uid = (await r.json())["upload_id"]
     before = snapshot(settings.data_dir)
-    reader, writer = await asyncio.open_connection(server.host, server.port)
+    _reader, writer = await asyncio.open_connection(server.host, server.port)
     d = p.order[0]
     writer.write(
         f"PUT /v1/uploads/{uid}/chunks/{d} HTTP/1.1\r\nHost: 127.0.0.1\r\n"

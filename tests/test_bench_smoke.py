@@ -11,9 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Slow: the whole bench at --quick, half a minute.
+@pytest.mark.slow
 def test_quick_bench_prints_the_table_with_every_row(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--tmp", str(tmp_path)],
@@ -24,7 +28,8 @@ def test_quick_bench_prints_the_table_with_every_row(tmp_path):
     assert "| # | figure | casd / value | machine limit | ratio | target | met? / note |" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     keys = {line.split("|")[1].strip() for line in rows}
-    for key in ("L1", "L2", "L3", "L4", "L5", "B1", "B2", "B3", "B4", "B5", "B6", "B7"):
+    for key in ("L1", "L2", "L3", "L4", "L5", "B1", "B2", "B3", "B4", "B5", "B6", "B7",
+                "B1c", "B3c", "B8", "B9", "C1"):
         assert key in keys, f"row {key} missing from:\n{out}"
     body = "\n".join(rows)
     for limit in ("MD5, one core", "SHA-256, one core", "fsync each", "plain aiohttp PUT",
@@ -34,5 +39,6 @@ def test_quick_bench_prints_the_table_with_every_row(tmp_path):
     b1 = r"\| B1 \| fresh upload .*\| \d+\.\d\d s = \d+ MB/s \| MD5 \d+ MB/s \| \d+\.\d\d \|"
     assert re.search(b1, body), out
     assert "fixed-size chunking resends everything after an insertion" in body
+    assert "FastCDC 1 MiB: 1 KiB inserted at the front: chunks sent" in body
     # Nothing is left behind in the temp folder it was given.
     assert list(tmp_path.iterdir()) == []

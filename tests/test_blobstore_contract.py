@@ -137,7 +137,7 @@ async def test_assemble_concatenates_into_a_local_file(store, rng, tmp_path):
     ds = [await put(store, p) for p in parts]
     dest = tmp_path / "out.bin"
     total = sum(map(len, parts))
-    await store.assemble([(d, len(p)) for d, p in zip(ds, parts)], dest, total)
+    await store.assemble([(d, len(p)) for d, p in zip(ds, parts, strict=True)], dest, total)
     assert dest.read_bytes() == b"".join(parts)
     # A part whose size is not the manifest's leaves nothing behind.
     with pytest.raises(ValueError):
@@ -209,7 +209,7 @@ async def test_s3_refuses_a_body_damaged_in_transit(s3_server, tmp_path, rng, al
         header = "Content-MD5" if algo is Algo.MD5 else "x-amz-checksum-sha256"
         damaged = tmp_path / "damaged"
         damaged.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-        with pytest.raises(StoreUnavailable, match="refused.*BadDigest"):
+        with pytest.raises(StoreUnavailable, match=r"refused.*BadDigest"):
             await store._put(damaged, d)
         assert seen[-1][header] == base64.b64encode(bytes.fromhex(d.hex)).decode()
         assert await store.stat(d) is None

@@ -62,7 +62,7 @@ def test_fastcdc_matches_reapi_vectors(seed):
 def test_parameters_follow_reapi_and_key_names_them():
     c = Chunking.fastcdc(512 * KiB)
     assert (c.min_size, c.avg_size, c.max_size) == (128 * KiB, 512 * KiB, 2 * MiB)
-    assert Chunking.fastcdc().avg_size == 512 * KiB
+    assert Chunking.fastcdc().avg_size == MiB  # casd's default (docs/chunking.md says why)
     f = Chunking.fixed(5 * MiB)
     assert (f.min_size, f.max_size) == (5 * MiB, 5 * MiB)
     keys = {
@@ -71,7 +71,8 @@ def test_parameters_follow_reapi_and_key_names_them():
     }
     assert len(keys) == 5
     assert Chunking.fastcdc(512 * KiB).key == c.key
-    assert Chunking.parse("fastcdc") == c
+    assert Chunking.parse("fastcdc") == Chunking.fastcdc(MiB)
+    assert Chunking.parse("fastcdc", 512 * KiB) == c
     assert Chunking.parse("fixed", 1 * MiB) == Chunking.fixed(1 * MiB)
 
 

@@ -139,6 +139,47 @@ def test_unreachable_server_is_one_line(env, tmp_path, unused_tcp_port, rng):
     assert time.monotonic() - started < 10
 
 
+def test_fastcdc_upload_then_download_with_reuse_of_an_older_version(daemon, env, tmp_path,
+                                                                      rng):
+    old = tmp_path / "v1.bin"
+    old_data = rng.write(old, 3 * MiB, 1)
+    new = tmp_path / "v2.bin"
+    new_data = rng.bytes(1024, 2) + old_data
+    new.write_bytes(new_data)
+    for f in (old, new):
+        up = casd(env, "upload", str(f), "--server", daemon.url, "--chunking", "fastcdc",
+                  "--chunk-size", "64KiB", "--json")
+        assert up.returncode == 0, up.stderr
+    summary = json.loads(up.stdout)
+    assert summary["chunks_total"] > 10
+    assert summary["chunks_sent"] <= 3
+
+    out = tmp_path / "got.bin"
+    down = casd(env, "download", summary["digest"], "-o", str(out), "--server", daemon.url,
+                "--reuse", str(old))
+    assert down.returncode == 0, down.stderr
+    assert out.read_bytes() == new_data
+    line = down.stdout.strip()
+    assert "verified chunk by chunk" in line and "reused" in line, line
+    fetched = int(line.split("fetched ")[1].split(" of ")[0])
+    assert 1 <= fetched <= 3, line
+
+
+def test_chunking_flags_are_checked_in_one_line(daemon, env, tmp_path):
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 10)
+    bad_avg = casd(env, "upload", str(src), "--server", daemon.url, "--chunking", "fastcdc",
+                   "--chunk-size", "1000")
+    assert_one_line_error(bad_avg, "--chunk-size", "power of two", code=2)
+    bad_kind = casd(env, "upload", str(src), "--server", daemon.url, "--chunking", "rabin")
+    assert bad_kind.returncode == 2 and "invalid choice" in bad_kind.stderr
+    no_kind = casd(env, "download", "0" * 32, "--server", daemon.url, "--chunk-size", "1MiB")
+    assert_one_line_error(no_kind, "--chunk-size needs --chunking", code=2)
+    no_file = casd(env, "download", "0" * 32, "--server", daemon.url,
+                   "--reuse", str(tmp_path / "nope"))
+    assert_one_line_error(no_file, "--reuse", "nope", code=2)
+
+
 def test_download_refusal_and_bad_arguments_are_one_line(daemon, env, tmp_path):
     unknown = casd(env, "download", "0" * 32, "-o", str(tmp_path / "x"), "--server", daemon.url)
     assert_one_line_error(unknown, "casd download:", "not_found")

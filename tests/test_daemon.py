@@ -158,7 +158,7 @@ async def test_concurrent_uploads_of_same_and_overlapping_files(daemon):
             raise AssertionError("never merged")
 
         results = await asyncio.gather(*(one(p) for p in files))
-        for p, done in zip(files, results):
+        for p, done in zip(files, results, strict=True):
             assert done["md5"] == p.digest
             assert await download(s, daemon.url, done["url"]) == p.data
     distinct = {d for p in files for d in p.order}
@@ -171,7 +171,7 @@ async def test_sigterm_mid_chunk_exits_cleanly_and_keeps_no_half_blob(daemon_fac
     p = prepare(rand(4 * MiB), 4 * MiB)
     async with aiohttp.ClientSession() as s:
         hs = await handshake(s, daemon.url, p.handshake)
-    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     d = p.order[0]
     writer.write(
         f"PUT /v1/uploads/{hs['upload_id']}/chunks/{d} HTTP/1.1\r\nHost: 127.0.0.1\r\n"

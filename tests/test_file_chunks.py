@@ -10,12 +10,12 @@ import tracemalloc
 
 import aiohttp
 import pytest
-from helpers import Prepared, prepare, rand, upload
 
 from casd import web as casd_web
 from casd.chunking import Chunking, iter_chunks
 from casd.digest import Digest
 from casd.web import SERVICE, create_app
+from helpers import Prepared, prepare, rand, upload
 
 KiB = 1024
 
@@ -171,6 +171,9 @@ async def test_a_file_deleted_midway_cuts_the_manifest_short(client, monkeypatch
         await r.read()
 
 
+# Slow: 100,000 chunks; test_manifest_lists_the_uploaded_chunks_with_offsets stays in the fast
+# loop.
+@pytest.mark.slow
 async def test_a_100000_chunk_manifest_streams_in_bounded_memory(client, monkeypatch):
     monkeypatch.setattr(casd_web, "MANIFEST_PAGE", 1000)
     # 1-byte chunks over 8 distinct values: 100,000 manifest rows, 8 blobs.

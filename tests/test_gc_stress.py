@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -69,7 +70,7 @@ class File:
         self.digest = h.hexdigest()
         self.handshake = {"algo": self.algo, self.algo: self.digest, "size": len(self.data),
                           "chunks": entries}
-        self.by_digest = {e[self.algo]: c for e, c in zip(entries, self.chunks)}
+        self.by_digest = {e[self.algo]: c for e, c in zip(entries, self.chunks, strict=True)}
 
 
 def make_file(algo: str, chunks: list[bytes]) -> File:
@@ -126,9 +127,9 @@ async def download(s, base: str, f: File) -> bytes:
         return await r.read()
 
 
-def casd(data: Path, *argv: str) -> subprocess.CompletedProcess:
+def casd(data: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "casd", *argv, "--data", str(data)],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=120, check=False, env=env)
 
 
 def count_blobs(data: Path) -> int:
@@ -138,7 +139,21 @@ def count_blobs(data: Path) -> int:
 # ---- the race ---------------------------------------------------------------------------
 
 
-async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
+@pytest.fixture(params=["sqlite", "postgres"])
+def engines(request, daemon_factory):
+    """The daemons the race runs on, and the environment the admin commands need: one daemon
+    on SQLite, or two daemons sharing one PostgreSQL catalogue and one data folder."""
+    if request.param == "sqlite":
+        return [daemon_factory()], dict(os.environ)
+    url = request.getfixturevalue("postgres_url")
+    one = daemon_factory("--catalog", url)
+    two = daemon_factory("--catalog", url, data_dir=one.data_dir)
+    return [one, two], dict(os.environ, CASD_CATALOG=url)
+
+
+async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
+    daemons, env = engines
+    daemon = daemons[0]
     rng = random.Random(20261124)
     # One pool of chunks per algorithm; every file is drawn from it, so files overlap.
     pools = {
@@ -165,7 +180,7 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
     stop = tmp_path / "stop-gc"
     gc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", GC_LOOP, str(daemon.data_dir), str(stop),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     deadline = time.monotonic() + RACE_SECONDS
 
@@ -173,29 +188,33 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
         crng = random.Random(c)
         mine = owned[c]
         async with session() as s:
+            turn = c
             while time.monotonic() < deadline:
+                # With two daemons, each client alternates between them.
+                turn += 1
+                base = daemons[turn % len(daemons)].url
                 roll = crng.random()
                 if roll < 0.15:
                     # Start an upload of new content mixed with pooled chunks, then abort it.
                     algo = mine[0].algo
                     f = make_file(algo, [crng.randbytes(3 * KiB), *crng.sample(pools[algo], 3)])
-                    async with s.post(f"{daemon.url}/v1/handshake", json=f.handshake) as r:
+                    async with s.post(f"{base}/v1/handshake", json=f.handshake) as r:
                         hs = await r.json()
                     half = dict(hs, missing=hs["missing"][: len(hs["missing"]) // 2 + 1])
-                    await put_missing(s, daemon.url, f, half)
-                    async with s.delete(f"{daemon.url}/v1/uploads/{hs['upload_id']}") as r:
+                    await put_missing(s, base, f, half)
+                    async with s.delete(f"{base}/v1/uploads/{hs['upload_id']}") as r:
                         assert r.status == 204
                     counts["aborts"] += 1
                     continue
                 f = crng.choice(mine + shared)
-                await upload(s, daemon.url, f)
+                await upload(s, base, f)
                 counts["uploads"] += 1
                 present[f.digest] = f
-                if await download(s, daemon.url, f) != f.data:
+                if await download(s, base, f) != f.data:
                     raise Bug(f"{f.digest} downloaded different bytes")
                 counts["downloads"] += 1
                 if f in mine and crng.random() < 0.6:
-                    async with s.delete(f"{daemon.url}/v1/files/{f.digest}") as r:
+                    async with s.delete(f"{base}/v1/files/{f.digest}") as r:
                         if r.status != 204:
                             raise Bug(f"delete {f.digest}: {r.status}")
                     del present[f.digest]
@@ -214,19 +233,20 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
     assert counts["uploads"] >= 20 and counts["deletes"] >= 5, counts
 
     # Everything that should be complete is, byte for byte, and nothing else is.
-    listing = casd(daemon.data_dir, "ls", "--json")
+    listing = casd(daemon.data_dir, "ls", "--json", env=env)
     assert listing.returncode == 0, listing.stderr
     assert {f["digest"] for f in json.loads(listing.stdout)} == set(present)
     async with session() as s:
         for f in present.values():
-            assert await download(s, daemon.url, f) == f.data
-    deep = casd(daemon.data_dir, "fsck", "--deep")
+            for d in daemons:
+                assert await download(s, d.url, f) == f.data
+    deep = casd(daemon.data_dir, "fsck", "--deep", env=env)
     assert deep.returncode == 0, deep.stdout + deep.stderr
     # A last gc leaves exactly the chunks of the complete files.
-    assert casd(daemon.data_dir, "gc", "--grace", "0").returncode == 0
+    assert casd(daemon.data_dir, "gc", "--grace", "0", env=env).returncode == 0
     wanted = {d for f in present.values() for d in f.by_digest}
     assert count_blobs(daemon.data_dir) == len(wanted)
-    deep = casd(daemon.data_dir, "fsck", "--deep")
+    deep = casd(daemon.data_dir, "fsck", "--deep", env=env)
     assert deep.returncode == 0, deep.stdout + deep.stderr
     print(f"race: {counts}, gc loop: {summary}")
 
@@ -234,11 +254,17 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(daemon, tmp_path):
 # ---- kill -9 of gc ----------------------------------------------------------------------
 
 
-async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
-    daemon = daemon_factory("--sync", "NORMAL")  # quicker to fill with garbage
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory, engine, request):
+    env = dict(os.environ)
+    if engine == "sqlite":
+        daemon = daemon_factory("--sync", "NORMAL")  # quicker to fill with garbage
+    else:
+        env["CASD_CATALOG"] = request.getfixturevalue("postgres_url")
+        daemon = daemon_factory("--catalog", env["CASD_CATALOG"])
     rng = random.Random(7)
     garbage = [rng.randbytes(rng.randrange(512, 2 * KiB)) for _ in range(400)]
-    keep = make_file("md5", garbage[::40] + [rng.randbytes(4 * KiB)])  # shares 10 chunks
+    keep = make_file("md5", [*garbage[::40], rng.randbytes(4 * KiB)])  # shares 10 chunks
     doomed = make_file("md5", garbage)
     async with session() as s:
         async with s.post(f"{daemon.url}/v1/handshake", json=doomed.handshake) as r:
@@ -260,7 +286,7 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     gc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "casd", "gc", "--grace", "0", "--batch-size", "1",
         "--data", str(daemon.data_dir),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     try:
         deadline = time.monotonic() + 60
@@ -276,15 +302,15 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory):
     assert len(keep.by_digest) < left <= total - 30, left  # killed midway: garbage is left
 
     daemon.restart()  # the daemon too, kill -9 and start again
-    fsck = casd(daemon.data_dir, "fsck", "--json")
+    fsck = casd(daemon.data_dir, "fsck", "--json", env=env)
     report = json.loads(fsck.stdout)
     assert fsck.returncode == 0 and report["issues"] == [], report
     async with session() as s:
         assert await download(s, daemon.url, keep) == keep.data
-    again = casd(daemon.data_dir, "gc", "--grace", "0", "--json")
+    again = casd(daemon.data_dir, "gc", "--grace", "0", "--json", env=env)
     assert again.returncode == 0, again.stderr
     assert count_blobs(daemon.data_dir) == len(keep.by_digest)
-    deep = casd(daemon.data_dir, "fsck", "--deep", "--json")
+    deep = casd(daemon.data_dir, "fsck", "--deep", "--json", env=env)
     report = json.loads(deep.stdout)
     assert deep.returncode == 0 and report["issues"] == [] and report["deleting_chunks"] == 0
     async with session() as s:

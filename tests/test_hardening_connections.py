@@ -7,6 +7,7 @@ Each attack is driven against a real `casd serve` over 127.0.0.1, as an outside 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
@@ -20,11 +21,13 @@ import threading
 import time
 import urllib.request
 
-from casd.catalog import BULK_ENTRIES, Catalog
+import pytest
+
+from casd.catalog.sqlite import BULK_ENTRIES, SqliteCatalog
 from casd.digest import Algo, Digest
 from casd.models import ChunkRef, Manifest
-from tests.conftest import Daemon
-from tests.helpers import prepare, rand, temp_files
+from conftest import Daemon
+from helpers import prepare, rand, temp_files
 
 
 def fd_count(pid: int) -> int:
@@ -249,7 +252,7 @@ def test_running_out_of_descriptors_logs_the_accept_failure_once(tmp_path):
             [sys.executable, "-m", "casd", "serve", "--data", str(data), "--port", "0",
              "--max-connections", "1000", "--header-timeout", "60"],
             # A limit for the child alone; nothing else runs between fork and exec here.
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_limit,  # noqa: PLW1509
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_limit,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
     socks: list[socket.socket] = []
@@ -348,6 +351,9 @@ def test_broken_chunked_framing_mid_body_answers_json_and_keeps_nothing(daemon):
 HUGE = 200_000
 
 
+# Slow: a real huge upload; test_reads_of_huge_manifests_have_their_own_lane stays in the fast
+# loop.
+@pytest.mark.slow
 def test_polling_a_huge_upload_does_not_queue_other_clients(daemon_factory):
     d = daemon_factory()
     # A 200,000-chunk manifest, none of it stored: every status answer lists all of it.
@@ -406,7 +412,7 @@ async def test_reads_of_huge_manifests_have_their_own_lane(tmp_path):
         )
         return Manifest(Digest(Algo("md5"), f"{salt:032x}"), n, chunks, "", "")
 
-    cat = await Catalog.open(tmp_path / "catalog.sqlite", "NORMAL", readers=1, bulk_readers=1)
+    cat = await SqliteCatalog.open(tmp_path / "catalog.sqlite", "NORMAL", readers=1, bulk_readers=1)
     gate = threading.Event()
     try:
         big, big_missing = await cat.begin_upload(
@@ -440,10 +446,8 @@ def test_a_download_nobody_reads_is_cut_off_after_body_timeout(daemon_factory):
     def open_blobs() -> int:
         n = 0
         for fd in os.listdir(f"/proc/{d.proc.pid}/fd"):
-            try:
+            with contextlib.suppress(OSError):  # a descriptor closed meanwhile
                 n += os.readlink(f"/proc/{d.proc.pid}/fd/{fd}").startswith(blobs)
-            except OSError:
-                pass
         return n
 
     s = socket.socket()

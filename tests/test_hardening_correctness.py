@@ -16,8 +16,8 @@ import sqlite3
 import aiohttp
 import pytest
 
-import casd.catalog
-from casd.catalog import Catalog, GroupWriter
+import casd.catalog.sqlite
+from casd.catalog.sqlite import GroupWriter, SqliteCatalog
 from casd.web import create_app
 from helpers import prepare, rand, upload
 
@@ -81,7 +81,7 @@ class Gate:
 def read_gate(monkeypatch) -> Gate:
     """Holds a request right after a catalogue read (armed)."""
     gate = Gate()
-    orig_one, orig_all = Catalog._one, Catalog._all
+    orig_one, orig_all = SqliteCatalog._one, SqliteCatalog._all
 
     async def one(self, sql, params=()):
         row = await orig_one(self, sql, params)
@@ -93,8 +93,8 @@ def read_gate(monkeypatch) -> Gate:
         await gate.passing(sql)
         return rows
 
-    monkeypatch.setattr(Catalog, "_one", one)
-    monkeypatch.setattr(Catalog, "_all", all_)
+    monkeypatch.setattr(SqliteCatalog, "_one", one)
+    monkeypatch.setattr(SqliteCatalog, "_all", all_)
     return gate
 
 
@@ -192,7 +192,7 @@ async def test_a_version_1_catalogue_with_data_is_migrated(
     try:
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
         versions = [r[0] for r in con.execute("SELECT version FROM schema_migrations")]
-        assert versions == sorted(v for v, _n, _s in casd.catalog._migrations())
+        assert versions == sorted(v for v, _n, _s in casd.catalog.sqlite._migrations())
     finally:
         con.close()
     for p in files:
@@ -221,7 +221,7 @@ async def test_a_version_1_catalogue_with_data_is_migrated(
 
 def version_1_columns() -> dict[str, list[str]]:
     """The columns each table had in version 1 of the schema."""
-    _version, _name, script = casd.catalog._migrations()[0]
+    _version, _name, script = casd.catalog.sqlite._migrations()[0]
     con = sqlite3.connect(":memory:")
     try:
         con.executescript(script)
@@ -247,7 +247,7 @@ def downgrade_to_version_1(data_dir) -> None:
         con.close()
     for suffix in ("", "-wal", "-shm"):
         (data_dir / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
-    version, name, script = casd.catalog._migrations()[0]
+    version, name, script = casd.catalog.sqlite._migrations()[0]
     con = sqlite3.connect(path)
     try:
         con.executescript(script)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import prepare, rand, snapshot, upload
 
 from casd.service import Service
 from casd.web import create_app
+from helpers import prepare, rand, snapshot, upload
 
 MiB = 1024 * 1024
 
@@ -81,6 +81,9 @@ async def test_max_file_size_flag_is_validated(daemon_factory):
 # ---- (b) a huge merge does not starve anyone -------------------------------------------
 
 
+# Slow: a huge merge; test_api's test_slow_hashing_does_not_block_other_requests stays in the
+# fast loop.
+@pytest.mark.slow
 async def test_huge_merge_leaves_healthz_and_other_uploads_alone(daemon_factory):
     """With one I/O thread and one hash thread, a merge that hashes 2 GiB (one stored 1 MiB
     chunk, 2048 times) runs while /healthz answers and another client uploads and merges."""
@@ -192,6 +195,8 @@ async def test_streamed_handshake_over_limit_is_413(aiohttp_client, settings):
     assert r.status == 200
 
 
+# Slow: a 200,000-chunk handshake; the 413 over the limit stays in the fast loop.
+@pytest.mark.slow
 async def test_valid_200k_chunk_sha256_handshake_fits_the_default_limit(aiohttp_client, settings):
     """The default limit is sized from this case: the largest chunks, the longest digests."""
     chunks = [

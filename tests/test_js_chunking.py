@@ -126,7 +126,7 @@ def test_js_fastcdc_matches_python_at_the_end_of_input(page, server):
     vanished = [c for c in cuts if c not in python_ends(data[: c + 1], chunking)]
     assert vanished, "no input here exercises the end-of-input rule"
     got = js_cuts(page, server, data, chunking, prefixes, patterns=[[1, 2, 3, 5, 7, 4093]])
-    wrong = [n for n, runs, want in zip(prefixes, got, expected) if runs != [want] * 3]
+    wrong = [n for n, runs, want in zip(prefixes, got, expected, strict=True) if runs != [want] * 3]
     assert not wrong
 
 

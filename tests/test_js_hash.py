@@ -67,7 +67,7 @@ class StaticServer:
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
 
-    def start(self) -> "StaticServer":
+    def start(self) -> StaticServer:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self

@@ -15,9 +15,9 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from helpers import prepare, rand, upload
 
 from casd.web import create_app
+from helpers import prepare, rand, upload
 
 CHUNK = 64 * 1024
 

@@ -8,10 +8,10 @@ import logging
 import urllib.request
 
 import pytest
-from helpers import prepare, rand
 
 from casd.logs import JsonFormatter, RequestIdFilter
 from casd.web import SERVICE, create_app
+from helpers import prepare, rand
 
 
 def get(url: str, headers: dict | None = None):

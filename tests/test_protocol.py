@@ -34,8 +34,12 @@ def test_protocol_imports_nothing_of_casd_but_digest():
 def test_client_package_imports_no_server_module():
     for path in sorted((ROOT / "casd" / "client").glob("*.py")):
         for module in casd_imports(path):
-            assert module in ("casd.digest", "casd.protocol") or module.startswith(
-                "casd.client."), f"{path.name} imports {module}"
+            assert module in ("casd.digest", "casd.protocol", "casd.chunking") or \
+                module.startswith("casd.client."), f"{path.name} imports {module}"
+
+
+def test_chunking_is_a_leaf():
+    assert casd_imports(ROOT / "casd" / "chunking.py") == set()
 
 
 @pytest.mark.parametrize("ext,ok", [

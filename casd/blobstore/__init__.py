@@ -28,6 +28,7 @@ The contract every engine keeps (tests/test_blobstore_contract.py runs them all 
 from __future__ import annotations
 
 import asyncio
+import builtins  # the interface has a method named `list`
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -145,13 +146,15 @@ class BlobStore(Protocol):
         ...
 
     async def hash_blobs(
-        self, items: list[tuple[Digest, Algo | None]], workers: int
-    ) -> list[BlobHash | OSError]:
+        self, items: builtins.list[tuple[Digest, Algo | None]], workers: int
+    ) -> builtins.list[BlobHash | OSError]:
         """xxh3-128 of each blob (and its real digest where an algo is given), `workers` at
         a time, in order; a blob that is gone or unreadable gives its OSError (BlobMissing)."""
         ...
 
-    async def assemble(self, parts: list[tuple[Digest, int]], dest: Path, total: int) -> None:
+    async def assemble(
+        self, parts: builtins.list[tuple[Digest, int]], dest: Path, total: int
+    ) -> None:
         """Concatenate blobs (digest, expected size) into a local file at `dest`: written
         beside it, fsynced, checked to be `total` bytes, renamed in place. BlobMissing or
         ValueError (a size that does not match) leave `dest` untouched."""

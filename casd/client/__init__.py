@@ -13,6 +13,7 @@ Everything public is re-exported here: `from casd.client import CasdClient, hash
 The client imports nothing of the server: only the leaves `casd.digest` and `casd.protocol`.
 """
 
+from casd.chunking import Chunking
 from casd.client.errors import (
     CasdClientError,
     CasdConnectionError,
@@ -37,6 +38,7 @@ from casd.client.hashing import (
 )
 from casd.client.transfer import (
     DEFAULT_BACKOFF,
+    DEFAULT_CHUNKING,
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_BACKOFF,
     DEFAULT_RETRIES,
@@ -58,11 +60,41 @@ from casd.client.values import (
 )
 
 __all__ = [
-    "CACHE_MAX_ENTRIES", "DEFAULT_BACKOFF", "DEFAULT_CHUNK_SIZE", "DEFAULT_CONCURRENCY",
-    "DEFAULT_MAX_BACKOFF", "DEFAULT_RETRIES", "DEFAULT_SERVER", "HASH_PIECE", "IO_PIECE",
-    "MAX_ROUNDS", "RACY_COARSE_NS", "RACY_NS", "CasdClient", "CasdClientError",
-    "CasdConnectionError", "CasdHTTPError", "CasdIntegrityError", "ChunkSpan", "DigestCache",
-    "DownloadSummary", "FileChangedError", "FileDigests", "FileRef", "MiB", "Phase",
-    "Progress", "ProgressCallback", "UploadSummary", "default_cache_dir", "download",
-    "ext_of", "file_digests", "hash_file", "hash_stream", "upload",
+    "CACHE_MAX_ENTRIES",
+    "DEFAULT_BACKOFF",
+    "DEFAULT_CHUNKING",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_MAX_BACKOFF",
+    "DEFAULT_RETRIES",
+    "DEFAULT_SERVER",
+    "HASH_PIECE",
+    "IO_PIECE",
+    "MAX_ROUNDS",
+    "RACY_COARSE_NS",
+    "RACY_NS",
+    "CasdClient",
+    "CasdClientError",
+    "CasdConnectionError",
+    "CasdHTTPError",
+    "CasdIntegrityError",
+    "ChunkSpan",
+    "Chunking",
+    "DigestCache",
+    "DownloadSummary",
+    "FileChangedError",
+    "FileDigests",
+    "FileRef",
+    "MiB",
+    "Phase",
+    "Progress",
+    "ProgressCallback",
+    "UploadSummary",
+    "default_cache_dir",
+    "download",
+    "ext_of",
+    "file_digests",
+    "hash_file",
+    "hash_stream",
+    "upload",
 ]

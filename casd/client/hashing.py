@@ -6,10 +6,13 @@ for a worker thread; `casd.client.transfer` runs them there.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import itertools
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from casd.chunking import Chunking, iter_chunks
 from casd.client.errors import FileChangedError
 from casd.digest import Algo, Digest
 
@@ -47,13 +51,26 @@ class ChunkSpan:
 
 @dataclass(frozen=True)
 class FileDigests:
-    """A file's whole digest and its chunks, as one hashing pass (or the cache) found them."""
+    """A file's whole digest and its chunks, as one hashing pass (or the cache) found them.
+
+    `chunk_size` is the fixed chunk size or the FastCDC average (`chunking.avg_size`).
+    """
 
     algo: Algo
     digest: str
     size: int
     chunk_size: int
     chunks: tuple[ChunkSpan, ...]
+    chunking: Chunking | None = None
+
+
+def as_chunking(chunking: Chunking | str | None, chunk_size: int | None) -> Chunking:
+    """A Chunking from the library's arguments: a Chunking, a kind string, or a fixed size."""
+    if isinstance(chunking, Chunking):
+        return chunking
+    if chunking is None:
+        return Chunking.fixed(DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
+    return Chunking.parse(chunking, chunk_size)
 
 
 # --- hashing ---------------------------------------------------------------------------------
@@ -120,6 +137,44 @@ def hash_stream(f, size: int, chunk_size: int, algo: Algo,
     return whole.hexdigest(), digests
 
 
+def hash_stream_cdc(f, size: int, chunking: Chunking, algo: Algo,
+                    on_bytes: Callable[[int], None] | None = None,
+                    stop: threading.Event | None = None) -> tuple[str, list[ChunkSpan]]:
+    """Cut `size` bytes of a binary file by `chunking` and hash them in the same read.
+
+    Blocking; run it in a thread. The cutter (pyfastcdc, which drops the GIL) runs in the
+    calling thread; the whole-file hash and the chunk hash of each chunk run at the same time
+    on two threads over the cutter's buffer, which must not move until both are done, so
+    memory stays at the cutter's two maximum chunks.
+    """
+    whole = algo.new()
+    spans: list[ChunkSpan] = []
+    end = 0
+
+    with ThreadPoolExecutor(1, thread_name_prefix="casd-hash") as helper:
+        for offset, view in iter_chunks(f, chunking):
+            if stop is not None and stop.is_set():
+                raise asyncio.CancelledError
+            n = len(view)
+            if offset + n > size:
+                raise FileChangedError(f"{f.name}: file grew while it was being read")
+            job = helper.submit(_digest_of, algo, view)
+            whole.update(view)
+            spans.append(ChunkSpan(offset, n, job.result()))
+            end = offset + n
+            if on_bytes is not None:
+                on_bytes(end)
+    if end != size:
+        raise FileChangedError(f"{f.name}: file shrank while it was being read")
+    return whole.hexdigest(), spans
+
+
+def _digest_of(algo: Algo, view: memoryview) -> str:
+    h = algo.new()
+    h.update(view)
+    return h.hexdigest()
+
+
 def _spans(size: int, chunk_size: int, digests: list[str]) -> tuple[ChunkSpan, ...]:
     return tuple(
         ChunkSpan(off, min(chunk_size, size - off), d)
@@ -138,16 +193,32 @@ def _racy(st: os.stat_result, started_ns: int) -> bool:
     return newest >= started_ns - (RACY_COARSE_NS if coarse else RACY_NS)
 
 
-def hash_file(path: str | os.PathLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-              algo: Algo | str = Algo.MD5,
+def hash_file(path: str | os.PathLike, *, chunk_size: int | None = None,
+              algo: Algo | str = Algo.MD5, chunking: Chunking | str | None = None,
               on_bytes: Callable[[int], None] | None = None,
               stop: threading.Event | None = None) -> FileDigests:
-    """The file's digest and its fixed-size chunks' digests, from one read (blocking)."""
+    """The file's digest and its chunks' digests, from one read (blocking).
+
+    Chunks are fixed-size (`chunk_size`, default 5 MiB) unless `chunking` says otherwise: a
+    `Chunking`, or "fixed"/"fastcdc" with `chunk_size` as the size or average.
+    """
     algo = Algo.parse(algo) if not isinstance(algo, Algo) else algo
+    rule = as_chunking(chunking, chunk_size)
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        whole, digests = hash_stream(f, size, chunk_size, algo, on_bytes, stop)
-    return FileDigests(algo, whole, size, chunk_size, _spans(size, chunk_size, digests))
+        return _hash_open(f, size, rule, algo, on_bytes, stop)
+
+
+def _hash_open(f, size: int, rule: Chunking, algo: Algo,
+               on_bytes: Callable[[int], None] | None,
+               stop: threading.Event | None) -> FileDigests:
+    if rule.kind == "fixed":
+        whole, digests = hash_stream(f, size, rule.avg_size, algo, on_bytes, stop)
+        spans = _spans(size, rule.avg_size, digests)
+    else:
+        whole, span_list = hash_stream_cdc(f, size, rule, algo, on_bytes, stop)
+        spans = tuple(span_list)
+    return FileDigests(algo, whole, size, rule.avg_size, spans, rule)
 
 
 # --- digest cache ----------------------------------------------------------------------------
@@ -160,19 +231,24 @@ def default_cache_dir() -> Path:
 
 
 class DigestCache:
-    """Chunk digests of files already hashed, keyed by path, stat and chunking (a SQLite file).
+    """Chunk digests of files already hashed, keyed by path, stat, chunking and algorithm.
 
-    Best effort: any problem with the file (unwritable, locked, corrupt) makes the cache miss
-    or skip, never fails an upload; a corrupt file is replaced on the next write.
+    A SQLite file. Best effort: any problem with the file (unwritable, locked, corrupt) makes
+    the cache miss or skip, never fails an upload; a corrupt file is replaced on the next
+    write. The key names the cut rule with its parameters (`Chunking.key`), so fixed and
+    FastCDC digests of one file, or two averages, never stand in for each other.
     """
 
+    # `chunk_sizes` holds the sizes of content-defined chunks (8 bytes each, little-endian);
+    # fixed-size chunks are derived from the file size and leave it empty.
     _SCHEMA = """
-        CREATE TABLE IF NOT EXISTS digests (
-            path TEXT NOT NULL, chunk_size INTEGER NOT NULL, algo TEXT NOT NULL,
+        CREATE TABLE IF NOT EXISTS chunk_digests (
+            path TEXT NOT NULL, chunking TEXT NOT NULL, algo TEXT NOT NULL,
             dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
             mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
-            file_digest TEXT NOT NULL, chunk_digests BLOB NOT NULL, used REAL NOT NULL,
-            PRIMARY KEY (path, chunk_size, algo))
+            file_digest TEXT NOT NULL, chunk_digests BLOB NOT NULL, chunk_sizes BLOB NOT NULL,
+            used REAL NOT NULL,
+            PRIMARY KEY (path, chunking, algo))
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -187,36 +263,38 @@ class DigestCache:
         conn.execute(self._SCHEMA)
         return conn
 
-    def get(self, realpath: str, st: os.stat_result, chunk_size: int,
+    def get(self, realpath: str, st: os.stat_result, chunking: Chunking | int,
             algo: Algo) -> FileDigests | None:
-        """The cached digests for this exact file state, or None."""
+        """The cached digests for this exact file state, or None (an int means fixed size)."""
+        rule = chunking if isinstance(chunking, Chunking) else Chunking.fixed(chunking)
         try:
             conn = self._connect()
             try:
                 row = conn.execute(
-                    "SELECT dev, ino, size, mtime_ns, ctime_ns, file_digest, chunk_digests"
-                    " FROM digests WHERE path = ? AND chunk_size = ? AND algo = ?",
-                    (realpath, chunk_size, algo.value),
+                    "SELECT dev, ino, size, mtime_ns, ctime_ns, file_digest, chunk_digests,"
+                    " chunk_sizes FROM chunk_digests"
+                    " WHERE path = ? AND chunking = ? AND algo = ?",
+                    (realpath, rule.key, algo.value),
                 ).fetchone()
                 if row is None or tuple(row[:5]) != _stat_key(st):
                     return None
                 conn.execute(
-                    "UPDATE digests SET used = ? WHERE path = ? AND chunk_size = ? AND algo = ?",
-                    (time.time(), realpath, chunk_size, algo.value),
+                    "UPDATE chunk_digests SET used = ?"
+                    " WHERE path = ? AND chunking = ? AND algo = ?",
+                    (time.time(), realpath, rule.key, algo.value),
                 )
             finally:
                 conn.close()
         except (sqlite3.Error, OSError) as exc:
             log.debug("digest cache unreadable, ignoring it: %s", exc)
             return None
-        return self._decode(row, st.st_size, chunk_size, algo)
+        return self._decode(row, st.st_size, rule, algo)
 
     @staticmethod
-    def _decode(row, size: int, chunk_size: int, algo: Algo) -> FileDigests | None:
-        file_digest, blob = row[5], row[6]
+    def _decode(row, size: int, rule: Chunking, algo: Algo) -> FileDigests | None:
+        file_digest, blob, sizes_blob = row[5], row[6], row[7]
         width = algo.hex_len // 2
-        n_chunks = -(-size // chunk_size)
-        if (not isinstance(blob, bytes) or len(blob) != n_chunks * width
+        if (not isinstance(blob, bytes) or not isinstance(sizes_blob, bytes)
                 or not isinstance(file_digest, str) or len(file_digest) != algo.hex_len):
             return None
         try:
@@ -224,24 +302,43 @@ class DigestCache:
         except ValueError:
             return None
         digests = [blob[i:i + width].hex() for i in range(0, len(blob), width)]
-        return FileDigests(algo, file_digest.lower(), size, chunk_size,
-                           _spans(size, chunk_size, digests))
+        if rule.kind == "fixed":
+            if len(digests) != -(-size // rule.avg_size) or len(blob) % width:
+                return None
+            spans = _spans(size, rule.avg_size, digests)
+        else:
+            if len(sizes_blob) % 8 or len(sizes_blob) // 8 != len(digests) or len(blob) % width:
+                return None
+            sizes = array.array("Q", sizes_blob)
+            if sys.byteorder != "little":
+                sizes.byteswap()
+            if sum(sizes) != size or (size and min(sizes) < 1):
+                return None
+            offsets = itertools.accumulate(sizes, initial=0)
+            spans = tuple(ChunkSpan(o, n, d) for o, n, d in zip(offsets, sizes, digests))
+        return FileDigests(algo, file_digest.lower(), size, rule.avg_size, spans, rule)
 
     def put(self, realpath: str, st: os.stat_result, fd: FileDigests) -> None:
         """Remember `fd` for this file state, replacing what the path had; never raises."""
+        rule = fd.chunking or Chunking.fixed(fd.chunk_size)
         blob = b"".join(bytes.fromhex(c.digest) for c in fd.chunks)
-        row = (realpath, fd.chunk_size, fd.algo.value, *_stat_key(st), fd.digest, blob,
-               time.time())
+        sizes = array.array("Q", [] if rule.kind == "fixed" else [c.size for c in fd.chunks])
+        if sys.byteorder != "little":
+            sizes.byteswap()
+        row = (realpath, rule.key, fd.algo.value, *_stat_key(st), fd.digest, blob,
+               sizes.tobytes(), time.time())
         for attempt in range(2):
             try:
                 conn = self._connect()
                 try:
                     conn.execute("BEGIN IMMEDIATE")
-                    conn.execute("INSERT OR REPLACE INTO digests VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                                 row)
                     conn.execute(
-                        "DELETE FROM digests WHERE rowid IN (SELECT rowid FROM digests"
-                        " ORDER BY used DESC LIMIT -1 OFFSET ?)", (CACHE_MAX_ENTRIES,))
+                        "INSERT OR REPLACE INTO chunk_digests VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        row)
+                    conn.execute(
+                        "DELETE FROM chunk_digests WHERE rowid IN (SELECT rowid FROM"
+                        " chunk_digests ORDER BY used DESC LIMIT -1 OFFSET ?)",
+                        (CACHE_MAX_ENTRIES,))
                     conn.execute("COMMIT")
                 finally:
                     conn.close()
@@ -267,34 +364,35 @@ class DigestCache:
         try:
             conn = self._connect()
             try:
-                conn.execute("DELETE FROM digests WHERE path = ?", (realpath,))
+                conn.execute("DELETE FROM chunk_digests WHERE path = ?", (realpath,))
             finally:
                 conn.close()
         except (sqlite3.Error, OSError) as exc:
             log.debug("digest cache not written: %s", exc)
 
 
-def file_digests(path: str | os.PathLike, *, chunk_size: int, algo: Algo,
-                 cache: DigestCache | None,
+def file_digests(path: str | os.PathLike, *, chunk_size: int | None = None, algo: Algo,
+                 cache: DigestCache | None, chunking: Chunking | str | None = None,
                  on_bytes: Callable[[int], None] | None = None,
                  stop: threading.Event | None = None) -> tuple[FileDigests, bool]:
-    """(digests, came_from_cache) for a file: the cache when it knows this state, else hashing."""
+    """(digests, came_from_cache) for a file: the cache when it knows this state, else hashing.
+
+    Chunking as for `hash_file`.
+    """
+    rule = as_chunking(chunking, chunk_size)
     realpath = os.path.realpath(path)
     started_ns = time.time_ns()
     with open(realpath, "rb", buffering=0) as f:
         before = os.fstat(f.fileno())
         if cache is not None:
-            hit = cache.get(realpath, before, chunk_size, algo)
+            hit = cache.get(realpath, before, rule, algo)
             if hit is not None:
                 if on_bytes is not None:
                     on_bytes(hit.size)
                 return hit, True
-        whole, digests = hash_stream(f, before.st_size, chunk_size, algo, on_bytes, stop)
+        fd = _hash_open(f, before.st_size, rule, algo, on_bytes, stop)
         after = os.fstat(f.fileno())
-    fd = FileDigests(algo, whole, before.st_size, chunk_size,
-                     _spans(before.st_size, chunk_size, digests))
     if cache is not None and _stat_key(before) == _stat_key(after) \
             and not _racy(after, started_ns):
         cache.put(realpath, after, fd)
     return fd, False
-

@@ -16,7 +16,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,17 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from casd import protocol
+from casd.chunking import Chunking
+from casd.client.delta import (
+    ManifestChunk,
+    Source,
+    digest_of,
+    guess_chunkings,
+    parse_manifest,
+    pwrite_all,
+    read_verified,
+    reuse_index,
+)
 from casd.client.errors import (
     CasdClientError,
     CasdConnectionError,
@@ -34,12 +45,12 @@ from casd.client.errors import (
     FileChangedError,
 )
 from casd.client.hashing import (
-    DEFAULT_CHUNK_SIZE,
     HASH_PIECE,
     ChunkSpan,
     DigestCache,
     FileDigests,
     MiB,
+    as_chunking,
     default_cache_dir,
     file_digests,
 )
@@ -67,6 +78,9 @@ DEFAULT_SERVER = "http://127.0.0.1:8080"
 DEFAULT_RETRIES = 6
 DEFAULT_BACKOFF = 0.25
 DEFAULT_MAX_BACKOFF = 8.0
+# How `casd upload` and CasdClient.upload cut a file when told nothing (see docs/chunking.md
+# for the measurements behind the choice).
+DEFAULT_CHUNKING = "fixed"
 # Chunk bodies and downloads move through the event loop in pieces of this size.
 IO_PIECE = 1 * MiB
 # Handshake -> send -> merge rounds before giving up when the server keeps losing the upload
@@ -164,9 +178,9 @@ class CasdClient:
     async def _call(self, method: str, path: str, *, json_body: Any = None,
                     body: Callable[[], AsyncIterator[bytes]] | None = None,
                     content_length: int | None = None, what: str = "",
-                    want_answer: bool = True) -> tuple[int, dict]:
+                    want_answer: bool = True, base: str | None = None) -> tuple[int, dict]:
         """One API request with retries; the decoded JSON answer, or an exception."""
-        url = self.server + path
+        url = (base or self.server) + path
         what = what or f"{method} {path}"
         attempt = 0
         err: CasdClientError
@@ -202,15 +216,24 @@ class CasdClient:
 
     # --- upload ---
 
-    async def upload(self, path: str | os.PathLike, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    async def upload(self, path: str | os.PathLike, *, chunk_size: int | None = None,
+                     chunking: Chunking | str | None = None,
                      concurrency: int = DEFAULT_CONCURRENCY, algo: Algo | str = Algo.MD5,
                      ext: str | None = None, name: str | None = None,
                      on_progress: ProgressCallback | None = None,
                      use_cache: bool = True) -> UploadSummary:
-        """Upload a file, sending only the chunks the server lacks; rerun it to resume."""
+        """Upload a file, sending only the chunks the server lacks; rerun it to resume.
+
+        `chunking` is a `Chunking`, or "fixed"/"fastcdc" with `chunk_size` as the size or
+        FastCDC average (each kind's default when None). Without `chunking`, a `chunk_size`
+        alone means fixed chunks of that size, as before; neither means DEFAULT_CHUNKING.
+        """
         algo = algo if isinstance(algo, Algo) else Algo.parse(algo)
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ValueError("chunk size must be at least 1 byte")
+        if chunking is None and chunk_size is None:
+            chunking = DEFAULT_CHUNKING
+        chunking = as_chunking(chunking, chunk_size)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         path = Path(path)
@@ -218,7 +241,7 @@ class CasdClient:
         ext = ext_of(name) if ext is None else ext
         cache = DigestCache(self.cache_dir or default_cache_dir()) if use_cache else None
         started = time.perf_counter()
-        fd, cached = await self._file_digests(path, chunk_size, algo, cache, on_progress)
+        fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
         hash_seconds = time.perf_counter() - started
         try:
             result = await self._push(path, fd, ext, name, concurrency, on_progress)
@@ -230,7 +253,7 @@ class CasdClient:
             log.debug("%s: cached digests are stale; rehashing", path)
             cache.forget(os.path.realpath(path))
             t = time.perf_counter()
-            fd, cached = await self._file_digests(path, chunk_size, algo, cache, on_progress)
+            fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
             hash_seconds += time.perf_counter() - t
             result = await self._push(path, fd, ext, name, concurrency, on_progress)
         _report(on_progress, Phase.DONE, fd, done=True)
@@ -244,7 +267,7 @@ class CasdClient:
             merge_seconds=result.merge_seconds, seconds=time.perf_counter() - started,
         )
 
-    async def _file_digests(self, path: Path, chunk_size: int, algo: Algo,
+    async def _file_digests(self, path: Path, chunking: Chunking, algo: Algo,
                             cache: DigestCache | None,
                             on_progress: ProgressCallback | None) -> tuple[FileDigests, bool]:
         loop = asyncio.get_running_loop()
@@ -258,7 +281,7 @@ class CasdClient:
         stop = threading.Event()
         try:
             return await asyncio.to_thread(
-                file_digests, path, chunk_size=chunk_size, algo=algo, cache=cache,
+                file_digests, path, chunking=chunking, algo=algo, cache=cache,
                 on_bytes=on_bytes, stop=stop)
         except asyncio.CancelledError:
             stop.set()  # let the hashing thread end now rather than read the whole file
@@ -362,21 +385,50 @@ class CasdClient:
     # --- download ---
 
     async def download(self, ref: str | FileRef, dest: str | os.PathLike | None = None, *,
-                       on_progress: ProgressCallback | None = None) -> DownloadSummary:
-        """Fetch a stored file to `dest`, resuming a partial earlier try, verifying its digest.
+                       reuse: Iterable[str | os.PathLike] = (),
+                       chunking: Chunking | str | None = None,
+                       concurrency: int = DEFAULT_CONCURRENCY,
+                       on_progress: ProgressCallback | None = None,
+                       use_cache: bool = True) -> DownloadSummary:
+        """Fetch a stored file to `dest`, every byte verified, resuming an earlier try.
 
-        Bytes go to a hidden temp file beside `dest`, which is renamed into place only once
-        the digest matches; an interrupted download leaves the temp file for the next try.
+        When the server offers the file's manifest (GET .../chunks), chunks are fetched with
+        Range requests, `concurrency` at a time, each checked against its digest on a pool
+        of threads; chunks that a `reuse` file holds (found by cutting it as the stored file
+        was cut: `chunking`, or guessed from the manifest; the digest cache spares the
+        rehash) or that an earlier try left are copied locally, also verified. A server
+        without manifests gets one GET, hashed whole. Bytes go to a hidden temp file beside
+        `dest`, renamed into place only once verified; an interrupted download leaves it for
+        the next try.
         """
         if not isinstance(ref, FileRef):
             ref = FileRef.parse(ref)
-        url = (ref.server or self.server) + ref.path
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        rule = None if chunking is None else (
+            chunking if isinstance(chunking, Chunking) else Chunking.parse(chunking))
+        base = ref.server or self.server
+        url = base + ref.path
         default_name = f"{ref.digest.hex}{ref.ext}"
         dest = Path(dest) if dest is not None else Path(default_name)
         if dest.is_dir():
             dest = dest / default_name
         part = dest.parent / f".{dest.name[:150]}.{ref.digest.hex[:16]}.casd-part"
         started = time.perf_counter()
+        try:
+            _, answer = await self._call("GET", ref.path + "/chunks", base=base,
+                                         what=f"manifest of {ref.digest.hex}")
+        except CasdHTTPError as exc:
+            if exc.status != 404:
+                raise
+            # A server without manifests (or an unknown file: the GET says which).
+            log.debug("%s: no chunk manifest (%s); one GET", url, exc)
+        else:
+            chunks = parse_manifest(answer, ref.digest, url)
+            cache = DigestCache(self.cache_dir or default_cache_dir()) if use_cache else None
+            return await self._download_chunks(
+                url, ref, chunks, dest, part, list(reuse), rule, cache, concurrency,
+                on_progress, started)
         sink = await asyncio.to_thread(_Sink.open, part, ref.digest.algo)
         try:
             resumed_from, received = await self._fetch(url, sink, on_progress)
@@ -397,6 +449,174 @@ class CasdClient:
             size=sink.pos, url=url, bytes_received=received, resumed_from=resumed_from,
             seconds=time.perf_counter() - started,
         )
+
+    async def _download_chunks(self, url: str, ref: FileRef, chunks: list[ManifestChunk],
+                               dest: Path, part: Path, reuse: list, rule: Chunking | None,
+                               cache: DigestCache | None, concurrency: int,
+                               on_progress: ProgressCallback | None,
+                               started: float) -> DownloadSummary:
+        """Fill `part` chunk by chunk (reused, resumed or fetched), each verified; publish it.
+
+        The whole-file digest is not recomputed: the chunks tile the file and each matches
+        the manifest the server checked the file's digest against when it merged the upload,
+        and one more MD5 pass over the file would bound the download by one core again.
+        """
+        algo = ref.digest.algo
+        size = sum(c.size for c in chunks)
+        loop = asyncio.get_running_loop()
+        # Hashing and disk work: one thread per core, at least two, so verification keeps
+        # pace with the network instead of being bound by one MD5 core.
+        threads = max(2, os.cpu_count() or 1)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="casd-verify")
+        # What an earlier try left, measured before the temp file is sized for this one.
+        have = await loop.run_in_executor(pool, _part_length, part)
+        fd = await loop.run_in_executor(pool, _open_part, part, size)
+        done = {"bytes": 0, "chunks": 0}
+        stats = {"fetched": 0, "fetched_bytes": 0, "reused": 0, "reused_bytes": 0,
+                 "resumed_bytes": 0}
+
+        def progress() -> None:
+            if on_progress is not None:
+                on_progress(Progress(Phase.DOWNLOADING, done["bytes"], size, done["chunks"],
+                                     len(chunks)))
+
+        try:
+            progress()
+            todo = await self._reuse_local(chunks, fd, part, have, reuse, rule, cache, algo,
+                                           pool, 2 * threads, done, stats, progress)
+            queue = iter(todo)
+
+            async def worker() -> None:
+                for c in queue:
+                    await self._fetch_chunk(url, c, fd, algo, pool)
+                    stats["fetched"] += 1
+                    stats["fetched_bytes"] += c.size
+                    done["bytes"] += c.size
+                    done["chunks"] += 1
+                    progress()
+
+            tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(todo)))]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            await loop.run_in_executor(pool, os.fsync, fd)
+        finally:
+            # No thread may still write through `fd` when it closes (its number could be
+            # reused at once): queued work is dropped, running work finishes first.
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+            os.close(fd)
+        await asyncio.to_thread(_publish, part, dest)
+        if on_progress is not None:
+            on_progress(Progress(Phase.DONE, size, size, len(chunks), len(chunks)))
+        return DownloadSummary(
+            path=str(dest), digest=ref.digest.hex, algo=algo.value, size=size, url=url,
+            bytes_received=stats["fetched_bytes"], resumed_from=stats["resumed_bytes"],
+            seconds=time.perf_counter() - started, chunked=True, chunks_total=len(chunks),
+            chunks_fetched=stats["fetched"], bytes_fetched=stats["fetched_bytes"],
+            chunks_reused=stats["reused"], bytes_reused=stats["reused_bytes"],
+        )
+
+    async def _reuse_local(self, chunks: list[ManifestChunk], fd: int, part: Path, have: int,
+                           reuse: list, rule: Chunking | None, cache: DigestCache | None,
+                           algo: Algo, pool: ThreadPoolExecutor, window: int, done: dict,
+                           stats: dict, progress: Callable[[], None]) -> list[ManifestChunk]:
+        """Verify what an earlier try left, copy what `reuse` files hold; the chunks left."""
+        loop = asyncio.get_running_loop()
+        wanted = {c.digest for c in chunks}
+        index: dict[str, Source] = {}
+        if reuse:
+            rules = [rule] if rule is not None else guess_chunkings(chunks)
+            index = await loop.run_in_executor(
+                pool, reuse_index, reuse, rules, wanted, algo, cache)
+        part_path = os.fspath(part)
+
+        def settle(c: ManifestChunk) -> str | None:
+            """"resumed" or "reused" when the chunk is in place, verified; else None."""
+            if c.offset + c.size <= have and read_verified(
+                    part_path, c.offset, c.size, c.digest, algo) is not None:
+                return "resumed"
+            src = index.get(c.digest)
+            if src is not None:
+                data = read_verified(src.path, src.offset, c.size, c.digest, algo)
+                if data is not None:
+                    pwrite_all(fd, data, c.offset)
+                    return "reused"
+            return None
+
+        if not have and not index:
+            return list(chunks)
+        todo: list[ManifestChunk] = []
+        # A window of futures keeps every thread busy without queueing the whole file.
+        pending: list[tuple[ManifestChunk, asyncio.Future]] = []
+
+        async def drain_one() -> None:
+            c, fut = pending.pop(0)
+            how = await fut
+            if how is None:
+                todo.append(c)
+                return
+            if how == "resumed":
+                stats["resumed_bytes"] += c.size
+            stats["reused"] += 1
+            stats["reused_bytes"] += c.size
+            done["bytes"] += c.size
+            done["chunks"] += 1
+            progress()
+
+        for c in chunks:
+            pending.append((c, loop.run_in_executor(pool, settle, c)))
+            if len(pending) >= window:
+                await drain_one()
+        while pending:
+            await drain_one()
+        return todo
+
+    async def _fetch_chunk(self, url: str, c: ManifestChunk, fd: int, algo: Algo,
+                           pool: ThreadPoolExecutor) -> None:
+        """GET one chunk by Range, verify its digest in `pool`, write it; retried."""
+        loop = asyncio.get_running_loop()
+        what = f"chunk at offset {c.offset} of {url}"
+        attempt = 0
+        err: CasdClientError
+        while True:
+            headers = self._headers(url, {"Accept-Encoding": "identity",
+                                          "Range": f"bytes={c.offset}-{c.offset + c.size - 1}"})
+            try:
+                async with self._sess().get(url, headers=headers,
+                                            auto_decompress=False) as resp:
+                    self._reached = True
+                    if resp.status >= 400:
+                        err = _http_error(resp, await resp.read(), what)
+                        if not err.retryable:
+                            raise err
+                    elif resp.status != 206:
+                        raise CasdClientError(
+                            f"{what}: the server answered HTTP {resp.status} to a Range request")
+                    else:
+                        data = await resp.read()
+                        if len(data) == c.size and await loop.run_in_executor(
+                                pool, _verify_and_write, fd, data, c, algo):
+                            return
+                        # Corrupted on the way (or cut short): fetch it again.
+                        err = CasdIntegrityError(
+                            f"{what}: the bytes received do not match the chunk's digest"
+                            f" {c.digest}; nothing was written")
+            except (TimeoutError, aiohttp.ClientConnectionError,
+                    aiohttp.ClientPayloadError) as exc:
+                err = self._connection_error(exc, url)
+                if isinstance(exc, aiohttp.ClientConnectorError) and not self._reached:
+                    raise err from None
+            attempt += 1
+            if isinstance(err, CasdIntegrityError):
+                # Corruption is not a blip worth the full budget: two refetches, then refuse.
+                if attempt > min(2, self.retries):
+                    raise err
+                continue
+            await self._retry_wait(attempt, what, err)
 
     async def _fetch(self, url: str, sink: _Sink,
                      on_progress: ProgressCallback | None) -> tuple[int, int]:
@@ -557,6 +777,34 @@ class _Sink:
             self.path.unlink(missing_ok=True)
 
 
+def _open_part(part: Path, size: int) -> int:
+    """Open (or create) the temp file of a chunked download, at the file's final length."""
+    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _part_length(part: Path) -> int:
+    """How many bytes an earlier try left in the temp file (0 when there is none)."""
+    try:
+        return part.stat().st_size
+    except OSError:
+        return 0
+
+
+def _verify_and_write(fd: int, data: bytes, c: ManifestChunk, algo: Algo) -> bool:
+    """Write `data` at the chunk's place if it hashes to the chunk's digest; whether it did."""
+    if digest_of(algo, data) != c.digest:
+        return False
+    pwrite_all(fd, data, c.offset)
+    return True
+
+
 def _publish(part: Path, dest: Path) -> None:
     """Rename the verified temp file into place and make the rename durable."""
     os.replace(part, dest)
@@ -674,7 +922,8 @@ async def upload(path: str | os.PathLike, *, server: str = DEFAULT_SERVER,
 
 async def download(ref: str, dest: str | os.PathLike | None = None, *,
                    server: str = DEFAULT_SERVER, token: str | None = None,
-                   on_progress: ProgressCallback | None = None) -> DownloadSummary:
-    """Download one file (by digest or URL) with a short-lived client."""
+                   **options) -> DownloadSummary:
+    """Download one file (by digest or URL) with a short-lived client; options as for
+    CasdClient.download."""
     async with CasdClient(server, token=token) as client:
-        return await client.download(ref, dest, on_progress=on_progress)
+        return await client.download(ref, dest, **options)

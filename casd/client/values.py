@@ -67,7 +67,12 @@ class UploadSummary:
 
 @dataclass(frozen=True)
 class DownloadSummary:
-    """What a download did: the verified file at `path`, and how much came over the wire."""
+    """What a download did: the verified file at `path`, and how much came over the wire.
+
+    `chunked` is true when the file came chunk by chunk from its manifest, each chunk
+    verified; then fetched + reused = total, where "reused" counts chunks found in a
+    `reuse` file or left by an earlier try. A single-GET download reports no chunks.
+    """
 
     path: str
     digest: str
@@ -77,6 +82,12 @@ class DownloadSummary:
     bytes_received: int
     resumed_from: int
     seconds: float
+    chunked: bool = False
+    chunks_total: int = 0
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    chunks_reused: int = 0
+    bytes_reused: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

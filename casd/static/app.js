@@ -2,9 +2,14 @@
 // casd.js. The page keeps no state of its own: picking a file again after a reload resumes
 // it because the server's handshake knows what it already has.
 //
-// Query parameters preset the settings: ?algo=sha256&chunk_size=1048576&concurrency=4
+// Query parameters preset the settings:
+// ?algo=sha256&chunking=fastcdc&chunk_size=1048576&concurrency=4
 
-import { upload, CasdError, MiB, DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY } from "./casd.js";
+import {
+  upload, CasdError, MiB, DEFAULT_CHUNK_SIZE, DEFAULT_CHUNKING, DEFAULT_CONCURRENCY,
+  DEFAULT_FASTCDC_AVG,
+} from "./casd.js";
+import { MIN_AVG, MAX_AVG } from "./fastcdc.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const server = new URL(".", location.href).href.replace(/\/$/, "");
@@ -23,9 +28,25 @@ function formatRate(bytes, ms) {
   return ms > 0 ? `${(bytes / 1e6 / (ms / 1000)).toFixed(1)} MB/s` : "";
 }
 
+const defaultSize = (chunking) => (chunking === "fastcdc" ? DEFAULT_FASTCDC_AVG : DEFAULT_CHUNK_SIZE);
+
+// A FastCDC average is a power of two from 1 KiB to 4 MiB: the nearest one to what was typed.
+function fastcdcAverage(bytes) {
+  const avg = 2 ** Math.round(Math.log2(bytes));
+  return Math.min(MAX_AVG, Math.max(MIN_AVG, avg));
+}
+
 function presetSettings() {
   const q = new URLSearchParams(location.search);
   if (q.get("algo") === "md5" || q.get("algo") === "sha256") $("#algo").value = q.get("algo");
+  const chunking = q.get("chunking") === "fixed" || q.get("chunking") === "fastcdc"
+    ? q.get("chunking") : DEFAULT_CHUNKING;
+  $("#chunking").value = chunking;
+  $("#chunk-size").value = String(defaultSize(chunking) / MiB);
+  // Switching the kind resets the size to that kind's default.
+  $("#chunking").addEventListener("change", () => {
+    $("#chunk-size").value = String(defaultSize($("#chunking").value) / MiB);
+  });
   const chunk = Number(q.get("chunk_size"));
   if (Number.isSafeInteger(chunk) && chunk > 0) $("#chunk-size").value = String(chunk / MiB);
   const conc = Number(q.get("concurrency"));
@@ -35,9 +56,13 @@ function presetSettings() {
 function currentSettings() {
   const chunkMiB = Number($("#chunk-size").value);
   const conc = Number($("#concurrency").value);
+  const chunking = $("#chunking").value;
+  let chunkSize = chunkMiB > 0 ? Math.max(1, Math.round(chunkMiB * MiB)) : defaultSize(chunking);
+  if (chunking === "fastcdc") chunkSize = fastcdcAverage(chunkSize);
   return {
     algo: $("#algo").value,
-    chunkSize: chunkMiB > 0 ? Math.max(1, Math.round(chunkMiB * MiB)) : DEFAULT_CHUNK_SIZE,
+    chunking,
+    chunkSize,
     concurrency: Number.isInteger(conc) && conc > 0 ? conc : DEFAULT_CONCURRENCY,
     token: $("#token").value || undefined,
   };

@@ -8,11 +8,16 @@
 // The server's handshake is the only state: calling upload() again with the same file
 // (after a reload, a crash or an abort) sends only the chunks the server still lacks.
 
+import { DEFAULT_AVG, fastcdcParams } from "./fastcdc.js";
 import { Md5 } from "./md5.js";
 import { Sha256 } from "./sha256.js";
 
 export const MiB = 1024 * 1024;
 export const DEFAULT_CHUNK_SIZE = 5 * MiB;
+// FastCDC's default average (as casd.chunking.DEFAULT_FASTCDC_AVG).
+export const DEFAULT_FASTCDC_AVG = DEFAULT_AVG;
+// How upload() cuts a file when told nothing, as the Python client's DEFAULT_CHUNKING.
+export const DEFAULT_CHUNKING = "fixed";
 // Four chunk requests in flight leave two of the browser's six HTTP/1.1 connections per
 // host for the handshake, the merge and the page (as casd.client.DEFAULT_CONCURRENCY).
 export const DEFAULT_CONCURRENCY = 4;
@@ -161,19 +166,22 @@ function runWorker(job, transfer, signal, onBytes) {
  * Hashes `file` without touching the main thread's CPU: the whole-file digest and every
  * chunk's digest. With 2+ cores, one worker reads the file and computes the file digest,
  * and hands each slice on to a second worker that computes the chunk digests.
- * Resolves to {algo, digest, size, chunks: [{index, offset, size, digest}]}.
+ * `chunking` "fastcdc" cuts by content (FastCDC 2020 as casd.chunking, `chunkSize` the
+ * average, default 1 MiB), in the reading worker as the slices go by; "fixed" (the
+ * default) cuts every `chunkSize` bytes (default 5 MiB).
+ * Resolves to {algo, digest, size, chunking, chunkSize, chunks: [{index, offset, size, digest}]}.
  */
 export async function hashFile(file, {
-  chunkSize = DEFAULT_CHUNK_SIZE, algo = "md5", workers, signal, onProgress,
+  chunking = "fixed", chunkSize, algo = "md5", workers, signal, onProgress,
 } = {}) {
   checkAlgo(algo);
-  checkChunkSize(chunkSize);
+  chunkSize = checkChunking(chunking, chunkSize);
   signal?.throwIfAborted();
   const size = file.size;
-  const layout = chunkLayout(size, chunkSize);
+  const cdc = chunking === "fastcdc";
   if (size === 0) {
     const digest = (algo === "sha256" ? new Sha256() : new Md5()).hex();
-    return { algo, digest, size, chunks: [] };
+    return { algo, digest, size, chunking, chunkSize, chunks: [] };
   }
   const cores = globalThis.navigator?.hardwareConcurrency ?? 1;
   const split = (workers ?? (cores >= 2 && size >= SPLIT_MIN_SIZE ? 2 : 1)) >= 2;
@@ -182,7 +190,7 @@ export async function hashFile(file, {
     done[i] = bytes;
     onProgress?.(done.reduce((a, b) => a + b, 0) / done.length);
   };
-  const base = { file, chunkSize, algo };
+  const base = { file, chunkSize, chunking, algo };
   // One controller for both workers: when either fails, the other is stopped too.
   const stop = new AbortController();
   const onAbort = () => stop.abort(abortReason(signal));
@@ -207,13 +215,42 @@ export async function hashFile(file, {
   if (failed) throw signal?.aborted ? abortReason(signal) : failed.reason;
   const [first, second] = settled.map((r) => r.value);
   const digests = split ? second.chunks : first.chunks;
+  const layout = cdc ? layoutOfEnds(first.ends) : chunkLayout(size, chunkSize);
   if (digests.length !== layout.length) throw new Error("hashing produced the wrong chunk count");
   return {
     algo,
     digest: first.digest,
     size,
+    chunking,
+    chunkSize,
     chunks: layout.map((c, i) => ({ ...c, digest: digests[i] })),
   };
+}
+
+function layoutOfEnds(ends) {
+  return ends.map((end, index) => {
+    const offset = index === 0 ? 0 : ends[index - 1];
+    return { index, offset, size: end - offset };
+  });
+}
+
+// Checks the chunking options; the chunk size to use (each kind's default when undefined).
+function checkChunking(chunking, chunkSize) {
+  if (chunking === "fastcdc") {
+    chunkSize ??= DEFAULT_FASTCDC_AVG;
+    try {
+      fastcdcParams(chunkSize);
+    } catch (err) {
+      throw new TypeError(err.message);
+    }
+    return chunkSize;
+  }
+  if (chunking !== "fixed") {
+    throw new TypeError(`chunking must be "fixed" or "fastcdc", not ${JSON.stringify(chunking)}`);
+  }
+  chunkSize ??= DEFAULT_CHUNK_SIZE;
+  checkChunkSize(chunkSize);
+  return chunkSize;
 }
 
 function checkAlgo(algo) {
@@ -252,7 +289,8 @@ function errorFrom(status, text, retryAfter = null) {
 export async function upload(file, options = {}) {
   const {
     server = "",
-    chunkSize = DEFAULT_CHUNK_SIZE,
+    chunking = DEFAULT_CHUNKING,
+    chunkSize: givenChunkSize,
     concurrency = DEFAULT_CONCURRENCY,
     algo = "md5",
     onProgress,
@@ -264,7 +302,7 @@ export async function upload(file, options = {}) {
     hashWorkers,
   } = options;
   checkAlgo(algo);
-  checkChunkSize(chunkSize);
+  const chunkSize = checkChunking(chunking, givenChunkSize);
   if (!Number.isInteger(concurrency) || concurrency < 1) {
     throw new TypeError(`concurrency must be an integer >= 1, not ${concurrency}`);
   }
@@ -301,7 +339,7 @@ export async function upload(file, options = {}) {
   const started = clock();
   let mergeSeconds = 0;
   const hashed = await hashFile(file, {
-    chunkSize, algo, signal, workers: hashWorkers,
+    chunking, chunkSize, algo, signal, workers: hashWorkers,
     onProgress: (bytes) => {
       state.bytes_hashed = bytes;
       emit();

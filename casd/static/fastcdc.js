@@ -26,7 +26,8 @@ import { Md5 } from "./md5.js";
 export const NORMALIZATION = 2;
 export const MIN_AVG = 1024;
 export const MAX_AVG = 4 * 1024 * 1024;
-export const DEFAULT_AVG = 512 * 1024;
+// As casd.chunking.DEFAULT_FASTCDC_AVG (docs/chunking.md says why 1 MiB).
+export const DEFAULT_AVG = 1024 * 1024;
 
 // The C reference's masks by log2 of the average size, as [high, low] 32-bit words; level 2
 // normalization uses MASKS[bits + 2] before the average and MASKS[bits - 2] after it.

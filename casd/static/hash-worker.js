@@ -1,19 +1,25 @@
 // Hashes a File off the main thread: casd.js starts this as a module Worker.
 //
 // Two kinds of job:
-//   {file, chunkSize, algo, whole, chunks, forward?}  read the file by slices, hash the whole
-//       file and/or each chunk; with `forward` (a MessagePort), hand every slice on to a
-//       second worker after hashing it, so the file is read once for both digests.
+//   {file, chunkSize, chunking?, algo, whole, chunks, forward?}  read the file by slices,
+//       hash the whole file and/or each chunk; with `forward` (a MessagePort), hand every
+//       slice on to a second worker after hashing it, so the file is read once for both
+//       digests. `chunking` "fastcdc" cuts chunks by content (fastcdc.js, `chunkSize` the
+//       average) as the slices go by; the default "fixed" cuts every `chunkSize` bytes.
 //   {algo, source}  hash the chunks whose slices arrive on the MessagePort `source`.
 // Messages out: {type: "progress", bytes}  bytes hashed so far by this worker
-//               {type: "done", digest, chunks}  whole-file digest and chunk digests in file
-//                                               order, each null when not asked for
+//               {type: "done", digest, chunks, ends}  whole-file digest, chunk digests in
+//                   file order (each null when not asked for), and with fastcdc the chunk
+//                   end offsets the reading worker cut (else null)
 //               {type: "error", message}
 //
-// Slices are at most SLICE bytes and never straddle a chunk boundary. Memory stays at a few
-// slices whatever the file size: READS_IN_FLIGHT reads ahead, and at most FORWARD_WINDOW
-// slices handed on but not yet hashed by the second worker.
+// A piece is the part of a slice inside one chunk: {start, end, first, last}. With fixed
+// chunks, slices are at most SLICE bytes and never straddle a chunk boundary (one piece
+// each); with FastCDC, slices are SLICE bytes and a cut splits them into several pieces.
+// Memory stays at a few slices whatever the file size: READS_IN_FLIGHT reads ahead, and at
+// most FORWARD_WINDOW slices handed on but not yet hashed by the second worker.
 
+import { FastCdc } from "./fastcdc.js";
 import { Md5 } from "./md5.js";
 import { Sha256 } from "./sha256.js";
 
@@ -34,6 +40,36 @@ function* slices(size, chunkSize) {
     }
   }
 }
+
+function* plainSlices(size) {
+  for (let start = 0; start < size; start += SLICE) {
+    yield { start, end: Math.min(size, start + SLICE) };
+  }
+}
+
+// Splits slices into pieces at the cut points FastCDC finds. The size is told to the
+// cutter, so every end it returns is final and the chunk can be closed at once.
+function cdcPieces(size, avgSize) {
+  const cdc = new FastCdc({ avgSize, size });
+  const ends = [];
+  let chunkStart = 0;
+  return {
+    ends,
+    split(s, buf) {
+      const pieces = [];
+      let start = s.start;
+      for (const end of cdc.update(buf)) {
+        pieces.push({ start, end, first: start === chunkStart, last: true });
+        ends.push(end);
+        chunkStart = start = end;
+      }
+      if (start < s.end) pieces.push({ start, end: s.end, first: start === chunkStart, last: false });
+      return pieces;
+    },
+  };
+}
+
+const viewOf = (buf, sliceStart, p) => new Uint8Array(buf, p.start - sliceStart, p.end - p.start);
 
 // WebCrypto hashes a whole buffer natively, many times faster than JS; it exists only in
 // secure contexts (https, localhost), hence the fallback to our own code.
@@ -83,12 +119,13 @@ function acks(port) {
   };
 }
 
-async function readAndHash({ file, chunkSize, algo, whole, chunks, forward }) {
+async function readAndHash({ file, chunkSize, chunking = "fixed", algo, whole, chunks, forward }) {
   const Hasher = hasherFor(algo);
   const fileHasher = whole ? new Hasher() : null;
   const chunker = chunks ? chunkDigester(algo) : null;
   const takeCredit = forward ? acks(forward) : null;
-  const plan = slices(file.size, chunkSize);
+  const cutter = chunking === "fastcdc" ? cdcPieces(file.size, chunkSize) : null;
+  const plan = cutter ? plainSlices(file.size) : slices(file.size, chunkSize);
   const read = (s) => file.slice(s.start, s.end).arrayBuffer().then((buf) => ({ s, buf }));
   const reads = [];
   const refill = () => {
@@ -106,10 +143,14 @@ async function readAndHash({ file, chunkSize, algo, whole, chunks, forward }) {
       throw new Error(`the file changed while it was read (${file.name || "blob"})`);
     }
     if (fileHasher !== null) fileHasher.update(buf);
-    if (chunker !== null) await chunker.feed(s, buf);
+    const pieces = cutter ? cutter.split(s, buf) : null;
+    if (chunker !== null) {
+      if (pieces === null) await chunker.feed(s, buf);
+      else for (const p of pieces) await chunker.feed(p, viewOf(buf, s.start, p));
+    }
     if (forward) {
       await takeCredit();
-      forward.postMessage({ s, buf }, [buf]);
+      forward.postMessage({ s, buf, pieces }, [buf]);
     }
     self.postMessage({ type: "progress", bytes: s.end });
   }
@@ -117,6 +158,7 @@ async function readAndHash({ file, chunkSize, algo, whole, chunks, forward }) {
   return {
     digest: fileHasher === null ? null : fileHasher.hex(),
     chunks: chunker === null ? null : chunker.digests,
+    ends: cutter === null ? null : cutter.ends,
   };
 }
 
@@ -128,10 +170,11 @@ function hashForwarded({ algo, source }) {
     source.onmessage = ({ data }) => {
       queue = queue.then(async () => {
         if (data.end) {
-          resolve({ digest: null, chunks: chunker.digests });
+          resolve({ digest: null, chunks: chunker.digests, ends: null });
           return;
         }
-        await chunker.feed(data.s, data.buf);
+        if (data.pieces === null) await chunker.feed(data.s, data.buf);
+        else for (const p of data.pieces) await chunker.feed(p, viewOf(data.buf, data.s.start, p));
         source.postMessage(null);
         self.postMessage({ type: "progress", bytes: data.s.end });
       }).catch(reject);

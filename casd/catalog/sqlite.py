@@ -1,8 +1,10 @@
-"""The SQLite catalogue: the only module that speaks SQL.
+"""The SQLite catalogue engine (the embedded default): the catalogue of casd/catalog in one file.
 
-All writes go through one connection, one transaction at a time, each `BEGIN IMMEDIATE` so
-that it takes SQLite's write lock up front; that lock is also what serializes the daemon
-against `casd gc` running as another process on the same data folder. Reads run on pools of
+Every write, the daemon's, the admin commands' and the migrations', goes through one
+connection on one thread (GroupWriter), one transaction at a time, each `BEGIN IMMEDIATE` so
+that it takes SQLite's write lock up front. That lock is this engine's digest lock: it locks
+every digest at once, and it is also what serializes the daemon against `casd gc` running as
+another process on the same data folder. Reads run on pools of
 their own connections (WAL lets them run beside a writer): a quick lane for lookups by key,
 and a bulk lane for the long lists of huge manifests, so that a client polling a
 500,000-chunk upload never queues another client's handshake or health check.
@@ -12,16 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import importlib.resources
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Self
 
-import aiosqlite
-
+from casd.catalog import (
+    DELETING,
+    LIVE,
+    QUARANTINED,
+    ChunkRow,
+    ChunkUsers,
+    Locked,
+    WriteStats,
+)
 from casd.digest import Algo, Digest
 from casd.errors import (
     BadRequest,
@@ -31,14 +41,7 @@ from casd.errors import (
     TooLarge,
     TooManyPending,
 )
-from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload
-
-LIVE = 0
-DELETING = 1
-# fsck --repair found the blob's bytes wrong or gone and moved it to quarantine/: absent, like
-# DELETING, but kept (so handshakes of files using it can say those files are damaged) until
-# a PUT stores the chunk again.
-QUARANTINED = 2
+from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload, UploadState
 
 # Enough to wait out a gc transaction on a busy disk; SQLite retries inside this budget.
 BUSY_TIMEOUT_MS = 60_000
@@ -66,7 +69,8 @@ _FILE_READ_TRIES = 3
 
 def _upload(row) -> Upload:
     uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
-    return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, state, expires_at)
+    return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, UploadState(state), expires_at
+    )
 
 
 def _file(row) -> FileEntry:
@@ -75,9 +79,9 @@ def _file(row) -> FileEntry:
 
 
 def _migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) of every migrations/NNNN_name.sql, in order."""
+    """(version, name, sql) of every migrations/sqlite/NNNN_name.sql, in order."""
     found = []
-    for res in importlib.resources.files("casd.migrations").iterdir():
+    for res in importlib.resources.files("casd.migrations").joinpath("sqlite").iterdir():
         name = res.name
         if name.endswith(".sql") and name[:4].isdigit():
             found.append((int(name[:4]), name, res.read_text()))
@@ -100,18 +104,6 @@ def _statements(script: str) -> list[str]:
     return out
 
 
-async def _connect(path: Path, synchronous: str) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)
-    try:
-        for pragma in _pragmas(synchronous):
-            await db.execute(pragma)
-    except BaseException:
-        # Its thread is not a daemon thread: left open, it keeps the process alive.
-        await db.close()
-        raise
-    return db
-
-
 class ReadPool:
     """`n` read-only sqlite3 connections, each lent to one read function at a time, on `n`
     threads of its own: at most `n` reads of this pool run at once, the rest wait their turn.
@@ -125,7 +117,7 @@ class ReadPool:
             self._free.put_nowait(con)
 
     @classmethod
-    async def open(cls, path: Path, synchronous: str, n: int, name: str) -> "ReadPool":
+    async def open(cls, path: Path, synchronous: str, n: int, name: str) -> ReadPool:
         thread = ThreadPoolExecutor(n, thread_name_prefix=f"casd-sql-{name}")
 
         def connect() -> sqlite3.Connection:
@@ -177,41 +169,41 @@ def _fetch_all(con: sqlite3.Connection, sql: str, params: tuple) -> list:
     return con.execute(sql, params).fetchall()
 
 
-class Catalog:
-    """Manifests, uploads, chunks and files, and the transactions that change them."""
+def _chunks_of_file(hex_: str, algo: str, con: sqlite3.Connection, manifest_id: int) -> list:
+    return con.execute(_CHUNKS_OF_FILE, (hex_, algo, manifest_id)).fetchall()
 
-    def __init__(
-        self, writer: aiosqlite.Connection, quick: ReadPool, bulk: ReadPool, group: "GroupWriter"
-    ):
-        self._db = writer
+
+class _Daemon:
+    """What the daemon asks of the catalogue (SqliteCatalog, at the end of this module)."""
+
+    def __init__(self, quick: ReadPool, bulk: ReadPool, group: GroupWriter, path: Path):
         self._quick = quick
         self._bulk = bulk
         self._group = group
-        self._write_lock = asyncio.Lock()
+        self._path = path
 
     @classmethod
     async def open(
         cls, path: Path, synchronous: str = "FULL", readers: int = 2, bulk_readers: int = 2
-    ) -> "Catalog":
+    ) -> Self:
         """Open (creating and migrating as needed) the catalogue at `path`."""
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"bad synchronous level {synchronous!r}")
-        writer = await _connect(path, synchronous)
+        group = await GroupWriter.open(path, synchronous)
         opened: list = []
         try:
-            await _migrate(writer)
+            await group.alone(_migrate)
             opened.append(await ReadPool.open(path, synchronous, readers, "read"))
             opened.append(await ReadPool.open(path, synchronous, bulk_readers, "bulk"))
-            group = await GroupWriter.open(path, synchronous)
         except BaseException:
             for pool in opened:
                 await pool.close()
-            await writer.close()
+            await group.close()
             raise
-        return cls(writer, opened[0], opened[1], group)
+        return cls(opened[0], opened[1], group, path)
 
     @property
-    def writer(self) -> "GroupWriter":
+    def writer(self) -> WriteStats:
         """The batching writer, for its queue depth and commit observer (metrics)."""
         return self._group
 
@@ -226,7 +218,6 @@ class Catalog:
         await self._group.close()
         await self._quick.close()
         await self._bulk.close()
-        await self._db.close()
 
     async def read(self, fn: Callable, *args, bulk: bool = False):
         """Run fn(sqlite3 connection, *args) in one read transaction, so every query it makes
@@ -239,25 +230,6 @@ class Catalog:
         if result is _HUGE:
             result = await self._bulk.run(fn, manifest_id)
         return result
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-        async with self._write_lock:
-            db = self._db
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    await asyncio.shield(db.rollback())
-                    raise
-                else:
-                    await asyncio.shield(db.commit())
-            except sqlite3.OperationalError as exc:
-                if "full" in str(exc):
-                    raise StorageFull("the data folder's disk is full") from exc
-                raise
 
     async def _one(self, sql: str, params: Iterable = ()):
         rows = await self._quick.run(_fetch_all, sql, tuple(params))
@@ -294,8 +266,11 @@ class Catalog:
                 return None
             if entry.size == 0:
                 return entry, []
-            chunks = await self._all(
-                _CHUNKS_OF_FILE, (digest.hex, digest.algo.value, entry.manifest_id)
+            # A huge manifest's list goes on the bulk lane, so downloads of a file of a
+            # million chunks do not queue other clients' lookups.
+            chunks = await self._read_manifest(
+                functools.partial(_chunks_of_file, digest.hex, digest.algo.value),
+                entry.manifest_id,
             )
             if chunks:
                 return entry, chunks
@@ -388,21 +363,14 @@ class Catalog:
         size: int,
         xxh3: str,
         now: float,
-        place: Callable[[], None],
+        place: Locked[Digest, None],
         touch: tuple[str, float] | None = None,
         replace: bool = False,
     ) -> bool:
-        """Record a verified blob; False when it was already stored.
-
-        `place` (blocking) makes sure the blob file is in place. It runs inside the write
-        transaction so that gc, which unlinks blob files under the same lock, can never
-        interleave between that check and the row: no row ever names a file gc removed.
-        `touch` is an (upload id, new expiry) pushed forward in the same transaction.
-        `replace`: the stored blob's bytes were found wrong; `place` puts the verified ones
-        over it and the row is rewritten even though it is live.
-        """
+        """See casd.catalog.Catalog.publish_chunk."""
         return await self._group.run(
-            _publish_chunk, digest, size, xxh3, now, place, touch, replace
+            _publish_chunk, self._group.under_lock, digest, size, xxh3, now, place, touch,
+            replace,
         )
 
     async def register_file(self, upload_id: str, now: float) -> FileEntry | None:
@@ -450,17 +418,24 @@ class Catalog:
 
 
 class GroupWriter:
-    """One sqlite3 connection on one thread. Write operations are plain functions of the
-    connection; every operation queued while a transaction runs goes into the next one, each
-    in its own savepoint, so N concurrent requests share one BEGIN IMMEDIATE ... COMMIT (and
-    one fsync) instead of queueing for N of them.
+    """The engine's one write path: one sqlite3 connection on one thread. Write operations
+    are plain functions of the connection; every operation queued while a transaction runs
+    goes into the next one, each in its own savepoint, so N concurrent requests share one
+    BEGIN IMMEDIATE ... COMMIT (and one fsync) instead of queueing for N of them.
+
+    An operation that must do something "while the digest is locked" (a `Locked` callback,
+    see casd.catalog) calls `under_lock(fn, arg)` on this thread: the coroutine runs on the
+    event loop while this thread, and so SQLite's write lock, waits for it.
     """
 
     MAX_BATCH = 256
 
-    def __init__(self, con: sqlite3.Connection, thread: ThreadPoolExecutor):
+    def __init__(
+        self, con: sqlite3.Connection, thread: ThreadPoolExecutor, loop: asyncio.AbstractEventLoop
+    ):
         self._con = con
         self._thread = thread
+        self._loop = loop
         self._queue: list[tuple[Callable, tuple, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         # Told each transaction's duration in seconds (metrics); None costs nothing.
@@ -472,23 +447,44 @@ class GroupWriter:
         return len(self._queue)
 
     @classmethod
-    async def open(cls, path: Path, synchronous: str) -> "GroupWriter":
+    async def open(cls, path: Path, synchronous: str) -> GroupWriter:
         thread = ThreadPoolExecutor(1, thread_name_prefix="casd-sql-writer")
 
         def connect() -> sqlite3.Connection:
             con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            for pragma in _pragmas(synchronous):
-                con.execute(pragma)
+            try:
+                for pragma in _pragmas(synchronous):
+                    con.execute(pragma)
+            except BaseException:
+                con.close()
+                raise
             return con
 
-        con = await asyncio.get_running_loop().run_in_executor(thread, connect)
-        return cls(con, thread)
+        loop = asyncio.get_running_loop()
+        try:
+            con = await loop.run_in_executor(thread, connect)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        return cls(con, thread, loop)
 
     async def close(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._thread, self._con.close)
         self._thread.shutdown(wait=True)
+
+    def under_lock(self, fn: Locked, arg):
+        """Await fn(arg) on the event loop from the writer thread, inside the running write
+        transaction; its result or error. Only for write operations (they run on this thread)."""
+        return asyncio.run_coroutine_threadsafe(_awaited(fn, arg), self._loop).result()
+
+    async def alone(self, fn: Callable, *args):
+        """fn(connection, *args) on the writer thread with no transaction open around it (it
+        opens its own): for migrations, which must change pragmas between transactions."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, _full_disk_named, fn, self._con, args
+        )
 
     async def run(self, fn: Callable, *args):
         """Run fn(connection, *args) inside the next write transaction; its result or error."""
@@ -507,7 +503,9 @@ class GroupWriter:
                 del self._queue[: self.MAX_BATCH]
                 started = time.perf_counter()
                 try:
-                    results = await loop.run_in_executor(self._thread, self._transact, batch)
+                    results = await loop.run_in_executor(
+                        self._thread, _full_disk_named, self._transact, batch, ()
+                    )
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     results = [(False, exc)] * len(batch)
                 if self.on_commit is not None:
@@ -521,30 +519,52 @@ class GroupWriter:
     def _transact(self, batch) -> list[tuple[bool, object]]:
         con = self._con
         results: list[tuple[bool, object]] = []
+        con.execute("BEGIN IMMEDIATE")
         try:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                for fn, args, _fut in batch:
-                    con.execute("SAVEPOINT op")
-                    try:
-                        value = fn(con, *args)
-                    except Exception as exc:  # noqa: BLE001 - this op's error, not the batch's
-                        con.execute("ROLLBACK TO op")
-                        con.execute("RELEASE op")
-                        results.append((False, exc))
-                    else:
-                        con.execute("RELEASE op")
-                        results.append((True, value))
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
-        except sqlite3.OperationalError as exc:
-            if "full" in str(exc):
-                raise StorageFull("the data folder's disk is full") from exc
+            for fn, args, _fut in batch:
+                con.execute("SAVEPOINT op")
+                try:
+                    value = fn(con, *args)
+                except Exception as exc:
+                    if not con.in_transaction:
+                        # SQLite rolled the whole transaction back (SQLITE_FULL does): the
+                        # batch's earlier operations are undone too, so it fails as a whole.
+                        raise
+                    con.execute("ROLLBACK TO op")
+                    con.execute("RELEASE op")
+                    results.append((False, _named(exc)))
+                else:
+                    con.execute("RELEASE op")
+                    results.append((True, value))
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
             raise
         return results
+
+
+async def _awaited(fn: Locked, arg):
+    return await fn(arg)
+
+
+def _named(exc: Exception) -> Exception:
+    """A full disk is StorageFull (told by SQLite's error code, whatever the message says)."""
+    if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+        full = StorageFull("the data folder's disk is full")
+        full.__cause__ = exc
+        return full
+    return exc
+
+
+def _full_disk_named(fn: Callable, first, args: tuple):
+    try:
+        return fn(first, *args)
+    except sqlite3.Error as exc:
+        named = _named(exc)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 def _pragmas(synchronous: str) -> list[str]:
@@ -605,11 +625,11 @@ def _begin_upload(
         _drop_upload_sync(con, existing.id, existing.manifest_id)
     if budget is not None:
         _check_budget(con, budget, client, len(manifest.chunks), now)
-    manifest_id = con.execute(
+    manifest_id: int = con.execute(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
         (d.algo.value, d.hex, manifest.size, chunks_key, len(manifest.chunks), now),
-    ).lastrowid
+    ).fetchone()[0]
     con.executemany(
         "INSERT INTO manifest_chunks (manifest_id, seq, digest, size) VALUES (?, ?, ?, ?)",
         ((manifest_id, i, c.hex, c.size) for i, c in enumerate(manifest.chunks)),
@@ -631,7 +651,8 @@ def _begin_upload(
         (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client),
     )
     upload = Upload(
-        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, "pending", expires_at
+        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, UploadState.PENDING,
+        expires_at,
     )
     return upload, _missing_sync(con, manifest_id)
 
@@ -670,8 +691,8 @@ def _touch_upload(con: sqlite3.Connection, upload_id: str, now: float, expires_a
 
 
 def _publish_chunk(
-    con: sqlite3.Connection, digest: Digest, size: int, xxh3: str, now: float,
-    place: Callable[[], None], touch: tuple[str, float] | None, replace: bool = False,
+    con: sqlite3.Connection, lock: Callable, digest: Digest, size: int, xxh3: str, now: float,
+    place: Locked[Digest, None], touch: tuple[str, float] | None, replace: bool = False,
 ) -> bool:
     if touch is not None:
         # Never revives an upload that expired meanwhile (gc may already be emptying it).
@@ -684,7 +705,7 @@ def _publish_chunk(
         "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
     ).fetchone():
         return False
-    place()
+    lock(place, digest)
     con.execute(
         "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
@@ -810,54 +831,53 @@ def _drop_manifest_if_unused_sync(con: sqlite3.Connection, manifest_id: int) -> 
     con.execute(_DROP_MANIFEST_IF_UNUSED, (manifest_id, manifest_id, manifest_id))
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
+def _migrate(con: sqlite3.Connection) -> None:
     """Apply every migration not yet recorded, each in its own immediate transaction.
 
     Foreign keys are not enforced while a migration runs (a table rebuild drops a table that
     others reference; with enforcement on, the drop would cascade into their rows); instead
     every reference is checked before the migration commits.
     """
-    await db.execute(
+    con.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations"
         " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied REAL NOT NULL)"
     )
     # Only takes effect outside a transaction, hence here and not inside each one.
-    await db.execute("PRAGMA foreign_keys = OFF")
+    con.execute("PRAGMA foreign_keys = OFF")
     try:
         for version, name, sql in _migrations():
-            await db.execute("BEGIN IMMEDIATE")
+            con.execute("BEGIN IMMEDIATE")
             try:
-                async with db.execute(
+                done = con.execute(
                     "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
-                ) as cur:
-                    done = await cur.fetchone()
+                ).fetchone()
                 if not done:
                     for stmt in _statements(sql):
-                        await db.execute(stmt)
-                    broken = await db.execute_fetchall("PRAGMA foreign_key_check")
+                        con.execute(stmt)
+                    broken = con.execute("PRAGMA foreign_key_check").fetchall()
                     if broken:
                         raise RuntimeError(
                             f"migration {name} would leave {len(broken)} broken references,"
                             f" first {tuple(broken[0])}"
                         )
-                    await db.execute(
+                    con.execute(
                         "INSERT INTO schema_migrations (version, name, applied) VALUES (?, ?, ?)",
                         (version, name, time.time()),
                     )
-                await db.commit()
+                con.execute("COMMIT")
             except BaseException:
-                await db.rollback()
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
                 raise
     finally:
-        await db.execute("PRAGMA foreign_keys = ON")
+        con.execute("PRAGMA foreign_keys = ON")
 
 
 # ---- maintenance (gc, fsck, stats) ----
 #
-# The queries of the admin commands (casd/maintenance.py), in a subclass so the daemon's
-# Catalog stays as it is. gc retires a chunk in two committed steps, both under SQLite's
-# write lock, the lock `publish_chunk` holds while it renames a blob into place and marks
-# its row live:
+# The queries of the admin commands (casd/maintenance.py). gc retires a chunk in two committed
+# steps, both under SQLite's write lock, the lock `publish_chunk` holds while it renames a
+# blob into place and marks its row live:
 #   1. mark_garbage: live -> DELETING, only where nothing references the chunk (rechecked in
 #      that transaction) and it is older than the grace period;
 #   2. retire_chunks: for rows still DELETING, unlink the blob, delete the row, commit.
@@ -877,26 +897,6 @@ _REFERENCED = (
 _CHUNK_COLUMNS = "c.digest, c.algo, c.size, c.xxh3, c.state, c.created"
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkRow:
-    """A chunks row as gc and fsck see it."""
-
-    digest: Digest
-    size: int
-    xxh3: str
-    state: int
-    created: float
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkUsers:
-    """What the catalogue says about one chunk digest at one moment."""
-
-    row: ChunkRow | None
-    files: tuple[tuple[FileEntry, int], ...]  # each file using it, and the size it expects
-    uploads: tuple[str, ...]  # live pending uploads whose manifest has it
-
-
 def _chunk_row(row) -> ChunkRow:
     digest, algo, size, xxh3, state, created = row
     return ChunkRow(Digest(Algo(algo), digest), size, xxh3, state, created)
@@ -906,46 +906,144 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-async def _delete_manifest_if_unused(db: aiosqlite.Connection, manifest_id: int) -> int:
-    """Like _drop_manifest_if_unused, but says whether it deleted (1) or not (0)."""
-    async with db.execute(
-        "DELETE FROM manifests WHERE id = ?"
-        " AND NOT EXISTS (SELECT 1 FROM files WHERE manifest_id = ?)"
-        " AND NOT EXISTS (SELECT 1 FROM uploads WHERE manifest_id = ?)",
-        (manifest_id, manifest_id, manifest_id),
-    ) as cur:
-        return cur.rowcount
+def _delete_manifest_if_unused(con: sqlite3.Connection, manifest_id: int) -> int:
+    """Like _drop_manifest_if_unused_sync, but says whether it deleted (1) or not (0)."""
+    return con.execute(_DROP_MANIFEST_IF_UNUSED, (manifest_id, manifest_id, manifest_id)).rowcount
 
 
-async def _chunk_users(db: aiosqlite.Connection, hex_: str, now: float) -> ChunkUsers:
-    async with db.execute(
+def _chunk_users(con: sqlite3.Connection, hex_: str, now: float) -> ChunkUsers:
+    row = con.execute(
         f"SELECT {_CHUNK_COLUMNS} FROM chunks c WHERE c.digest = ?", (hex_,)
-    ) as cur:
-        row = await cur.fetchone()
-    async with db.execute(
-        f"SELECT DISTINCT {_FILE_COLUMNS}, mc.size FROM manifest_chunks mc"
-        " JOIN files f ON f.manifest_id = mc.manifest_id WHERE mc.digest = ?"
-        " ORDER BY f.digest",
-        (hex_,),
-    ) as cur:
-        files = tuple((_file(r[:-1]), r[-1]) for r in await cur.fetchall())
-    async with db.execute(
-        "SELECT DISTINCT u.id FROM manifest_chunks mc JOIN uploads u"
-        " ON u.manifest_id = mc.manifest_id WHERE mc.digest = ? AND u.state = 'pending'"
-        " AND u.expires_at > ? ORDER BY u.id",
-        (hex_, now),
-    ) as cur:
-        uploads = tuple(r[0] for r in await cur.fetchall())
+    ).fetchone()
+    files = tuple(
+        (_file(r[:-1]), r[-1])
+        for r in con.execute(
+            f"SELECT DISTINCT {_FILE_COLUMNS}, mc.size FROM manifest_chunks mc"
+            " JOIN files f ON f.manifest_id = mc.manifest_id WHERE mc.digest = ?"
+            " ORDER BY f.digest",
+            (hex_,),
+        ).fetchall()
+    )
+    uploads = tuple(
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT u.id FROM manifest_chunks mc JOIN uploads u"
+            " ON u.manifest_id = mc.manifest_id WHERE mc.digest = ? AND u.state = 'pending'"
+            " AND u.expires_at > ? ORDER BY u.id",
+            (hex_, now),
+        ).fetchall()
+    )
     return ChunkUsers(_chunk_row(row) if row else None, files, uploads)
 
 
-class AdminCatalog(Catalog):
-    """The catalogue plus what gc, fsck, stats and ls ask of it (used by the admin CLI)."""
+def _drop_expired_uploads(con, ids: list[str], now: float) -> tuple[int, int]:
+    uploads = manifests = 0
+    for uid in ids:
+        row = con.execute(
+            "DELETE FROM uploads WHERE id = ? AND expires_at <= ? RETURNING manifest_id",
+            (uid, now),
+        ).fetchone()
+        if row is not None:
+            uploads += 1
+            manifests += _delete_manifest_if_unused(con, row[0])
+    return uploads, manifests
+
+
+def _drop_unused_manifests(con, ids: list[int]) -> int:
+    return sum(_delete_manifest_if_unused(con, mid) for mid in ids)
+
+
+def _mark_garbage(con, digests: list[str], now: float, cutoff: float) -> list[ChunkRow]:
+    rows = con.execute(
+        f"UPDATE chunks SET state = ? WHERE digest IN ({_marks(len(digests))})"
+        f" AND state = ? AND created < ? AND NOT {_REFERENCED.format(c='chunks')}"
+        " RETURNING digest, algo, size, xxh3, state, created",
+        (DELETING, *digests, LIVE, cutoff, now),
+    ).fetchall()
+    return [_chunk_row(r) for r in rows]
+
+
+def _retire_chunks(con, lock: Callable, digests: list[str], unlink: Locked) -> list[ChunkRow]:
+    rows = [
+        _chunk_row(r)
+        for r in con.execute(
+            f"SELECT {_CHUNK_COLUMNS} FROM chunks c"
+            f" WHERE c.digest IN ({_marks(len(digests))}) AND c.state = ?",
+            (*digests, DELETING),
+        ).fetchall()
+    ]
+    if rows:
+        lock(unlink, rows)
+        con.execute(
+            f"DELETE FROM chunks WHERE digest IN ({_marks(len(rows))}) AND state = ?",
+            (*(r.digest.hex for r in rows), DELETING),
+        )
+    return rows
+
+
+def _drop_unused_quarantined(con, now: float) -> int:
+    return con.execute(
+        f"DELETE FROM chunks WHERE state = ? AND NOT {_REFERENCED.format(c='chunks')}",
+        (QUARANTINED, now),
+    ).rowcount
+
+
+_ROWED_OR_FILED = (
+    "SELECT digest FROM chunks WHERE digest IN ({m})"
+    " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
+    " ON f.manifest_id = mc.manifest_id WHERE mc.digest IN ({m})"
+)
+
+
+def _retire_orphans(con, lock: Callable, digests: list[str], unlink: Locked):
+    rows = con.execute(
+        _ROWED_OR_FILED.format(m=_marks(len(digests))), (*digests, *digests)
+    ).fetchall()
+    return lock(unlink, set(digests) - {r[0] for r in rows})
+
+
+def _quarantine(con, lock: Callable, digests: list[str], now: float, decide: Locked):
+    facts = {d: _chunk_users(con, d, now) for d in digests}
+    chosen = lock(decide, facts)
+    con.executemany(
+        "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
+        " VALUES (?, ?, ?, '', ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+        " state = excluded.state",
+        [(d.hex, d.algo.value, size, now, QUARANTINED) for d, size in chosen],
+    )
+    return chosen
+
+
+def _chunk_users_locked(con, lock: Callable, digests: list[str], now: float, probe):
+    facts = {d: _chunk_users(con, d, now) for d in digests}
+    answer = lock(probe, facts) if probe is not None else None
+    return facts, answer
+
+
+def _abort_uploads(con, ids: list[str]) -> list[str]:
+    found = []
+    for uid in ids:
+        row = con.execute(
+            "DELETE FROM uploads WHERE id = ? AND state = 'pending' RETURNING manifest_id",
+            (uid,),
+        ).fetchone()
+        if row is not None:
+            found.append(uid)
+            _delete_manifest_if_unused(con, row[0])
+    return found
+
+
+class _Admin:
+    """What gc, fsck, stats and ls ask of the catalogue (mixed into SqliteCatalog)."""
+
+    _group: GroupWriter
+    _path: Path
+    _one: Callable
+    _all: Callable
 
     # -- gc: plan (reads) --
 
     async def expired_uploads(self, now: float) -> list[tuple[str, int]]:
-        """(id, file size) of every upload, pending or merged, expired at `now`."""
         rows = await self._all(
             "SELECT u.id, m.size FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
             " WHERE u.expires_at <= ? ORDER BY u.expires_at, u.id",
@@ -954,7 +1052,6 @@ class AdminCatalog(Catalog):
         return [(r[0], r[1]) for r in rows]
 
     async def unused_manifests(self, now: float) -> list[int]:
-        """Manifests that no file and no upload unexpired at `now` uses."""
         rows = await self._all(
             "SELECT m.id FROM manifests m"
             " WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.manifest_id = m.id)"
@@ -965,7 +1062,6 @@ class AdminCatalog(Catalog):
         return [r[0] for r in rows]
 
     async def garbage_chunks(self, now: float, cutoff: float) -> list[ChunkRow]:
-        """Live chunks that nothing relies on at `now` and that were stored before `cutoff`."""
         rows = await self._all(
             f"SELECT {_CHUNK_COLUMNS} FROM chunks c WHERE c.state = ? AND c.created < ?"
             f" AND NOT {_REFERENCED.format(c='c')} ORDER BY c.digest",
@@ -974,7 +1070,6 @@ class AdminCatalog(Catalog):
         return [_chunk_row(r) for r in rows]
 
     async def deleting_chunks(self) -> list[ChunkRow]:
-        """Rows marked DELETING by a gc that has not finished (killed, or still running)."""
         rows = await self._all(
             f"SELECT {_CHUNK_COLUMNS} FROM chunks c WHERE c.state = ? ORDER BY c.digest",
             (DELETING,),
@@ -984,71 +1079,24 @@ class AdminCatalog(Catalog):
     # -- gc: execute (each call is one short write transaction) --
 
     async def drop_expired_uploads(self, ids: list[str], now: float) -> tuple[int, int]:
-        """Delete these uploads where still expired at `now`, and their manifests if unused.
-
-        Returns (uploads deleted, manifests deleted).
-        """
-        uploads = manifests = 0
-        async with self.write() as db:
-            for uid in ids:
-                async with db.execute(
-                    "DELETE FROM uploads WHERE id = ? AND expires_at <= ? RETURNING manifest_id",
-                    (uid, now),
-                ) as cur:
-                    row = await cur.fetchone()
-                if row is not None:
-                    uploads += 1
-                    manifests += await _delete_manifest_if_unused(db, row[0])
-        return uploads, manifests
+        return await self._group.run(_drop_expired_uploads, ids, now)
 
     async def drop_unused_manifests(self, ids: list[int]) -> int:
-        """Delete these manifests (their chunk lists cascade) where still unused; how many."""
-        n = 0
-        async with self.write() as db:
-            for mid in ids:
-                n += await _delete_manifest_if_unused(db, mid)
-        return n
+        return await self._group.run(_drop_unused_manifests, ids)
 
     async def mark_garbage(self, digests: list[str], now: float, cutoff: float) -> list[ChunkRow]:
-        """gc step 1: mark DELETING those of `digests` still live, unreferenced and old enough."""
         if not digests:
             return []
-        async with self.write() as db:
-            rows = await db.execute_fetchall(
-                f"UPDATE chunks SET state = ? WHERE digest IN ({_marks(len(digests))})"
-                f" AND state = ? AND created < ? AND NOT {_REFERENCED.format(c='chunks')}"
-                " RETURNING digest, algo, size, xxh3, state, created",
-                (DELETING, *digests, LIVE, cutoff, now),
-            )
-        return [_chunk_row(r) for r in rows]
+        return await self._group.run(_mark_garbage, digests, now, cutoff)
 
     async def retire_chunks(
-        self, digests: list[str], unlink: Callable[[list[ChunkRow]], Awaitable[None]]
+        self, digests: list[str], unlink: Locked[list[ChunkRow], object]
     ) -> list[ChunkRow]:
-        """gc step 2: for those of `digests` still DELETING, `unlink` their blobs, drop the rows.
-
-        `unlink` runs inside the write transaction, so no `publish_chunk` can revive a row
-        between the check and the unlink.
-        """
         if not digests:
             return []
-        async with self.write() as db:
-            async with db.execute(
-                f"SELECT {_CHUNK_COLUMNS} FROM chunks c"
-                f" WHERE c.digest IN ({_marks(len(digests))}) AND c.state = ?",
-                (*digests, DELETING),
-            ) as cur:
-                rows = [_chunk_row(r) for r in await cur.fetchall()]
-            if rows:
-                await unlink(rows)
-                await db.execute(
-                    f"DELETE FROM chunks WHERE digest IN ({_marks(len(rows))}) AND state = ?",
-                    (*(r.digest.hex for r in rows), DELETING),
-                )
-        return rows
+        return await self._group.run(_retire_chunks, self._group.under_lock, digests, unlink)
 
     async def unused_quarantined(self, now: float) -> int:
-        """Quarantined chunks that nothing relies on any more (nothing left to heal)."""
         row = await self._one(
             f"SELECT count(*) FROM chunks c WHERE c.state = ? AND NOT {_REFERENCED.format(c='c')}",
             (QUARANTINED, now),
@@ -1056,76 +1104,40 @@ class AdminCatalog(Catalog):
         return row[0]
 
     async def drop_unused_quarantined(self, now: float) -> int:
-        """Forget quarantined chunks nothing relies on (their files stay in quarantine/)."""
-        async with self.write() as db:
-            async with db.execute(
-                f"DELETE FROM chunks WHERE state = ? AND NOT {_REFERENCED.format(c='chunks')}",
-                (QUARANTINED, now),
-            ) as cur:
-                return cur.rowcount
+        return await self._group.run(_drop_unused_quarantined, now)
 
     # -- gc: orphan blob files (a file under blobs/ with no row, left by a kill) --
 
     async def orphans(self, digests: list[str]) -> set[str]:
-        """Those of `digests` with no chunk row that no complete file uses."""
         out: set[str] = set()
         for i in range(0, len(digests), 500):
             part = digests[i:i + 500]
             rows = await self._all(
-                f"SELECT digest FROM chunks WHERE digest IN ({_marks(len(part))})"
-                " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
-                f" ON f.manifest_id = mc.manifest_id WHERE mc.digest IN ({_marks(len(part))})",
-                (*part, *part),
+                _ROWED_OR_FILED.format(m=_marks(len(part))), (*part, *part)
             )
             out.update(set(part) - {r[0] for r in rows})
         return out
 
-    async def retire_orphans(
-        self, digests: list[str], unlink: Callable[[set[str]], Awaitable[object]]
-    ) -> object:
-        """Under the write lock, `unlink` those of `digests` that are still orphans.
-
-        No `publish_chunk` commits a row meanwhile, so a blob file that a client is being
-        granted right now is either already rowed (skipped) or will be put back from its
-        temp file by the daemon's own check under this lock.
-        """
+    async def retire_orphans(self, digests: list[str], unlink: Locked[set[str], object]) -> object:
         if not digests:
             return await unlink(set())
-        async with self.write() as db:
-            rows = await db.execute_fetchall(
-                f"SELECT digest FROM chunks WHERE digest IN ({_marks(len(digests))})"
-                " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
-                f" ON f.manifest_id = mc.manifest_id WHERE mc.digest IN ({_marks(len(digests))})",
-                (*digests, *digests),
-            )
-            return await unlink(set(digests) - {r[0] for r in rows})
+        return await self._group.run(_retire_orphans, self._group.under_lock, digests, unlink)
 
     # -- fsck --
 
     async def quarantine(
         self, digests: Iterable[str], now: float,
-        decide: Callable[[dict[str, ChunkUsers]], Awaitable[list[tuple[Digest, int]]]],
+        decide: Locked[dict[str, ChunkUsers], list[tuple[Digest, int]]],
     ) -> list[tuple[Digest, int]]:
-        """fsck --repair: under the write lock, `decide` (from the facts) which chunks to set
-        aside and moves their blobs away; their rows become QUARANTINED in the same
-        transaction, so from its commit on they count as absent."""
-        async with self.write() as db:
-            facts = {d: await _chunk_users(db, d, now) for d in digests}
-            chosen = await decide(facts)
-            await db.executemany(
-                "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
-                " VALUES (?, ?, ?, '', ?, ?) ON CONFLICT (digest) DO UPDATE SET"
-                " state = excluded.state",
-                [(d.hex, d.algo.value, size, now, QUARANTINED) for d, size in chosen],
-            )
-        return chosen
+        return await self._group.run(
+            _quarantine, self._group.under_lock, list(digests), now, decide
+        )
 
     async def all_chunks(self) -> list[ChunkRow]:
         rows = await self._all(f"SELECT {_CHUNK_COLUMNS} FROM chunks c")
         return [_chunk_row(r) for r in rows]
 
     async def file_chunk_sizes(self) -> list[tuple[str, int]]:
-        """(digest hex, size its manifest gives) of every chunk some complete file uses."""
         rows = await self._all(
             "SELECT DISTINCT mc.digest, mc.size FROM files f"
             " JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
@@ -1134,17 +1146,11 @@ class AdminCatalog(Catalog):
 
     async def chunk_users(
         self, digests: Iterable[str], now: float,
-        probe: Callable[[dict[str, ChunkUsers]], Awaitable[object]] | None = None,
+        probe: Locked[dict[str, ChunkUsers], object] | None = None,
     ) -> tuple[dict[str, ChunkUsers], object]:
-        """The current facts about `digests`, read under the write lock, and `probe`'s answer.
-
-        `probe` runs before the lock is let go: no blob is published or retired meanwhile,
-        so what it sees on disk matches the facts.
-        """
-        async with self.write() as db:
-            facts = {d: await _chunk_users(db, d, now) for d in digests}
-            answer = await probe(facts) if probe is not None else None
-        return facts, answer
+        return await self._group.run(
+            _chunk_users_locked, self._group.under_lock, list(digests), now, probe
+        )
 
     # -- stats, ls --
 
@@ -1189,20 +1195,24 @@ class AdminCatalog(Catalog):
         ]
 
     async def abort_uploads(self, ids: list[str]) -> list[str]:
-        """Drop these pending uploads (and their manifests) in one transaction; the ids found."""
-        found = []
-        async with self.write() as db:
-            for uid in ids:
-                async with db.execute(
-                    "DELETE FROM uploads WHERE id = ? AND state = 'pending' RETURNING manifest_id",
-                    (uid,),
-                ) as cur:
-                    row = await cur.fetchone()
-                if row is not None:
-                    found.append(uid)
-                    await _delete_manifest_if_unused(db, row[0])
-        return found
+        return await self._group.run(_abort_uploads, ids)
+
+    async def size_bytes(self) -> int:
+        size = 0
+        for p in (self._path, self._path.with_name(self._path.name + "-wal")):
+            try:
+                size += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return size
 
     async def list_files(self) -> list[FileEntry]:
         rows = await self._all(f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest")
         return [_file(r) for r in rows]
+
+
+class SqliteCatalog(_Daemon, _Admin):
+    """The catalogue in one SQLite file: the `Catalog` interface of casd.catalog, whose
+    docstrings give each method's contract."""
+
+

@@ -1,0 +1,156 @@
+"""Delta downloads: a file's chunk manifest, and the chunks local files already hold.
+
+Blocking helpers, free of aiohttp, for `CasdClient.download` to run in worker threads: parse
+the answer of GET /v1/files/{digest}/chunks, guess how the file was cut, index the chunks of
+`reuse` files (through the digest cache), and copy or check one chunk with its digest
+verified. Every chunk that lands in a download is checked against the manifest's digest,
+whether it came from the network, a local file or an earlier try.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from casd.chunking import MAX_AVG, MIN_AVG, Chunking
+from casd.client.errors import CasdClientError
+from casd.client.hashing import DigestCache, file_digests
+from casd.digest import Algo, Digest
+
+log = logging.getLogger("casd.client")
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestChunk:
+    """One chunk of a stored file: where it lies in the file and its digest (lowercase hex)."""
+
+    offset: int
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a local copy of a chunk lies: a file and an offset in it."""
+
+    path: str
+    offset: int
+
+
+def parse_manifest(answer: dict, digest: Digest, url: str) -> list[ManifestChunk]:
+    """The chunks of a /chunks answer, checked: same file, offsets that tile `size` exactly."""
+    algo = digest.algo
+    if answer.get("algo") != algo.value or answer.get(algo.value) != digest.hex:
+        raise CasdClientError(f"{url}: the manifest is not that of {digest.hex}")
+    size = answer.get("size")
+    chunks = answer.get("chunks")
+    if type(size) is not int or size < 0 or not isinstance(chunks, list):
+        raise CasdClientError(f"{url}: the manifest lacks its size or chunks")
+    out: list[ManifestChunk] = []
+    pos = 0
+    for i, c in enumerate(chunks):
+        try:
+            d = algo.parse_hex(c["digest"])
+            n, off = c["size"], c["offset"]
+        except (TypeError, KeyError, ValueError):
+            raise CasdClientError(f"{url}: chunk {i} of the manifest is malformed") from None
+        if type(n) is not int or type(off) is not int or off != pos or n < 1:
+            raise CasdClientError(f"{url}: the manifest's chunks do not tile the file at {i}")
+        out.append(ManifestChunk(off, n, d))
+        pos += n
+    if pos != size:
+        raise CasdClientError(f"{url}: the manifest's chunks add up to {pos}, not {size}")
+    return out
+
+
+def guess_chunkings(chunks: list[ManifestChunk]) -> list[Chunking]:
+    """How the stored file was probably cut, the likeliest rule first.
+
+    Equal sizes (all but a shorter last) mean fixed chunks of that size. Otherwise FastCDC,
+    whose chunks average close to its parameter: the power of two nearest the mean chunk
+    size, then its neighbours.
+    """
+    if not chunks:
+        return []
+    first = chunks[0].size
+    if len(chunks) == 1 or (all(c.size == first for c in chunks[:-1])
+                            and chunks[-1].size <= first):
+        return [Chunking.fixed(first)]
+    mean = sum(c.size for c in chunks) / len(chunks)
+    averages = [1 << k for k in range(MIN_AVG.bit_length() - 1, MAX_AVG.bit_length())]
+    averages.sort(key=lambda avg: abs(math.log2(avg / mean)))
+    return [Chunking.fastcdc(avg) for avg in averages[:3]]
+
+
+def reuse_index(paths: Iterable[str | os.PathLike], chunkings: list[Chunking],
+                wanted: set[str], algo: Algo,
+                cache: DigestCache | None) -> dict[str, Source]:
+    """Where local files hold chunks of `wanted`, trying each cut rule until one matches.
+
+    A rule that finds none of the wanted chunks in a file is taken as the wrong guess and
+    the next is tried; a file that cannot be read is skipped (logged), never fatal.
+    """
+    found: dict[str, Source] = {}
+    for path in paths:
+        for rule in chunkings:
+            try:
+                fd, _ = file_digests(path, chunking=rule, algo=algo, cache=cache)
+            except (OSError, CasdClientError) as exc:
+                log.warning("cannot reuse %s: %s", path, exc)
+                break
+            hits = 0
+            for c in fd.chunks:
+                if c.digest in wanted and c.digest not in found:
+                    found[c.digest] = Source(os.fspath(path), c.offset)
+                    hits += 1
+            if hits or len(found) == len(wanted):
+                break
+    return found
+
+
+def read_verified(path: str, offset: int, size: int, digest: str, algo: Algo) -> bytes | None:
+    """`size` bytes of a local file at `offset` when they hash to `digest`, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = _pread_full(fd, size, offset)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        return None
+    h = algo.new()
+    h.update(data)
+    return data if h.hexdigest() == digest else None
+
+
+def _pread_full(fd: int, size: int, offset: int) -> bytes:
+    parts = []
+    got = 0
+    while got < size:
+        data = os.pread(fd, size - got, offset + got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def digest_of(algo: Algo, data: bytes | memoryview) -> str:
+    h = algo.new()
+    h.update(data)
+    return h.hexdigest()

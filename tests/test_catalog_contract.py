@@ -1,0 +1,433 @@
+"""The catalogue contract (casd/catalog/__init__.py), run against every engine.
+
+Each test opens a fresh catalogue: SQLite in the test's folder, PostgreSQL in a fresh database
+of the session's throwaway cluster. The blob store is a set of digests the `Locked`
+callbacks add to and remove from, so the invariant can be checked after every race: every
+live row names a blob in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from casd.catalog import DELETING, LIVE, QUARANTINED, open_catalog
+from casd.digest import Algo, Digest
+from casd.errors import BadRequest, Incomplete, TooLarge, TooManyPending
+from casd.models import ChunkRef, Manifest, PendingBudget
+
+WAIT = 30
+T0 = 1_000.0
+LATER = 1e12
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def where(request, tmp_path):
+    """Where a catalogue of the engine under test lives (a second open shares it)."""
+    if request.param == "sqlite":
+        return tmp_path / "catalog.sqlite"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def cat(where):
+    c = await open_catalog(where, synchronous="NORMAL")
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def other(where, cat):
+    """A second catalogue on the same store: another daemon, or `casd gc`."""
+    c = await open_catalog(where, synchronous="NORMAL")
+    yield c
+    await c.close()
+
+
+def hx(tag: object) -> str:
+    return hashlib.md5(str(tag).encode()).hexdigest()
+
+
+def dg(tag: object) -> Digest:
+    return Digest(Algo("md5"), hx(tag))
+
+
+def manifest(tag: object, chunks: list[tuple[object, int]], name: str = "") -> Manifest:
+    refs = tuple(ChunkRef(hx(t), size) for t, size in chunks)
+    return Manifest(dg(f"file-{tag}"), sum(s for _t, s in chunks), refs, "", name)
+
+
+class Store:
+    """A pretend blob store: `place` and `unlink` as Locked callbacks."""
+
+    def __init__(self):
+        self.blobs: set[str] = set()
+        self.placed: list[str] = []
+
+    async def place(self, d: Digest) -> None:
+        self.placed.append(d.hex)
+        self.blobs.add(d.hex)
+
+    async def unlink(self, rows) -> None:
+        for r in rows:
+            self.blobs.discard(r.digest.hex)
+
+
+async def assert_invariant(cat, store: Store) -> None:
+    live = {r.digest.hex for r in await cat.all_chunks() if r.state == LIVE}
+    assert live <= store.blobs, f"live rows name blobs not in the store: {live - store.blobs}"
+
+
+async def publish(cat, store: Store, tag: object, size: int = 1, now: float = T0) -> bool:
+    return await cat.publish_chunk(dg(tag), size, "x" * 32, now, store.place)
+
+
+# ---- uploads -------------------------------------------------------------------------------
+
+
+async def test_begin_upload_creates_then_resumes_the_same_upload(cat):
+    m = manifest(1, [("a", 1), ("b", 2), ("a", 1)])
+    up, missing = await cat.begin_upload(m, "k", T0, LATER, "u" * 32)
+    assert missing == [hx("a"), hx("b")]  # once each, in manifest order
+    assert (up.id, up.state, up.size) == ("u" * 32, "pending", 4)
+    again, missing2 = await cat.begin_upload(m, "k", T0 + 1, LATER + 5, "v" * 32)
+    assert again.id == up.id and again.expires_at == LATER + 5 and missing2 == missing
+    other_list, _ = await cat.begin_upload(m, "k2", T0, LATER, "w" * 32)
+    assert other_list.id == "w" * 32 and other_list.manifest_id != up.manifest_id
+    assert await cat.get_upload(up.id) == again
+
+
+async def test_an_expired_upload_is_not_resumed(cat):
+    m = manifest(1, [("a", 1)])
+    up, _ = await cat.begin_upload(m, "k", T0, T0 + 10, "u" * 32)
+    fresh, _ = await cat.begin_upload(m, "k", T0 + 20, T0 + 100, "v" * 32)
+    assert fresh.id == "v" * 32 and fresh.manifest_id > up.manifest_id
+    assert await cat.get_upload(up.id) is None
+    assert not await cat.touch_upload(up.id, T0 + 20, T0 + 200)
+    assert await cat.touch_upload(fresh.id, T0 + 20, T0 + 200)
+
+
+async def test_a_chunk_size_that_contradicts_the_stored_one_is_refused(cat):
+    store = Store()
+    await publish(cat, store, "a", size=5)
+    with pytest.raises(BadRequest):
+        await cat.begin_upload(manifest(1, [("a", 6)]), "k", T0, LATER, "u" * 32)
+    assert await cat.get_upload("u" * 32) is None  # nothing written
+
+
+async def test_budget_refuses_new_uploads_but_not_resumes(cat):
+    budget = PendingBudget(total=5, per_client=3)
+    m1 = manifest(1, [("a", 1), ("b", 1)])
+    await cat.begin_upload(m1, "k", T0, LATER, "1" * 32, "c1", budget)
+    with pytest.raises(TooManyPending):
+        await cat.begin_upload(manifest(2, [("c", 1), ("d", 1)]), "k", T0, LATER, "2" * 32,
+                               "c1", budget)
+    with pytest.raises(TooLarge):
+        await cat.begin_upload(manifest(3, [(i, 1) for i in range(4)]), "k", T0, LATER,
+                               "3" * 32, "c2", budget)
+    await cat.begin_upload(manifest(4, [("e", 1), ("f", 1)]), "k", T0, LATER, "4" * 32,
+                           "c2", budget)
+    with pytest.raises(TooManyPending):  # the total: 4 held, 2 more is over 5
+        await cat.begin_upload(manifest(5, [("g", 1), ("h", 1)]), "k", T0, LATER, "5" * 32,
+                               "c3", budget)
+    resumed, _ = await cat.begin_upload(m1, "k", T0, LATER, "6" * 32, "c1", budget)
+    assert resumed.id == "1" * 32
+    assert (await cat.stats_counts(T0))["pending_entries"] == 4
+
+
+# ---- publish and merge -----------------------------------------------------------------------
+
+
+async def test_publish_places_once_and_missing_shrinks(cat):
+    store = Store()
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1), ("b", 1)]), "k", T0, LATER, "u" * 32)
+    assert await publish(cat, store, "a")
+    assert not await publish(cat, store, "a")  # already live: place not called again
+    assert store.placed == [hx("a")]
+    assert await cat.missing(up.manifest_id) == [hx("b")]
+    assert await cat.has_chunk(dg("a")) and not await cat.has_chunk(dg("b"))
+    assert await cat.present_chunks({hx("a"), hx("b")}) == {hx("a")}
+    await assert_invariant(cat, store)
+
+
+async def test_a_place_that_fails_leaves_no_row(cat):
+    async def broken(_d):
+        raise OSError("the store said no")
+
+    with pytest.raises(OSError):
+        await cat.publish_chunk(dg("a"), 1, "x" * 32, T0, broken)
+    assert not await cat.has_chunk(dg("a"))
+    assert await cat.all_chunks() == []
+
+
+async def test_publish_touches_its_upload_but_never_revives_an_expired_one(cat):
+    store = Store()
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1)]), "k", T0, T0 + 10, "u" * 32)
+    await cat.publish_chunk(dg("a"), 1, "x" * 32, T0 + 1, store.place, (up.id, T0 + 50))
+    assert (await cat.get_upload(up.id)).expires_at == T0 + 50
+    await cat.publish_chunk(dg("b"), 1, "x" * 32, T0 + 60, store.place, (up.id, T0 + 500))
+    assert (await cat.get_upload(up.id)).expires_at == T0 + 50
+
+
+async def test_register_is_refused_while_chunks_are_missing_then_idempotent(cat):
+    store = Store()
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1), ("b", 1)], "f.txt"), "k", T0, LATER,
+                                   "u" * 32)
+    await publish(cat, store, "a")
+    with pytest.raises(Incomplete) as info:
+        await cat.register_file(up.id, T0)
+    assert info.value.extra["missing"] == [hx("b")]
+    await publish(cat, store, "b")
+    entry = await cat.register_file(up.id, T0)
+    assert entry is not None and entry.name == "f.txt" and entry.size == 2
+    assert await cat.register_file(up.id, T0 + 1) == entry
+    assert await cat.get_file(entry.digest) == entry
+    assert (await cat.get_upload(up.id)).state == "merged"
+    assert await cat.register_file("z" * 32, T0) is None
+
+
+async def test_abort_and_merge_are_decided_once(cat):
+    store = Store()
+    await publish(cat, store, "a")
+    merged, _ = await cat.begin_upload(manifest(1, [("a", 1)]), "k", T0, LATER, "m" * 32)
+    await cat.register_file(merged.id, T0)
+    assert not await cat.drop_pending_upload(merged.id)  # merged first: the abort loses
+    aborted, _ = await cat.begin_upload(manifest(2, [("a", 1), ("a", 1)]), "k", T0, LATER,
+                                        "a" * 32)
+    assert await cat.drop_pending_upload(aborted.id)
+    assert await cat.register_file(aborted.id, T0) is None  # aborted first: nothing to merge
+    assert await cat.get_upload(aborted.id) is None
+    assert not await cat.drop_pending_upload(aborted.id)
+
+
+async def test_delete_file_forgets_it_and_its_merged_upload(cat):
+    store = Store()
+    await publish(cat, store, "a")
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1)]), "k", T0, LATER, "u" * 32)
+    entry = await cat.register_file(up.id, T0)
+    assert await cat.delete_file(entry.digest)
+    assert not await cat.delete_file(entry.digest)
+    assert await cat.get_file(entry.digest) is None
+    assert await cat.file_with_chunks(entry.digest) is None
+    assert await cat.get_upload(up.id) is None
+    assert await cat.has_chunk(dg("a"))  # chunks are left for gc
+
+
+# ---- reads ------------------------------------------------------------------------------------
+
+
+async def test_manifest_reads_page_in_order(cat):
+    chunks = [(i, 10 + i) for i in range(7)] + [(0, 10)]
+    up, _ = await cat.begin_upload(manifest(1, chunks), "k", T0, LATER, "u" * 32)
+    full = [(hx(t), s) for t, s in chunks]
+    assert await cat.manifest_chunks(up.manifest_id) == full
+    assert await cat.manifest_chunk_count(up.manifest_id) == 8
+    pages = [await cat.manifest_page(up.manifest_id, start, 3) for start in (0, 3, 6, 9)]
+    assert [list(map(tuple, p)) for p in pages] == [full[0:3], full[3:6], full[6:8], []]
+    assert await cat.manifest_size_of(up.manifest_id, dg(3)) == 13
+    assert await cat.manifest_size_of(up.manifest_id, dg("nope")) is None
+    assert await cat.manifest_chunk_count(up.manifest_id + 1000) is None
+
+
+async def test_file_with_chunks_gives_the_file_and_its_list(cat):
+    store = Store()
+    for t in ("a", "b"):
+        await publish(cat, store, t)
+    up, _ = await cat.begin_upload(manifest(1, [("b", 1), ("a", 1), ("b", 1)]), "k", T0, LATER,
+                                   "u" * 32)
+    entry = await cat.register_file(up.id, T0)
+    got = await cat.file_with_chunks(entry.digest)
+    assert got is not None
+    assert got[0] == entry
+    assert [tuple(c) for c in got[1]] == [(hx("b"), 1), (hx("a"), 1), (hx("b"), 1)]
+    assert await cat.file_with_chunks(dg("unknown")) is None
+
+
+async def test_manifest_ids_are_never_reused(cat):
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1)]), "k", T0, LATER, "u" * 32)
+    assert await cat.drop_pending_upload(up.id)
+    again, _ = await cat.begin_upload(manifest(1, [("a", 1)]), "k", T0, LATER, "v" * 32)
+    assert again.manifest_id > up.manifest_id
+
+
+# ---- quarantine ---------------------------------------------------------------------------------
+
+
+async def test_quarantined_chunks_are_absent_and_damage_their_files(cat):
+    store = Store()
+    await publish(cat, store, "a")
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1)]), "k", T0, LATER, "u" * 32)
+    entry = await cat.register_file(up.id, T0)
+    seen = {}
+
+    async def decide(facts):
+        seen.update(facts)
+        return [(dg("a"), 1)]
+
+    assert await cat.quarantine([hx("a")], T0, decide) == [(dg("a"), 1)]
+    assert seen[hx("a")].row.state == LIVE
+    assert [f.digest for f, _size in seen[hx("a")].files] == [entry.digest]
+    assert not await cat.has_chunk(dg("a"))
+    assert await cat.damaged(entry.manifest_id)
+    facts, answer = await cat.chunk_users([hx("a")], T0, lambda f: _const(f))
+    assert facts[hx("a")].row.state == QUARANTINED and answer == [hx("a")]
+    assert await publish(cat, store, "a")  # a PUT heals it
+    assert not await cat.damaged(entry.manifest_id)
+
+
+async def _const(facts):
+    return sorted(facts)
+
+
+# ---- gc -----------------------------------------------------------------------------------------
+
+
+async def test_gc_marks_only_unreferenced_old_chunks_and_retires_them(cat):
+    store = Store()
+    for t in ("used", "pending", "garbage"):
+        await publish(cat, store, t, now=T0)
+    await publish(cat, store, "young", now=T0 + 100)
+    up, _ = await cat.begin_upload(manifest(1, [("used", 1)]), "k", T0, LATER, "f" * 32)
+    await cat.register_file(up.id, T0)
+    await cat.begin_upload(manifest(2, [("pending", 1)]), "k", T0, LATER, "p" * 32)
+    now, cutoff = T0 + 200, T0 + 50
+    planned = [r.digest.hex for r in await cat.garbage_chunks(now, cutoff)]
+    assert planned == [hx("garbage")]
+    every = [hx(t) for t in ("used", "pending", "garbage", "young")]
+    marked = await cat.mark_garbage(every, now, cutoff)
+    assert [r.digest.hex for r in marked] == [hx("garbage")]
+    assert [r.state for r in marked] == [DELETING]
+    assert [r.digest.hex for r in await cat.deleting_chunks()] == [hx("garbage")]
+    assert not await cat.has_chunk(dg("garbage"))  # DELETING counts as absent
+    retired = await cat.retire_chunks([hx("garbage")], store.unlink)
+    assert [r.digest.hex for r in retired] == [hx("garbage")]
+    assert hx("garbage") not in store.blobs
+    assert await cat.deleting_chunks() == []
+    await assert_invariant(cat, store)
+
+
+async def test_gc_drops_expired_uploads_and_unused_manifests(cat):
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1)]), "k", T0, T0 + 10, "u" * 32)
+    keep, _ = await cat.begin_upload(manifest(2, [("b", 1)]), "k", T0, LATER, "k" * 32)
+    assert await cat.expired_uploads(T0 + 20) == [(up.id, 1)]
+    assert await cat.drop_expired_uploads([up.id, keep.id], T0 + 20) == (1, 1)
+    assert await cat.get_upload(up.id) is None and await cat.get_upload(keep.id) is not None
+    assert await cat.unused_manifests(T0 + 20) == []
+    assert await cat.drop_unused_manifests([keep.manifest_id]) == 0
+
+
+async def test_orphans_are_blobs_with_no_row_and_no_file(cat):
+    store = Store()
+    await publish(cat, store, "rowed")
+    assert await cat.orphans([hx("rowed"), hx("lost")]) == {hx("lost")}
+    got = []
+
+    async def unlink(still):
+        got.append(still)
+        return len(still)
+
+    assert await cat.retire_orphans([hx("rowed"), hx("lost")], unlink) == 1
+    assert got == [{hx("lost")}]
+
+
+async def test_quarantined_rows_nothing_uses_are_forgotten(cat):
+    async def decide(_facts):
+        return [(dg("q"), 1)]
+
+    await cat.quarantine([hx("q")], T0, decide)
+    assert await cat.unused_quarantined(T0) == 1
+    assert await cat.drop_unused_quarantined(T0) == 1
+    assert await cat.all_chunks() == []
+
+
+# ---- the digest lock: publish racing gc on two connections ------------------------------------
+
+
+async def test_a_publish_racing_retire_waits_and_puts_the_blob_back(cat, other):
+    """gc (on `other`) is inside retire's locked section, the blob already unlinked; a publish
+    of the same digest must wait for it, then find the row gone and place the blob again."""
+    store = Store()
+    await publish(cat, store, "x", now=T0)
+    await other.mark_garbage([hx("x")], T0 + 100, T0 + 50)
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_unlink(rows):
+        await store.unlink(rows)
+        inside.set()
+        await asyncio.wait_for(release.wait(), WAIT)
+
+    gc = asyncio.create_task(other.retire_chunks([hx("x")], slow_unlink))
+    await asyncio.wait_for(inside.wait(), WAIT)
+    racer = asyncio.create_task(publish(cat, store, "x", now=T0 + 101))
+    done, _ = await asyncio.wait({racer}, timeout=0.5)
+    assert not done, "publish committed while gc held the digest lock"
+    release.set()
+    assert [r.digest.hex for r in await asyncio.wait_for(gc, WAIT)] == [hx("x")]
+    assert await asyncio.wait_for(racer, WAIT) is True
+    assert hx("x") in store.blobs and await cat.has_chunk(dg("x"))
+    await assert_invariant(cat, store)
+
+
+async def test_a_retire_racing_a_revival_skips_the_revived_chunk(cat, other):
+    """A publish (on `cat`) revives a DELETING chunk and is held inside its locked section;
+    gc's retire must wait, then leave the now live row and its blob alone."""
+    store = Store()
+    await publish(cat, store, "x", now=T0)
+    await other.mark_garbage([hx("x")], T0 + 100, T0 + 50)
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_place(d):
+        await store.place(d)
+        inside.set()
+        await asyncio.wait_for(release.wait(), WAIT)
+
+    reviving = asyncio.create_task(cat.publish_chunk(dg("x"), 1, "x" * 32, T0 + 101, slow_place))
+    await asyncio.wait_for(inside.wait(), WAIT)
+    unlinked = []
+
+    async def unlink(rows):
+        unlinked.extend(rows)
+        await store.unlink(rows)
+
+    gc = asyncio.create_task(other.retire_chunks([hx("x")], unlink))
+    done, _ = await asyncio.wait({gc}, timeout=0.5)
+    assert not done, "retire ran while a publish held the digest lock"
+    release.set()
+    assert await asyncio.wait_for(reviving, WAIT) is True
+    assert await asyncio.wait_for(gc, WAIT) == [] and unlinked == []
+    assert hx("x") in store.blobs
+    await assert_invariant(cat, store)
+
+
+# ---- hook queue -----------------------------------------------------------------------------------
+
+
+async def test_hook_queue_keeps_order_and_drops_the_oldest_when_full(cat):
+    assert await cat.enqueue_hook_events([("u1", "k", "b1"), ("u2", "k", "b2")], T0, 3) == 0
+    assert await cat.enqueue_hook_events([("u1", "k", "b3"), ("u1", "k", "b4")], T0, 3) == 1
+    assert await cat.count_hook_events() == 3
+    events = await cat.hook_events("u1", 10)
+    assert [e[2] for e in events] == ["b3", "b4"]  # b1, the oldest, was dropped
+    await cat.hook_event_done(events[0][0])
+    await cat.hook_event_done(events[0][0])  # gone already: no error
+    assert [e[2] for e in await cat.hook_events("u1", 10)] == ["b4"]
+    assert [e[2] for e in await cat.hook_events("u2", 10)] == ["b2"]
+
+
+async def test_stats_and_listings(cat):
+    store = Store()
+    await publish(cat, store, "a")
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1)], "one"), "k", T0, LATER, "u" * 32)
+    entry = await cat.register_file(up.id, T0)
+    pending, _ = await cat.begin_upload(manifest(2, [("b", 4)]), "k", T0, LATER, "p" * 32, "me")
+    counts = await cat.stats_counts(T0)
+    assert counts["files"] == 1 and counts["chunks"] == 1 and counts["pending_uploads"] == 1
+    assert counts["pending_bytes"] == 4 and counts["physical_bytes"] == 1
+    assert await cat.list_files() == [entry]
+    [p] = await cat.pending_uploads()
+    assert (p.id, p.entries, p.client) == (pending.id, 1, "me")
+    assert await cat.abort_uploads([pending.id, "nope"]) == [pending.id]
+    assert await cat.count_expired_pending(LATER + 1) == 0
+    await cat.ping()

@@ -1,0 +1,282 @@
+"""Chunked downloads against a real `casd serve`: Range requests for the manifest's chunks,
+each verified; chunks reused from local files; corruption on the way caught; resumption;
+the single GET kept for servers without manifests."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from casd.chunking import Chunking
+from casd.client import (
+    RACY_NS,
+    CasdClient,
+    CasdConnectionError,
+    CasdIntegrityError,
+    DigestCache,
+    Phase,
+    file_digests,
+)
+from casd.digest import Algo
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    home = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home / "casd"
+
+
+def settle(path) -> None:
+    """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
+    st = path.stat()
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    deadline = time.monotonic() + 5
+    while time.time_ns() < newest + 2 * RACY_NS:
+        assert time.monotonic() < deadline, "clock did not advance"
+        time.sleep(RACY_NS / 1e9)
+
+
+class Proxy:
+    """Forwards to a daemon on 127.0.0.1 and records each request; can corrupt Range answers
+    (flip one byte of the next `flip` of them), cut one answer, or play a server without
+    manifests."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.seen: list[tuple[str, str, str | None]] = []
+        self.flip = 0
+        self.cut_range_after: int | None = None  # Range answers served before one is cut
+        self.no_manifest = False
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.session: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+
+        async def session_ctx(_app):
+            self.session = aiohttp.ClientSession(auto_decompress=False)
+            yield
+            await self.session.close()
+
+        app.cleanup_ctx.append(session_ctx)
+        return app
+
+    def ranges(self) -> list[str]:
+        return [r for m, _, r in self.seen if m == "GET" and r is not None]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rng = request.headers.get("Range")
+        self.seen.append((request.method, request.path, rng))
+        if self.no_manifest and request.path.endswith("/chunks"):
+            return web.json_response({"error": "not_found", "message": "no route"}, status=404)
+        headers = {k: v for k in ("Authorization", "Range", "Content-Type")
+                   if (v := request.headers.get(k)) is not None}
+        body = await request.read()
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            async with self.session.request(request.method, self.upstream + request.path_qs,
+                                            headers=headers, data=body or None) as up:
+                data = bytearray(await up.read())
+                # Hold the answer a moment so concurrent requests overlap visibly.
+                await asyncio.sleep(0.01 if rng else 0)
+                out = {k: v for k in ("Content-Type", "Content-Range", "ETag")
+                       if (v := up.headers.get(k)) is not None}
+                if rng and up.status == 206:
+                    if self.flip:
+                        self.flip -= 1
+                        data[len(data) // 2] ^= 0x01
+                    if self.cut_range_after is not None:
+                        if self.cut_range_after == 0:
+                            self.cut_range_after = None
+                            resp = web.StreamResponse(status=206, headers={
+                                **out, "Content-Length": str(len(data))})
+                            await resp.prepare(request)
+                            await resp.write(bytes(data[:len(data) // 2]))
+                            request.transport.close()
+                            return resp
+                        self.cut_range_after -= 1
+                return web.Response(status=up.status, body=bytes(data), headers=out)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.fixture
+async def proxy(daemon, aiohttp_server):
+    p = Proxy(daemon.url)
+    server = await aiohttp_server(p.app())
+    p.url = str(server.make_url("")).rstrip("/")
+    return p
+
+
+def fast(url: str, **kw) -> CasdClient:
+    return CasdClient(url, backoff=0.01, max_backoff=0.05, **kw)
+
+
+def edit(data: bytes, rng, insert: bool) -> bytes:
+    """An overwrite of 64 KiB in the middle, and an insertion near the front if asked."""
+    mid = len(data) // 2
+    data = data[:mid] + rng.bytes(64 * KiB, "over") + data[mid + 64 * KiB:]
+    return data[:1000] + rng.bytes(KiB, "ins") + data[1000:] if insert else data
+
+
+async def test_plain_download_fetches_every_chunk_by_range_in_parallel(proxy, daemon,
+                                                                       tmp_path, rng):
+    src = tmp_path / "f.bin"
+    data = rng.write(src, 6 * MiB + 5)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunking="fixed", chunk_size=MiB)
+    seen = []
+    async with CasdClient(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", concurrency=3,
+                                    on_progress=seen.append)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert got.chunked and (got.chunks_total, got.chunks_fetched, got.chunks_reused) == (7, 7, 0)
+    assert got.bytes_fetched == got.bytes_received == len(data)
+    assert sorted(proxy.ranges()) == sorted(
+        f"bytes={o}-{min(o + MiB, len(data)) - 1}" for o in range(0, len(data), MiB))
+    assert 2 <= proxy.most_in_flight <= 3
+    assert seen[-1].phase == Phase.DONE and seen[-2].bytes_done == len(data)
+    assert list(tmp_path.glob(".*casd-part")) == []
+
+
+@pytest.mark.parametrize("rule", [Chunking.fastcdc(64 * KiB), Chunking.fixed(256 * KiB)],
+                         ids=["fastcdc-insert-and-overwrite", "fixed-overwrite"])
+async def test_reuse_of_an_older_version_fetches_only_changed_chunks(proxy, daemon, tmp_path,
+                                                                     rng, rule):
+    old = tmp_path / "old.bin"
+    old_data = rng.write(old, 4 * MiB, 1)
+    new = tmp_path / "new.bin"
+    new_data = edit(old_data, rng, insert=rule.kind == "fastcdc")
+    new.write_bytes(new_data)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(new, chunking=rule)
+    out = tmp_path / "out.bin"
+    async with CasdClient(proxy.url) as client:
+        got = await client.download(s.digest, out, reuse=[old])
+    assert out.read_bytes() == new_data
+    assert got.chunks_fetched + got.chunks_reused == got.chunks_total == s.chunks_total
+    assert got.bytes_fetched + got.bytes_reused == len(new_data)
+    assert len(proxy.ranges()) == got.chunks_fetched
+    if rule.kind == "fastcdc":
+        # An insertion and an overwrite: a few chunks around each, never the whole file.
+        assert 2 <= got.chunks_fetched <= 6 and got.bytes_fetched <= 6 * rule.max_size
+    else:
+        # The overwrite lies inside one chunk (an insertion would shift every fixed chunk).
+        assert (got.chunks_fetched, got.bytes_fetched) == (1, 256 * KiB)
+
+
+async def test_chunk_corrupted_on_the_way_is_fetched_again(proxy, daemon, tmp_path, rng):
+    src = tmp_path / "f.bin"
+    data = rng.write(src, 3 * MiB)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunking="fixed", chunk_size=MiB)
+    proxy.flip = 1
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert proxy.flip == 0 and len(proxy.ranges()) == 4 and got.chunks_fetched == 3
+
+
+async def test_chunk_always_corrupted_is_refused_and_nothing_published(proxy, daemon, tmp_path,
+                                                                       rng):
+    src = tmp_path / "f.bin"
+    rng.write(src, 2 * MiB)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunking="fixed", chunk_size=MiB)
+    proxy.flip = 1000
+    dest = tmp_path / "out.bin"
+    async with fast(proxy.url) as client:
+        with pytest.raises(CasdIntegrityError, match="do not match the chunk's digest"):
+            await client.download(s.digest, dest, concurrency=1)
+    assert not dest.exists()
+    assert len(proxy.ranges()) == 3  # the first try and two more, then a refusal
+
+
+async def test_reuse_chunks_are_verified_even_when_the_digest_cache_vouches_for_them(
+        proxy, daemon, tmp_path, rng, cache_home):
+    old = tmp_path / "old.bin"
+    old_data = rng.write(old, 2 * MiB, 1)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(old, chunking="fixed", chunk_size=512 * KiB)
+    # The local file now holds other bytes, but its digest cache entry claims the stored
+    # chunks (a cache that went stale within one timestamp tick looks just like this).
+    old.write_bytes(bytes(len(old_data)))
+    settle(old)
+    rule = Chunking.fixed(512 * KiB)
+    file_digests(old, chunking=rule, algo=Algo.MD5, cache=DigestCache(cache_home))
+    lie = b"".join(hashlib.md5(old_data[i:i + 512 * KiB]).digest()
+                   for i in range(0, len(old_data), 512 * KiB))
+    with sqlite3.connect(cache_home / "digests.sqlite") as conn:
+        assert conn.execute("UPDATE chunk_digests SET chunk_digests = ?", (lie,)).rowcount == 1
+    out = tmp_path / "out.bin"
+    async with CasdClient(proxy.url) as client:
+        got = await client.download(s.digest, out, reuse=[old])
+    assert out.read_bytes() == old_data
+    assert (got.chunks_reused, got.chunks_fetched) == (0, 4)
+
+
+async def test_interrupted_chunked_download_resumes_with_what_it_had(proxy, daemon, tmp_path,
+                                                                     rng):
+    src = tmp_path / "f.bin"
+    data = rng.write(src, 4 * MiB)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunking="fixed", chunk_size=MiB)
+    proxy.cut_range_after = 2
+    dest = tmp_path / "out.bin"
+    async with fast(proxy.url, retries=0) as client:
+        with pytest.raises(CasdConnectionError):
+            await client.download(s.digest, dest, concurrency=1)
+    assert not dest.exists()
+    (part,) = tmp_path.glob(".*casd-part")
+    proxy.seen.clear()
+    async with CasdClient(proxy.url) as client:
+        got = await client.download(s.digest, dest)
+    assert dest.read_bytes() == data
+    assert got.chunks_reused == 2 and got.resumed_from == 2 * MiB
+    assert got.chunks_fetched == 2 and len(proxy.ranges()) == 2
+    assert not part.exists()
+
+
+async def test_server_without_manifests_gets_one_verified_get(proxy, daemon, tmp_path, rng):
+    src = tmp_path / "f.bin"
+    data = rng.write(src, 2 * MiB + 1)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src)
+    proxy.no_manifest = True
+    async with CasdClient(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", reuse=[src])
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert not got.chunked and got.bytes_received == len(data)
+    assert [(m, r) for m, p, r in proxy.seen if not p.endswith("/chunks")] == [("GET", None)]
+
+
+async def test_chunking_given_for_reuse_is_the_rule_used(proxy, daemon, tmp_path, rng):
+    old = tmp_path / "old.bin"
+    old_data = rng.write(old, 2 * MiB, 1)
+    new = tmp_path / "new.bin"
+    new_data = rng.bytes(KiB, 2) + old_data
+    new.write_bytes(new_data)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(new, chunking="fastcdc", chunk_size=32 * KiB)
+    async with CasdClient(proxy.url) as client:
+        wrong = await client.download(s.digest, tmp_path / "a.bin", reuse=[old],
+                                      chunking=Chunking.fixed(32 * KiB))
+        right = await client.download(s.digest, tmp_path / "b.bin", reuse=[old],
+                                      chunking=Chunking.fastcdc(32 * KiB))
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == new_data
+    assert wrong.chunks_fetched > right.chunks_fetched
+    assert right.chunks_fetched <= 3 and right.chunks_reused > 20
