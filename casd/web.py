@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import mimetypes
@@ -38,6 +39,7 @@ from casd.errors import (
     RangeNotSatisfiable,
     SizeMismatch,
     StorageFull,
+    StoreUnavailable,
     TooLarge,
     TooManyPending,
     Unauthorized,
@@ -46,7 +48,7 @@ from casd.errors import (
 )
 from casd.hooks import HOOKS
 from casd.models import ChunkRef, FileEntry, HandshakeComplete, Manifest
-from casd.service import Service
+from casd.service import BlobReader, Service
 from casd.web_guard import guard_middleware, install_guard, require_json
 
 log = logging.getLogger("casd.web")
@@ -88,6 +90,7 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     FileDigestMismatch: (422, protocol.FILE_DIGEST_MISMATCH),
     TooManyPending: (429, protocol.TOO_MANY_PENDING),
     Unavailable: (503, protocol.UNAVAILABLE),
+    StoreUnavailable: (503, protocol.UNAVAILABLE),
     StorageFull: (507, protocol.INSUFFICIENT_STORAGE),
 }
 # aiohttp's own refusals (no route, wrong method, body over client_max_size) in the same shape.
@@ -607,21 +610,31 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         start, length = rng
         status = 206
         headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{entry.size}"
-    plan = service.read_plan(opened, start, length) if opened is not None else []
-    resp = web.StreamResponse(status=status, headers=headers)
-    resp.content_length = length
-    await resp.prepare(request)
-    if request.method != "HEAD" and length:
-        try:
-            await _send_segments(request, resp, plan)
-        except OSError as exc:
-            # The status line is out: all that is left to say is "this body is incomplete",
-            # and closing the connection short of Content-Length says exactly that.
-            if not isinstance(exc, ConnectionResetError):
-                log.error("download of %s cut short: %s", entry.digest.hex, exc)
-            if request.transport is not None:
-                request.transport.close()
-            raise ConnectionResetError(str(exc)) from exc
+    plan = iter(service.read_plan(opened, start, length) if opened is not None else ())
+    first = next(plan, None) if request.method != "HEAD" else None
+    cursor = _BlobCursor(service)
+    try:
+        if first is not None:
+            # The first blob opens before the status line: a store that is down is a 503,
+            # not a cut-off body.
+            await cursor.reader_for(first)
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = length
+        await resp.prepare(request)
+        if first is not None:
+            try:
+                await _send_segments(request, resp, itertools.chain([first], plan), cursor)
+            except (OSError, CasdError) as exc:
+                # The status line is out: all that is left to say is "this body is
+                # incomplete", and closing the connection short of Content-Length says
+                # exactly that.
+                if not isinstance(exc, ConnectionResetError):
+                    log.error("download of %s cut short: %s", entry.digest.hex, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                raise ConnectionResetError(str(exc)) from exc
+    finally:
+        await cursor.close()
     await resp.write_eof()
     return resp
 
@@ -632,44 +645,73 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 SEND_SLICE = 256 * 1024
 
 
-async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -> None:
-    """Zero-copy where the transport allows it: sendfile each blob slice in order."""
-    loop = asyncio.get_running_loop()
+class _BlobCursor:
+    """The blob a download is reading: a manifest may list one chunk many times in a row,
+    and it is opened once for them. Whoever made the cursor closes it."""
+
+    def __init__(self, service: Service):
+        self._service = service
+        self._reader: BlobReader | None = None
+        self._digest: Digest | None = None
+
+    async def reader_for(self, seg):
+        if self._reader is None or self._digest != seg.digest:
+            await self.close()
+            self._reader = await self._service.open_segment(seg)
+            self._digest = seg.digest
+        return self._reader
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
+
+
+async def _send_segments(request: web.Request, resp: web.StreamResponse, plan,
+                         cursor: _BlobCursor) -> None:
+    """Each blob slice in order: zero-copy (sendfile) from a local file where the store and
+    the transport allow it, otherwise streamed in pieces from the store."""
     timeout = request.app[SETTINGS].body_timeout or None
-    f = None
-    f_path = None
-    try:
-        for seg in plan:
-            if f is None or f_path != seg.path:
-                # A manifest may list one chunk many times in a row: open it once for them.
-                if f is not None:
-                    f.close()
-                    f = None
-                f = await asyncio.to_thread(open, seg.path, "rb")
-                f_path = seg.path
-            pos, end = seg.offset, seg.offset + seg.length
-            while pos < end:
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError("client went away")
-                n = min(SEND_SLICE, end - pos)
+    for seg in plan:
+        await _send_segment(request, resp, await cursor.reader_for(seg), seg, timeout)
+
+
+async def _send_segment(request, resp, reader, seg, timeout: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    pos, end = seg.offset, seg.offset + seg.length
+    if reader.file is None:
+        async for piece in reader.stream(pos, seg.length):
+            try:
+                async with asyncio.timeout(timeout):
+                    await resp.write(piece)
+            except TimeoutError:
+                raise ConnectionResetError(
+                    f"the client took no {len(piece)} bytes in {timeout:g} seconds"
+                ) from None
+            pos += len(piece)
+        if pos != end:
+            raise BlobShort(f"blob {seg.digest.hex} ended {end - pos} bytes short of its slice")
+        return
+    f = reader.file
+    while pos < end:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        n = min(SEND_SLICE, end - pos)
+        try:
+            async with asyncio.timeout(timeout):
                 try:
-                    async with asyncio.timeout(timeout):
-                        try:
-                            sent = await loop.sendfile(transport, f, pos, n)
-                        except NotImplementedError:
-                            await _copy_segment(resp, f, pos, n)
-                            sent = n
-                except TimeoutError:
-                    raise ConnectionResetError(
-                        f"the client took no {n} bytes in {timeout:g} seconds"
-                    ) from None
-                if sent != n:
-                    raise BlobShort(f"{seg.path} ended {n - sent} bytes short of its slice")
-                pos += n
-    finally:
-        if f is not None:
-            f.close()
+                    sent = await loop.sendfile(transport, f, pos, n)
+                except NotImplementedError:
+                    await _copy_segment(resp, f, pos, n)
+                    sent = n
+        except TimeoutError:
+            raise ConnectionResetError(
+                f"the client took no {n} bytes in {timeout:g} seconds"
+            ) from None
+        if sent != n:
+            raise BlobShort(f"blob {seg.digest.hex} ended {n - sent} bytes short of its slice")
+        pos += n
 
 
 class BlobShort(OSError):
@@ -755,8 +797,8 @@ async def healthz(request: web.Request) -> web.Response:
         log.warning("health check failed: %s", exc)
         return error_response(
             503, protocol.UNAVAILABLE,
-            "unhealthy: the catalogue cannot be read or the data folder cannot be written;"
-            " the daemon's log says which",
+            "unhealthy: the catalogue cannot be read, the data folder cannot be written or"
+            " the blob store does not answer; the daemon's log says which",
         )
     return web.json_response({"status": "ok"})
 
