@@ -56,15 +56,22 @@ class TempBlob:
         self._fd: int | None = fd
         fcntl.flock(fd, fcntl.LOCK_EX)
 
+    def _open_fd(self) -> int:
+        """The file descriptor; ValueError (as for a closed file) after discard()."""
+        if self._fd is None:
+            raise ValueError(f"temp blob {self.path} was discarded")
+        return self._fd
+
     def write(self, data) -> None:
+        fd = self._open_fd()
         view = memoryview(data)
         while view:
-            n = os.write(self._fd, view)
+            n = os.write(fd, view)
             view = view[n:]
 
     def finish(self) -> None:
         """fsync: the bytes are durable before anything may point at them."""
-        os.fsync(self._fd)
+        os.fsync(self._open_fd())
 
     def discard(self) -> None:
         """Close and remove; safe to call at any point, also after finish()."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Self
+from typing import Any, BinaryIO, Self
 
 import aiohttp
 from aiobotocore.session import get_session
@@ -23,7 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from casd.blobstore import hash_blob
-from casd.blobstore.base import READ_PIECE, BlobInfo, BlobMissing
+from casd.blobstore.base import READ_PIECE, BlobHash, BlobInfo, BlobMissing
 from casd.blobstore.local import (
     TempBlob,
     TempFiles,
@@ -43,6 +43,8 @@ MAX_ATTEMPTS = 3
 QUARANTINE = "quarantine"
 # Answers that mean "no such object" (HEAD gives a bare 404).
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+# S3BlobStore has a method named `list`, which `list[...]` in its body would mean.
+_list = list
 
 
 def client_config() -> Config:
@@ -75,7 +77,8 @@ class S3BlobStore(TempFiles):
         self.location = f"s3://{bucket}/{prefix}" + (f" at {endpoint}" if endpoint else "")
         self.quarantine_location = f"s3://{bucket}/{self.prefix}{QUARANTINE}/"
         self._stack: AsyncExitStack | None = None
-        self._client = None
+        # The aiobotocore S3 client, set by start(); aiobotocore ships no type information.
+        self._client: Any = None
 
     # -- lifecycle --
 
@@ -228,24 +231,26 @@ class S3BlobStore(TempFiles):
             await self._client.delete_object(Bucket=self.bucket, Key=self.key(digest))
         return f"s3://{self.bucket}/{dest}"
 
-    async def hash_blobs(self, items, workers: int) -> list:
+    async def hash_blobs(
+        self, items: _list[tuple[Digest, Algo | None]], workers: int
+    ) -> _list[BlobHash | OSError]:
         """Objects are read by ranged GETs and hashed on the default executor; a blob
         gone meanwhile gives BlobMissing."""
         turns = asyncio.Semaphore(workers)
 
-        async def one(digest: Digest, algo):
+        async def one(digest: Digest, algo: Algo | None) -> BlobHash | OSError:
             async with turns:
                 try:
                     return await hash_blob(self, digest, algo)
                 except BlobMissing as exc:
                     return exc
 
-        out: list = []
+        out: _list[BlobHash | OSError] = []
         for i in range(0, len(items), 1000):  # bounded: a million blobs are not a million tasks
             out += await asyncio.gather(*(one(d, a) for d, a in items[i:i + 1000]))
         return out
 
-    async def assemble(self, parts: list[tuple[Digest, int]], dest: Path, total: int) -> None:
+    async def assemble(self, parts: _list[tuple[Digest, int]], dest: Path, total: int) -> None:
         loop = asyncio.get_running_loop()
         fd, temp = await asyncio.to_thread(open_export_temp, dest)
         try:
@@ -283,7 +288,7 @@ def _digest_of(name: str) -> Digest | None:
 class S3Reader:
     """One object, read by ranged GETs streamed in pieces (see BlobReader)."""
 
-    file = None
+    file: BinaryIO | None = None  # the bytes come over the network
 
     def __init__(self, store: S3BlobStore, key: str, size: int, version: tuple = ()):
         self._store = store
