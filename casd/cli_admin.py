@@ -11,7 +11,14 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from casd.cli_common import CliError, add_data_arg, catalog_url, data_dir, safe_text
+from casd.cli_common import (
+    CliError,
+    add_data_arg,
+    catalog_url,
+    data_dir,
+    safe_text,
+    store_settings,
+)
 from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import CasdError
@@ -125,7 +132,7 @@ def _digest(text: str) -> Digest:
 
 def _run(args: argparse.Namespace, work: Callable[[Maintenance], Awaitable[int]]) -> int:
     """Open the data folder, run `work`, close; every failure becomes one line."""
-    settings = Settings(data_dir=data_dir(args), catalog=catalog_url(args))
+    settings = Settings(data_dir=data_dir(args), catalog=catalog_url(args), **store_settings(args))
 
     async def main() -> int:
         m = await Maintenance.open(settings)
@@ -282,9 +289,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                   " is older than the grace period (not a problem)")
         if r.quarantined:
             print(f"repaired: {len(r.quarantined)} chunk(s) moved to"
-                  f" {m.settings.quarantine_dir} and marked absent; uploading the files"
+                  f" {m.blobs.quarantine_location} and marked absent; uploading the files"
                   " that use them again heals them")
-        how = "md5/sha256 and xxh3-128" if r.deep else "xxh3-128"
+        how = "md5/sha256 and xxh3-128" if r.deep else (
+            "xxh3-128" if m.blobs.quick_rehash else "size (--deep rehashes)"
+        )
         rate = r.bytes_checked / r.seconds / (1 << 20) if r.seconds else 0.0
         extra = ""
         if r.deleting:

@@ -8,6 +8,7 @@ import re
 import tomllib
 import urllib.parse
 
+from casd.blobstore import parse_s3_url
 from casd.config import data_dir_from_env, masked
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?\Z", re.IGNORECASE)
@@ -57,6 +58,16 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
         help="data folder (default: $CASD_DATA, else ./casd-data)",
     )
     parser.add_argument(
+        "--blobs", type=_blobs_url, default=os.environ.get("CASD_BLOBS"), metavar="URL",
+        help="where blobs live: s3://BUCKET[/PREFIX] (credentials and region as every AWS"
+        " tool reads them); default: $CASD_BLOBS, else DATA/blobs",
+    )
+    parser.add_argument(
+        "--s3-endpoint", type=_endpoint, default=os.environ.get("CASD_S3_ENDPOINT"),
+        metavar="URL", help="an S3-compatible service's URL (MinIO, Ceph RGW, R2, ...);"
+        " default: $CASD_S3_ENDPOINT, else AWS",
+    )
+    parser.add_argument(
         "--catalog",
         default=None,
         help="a postgresql://USER:PASS@HOST:PORT/DB URL: keep the catalogue in PostgreSQL,"
@@ -66,8 +77,31 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
     add_config_arg(parser)
 
 
+def _blobs_url(text: str) -> str | None:
+    if not text:
+        return None
+    try:
+        parse_s3_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _endpoint(text: str) -> str | None:
+    if not text:
+        return None
+    if not re.match(r"https?://[^/\s]+(/\S*)?\Z", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
 def data_dir(args: argparse.Namespace):
     return args.data if args.data is not None else data_dir_from_env()
+
+
+def store_settings(args: argparse.Namespace) -> dict:
+    """The Settings fields that pick the storage engines, from --blobs and --s3-endpoint."""
+    return {"blobs": args.blobs or None, "s3_endpoint": args.s3_endpoint or None}
 
 
 def catalog_url(args: argparse.Namespace) -> str | None:

@@ -14,10 +14,17 @@ import urllib.parse
 from aiohttp import web
 
 from casd import logs
-from casd.cli_common import CliError, add_data_arg, catalog_url, data_dir, parse_size
+from casd.cli_common import (
+    CliError,
+    add_data_arg,
+    catalog_url,
+    data_dir,
+    parse_size,
+    store_settings,
+)
 from casd.config import DEFAULT_HOST, DEFAULT_PORT, Settings, masked
 from casd.digest import Algo
-from casd.errors import Unavailable
+from casd.errors import StoreUnavailable, Unavailable
 from casd.server import (
     AcceptFailureLog,
     CasdAppRunner,
@@ -185,6 +192,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings(
         data_dir=data_dir(args).resolve(),
+        **store_settings(args),
         host=args.host,
         port=args.port,
         max_chunk_size=args.max_chunk_size,
@@ -268,6 +276,8 @@ async def serve(settings: Settings) -> int:
     )
     try:
         await runner.setup()
+    except StoreUnavailable as exc:
+        raise CliError(f"cannot open the blob store: {exc}") from None
     except Exception as exc:
         if isinstance(exc, Unavailable):  # says which database, its password masked
             raise CliError(exc.message) from None
@@ -283,7 +293,8 @@ async def serve(settings: Settings) -> int:
             raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
         host, port = runner.addresses[0][:2]
         shown = f"[{host}]" if ":" in host else host
-        log.info("serving http://%s:%d (data: %s)", shown, port, settings.data_dir)
+        log.info("serving http://%s:%d (data: %s%s)", shown, port, settings.data_dir,
+                 f", blobs: {settings.blobs}" if settings.blobs else "")
         await stop.wait()
         log.info("shutting down")
     finally:

@@ -33,6 +33,11 @@ class Settings:
     that contradict each other, raise ValueError naming the field (the CLI names its flag)."""
 
     data_dir: Path = Path(DEFAULT_DATA)
+    # Where blobs live: None keeps them under data_dir/blobs; "s3://BUCKET[/PREFIX]" puts them
+    # in that bucket (casd/blobstore). Temp files stay under data_dir either way.
+    blobs: str | None = None
+    # An S3-compatible service other than AWS (MinIO, Ceph RGW, R2, ...).
+    s3_endpoint: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_chunk_size: int = 64 * MiB

@@ -88,5 +88,10 @@ class TooManyPending(CasdError):
     """A new upload would take pending manifests over their budget (it frees as uploads end)."""
 
 
+class StoreUnavailable(CasdError):
+    """The blob store cannot be reached or answers with errors (down, slow, refusing); the
+    request can be retried, and nothing was recorded for it."""
+
+
 class AdminError(CasdError):
     """A maintenance request that cannot be done as asked (the message says why)."""

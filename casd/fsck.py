@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import xxhash
-
-from casd.blobstore import BlobStore, StoredBlob, temp_busy
+from casd.blobstore import BlobHash, BlobInfo, BlobStore
 from casd.catalog import Catalog, ChunkRow, ChunkUsers
 from casd.config import Settings
-from casd.digest import Algo, Digest
+from casd.digest import Digest
 from casd.gc import TEMP_MIN_AGE
 from casd.models import ChunkState, FsckIssue, FsckKind
 
-HASH_BLOCK = 1 << 20
+# Blobs handed to the store's hasher at a time (bounds what one fsck holds in flight).
+HASH_BATCH = 10_000
 # Suspects rechecked per hold of the write lock in fsck.
 RECHECK_BATCH = 200
 # fsck --repair sets these aside: the chunk's stored bytes are wrong or gone.
@@ -52,85 +47,9 @@ class FsckReport:
 
 
 @dataclass
-class _Hashed:
-    """One blob's hash pass: what the bytes hash to, and which inode was read."""
-
-    xxh3: str
-    digest: str | None
-    ident: tuple[int, int, int]  # (inode, mtime_ns, size)
-
-
-@dataclass
 class _Suspect:
-    hashed: _Hashed | None = None  # the hash pass, when it found the bytes wrong
+    hashed: BlobHash | None = None  # the hash pass, when it found the bytes wrong
     corrupt: str | None = None
-
-
-_buffers = threading.local()
-
-
-def _hash_file(path: Path, algo: Algo | None) -> _Hashed:
-    """xxh3-128 of a file, plus its real digest when `algo` is given; 1 MiB reads."""
-    x = xxhash.xxh3_128()
-    h = algo.new() if algo is not None else None
-    buf = getattr(_buffers, "buf", None)
-    if buf is None:  # one per thread: allocating 1 MiB per small blob costs more than hashing it
-        buf = _buffers.buf = bytearray(HASH_BLOCK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
-        while n := f.readinto(buf):
-            x.update(view[:n])
-            if h is not None:
-                h.update(view[:n])
-    return _Hashed(
-        x.hexdigest(), h.hexdigest() if h else None, (st.st_ino, st.st_mtime_ns, st.st_size)
-    )
-
-
-def _hash_group(group: list[tuple[Path, Algo | None]]) -> list[_Hashed | OSError]:
-    out: list[_Hashed | OSError] = []
-    for path, algo in group:
-        try:
-            out.append(_hash_file(path, algo))
-        except OSError as exc:
-            out.append(exc)
-    return out
-
-
-def _groups(jobs: list, size_of: Callable, target: int = 8 * HASH_BLOCK, most: int = 512):
-    """Consecutive runs of jobs of about `target` bytes (at most `most` jobs): one thread
-    hand-off per run, so a store of small blobs is not dominated by hand-offs."""
-    group: list = []
-    total = 0
-    for job in jobs:
-        group.append(job)
-        total += size_of(job)
-        if total >= target or len(group) >= most:
-            yield group
-            group, total = [], 0
-    if group:
-        yield group
-
-
-def _ident(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def _windowed(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """(item, fn(item)) in order, computed in `pool` with at most `window` in flight."""
-    pending: deque = deque()
-    for item in items:
-        pending.append((item, pool.submit(fn, item)))
-        if len(pending) >= window:
-            it, fut = pending.popleft()
-            yield it, fut.result()
-    for it, fut in pending:
-        yield it, fut.result()
 
 
 def _file_names(users: ChunkUsers) -> tuple[str, ...]:
@@ -140,8 +59,9 @@ def _file_names(users: ChunkUsers) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _judge(hex_: str, users: ChunkUsers, ident, corrupt: str | None) -> list[FsckIssue]:
-    """The problems of one chunk, from facts read under the write lock and its blob's stat."""
+def _judge(hex_: str, users: ChunkUsers, stored: int | None, corrupt: str | None) -> list[FsckIssue]:
+    """The problems of one chunk, from facts read under the write lock and its blob's size
+    (None: no blob stored)."""
     row = users.row
     files = _file_names(users)
     live = row if row is not None and row.state == ChunkState.LIVE else None
@@ -154,7 +74,7 @@ def _judge(hex_: str, users: ChunkUsers, ident, corrupt: str | None) -> list[Fsc
             why = "been set aside by fsck --repair (uploading it again heals the files)"
         else:
             why = "its row is being deleted by gc"
-        on_disk = ", though a blob file is on disk" if ident is not None else ""
+        on_disk = ", though a blob file is on disk" if stored is not None else ""
         out.append(FsckIssue(
             FsckKind.MISSING_BLOB, hex_, f"complete files use it, but it has {why}{on_disk}", files
         ))
@@ -164,19 +84,19 @@ def _judge(hex_: str, users: ChunkUsers, ident, corrupt: str | None) -> list[Fsc
                 FsckKind.WRONG_SIZE, hex_,
                 f"a file's manifest gives it {size} bytes, its row says {live.size}", files,
             ))
-        if ident is None:
+        if stored is None:
             kind = FsckKind.MISSING_BLOB if users.files else FsckKind.ORPHAN_ROW
             out.append(FsckIssue(
                 kind, hex_, f"the row says {live.size} bytes, the blob file is gone{uploads}", files
             ))
-        elif ident[2] != live.size:
+        elif stored != live.size:
             out.append(FsckIssue(
                 FsckKind.WRONG_SIZE, hex_,
-                f"the blob file has {ident[2]} bytes, the row says {live.size}{uploads}", files,
+                f"the blob file has {stored} bytes, the row says {live.size}{uploads}", files,
             ))
         elif corrupt is not None:
             out.append(FsckIssue(FsckKind.CORRUPT, hex_, corrupt + uploads, files))
-    elif row is None and ident is not None:
+    elif row is None and stored is not None:
         out.append(FsckIssue(FsckKind.ORPHAN_FILE, hex_, "a blob file with no catalogue row", files))
     return out
 
@@ -189,7 +109,7 @@ def _is_note(issue: FsckIssue) -> bool:
     )
 
 
-def _verdict(row: ChunkRow, hashed: _Hashed) -> str | None:
+def _verdict(row: ChunkRow, hashed: BlobHash) -> str | None:
     """Why a blob's bytes are not the row's, or None when they are."""
     if hashed.digest is not None and hashed.digest != row.digest.hex:
         return f"its bytes hash to {row.digest.algo.value} {hashed.digest}, not to its name"
@@ -222,18 +142,18 @@ class Fsck:
         cat = self.catalog
         # Disk first, then rows: a blob the daemon publishes meanwhile has its file before
         # its row, so it shows up (at worst) as a suspect, which the locked recheck clears.
-        on_disk: list[StoredBlob] = await asyncio.to_thread(lambda: list(self.blobs.walk()))
+        on_disk: list[BlobInfo] = [b async for b in self.blobs.list()]
         temps = await asyncio.to_thread(lambda: list(self.blobs.temp_files()))
         rows = {r.digest.hex: r for r in await cat.all_chunks()}
         wanted = await cat.file_chunk_sizes()
 
         issues: list[FsckIssue] = []
         suspects: dict[str, _Suspect] = {}
-        disk: dict[str, StoredBlob] = {}
+        disk: dict[str, BlobInfo] = {}
         for b in on_disk:
             if b.digest is None:
                 issues.append(FsckIssue(
-                    FsckKind.ORPHAN_FILE, None, f"{b.path} is not named or placed like a blob"
+                    FsckKind.ORPHAN_FILE, None, f"{b.where} is not named or placed like a blob"
                 ))
             else:
                 disk[b.digest.hex] = b
@@ -241,7 +161,7 @@ class Fsck:
             r = rows.get(hex_)
             if r is None or r.state != ChunkState.LIVE or r.size != size:
                 suspects.setdefault(hex_, _Suspect())
-        jobs: list[tuple[ChunkRow, StoredBlob]] = []
+        jobs: list[tuple[ChunkRow, BlobInfo]] = []
         for hex_, r in rows.items():
             blob = disk.get(hex_)
             if r.state != ChunkState.LIVE:
@@ -253,7 +173,9 @@ class Fsck:
         for hex_ in disk.keys() - rows.keys():
             suspects.setdefault(hex_, _Suspect())
 
-        checked, nbytes = await asyncio.to_thread(self._hash_all, jobs, deep, workers, suspects)
+        if not (deep or self.blobs.quick_rehash):
+            jobs = []  # listed with their sizes, which were compared above
+        checked, nbytes = await self._hash_all(jobs, deep, workers, suspects)
 
         items = sorted(suspects.items())
         for i in range(0, len(items), RECHECK_BATCH):
@@ -289,11 +211,9 @@ class Fsck:
         that use them, which answer "pending" until healed) and downloads of such files are
         refused; a PUT of the chunk stores it again and heals every file using it.
         """
-        folder = self.settings.quarantine_dir
-
-        def move(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
+        async def decide(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
             chosen = []
-            judged = self._judge_all(batch, facts, deep)
+            judged = await self._judge_all(batch, facts, deep)
             for hex_ in sorted({i.digest for i in judged if i.kind in REPAIRABLE and i.digest}):
                 users = facts[hex_]
                 digest = Digest.parse_any(hex_)
@@ -305,40 +225,35 @@ class Fsck:
                     size = users.files[0][1]
                 else:
                     continue
-                self.blobs.quarantine(digest, folder)
+                await self.blobs.quarantine(digest)
                 chosen.append((digest, size))
             return chosen
-
-        async def decide(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
-            return await asyncio.to_thread(move, facts)
 
         chosen = await self.catalog.quarantine(batch.keys(), now, decide)
         return [d.hex for d, _ in chosen]
 
-    def _hash_all(
-        self, jobs: list[tuple[ChunkRow, StoredBlob]], deep: bool, workers: int | None,
+    async def _hash_all(
+        self, jobs: list[tuple[ChunkRow, BlobInfo]], deep: bool, workers: int | None,
         suspects: dict[str, _Suspect],
     ) -> tuple[int, int]:
-        """Hash every listed blob in threads; mismatches and vanished files become suspects."""
+        """Hash every listed blob; mismatches and vanished blobs become suspects."""
         workers = workers or min(4, os.cpu_count() or 1)
         checked = nbytes = 0
-
-        def work(group: list[tuple[ChunkRow, StoredBlob]]):
-            return _hash_group([(b.path, r.digest.algo if deep else None) for r, b in group])
-
-        with ThreadPoolExecutor(workers, thread_name_prefix="casd-fsck") as pool:
-            groups = _groups(jobs, lambda job: job[1].size)
-            for group, results in _windowed(pool, work, groups, workers * 2):
-                for (r, _b), res in zip(group, results, strict=True):
-                    hex_ = r.digest.hex
-                    if isinstance(res, OSError):
-                        suspects.setdefault(hex_, _Suspect())
-                        continue
-                    checked += 1
-                    nbytes += res.ident[2]
-                    bad = _verdict(r, res)
-                    if bad:
-                        suspects[hex_] = _Suspect(res, bad)
+        for i in range(0, len(jobs), HASH_BATCH):
+            part = jobs[i:i + HASH_BATCH]
+            results = await self.blobs.hash_blobs(
+                [(r.digest, r.digest.algo if deep else None) for r, _b in part], workers
+            )
+            for (r, _b), res in zip(part, results, strict=True):
+                hex_ = r.digest.hex
+                if isinstance(res, OSError):
+                    suspects.setdefault(hex_, _Suspect())
+                    continue
+                checked += 1
+                nbytes += res.size
+                bad = _verdict(r, res)
+                if bad:
+                    suspects[hex_] = _Suspect(res, bad)
         return checked, nbytes
 
     async def _recheck(
@@ -349,12 +264,12 @@ class Fsck:
         issues: list[FsckIssue] = []
 
         async def probe(facts: dict[str, ChunkUsers]) -> None:
-            issues[:] = await asyncio.to_thread(self._judge_all, batch, facts, deep)
+            issues[:] = await self._judge_all(batch, facts, deep)
 
         await self.catalog.chunk_users(batch.keys(), now, probe)
         return issues
 
-    def _judge_all(
+    async def _judge_all(
         self, batch: dict[str, _Suspect], facts: dict[str, ChunkUsers], deep: bool
     ) -> list[FsckIssue]:
         out = []
@@ -362,24 +277,26 @@ class Fsck:
             users = facts[hex_]
             digest = Digest.parse_any(hex_)
             algo = digest.algo
-            path = self.blobs.path(digest)
-            if users.row is None and temp_busy(path):
-                # Linked into place by a daemon that has not committed its row yet: the
-                # inode is its temp file's, still locked. In flight, not an orphan.
+            info = await self.blobs.stat(digest)
+            if users.row is None and info is not None and info.in_flight:
+                # Stored by a daemon that has not committed its row yet. Not an orphan.
                 continue
-            ident = _ident(path)
+            ident = None if info is None else info.version
+            size = None if info is None else info.size
             corrupt = None
             row = users.row
-            if s.corrupt is not None and ident is not None and row is not None:
-                if s.hashed is not None and s.hashed.ident == ident:
+            if s.corrupt is not None and info is not None and row is not None:
+                if s.hashed is not None and s.hashed.version == ident:
                     corrupt = _verdict(row, s.hashed)
                 else:
                     # The blob was replaced since it was hashed (re-uploaded): hash it again.
-                    try:
-                        corrupt = _verdict(row, _hash_file(path, algo if deep else None))
-                    except FileNotFoundError:
-                        ident = None
-            out += _judge(hex_, users, ident, corrupt)
+                    results = await self.blobs.hash_blobs([(digest, algo if deep else None)], 1)
+                    res = results[0]
+                    if isinstance(res, OSError):
+                        size = None
+                    else:
+                        corrupt = _verdict(row, res)
+            out += _judge(hex_, users, size, corrupt)
         return out
 
     # -- stats, ls, rm --

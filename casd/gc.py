@@ -1,7 +1,7 @@
 """Garbage collection of a data folder, beside a live daemon: plan, then execute.
 
 `Gc.plan` lists what is garbage now (expired uploads, unused manifests, unreferenced chunks,
-orphan blob files, stale temp files, quarantined chunks no one needs); `Gc.execute` removes
+orphan blobs, stale temp files, quarantined chunks no one needs); `Gc.execute` removes
 it batch by batch, rechecking every item inside its transaction. The ordering rules are
 described at the maintenance section of casd/catalog/sqlite.py.
 """
@@ -38,10 +38,10 @@ TEMP_MIN_AGE = 600.0
 
 @dataclass(frozen=True)
 class OrphanBlob:
-    """A blob file, named like a blob, with no catalogue row."""
+    """A stored blob, named like a blob, with no catalogue row; `where` names it for people."""
 
     digest: Digest
-    path: Path
+    where: str
     size: int
     mtime: float
 
@@ -58,7 +58,7 @@ class GcPlan:
     chunks: tuple[ChunkRow, ...]  # live, unreferenced, older than the grace period
     unfinished: tuple[ChunkRow, ...]  # DELETING rows an earlier gc did not finish
     temp_files: tuple[TempFile, ...]
-    orphans: tuple[OrphanBlob, ...] = ()  # blob files with no row, older than the grace
+    orphans: tuple[OrphanBlob, ...] = ()  # blobs with no row, older than the grace
     quarantined: int = 0  # quarantined chunks no file or live upload needs any more
 
     @property
@@ -84,10 +84,10 @@ class GcResult:
     manifests: int
     chunks: tuple[ChunkRow, ...]  # rows deleted
     kept: int  # planned chunks found in use again when their turn came
-    chunk_bytes: int  # bytes of blob files unlinked
+    chunk_bytes: int  # bytes of blobs removed
     temp_files: tuple[TempFile, ...]
     seconds: float
-    orphans: tuple[OrphanBlob, ...] = ()  # orphan blob files unlinked
+    orphans: tuple[OrphanBlob, ...] = ()  # orphan blobs removed
     quarantined: int = 0  # quarantined chunk rows forgotten
 
     @property
@@ -147,12 +147,10 @@ class Gc:
 
     async def _orphans(self, before: float) -> list[OrphanBlob]:
         """Blob files untouched since `before` with no row, that no complete file uses."""
-        old = await asyncio.to_thread(
-            lambda: [
-                OrphanBlob(b.digest, b.path, b.size, b.mtime) for b in self.blobs.walk()
-                if b.digest is not None and b.mtime < before
-            ]
-        )
+        old = [
+            OrphanBlob(b.digest, b.where, b.size, b.mtime) async for b in self.blobs.list()
+            if b.digest is not None and b.mtime < before
+        ]
         unrowed = await self.catalog.orphans([b.digest.hex for b in old])
         return [b for b in old if b.digest.hex in unrowed]
 
@@ -188,7 +186,10 @@ class Gc:
 
         async def unlink(rows: list[ChunkRow]) -> None:
             nonlocal freed
-            freed += await asyncio.to_thread(self._unlink_blobs, rows)
+            # Concurrently: the write lock is held meanwhile, and an object store answers
+            # each delete in a round trip.
+            gone = await asyncio.gather(*(self.blobs.delete(r.digest) for r in rows))
+            freed += sum(r.size for r, g in zip(rows, gone, strict=True) if g)
 
         async def retire(rows: list[ChunkRow]) -> None:
             async with self._turn():
@@ -218,9 +219,12 @@ class Gc:
             by_hex = {b.digest.hex: b for b in blobs}
 
             async def unlink_orphans(still: set[str], by_hex=by_hex) -> None:
-                orphans.extend(await asyncio.to_thread(
-                    self._unlink_orphans, [by_hex[h] for h in sorted(still)], cutoff
-                ))
+                # With the digests locked: no daemon writes their rows meanwhile, and one
+                # that stored such a blob a moment ago puts it back under the same lock.
+                for h in sorted(still):
+                    b = by_hex[h]
+                    if await self.blobs.delete_if_older(b.digest, cutoff):
+                        orphans.append(b)
 
             async with self._turn():
                 await cat.retire_orphans(sorted(by_hex), unlink_orphans)
@@ -234,21 +238,6 @@ class Gc:
             tuple(temps), time.monotonic() - started, tuple(orphans), quarantined,
         )
 
-    @staticmethod
-    def _unlink_orphans(blobs: list[OrphanBlob], before: float) -> list[OrphanBlob]:
-        """Called under the write lock with blobs that still have no row: unlink the old ones
-        whose inode is not a temp file a daemon still holds (linked, row not yet written)."""
-        removed = []
-        for b in blobs:
-            try:
-                if os.lstat(b.path).st_mtime >= before or temp_busy(b.path):
-                    continue
-                os.unlink(b.path)
-            except FileNotFoundError:
-                continue
-            removed.append(b)
-        return removed
-
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
         """One gc transaction, then a pause in proportion to it.
@@ -261,9 +250,6 @@ class Gc:
         yield
         held = time.monotonic() - started
         await asyncio.sleep(min(GC_PAUSE_MAX, max(GC_PAUSE_MIN, held)))
-
-    def _unlink_blobs(self, rows: list[ChunkRow]) -> int:
-        return sum(r.size for r in rows if self.blobs.remove(r.digest))
 
     @staticmethod
     def _remove_temps(temps: Iterable[TempFile], before: float) -> list[TempFile]:

@@ -10,22 +10,19 @@ maintenance section of casd/catalog/sqlite.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import os
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from casd.blobstore import BlobStore, Reserve, fsync_dir
+from casd.blobstore import BlobMissing, BlobStore, Reserve, open_blobstore
 from casd.catalog import Catalog, open_catalog
 from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import AdminError, NotFound, StorageFull
-from casd.fsck import HASH_BLOCK, Fsck, FsckReport
+from casd.fsck import Fsck, FsckReport
 from casd.gc import GC_BATCH, Gc, GcPlan, GcResult
 from casd.models import FileEntry, PendingUpload, Stats
 
@@ -80,10 +77,17 @@ class Maintenance:
                 raise
             log.warning("%s; released the disk reserve %s", exc, settings.reserve_path)
             catalog = await open_it()
-        return cls(settings, catalog, BlobStore(settings.blobs_dir, settings.tmp_dir), clock)
+        blobs = open_blobstore(settings.blobs, settings.data_dir, settings.s3_endpoint)
+        try:
+            await blobs.start()
+        except BaseException:
+            await catalog.close()
+            raise
+        return cls(settings, catalog, blobs, clock)
 
     async def close(self) -> None:
         await self.catalog.close()
+        await self.blobs.close()
 
     async def _freeing(self, fn, *args):
         """Run a change that frees space; on a full disk, delete the daemon's reserve file
@@ -169,74 +173,13 @@ class Maintenance:
             dest = dest / f"{digest.hex}{entry.ext}"
         if not force and os.path.lexists(dest):
             raise AdminError(f"{dest} exists; pass --force to replace it")
-        parts = [(self.blobs.path(Digest(digest.algo, h)), size) for h, size in chunks]
-        await asyncio.to_thread(_assemble, parts, dest, entry.size)
+        parts = [(Digest(digest.algo, h), size) for h, size in chunks]
+        try:
+            await self.blobs.assemble(parts, dest, entry.size)
+        except BlobMissing as exc:
+            raise AdminError(
+                f"{exc}: the file was deleted meanwhile, or the store is damaged (run casd fsck)"
+            ) from None
+        except ValueError as exc:
+            raise AdminError(f"{exc} (run casd fsck)") from None
         return entry, dest
-
-
-
-
-# errno values with which copy_file_range says "not here": fall back to read/write.
-_NO_COPY_RANGE = {
-    errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM,
-    errno.EBADF,
-}
-
-
-def _assemble(parts: list[tuple[Path, int]], dest: Path, total: int) -> None:
-    """Concatenate blobs into a temp file beside `dest`, check its size, rename it in place."""
-    temp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.casd-export")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        use_range = hasattr(os, "copy_file_range")
-        for path, size in parts:
-            try:
-                src = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise AdminError(
-                    f"chunk {path.name} is gone: the file was deleted meanwhile, or the store"
-                    " is damaged (run casd fsck)"
-                ) from None
-            try:
-                have = os.fstat(src).st_size
-                if have != size:
-                    raise AdminError(
-                        f"chunk {path.name} has {have} bytes, the manifest says {size}"
-                        " (run casd fsck)"
-                    )
-                left = size
-                while left and use_range:
-                    try:
-                        n = os.copy_file_range(src, fd, left)
-                    except OSError as exc:
-                        if exc.errno not in _NO_COPY_RANGE:
-                            raise
-                        use_range = False
-                        break
-                    if n == 0:
-                        break
-                    left -= n
-                while left:
-                    data = os.read(src, min(left, HASH_BLOCK))
-                    if not data:
-                        raise AdminError(f"chunk {path.name} ended {left} bytes early")
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    left -= len(data)
-            finally:
-                os.close(src)
-        os.fsync(fd)
-        written = os.fstat(fd).st_size
-        if written != total:
-            raise AdminError(f"assembled {written} bytes, the file has {total}")
-        os.close(fd)
-        fd = -1
-        os.replace(temp, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise

@@ -182,6 +182,21 @@ class CasdRequestHandler(RequestHandler):
             ))
         self.force_close()
 
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Refusals aiohttp raises before the app's middlewares run (an unknown `Expect`),
+        in the protocol's JSON error shape like every other refusal."""
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            status = resp.status
+            code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+            resp = web.Response(
+                status=status, body=error_body(code, resp.text or HTTPStatus(status).phrase),
+                content_type="application/json", charset="utf-8",
+            )
+            resp.force_close()
+        return await super().finish_response(request, resp, start_time)
+
     def handle_error(
         self,
         request: BaseRequest,

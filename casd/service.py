@@ -1,7 +1,8 @@
 """Use cases: handshake, put_chunk, merge, abort, open_file, delete_file.
 
-The ordering rules live here: a blob is fsynced and renamed into place before any catalogue
-row says it exists; bytes are verified while they stream in, never trusted.
+The ordering rules live here: a blob is verified and acknowledged by the blob store before
+any catalogue row says it exists; bytes are verified while they stream in, never trusted.
+Which engines store blobs and the catalogue is decided in `Service.open` alone.
 """
 
 from __future__ import annotations
@@ -12,18 +13,25 @@ import logging
 import secrets
 import sqlite3
 import time
-from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import accumulate
-from pathlib import Path
 
 import xxhash
 
-from casd.blobstore import BlobStore, Reserve, TempBlob, is_disk_full
+from casd.blobstore import (
+    BlobMissing,
+    BlobReader,
+    BlobStore,
+    Reserve,
+    TempBlob,
+    blob_matches,
+    feed,
+    is_disk_full,
+    open_blobstore,
+)
 from casd.catalog import Catalog, open_catalog
 from casd.config import Settings
 from casd.digest import ChunkHasher, Digest
@@ -56,7 +64,6 @@ log = logging.getLogger("casd.service")
 # Bytes handed to a worker thread at a time: large enough that hashlib releases the GIL and
 # thread hand-offs are rare, small enough that a request holds only a couple of them.
 INGEST_BLOCK = 1 << 20
-READ_BLOCK = 1 << 20
 
 
 @contextmanager
@@ -118,7 +125,9 @@ HASH_SLICE = 4 << 20
 
 @dataclass(frozen=True)
 class ReadSegment:
-    path: Path
+    """Bytes [offset, offset+length) of one blob."""
+
+    digest: Digest
     offset: int
     length: int
 
@@ -138,12 +147,13 @@ class Service:
         catalog: Catalog,
         blobs: BlobStore,
         clock: Callable[[], float] = time.time,
+        io: ThreadPoolExecutor | None = None,
     ):
         self.settings = settings
         self.catalog = catalog
         self.blobs = blobs
         self.clock = clock
-        self.io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="casd-io")
+        self.io = io or ThreadPoolExecutor(settings.io_workers, thread_name_prefix="casd-io")
         # Whole-file hashing has its own threads: chunk ingest and /healthz use `io`, and a
         # merge of a manifest that repeats one chunk a million times must not queue them.
         self.hashing = ThreadPoolExecutor(settings.hash_workers, thread_name_prefix="casd-hash")
@@ -160,8 +170,10 @@ class Service:
 
     @classmethod
     async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Service:
-        blobs = BlobStore(settings.blobs_dir, settings.tmp_dir)
-        await asyncio.to_thread(blobs.ensure_dirs)
+        io = ThreadPoolExecutor(settings.io_workers, thread_name_prefix="casd-io")
+        blobs = open_blobstore(settings.blobs, settings.data_dir, settings.s3_endpoint, io)
+        await blobs.start()
+
         def open_it():
             return open_catalog(
                 settings.catalog_where, synchronous=settings.sqlite_synchronous,
@@ -176,7 +188,7 @@ class Service:
                 raise
             log.warning("%s: released the disk reserve to open the catalogue", exc)
             catalog = await open_it()
-        service = cls(settings, catalog, blobs, clock)
+        service = cls(settings, catalog, blobs, clock, io)
         try:
             made = await asyncio.to_thread(service.reserve.ensure)
         except OSError as exc:
@@ -196,6 +208,7 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.catalog.close()
+        await self.blobs.close()
         self.io.shutdown(wait=True)
         self.hashing.shutdown(wait=True)
 
@@ -368,23 +381,27 @@ class Service:
             hasher = await self._ingest(temp, body, size, digest)
             xxh3 = hasher.xxh3()
             if check_stored:
-                if await self._run(self.blobs.matches, digest, size, xxh3):
+                if await blob_matches(self.blobs, digest, size, xxh3, self.io):
                     now = self.clock()
                     await self.catalog.touch_upload(upload_id, now, self._expiry(now))
                     return False
                 log.warning("chunk %s: the stored blob's bytes are wrong; replacing them with"
                             " the verified ones just received", digest.hex)
-                async def place(d: Digest) -> None:
-                    await self._run(self.blobs.put_over, temp, d)
+                locked = self.blobs.replace
             else:
-                async def place(d: Digest) -> None:
-                    await self._run(self.blobs.ensure_placed, temp, d)
+                locked = self.blobs.ensure_stored
             await self._run(temp.finish)
             if not check_stored:
-                # Link into place and fsync the folder here, in parallel with other uploads;
-                # the serialized write transaction then only checks the file is still there.
-                await self._run(self.blobs.place, temp, digest)
+                # Store the bytes here, in parallel with other uploads (link and fsync, or a
+                # PUT the store acknowledges); under the digest lock the catalogue then only
+                # checks that the blob is still there.
+                with full_disk_refused():
+                    await self.blobs.publish(temp, digest)
             now = self.clock()
+
+            async def place(d: Digest) -> None:
+                await locked(temp, d)
+
             with full_disk_refused():
                 published = await self.catalog.publish_chunk(
                     digest, size, xxh3, now, place, (upload_id, self._expiry(now)),
@@ -589,32 +606,36 @@ class Service:
     async def _hash_turn(
         self, state: FileHash, page: list[tuple[str, int]], i: int, background: bool
     ) -> int:
-        loop = asyncio.get_running_loop()
         if not background:
-            return await loop.run_in_executor(self.hashing, self._hash_slice, state, page, i)
+            return await self._hash_slice(state, page, i)
         async with self._ahead_turns:
-            return await loop.run_in_executor(self.hashing, self._hash_slice, state, page, i)
+            return await self._hash_slice(state, page, i)
 
-    def _hash_slice(self, state: FileHash, page: list[tuple[str, int]], i: int) -> int:
-        """Hash at most HASH_SLICE bytes from page[i] (at state.offset); the next index."""
+    async def _hash_slice(self, state: FileHash, page: list[tuple[str, int]], i: int) -> int:
+        """Hash at most HASH_SLICE bytes from page[i] (at state.offset); the next index.
+
+        The bytes come from the blob store (a local file, or ranged reads of objects a
+        daemon that received none of the chunks never saw) and are hashed on the hash pool,
+        a piece at a time.
+        """
+
+        def absorb(piece: bytes) -> None:
+            state.hash.update(piece)
+            state.total += len(piece)
+
         budget = HASH_SLICE
-        buf = bytearray(min(READ_BLOCK, HASH_SLICE))
-        view = memoryview(buf)
         while i < len(page) and budget > 0:
             hex_, size = page[i]
-            with open(self.blobs.path(Digest(state.algo, hex_)), "rb", buffering=0) as f:
-                f.seek(state.offset)
-                while budget > 0 and state.offset < size:
-                    n = f.readinto(view[:min(len(buf), budget, size - state.offset)])
-                    if not n:
-                        # A damaged blob: what it holds is hashed, and the file's digest or
-                        # size then fails to match, as it should.
-                        state.offset = size
-                        break
-                    state.hash.update(view[:n])
-                    state.total += n
-                    state.offset += n
-                    budget -= n
+            n = min(budget, size - state.offset)
+            async with await self.blobs.open(Digest(state.algo, hex_)) as reader:
+                got = await feed(reader, state.offset, n, absorb, self.hashing)
+            budget -= n
+            if got < n:
+                # A damaged blob: what it holds is hashed, and the file's digest or size
+                # then fails to match, as it should.
+                state.offset = size
+            else:
+                state.offset += n
             if state.offset == size:
                 state.next += 1
                 state.offset = 0
@@ -649,32 +670,50 @@ class Service:
             )
         return OpenFile(entry, chunks)
 
-    def read_plan(self, file: OpenFile, start: int, length: int) -> list[ReadSegment]:
-        """The blob slices that make bytes [start, start+length) of a file, in order."""
+    def read_plan(self, file: OpenFile, start: int, length: int) -> Iterator[ReadSegment]:
+        """The blob slices that make bytes [start, start+length) of a file, in order.
+
+        Checked now, produced lazily: a manifest may list a million one-byte chunks, and a
+        million segments built at once would hold the event loop for seconds and cost
+        hundreds of MB per download.
+        """
         if length <= 0:
-            return []
-        chunks = file.chunks
-        ends = list(accumulate(size for _hex, size in chunks))
-        if not ends or ends[-1] != file.entry.size:
+            return iter(())
+        total = sum(size for _hex, size in file.chunks)
+        if total != file.entry.size:
             # Cannot happen for a snapshot of a healthy catalogue; refuse rather than serve
             # bytes that do not add up to what the ETag names.
             raise RuntimeError(
                 f"file {file.entry.digest.hex}: its chunks add up to"
-                f" {ends[-1] if ends else 0} bytes, not {file.entry.size}"
+                f" {total} bytes, not {file.entry.size}"
             )
+        return self._segments(file, start, start + length)
+
+    def _segments(self, file: OpenFile, pos: int, stop: int) -> Iterator[ReadSegment]:
         algo = file.entry.digest.algo
-        out: list[ReadSegment] = []
-        i = bisect_right(ends, start)
-        pos, stop = start, start + length
-        while pos < stop:
-            hex_, size = chunks[i]
-            chunk_start = ends[i] - size
-            offset = pos - chunk_start
-            n = min(size - offset, stop - pos)
-            out.append(ReadSegment(self.blobs.path(Digest(algo, hex_)), offset, n))
-            pos += n
-            i += 1
-        return out
+        chunk_start = 0
+        for hex_, size in file.chunks:
+            chunk_end = chunk_start + size
+            if chunk_end > pos:
+                offset = pos - chunk_start
+                n = min(size - offset, stop - pos)
+                yield ReadSegment(Digest(algo, hex_), offset, n)
+                pos += n
+                if pos >= stop:
+                    return
+            chunk_start = chunk_end
+
+    async def open_segment(self, segment: ReadSegment) -> BlobReader:
+        """An open reader of the segment's blob; the caller closes it. A blob the catalogue
+        names but the store lacks (a damaged store) is Unavailable; a store that does not
+        answer is StoreUnavailable."""
+        try:
+            return await self.blobs.open(segment.digest)
+        except BlobMissing:
+            raise Unavailable(
+                f"chunk {segment.digest.hex} is missing from the blob store (casd fsck tells"
+                " more; uploading the file again repairs it)"
+            ) from None
 
     async def file_manifest(self, digest: Digest) -> tuple[FileEntry, int]:
         """The file and how many chunks its manifest lists; NotFound as for get_file."""
@@ -714,7 +753,9 @@ class Service:
             raise NotFound(f"no file {digest.hex}")
 
     async def health(self) -> None:
-        """Raises when the catalogue cannot be read or the data folder cannot be written."""
+        """Raises when the catalogue cannot be read, the data folder cannot be written or
+        the blob store does not answer."""
         await self.catalog.ping()
         await self._run(self.blobs.check_writable)
+        await self.blobs.ping()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import mimetypes
@@ -38,6 +39,7 @@ from casd.errors import (
     RangeNotSatisfiable,
     SizeMismatch,
     StorageFull,
+    StoreUnavailable,
     TooLarge,
     TooManyPending,
     Unauthorized,
@@ -46,7 +48,7 @@ from casd.errors import (
 )
 from casd.hooks import HOOKS
 from casd.models import ChunkRef, FileEntry, HandshakeComplete, Manifest
-from casd.service import Service
+from casd.service import BlobReader, Service
 from casd.web_guard import guard_middleware, install_guard, require_json
 
 log = logging.getLogger("casd.web")
@@ -65,6 +67,9 @@ THREAD_PARSE_BYTES = 256 * 1024
 # Handshakes over THREAD_PARSE_BYTES are parsed and recorded this many at a time: each costs
 # a few times its body in memory until it is recorded, so this bounds what they cost together.
 BIG_HANDSHAKES_AT_ONCE = 2
+# Handshake bodies being received may hold this many times the handshake limit together
+# (beyond THREAD_PARSE_BYTES each); past it a handshake is answered 503.
+BODIES_IN_MEMORY = 4
 
 # Domain error -> (HTTP status, protocol error code). The only place they meet.
 ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
@@ -85,6 +90,7 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     FileDigestMismatch: (422, protocol.FILE_DIGEST_MISMATCH),
     TooManyPending: (429, protocol.TOO_MANY_PENDING),
     Unavailable: (503, protocol.UNAVAILABLE),
+    StoreUnavailable: (503, protocol.UNAVAILABLE),
     StorageFull: (507, protocol.INSUFFICIENT_STORAGE),
 }
 # aiohttp's own refusals (no route, wrong method, body over client_max_size) in the same shape.
@@ -184,17 +190,47 @@ async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
         yield piece
 
 
-async def read_body(request: web.Request, limit: int) -> bytearray:
-    """The whole (small) body, under the same timeout as a streamed one; TooLarge over `limit`.
+class BodyBudget:
+    """Bytes that bodies being received into memory may hold together beyond `free` each.
+
+    A handshake body is held whole until it is parsed; without a shared ceiling, many
+    connections each sending a body just under the limit would hold all of them at once.
+    """
+
+    def __init__(self, limit: int, free: int):
+        self.limit = limit
+        self.free = free
+        self.used = 0
+
+
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+
+
+async def read_body(request: web.Request, limit: int, budget: BodyBudget) -> bytearray:
+    """The whole (small) body, under the same timeout as a streamed one; TooLarge over
+    `limit`, Unavailable when the bodies being received together are over `budget`.
 
     One growing buffer, handed over as it is: request.read() would copy it once more.
     """
     buf = bytearray()
-    async for piece in body_pieces(request):
-        buf += piece
-        if len(buf) > limit:
-            raise TooLarge(f"the body is over {limit} bytes")
-    return buf
+    taken = 0
+    try:
+        async for piece in body_pieces(request):
+            buf += piece
+            if len(buf) > limit:
+                raise TooLarge(f"the body is over {limit} bytes")
+            need = max(0, len(buf) - budget.free) - taken
+            if need:
+                if budget.used + need > budget.limit:
+                    raise Unavailable(
+                        "the server is receiving too many large bodies at once;"
+                        " try again shortly"
+                    )
+                budget.used += need
+                taken += need
+        return buf
+    finally:
+        budget.used -= taken
 
 
 def _reason(request: web.Request, exc: web.HTTPException) -> str:
@@ -380,7 +416,7 @@ async def handshake(request: web.Request) -> web.Response:
     limit = request.app[SETTINGS].max_handshake_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the handshake body is over {limit} bytes")
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, request.app[BODY_BUDGET])
     hooks = request.app[HOOKS]
     client = client_of(request)
     if len(body) > THREAD_PARSE_BYTES:
@@ -572,21 +608,31 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         start, length = rng
         status = 206
         headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{entry.size}"
-    plan = service.read_plan(opened, start, length) if opened is not None else []
-    resp = web.StreamResponse(status=status, headers=headers)
-    resp.content_length = length
-    await resp.prepare(request)
-    if request.method != "HEAD" and length:
-        try:
-            await _send_segments(request, resp, plan)
-        except OSError as exc:
-            # The status line is out: all that is left to say is "this body is incomplete",
-            # and closing the connection short of Content-Length says exactly that.
-            if not isinstance(exc, ConnectionResetError):
-                log.error("download of %s cut short: %s", entry.digest.hex, exc)
-            if request.transport is not None:
-                request.transport.close()
-            raise ConnectionResetError(str(exc)) from exc
+    plan = iter(service.read_plan(opened, start, length) if opened is not None else ())
+    first = next(plan, None) if request.method != "HEAD" else None
+    cursor = _BlobCursor(service)
+    try:
+        if first is not None:
+            # The first blob opens before the status line: a store that is down is a 503,
+            # not a cut-off body.
+            await cursor.reader_for(first)
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = length
+        await resp.prepare(request)
+        if first is not None:
+            try:
+                await _send_segments(request, resp, itertools.chain([first], plan), cursor)
+            except (OSError, CasdError) as exc:
+                # The status line is out: all that is left to say is "this body is
+                # incomplete", and closing the connection short of Content-Length says
+                # exactly that.
+                if not isinstance(exc, ConnectionResetError):
+                    log.error("download of %s cut short: %s", entry.digest.hex, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                raise ConnectionResetError(str(exc)) from exc
+    finally:
+        await cursor.close()
     await resp.write_eof()
     return resp
 
@@ -597,35 +643,73 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 SEND_SLICE = 256 * 1024
 
 
-async def _send_segments(request: web.Request, resp: web.StreamResponse, plan) -> None:
-    """Zero-copy where the transport allows it: sendfile each blob slice in order."""
-    loop = asyncio.get_running_loop()
+class _BlobCursor:
+    """The blob a download is reading: a manifest may list one chunk many times in a row,
+    and it is opened once for them. Whoever made the cursor closes it."""
+
+    def __init__(self, service: Service):
+        self._service = service
+        self._reader: BlobReader | None = None
+        self._digest: Digest | None = None
+
+    async def reader_for(self, seg):
+        if self._reader is None or self._digest != seg.digest:
+            await self.close()
+            self._reader = await self._service.open_segment(seg)
+            self._digest = seg.digest
+        return self._reader
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
+
+
+async def _send_segments(request: web.Request, resp: web.StreamResponse, plan,
+                         cursor: _BlobCursor) -> None:
+    """Each blob slice in order: zero-copy (sendfile) from a local file where the store and
+    the transport allow it, otherwise streamed in pieces from the store."""
     timeout = request.app[SETTINGS].body_timeout or None
     for seg in plan:
-        f = await asyncio.to_thread(open, seg.path, "rb")
+        await _send_segment(request, resp, await cursor.reader_for(seg), seg, timeout)
+
+
+async def _send_segment(request, resp, reader, seg, timeout: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    pos, end = seg.offset, seg.offset + seg.length
+    if reader.file is None:
+        async for piece in reader.stream(pos, seg.length):
+            try:
+                async with asyncio.timeout(timeout):
+                    await resp.write(piece)
+            except TimeoutError:
+                raise ConnectionResetError(
+                    f"the client took no {len(piece)} bytes in {timeout:g} seconds"
+                ) from None
+            pos += len(piece)
+        if pos != end:
+            raise BlobShort(f"blob {seg.digest.hex} ended {end - pos} bytes short of its slice")
+        return
+    f = reader.file
+    while pos < end:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        n = min(SEND_SLICE, end - pos)
         try:
-            pos, end = seg.offset, seg.offset + seg.length
-            while pos < end:
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    raise ConnectionResetError("client went away")
-                n = min(SEND_SLICE, end - pos)
+            async with asyncio.timeout(timeout):
                 try:
-                    async with asyncio.timeout(timeout):
-                        try:
-                            sent = await loop.sendfile(transport, f, pos, n)
-                        except NotImplementedError:
-                            await _copy_segment(resp, f, pos, n)
-                            sent = n
-                except TimeoutError:
-                    raise ConnectionResetError(
-                        f"the client took no {n} bytes in {timeout:g} seconds"
-                    ) from None
-                if sent != n:
-                    raise BlobShort(f"{seg.path} ended {n - sent} bytes short of its slice")
-                pos += n
-        finally:
-            f.close()
+                    sent = await loop.sendfile(transport, f, pos, n)
+                except NotImplementedError:
+                    await _copy_segment(resp, f, pos, n)
+                    sent = n
+        except TimeoutError:
+            raise ConnectionResetError(
+                f"the client took no {n} bytes in {timeout:g} seconds"
+            ) from None
+        if sent != n:
+            raise BlobShort(f"blob {seg.digest.hex} ended {n - sent} bytes short of its slice")
+        pos += n
 
 
 class BlobShort(OSError):
@@ -709,8 +793,8 @@ async def healthz(request: web.Request) -> web.Response:
         log.warning("health check failed: %s", exc)
         return error_response(
             503, protocol.UNAVAILABLE,
-            "unhealthy: the catalogue cannot be read or the data folder cannot be written;"
-            " the daemon's log says which",
+            "unhealthy: the catalogue cannot be read, the data folder cannot be written or"
+            " the blob store does not answer; the daemon's log says which",
         )
     return web.json_response({"status": "ok"})
 
@@ -724,9 +808,15 @@ async def index(request: web.Request) -> web.StreamResponse:
 
 async def static_file(request: web.Request) -> web.StreamResponse:
     """A file of the upload page; a missing one is a JSON 404 like every other error."""
-    path = (STATIC_DIR / request.match_info["path"]).resolve()
-    if not path.is_relative_to(STATIC_DIR.resolve()) or not path.is_file():
-        raise NotFound(f"no static file {request.match_info['path']!r}")
+    name = request.match_info["path"]
+    try:
+        path = (STATIC_DIR / name).resolve()
+        found = path.is_relative_to(STATIC_DIR.resolve()) and path.is_file()
+    except (OSError, ValueError):
+        # A NUL byte or a name over the filesystem's limits names no file of the page.
+        found = False
+    if not found:
+        raise NotFound(f"no static file {name[:200]!r}")
     return web.FileResponse(path)
 
 
@@ -741,6 +831,9 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     )
     app[SETTINGS] = settings
     app[BIG_HANDSHAKES] = asyncio.Semaphore(BIG_HANDSHAKES_AT_ONCE)
+    app[BODY_BUDGET] = BodyBudget(
+        BODIES_IN_MEMORY * settings.max_handshake_bytes, THREAD_PARSE_BYTES
+    )
 
     async def service_ctx(app: web.Application):
         service = await Service.open(settings, clock)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -186,3 +190,158 @@ def _seeded_rand(request):
     helpers.current = helpers.Draws(RandomData(helpers.TEST_SEED, request.node.nodeid))
     yield
     helpers.current = None
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gate:
+    """A TCP forwarder in front of a server that the test can close and open again: the
+    server's state survives while its clients see it go down (connections refused and cut)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = _free_port()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.open()
+
+    def open(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self._listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def close(self) -> None:
+        """Refuse new connections and cut every open one."""
+        sock, self._listener = self._listener, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            sock.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+class S3Server:
+    """moto's standalone S3 server on 127.0.0.1, and a botocore client for test set-up."""
+
+    def __init__(self, proc: subprocess.Popen, port: int):
+        self.proc = proc
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        import botocore.session
+
+        self.client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1"
+        )
+
+    def new_bucket(self) -> str:
+        name = f"casd-{uuid.uuid4().hex[:20]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """Every object's key and size."""
+        out = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix
+        ):
+            out.update({o["Key"]: o["Size"] for o in page.get("Contents", ())})
+        return out
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "casd-test",
+    "AWS_SECRET_ACCESS_KEY": "casd-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server, started once per session; skipped where moto is missing, except in
+    CI. Dummy credentials go into this process's environment, which daemons inherit."""
+    try:
+        import aiobotocore  # noqa: F401 - only checking that the S3 engine can run
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        missing = f"S3 tests need moto[server] and aiobotocore (pip install -e '.[test]'): {exc}"
+        if _in_ci():
+            pytest.fail(missing)
+        pytest.skip(missing)
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    port = _free_port()
+    with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"casd-moto-{port}.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto's S3 server did not start on port {port}")
+            time.sleep(0.1)
+    try:
+        yield S3Server(proc, port)
+    finally:
+        proc.kill()
+        proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket for one test."""
+    return s3_server.new_bucket()

@@ -722,7 +722,7 @@ async def test_late_chunk_does_not_revive_an_expired_upload(client, clock, setti
 
 async def test_a_temp_file_being_received_is_marked_busy(client, pending, settings):
     """gc and fsck (other processes) tell a chunk in flight from a leftover by its flock."""
-    from casd.blobstore import BlobStore
+    from casd.blobstore import open_blobstore
 
     p, uid = pending
     d = p.order[0]
@@ -736,7 +736,7 @@ async def test_a_temp_file_being_received_is_marked_busy(client, pending, settin
     task = asyncio.ensure_future(client.put(
         f"/v1/uploads/{uid}/chunks/{d}", data=body(), headers={"Content-Length": str(CHUNK)}
     ))
-    store = BlobStore(settings.blobs_dir, settings.tmp_dir)
+    store = open_blobstore(None, settings.data_dir)
     for _ in range(500):
         temps = list(store.temp_files())
         if temps:
@@ -769,10 +769,10 @@ async def test_chunk_is_stored_when_its_link_is_lost_before_the_commit(
     client, pending, settings, monkeypatch, mode
 ):
     """The row is written under the write lock only once the blob file is really there."""
-    from casd.blobstore import BlobStore
+    from casd.blobstore import LocalBlobStore
 
     p, uid = pending
-    real_place = BlobStore.place
+    real_place = LocalBlobStore.place
 
     def place(self, temp, digest):
         if mode == "no_hard_links":
@@ -781,7 +781,7 @@ async def test_chunk_is_stored_when_its_link_is_lost_before_the_commit(
         self.path(digest).unlink()  # what a gc finishing its retirement of this digest does
         return placed
 
-    monkeypatch.setattr(BlobStore, "place", place)
+    monkeypatch.setattr(LocalBlobStore, "place", place)
     d = p.order[0]
     await put(client, uid, d, p.chunks[d], 201)
     blob = next(b for b in blob_files(settings.data_dir) if b.name == d)

@@ -468,12 +468,12 @@ async def test_lying_merge_does_not_disclose_the_real_digest(client):
 
 
 async def test_unhealthy_answer_does_not_disclose_paths_or_errors(client, monkeypatch, caplog):
-    from casd.blobstore import BlobStore
+    from casd.blobstore import LocalBlobStore
 
     def refuse(self):
         raise PermissionError(13, "Permission denied", str(self.tmp_dir / "secret-probe"))
 
-    monkeypatch.setattr(BlobStore, "check_writable", refuse)
+    monkeypatch.setattr(LocalBlobStore, "check_writable", refuse)
     r = await client.get("/healthz")
     body = await assert_error(r, 503, "unavailable")
     assert set(body) == {"error", "message"}

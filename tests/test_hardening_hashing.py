@@ -267,10 +267,10 @@ async def test_one_hash_ahead_per_upload_however_many_puts(aiohttp_client, setti
     first_turn = threading.Event()
     real_slice = Service._hash_slice
 
-    def held_slice(self, state, page, i):
+    async def held_slice(self, state, page, i):
         first_turn.set()
-        assert release.wait(60), "never released"
-        return real_slice(self, state, page, i)
+        assert await asyncio.to_thread(release.wait, 60), "never released"
+        return await real_slice(self, state, page, i)
 
     running = 0
     most = 0

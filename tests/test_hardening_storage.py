@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from casd.blobstore import BlobStore
+from casd.blobstore import LocalBlobStore
 from casd.cli import main
 from helpers import Prepared, prepare, rand, snapshot
 from helpers import upload as upload_one
@@ -272,7 +272,9 @@ def test_gc_leaves_an_orphan_whose_inode_a_daemon_still_holds(daemon, tmp_path):
     """A blob linked into place whose row is not written yet is in flight, not an orphan."""
     stray = rand(1000, seed=11)
     d = hashlib.md5(stray).hexdigest()
-    store = BlobStore(daemon.data_dir / "blobs", daemon.data_dir / "tmp")
+    store = LocalBlobStore(
+        daemon.data_dir / "blobs", daemon.data_dir / "tmp", daemon.data_dir / "quarantine"
+    )
     temp = store.new_temp()  # holds the flock, as the daemon's receiving temp file does
     try:
         temp.write(stray)

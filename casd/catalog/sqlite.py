@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import importlib.resources
 import sqlite3
 import time
@@ -168,6 +169,10 @@ def _fetch_all(con: sqlite3.Connection, sql: str, params: tuple) -> list:
     return con.execute(sql, params).fetchall()
 
 
+def _chunks_of_file(hex_: str, algo: str, con: sqlite3.Connection, manifest_id: int) -> list:
+    return con.execute(_CHUNKS_OF_FILE, (hex_, algo, manifest_id)).fetchall()
+
+
 class _Daemon:
     """What the daemon asks of the catalogue (SqliteCatalog, at the end of this module)."""
 
@@ -261,8 +266,11 @@ class _Daemon:
                 return None
             if entry.size == 0:
                 return entry, []
-            chunks = await self._all(
-                _CHUNKS_OF_FILE, (digest.hex, digest.algo.value, entry.manifest_id)
+            # A huge manifest's list goes on the bulk lane, so downloads of a file of a
+            # million chunks do not queue other clients' lookups.
+            chunks = await self._read_manifest(
+                functools.partial(_chunks_of_file, digest.hex, digest.algo.value),
+                entry.manifest_id,
             )
             if chunks:
                 return entry, chunks
