@@ -136,3 +136,37 @@ def rows(sizes: Sizes, r: dict) -> list[Row]:
         f"{pg['files_s'] / lite['files_s']:.2f}", "informational",
         "PostgreSQL with fsync on, on the same two cores"))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.engines_shared [--size-mib N] [--small-files N]`: these rows alone."""
+    import argparse
+    import asyncio
+    import tempfile
+    from dataclasses import replace
+
+    from bench.casd_runs import FULL
+    from bench.limits import MiB
+    from bench.report import render
+
+    p = argparse.ArgumentParser(prog="python -m bench.engines_shared",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--size-mib", type=int, default=FULL.file_bytes // MiB,
+                   help="file size (default 1024)")
+    p.add_argument("--small-files", type=int, default=FULL.small_files,
+                   help="concurrent small uploads of the B6 row (default 200)")
+    p.add_argument("--tmp", type=Path, default=None, help="folder for the temp dir")
+    args = p.parse_args(argv)
+    sizes = replace(FULL, file_bytes=args.size_mib * MiB, small_files=args.small_files)
+    work = Path(tempfile.mkdtemp(prefix="casd-bench-shared-", dir=args.tmp))
+    try:
+        big = work / "big.bin"
+        casd_runs.write_random_file(big, sizes.file_bytes)
+        print(render(rows(sizes, asyncio.run(measure(sizes, work, big)))))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
