@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -179,10 +180,8 @@ class CpuWatch:
     def _ours(self) -> float:
         total = own_cpu_seconds()
         for pid in self.pids:
-            try:
+            with contextlib.suppress(OSError):  # the process has ended
                 total += cpu_seconds(pid)
-            except OSError:
-                pass
         return total
 
     def __enter__(self) -> Self:

@@ -10,12 +10,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
 
 from casd import protocol
-from casd.catalog import Catalog
+from casd.catalog import Catalog, HookEvents
 from casd.config import Settings
 from casd.errors import Forbidden, Unavailable
 from casd.metrics import Metrics
@@ -74,33 +75,57 @@ class Hooks:
         while len(self._skipped) > _REMEMBERED:
             self._skipped.popitem(last=False)
 
-    async def file_completed(self, entry: FileEntry, upload_id: str) -> None:
-        event = _file_fields(entry)
-        skipped = self._skipped.pop(upload_id, None)
-        if skipped is not None:
-            event["bytes_skipped"] = skipped
-            event["bytes_sent"] = entry.size - skipped
-        await self._enqueue("file.completed", event)
+    def completed_events(self, upload_id: str) -> HookEvents | None:
+        """The file.completed events to commit with the merge of `upload_id` (None when no
+        receiver is configured); hand them to `committed` once the merge returned."""
+        skipped = self._skipped.get(upload_id)
 
-    async def file_deleted(self, digest_algo: str, digest_hex: str) -> None:
-        await self._enqueue("file.deleted", {"algo": digest_algo, digest_algo: digest_hex,
-                                             "digest": digest_hex})
+        def data(entry: FileEntry) -> dict:
+            fields = _file_fields(entry)
+            if skipped is not None:
+                fields["bytes_skipped"] = skipped
+                fields["bytes_sent"] = entry.size - skipped
+            return fields
 
-    async def _enqueue(self, kind: str, data: dict) -> None:
-        """Persist the event for every receiver before the request is answered."""
-        if not self.settings.hook_urls:
-            return
+        return self._events("file.completed", data)
+
+    def deleted_events(self) -> HookEvents | None:
+        """The file.deleted events to commit with a file's deletion (None when no receiver
+        is configured); hand them to `committed` once the deletion returned."""
+
+        def data(entry: FileEntry) -> dict:
+            algo = entry.digest.algo.value
+            return {"algo": algo, algo: entry.digest.hex, "digest": entry.digest.hex}
+
+        return self._events("file.deleted", data)
+
+    def _events(self, kind: str, data: Callable[[FileEntry], dict]) -> HookEvents | None:
+        urls = self.settings.hook_urls
+        if not urls:
+            return None
         now = time.time()
-        body = json.dumps({"event": kind, "time": now, "data": data})
-        rows = [(url, kind, body) for url in self.settings.hook_urls]
-        dropped = await self.catalog.enqueue_hook_events(rows, now, self.settings.hook_queue_max)
-        self.metrics.hook_events.labels("queued").inc(len(rows))
-        if dropped:
-            self.metrics.hook_events.labels("dropped").inc(dropped)
+
+        def rows(entry: FileEntry) -> list[tuple[str, str, str]]:
+            body = json.dumps({"event": kind, "time": now, "data": data(entry)})
+            return [(url, kind, body) for url in urls]
+
+        return HookEvents(rows, now, self.settings.hook_queue_max)
+
+    def committed(self, events: HookEvents | None, upload_id: str | None = None) -> None:
+        """After the catalogue operation carrying `events` returned (its events are in the
+        queue): count them, say what a full queue dropped, wake the delivery loops; and
+        forget the merged upload's skipped bytes."""
+        if upload_id is not None:
+            self._skipped.pop(upload_id, None)
+        if events is None or not events.queued:
+            return
+        self.metrics.hook_events.labels("queued").inc(events.queued)
+        if events.dropped:
+            self.metrics.hook_events.labels("dropped").inc(events.dropped)
             log.warning("webhook queue full (%d events): dropped the %d oldest",
-                        self.settings.hook_queue_max, dropped)
-        for event in self._wake.values():
-            event.set()
+                        events.max_rows, events.dropped)
+        for wake in self._wake.values():
+            wake.set()
 
     async def _deliver(self, url: str) -> None:
         """Send this URL's queued events in order; the first failure holds the rest back

@@ -32,7 +32,7 @@ from casd.blobstore import (
     is_disk_full,
     open_blobstore,
 )
-from casd.catalog import Catalog, open_catalog
+from casd.catalog import Catalog, HookEvents, open_catalog
 from casd.config import Settings
 from casd.digest import ChunkHasher, Digest
 from casd.errors import (
@@ -465,8 +465,9 @@ class Service:
             )
         return hasher
 
-    async def merge(self, upload_id: str) -> FileEntry:
-        """Verify the whole file's digest over its chunks and register it; idempotent."""
+    async def merge(self, upload_id: str, events: HookEvents | None = None) -> FileEntry:
+        """Verify the whole file's digest over its chunks and register it; idempotent.
+        `events` commit with the registration (see Catalog.register_file)."""
         # One read decides: another client merging the same upload may flip it to merged.
         upload = await self.catalog.get_upload(upload_id)
         if upload is not None and upload.state == UploadState.MERGED:
@@ -494,7 +495,7 @@ class Service:
                 f"the chunks, in manifest order, do not hash to the claimed"
                 f" {upload.digest.hex} ({upload.size} bytes); the upload was discarded"
             )
-        entry = await self.catalog.register_file(upload_id, self.clock())
+        entry = await self.catalog.register_file(upload_id, self.clock(), events)
         if entry is None:
             raise NotFound(f"no pending upload {upload_id!r} (aborted or expired)")
         return entry
@@ -748,8 +749,9 @@ class Service:
         if seen != count or offset != entry.size:
             raise NotFound(f"file {entry.digest.hex} was deleted while its manifest was read")
 
-    async def delete_file(self, digest: Digest) -> None:
-        if not await self._freeing(self.catalog.delete_file, digest):
+    async def delete_file(self, digest: Digest, events: HookEvents | None = None) -> None:
+        """Forget a complete file; `events` commit with it (see Catalog.delete_file)."""
+        if not await self._freeing(self.catalog.delete_file, digest, events):
             raise NotFound(f"no file {digest.hex}")
 
     async def health(self) -> None:

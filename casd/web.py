@@ -479,8 +479,10 @@ async def put_chunk(request: web.Request) -> web.Response:
 
 async def merge(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request)
-    entry = await request.app[SERVICE].merge(upload_id)
-    await request.app[HOOKS].file_completed(entry, upload_id)
+    hooks = request.app[HOOKS]
+    events = hooks.completed_events(upload_id)
+    entry = await request.app[SERVICE].merge(upload_id, events)
+    hooks.committed(events, upload_id)
     return web.json_response(_complete(entry.digest, entry.size, entry.ext))
 
 
@@ -778,8 +780,10 @@ async def get_file_chunks(request: web.Request) -> web.StreamResponse:
 
 async def delete_file(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "file digest")
-    await request.app[SERVICE].delete_file(digest)
-    await request.app[HOOKS].file_deleted(digest.algo.value, digest.hex)
+    hooks = request.app[HOOKS]
+    events = hooks.deleted_events()
+    await request.app[SERVICE].delete_file(digest, events)
+    hooks.committed(events)
     return web.Response(status=204)
 
 

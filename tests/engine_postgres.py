@@ -6,6 +6,7 @@ as root) in a folder that user owns. Trust authentication, fsync off: test use o
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -113,8 +114,6 @@ class Cluster:
         return self.url(name)
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass
         shutil.rmtree(self.root, ignore_errors=True)

@@ -13,9 +13,9 @@ import hashlib
 
 import pytest
 
-from casd.catalog import DELETING, LIVE, QUARANTINED, open_catalog
+from casd.catalog import DELETING, LIVE, QUARANTINED, HookEvents, open_catalog
 from casd.digest import Algo, Digest
-from casd.errors import BadRequest, Incomplete, TooLarge, TooManyPending
+from casd.errors import BadRequest, FileDigestMismatch, Incomplete, TooLarge, TooManyPending
 from casd.models import ChunkRef, Manifest, PendingBudget
 
 WAIT = 30
@@ -404,16 +404,79 @@ async def test_a_retire_racing_a_revival_skips_the_revived_chunk(cat, other):
 # ---- hook queue -----------------------------------------------------------------------------------
 
 
+def hook_events(kind: str, max_rows: int = 100) -> HookEvents:
+    """Events for receivers u1 and u2 whose body is the file's digest."""
+    return HookEvents(lambda e: [("u1", kind, e.digest.hex), ("u2", kind, e.digest.hex)],
+                      T0, max_rows)
+
+
+async def queued(cat, url: str) -> list[tuple[str, str]]:
+    return [(kind, body) for _id, kind, body in await cat.hook_events(url, 10)]
+
+
+async def test_hook_events_commit_with_the_registration_and_deletion_only(cat):
+    store = Store()
+    await publish(cat, store, "a")
+    up, _ = await cat.begin_upload(manifest(1, [("a", 1), ("b", 1)]), "k", T0, LATER, "u" * 32)
+    failed = hook_events("file.completed")
+    with pytest.raises(Incomplete):
+        await cat.register_file(up.id, T0, failed)
+    assert await cat.register_file("z" * 32, T0, failed) is None
+    assert failed.queued == 0 and await cat.count_hook_events() == 0
+    await publish(cat, store, "b")
+    assert await cat.register_file(up.id, T0) is not None  # no events: none queued
+    assert await cat.count_hook_events() == 0
+    up2, _ = await cat.begin_upload(manifest(2, [("a", 1)]), "k", T0, LATER, "v" * 32)
+    done = hook_events("file.completed")
+    entry = await cat.register_file(up2.id, T0, done)
+    assert (done.queued, done.dropped) == (2, 0)
+    assert await queued(cat, "u1") == [("file.completed", entry.digest.hex)]
+    again = hook_events("file.completed")  # a repeated merge answers; it registers nothing
+    assert await cat.register_file(up2.id, T0 + 1, again) == entry
+    assert again.queued == 0 and await cat.count_hook_events() == 2
+    deleted = hook_events("file.deleted")
+    assert await cat.delete_file(entry.digest, deleted)
+    assert deleted.queued == 2
+    assert await queued(cat, "u2") == [("file.completed", entry.digest.hex),
+                                       ("file.deleted", entry.digest.hex)]
+    unknown = hook_events("file.deleted")
+    assert not await cat.delete_file(entry.digest, unknown)
+    assert unknown.queued == 0 and await cat.count_hook_events() == 4
+
+
+async def test_a_refused_registration_queues_no_event(cat):
+    store = Store()
+    await publish(cat, store, "a")
+    await publish(cat, store, "b")
+    first, _ = await cat.begin_upload(manifest(3, [("a", 1)]), "k", T0, LATER, "u" * 32)
+    await cat.register_file(first.id, T0)
+    # Same digest, another size: refused after the upload was flipped to merged, which the
+    # refusal rolls back together with any event.
+    clash, _ = await cat.begin_upload(manifest(3, [("a", 1), ("b", 1)]), "k", T0, LATER,
+                                      "v" * 32)
+    with pytest.raises(FileDigestMismatch):
+        await cat.register_file(clash.id, T0, hook_events("file.completed"))
+    assert await cat.count_hook_events() == 0
+    assert (await cat.get_upload(clash.id)).state == "pending"
+
+
 async def test_hook_queue_keeps_order_and_drops_the_oldest_when_full(cat):
-    assert await cat.enqueue_hook_events([("u1", "k", "b1"), ("u2", "k", "b2")], T0, 3) == 0
-    assert await cat.enqueue_hook_events([("u1", "k", "b3"), ("u1", "k", "b4")], T0, 3) == 1
+    store = Store()
+    await publish(cat, store, "a")
+    entries = []
+    for i in range(2):
+        up, _ = await cat.begin_upload(manifest(i, [("a", 1)]), "k", T0, LATER, f"{i}" * 32)
+        events = hook_events("file.completed", max_rows=3)
+        entries.append(await cat.register_file(up.id, T0, events))
+    assert (events.queued, events.dropped) == (2, 1)
     assert await cat.count_hook_events() == 3
+    first, second = (e.digest.hex for e in entries)
     events = await cat.hook_events("u1", 10)
-    assert [e[2] for e in events] == ["b3", "b4"]  # b1, the oldest, was dropped
+    assert [e[2] for e in events] == [second]  # u1's event of the first, the oldest, dropped
     await cat.hook_event_done(events[0][0])
     await cat.hook_event_done(events[0][0])  # gone already: no error
-    assert [e[2] for e in await cat.hook_events("u1", 10)] == ["b4"]
-    assert [e[2] for e in await cat.hook_events("u2", 10)] == ["b2"]
+    assert await cat.hook_events("u1", 10) == []
+    assert [e[2] for e in await cat.hook_events("u2", 10)] == [first, second]
 
 
 async def test_stats_and_listings(cat):

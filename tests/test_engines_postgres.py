@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import aiohttp
+
 from helpers import blob_files, prepare, rand, upload
 
 KiB = 1024

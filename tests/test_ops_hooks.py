@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from casd.web import create_app
+from casd.web import SERVICE, create_app
 from helpers import prepare, rand, upload
 
 CHUNK = 64 * 1024
@@ -192,31 +192,69 @@ async def test_full_queue_drops_the_oldest(aiohttp_client, settings, receivers, 
     assert [e["data"]["digest"] for e in recv.events()] == [files[1].digest, files[2].digest]
 
 
-def _upload_sync(url: str, p) -> dict:
-    def call(method, path, data=None, ctype="application/json"):
-        req = urllib.request.Request(url + path, data=data, method=method,
-                                     headers={"Content-Type": ctype})
-        with urllib.request.urlopen(req) as r:
-            return json.loads(r.read() or b"null")
+def _call(url: str, method: str, path: str, data=None, ctype="application/json"):
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": ctype})
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read() or b"null")
 
-    hs = call("POST", "/v1/handshake", json.dumps(p.handshake).encode())
+
+def _upload_sync(url: str, p) -> tuple[str, dict]:
+    """(upload id, merge answer)."""
+    hs = _call(url, "POST", "/v1/handshake", json.dumps(p.handshake).encode())
     for d in hs["missing"]:
-        call("PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{d}", p.chunks[d],
-             "application/octet-stream")
-    return call("POST", f"/v1/uploads/{hs['upload_id']}/merge")
+        _call(url, "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{d}", p.chunks[d],
+              "application/octet-stream")
+    return hs["upload_id"], _call(url, "POST", f"/v1/uploads/{hs['upload_id']}/merge")
 
 
 def test_event_survives_kill_9(daemon_factory, receivers):
     port = free_port()
     d = daemon_factory("--hook-url", f"http://127.0.0.1:{port}/hook")
     p = prepare(rand(CHUNK, seed=50), CHUNK)
-    assert _upload_sync(d.url, p)["status"] == "complete"
-    d.kill()  # the merge was answered; the receiver never was reachable
+    upload_id, merged = _upload_sync(d.url, p)
+    assert merged["status"] == "complete"
+    d.kill()  # right after the merge's answer; the receiver never was reachable
     recv = receivers(port)
     d.start()
-    wait_until(lambda: len(recv.requests) >= 1)
-    assert recv.events()[0]["event"] == "file.completed"
-    assert recv.events()[0]["data"]["digest"] == p.digest
+    # A repeated merge answers the file again but is no second completion.
+    assert _call(d.url, "POST", f"/v1/uploads/{upload_id}/merge")["status"] == "complete"
+    q = prepare(rand(CHUNK, seed=51), CHUNK)
+    assert _upload_sync(d.url, q)[1]["status"] == "complete"
+    wait_until(lambda: len(recv.requests) >= 2)
+    assert [(e["event"], e["data"]["digest"]) for e in recv.events()] == [
+        ("file.completed", p.digest), ("file.completed", q.digest)]
+
+
+async def test_no_moment_has_the_change_committed_without_its_event(
+    aiohttp_client, settings, receivers
+):
+    """What a kill -9 right after the catalogue's commit would leave: the file registered
+    (or deleted) and its event queued, never one without the other."""
+    port = free_port()  # down: nothing is delivered, so the queue shows what was committed
+    s = dataclasses.replace(settings, hook_urls=(f"http://127.0.0.1:{port}/hook",))
+    client = await aiohttp_client(create_app(s))
+    cat = client.server.app[SERVICE].catalog
+    seen: list[tuple[str, bool, int]] = []
+
+    def look_after(name: str):
+        original = getattr(cat, name)
+
+        async def committed(key, *args):
+            result = await original(key, *args)
+            digest = result.digest if name == "register_file" else key
+            seen.append((name, await cat.get_file(digest) is not None,
+                         await cat.count_hook_events()))
+            return result
+
+        setattr(cat, name, committed)
+
+    look_after("register_file")
+    look_after("delete_file")
+    p = prepare(rand(CHUNK, seed=52), CHUNK)
+    assert (await upload(client, "", p))["status"] == "complete"
+    assert (await client.delete(f"/v1/files/{p.digest}")).status == 204
+    assert seen == [("register_file", True, 1), ("delete_file", False, 2)]
 
 
 async def test_pre_handshake_refuses_and_allows(aiohttp_client, settings, receivers):

@@ -76,6 +76,25 @@ class ChunkUsers:
     uploads: tuple[str, ...]  # live pending uploads whose manifest has it
 
 
+@dataclasses.dataclass(eq=False)
+class HookEvents:
+    """Webhook events that commit with the catalogue change they report, so a crash right
+    after the change cannot lose them (at-least-once delivery).
+
+    `rows(entry)` gives the (url, kind, body) rows for the file registered or deleted; it
+    must be pure: an engine may call it on its writer thread, and again when it retries the
+    transaction. Queued at `now`; past `max_rows` the oldest queued events are dropped in
+    the same transaction. After the call returned, `queued` and `dropped` say what the
+    committed transaction did (queued 0: the operation changed nothing, so no event).
+    """
+
+    rows: Callable[[FileEntry], list[tuple[str, str, str]]]
+    now: float
+    max_rows: int
+    queued: int = 0
+    dropped: int = 0
+
+
 class WriteStats(Protocol):
     """The write path as metrics see it."""
 
@@ -176,12 +195,15 @@ class Catalog(Protocol):
         `place` puts the verified ones over it and the row is rewritten although it is live.
         """
 
-    async def register_file(self, upload_id: str, now: float) -> FileEntry | None:
+    async def register_file(
+        self, upload_id: str, now: float, events: HookEvents | None = None
+    ) -> FileEntry | None:
         """Turn a fully present pending upload into a complete file; None if no such upload.
 
         Idempotent: a merged upload answers the file it became. Incomplete (with the missing
         digests) when chunks are still missing; FileDigestMismatch when a file of another
-        size holds the digest.
+        size holds the digest. `events`' rows are queued in the same transaction when this
+        call merges the upload, and only then (not when it answers an earlier merge).
         """
 
     async def drop_pending_upload(self, upload_id: str) -> bool:
@@ -191,17 +213,12 @@ class Catalog(Protocol):
         merge is decided once, either way.
         """
 
-    async def delete_file(self, digest: Digest) -> bool:
+    async def delete_file(self, digest: Digest, events: HookEvents | None = None) -> bool:
         """Remove a file and the merged uploads that built it; its chunks are left for gc.
-        False if unknown."""
+        False if unknown. `events`' rows are queued in the same transaction when a file was
+        removed."""
 
     # ---- webhook queue ----
-
-    async def enqueue_hook_events(
-        self, rows: list[tuple[str, str, str]], now: float, max_rows: int
-    ) -> int:
-        """Queue (url, kind, body) rows; when over `max_rows`, drop the oldest. Returns how
-        many were dropped."""
 
     async def hook_events(self, url: str, limit: int) -> list[tuple[int, str, str]]:
         """The oldest queued (id, kind, body) for one receiver URL, in order."""

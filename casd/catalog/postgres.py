@@ -37,6 +37,7 @@ from casd.catalog import (
     QUARANTINED,
     ChunkRow,
     ChunkUsers,
+    HookEvents,
     Locked,
 )
 from casd.config import masked
@@ -202,7 +203,7 @@ class PostgresCatalog:
                 url, min_size=0, max_size=max(4, readers + 4),
                 command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT,
             )
-        except Exception as exc:  # noqa: BLE001 - any failure to connect: one clear line
+        except Exception as exc:
             raise Unavailable(
                 f"cannot open the catalogue database {masked(url)}: {_describe(exc, url)}"
             ) from None
@@ -416,8 +417,10 @@ class PostgresCatalog:
 
         return await self._run(publish)
 
-    async def register_file(self, upload_id: str, now: float) -> FileEntry | None:
-        return await self._run(_register_file, upload_id, now)
+    async def register_file(
+        self, upload_id: str, now: float, events: HookEvents | None = None
+    ) -> FileEntry | None:
+        return await self._run(_register_file, upload_id, now, events)
 
     async def drop_pending_upload(self, upload_id: str) -> bool:
         async def drop(con):
@@ -432,44 +435,30 @@ class PostgresCatalog:
 
         return await self._run(drop)
 
-    async def delete_file(self, digest: Digest) -> bool:
+    async def delete_file(self, digest: Digest, events: HookEvents | None = None) -> bool:
         async def delete(con):
-            mid = await con.fetchval(
-                "DELETE FROM files WHERE digest = $1 AND algo = $2 RETURNING manifest_id",
+            await _queue_events(con, events, None)
+            row = await con.fetchrow(
+                "DELETE FROM files f WHERE f.digest = $1 AND f.algo = $2"
+                f" RETURNING {_FILE_COLUMNS}",
                 digest.hex, digest.algo.value,
             )
-            if mid is None:
+            if row is None:
                 return False
+            entry = _file(row)
+            mid = entry.manifest_id
             # The merged uploads that built it go too, so a repeated merge cannot answer
             # "complete" for a file that is gone.
             await con.execute(
                 "DELETE FROM uploads WHERE manifest_id = $1 AND state = 'merged'", mid
             )
             await con.execute(_DROP_MANIFEST_IF_UNUSED, mid)
+            await _queue_events(con, events, entry)
             return True
 
         return await self._run(delete)
 
     # ---- webhook queue ----
-
-    async def enqueue_hook_events(
-        self, rows: list[tuple[str, str, str]], now: float, max_rows: int
-    ) -> int:
-        async def enqueue(con):
-            await con.executemany(
-                "INSERT INTO hook_events (url, kind, body, created) VALUES ($1, $2, $3, $4)",
-                [(url, kind, body, now) for url, kind, body in rows],
-            )
-            count = await con.fetchval("SELECT count(*) FROM hook_events")
-            excess = count - max_rows
-            if excess > 0:
-                await con.execute(
-                    "DELETE FROM hook_events WHERE id IN"
-                    " (SELECT id FROM hook_events ORDER BY id LIMIT $1)", excess,
-                )
-            return max(excess, 0)
-
-        return await self._run(enqueue)
 
     async def hook_events(self, url: str, limit: int) -> list[tuple[int, str, str]]:
         rows = await self._fetch(
@@ -855,14 +844,43 @@ async def _check_budget(
         )
 
 
-async def _register_file(con: asyncpg.Connection, upload_id: str, now: float) -> FileEntry | None:
+async def _queue_events(
+    con: asyncpg.Connection, events: HookEvents | None, entry: FileEntry | None
+) -> None:
+    """Queue `events`' rows for `entry` (None: the operation changed nothing) in the
+    caller's transaction, dropping the oldest past the bound."""
+    if events is None:
+        return
+    events.queued = events.dropped = 0  # a retried transaction starts over
+    if entry is None:
+        return
+    rows = events.rows(entry)
+    await con.executemany(
+        "INSERT INTO hook_events (url, kind, body, created) VALUES ($1, $2, $3, $4)",
+        [(url, kind, body, events.now) for url, kind, body in rows],
+    )
+    count = await con.fetchval("SELECT count(*) FROM hook_events")
+    excess = max(count - events.max_rows, 0)
+    if excess:
+        await con.execute(
+            "DELETE FROM hook_events WHERE id IN"
+            " (SELECT id FROM hook_events ORDER BY id LIMIT $1)", excess,
+        )
+    events.queued, events.dropped = len(rows), excess
+
+
+async def _register_file(
+    con: asyncpg.Connection, upload_id: str, now: float, events: HookEvents | None
+) -> FileEntry | None:
+    await _queue_events(con, events, None)
     # Shared: no gc marks a chunk garbage between the missing check and the file's commit.
     await con.execute("SELECT pg_advisory_xact_lock_shared($1)", _REFERENCE_KEY)
     row = await con.fetchrow(_UPLOAD_BY_ID + " FOR UPDATE OF u", upload_id)
     if row is None:
         return None
     upload = _upload(row)
-    if upload.state == "pending":
+    merging = upload.state == "pending"
+    if merging:
         if upload.expires_at <= now:
             return None
         missing = await _missing(con, upload.manifest_id)
@@ -885,6 +903,8 @@ async def _register_file(con: asyncpg.Connection, upload_id: str, now: float) ->
         raise FileDigestMismatch(
             f"a file of {upload.size} bytes cannot be stored under {entry.digest.hex}"
         )
+    if merging:
+        await _queue_events(con, events, entry)
     return entry
 
 

@@ -13,6 +13,7 @@ and a bulk lane for the long lists of huge manifests, so that a client polling a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
@@ -29,6 +30,7 @@ from casd.catalog import (
     QUARANTINED,
     ChunkRow,
     ChunkUsers,
+    HookEvents,
     Locked,
     WriteStats,
 )
@@ -373,12 +375,11 @@ class _Daemon:
             replace,
         )
 
-    async def register_file(self, upload_id: str, now: float) -> FileEntry | None:
-        """Turn a fully present pending upload into a complete file; None if no such upload.
-
-        Idempotent: a merged upload answers the file it became.
-        """
-        return await self._group.run(_register_file, upload_id, now)
+    async def register_file(
+        self, upload_id: str, now: float, events: HookEvents | None = None
+    ) -> FileEntry | None:
+        """See casd.catalog.Catalog.register_file."""
+        return await self._group.run(_register_file, upload_id, now, events)
 
     async def drop_pending_upload(self, upload_id: str) -> bool:
         """Forget a still-pending upload (and its manifest unless a file uses it).
@@ -388,18 +389,11 @@ class _Daemon:
         """
         return await self._group.run(_drop_pending_upload, upload_id)
 
-    async def delete_file(self, digest: Digest) -> bool:
-        """Remove a file from the catalogue; its chunks are left for gc. False if unknown."""
-        return await self._group.run(_delete_file, digest)
+    async def delete_file(self, digest: Digest, events: HookEvents | None = None) -> bool:
+        """See casd.catalog.Catalog.delete_file."""
+        return await self._group.run(_delete_file, digest, events)
 
     # ---- webhook queue ------------------------------------------------------------------
-
-    async def enqueue_hook_events(
-        self, rows: list[tuple[str, str, str]], now: float, max_rows: int
-    ) -> int:
-        """Queue (url, kind, body) rows; when over `max_rows`, drop the oldest. Returns how
-        many were dropped."""
-        return await self._group.run(_enqueue_hook_events, rows, now, max_rows)
 
     async def hook_events(self, url: str, limit: int) -> list[tuple[int, str, str]]:
         """The oldest queued (id, kind, body) for one receiver URL, in order."""
@@ -506,11 +500,11 @@ class GroupWriter:
                     results = await loop.run_in_executor(
                         self._thread, _full_disk_named, self._transact, batch, ()
                     )
-                except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                except BaseException as exc:
                     results = [(False, exc)] * len(batch)
                 if self.on_commit is not None:
                     self.on_commit(time.perf_counter() - started)
-                for (_fn, _args, fut), (ok, value) in zip(batch, results):
+                for (_fn, _args, fut), (ok, value) in zip(batch, results, strict=True):
                     if not fut.done():
                         fut.set_result(value) if ok else fut.set_exception(value)
         finally:
@@ -581,19 +575,27 @@ def _pragmas(synchronous: str) -> list[str]:
 # ---- write operations: run by GroupWriter inside a transaction, on its thread ------------
 
 
-def _enqueue_hook_events(con, rows, now, max_rows) -> int:
+def _queue_events(con, events: HookEvents | None, entry: FileEntry | None) -> None:
+    """Queue `events`' rows for `entry` (None: the operation changed nothing) in the
+    caller's transaction, dropping the oldest past the bound."""
+    if events is None:
+        return
+    events.queued = events.dropped = 0  # a retried transaction starts over
+    if entry is None:
+        return
+    rows = events.rows(entry)
     con.executemany(
         "INSERT INTO hook_events (url, kind, body, created) VALUES (?, ?, ?, ?)",
-        [(url, kind, body, now) for url, kind, body in rows],
+        [(url, kind, body, events.now) for url, kind, body in rows],
     )
     (count,) = con.execute("SELECT count(*) FROM hook_events").fetchone()
-    excess = count - max_rows
-    if excess > 0:
+    excess = max(count - events.max_rows, 0)
+    if excess:
         con.execute(
             "DELETE FROM hook_events WHERE id IN"
             " (SELECT id FROM hook_events ORDER BY id LIMIT ?)", (excess,)
         )
-    return max(excess, 0)
+    events.queued, events.dropped = len(rows), excess
 
 
 def _hook_event_done(con, event_id) -> None:
@@ -716,12 +718,16 @@ def _publish_chunk(
     return True
 
 
-def _register_file(con: sqlite3.Connection, upload_id: str, now: float) -> FileEntry | None:
+def _register_file(
+    con: sqlite3.Connection, upload_id: str, now: float, events: HookEvents | None
+) -> FileEntry | None:
+    _queue_events(con, events, None)
     row = con.execute(_UPLOAD_BY_ID, (upload_id,)).fetchone()
     if row is None:
         return None
     upload = _upload(row)
-    if upload.state == "pending":
+    merging = upload.state == "pending"
+    if merging:
         if upload.expires_at <= now:
             return None
         missing = _missing_sync(con, upload.manifest_id)
@@ -744,6 +750,8 @@ def _register_file(con: sqlite3.Connection, upload_id: str, now: float) -> FileE
         raise FileDigestMismatch(
             f"a file of {upload.size} bytes cannot be stored under {entry.digest.hex}"
         )
+    if merging:
+        _queue_events(con, events, entry)
     return entry
 
 
@@ -758,19 +766,22 @@ def _drop_pending_upload(con: sqlite3.Connection, upload_id: str) -> bool:
     return True
 
 
-def _delete_file(con: sqlite3.Connection, digest: Digest) -> bool:
+def _delete_file(con: sqlite3.Connection, digest: Digest, events: HookEvents | None) -> bool:
+    _queue_events(con, events, None)
     row = con.execute(
-        "SELECT manifest_id FROM files WHERE digest = ? AND algo = ?",
+        f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = ? AND f.algo = ?",
         (digest.hex, digest.algo.value),
     ).fetchone()
     if row is None:
         return False
-    manifest_id = row[0]
+    entry = _file(row)
+    manifest_id = entry.manifest_id
     con.execute("DELETE FROM files WHERE digest = ?", (digest.hex,))
     # The merged uploads that built it go too, so a repeated merge cannot answer "complete"
     # for a file that is gone.
     con.execute("DELETE FROM uploads WHERE manifest_id = ? AND state = 'merged'", (manifest_id,))
     _drop_manifest_if_unused_sync(con, manifest_id)
+    _queue_events(con, events, entry)
     return True
 
 
@@ -1200,10 +1211,8 @@ class _Admin:
     async def size_bytes(self) -> int:
         size = 0
         for p in (self._path, self._path.with_name(self._path.name + "-wal")):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 size += p.stat().st_size
-            except FileNotFoundError:
-                pass
         return size
 
     async def list_files(self) -> list[FileEntry]:

@@ -315,7 +315,10 @@ class DigestCache:
             if sum(sizes) != size or (size and min(sizes) < 1):
                 return None
             offsets = itertools.accumulate(sizes, initial=0)
-            spans = tuple(ChunkSpan(o, n, d) for o, n, d in zip(offsets, sizes, digests))
+            # offsets has one entry more than sizes (the end of the file): zip stops before it.
+            spans = tuple(
+                ChunkSpan(o, n, d) for o, n, d in zip(offsets, sizes, digests, strict=False)
+            )
         return FileDigests(algo, file_digest.lower(), size, rule.avg_size, spans, rule)
 
     def put(self, realpath: str, st: os.stat_result, fd: FileDigests) -> None:
