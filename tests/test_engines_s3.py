@@ -78,6 +78,10 @@ def chunk_rows(data: Path) -> set[str]:
         con.close()
 
 
+def local_blob_files(data: Path) -> list[Path]:
+    return [f for f in (data / "blobs").rglob("*") if f.is_file()]
+
+
 def test_round_trip_range_head_etag_and_dedup(s3_server, s3_bucket, daemon_factory, rng):
     daemon = daemon_factory(*s3_args(s3_server, s3_bucket))
     data = rng.bytes(5 * CHUNK + 123)
@@ -86,7 +90,7 @@ def test_round_trip_range_head_etag_and_dedup(s3_server, s3_bucket, daemon_facto
     # Every chunk is an object at PREFIX/md5/<hex>; no blob is on the daemon's disk.
     keys = s3_server.keys(s3_bucket)
     assert keys == {f"casd/md5/{d}": len(p.chunks[d]) for d in p.order}
-    assert not any((daemon.data_dir / "blobs").rglob("*")) if (daemon.data_dir / "blobs").exists() else True
+    assert local_blob_files(daemon.data_dir) == []
     url = f"{daemon.url}/v1/files/{p.digest}"
     status, headers, body = request("GET", url)
     assert status == 200 and body == data and headers["ETag"] == f'"{p.digest}"'
@@ -288,4 +292,28 @@ def test_gc_killed_midway_is_finished_by_the_next_gc(s3_server, s3_bucket, daemo
     assert r.returncode == 0, r.stdout + r.stderr
     assert set(s3_server.keys(s3_bucket)) == kept
     r = casd(daemon.data_dir, "fsck", "--deep", *args)
+    assert r.returncode == 0 and "no problems" in r.stdout, r.stdout + r.stderr
+
+
+def test_two_machines_share_a_bucket_and_a_postgresql_catalogue(
+    s3_server, s3_bucket, postgres_url, daemon_factory, tmp_path, rng
+):
+    """Nothing shared but the bucket and the database: chunks half to each daemon, the merge
+    on the one that received the other half, downloads from both, admin commands clean."""
+    engines = (*s3_args(s3_server, s3_bucket), "--catalog", postgres_url)
+    a = daemon_factory(*engines, data_dir=tmp_path / "machine-a")
+    b = daemon_factory(*engines, data_dir=tmp_path / "machine-b")
+    p = prepare(rng.bytes(6 * CHUNK + 5), CHUNK, algo="sha256")
+    hs = handshake(a.url, p)
+    for n, d in enumerate(hs["missing"]):
+        assert put((a, b)[n % 2].url, hs["upload_id"], p, d)[0] == 201
+    status, body = merge(b.url, hs["upload_id"])
+    assert status == 200, body
+    for d in (a, b):
+        assert request("GET", f"{d.url}/v1/files/{p.digest}")[2] == p.data
+        assert handshake(d.url, p)["status"] == "complete"
+    assert local_blob_files(tmp_path / "machine-a") == local_blob_files(tmp_path / "machine-b") == []
+    r = casd(tmp_path / "machine-c", "gc", "--grace", "0", *engines)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = casd(tmp_path / "machine-c", "fsck", "--deep", *engines)
     assert r.returncode == 0 and "no problems" in r.stdout, r.stdout + r.stderr

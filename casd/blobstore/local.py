@@ -7,6 +7,7 @@ The blocking methods are the filesystem work; the async ones are the `BlobStore`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -70,10 +71,8 @@ class TempBlob:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -289,10 +288,8 @@ class LocalBlobStore(TempFiles):
         # Create the fan-out levels one by one so each new entry's parent is fsynced.
         for d in (parent.parent, parent):
             if not d.is_dir():
-                try:
+                with contextlib.suppress(FileExistsError):
                     d.mkdir()
-                except FileExistsError:
-                    pass
                 fsync_dir(d.parent)
         self._known_dirs.add(parent)
 
@@ -525,10 +522,8 @@ def write_all(fd: int, data) -> None:
 
 def drop_export_temp(fd: int, temp: Path) -> None:
     os.close(fd)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(temp)
-    except FileNotFoundError:
-        pass
 
 
 def finish_export(fd: int, temp: Path, dest: Path, total: int) -> None:
@@ -546,10 +541,8 @@ def finish_export(fd: int, temp: Path, dest: Path, total: int) -> None:
         if fd >= 0:
             drop_export_temp(fd, temp)
         else:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
-            except FileNotFoundError:
-                pass
         raise
     fsync_dir(dest.parent)
 
