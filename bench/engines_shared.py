@@ -53,10 +53,23 @@ def durable_cluster():
 
     class Durable(base):
         def start(self) -> None:
-            opts = (f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300"
-                    " -c shared_buffers=128MB")
-            self._run(str(self.bin / "pg_ctl"), "start", "-w", "-t", "60", "-D",
-                      str(self.data), "-l", str(self.root / "log"), "-o", opts)
+            opts = (
+                f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300"
+                " -c shared_buffers=128MB"
+            )
+            self._run(
+                str(self.bin / "pg_ctl"),
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.root / "log"),
+                "-o",
+                opts,
+            )
 
     return Durable()
 
@@ -88,8 +101,16 @@ async def measure(sizes: Sizes, work: Path, big: Path) -> dict:
         local = await engines.engine_run("local", big, sizes, work)
         bucket = engines.new_bucket(endpoint)
         shared = await engines.engine_run(
-            "s3+postgresql", big, sizes, work, "--blobs", f"s3://{bucket}/casd",
-            "--s3-endpoint", endpoint, "--catalog", cluster.database(),
+            "s3+postgresql",
+            big,
+            sizes,
+            work,
+            "--blobs",
+            f"s3://{bucket}/casd",
+            "--s3-endpoint",
+            endpoint,
+            "--catalog",
+            cluster.database(),
         )
         log("moto alone: aiobotocore PUT and GET of the same chunks")
         raw = await engines.raw_store(big, sizes, endpoint, engines.new_bucket(endpoint))
@@ -100,8 +121,13 @@ async def measure(sizes: Sizes, work: Path, big: Path) -> dict:
             moto.kill()
             moto.wait()
         cluster.destroy()
-    return {"local": local, "shared": shared, "raw": raw, "b6_sqlite": b6_sqlite,
-            "b6_postgresql": b6_pg}
+    return {
+        "local": local,
+        "shared": shared,
+        "raw": raw,
+        "b6_sqlite": b6_sqlite,
+        "b6_postgresql": b6_pg,
+    }
 
 
 def rows(sizes: Sizes, r: dict) -> list[Row]:
@@ -112,29 +138,48 @@ def rows(sizes: Sizes, r: dict) -> list[Row]:
     local, shared, raw = r["local"], r["shared"], r["raw"]
     emu = "moto (Python, same cores) is the store: a ceiling, not a real store's cost"
     out = [
-        Row("E1", f"fresh upload of the {size} file to S3 (moto) + PostgreSQL",
-            f"{shared['upload_mb_s']:.0f} MB/s", f"local + SQLite {local['upload_mb_s']:.0f} MB/s",
-            f"{shared['upload_mb_s'] / local['upload_mb_s']:.2f}", "informational",
-            f"{emu}; moto alone takes PUTs at {raw['put_mb_s']:.0f} MB/s"),
-        Row("E2", f"download of the {size} file (one GET), S3 (moto) + PostgreSQL",
-            f"{shared['get_mb_s']:.0f} MB/s", f"local + SQLite {local['get_mb_s']:.0f} MB/s",
-            f"{shared['get_mb_s'] / local['get_mb_s']:.2f}", "informational",
-            f"moto alone serves GETs at {raw['get_mb_s']:.0f} MB/s"),
-        Row("E3", "daemon peak RSS, S3 + PostgreSQL: upload / download",
+        Row(
+            "E1",
+            f"fresh upload of the {size} file to S3 (moto) + PostgreSQL",
+            f"{shared['upload_mb_s']:.0f} MB/s",
+            f"local + SQLite {local['upload_mb_s']:.0f} MB/s",
+            f"{shared['upload_mb_s'] / local['upload_mb_s']:.2f}",
+            "informational",
+            f"{emu}; moto alone takes PUTs at {raw['put_mb_s']:.0f} MB/s",
+        ),
+        Row(
+            "E2",
+            f"download of the {size} file (one GET), S3 (moto) + PostgreSQL",
+            f"{shared['get_mb_s']:.0f} MB/s",
+            f"local + SQLite {local['get_mb_s']:.0f} MB/s",
+            f"{shared['get_mb_s'] / local['get_mb_s']:.2f}",
+            "informational",
+            f"moto alone serves GETs at {raw['get_mb_s']:.0f} MB/s",
+        ),
+        Row(
+            "E3",
+            "daemon peak RSS, S3 + PostgreSQL: upload / download",
             f"{shared['upload_peak_rss_mb']:.0f} / {shared['get_peak_rss_mb']:.0f} MB",
             f"local {local['upload_peak_rss_mb']:.0f} / {local['get_peak_rss_mb']:.0f} MB",
             f"{shared['upload_peak_rss_mb'] / local['upload_peak_rss_mb']:.2f} / "
-            f"{shared['get_peak_rss_mb'] / local['get_peak_rss_mb']:.2f}", "bounded",
-            "informational"),
+            f"{shared['get_peak_rss_mb'] / local['get_peak_rss_mb']:.2f}",
+            "bounded",
+            "informational",
+        ),
     ]
     pg, lite = r["b6_postgresql"], r["b6_sqlite"]
-    out.append(Row(
-        "E4", f"B6 on PostgreSQL: {pg['files']} concurrent uploads of distinct "
-              f"{_size(sizes.small_file_bytes)} files (blobs local)",
-        f"{pg['files_s']:.0f} files/s, p99 {pg['p99_s'] * 1000:.0f} ms",
-        f"SQLite {lite['files_s']:.0f} files/s, p99 {lite['p99_s'] * 1000:.0f} ms",
-        f"{pg['files_s'] / lite['files_s']:.2f}", "informational",
-        "PostgreSQL with fsync on, on the same two cores"))
+    out.append(
+        Row(
+            "E4",
+            f"B6 on PostgreSQL: {pg['files']} concurrent uploads of distinct "
+            f"{_size(sizes.small_file_bytes)} files (blobs local)",
+            f"{pg['files_s']:.0f} files/s, p99 {pg['p99_s'] * 1000:.0f} ms",
+            f"SQLite {lite['files_s']:.0f} files/s, p99 {lite['p99_s'] * 1000:.0f} ms",
+            f"{pg['files_s'] / lite['files_s']:.2f}",
+            "informational",
+            "PostgreSQL with fsync on, on the same two cores",
+        )
+    )
     return out
 
 
@@ -149,12 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     from bench.limits import MiB
     from bench.report import render
 
-    p = argparse.ArgumentParser(prog="python -m bench.engines_shared",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--size-mib", type=int, default=FULL.file_bytes // MiB,
-                   help="file size (default 1024)")
-    p.add_argument("--small-files", type=int, default=FULL.small_files,
-                   help="concurrent small uploads of the B6 row (default 200)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.engines_shared", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--size-mib", type=int, default=FULL.file_bytes // MiB, help="file size (default 1024)"
+    )
+    p.add_argument(
+        "--small-files",
+        type=int,
+        default=FULL.small_files,
+        help="concurrent small uploads of the B6 row (default 200)",
+    )
     p.add_argument("--tmp", type=Path, default=None, help="folder for the temp dir")
     args = p.parse_args(argv)
     sizes = replace(FULL, file_bytes=args.size_mib * MiB, small_files=args.small_files)

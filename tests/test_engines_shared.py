@@ -33,20 +33,39 @@ class Pair:
     def casd(self, *argv: str, data: Path | None = None) -> subprocess.CompletedProcess:
         """An admin command against the shared engines, from a data folder of its own."""
         return subprocess.run(
-            [sys.executable, "-m", "casd", *argv, *self.args,
-             "--data", str(data or self.a.data_dir.parent / "admin")],
-            capture_output=True, text=True, timeout=120, check=False,
+            [
+                sys.executable,
+                "-m",
+                "casd",
+                *argv,
+                *self.args,
+                "--data",
+                str(data or self.a.data_dir.parent / "admin"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
 
     def objects(self) -> dict[str, int]:
         """The chunk objects in the bucket (quarantine aside): key -> size."""
-        return {k: v for k, v in self.s3_server.keys(self.bucket, "casd/").items()
-                if "/quarantine/" not in k}
+        return {
+            k: v
+            for k, v in self.s3_server.keys(self.bucket, "casd/").items()
+            if "/quarantine/" not in k
+        }
 
 
 def engine_args(s3_server, bucket: str, postgres_url: str) -> tuple[str, ...]:
-    return ("--blobs", f"s3://{bucket}/casd", "--s3-endpoint", s3_server.endpoint,
-            "--catalog", postgres_url)
+    return (
+        "--blobs",
+        f"s3://{bucket}/casd",
+        "--s3-endpoint",
+        s3_server.endpoint,
+        "--catalog",
+        postgres_url,
+    )
 
 
 @pytest.fixture
@@ -58,8 +77,12 @@ def pair(s3_server, s3_bucket, postgres_url, daemon_factory) -> Pair:
     return Pair(a, b, args, s3_server, s3_bucket)
 
 
-def request(method: str, url: str, data: bytes | None = None, headers: dict | None = None,
-            ) -> tuple[int, dict, bytes]:
+def request(
+    method: str,
+    url: str,
+    data: bytes | None = None,
+    headers: dict | None = None,
+) -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None and method == "POST":
         req.add_header("Content-Type", "application/json")
@@ -94,7 +117,7 @@ def assert_serves(base: str, p: Prepared) -> None:
     assert headers["ETag"] == f'"{p.digest}"'
     lo, hi = CHUNK - 3, 2 * CHUNK + 7  # across a chunk boundary
     status, headers, body = request("GET", url, headers={"Range": f"bytes={lo}-{hi}"})
-    assert status == 206 and body == p.data[lo:hi + 1]
+    assert status == 206 and body == p.data[lo : hi + 1]
     assert headers["Content-Range"] == f"bytes {lo}-{hi}/{size}"
     status, _, body = request("GET", url, headers={"Range": "bytes=-5"})
     assert status == 206 and body == p.data[-5:]
@@ -142,8 +165,9 @@ def test_merge_on_the_other_daemon_reads_the_store_and_catches_a_rotten_object(p
         assert put(pair.a.url, hs["upload_id"], p, d) == 201
     rotten = bytearray(p.chunks[p.order[1]])
     rotten[11] ^= 1
-    pair.s3_server.client.put_object(Bucket=pair.bucket, Key=f"casd/md5/{p.order[1]}",
-                                     Body=bytes(rotten))
+    pair.s3_server.client.put_object(
+        Bucket=pair.bucket, Key=f"casd/md5/{p.order[1]}", Body=bytes(rotten)
+    )
     status, body = merge(pair.b.url, hs["upload_id"])
     assert status == 422 and body["error"] == "file_digest_mismatch", body
     assert request("GET", f"{pair.a.url}/v1/files/{p.digest}")[0] == 404
@@ -177,7 +201,8 @@ async def test_seed_style_uploads_against_either_daemon(pair, rng):
         await helpers.upload(s, pair.b.url, files[1])
         # The same file through both daemons at once: both end with it complete.
         answers = await asyncio.gather(
-            helpers.upload(s, pair.a.url, files[2]), helpers.upload(s, pair.b.url, files[2]),
+            helpers.upload(s, pair.a.url, files[2]),
+            helpers.upload(s, pair.b.url, files[2]),
             return_exceptions=True,
         )
         done = [a for a in answers if isinstance(a, dict)]
@@ -207,7 +232,8 @@ def test_kill_9_of_a_daemon_mid_chunk_then_the_upload_resumes(pair, rng):
     try:
         sock.sendall(
             f"PUT /v1/uploads/{uid}/chunks/{d4} HTTP/1.1\r\nHost: 127.0.0.1:{pair.a.port}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2]
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
         )
         pair.a.restart()  # kill -9, then start again on the same port
     finally:
