@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench import casd_runs, cdc_runs, limits, procs, report
+from bench import casd_runs, cdc_runs, engines_shared, limits, procs, report
 from bench.casd_runs import FULL, QUICK, Sizes
 from bench.log import log
 
@@ -147,6 +147,7 @@ async def measure_casd(sizes: Sizes, work: Path, big: Path, tmpfs: Path | None,
     results["b5"] = await casd_runs.b5_handshakes(sizes, work, work / "client-cache-b5", tmpfs,
                                                   work)
     results["cdc"] = await cdc_runs.measure(work, big, sizes, min(rounds, 2))
+    results["engines"] = await engines_shared.measure(sizes, work, big)
     return results
 
 
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     info["loadavg_end"] = loadavg()
     rows = (report.limit_rows(lim, sizes) + report.casd_rows(lim, sizes, results)
-            + report.cdc_rows(sizes, results["cdc"]))
+            + report.cdc_rows(sizes, results["cdc"])
+            + engines_shared.rows(sizes, results["engines"]))
     cmd = "python -m bench" + (" --quick" if args.quick else "")
     print(f"casd benchmark ({'quick' if args.quick else 'full'}): `{cmd}`, "
           f"{time.perf_counter() - started:.0f} s")

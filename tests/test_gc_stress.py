@@ -86,6 +86,10 @@ class Bug(AssertionError):
     pass
 
 
+# What a client sees of a daemon killed under it: connection refused, reset or cut short.
+CUT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+
+
 async def put_missing(s, base: str, f: File, hs: dict) -> bool:
     """PUT every chunk the handshake listed, in parallel; False when the upload went away."""
     async def one(d):
@@ -139,20 +143,53 @@ def count_blobs(data: Path) -> int:
 # ---- the race ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def engines(request, daemon_factory):
-    """The daemons the race runs on, and the environment the admin commands need: one daemon
-    on SQLite, or two daemons sharing one PostgreSQL catalogue and one data folder."""
+@dataclass
+class Engines:
+    """The daemons a test runs on, the environment the admin commands need, and how to count
+    the blobs in the store they share."""
+
+    daemons: list
+    env: dict
+    count_blobs: object  # () -> int
+
+
+def local_engines(daemons: list, env: dict) -> Engines:
+    return Engines(daemons, env, lambda: count_blobs(daemons[0].data_dir))
+
+
+def shared_engines(request, daemon_factory, *extra: str) -> Engines:
+    """Two daemons on one S3 bucket (moto) and one PostgreSQL catalogue, each with its own
+    data folder for temp files."""
+    s3_server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    url = request.getfixturevalue("postgres_url")
+    blobs = f"s3://{bucket}/casd"
+    args = ("--blobs", blobs, "--s3-endpoint", s3_server.endpoint, "--catalog", url, *extra)
+    daemons = [daemon_factory(*args), daemon_factory(*args)]
+    env = dict(os.environ, CASD_BLOBS=blobs, CASD_S3_ENDPOINT=s3_server.endpoint,
+               CASD_CATALOG=url)
+
+    def objects() -> int:
+        return sum(1 for k in s3_server.keys(bucket, "casd/") if "/quarantine/" not in k)
+    return Engines(daemons, env, objects)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "s3+postgres"])
+def engines(request, daemon_factory) -> Engines:
+    """One daemon on SQLite; two daemons sharing one PostgreSQL catalogue and one data
+    folder; or two daemons sharing an S3 bucket and a PostgreSQL catalogue."""
     if request.param == "sqlite":
-        return [daemon_factory()], dict(os.environ)
+        return local_engines([daemon_factory()], dict(os.environ))
+    if request.param == "s3+postgres":
+        return shared_engines(request, daemon_factory)
     url = request.getfixturevalue("postgres_url")
     one = daemon_factory("--catalog", url)
     two = daemon_factory("--catalog", url, data_dir=one.data_dir)
-    return [one, two], dict(os.environ, CASD_CATALOG=url)
+    return local_engines([one, two], dict(os.environ, CASD_CATALOG=url))
 
 
 async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
-    daemons, env = engines
+    daemons, env = engines.daemons, engines.env
     daemon = daemons[0]
     rng = random.Random(20261124)
     # One pool of chunks per algorithm; every file is drawn from it, so files overlap.
@@ -176,7 +213,7 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
     owned = [[draw("sha256" if c == 3 else "md5") for _ in range(5)] for c in range(4)]
     shared = [draw("md5"), draw("sha256")]
     present: dict[str, File] = {f.digest: f for f in shared}  # what must be complete at the end
-    counts = {"uploads": 0, "deletes": 0, "aborts": 0, "downloads": 0}
+    counts = {"uploads": 0, "deletes": 0, "aborts": 0, "downloads": 0, "cut": 0, "kills": 0}
     stop = tmp_path / "stop-gc"
     gc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", GC_LOOP, str(daemon.data_dir), str(stop),
@@ -184,44 +221,99 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
     )
     deadline = time.monotonic() + RACE_SECONDS
 
+    async def retry(step, first: int):
+        """`step(base)` until a daemon answers it: a connection the kill -9 below cuts is
+        retried on the other daemon, as a client behind a load balancer would be."""
+        for attempt in range(400):
+            try:
+                return await step(daemons[(first + attempt) % len(daemons)].url, attempt > 0)
+            except CUT:
+                counts["cut"] += 1
+                await asyncio.sleep(0.05)
+        raise Bug("no daemon answered")
+
     async def client(c: int) -> None:
         crng = random.Random(c)
         mine = owned[c]
         async with session() as s:
+
+            async def abort(base: str, _again: bool) -> None:
+                # Start an upload of new content mixed with pooled chunks, then abort it; a
+                # retry after a cut aborts the same upload (a pending one would keep chunks).
+                async with s.post(f"{base}/v1/handshake", json=f.handshake) as r:
+                    hs = await r.json()
+                half = dict(hs, missing=hs["missing"][: len(hs["missing"]) // 2 + 1])
+                await put_missing(s, base, f, half)
+                async with s.delete(f"{base}/v1/uploads/{hs['upload_id']}") as r:
+                    assert r.status == 204
+
+            async def fetch(base: str, _again: bool) -> bytes:
+                return await download(s, base, f)
+
+            async def delete(base: str, again: bool) -> None:
+                async with s.delete(f"{base}/v1/files/{f.digest}") as r:
+                    # After a cut the first try may have deleted it already.
+                    if r.status != 204 and not (again and r.status == 404):
+                        raise Bug(f"delete {f.digest}: {r.status}")
+
             turn = c
             while time.monotonic() < deadline:
                 # With two daemons, each client alternates between them.
                 turn += 1
-                base = daemons[turn % len(daemons)].url
-                roll = crng.random()
-                if roll < 0.15:
-                    # Start an upload of new content mixed with pooled chunks, then abort it.
+                if crng.random() < 0.15:
                     algo = mine[0].algo
                     f = make_file(algo, [crng.randbytes(3 * KiB), *crng.sample(pools[algo], 3)])
-                    async with s.post(f"{base}/v1/handshake", json=f.handshake) as r:
-                        hs = await r.json()
-                    half = dict(hs, missing=hs["missing"][: len(hs["missing"]) // 2 + 1])
-                    await put_missing(s, base, f, half)
-                    async with s.delete(f"{base}/v1/uploads/{hs['upload_id']}") as r:
-                        assert r.status == 204
+                    await retry(abort, turn)
                     counts["aborts"] += 1
                     continue
                 f = crng.choice(mine + shared)
-                await upload(s, base, f)
+                await retry(lambda base, _again: upload(s, base, f), turn)  # noqa: B023
                 counts["uploads"] += 1
                 present[f.digest] = f
-                if await download(s, base, f) != f.data:
+                if await retry(fetch, turn) != f.data:
                     raise Bug(f"{f.digest} downloaded different bytes")
                 counts["downloads"] += 1
                 if f in mine and crng.random() < 0.6:
-                    async with s.delete(f"{base}/v1/files/{f.digest}") as r:
-                        if r.status != 204:
-                            raise Bug(f"delete {f.digest}: {r.status}")
+                    await retry(delete, turn)
                     del present[f.digest]
                     counts["deletes"] += 1
 
+    async def killer() -> None:
+        """A third of the way in, kill -9 the second daemon with half a chunk of a fresh
+        upload on the wire, start it again, and finish that upload where it stopped."""
+        victim = daemons[1]
+        krng = random.Random(99)
+        f = make_file("md5", [krng.randbytes(8 * KiB) for _ in range(4)])
+        await asyncio.sleep(RACE_SECONDS / 3)
+        async with session() as s:
+            async with s.post(f"{victim.url}/v1/handshake", json=f.handshake) as r:
+                hs = await r.json()
+            first, cut = hs["missing"][:2]
+            async with s.put(f"{victim.url}/v1/uploads/{hs['upload_id']}/chunks/{first}",
+                             data=f.by_digest[first]) as r:
+                assert r.status == 201
+            _, writer = await asyncio.open_connection("127.0.0.1", victim.port)
+            body = f.by_digest[cut]
+            writer.write(
+                f"PUT /v1/uploads/{hs['upload_id']}/chunks/{cut} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{victim.port}\r\nContent-Length: {len(body)}\r\n\r\n"
+                .encode() + body[: len(body) // 2]
+            )
+            await writer.drain()
+            await asyncio.to_thread(victim.restart)  # kill -9, then start on the same port
+            writer.close()
+            counts["kills"] += 1
+            # The upload resumes: the same upload, missing exactly what was not acknowledged.
+            async with s.post(f"{victim.url}/v1/handshake", json=f.handshake) as r:
+                again = await r.json()
+            assert again["upload_id"] == hs["upload_id"], again
+            assert again["missing"] == hs["missing"][1:], again
+            await upload(s, victim.url, f)
+            present[f.digest] = f
+
     try:
-        await asyncio.gather(*(client(c) for c in range(4)))
+        await asyncio.gather(*(client(c) for c in range(4)),
+                             *([killer()] if len(daemons) > 1 else []))
     finally:
         stop.touch()
         out, err = await asyncio.wait_for(gc.communicate(), 120)
@@ -231,6 +323,8 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
     assert summary["errors"] == [] and summary["fsck_issues"] == [], summary
     assert summary["gc_runs"] >= 5 and summary["chunks"] > 0, summary
     assert counts["uploads"] >= 20 and counts["deletes"] >= 5, counts
+    assert counts["kills"] == len(daemons) - 1, counts
+    assert counts["cut"] == 0 or counts["kills"], counts  # connections cut only by the kill
 
     # Everything that should be complete is, byte for byte, and nothing else is.
     listing = casd(daemon.data_dir, "ls", "--json", env=env)
@@ -245,7 +339,7 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
     # A last gc leaves exactly the chunks of the complete files.
     assert casd(daemon.data_dir, "gc", "--grace", "0", env=env).returncode == 0
     wanted = {d for f in present.values() for d in f.by_digest}
-    assert count_blobs(daemon.data_dir) == len(wanted)
+    assert engines.count_blobs() == len(wanted)
     deep = casd(daemon.data_dir, "fsck", "--deep", env=env)
     assert deep.returncode == 0, deep.stdout + deep.stderr
     print(f"race: {counts}, gc loop: {summary}")
@@ -254,14 +348,16 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
 # ---- kill -9 of gc ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+@pytest.mark.parametrize("engine", ["sqlite", "postgres", "s3+postgres"])
 async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory, engine, request):
-    env = dict(os.environ)
     if engine == "sqlite":
-        daemon = daemon_factory("--sync", "NORMAL")  # quicker to fill with garbage
+        one = local_engines([daemon_factory("--sync", "NORMAL")], dict(os.environ))
+    elif engine == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        one = local_engines([daemon_factory("--catalog", url)], dict(os.environ, CASD_CATALOG=url))
     else:
-        env["CASD_CATALOG"] = request.getfixturevalue("postgres_url")
-        daemon = daemon_factory("--catalog", env["CASD_CATALOG"])
+        one = shared_engines(request, daemon_factory)
+    daemon, env, blobs = one.daemons[0], one.env, one.count_blobs
     rng = random.Random(7)
     garbage = [rng.randbytes(rng.randrange(512, 2 * KiB)) for _ in range(400)]
     keep = make_file("md5", [*garbage[::40], rng.randbytes(4 * KiB)])  # shares 10 chunks
@@ -280,7 +376,7 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory, engine, request
         await upload(s, daemon.url, keep)
         async with s.delete(f"{daemon.url}/v1/files/{doomed.digest}") as r:
             assert r.status == 204
-    total = count_blobs(daemon.data_dir)
+    total = blobs()
     assert total == len(garbage) + 1
     # One chunk per transaction makes gc slow enough to be caught in the middle.
     gc = await asyncio.create_subprocess_exec(
@@ -290,15 +386,15 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory, engine, request
     )
     try:
         deadline = time.monotonic() + 60
-        while count_blobs(daemon.data_dir) > total - 30:
+        while blobs() > total - 30:
             assert gc.returncode is None, "gc finished before it could be killed"
             assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005 if engine != "s3+postgres" else 0.05)
     finally:
         if gc.returncode is None:
             gc.kill()  # SIGKILL: no cleanup of any kind
         await gc.wait()
-    left = count_blobs(daemon.data_dir)
+    left = blobs()
     assert len(keep.by_digest) < left <= total - 30, left  # killed midway: garbage is left
 
     daemon.restart()  # the daemon too, kill -9 and start again
@@ -309,7 +405,7 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory, engine, request
         assert await download(s, daemon.url, keep) == keep.data
     again = casd(daemon.data_dir, "gc", "--grace", "0", "--json", env=env)
     assert again.returncode == 0, again.stderr
-    assert count_blobs(daemon.data_dir) == len(keep.by_digest)
+    assert blobs() == len(keep.by_digest)
     deep = casd(daemon.data_dir, "fsck", "--deep", "--json", env=env)
     report = json.loads(deep.stdout)
     assert deep.returncode == 0 and report["issues"] == [] and report["deleting_chunks"] == 0
