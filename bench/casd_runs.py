@@ -37,10 +37,26 @@ class Sizes:
     prep_parallel_files: int = 16
 
 
-FULL = Sizes(file_bytes=1 << 30, chunk_size=5 * MiB, concurrency=4, manifest_chunks=200_000,
-             small_files=200, small_file_bytes=64 * 1024, hash_bytes=1 << 30, get_repeats=2)
-QUICK = Sizes(file_bytes=64 * MiB, chunk_size=5 * MiB, concurrency=4, manifest_chunks=5_000,
-              small_files=50, small_file_bytes=64 * 1024, hash_bytes=128 * MiB, get_repeats=1)
+FULL = Sizes(
+    file_bytes=1 << 30,
+    chunk_size=5 * MiB,
+    concurrency=4,
+    manifest_chunks=200_000,
+    small_files=200,
+    small_file_bytes=64 * 1024,
+    hash_bytes=1 << 30,
+    get_repeats=2,
+)
+QUICK = Sizes(
+    file_bytes=64 * MiB,
+    chunk_size=5 * MiB,
+    concurrency=4,
+    manifest_chunks=5_000,
+    small_files=50,
+    small_file_bytes=64 * 1024,
+    hash_bytes=128 * MiB,
+    get_repeats=1,
+)
 
 
 def write_random_file(path: Path, size: int, piece: int = 16 * MiB) -> None:
@@ -58,12 +74,14 @@ def write_random_file(path: Path, size: int, piece: int = 16 * MiB) -> None:
 async def upload(url: str, path: Path, sizes: Sizes, cache_dir: Path, **options):
     """One upload through a fresh CasdClient (its own session, as one CLI run would have)."""
     async with CasdClient(url, cache_dir=cache_dir) as client:
-        return await client.upload(path, chunk_size=sizes.chunk_size,
-                                   concurrency=sizes.concurrency, **options)
+        return await client.upload(
+            path, chunk_size=sizes.chunk_size, concurrency=sizes.concurrency, **options
+        )
 
 
-async def b1_fresh_upload(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Path,
-                          algo: str = "md5") -> dict:
+async def b1_fresh_upload(
+    daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Path, algo: str = "md5"
+) -> dict:
     """Fresh upload; peak RSS (VmHWM reset first) and sampled VmRSS while it runs."""
     pid = daemon.pid
     hwm_reset = procs.reset_hwm(pid)
@@ -76,16 +94,24 @@ async def b1_fresh_upload(daemon: procs.Server, path: Path, sizes: Sizes, cache_
     expected_chunks = -(-sizes.file_bytes // sizes.chunk_size)
     assert s.chunks_sent == expected_chunks and not s.instant, s
     return {
-        "wall_s": wall, "summary_s": s.seconds, "hash_s": s.hash_seconds,
-        "transfer_s": s.transfer_seconds, "merge_s": s.merge_seconds,
-        "bytes": s.size, "bytes_sent": s.bytes_sent, "url": s.url, "digest": s.digest,
+        "wall_s": wall,
+        "summary_s": s.seconds,
+        "hash_s": s.hash_seconds,
+        "transfer_s": s.transfer_seconds,
+        "merge_s": s.merge_seconds,
+        "bytes": s.size,
+        "bytes_sent": s.bytes_sent,
+        "url": s.url,
+        "digest": s.digest,
         "daemon_cpu_s": procs.cpu_seconds(pid) - cpu_d,
         "client_cpu_s": procs.own_cpu_seconds() - cpu_c,
         "rss_before_mb": rss_before,
         "peak_rss_mb": procs.hwm_mb(pid) if hwm_reset else max(sampler.max, rss_before),
         "peak_rss_source": "VmHWM" if hwm_reset else "sampled VmRSS",
-        "sampled_rss_max_mb": sampler.max, "sampled_rss_mean_mb": sampler.mean,
-        "rss_samples": len(sampler.samples), "others_cores": watch.others_cores,
+        "sampled_rss_max_mb": sampler.max,
+        "sampled_rss_mean_mb": sampler.mean,
+        "rss_samples": len(sampler.samples),
+        "others_cores": watch.others_cores,
     }
 
 
@@ -108,10 +134,14 @@ async def b2_reupload(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir:
             break
     assert warm is not None and warm.instant, warm
     return {
-        "bypass_wall_s": bypass_wall, "bypass_summary_s": bypass.seconds,
-        "bypass_hash_s": bypass.hash_seconds, "bypass_transfer_s": bypass.transfer_seconds,
-        "warm_wall_s": warm_wall, "warm_summary_s": warm.seconds,
-        "warm_hash_s": warm.hash_seconds, "warm_cached": warm.cached,
+        "bypass_wall_s": bypass_wall,
+        "bypass_summary_s": bypass.seconds,
+        "bypass_hash_s": bypass.hash_seconds,
+        "bypass_transfer_s": bypass.transfer_seconds,
+        "warm_wall_s": warm_wall,
+        "warm_summary_s": warm.seconds,
+        "warm_hash_s": warm.hash_seconds,
+        "warm_cached": warm.cached,
         "others_cores": watch.others_cores,
     }
 
@@ -129,8 +159,9 @@ def _copy_with_prefix(src: Path, dest: Path, prefix: bytes) -> None:
         shutil.copyfileobj(fin, fout, 16 * MiB)
 
 
-async def b3_edits(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Path,
-                   work: Path) -> dict:
+async def b3_edits(
+    daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Path, work: Path
+) -> dict:
     """Bytes sent after overwriting a chunk-sized region, and after inserting 1 KiB in front."""
     region = sizes.chunk_size
     # Deliberately not on a chunk boundary: the region straddles two fixed-size chunks,
@@ -146,17 +177,30 @@ async def b3_edits(daemon: procs.Server, path: Path, sizes: Sizes, cache_dir: Pa
     overwritten.unlink()
     inserted.unlink()
     return {
-        "overwrite_changed": region, "overwrite_offset": offset,
-        "overwrite_sent": s1.bytes_sent, "overwrite_chunks_sent": s1.chunks_sent,
-        "overwrite_chunks_total": s1.chunks_total, "overwrite_s": s1.seconds,
-        "insert_changed": 1024, "insert_size": s2.size, "insert_sent": s2.bytes_sent,
-        "insert_chunks_sent": s2.chunks_sent, "insert_chunks_total": s2.chunks_total,
-        "insert_s": s2.seconds, "others_cores": watch.others_cores,
+        "overwrite_changed": region,
+        "overwrite_offset": offset,
+        "overwrite_sent": s1.bytes_sent,
+        "overwrite_chunks_sent": s1.chunks_sent,
+        "overwrite_chunks_total": s1.chunks_total,
+        "overwrite_s": s1.seconds,
+        "insert_changed": 1024,
+        "insert_size": s2.size,
+        "insert_sent": s2.bytes_sent,
+        "insert_chunks_sent": s2.chunks_sent,
+        "insert_chunks_total": s2.chunks_total,
+        "insert_s": s2.seconds,
+        "others_cores": watch.others_cores,
     }
 
 
-async def b4_download(daemon: procs.Server, file_url: str, plain: procs.Server, sizes: Sizes,
-                      cache_dir: Path, work: Path) -> dict:
+async def b4_download(
+    daemon: procs.Server,
+    file_url: str,
+    plain: procs.Server,
+    sizes: Sizes,
+    cache_dir: Path,
+    work: Path,
+) -> dict:
     """Plain GET of the stored file (body dropped), alternating with the FileResponse limit.
 
     Alternating the two keeps a burst of load from others on the machine from landing on
@@ -174,8 +218,13 @@ async def b4_download(daemon: procs.Server, file_url: str, plain: procs.Server, 
     async with CasdClient(daemon.url, cache_dir=cache_dir) as client:
         s = await client.download(file_url, dest)
     dest.unlink()
-    return {"get_mb_s": best, "plain_get_mb_s": plain_best, "others_cores": watch.others_cores,
-            "client_mb_s": mb_s(s.size, s.seconds), "client_s": s.seconds}
+    return {
+        "get_mb_s": best,
+        "plain_get_mb_s": plain_best,
+        "others_cores": watch.others_cores,
+        "client_mb_s": mb_s(s.size, s.seconds),
+        "client_s": s.seconds,
+    }
 
 
 # --- B6 ----------------------------------------------------------------------------------------
@@ -211,12 +260,17 @@ async def b6_small_files(daemon: procs.Server, sizes: Sizes, cache_dir: Path, wo
         return latencies[min(len(latencies) - 1, max(0, round(q * len(latencies)) - 1))]
 
     return {
-        "files": len(paths), "wall_s": wall, "files_s": len(paths) / wall,
-        "p50_s": pct(0.50), "p99_s": pct(0.99), "max_s": latencies[-1],
+        "files": len(paths),
+        "wall_s": wall,
+        "files_s": len(paths) / wall,
+        "p50_s": pct(0.50),
+        "p99_s": pct(0.99),
+        "max_s": latencies[-1],
         "daemon_cpu_s": procs.cpu_seconds(pid) - cpu_d,
         "client_cpu_s": procs.own_cpu_seconds() - cpu_c,
         "peak_rss_mb": procs.hwm_mb(pid) if hwm_reset else sampler.max,
-        "sampled_rss_max_mb": sampler.max, "others_cores": watch.others_cores,
+        "sampled_rss_max_mb": sampler.max,
+        "others_cores": watch.others_cores,
     }
 
 
@@ -242,6 +296,7 @@ def _prep_files(folder: Path, count: int, per_file: int) -> list[Path]:
 async def _prep_upload(url: str, paths: list[Path], sizes: Sizes, cache_dir: Path) -> None:
     sem = asyncio.Semaphore(sizes.prep_parallel_files)
     async with CasdClient(url, cache_dir=cache_dir) as client:
+
         async def one(p: Path) -> None:
             async with sem:
                 s = await client.upload(p, chunk_size=8, concurrency=4, use_cache=False)
@@ -255,23 +310,38 @@ BIG_FILES = ("--max-file-size", "4TiB")
 
 def _random_manifest(n: int, chunk_size: int) -> bytes:
     chunks = [{"md5": os.urandom(16).hex(), "size": chunk_size} for _ in range(n)]
-    return json.dumps({"md5": os.urandom(16).hex(), "size": n * chunk_size, "ext": ".bin",
-                       "name": f"synthetic-{n}.bin", "chunks": chunks}).encode()
+    return json.dumps(
+        {
+            "md5": os.urandom(16).hex(),
+            "size": n * chunk_size,
+            "ext": ".bin",
+            "name": f"synthetic-{n}.bin",
+            "chunks": chunks,
+        }
+    ).encode()
 
 
 def _stored_manifest(stored: int) -> bytes:
     """The `stored` prepared 8-byte chunks plus one chunk the server has never seen."""
     chunks = [{"md5": _md5_of_index(i), "size": 8} for i in range(stored)]
     chunks.append({"md5": os.urandom(16).hex(), "size": 8})
-    return json.dumps({"md5": os.urandom(16).hex(), "size": 8 * len(chunks), "ext": ".bin",
-                       "name": "mostly-stored.bin", "chunks": chunks}).encode()
+    return json.dumps(
+        {
+            "md5": os.urandom(16).hex(),
+            "size": 8 * len(chunks),
+            "ext": ".bin",
+            "name": "mostly-stored.bin",
+            "chunks": chunks,
+        }
+    ).encode()
 
 
 async def _handshake(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[float, dict]:
     """Latency of one handshake: request sent, answer received and parsed."""
     t = time.perf_counter()
-    async with session.post(url + "/v1/handshake", data=body,
-                            headers={"Content-Type": "application/json"}) as resp:
+    async with session.post(
+        url + "/v1/handshake", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
         raw = await resp.read()
         if resp.status != 200:
             raise RuntimeError(f"handshake: HTTP {resp.status}: {raw[:300]!r}")
@@ -297,8 +367,9 @@ async def profile_handshakes(daemon: procs.Server, sizes: Sizes) -> dict:
     return {"none_s": first, "none_again_s": again}
 
 
-async def b5_handshakes(sizes: Sizes, work: Path, cache_dir: Path, tmpfs: Path | None,
-                        log_dir: Path) -> dict:
+async def b5_handshakes(
+    sizes: Sizes, work: Path, cache_dir: Path, tmpfs: Path | None, log_dir: Path
+) -> dict:
     """Handshake latency of an N-chunk manifest with none stored and with N-1 stored.
 
     Storing N-1 chunks through the protocol is one chunk PUT each; at casd's per-chunk
@@ -329,12 +400,20 @@ async def b5_handshakes(sizes: Sizes, work: Path, cache_dir: Path, tmpfs: Path |
     finally:
         shutil.rmtree(prep_root, ignore_errors=True)
 
-    out: dict = {"n": n, "stored": stored, "prep_s": prep_s, "prep_chunks_s": stored / prep_s,
-                 "prep_on_tmpfs": on_tmpfs, "copy_s": copy_s}
+    out: dict = {
+        "n": n,
+        "stored": stored,
+        "prep_s": prep_s,
+        "prep_chunks_s": stored / prep_s,
+        "prep_on_tmpfs": on_tmpfs,
+        "copy_s": copy_s,
+    }
     small_n = max(1, n // 10)
-    bodies = {"small": _random_manifest(small_n, sizes.chunk_size),
-              "none": _random_manifest(n, sizes.chunk_size),
-              "stored": _stored_manifest(stored)}
+    bodies = {
+        "small": _random_manifest(small_n, sizes.chunk_size),
+        "none": _random_manifest(n, sizes.chunk_size),
+        "stored": _stored_manifest(stored),
+    }
     out["manifest_mb"] = len(bodies["none"]) / 1e6
     # The synthetic manifests describe files of up to 200,000 x 5 MiB (1 TB), over the
     # default --max-file-size; they are handshaken, never merged.

@@ -27,8 +27,12 @@ from casd.client import CasdClient
 KiB = 1024
 # The rules a fresh upload is compared under: casd's fixed default and three FastCDC
 # averages from REAPI's recommended 512 KiB up (1 MiB is casd's default).
-FRESH_RULES = (Chunking.fixed(5 * MiB), Chunking.fastcdc(512 * KiB), Chunking.fastcdc(MiB),
-               Chunking.fastcdc(2 * MiB))
+FRESH_RULES = (
+    Chunking.fixed(5 * MiB),
+    Chunking.fastcdc(512 * KiB),
+    Chunking.fastcdc(MiB),
+    Chunking.fastcdc(2 * MiB),
+)
 
 
 def rule_name(rule: Chunking) -> str:
@@ -38,8 +42,9 @@ def rule_name(rule: Chunking) -> str:
 
 async def _upload(url: str, path: Path, rule: Chunking, sizes: Sizes, cache: Path):
     async with CasdClient(url, cache_dir=cache) as client:
-        return await client.upload(path, chunking=rule, concurrency=sizes.concurrency,
-                                   use_cache=False)
+        return await client.upload(
+            path, chunking=rule, concurrency=sizes.concurrency, use_cache=False
+        )
 
 
 async def fresh_uploads(work: Path, big: Path, sizes: Sizes, rounds: int) -> dict:
@@ -52,17 +57,23 @@ async def fresh_uploads(work: Path, big: Path, sizes: Sizes, rounds: int) -> dic
     for n in range(rounds):
         for rule in FRESH_RULES:
             data = work / f"cdc-fresh-{n}"
-            with procs.casd_daemon(data, work / "daemon-cdc-fresh.log") as daemon, \
-                    procs.CpuWatch(daemon.pid) as watch:
+            with (
+                procs.casd_daemon(data, work / "daemon-cdc-fresh.log") as daemon,
+                procs.CpuWatch(daemon.pid) as watch,
+            ):
                 s = await _upload(daemon.url, big, rule, sizes, work / "cdc-cache")
             shutil.rmtree(data, ignore_errors=True)
             assert s.chunks_sent == s.chunks_total and not s.instant, s
             name = rule_name(rule)
             log(f"fresh upload, {name}: {s.seconds:.2f} s ({s.chunks_total} chunks)")
             if name not in best or s.seconds < best[name]["seconds"]:
-                best[name] = {"seconds": s.seconds, "hash_s": s.hash_seconds,
-                              "transfer_s": s.transfer_seconds, "chunks": s.chunks_total,
-                              "others_cores": watch.others_cores}
+                best[name] = {
+                    "seconds": s.seconds,
+                    "hash_s": s.hash_seconds,
+                    "transfer_s": s.transfer_seconds,
+                    "chunks": s.chunks_total,
+                    "others_cores": watch.others_cores,
+                }
     return best
 
 
@@ -104,10 +115,13 @@ async def edits_and_downloads(work: Path, big: Path, sizes: Sizes, rounds: int) 
             s1 = await _upload(daemon.url, overwritten, rule, sizes, cache)
             s2 = await _upload(daemon.url, inserted, rule, sizes, cache)
         out["b3c"] = {
-            "chunks_total": base.chunks_total, "overwrite_changed": region,
-            "overwrite_sent": s1.bytes_sent, "overwrite_chunks_sent": s1.chunks_sent,
+            "chunks_total": base.chunks_total,
+            "overwrite_changed": region,
+            "overwrite_sent": s1.bytes_sent,
+            "overwrite_chunks_sent": s1.chunks_sent,
             "overwrite_touched": _touched(overwritten, rule, offset, offset + region),
-            "insert_sent": s2.bytes_sent, "insert_chunks_sent": s2.chunks_sent,
+            "insert_sent": s2.bytes_sent,
+            "insert_chunks_sent": s2.chunks_sent,
             "others_cores": watch.others_cores,
         }
         overwritten.unlink()
@@ -126,9 +140,15 @@ async def edits_and_downloads(work: Path, big: Path, sizes: Sizes, rounds: int) 
         same = _same_file(dest, edited)
         dest.unlink()
         edited.unlink()
-        out["b9"] = {"size": d.size, "bytes_fetched": d.bytes_fetched,
-                     "chunks_fetched": d.chunks_fetched, "chunks_total": d.chunks_total,
-                     "bytes_reused": d.bytes_reused, "seconds": b9_s, "byte_exact": same}
+        out["b9"] = {
+            "size": d.size,
+            "bytes_fetched": d.bytes_fetched,
+            "chunks_fetched": d.chunks_fetched,
+            "chunks_total": d.chunks_total,
+            "bytes_reused": d.bytes_reused,
+            "seconds": b9_s,
+            "byte_exact": same,
+        }
         log(f"B9: fetched {d.bytes_fetched} bytes in {d.chunks_fetched} chunks, {b9_s:.2f} s")
 
         # B8: the big file as uploaded with fixed 5 MiB chunks (the B1 default), verified
@@ -154,7 +174,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 async def _plain_get_to_disk(url: str, dest: Path) -> float:
@@ -162,8 +182,10 @@ async def _plain_get_to_disk(url: str, dest: Path) -> float:
     t = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
     loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession(timeout=timeout) as session, \
-            session.get(url, headers={"Accept-Encoding": "identity"}) as resp:
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url, headers={"Accept-Encoding": "identity"}) as resp,
+    ):
         resp.raise_for_status()
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -190,10 +212,15 @@ async def _b8(daemon: procs.Server, url: str, big: Path, work: Path, rounds: int
                 client_best = min(client_best, time.perf_counter() - t)
             assert s.chunked and s.chunks_fetched == s.chunks_total, s
             dest.unlink()
-    log(f"B8: plain GET to disk {mb_s(size, plain_best):.0f} MB/s, "
-        f"client {mb_s(size, client_best):.0f} MB/s")
-    return {"plain_mb_s": mb_s(size, plain_best), "client_mb_s": mb_s(size, client_best),
-            "others_cores": watch.others_cores}
+    log(
+        f"B8: plain GET to disk {mb_s(size, plain_best):.0f} MB/s, "
+        f"client {mb_s(size, client_best):.0f} MB/s"
+    )
+    return {
+        "plain_mb_s": mb_s(size, plain_best),
+        "client_mb_s": mb_s(size, client_best),
+        "others_cores": watch.others_cores,
+    }
 
 
 def chunking_throughput(nbytes: int) -> dict:
@@ -210,8 +237,12 @@ def chunking_throughput(nbytes: int) -> dict:
         t = time.perf_counter()
         hashlib.md5(buf).hexdigest()
         md5 = min(md5, time.perf_counter() - t)
-    return {"bytes": nbytes, "chunks": n, "fastcdc_mb_s": mb_s(nbytes, cut),
-            "md5_mb_s": mb_s(nbytes, md5)}
+    return {
+        "bytes": nbytes,
+        "chunks": n,
+        "fastcdc_mb_s": mb_s(nbytes, cut),
+        "md5_mb_s": mb_s(nbytes, md5),
+    }
 
 
 async def measure(work: Path, big: Path, sizes: Sizes, rounds: int) -> dict:

@@ -29,7 +29,8 @@ from bench.limits import MiB, get_throughput, mb_s
 from bench.log import log
 
 CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "casd-bench", "AWS_SECRET_ACCESS_KEY": "casd-bench-secret",
+    "AWS_ACCESS_KEY_ID": "casd-bench",
+    "AWS_SECRET_ACCESS_KEY": "casd-bench-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
@@ -45,7 +46,8 @@ def start_moto(log_path: Path) -> tuple[subprocess.Popen, str]:
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
     while True:
@@ -79,9 +81,13 @@ async def engine_run(name: str, big: Path, sizes: Sizes, work: Path, *extra: str
         assert n == sizes.file_bytes, n
         get_rss = procs.hwm_mb(daemon.pid)
     shutil.rmtree(data, ignore_errors=True)
-    return {"upload_s": b1["summary_s"], "upload_mb_s": mb_s(sizes.file_bytes, b1["summary_s"]),
-            "upload_peak_rss_mb": b1["peak_rss_mb"], "get_mb_s": rate,
-            "get_peak_rss_mb": get_rss}
+    return {
+        "upload_s": b1["summary_s"],
+        "upload_mb_s": mb_s(sizes.file_bytes, b1["summary_s"]),
+        "upload_peak_rss_mb": b1["peak_rss_mb"],
+        "get_mb_s": rate,
+        "get_peak_rss_mb": get_rss,
+    }
 
 
 async def raw_store(big: Path, sizes: Sizes, endpoint: str, bucket: str) -> dict:
@@ -103,10 +109,10 @@ async def raw_store(big: Path, sizes: Sizes, endpoint: str, bucket: str) -> dict
             async def putter() -> None:
                 for off in queue:
                     piece = await loop.run_in_executor(
-                        None, os.pread, fd, min(sizes.chunk_size, size - off), off)
+                        None, os.pread, fd, min(sizes.chunk_size, size - off), off
+                    )
                     md5 = base64.b64encode(hashlib.md5(piece).digest()).decode()
-                    await s3.put_object(Bucket=bucket, Key=f"raw/{off}", Body=piece,
-                                        ContentMD5=md5)
+                    await s3.put_object(Bucket=bucket, Key=f"raw/{off}", Body=piece, ContentMD5=md5)
 
             t = time.perf_counter()
             await asyncio.gather(*(putter() for _ in range(sizes.concurrency)))
@@ -127,17 +133,25 @@ async def raw_store(big: Path, sizes: Sizes, endpoint: str, bucket: str) -> dict
 
 def render(sizes: Sizes, local: dict, s3: dict, raw: dict) -> str:
     rows = [
-        ("fresh upload MB/s (client, 4 streams)", local["upload_mb_s"], s3["upload_mb_s"],
-         raw["put_mb_s"]),
+        (
+            "fresh upload MB/s (client, 4 streams)",
+            local["upload_mb_s"],
+            s3["upload_mb_s"],
+            raw["put_mb_s"],
+        ),
         ("download MB/s (one GET)", local["get_mb_s"], s3["get_mb_s"], raw["get_mb_s"]),
-        ("daemon peak RSS MB, upload", local["upload_peak_rss_mb"], s3["upload_peak_rss_mb"],
-         None),
+        ("daemon peak RSS MB, upload", local["upload_peak_rss_mb"], s3["upload_peak_rss_mb"], None),
         ("daemon peak RSS MB, download", local["get_peak_rss_mb"], s3["get_peak_rss_mb"], None),
     ]
-    out = [(f"blob-store engines, {sizes.file_bytes >> 20} MiB file in {sizes.chunk_size >> 20}"
-            " MiB chunks (S3: moto on 127.0.0.1, SQLite catalogue)"), "",
-           "| figure | local | S3 (moto) | S3 / local | moto alone (aiobotocore) | S3 / moto alone |",
-           "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        (
+            f"blob-store engines, {sizes.file_bytes >> 20} MiB file in {sizes.chunk_size >> 20}"
+            " MiB chunks (S3: moto on 127.0.0.1, SQLite catalogue)"
+        ),
+        "",
+        "| figure | local | S3 (moto) | S3 / local | moto alone (aiobotocore) | S3 / moto alone |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, a, b, c in rows:
         ratio = f"{b / a:.2f}" if a else "-"
         alone = f"{c:.0f}" if c is not None else "-"
@@ -155,8 +169,9 @@ async def measure(sizes: Sizes, work: Path) -> str:
     try:
         local = await engine_run("local", big, sizes, work)
         bucket = new_bucket(endpoint)
-        s3 = await engine_run("s3", big, sizes, work, "--blobs", f"s3://{bucket}/casd",
-                              "--s3-endpoint", endpoint)
+        s3 = await engine_run(
+            "s3", big, sizes, work, "--blobs", f"s3://{bucket}/casd", "--s3-endpoint", endpoint
+        )
         log("moto alone: aiobotocore PUT and GET of the same chunks")
         raw = await raw_store(big, sizes, endpoint, new_bucket(endpoint))
     finally:
@@ -170,9 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=1024, help="file size (default 1024)")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the temp dir")
     args = p.parse_args(argv)
-    sizes = Sizes(file_bytes=args.size_mib * MiB, chunk_size=5 * MiB, concurrency=4,
-                  manifest_chunks=0, small_files=0, small_file_bytes=0, hash_bytes=0,
-                  get_repeats=1)
+    sizes = Sizes(
+        file_bytes=args.size_mib * MiB,
+        chunk_size=5 * MiB,
+        concurrency=4,
+        manifest_chunks=0,
+        small_files=0,
+        small_file_bytes=0,
+        hash_bytes=0,
+        get_repeats=1,
+    )
     work = Path(tempfile.mkdtemp(prefix="casd-bench-engines-", dir=args.tmp))
     try:
         print(asyncio.run(measure(sizes, work)))

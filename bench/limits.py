@@ -67,12 +67,13 @@ def fsync_write_throughput(src: Path, dest_dir: Path, piece: int, writers: int =
         blocks = [os.pread(fd_in, min(piece, size - off), off) for off in range(0, size, piece)]
     finally:
         os.close(fd_in)
+
     def write(i: int) -> None:
         fd = os.open(dest_dir / f"{i:06d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view = memoryview(blocks[i])
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -116,10 +117,12 @@ async def put_throughput(url: str, src: Path, chunk_size: int, concurrency: int)
     loop = asyncio.get_running_loop()
     try:
         async with aiohttp.ClientSession() as session:
+
             async def worker() -> None:
                 for off in offsets:
                     data = await loop.run_in_executor(
-                        None, os.pread, fd, min(chunk_size, size - off), off)
+                        None, os.pread, fd, min(chunk_size, size - off), off
+                    )
                     async with session.put(url + "/discard", data=data) as resp:
                         resp.raise_for_status()
                         await resp.read()
@@ -140,8 +143,10 @@ def raw_get(url: str) -> tuple[float, int]:
     parts = urlsplit(url)
     t = time.perf_counter()
     with socket.create_connection((parts.hostname, parts.port)) as sock:
-        sock.sendall(f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                     "Accept-Encoding: identity\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            "Accept-Encoding: identity\r\nConnection: close\r\n\r\n".encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             data = sock.recv(65536)

@@ -40,8 +40,10 @@ class Server:
                 self.url = m.group(1)
                 return self
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.cmd} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text(errors='replace')}")
+                raise RuntimeError(
+                    f"{self.cmd} exited with {self.proc.returncode}:\n"
+                    f"{self.log_path.read_text(errors='replace')}"
+                )
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"{self.cmd} did not announce its URL within {timeout}s")
@@ -71,8 +73,22 @@ class Server:
 
 def casd_daemon(data_dir: Path, log_path: Path, *extra: str) -> Server:
     """`casd serve` on a free 127.0.0.1 port with its own data folder, as a user starts it."""
-    return Server([sys.executable, "-m", "casd", "serve", "--data", str(data_dir),
-                   "--host", "127.0.0.1", "--port", "0", *extra], log_path)
+    return Server(
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "serve",
+            "--data",
+            str(data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *extra,
+        ],
+        log_path,
+    )
 
 
 def plain_server(file_path: Path, log_path: Path, loop: str = "asyncio") -> Server:

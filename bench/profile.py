@@ -21,9 +21,22 @@ class Spy:
         self.out = out
         # --nonblocking: sample without pausing the daemon, so the profile barely slows it.
         self.proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--rate", str(RATE), "--nonblocking",
-             "--format", "raw", "--output", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(RATE),
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -71,7 +84,10 @@ def summarize(raw: Path, top: int = 15) -> str:
     out.append("  self (leaf frame):")
     out += [f"    {n / total:6.1%}  {f}" for f, n in own.most_common(top)]
     out.append("  inclusive (casd and aiohttp frames):")
-    picked = [(f, n) for f, n in incl.most_common()
-              if "casd/" in f or "aiohttp/" in f or "aiosqlite/" in f]
+    picked = [
+        (f, n)
+        for f, n in incl.most_common()
+        if "casd/" in f or "aiohttp/" in f or "aiosqlite/" in f
+    ]
     out += [f"    {n / total:6.1%}  {f}" for f, n in picked[:top]]
     return "\n".join(out) + "\n"

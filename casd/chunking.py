@@ -66,9 +66,7 @@ class Chunking:
                     f" bytes, got {avg!r}"
                 )
             if type(self.seed) is not int or not 0 <= self.seed < 2**32:
-                raise ValueError(
-                    f"a FastCDC seed is a 32-bit unsigned integer, got {self.seed!r}"
-                )
+                raise ValueError(f"a FastCDC seed is a 32-bit unsigned integer, got {self.seed!r}")
         else:
             raise ValueError(f"chunking is 'fixed' or 'fastcdc', not {self.kind!r}")
 

@@ -29,36 +29,58 @@ from casd.protocol import file_url, format_bytes, format_timestamp
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "gc", help="remove expired uploads and chunks nothing uses",
+        "gc",
+        help="remove expired uploads and chunks nothing uses",
         description="Drop expired uploads and unused manifests, delete chunks that no complete"
         " file and no live upload uses and that are older than the grace period, delete stale"
         " temp files. Safe while `casd serve` runs on the same data folder.",
     )
     add_data_arg(p)
-    p.add_argument("--grace", type=_seconds, default=3600.0, metavar="SECONDS",
-                   help="keep chunks stored less than this long ago (default 3600)")
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep chunks stored less than this long ago (default 3600)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    p.add_argument("--batch-size", type=_positive, default=GC_BATCH, metavar="N",
-                   help=f"chunks per transaction; the daemon waits at most one batch"
-                   f" (default {GC_BATCH})")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=GC_BATCH,
+        metavar="N",
+        help=f"chunks per transaction; the daemon waits at most one batch (default {GC_BATCH})",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="list every item")
     _add_json(p)
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser(
-        "fsck", help="check that every blob and catalogue row agree",
+        "fsck",
+        help="check that every blob and catalogue row agree",
         description="Check every blob against its catalogue row (size, xxh3-128; --deep: the"
         " real digest), every chunk of every complete file, and report orphan blob files,"
         " orphan rows and leftover temp files. Exits 1 when it finds any problem.",
     )
     add_data_arg(p)
-    p.add_argument("--deep", action="store_true",
-                   help="recompute each blob's md5/sha256 instead of trusting xxh3-128")
-    p.add_argument("--workers", type=_positive, default=None, metavar="N",
-                   help="hashing threads (default: CPUs, at most 4)")
-    p.add_argument("--repair", action="store_true",
-                   help="move corrupt or missing blobs to DATA/quarantine/ and mark their"
-                   " chunks absent, so that uploading them again heals the files")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="recompute each blob's md5/sha256 instead of trusting xxh3-128",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="hashing threads (default: CPUs, at most 4)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="move corrupt or missing blobs to DATA/quarantine/ and mark their"
+        " chunks absent, so that uploading them again heals the files",
+    )
     _add_json(p)
     p.set_defaults(func=cmd_fsck)
 
@@ -92,8 +114,12 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write a stored file out as a regular file")
     add_data_arg(p)
     p.add_argument("digest", metavar="DIGEST", help="the file's md5 or sha256")
-    p.add_argument("path", metavar="PATH", type=Path,
-                   help="file to write, or an existing folder to write DIGEST.EXT into")
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        type=Path,
+        help="file to write, or an existing folder to write DIGEST.EXT into",
+    )
     p.add_argument("--force", action="store_true", help="replace PATH if it exists")
     p.set_defaults(func=cmd_export)
 
@@ -189,8 +215,7 @@ def _result_json(r: GcResult) -> dict:
         "uploads": r.uploads,
         "manifests": r.manifests,
         "chunks": [
-            {"algo": c.digest.algo.value, "digest": c.digest.hex, "size": c.size}
-            for c in r.chunks
+            {"algo": c.digest.algo.value, "digest": c.digest.hex, "size": c.size} for c in r.chunks
         ],
         "kept": r.kept,
         "temp_files": [str(t.path) for t in r.temp_files],
@@ -203,12 +228,16 @@ def _result_json(r: GcResult) -> dict:
 
 def _plan_text(plan: GcPlan, verbose: bool) -> None:
     n_chunks = len(plan.chunks) + len(plan.unfinished)
-    unfinished = f", {len(plan.unfinished)} of them left by an interrupted gc" if plan.unfinished else ""
-    print(f"plan (grace {plan.grace:g} s): {len(plan.expired_uploads)} expired uploads,"
-          f" {len(plan.unused_manifests)} unused manifests, {n_chunks} chunks"
-          f" ({format_bytes(plan.chunk_bytes)}{unfinished}), {len(plan.temp_files)} stale temp files"
-          f" ({format_bytes(plan.temp_bytes)}), {len(plan.orphans)} orphan blob files"
-          f" ({format_bytes(plan.orphan_bytes)})")
+    unfinished = (
+        f", {len(plan.unfinished)} of them left by an interrupted gc" if plan.unfinished else ""
+    )
+    print(
+        f"plan (grace {plan.grace:g} s): {len(plan.expired_uploads)} expired uploads,"
+        f" {len(plan.unused_manifests)} unused manifests, {n_chunks} chunks"
+        f" ({format_bytes(plan.chunk_bytes)}{unfinished}), {len(plan.temp_files)} stale temp files"
+        f" ({format_bytes(plan.temp_bytes)}), {len(plan.orphans)} orphan blob files"
+        f" ({format_bytes(plan.orphan_bytes)})"
+    )
     if verbose:
         for uid, size in plan.expired_uploads:
             print(f"  upload {uid} ({size} bytes)")
@@ -228,23 +257,28 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 _print_json({"dry_run": True, "plan": _plan_json(plan)})
             else:
                 _plan_text(plan, args.verbose)
-                print(f"dry run: nothing changed; would free up to {format_bytes(plan.bytes)}"
-                      f" ({plan.bytes} bytes)")
+                print(
+                    f"dry run: nothing changed; would free up to {format_bytes(plan.bytes)}"
+                    f" ({plan.bytes} bytes)"
+                )
             return 0
         if not args.json:
             _plan_text(plan, args.verbose)
             sys.stdout.flush()
         result = await m.gc_execute(plan, args.batch_size)
         if args.json:
-            _print_json({"dry_run": False, "plan": _plan_json(plan),
-                         "removed": _result_json(result)})
+            _print_json(
+                {"dry_run": False, "plan": _plan_json(plan), "removed": _result_json(result)}
+            )
         else:
             kept = f"; {result.kept} chunks kept (in use again)" if result.kept else ""
-            print(f"removed {result.uploads} uploads, {result.manifests} manifests,"
-                  f" {len(result.chunks)} chunks, {len(result.temp_files)} temp files,"
-                  f" {len(result.orphans)} orphan blob files{kept};"
-                  f" freed {format_bytes(result.bytes_freed)} ({result.bytes_freed} bytes)"
-                  f" in {result.seconds:.2f} s")
+            print(
+                f"removed {result.uploads} uploads, {result.manifests} manifests,"
+                f" {len(result.chunks)} chunks, {len(result.temp_files)} temp files,"
+                f" {len(result.orphans)} orphan blob files{kept};"
+                f" freed {format_bytes(result.bytes_freed)} ({result.bytes_freed} bytes)"
+                f" in {result.seconds:.2f} s"
+            )
         return 0
 
     return _run(args, work)
@@ -285,14 +319,20 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 line += f"; files: {', '.join(safe_text(f) for f in i.files)}"
             print(line)
         for i in r.notes:
-            print(f"note: {i.kind} {i.digest or '-'}  {i.detail}; casd gc removes it once it"
-                  " is older than the grace period (not a problem)")
+            print(
+                f"note: {i.kind} {i.digest or '-'}  {i.detail}; casd gc removes it once it"
+                " is older than the grace period (not a problem)"
+            )
         if r.quarantined:
-            print(f"repaired: {len(r.quarantined)} chunk(s) moved to"
-                  f" {m.blobs.quarantine_location} and marked absent; uploading the files"
-                  " that use them again heals them")
-        how = "md5/sha256 and xxh3-128" if r.deep else (
-            "xxh3-128" if m.blobs.quick_rehash else "size (--deep rehashes)"
+            print(
+                f"repaired: {len(r.quarantined)} chunk(s) moved to"
+                f" {m.blobs.quarantine_location} and marked absent; uploading the files"
+                " that use them again heals them"
+            )
+        how = (
+            "md5/sha256 and xxh3-128"
+            if r.deep
+            else ("xxh3-128" if m.blobs.quick_rehash else "size (--deep rehashes)")
         )
         rate = r.bytes_checked / r.seconds / (1 << 20) if r.seconds else 0.0
         extra = ""
@@ -301,8 +341,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         if r.temp_in_flight:
             extra += f"; {r.temp_in_flight} temp files in flight (not a problem)"
         verdict = f"{len(r.issues)} problem(s)" if r.issues else "no problems"
-        print(f"fsck: {r.blobs_checked} blobs ({format_bytes(r.bytes_checked)}) checked by {how} in"
-              f" {r.seconds:.2f} s ({rate:.0f} MiB/s){extra}; {verdict}")
+        print(
+            f"fsck: {r.blobs_checked} blobs ({format_bytes(r.bytes_checked)}) checked by {how} in"
+            f" {r.seconds:.2f} s ({rate:.0f} MiB/s){extra}; {verdict}"
+        )
         return 0 if r.ok else 1
 
     return _run(args, work)
@@ -315,16 +357,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
     async def work(m: Maintenance) -> int:
         s = await m.stats()
         if args.json:
-            _print_json({
-                "files": s.files, "logical_bytes": s.logical_bytes, "chunks": s.chunks,
-                "physical_bytes": s.physical_bytes, "dedup_ratio": round(s.dedup_ratio, 4),
-                "pending_uploads": s.pending_uploads, "pending_bytes": s.pending_bytes,
-                "expired_uploads": s.expired_uploads, "deleting_chunks": s.deleting_chunks,
-                "pending_chunk_entries": s.pending_entries,
-                "pending_catalog_bytes": s.pending_catalog_bytes,
-                "catalog_bytes": s.catalog_bytes,
-                "quarantined_chunks": s.quarantined_chunks,
-            })
+            _print_json(
+                {
+                    "files": s.files,
+                    "logical_bytes": s.logical_bytes,
+                    "chunks": s.chunks,
+                    "physical_bytes": s.physical_bytes,
+                    "dedup_ratio": round(s.dedup_ratio, 4),
+                    "pending_uploads": s.pending_uploads,
+                    "pending_bytes": s.pending_bytes,
+                    "expired_uploads": s.expired_uploads,
+                    "deleting_chunks": s.deleting_chunks,
+                    "pending_chunk_entries": s.pending_entries,
+                    "pending_catalog_bytes": s.pending_catalog_bytes,
+                    "catalog_bytes": s.catalog_bytes,
+                    "quarantined_chunks": s.quarantined_chunks,
+                }
+            )
             return 0
         rows = [
             ("complete files", f"{s.files}"),
@@ -332,10 +381,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
             ("distinct chunks", f"{s.chunks}"),
             ("physical bytes", f"{format_bytes(s.physical_bytes)} ({s.physical_bytes})"),
             ("dedup ratio", f"{s.dedup_ratio:.2f}"),
-            ("pending uploads",
-             f"{s.pending_uploads} ({format_bytes(s.pending_bytes)}, {s.pending_bytes} bytes)"),
-            ("pending chunk entries",
-             f"{s.pending_entries} (~{format_bytes(s.pending_catalog_bytes)} of catalogue)"),
+            (
+                "pending uploads",
+                f"{s.pending_uploads} ({format_bytes(s.pending_bytes)}, {s.pending_bytes} bytes)",
+            ),
+            (
+                "pending chunk entries",
+                f"{s.pending_entries} (~{format_bytes(s.pending_catalog_bytes)} of catalogue)",
+            ),
             ("catalogue size", f"{format_bytes(s.catalog_bytes)} ({s.catalog_bytes})"),
         ]
         if s.quarantined_chunks:
@@ -353,9 +406,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def _upload_json(u: PendingUpload, now: float) -> dict:
     return {
-        "id": u.id, "algo": u.digest.algo.value, "digest": u.digest.hex, "size": u.size,
-        "chunk_entries": u.entries, "name": u.name, "created": format_timestamp(u.created),
-        "expires_at": format_timestamp(u.expires_at), "expired": u.expires_at <= now, "client": u.client,
+        "id": u.id,
+        "algo": u.digest.algo.value,
+        "digest": u.digest.hex,
+        "size": u.size,
+        "chunk_entries": u.entries,
+        "name": u.name,
+        "created": format_timestamp(u.created),
+        "expires_at": format_timestamp(u.expires_at),
+        "expired": u.expires_at <= now,
+        "client": u.client,
     }
 
 
@@ -368,8 +428,10 @@ def cmd_uploads_ls(args: argparse.Namespace) -> int:
             return 0
         for u in ups:
             expired = " (expired)" if u.expires_at <= now else ""
-            print(f"{u.id}  {u.digest.hex}  {u.size:>14}  {u.entries:>8} entries"
-                  f"  {format_timestamp(u.created)}  {format_timestamp(u.expires_at)}{expired}  {u.client or '-'}")
+            print(
+                f"{u.id}  {u.digest.hex}  {u.size:>14}  {u.entries:>8} entries"
+                f"  {format_timestamp(u.created)}  {format_timestamp(u.expires_at)}{expired}  {u.client or '-'}"
+            )
         return 0
 
     return _run(args, work)
@@ -395,8 +457,13 @@ def cmd_uploads_abort(args: argparse.Namespace) -> int:
 
 def _file_json(f: FileEntry) -> dict:
     return {
-        "algo": f.digest.algo.value, "digest": f.digest.hex, "size": f.size, "ext": f.ext,
-        "name": f.name, "created": format_timestamp(f.created), "url": file_url(f.digest, f.ext),
+        "algo": f.digest.algo.value,
+        "digest": f.digest.hex,
+        "size": f.size,
+        "ext": f.ext,
+        "name": f.name,
+        "created": format_timestamp(f.created),
+        "url": file_url(f.digest, f.ext),
     }
 
 
@@ -419,8 +486,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     async def work(m: Maintenance) -> int:
         await m.rm(digest)
-        print(f"removed {digest.hex}; its chunks are garbage once nothing else uses them"
-              " (casd gc)")
+        print(f"removed {digest.hex}; its chunks are garbage once nothing else uses them (casd gc)")
         return 0
 
     return _run(args, work)

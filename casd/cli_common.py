@@ -15,9 +15,7 @@ _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?\Z", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # C0 controls, DEL, C1 controls, the line and paragraph separators, and the bidirectional
 # marks, embeddings, overrides and isolates (which can make text read in another order).
-_UNSAFE = re.compile(
-    "[\\\\\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
-)
+_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 class CliError(Exception):
@@ -58,13 +56,19 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
         help="data folder (default: $CASD_DATA, else ./casd-data)",
     )
     parser.add_argument(
-        "--blobs", type=_blobs_url, default=os.environ.get("CASD_BLOBS"), metavar="URL",
+        "--blobs",
+        type=_blobs_url,
+        default=os.environ.get("CASD_BLOBS"),
+        metavar="URL",
         help="where blobs live: s3://BUCKET[/PREFIX] (credentials and region as every AWS"
         " tool reads them); default: $CASD_BLOBS, else DATA/blobs",
     )
     parser.add_argument(
-        "--s3-endpoint", type=_endpoint, default=os.environ.get("CASD_S3_ENDPOINT"),
-        metavar="URL", help="an S3-compatible service's URL (MinIO, Ceph RGW, R2, ...);"
+        "--s3-endpoint",
+        type=_endpoint,
+        default=os.environ.get("CASD_S3_ENDPOINT"),
+        metavar="URL",
+        help="an S3-compatible service's URL (MinIO, Ceph RGW, R2, ...);"
         " default: $CASD_S3_ENDPOINT, else AWS",
     )
     parser.add_argument(
@@ -131,7 +135,9 @@ _NOT_KEYS = {"help", "config", "check_config"}
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", default=None, metavar="FILE",
+        "--config",
+        default=None,
+        metavar="FILE",
         help=f"TOML file, one key per flag; flags and environment win (default: ${CONFIG_ENV})",
     )
 
@@ -196,8 +202,13 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
     if any(_reads_config(p) for p in path):
         source = getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or ""
         if source:
-            known = {_key(a) for p in _all_parsers(parser) if _reads_config(p)
-                     for a in p._actions if a in originals}
+            known = {
+                _key(a)
+                for p in _all_parsers(parser)
+                if _reads_config(p)
+                for a in p._actions
+                if a in originals
+            }
             values = _load_config(source, known)
     for a in actions:
         if getattr(args, a.dest, None) is not (None if _accumulates(a) else _UNSET):

@@ -29,63 +29,124 @@ from casd.protocol import format_bytes
 
 def register(sub) -> None:
     up = sub.add_parser(
-        "upload", help="upload files, sending only the chunks the server lacks",
+        "upload",
+        help="upload files, sending only the chunks the server lacks",
         description="Upload files to a casd server. Only chunks the server does not hold yet "
-                    "are sent; running the same upload again after a failure resumes it.",
+        "are sent; running the same upload again after a failure resumes it.",
     )
     up.add_argument("files", nargs="+", metavar="FILE", help="files to upload")
     _add_server_args(up)
-    up.add_argument("--chunking", choices=("fixed", "fastcdc"), default=DEFAULT_CHUNKING,
-                    help="where chunks are cut: fixed sizes, or by content (FastCDC 2020, "
-                         "so an insertion resends only the chunks around it); default "
-                         f"{DEFAULT_CHUNKING}")
-    up.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
-                    help="the fixed chunk size (default 5MiB) or the FastCDC average, a power "
-                         f"of two from 1KiB to 4MiB (default {DEFAULT_FASTCDC_AVG // 1024 // 1024}MiB);"
-                         " e.g. 1M, 65536")
-    up.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
-                    help=f"chunk uploads in flight at once (default {DEFAULT_CONCURRENCY})")
-    up.add_argument("--algo", choices=("md5", "sha256"), default="md5",
-                    help="digest algorithm (default md5)")
-    up.add_argument("--json", action="store_true",
-                    help="print one JSON object per file instead of the summary lines")
-    up.add_argument("--no-cache", action="store_true",
-                    help="hash the files even when the digest cache knows them unchanged")
+    up.add_argument(
+        "--chunking",
+        choices=("fixed", "fastcdc"),
+        default=DEFAULT_CHUNKING,
+        help="where chunks are cut: fixed sizes, or by content (FastCDC 2020, "
+        "so an insertion resends only the chunks around it); default "
+        f"{DEFAULT_CHUNKING}",
+    )
+    up.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="the fixed chunk size (default 5MiB) or the FastCDC average, a power "
+        f"of two from 1KiB to 4MiB (default {DEFAULT_FASTCDC_AVG // 1024 // 1024}MiB);"
+        " e.g. 1M, 65536",
+    )
+    up.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"chunk uploads in flight at once (default {DEFAULT_CONCURRENCY})",
+    )
+    up.add_argument(
+        "--algo", choices=("md5", "sha256"), default="md5", help="digest algorithm (default md5)"
+    )
+    up.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per file instead of the summary lines",
+    )
+    up.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="hash the files even when the digest cache knows them unchanged",
+    )
     up.set_defaults(func=run_upload)
 
     down = sub.add_parser(
-        "download", help="download a stored file by digest or URL, verifying its digest",
+        "download",
+        help="download a stored file by digest or URL, verifying its digest",
         description="Download a file from a casd server. An interrupted download resumes "
-                    "where it stopped; the file appears at its path only once its digest "
-                    "is verified.",
+        "where it stopped; the file appears at its path only once its digest "
+        "is verified.",
     )
-    down.add_argument("ref", metavar="DIGEST|URL",
-                      help="the file's digest (md5 or sha256) or its URL")
-    down.add_argument("-o", "--output", metavar="PATH", default=None,
-                      help="where to write it (a folder or a file name; default ./DIGEST.ext)")
-    down.add_argument("--reuse", action="append", default=[], metavar="PATH",
-                      help="a local file (e.g. an older version) whose chunks need not be "
-                           "fetched: they are copied, verified; repeat for several")
-    down.add_argument("--chunking", choices=("fixed", "fastcdc"), default=None,
-                      help="how the stored file was cut, to find its chunks in --reuse files "
-                           "(default: guessed from the file's chunk sizes)")
-    down.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
-                      help="the chunk size or FastCDC average that goes with --chunking")
-    down.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
-                      help=f"chunk requests in flight at once (default {DEFAULT_CONCURRENCY})")
+    down.add_argument(
+        "ref", metavar="DIGEST|URL", help="the file's digest (md5 or sha256) or its URL"
+    )
+    down.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        default=None,
+        help="where to write it (a folder or a file name; default ./DIGEST.ext)",
+    )
+    down.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a local file (e.g. an older version) whose chunks need not be "
+        "fetched: they are copied, verified; repeat for several",
+    )
+    down.add_argument(
+        "--chunking",
+        choices=("fixed", "fastcdc"),
+        default=None,
+        help="how the stored file was cut, to find its chunks in --reuse files "
+        "(default: guessed from the file's chunk sizes)",
+    )
+    down.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="the chunk size or FastCDC average that goes with --chunking",
+    )
+    down.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"chunk requests in flight at once (default {DEFAULT_CONCURRENCY})",
+    )
     _add_server_args(down)
     down.add_argument("--json", action="store_true", help="print the result as one JSON object")
     down.set_defaults(func=run_download)
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=None, metavar="URL",
-                        help=f"casd server (default: $CASD_SERVER, else {DEFAULT_SERVER})")
-    parser.add_argument("--token", default=None, metavar="T",
-                        help="bearer token, when the server requires one (default: $CASD_TOKEN)")
-    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
-                        help="retries of a failed request: connection errors, timeouts, 408, "
-                             f"429 and 5xx (default {DEFAULT_RETRIES})")
+    parser.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help=f"casd server (default: $CASD_SERVER, else {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        metavar="T",
+        help="bearer token, when the server requires one (default: $CASD_TOKEN)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        metavar="N",
+        help="retries of a failed request: connection errors, timeouts, 408, "
+        f"429 and 5xx (default {DEFAULT_RETRIES})",
+    )
 
 
 def _client(args: argparse.Namespace) -> CasdClient:
@@ -120,9 +181,16 @@ class _Bars:
             from tqdm import tqdm  # only paid for on a terminal
 
             self.phase = p.phase
-            self.bar = tqdm(total=p.bytes_total, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=f"{p.phase} {self.label}", file=sys.stderr, leave=False,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=p.bytes_total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"{p.phase} {self.label}",
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+            )
         self.bar.update(p.bytes_done - self.bar.n)
 
     def close(self) -> None:
@@ -156,8 +224,13 @@ async def _upload_all(client: CasdClient, args: argparse.Namespace) -> int:
             bars = _Bars(Path(name).name)
             try:
                 s = await client.upload(
-                    name, chunking=args.chunking, concurrency=args.concurrency,
-                    algo=args.algo, on_progress=bars, use_cache=not args.no_cache)
+                    name,
+                    chunking=args.chunking,
+                    concurrency=args.concurrency,
+                    algo=args.algo,
+                    on_progress=bars,
+                    use_cache=not args.no_cache,
+                )
             except (CasdClientError, OSError, ValueError) as exc:
                 bars.close()
                 failed += 1
@@ -170,12 +243,17 @@ async def _upload_all(client: CasdClient, args: argparse.Namespace) -> int:
             if s.instant:
                 what = "instant, already on the server: nothing sent"
             else:
-                what = (f"sent {s.chunks_sent} of {s.chunks_total} chunks "
-                        f"({format_bytes(s.bytes_sent)}), skipped {s.chunks_skipped} "
-                        f"({format_bytes(s.bytes_skipped)}) already on the server")
+                what = (
+                    f"sent {s.chunks_sent} of {s.chunks_total} chunks "
+                    f"({format_bytes(s.bytes_sent)}), skipped {s.chunks_skipped} "
+                    f"({format_bytes(s.bytes_skipped)}) already on the server"
+                )
             print(s.url)
-            print(f"  {name}: {format_bytes(s.size)}, {s.algo} {s.digest}: {what} "
-                  f"in {s.seconds:.2f}s", flush=True)
+            print(
+                f"  {name}: {format_bytes(s.size)}, {s.algo} {s.digest}: {what} "
+                f"in {s.seconds:.2f}s",
+                flush=True,
+            )
     return 1 if failed else 0
 
 
@@ -191,8 +269,9 @@ def run_download(args: argparse.Namespace) -> int:
     if args.chunk_size is not None and args.chunking is None:
         raise CliError("--chunk-size needs --chunking", exit_code=2)
     try:
-        args.chunking = (None if args.chunking is None
-                         else Chunking.parse(args.chunking, args.chunk_size))
+        args.chunking = (
+            None if args.chunking is None else Chunking.parse(args.chunking, args.chunk_size)
+        )
     except ValueError as exc:
         raise CliError(f"--chunk-size: {exc}", exit_code=2) from None
     for path in args.reuse:
@@ -210,9 +289,14 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
     bars = _Bars(ref.digest.hex[:12])
     try:
         async with client:
-            s = await client.download(ref, args.output, reuse=args.reuse,
-                                      chunking=args.chunking, concurrency=args.concurrency,
-                                      on_progress=bars)
+            s = await client.download(
+                ref,
+                args.output,
+                reuse=args.reuse,
+                chunking=args.chunking,
+                concurrency=args.concurrency,
+                on_progress=bars,
+            )
     except (CasdClientError, OSError) as exc:
         raise CliError(_reason(exc)) from None
     finally:
@@ -221,9 +305,11 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
         print(json.dumps(s.to_json()), flush=True)
     else:
         if s.chunked:
-            how = (f"{s.algo} verified chunk by chunk: fetched {s.chunks_fetched} of "
-                   f"{s.chunks_total} chunks ({format_bytes(s.bytes_fetched)}), reused "
-                   f"{s.chunks_reused} ({format_bytes(s.bytes_reused)})")
+            how = (
+                f"{s.algo} verified chunk by chunk: fetched {s.chunks_fetched} of "
+                f"{s.chunks_total} chunks ({format_bytes(s.bytes_fetched)}), reused "
+                f"{s.chunks_reused} ({format_bytes(s.bytes_reused)})"
+            )
             if s.resumed_from:
                 how += f", {format_bytes(s.resumed_from)} of them from an earlier try"
         else:

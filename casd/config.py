@@ -19,9 +19,18 @@ ALGOS = ("md5", "sha256")
 SYNC_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Settings that count something and must be at least 1.
 _COUNTS = (
-    "max_chunk_size", "max_chunks", "max_handshake_bytes", "max_file_size",
-    "max_pending_chunks", "max_pending_chunks_per_client", "io_workers", "hash_workers",
-    "hook_queue_max", "max_connections", "read_connections", "bulk_read_connections",
+    "max_chunk_size",
+    "max_chunks",
+    "max_handshake_bytes",
+    "max_file_size",
+    "max_pending_chunks",
+    "max_pending_chunks_per_client",
+    "io_workers",
+    "hash_workers",
+    "hook_queue_max",
+    "max_connections",
+    "read_connections",
+    "bulk_read_connections",
 )
 # Timeouts where 0 turns the timeout off.
 _TIMEOUTS = ("header_timeout", "body_timeout", "keepalive_timeout", "shutdown_timeout")

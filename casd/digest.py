@@ -37,7 +37,7 @@ class Algo(StrEnum):
             for algo in cls:
                 if algo.value == value.lower():
                     return algo
-        raise ValueError(f"unknown algo {value!r}: use \"md5\" or \"sha256\"")
+        raise ValueError(f'unknown algo {value!r}: use "md5" or "sha256"')
 
     @classmethod
     def for_hex_len(cls, n: int) -> Algo | None:

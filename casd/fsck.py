@@ -59,7 +59,9 @@ def _file_names(users: ChunkUsers) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def _judge(hex_: str, users: ChunkUsers, stored: int | None, corrupt: str | None) -> list[FsckIssue]:
+def _judge(
+    hex_: str, users: ChunkUsers, stored: int | None, corrupt: str | None
+) -> list[FsckIssue]:
     """The problems of one chunk, from facts read under the write lock and its blob's size
     (None: no blob stored)."""
     row = users.row
@@ -75,29 +77,49 @@ def _judge(hex_: str, users: ChunkUsers, stored: int | None, corrupt: str | None
         else:
             why = "its row is being deleted by gc"
         on_disk = ", though a blob file is on disk" if stored is not None else ""
-        out.append(FsckIssue(
-            FsckKind.MISSING_BLOB, hex_, f"complete files use it, but it has {why}{on_disk}", files
-        ))
+        out.append(
+            FsckIssue(
+                FsckKind.MISSING_BLOB,
+                hex_,
+                f"complete files use it, but it has {why}{on_disk}",
+                files,
+            )
+        )
     if live is not None:
         for size in sorted({s for _f, s in users.files if s != live.size}):
-            out.append(FsckIssue(
-                FsckKind.WRONG_SIZE, hex_,
-                f"a file's manifest gives it {size} bytes, its row says {live.size}", files,
-            ))
+            out.append(
+                FsckIssue(
+                    FsckKind.WRONG_SIZE,
+                    hex_,
+                    f"a file's manifest gives it {size} bytes, its row says {live.size}",
+                    files,
+                )
+            )
         if stored is None:
             kind = FsckKind.MISSING_BLOB if users.files else FsckKind.ORPHAN_ROW
-            out.append(FsckIssue(
-                kind, hex_, f"the row says {live.size} bytes, the blob file is gone{uploads}", files
-            ))
+            out.append(
+                FsckIssue(
+                    kind,
+                    hex_,
+                    f"the row says {live.size} bytes, the blob file is gone{uploads}",
+                    files,
+                )
+            )
         elif stored != live.size:
-            out.append(FsckIssue(
-                FsckKind.WRONG_SIZE, hex_,
-                f"the blob file has {stored} bytes, the row says {live.size}{uploads}", files,
-            ))
+            out.append(
+                FsckIssue(
+                    FsckKind.WRONG_SIZE,
+                    hex_,
+                    f"the blob file has {stored} bytes, the row says {live.size}{uploads}",
+                    files,
+                )
+            )
         elif corrupt is not None:
             out.append(FsckIssue(FsckKind.CORRUPT, hex_, corrupt + uploads, files))
     elif row is None and stored is not None:
-        out.append(FsckIssue(FsckKind.ORPHAN_FILE, hex_, "a blob file with no catalogue row", files))
+        out.append(
+            FsckIssue(FsckKind.ORPHAN_FILE, hex_, "a blob file with no catalogue row", files)
+        )
     return out
 
 
@@ -122,7 +144,10 @@ class Fsck:
     """fsck over one data folder's catalogue and blob store (see `Maintenance`)."""
 
     def __init__(
-        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
@@ -152,9 +177,11 @@ class Fsck:
         disk: dict[str, BlobInfo] = {}
         for b in on_disk:
             if b.digest is None:
-                issues.append(FsckIssue(
-                    FsckKind.ORPHAN_FILE, None, f"{b.where} is not named or placed like a blob"
-                ))
+                issues.append(
+                    FsckIssue(
+                        FsckKind.ORPHAN_FILE, None, f"{b.where} is not named or placed like a blob"
+                    )
+                )
             else:
                 disk[b.digest.hex] = b
         for hex_, size in wanted:
@@ -179,28 +206,38 @@ class Fsck:
 
         items = sorted(suspects.items())
         for i in range(0, len(items), RECHECK_BATCH):
-            issues += await self._recheck(dict(items[i:i + RECHECK_BATCH]), now, deep)
+            issues += await self._recheck(dict(items[i : i + RECHECK_BATCH]), now, deep)
         quarantined: list[str] = []
         if repair:
             bad = sorted({i.digest for i in issues if i.kind in REPAIRABLE and i.digest})
             for i in range(0, len(bad), RECHECK_BATCH):
-                part = {h: suspects.get(h, _Suspect()) for h in bad[i:i + RECHECK_BATCH]}
+                part = {h: suspects.get(h, _Suspect()) for h in bad[i : i + RECHECK_BATCH]}
                 quarantined += await self._quarantine(part, now, deep)
         stale_before = now - TEMP_MIN_AGE
         in_flight = 0
         for t in temps:
             if t.mtime < stale_before and not t.busy:
-                issues.append(FsckIssue(
-                    FsckKind.TEMP_FILE, None, f"{t.path} ({t.size} bytes) is a leftover temp file;"
-                    " `casd gc` removes it once it is older than the grace period"
-                ))
+                issues.append(
+                    FsckIssue(
+                        FsckKind.TEMP_FILE,
+                        None,
+                        f"{t.path} ({t.size} bytes) is a leftover temp file;"
+                        " `casd gc` removes it once it is older than the grace period",
+                    )
+                )
             else:
                 in_flight += 1
         deleting = sum(1 for r in rows.values() if r.state == ChunkState.DELETING)
         return FsckReport(
-            tuple(i for i in issues if not _is_note(i)), deep, checked, nbytes,
-            time.monotonic() - started, deleting, in_flight,
-            tuple(i for i in issues if _is_note(i)), tuple(quarantined),
+            tuple(i for i in issues if not _is_note(i)),
+            deep,
+            checked,
+            nbytes,
+            time.monotonic() - started,
+            deleting,
+            in_flight,
+            tuple(i for i in issues if _is_note(i)),
+            tuple(quarantined),
         )
 
     async def _quarantine(self, batch: dict[str, _Suspect], now: float, deep: bool) -> list[str]:
@@ -211,6 +248,7 @@ class Fsck:
         that use them, which answer "pending" until healed) and downloads of such files are
         refused; a PUT of the chunk stores it again and heals every file using it.
         """
+
         async def decide(facts: dict[str, ChunkUsers]) -> list[tuple[Digest, int]]:
             chosen = []
             judged = await self._judge_all(batch, facts, deep)
@@ -233,14 +271,17 @@ class Fsck:
         return [d.hex for d, _ in chosen]
 
     async def _hash_all(
-        self, jobs: list[tuple[ChunkRow, BlobInfo]], deep: bool, workers: int | None,
+        self,
+        jobs: list[tuple[ChunkRow, BlobInfo]],
+        deep: bool,
+        workers: int | None,
         suspects: dict[str, _Suspect],
     ) -> tuple[int, int]:
         """Hash every listed blob; mismatches and vanished blobs become suspects."""
         workers = workers or min(4, os.cpu_count() or 1)
         checked = nbytes = 0
         for i in range(0, len(jobs), HASH_BATCH):
-            part = jobs[i:i + HASH_BATCH]
+            part = jobs[i : i + HASH_BATCH]
             results = await self.blobs.hash_blobs(
                 [(r.digest, r.digest.algo if deep else None) for r, _b in part], workers
             )
@@ -256,9 +297,7 @@ class Fsck:
                     suspects[hex_] = _Suspect(res, bad)
         return checked, nbytes
 
-    async def _recheck(
-        self, batch: dict[str, _Suspect], now: float, deep: bool
-    ) -> list[FsckIssue]:
+    async def _recheck(self, batch: dict[str, _Suspect], now: float, deep: bool) -> list[FsckIssue]:
         """Judge suspects on facts read under the write lock, when nothing moves."""
 
         issues: list[FsckIssue] = []

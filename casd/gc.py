@@ -93,7 +93,8 @@ class GcResult:
     @property
     def bytes_freed(self) -> int:
         return (
-            self.chunk_bytes + sum(t.size for t in self.temp_files)
+            self.chunk_bytes
+            + sum(t.size for t in self.temp_files)
             + sum(b.size for b in self.orphans)
         )
 
@@ -105,19 +106,20 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-
 def _batches(items, n: int):
     items = list(items)
     for i in range(0, len(items), n):
-        yield items[i:i + n]
-
+        yield items[i : i + n]
 
 
 class Gc:
     """gc over one data folder's catalogue and blob store (see `Maintenance`)."""
 
     def __init__(
-        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
@@ -141,14 +143,23 @@ class Gc:
         orphans = await self._orphans(now - grace)
         quarantined = await cat.unused_quarantined(now)
         return GcPlan(
-            now, grace, temp_age, tuple(expired), tuple(manifests), tuple(chunks),
-            tuple(unfinished), tuple(temps), tuple(orphans), quarantined,
+            now,
+            grace,
+            temp_age,
+            tuple(expired),
+            tuple(manifests),
+            tuple(chunks),
+            tuple(unfinished),
+            tuple(temps),
+            tuple(orphans),
+            quarantined,
         )
 
     async def _orphans(self, before: float) -> list[OrphanBlob]:
         """Blob files untouched since `before` with no row, that no complete file uses."""
         old = [
-            OrphanBlob(b.digest, b.where, b.size, b.mtime) async for b in self.blobs.list()
+            OrphanBlob(b.digest, b.where, b.size, b.mtime)
+            async for b in self.blobs.list()
             if b.digest is not None and b.mtime < before
         ]
         unrowed = await self.catalog.orphans([b.digest.hex for b in old])
@@ -156,12 +167,16 @@ class Gc:
 
     def _stale_temps(self, before: float) -> list[TempFile]:
         return [
-            t for t in self.blobs.temp_files()
+            t
+            for t in self.blobs.temp_files()
             if t.mtime < before and not t.busy and _is_file(t.path)
         ]
 
     async def execute(
-        self, plan: GcPlan, batch: int, progress: Callable[[str, int], None] | None,
+        self,
+        plan: GcPlan,
+        batch: int,
+        progress: Callable[[str, int], None] | None,
     ) -> GcResult:
         if batch < 1:
             raise AdminError("the batch size must be at least 1")
@@ -234,8 +249,15 @@ class Gc:
             async with self._turn():
                 quarantined = await cat.drop_unused_quarantined(plan.now)
         return GcResult(
-            uploads, manifests, tuple(retired), len(plan.chunks) - marked, freed,
-            tuple(temps), time.monotonic() - started, tuple(orphans), quarantined,
+            uploads,
+            manifests,
+            tuple(retired),
+            len(plan.chunks) - marked,
+            freed,
+            tuple(temps),
+            time.monotonic() - started,
+            tuple(orphans),
+            quarantined,
         )
 
     @asynccontextmanager

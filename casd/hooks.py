@@ -122,8 +122,11 @@ class Hooks:
         self.metrics.hook_events.labels("queued").inc(events.queued)
         if events.dropped:
             self.metrics.hook_events.labels("dropped").inc(events.dropped)
-            log.warning("webhook queue full (%d events): dropped the %d oldest",
-                        events.max_rows, events.dropped)
+            log.warning(
+                "webhook queue full (%d events): dropped the %d oldest",
+                events.max_rows,
+                events.dropped,
+            )
         for wake in self._wake.values():
             wake.set()
 
@@ -143,8 +146,13 @@ class Hooks:
                     error = await self._post(url, event_id, kind, body.encode())
                     if error is not None:
                         self.metrics.hook_events.labels("failed").inc()
-                        log.warning("webhook %s to %s failed (%s); retrying in %.1f s",
-                                    kind, url, error, delay)
+                        log.warning(
+                            "webhook %s to %s failed (%s); retrying in %.1f s",
+                            kind,
+                            url,
+                            error,
+                            delay,
+                        )
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, BACKOFF_MAX)
                         break
@@ -160,8 +168,12 @@ class Hooks:
         """None when the receiver answered 2xx, else what went wrong."""
         assert self._session is not None
         timestamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", "X-Casd-Event": kind,
-                   "X-Casd-Delivery": str(event_id), "X-Casd-Timestamp": timestamp}
+        headers = {
+            "Content-Type": "application/json",
+            "X-Casd-Event": kind,
+            "X-Casd-Delivery": str(event_id),
+            "X-Casd-Timestamp": timestamp,
+        }
         if self.settings.hook_secret:
             headers["X-Casd-Signature"] = sign(self.settings.hook_secret, timestamp, body)
         try:
@@ -181,8 +193,15 @@ class Hooks:
             return
         assert self._session is not None
         algo = m.digest.algo.value
-        summary = {"algo": algo, algo: m.digest.hex, "digest": m.digest.hex, "size": m.size,
-                   "name": m.name, "ext": m.ext, "chunks": len(m.chunks)}
+        summary = {
+            "algo": algo,
+            algo: m.digest.hex,
+            "digest": m.digest.hex,
+            "size": m.size,
+            "name": m.name,
+            "ext": m.ext,
+            "chunks": len(m.chunks),
+        }
         headers = {}
         if "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
@@ -213,9 +232,15 @@ def _refusal(text: str, status: int) -> str:
 
 def _file_fields(entry: FileEntry) -> dict:
     algo = entry.digest.algo.value
-    return {"algo": algo, algo: entry.digest.hex, "digest": entry.digest.hex,
-            "size": entry.size, "name": entry.name, "ext": entry.ext,
-            "url": protocol.file_url(entry.digest, entry.ext)}
+    return {
+        "algo": algo,
+        algo: entry.digest.hex,
+        "digest": entry.digest.hex,
+        "size": entry.size,
+        "name": entry.name,
+        "ext": entry.ext,
+        "url": protocol.file_url(entry.digest, entry.ext),
+    }
 
 
 HOOKS = web.AppKey("hooks", Hooks)

@@ -83,6 +83,8 @@ def default_format() -> str:
 def setup(fmt: str | None = None, level: str = "info") -> None:
     """Route every logger to stderr in `fmt` at `level` (replacing earlier configuration)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if (fmt or default_format()) == "json" else TextFormatter())
+    handler.setFormatter(
+        JsonFormatter() if (fmt or default_format()) == "json" else TextFormatter()
+    )
     handler.addFilter(RequestIdFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

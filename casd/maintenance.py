@@ -43,7 +43,10 @@ class Maintenance:
     """The admin commands over one data folder's catalogue and blob store."""
 
     def __init__(
-        self, settings: Settings, catalog: Catalog, blobs: BlobStore,
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        blobs: BlobStore,
         clock: Callable[[], float] = time.time,
     ):
         self.settings = settings
@@ -54,9 +57,7 @@ class Maintenance:
         self._fsck = Fsck(settings, catalog, blobs, clock)
 
     @classmethod
-    async def open(
-        cls, settings: Settings, clock: Callable[[], float] = time.time
-    ) -> Maintenance:
+    async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Maintenance:
         """Open an existing data folder; NotFound when there is no catalogue in it."""
         path = settings.catalog_path
         if settings.catalog is None and not path.is_file():
@@ -107,7 +108,9 @@ class Maintenance:
         return await self._gc.plan(grace, temp_age)
 
     async def gc_execute(
-        self, plan: GcPlan, batch: int = GC_BATCH,
+        self,
+        plan: GcPlan,
+        batch: int = GC_BATCH,
         progress: Callable[[str, int], None] | None = None,
     ) -> GcResult:
         """Carry out a plan, batch by batch, rechecking each item inside its transaction.
@@ -140,7 +143,8 @@ class Maintenance:
     async def stats(self) -> Stats:
         c = await self.catalog.stats_counts(self.clock())
         return Stats(
-            **c, catalog_bytes=await self.catalog.size_bytes(),
+            **c,
+            catalog_bytes=await self.catalog.size_bytes(),
             pending_catalog_bytes=c["pending_entries"] * CATALOG_BYTES_PER_ENTRY,
         )
 
@@ -163,7 +167,9 @@ class Maintenance:
 
     # -- export --
 
-    async def export(self, digest: Digest, dest: Path, force: bool = False) -> tuple[FileEntry, Path]:
+    async def export(
+        self, digest: Digest, dest: Path, force: bool = False
+    ) -> tuple[FileEntry, Path]:
         """Assemble a complete file at `dest` (a file path, or a folder to put it in)."""
         found = await self.catalog.file_with_chunks(digest)
         if found is None:

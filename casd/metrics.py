@@ -29,19 +29,25 @@ class Metrics:
     def __init__(self, data_dir: Path):
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "casd_requests", "HTTP requests answered, by route template, method and status",
-            ["route", "method", "status"], registry=r,
+            "casd_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "casd_request_duration_seconds", "time to answer, for the upload and download routes",
-            ["operation"], buckets=_BUCKETS, registry=r,
+            "casd_request_duration_seconds",
+            "time to answer, for the upload and download routes",
+            ["operation"],
+            buckets=_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge("casd_requests_in_flight", "requests being handled", registry=r)
         self.bytes_received = Counter(
             "casd_received_bytes", "request body bytes read (chunks, handshakes)", registry=r
         )
         self.bytes_served = Counter(
-            "casd_served_bytes", "file bytes sent by downloads (as announced by Content-Length)",
+            "casd_served_bytes",
+            "file bytes sent by downloads (as announced by Content-Length)",
             registry=r,
         )
         self.bytes_skipped = Counter(
@@ -54,35 +60,47 @@ class Metrics:
             "casd_chunks_stored", "chunks written to the blob store (201 answers)", registry=r
         )
         self.uploads = Counter(
-            "casd_uploads", "uploads by event: started (handshake answered pending), completed"
-            " (merge answered 200), aborted (DELETE answered 204)", ["event"], registry=r,
+            "casd_uploads",
+            "uploads by event: started (handshake answered pending), completed"
+            " (merge answered 200), aborted (DELETE answered 204)",
+            ["event"],
+            registry=r,
         )
         self.merge_mismatches = Counter(
-            "casd_merge_digest_mismatches", "merges refused because the chunks hash to another"
-            " file digest", registry=r,
+            "casd_merge_digest_mismatches",
+            "merges refused because the chunks hash to another file digest",
+            registry=r,
         )
         self.expired_uploads = Gauge(
-            "casd_uploads_expired", "uploads past their expiry that gc has not removed yet"
-            " (counted at scrape)", registry=r,
+            "casd_uploads_expired",
+            "uploads past their expiry that gc has not removed yet (counted at scrape)",
+            registry=r,
         )
         self.write_queue = Gauge(
-            "casd_catalog_write_queue_depth", "catalogue writes waiting for the next transaction",
+            "casd_catalog_write_queue_depth",
+            "catalogue writes waiting for the next transaction",
             registry=r,
         )
         self.commit_latency = Histogram(
-            "casd_catalog_commit_duration_seconds", "duration of one batched catalogue write"
-            " transaction", buckets=_BUCKETS, registry=r,
+            "casd_catalog_commit_duration_seconds",
+            "duration of one batched catalogue write transaction",
+            buckets=_BUCKETS,
+            registry=r,
         )
         self.disk_free = Gauge(
             "casd_disk_free_bytes", "free bytes on the data folder's filesystem", registry=r
         )
         self.disk_free.set_function(lambda: _free_bytes(data_dir))
         self.hook_events = Counter(
-            "casd_hook_events", "webhook events by outcome: queued, delivered, dropped (queue"
-            " full), failed (a delivery attempt failed; it is retried)", ["outcome"], registry=r,
+            "casd_hook_events",
+            "webhook events by outcome: queued, delivered, dropped (queue"
+            " full), failed (a delivery attempt failed; it is retried)",
+            ["outcome"],
+            registry=r,
         )
         self.hook_queue = Gauge(
-            "casd_hook_queue_depth", "webhook events waiting for delivery (counted at scrape)",
+            "casd_hook_queue_depth",
+            "webhook events waiting for delivery (counted at scrape)",
             registry=r,
         )
         for event in ("started", "completed", "aborted"):
@@ -91,8 +109,9 @@ class Metrics:
             self.hook_events.labels(outcome)
         self.timers = {route: self.latency.labels(op) for route, op in TIMED_ROUTES.items()}
 
-    def observe(self, route: str, method: str, status: int, seconds: float,
-                received: int, served: int) -> None:
+    def observe(
+        self, route: str, method: str, status: int, seconds: float, received: int, served: int
+    ) -> None:
         """Account one answered request (called once per request by the access middleware)."""
         self.requests.labels(route, method, str(status)).inc()
         timer = self.timers.get(route)
@@ -129,9 +148,11 @@ def allowed(settings: Settings, header: str) -> bool:
     when they are configured; with no token at all /metrics is open on the listen address.
     """
     given = header[7:] if header[:7].lower() == "bearer " else ""
-    keys = [settings.metrics_token] if settings.metrics_token else [
-        t for t in (settings.token, settings.admin_token) if t
-    ]
+    keys = (
+        [settings.metrics_token]
+        if settings.metrics_token
+        else [t for t in (settings.token, settings.admin_token) if t]
+    )
     if not keys:
         return True
     return any(hmac.compare_digest(given.encode(), k.encode()) for k in keys)

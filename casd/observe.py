@@ -79,8 +79,14 @@ async def observe_middleware(request: web.Request, handler):
             # what aiohttp wrote (a chunked answer).
             length = resp.content_length
             sent = length if length is not None else resp.body_length
-        metrics.observe(route, request.method, status, seconds, received,
-                        sent if route == "/v1/files/{name}" and status < 300 else 0)
+        metrics.observe(
+            route,
+            request.method,
+            status,
+            seconds,
+            received,
+            sent if route == "/v1/files/{name}" and status < 300 else 0,
+        )
         _access_line(request, route, status, received, sent, seconds)
         REQUEST_ID.reset(token)
 

@@ -30,7 +30,9 @@ def _error(description: str) -> dict:
 _ERRORS = {"default": _error("an error in the JSON error shape")}
 
 _UPLOAD_ID = {
-    "name": "upload_id", "in": "path", "required": True,
+    "name": "upload_id",
+    "in": "path",
+    "required": True,
     "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
 }
 _LINK_UPLOAD = {"upload_id": "$response.body#/upload_id"}
@@ -46,8 +48,11 @@ def _schemas() -> dict:
     complete = {
         "type": "object",
         "properties": {
-            "status": {"const": "complete"}, "algo": {"enum": ["md5", "sha256"]},
-            "md5": digest, "sha256": digest, "size": {"type": "integer", "minimum": 0},
+            "status": {"const": "complete"},
+            "algo": {"enum": ["md5", "sha256"]},
+            "md5": digest,
+            "sha256": digest,
+            "size": {"type": "integer", "minimum": 0},
             "url": {"type": "string"},
         },
         "required": ["status", "size", "url"],
@@ -55,8 +60,11 @@ def _schemas() -> dict:
     pending = {
         "type": "object",
         "properties": {
-            "status": {"const": "pending"}, "algo": {"enum": ["md5", "sha256"]},
-            "md5": digest, "sha256": digest, "size": {"type": "integer", "minimum": 0},
+            "status": {"const": "pending"},
+            "algo": {"enum": ["md5", "sha256"]},
+            "md5": digest,
+            "sha256": digest,
+            "size": {"type": "integer", "minimum": 0},
             "upload_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
             "missing": {"type": "array", "items": {"type": "string"}},
             "expires_at": {"type": "string", "format": "date-time"},
@@ -69,14 +77,19 @@ def _schemas() -> dict:
             "description": "Every error answer. `error` is a code of PROTOCOL.md's table or"
             " notes; the list is open: new codes may appear, clients treat unknown ones by"
             " their HTTP status.",
-            "properties": {"error": {"type": "string"}, "message": {"type": "string"},
-                           "missing": {"type": "array", "items": {"type": "string"}}},
+            "properties": {
+                "error": {"type": "string"},
+                "message": {"type": "string"},
+                "missing": {"type": "array", "items": {"type": "string"}},
+            },
             "required": ["error", "message"],
         },
         "Handshake": {
             "type": "object",
             "properties": {
-                "algo": {"enum": ["md5", "sha256"]}, "md5": digest, "sha256": digest,
+                "algo": {"enum": ["md5", "sha256"]},
+                "md5": digest,
+                "sha256": digest,
                 "size": {"type": "integer", "minimum": 0},
                 "ext": {"type": ["string", "null"], "pattern": "^(" + protocol.EXT_PATTERN + ")?$"},
                 "name": {"type": ["string", "null"], "maxLength": 255},
@@ -88,148 +101,260 @@ def _schemas() -> dict:
         "Pending": pending,
         "ChunkStored": {
             "type": "object",
-            "properties": {"stored": {"type": "boolean"},
-                           "missing": {"type": "array", "items": {"type": "string"}}},
+            "properties": {
+                "stored": {"type": "boolean"},
+                "missing": {"type": "array", "items": {"type": "string"}},
+            },
             "required": ["stored"],
         },
-        "Health": {"type": "object", "properties": {"status": {"const": "ok"}},
-                   "required": ["status"]},
+        "Health": {
+            "type": "object",
+            "properties": {"status": {"const": "ok"}},
+            "required": ["status"],
+        },
     }
 
 
 @cache
 def document() -> dict:
     """The OpenAPI 3.1 description of every route `create_app` registers."""
-    file_name = {"name": "name", "in": "path", "required": True,
-                 "description": "the file's digest, optionally followed by .ext (not on DELETE)",
-                 "schema": {"type": "string", "pattern": _FILE_NAME}}
+    file_name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "description": "the file's digest, optionally followed by .ext (not on DELETE)",
+        "schema": {"type": "string", "pattern": _FILE_NAME},
+    }
     file_ok = {
         "description": "the file's bytes (206: the requested range)",
-        "content": {"application/octet-stream": {"schema": {"type": "string",
-                                                             "format": "binary"}}},
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
     download = {
-        "parameters": [file_name,
-                       {"name": "Range", "in": "header", "schema": {"type": "string"}}],
-        "responses": {"200": file_ok, "206": file_ok, "304": {"description": "not modified"},
-                      "404": _error("no such file"), "416": _error("range not satisfiable"),
-                      **_ERRORS},
+        "parameters": [file_name, {"name": "Range", "in": "header", "schema": {"type": "string"}}],
+        "responses": {
+            "200": file_ok,
+            "206": file_ok,
+            "304": {"description": "not modified"},
+            "404": _error("no such file"),
+            "416": _error("range not satisfiable"),
+            **_ERRORS,
+        },
     }
     paths = {
-        "/v1/handshake": {"post": {
-            "operationId": "handshake",
-            "summary": "describe a file by its chunks; learn which chunks are missing",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": _ref("Handshake"),
-                # A one-byte file ("a"): pending on a fresh server, so links reach its upload.
-                "examples": {"one_byte": {"value": {
-                    "md5": "0cc175b9c0f1b6a831c399e269772661", "size": 1, "name": "a.txt",
-                    "chunks": [{"md5": "0cc175b9c0f1b6a831c399e269772661", "size": 1}],
-                }}},
-            }}},
-            "responses": {
-                "200": {**_json({"oneOf": [_ref("Complete"), _ref("Pending")]},
-                                "complete (instant upload) or pending"),
+        "/v1/handshake": {
+            "post": {
+                "operationId": "handshake",
+                "summary": "describe a file by its chunks; learn which chunks are missing",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref("Handshake"),
+                            # A one-byte file ("a"): pending on a fresh server, so links reach its upload.
+                            "examples": {
+                                "one_byte": {
+                                    "value": {
+                                        "md5": "0cc175b9c0f1b6a831c399e269772661",
+                                        "size": 1,
+                                        "name": "a.txt",
+                                        "chunks": [
+                                            {"md5": "0cc175b9c0f1b6a831c399e269772661", "size": 1}
+                                        ],
+                                    }
+                                }
+                            },
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        **_json(
+                            {"oneOf": [_ref("Complete"), _ref("Pending")]},
+                            "complete (instant upload) or pending",
+                        ),
                         "links": {
                             "status": {"operationId": "uploadStatus", "parameters": _LINK_UPLOAD},
                             "merge": {"operationId": "merge", "parameters": _LINK_UPLOAD},
                             "abort": {"operationId": "abort", "parameters": _LINK_UPLOAD},
-                        }},
-                "400": _error("malformed handshake"), "413": _error("over a limit"),
-                **_ERRORS,
-            },
-        }},
-        "/v1/uploads/{upload_id}": {
-            "get": {"operationId": "uploadStatus", "parameters": [_UPLOAD_ID],
-                    "responses": {"200": _json(_ref("Pending"), "the pending upload"),
-                                  "404": _error("no such pending upload"), **_ERRORS}},
-            "delete": {"operationId": "abort", "parameters": [_UPLOAD_ID],
-                       "responses": {"204": {"description": "aborted"},
-                                     "404": _error("no such pending upload"), **_ERRORS}},
+                        },
+                    },
+                    "400": _error("malformed handshake"),
+                    "413": _error("over a limit"),
+                    **_ERRORS,
+                },
+            }
         },
-        "/v1/uploads/{upload_id}/chunks/{digest}": {"put": {
-            "operationId": "putChunk",
-            "parameters": [_UPLOAD_ID, {"name": "digest", "in": "path", "required": True,
-                                        "schema": {"type": "string", "pattern": _HEX}}],
-            "requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}},
-            "responses": {"201": _json(_ref("ChunkStored"), "stored"),
-                          "200": _json(_ref("ChunkStored"), "already held"),
-                          "404": _error("no such pending upload"),
-                          "409": _error("not in the manifest"),
-                          "422": _error("digest or size mismatch"), **_ERRORS},
-        }},
-        "/v1/uploads/{upload_id}/merge": {"post": {
-            "operationId": "merge", "parameters": [_UPLOAD_ID],
-            "responses": {"200": _json(_ref("Complete"), "merged"),
-                          "404": _error("no such upload"),
-                          "409": _error("chunks still missing (`missing`)"),
-                          "422": _error("file digest mismatch"), **_ERRORS},
-        }},
+        "/v1/uploads/{upload_id}": {
+            "get": {
+                "operationId": "uploadStatus",
+                "parameters": [_UPLOAD_ID],
+                "responses": {
+                    "200": _json(_ref("Pending"), "the pending upload"),
+                    "404": _error("no such pending upload"),
+                    **_ERRORS,
+                },
+            },
+            "delete": {
+                "operationId": "abort",
+                "parameters": [_UPLOAD_ID],
+                "responses": {
+                    "204": {"description": "aborted"},
+                    "404": _error("no such pending upload"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/v1/uploads/{upload_id}/chunks/{digest}": {
+            "put": {
+                "operationId": "putChunk",
+                "parameters": [
+                    _UPLOAD_ID,
+                    {
+                        "name": "digest",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": _HEX},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(_ref("ChunkStored"), "stored"),
+                    "200": _json(_ref("ChunkStored"), "already held"),
+                    "404": _error("no such pending upload"),
+                    "409": _error("not in the manifest"),
+                    "422": _error("digest or size mismatch"),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/v1/uploads/{upload_id}/merge": {
+            "post": {
+                "operationId": "merge",
+                "parameters": [_UPLOAD_ID],
+                "responses": {
+                    "200": _json(_ref("Complete"), "merged"),
+                    "404": _error("no such upload"),
+                    "409": _error("chunks still missing (`missing`)"),
+                    "422": _error("file digest mismatch"),
+                    **_ERRORS,
+                },
+            }
+        },
         # One path for the two routes on /v1/files/...: OpenAPI treats templates that differ
         # only in parameter names as the same path.
         "/v1/files/{name}": {
             "get": {"operationId": "download", **download},
             "head": {"operationId": "downloadHead", **download},
             "delete": {
-                "operationId": "deleteFile", "parameters": [file_name],
-                "responses": {"204": {"description": "deleted"},
-                              "404": _error("no such file"), **_ERRORS},
+                "operationId": "deleteFile",
+                "parameters": [file_name],
+                "responses": {
+                    "204": {"description": "deleted"},
+                    "404": _error("no such file"),
+                    **_ERRORS,
+                },
             },
         },
-        "/v1/files/{name}/chunks": {"get": {
-            "operationId": "fileChunks", "parameters": [file_name],
-            "responses": {
-                "200": _json({
-                    "type": "object", "required": ["algo", "size", "count", "chunks"],
-                    "properties": {
-                        "algo": {"enum": ["md5", "sha256"]},
-                        "size": {"type": "integer", "minimum": 0},
-                        "count": {"type": "integer", "minimum": 0},
-                        "chunks": {"type": "array", "items": {
-                            "type": "object", "required": ["digest", "size", "offset"],
+        "/v1/files/{name}/chunks": {
+            "get": {
+                "operationId": "fileChunks",
+                "parameters": [file_name],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["algo", "size", "count", "chunks"],
                             "properties": {
-                                "digest": {"type": "string"},
-                                "size": {"type": "integer", "minimum": 1},
-                                "offset": {"type": "integer", "minimum": 0},
+                                "algo": {"enum": ["md5", "sha256"]},
+                                "size": {"type": "integer", "minimum": 0},
+                                "count": {"type": "integer", "minimum": 0},
+                                "chunks": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["digest", "size", "offset"],
+                                        "properties": {
+                                            "digest": {"type": "string"},
+                                            "size": {"type": "integer", "minimum": 1},
+                                            "offset": {"type": "integer", "minimum": 0},
+                                        },
+                                    },
+                                },
                             },
-                        }},
+                        },
+                        "the file's manifest, in order",
+                    ),
+                    "404": _error("no such file"),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/v1/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "responses": {"200": _json({"type": "object"}, "this document"), **_ERRORS},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "health",
+                "responses": {
+                    "200": _json(_ref("Health"), "healthy"),
+                    "503": _error("unhealthy"),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus text format (docs/operating.md)",
+                "responses": {
+                    "200": {
+                        "description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
-                }, "the file's manifest, in order"),
-                "404": _error("no such file"), **_ERRORS,
-            },
-        }},
-        "/v1/openapi.json": {"get": {
-            "operationId": "openapi",
-            "responses": {"200": _json({"type": "object"}, "this document"), **_ERRORS},
-        }},
-        "/healthz": {"get": {
-            "operationId": "health",
-            "responses": {"200": _json(_ref("Health"), "healthy"),
-                          "503": _error("unhealthy"), **_ERRORS},
-        }},
-        "/metrics": {"get": {
-            "operationId": "metrics", "summary": "Prometheus text format (docs/operating.md)",
-            "responses": {"200": {"description": "metrics", "content": {"text/plain": {
-                "schema": {"type": "string"}}}}, **_ERRORS},
-        }},
-        "/": {"get": {
-            "operationId": "uploadPage",
-            "responses": {"200": {"description": "the upload page", "content": {
-                "text/html": {"schema": {"type": "string"}}}}, **_ERRORS},
-        }},
-        "/static/{path}": {"get": {
-            "operationId": "static",
-            "parameters": [{"name": "path", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "a file of the upload page"}, **_ERRORS},
-        }},
+                    **_ERRORS,
+                },
+            }
+        },
+        "/": {
+            "get": {
+                "operationId": "uploadPage",
+                "responses": {
+                    "200": {
+                        "description": "the upload page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_ERRORS,
+                },
+            }
+        },
+        "/static/{path}": {
+            "get": {
+                "operationId": "static",
+                "parameters": [
+                    {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": {"description": "a file of the upload page"}, **_ERRORS},
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "casd", "version": __version__,
-                 "description": "Content-addressed, deduplicating, resumable uploads."
-                 " The prose contract is docs/PROTOCOL.md."},
+        "info": {
+            "title": "casd",
+            "version": __version__,
+            "description": "Content-addressed, deduplicating, resumable uploads."
+            " The prose contract is docs/PROTOCOL.md.",
+        },
         "paths": paths,
         "components": {
             "schemas": _schemas(),

@@ -61,7 +61,11 @@ def raw_error(status: int, code: str, message: str) -> bytes:
 def parser_error(exc: BaseException | None, status: int) -> tuple[int, str, str]:
     """(status, code, message) for what aiohttp's HTTP parser refused."""
     if isinstance(exc, LineTooLong):
-        return 431, protocol.HEADERS_TOO_LARGE, "the request line or a header line is over the limit"
+        return (
+            431,
+            protocol.HEADERS_TOO_LARGE,
+            "the request line or a header line is over the limit",
+        )
     if isinstance(exc, BadStatusLine):
         return 400, protocol.BAD_REQUEST, "the request line is not 'METHOD /path HTTP/1.x'"
     if isinstance(exc, InvalidHeader):
@@ -71,7 +75,11 @@ def parser_error(exc: BaseException | None, status: int) -> tuple[int, str, str]
     if isinstance(exc, HttpProcessingError):
         return 400, protocol.BAD_REQUEST, f"the request is not valid HTTP/1.1: {_detail(exc)}"
     if status >= 500:
-        return status, protocol.INTERNAL_ERROR, "the server failed to handle this request; see its log"
+        return (
+            status,
+            protocol.INTERNAL_ERROR,
+            "the server failed to handle this request; see its log",
+        )
     return status, protocol.BAD_REQUEST, HTTPStatus(status).phrase
 
 
@@ -104,7 +112,8 @@ class CasdRequestHandler(RequestHandler):
             server.refused += 1
             server.note_refusal()
             answer = raw_error(
-                503, protocol.UNAVAILABLE,
+                503,
+                protocol.UNAVAILABLE,
                 f"the server is at its limit of {server.max_connections} connections;"
                 " try again shortly",
             )
@@ -160,9 +169,7 @@ class CasdRequestHandler(RequestHandler):
 
     def _arm_header_timer(self) -> None:
         if self._header_timeout > 0:
-            self._header_timer = self._loop.call_later(
-                self._header_timeout, self._header_timed_out
-            )
+            self._header_timer = self._loop.call_later(self._header_timeout, self._header_timed_out)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -176,10 +183,13 @@ class CasdRequestHandler(RequestHandler):
         if self._waiter is None or self._waiter.done():
             return  # a request is being handled; its own rules apply
         if self._header_bytes:
-            self.transport.write(raw_error(
-                408, protocol.REQUEST_TIMEOUT,
-                f"the request headers did not arrive within {self._header_timeout:g} seconds",
-            ))
+            self.transport.write(
+                raw_error(
+                    408,
+                    protocol.REQUEST_TIMEOUT,
+                    f"the request headers did not arrive within {self._header_timeout:g} seconds",
+                )
+            )
         self.force_close()
 
     async def finish_response(
@@ -191,8 +201,10 @@ class CasdRequestHandler(RequestHandler):
             status = resp.status
             code = HTTPStatus(status).phrase.lower().replace(" ", "_")
             resp = web.Response(
-                status=status, body=error_body(code, resp.text or HTTPStatus(status).phrase),
-                content_type="application/json", charset="utf-8",
+                status=status,
+                body=error_body(code, resp.text or HTTPStatus(status).phrase),
+                content_type="application/json",
+                charset="utf-8",
             )
             resp.force_close()
         return await super().finish_response(request, resp, start_time)
@@ -217,8 +229,10 @@ class CasdRequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the answer had started; the connection is closed")
         resp = web.Response(
-            status=status, body=error_body(code, text),
-            content_type="application/json", charset="utf-8",
+            status=status,
+            body=error_body(code, text),
+            content_type="application/json",
+            charset="utf-8",
         )
         resp.force_close()
         return resp
@@ -227,9 +241,7 @@ class CasdRequestHandler(RequestHandler):
 class CasdServer(Server):
     """aiohttp's low-level server, building `CasdRequestHandler`s and counting connections."""
 
-    def __init__(
-        self, handler: Any, *, max_connections: int, header_timeout: float, **kwargs: Any
-    ):
+    def __init__(self, handler: Any, *, max_connections: int, header_timeout: float, **kwargs: Any):
         super().__init__(handler, **kwargs)
         self.max_connections = max_connections
         self.header_timeout = header_timeout
@@ -244,7 +256,9 @@ class CasdServer(Server):
             log.warning(
                 "refusing connections: %d open, the limit (--max-connections) is %d;"
                 " %d refused so far",
-                self.live, self.max_connections, self.refused,
+                self.live,
+                self.max_connections,
+                self.refused,
             )
 
     def __call__(self) -> RequestHandler:
@@ -257,7 +271,11 @@ class CasdAppRunner(web.AppRunner):
     """An AppRunner whose server is a `CasdServer`."""
 
     def __init__(
-        self, app: web.Application, *, max_connections: int, header_timeout: float,
+        self,
+        app: web.Application,
+        *,
+        max_connections: int,
+        header_timeout: float,
         **kwargs: Any,
     ):
         super().__init__(app, **kwargs)

@@ -176,8 +176,10 @@ class Service:
 
         def open_it():
             return open_catalog(
-                settings.catalog_where, synchronous=settings.sqlite_synchronous,
-                readers=settings.read_connections, bulk_readers=settings.bulk_read_connections,
+                settings.catalog_where,
+                synchronous=settings.sqlite_synchronous,
+                readers=settings.read_connections,
+                bulk_readers=settings.bulk_read_connections,
             )
 
         try:
@@ -192,14 +194,18 @@ class Service:
         try:
             made = await asyncio.to_thread(service.reserve.ensure)
         except OSError as exc:
-            log.warning("cannot make the disk reserve %s (%s): running without one",
-                        settings.reserve_path, exc)
+            log.warning(
+                "cannot make the disk reserve %s (%s): running without one",
+                settings.reserve_path,
+                exc,
+            )
             service.reserve = Reserve(settings.reserve_path, 0)
             made = True
         if not made:
             log.warning(
                 "the disk is too full for the %d-byte reserve; uploads are refused until"
-                " there is room for it", settings.reserve_bytes,
+                " there is room for it",
+                settings.reserve_bytes,
             )
         return service
 
@@ -297,7 +303,8 @@ class Service:
         self.check_manifest(m)
         existing = await self.catalog.get_file(m.digest)
         if (
-            existing is not None and existing.size == m.size
+            existing is not None
+            and existing.size == m.size
             # A file that uses a quarantined chunk is damaged: upload it again to heal it.
             and not await self.catalog.damaged(existing.manifest_id)
         ):
@@ -305,7 +312,12 @@ class Service:
         await self._admit_upload()
         now = self.clock()
         upload, missing = await self.catalog.begin_upload(
-            m, chunks_key(m), now, self._expiry(now), secrets.token_hex(16), client,
+            m,
+            chunks_key(m),
+            now,
+            self._expiry(now),
+            secrets.token_hex(16),
+            client,
             self.budget,
         )
         return HandshakePending(m.digest, m.size, m.ext, upload.id, missing, upload.expires_at)
@@ -314,8 +326,14 @@ class Service:
 
     async def _pending(self, upload_id: str) -> Upload:
         upload = await self.catalog.get_upload(upload_id)
-        if upload is None or upload.state != UploadState.PENDING or upload.expires_at <= self.clock():
-            raise NotFound(f"no pending upload {upload_id!r} (never created, merged, aborted or expired)")
+        if (
+            upload is None
+            or upload.state != UploadState.PENDING
+            or upload.expires_at <= self.clock()
+        ):
+            raise NotFound(
+                f"no pending upload {upload_id!r} (never created, merged, aborted or expired)"
+            )
         return upload
 
     async def status(self, upload_id: str) -> tuple[Upload, list[str]]:
@@ -366,7 +384,11 @@ class Service:
         return PutResult(stored, await self.catalog.missing(upload.manifest_id))
 
     async def _receive(
-        self, upload_id: str, digest: Digest, size: int, body: AsyncIterator[bytes],
+        self,
+        upload_id: str,
+        digest: Digest,
+        size: int,
+        body: AsyncIterator[bytes],
         check_stored: bool = False,
     ) -> bool:
         """Verify and store a chunk; True when its bytes were written into the store.
@@ -385,8 +407,11 @@ class Service:
                     now = self.clock()
                     await self.catalog.touch_upload(upload_id, now, self._expiry(now))
                     return False
-                log.warning("chunk %s: the stored blob's bytes are wrong; replacing them with"
-                            " the verified ones just received", digest.hex)
+                log.warning(
+                    "chunk %s: the stored blob's bytes are wrong; replacing them with"
+                    " the verified ones just received",
+                    digest.hex,
+                )
                 locked = self.blobs.replace
             else:
                 locked = self.blobs.ensure_stored
@@ -404,7 +429,12 @@ class Service:
 
             with full_disk_refused():
                 published = await self.catalog.publish_chunk(
-                    digest, size, xxh3, now, place, (upload_id, self._expiry(now)),
+                    digest,
+                    size,
+                    xxh3,
+                    now,
+                    place,
+                    (upload_id, self._expiry(now)),
                     replace=check_stored,
                 )
             return published
@@ -489,7 +519,10 @@ class Service:
             # may never have sent (it skipped those the server already held).
             log.debug(
                 "upload %s: chunks assemble to %d bytes hashing to %s, claimed %s",
-                upload_id, total, actual.hex, upload.digest.hex,
+                upload_id,
+                total,
+                actual.hex,
+                upload.digest.hex,
             )
             raise FileDigestMismatch(
                 f"the chunks, in manifest order, do not hash to the claimed"
@@ -760,4 +793,3 @@ class Service:
         await self.catalog.ping()
         await self._run(self.blobs.check_writable)
         await self.blobs.ping()
-

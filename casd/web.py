@@ -124,8 +124,9 @@ async def error_middleware(request: web.Request, handler):
     except CasdError as exc:
         mapped = mapped_error(exc)
         if mapped is None:
-            log.error("unmapped domain error on %s %s", request.method, request.raw_path,
-                      exc_info=exc)
+            log.error(
+                "unmapped domain error on %s %s", request.method, request.raw_path, exc_info=exc
+            )
             return _internal_error()
         status, code = mapped
         resp = error_response(status, code, exc.message, **exc.extra)
@@ -223,8 +224,7 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget) -> byt
             if need:
                 if budget.used + need > budget.limit:
                     raise Unavailable(
-                        "the server is receiving too many large bodies at once;"
-                        " try again shortly"
+                        "the server is receiving too many large bodies at once; try again shortly"
                     )
                 budget.used += need
                 taken += need
@@ -402,8 +402,10 @@ def missing_response(fields: dict, missing: list[str], status: int = 200) -> web
     head = json.dumps(fields)
     tail = '"missing": ["' + '", "'.join(missing) + '"]}' if missing else '"missing": []}'
     return web.Response(
-        body=(head[:-1] + ", " + tail).encode(), status=status,
-        content_type="application/json", charset="utf-8",
+        body=(head[:-1] + ", " + tail).encode(),
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
     )
 
 
@@ -465,13 +467,17 @@ async def put_chunk(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "chunk digest")
     minimal = bool(_MINIMAL.search(request.headers.get("Prefer", "")))
     result = await request.app[SERVICE].put_chunk(
-        upload_id, digest, body_pieces(request), request.content_length,
+        upload_id,
+        digest,
+        body_pieces(request),
+        request.content_length,
         with_missing=not minimal,
     )
     status = 201 if result.stored else 200
     if result.missing is None:  # the client asked for the minimal answer
         return web.json_response(
-            {"stored": result.stored}, status=status,
+            {"stored": result.stored},
+            status=status,
             headers={"Preference-Applied": "return=minimal"},
         )
     return missing_response({"stored": result.stored}, result.missing, status)
@@ -546,9 +552,7 @@ def content_disposition(name: str, inline: bool) -> str:
     kind = "inline" if inline else "attachment"
     if not name:
         return kind
-    fallback = "".join(
-        ch if 0x20 <= ord(ch) < 0x7F and ch not in '"\\%' else "_" for ch in name
-    )
+    fallback = "".join(ch if 0x20 <= ord(ch) < 0x7F and ch not in '"\\%' else "_" for ch in name)
     quoted = urllib.parse.quote(name, safe="")
     return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quoted}"
 
@@ -594,9 +598,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": "sandbox",
         "Cache-Control": "public, max-age=31536000, immutable",
-        "Content-Disposition": content_disposition(
-            entry.name, ctype.startswith(_INLINE_TYPES)
-        ),
+        "Content-Disposition": content_disposition(entry.name, ctype.startswith(_INLINE_TYPES)),
     }
     if not_modified:
         return web.Response(status=304, headers=headers)
@@ -667,8 +669,9 @@ class _BlobCursor:
             await reader.close()
 
 
-async def _send_segments(request: web.Request, resp: web.StreamResponse, plan,
-                         cursor: _BlobCursor) -> None:
+async def _send_segments(
+    request: web.Request, resp: web.StreamResponse, plan, cursor: _BlobCursor
+) -> None:
     """Each blob slice in order: zero-copy (sendfile) from a local file where the store and
     the transport allow it, otherwise streamed in pieces from the store."""
     timeout = request.app[SETTINGS].body_timeout or None
@@ -796,7 +799,8 @@ async def healthz(request: web.Request) -> web.Response:
         # The details (paths, SQLite's words) are for the operator; /healthz needs no token.
         log.warning("health check failed: %s", exc)
         return error_response(
-            503, protocol.UNAVAILABLE,
+            503,
+            protocol.UNAVAILABLE,
             "unhealthy: the catalogue cannot be read, the data folder cannot be written or"
             " the blob store does not answer; the daemon's log says which",
         )

@@ -137,11 +137,14 @@ async def guard_middleware(request: web.Request, handler):
                 f"origin {origin!r} may not call this server; start it with"
                 " --cors-origin ORIGIN to allow it"
             )
-        return web.Response(status=204, headers={
-            "Access-Control-Allow-Methods": CORS_ALLOW_METHODS,
-            "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
-            "Access-Control-Max-Age": CORS_MAX_AGE,
-        })
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": CORS_ALLOW_METHODS,
+                "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                "Access-Control-Max-Age": CORS_MAX_AGE,
+            },
+        )
     if (
         request.method in MUTATING
         and origin is not None
@@ -187,7 +190,8 @@ def require_json(request: web.Request) -> None:
         given = request.headers.get("Content-Type")
         raise UnsupportedMediaType(
             f"this endpoint takes Content-Type: application/json, got {given!r}"
-            if given else "this endpoint takes Content-Type: application/json, got none"
+            if given
+            else "this endpoint takes Content-Type: application/json, got none"
         )
 
 

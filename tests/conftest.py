@@ -22,8 +22,13 @@ from helpers import RandomData
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 _URL_LINE = re.compile(r"serving (http://127\.0\.0\.1:(\d+))")
@@ -45,8 +50,16 @@ class Daemon:
         log = open(self.log_path, "a")  # noqa: SIM115 - the child keeps it; closed below
         start_offset = log.tell()
         cmd = [
-            sys.executable, "-m", "casd", "serve",
-            "--data", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable,
+            "-m",
+            "casd",
+            "serve",
+            "--data",
+            str(self.data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -317,7 +330,8 @@ def s3_server():
     with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"casd-moto-{port}.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
     while True:

@@ -76,13 +76,24 @@ class Cluster:
 
     def _run(self, *args: str) -> None:
         subprocess.run(
-            [*self._as, *args], check=True, capture_output=True, text=True, cwd=self.root,
+            [*self._as, *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=self.root,
         )
 
     def init(self) -> None:
         self._run(
-            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-            "--auth=trust", "-E", "UTF8", "--no-sync",
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
         )
         self.start()
 
@@ -92,8 +103,17 @@ class Cluster:
             " -c shared_buffers=32MB"
         )
         self._run(
-            str(self.bin / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data),
-            "-l", str(self.root / "log"), "-o", opts,
+            str(self.bin / "pg_ctl"),
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-o",
+            opts,
         )
 
     def stop(self, mode: str = "fast") -> None:
@@ -101,8 +121,20 @@ class Cluster:
 
     def psql(self, sql: str, db: str = "postgres") -> None:
         self._run(
-            str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-            "-d", db, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql,
+            str(self.bin / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            sql,
         )
 
     def url(self, db: str) -> str:

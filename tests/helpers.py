@@ -21,7 +21,10 @@ class Prepared:
 
 
 def prepare(
-    data: bytes, chunk_size: int = 64 * 1024, algo: str = "md5", ext: str | None = None,
+    data: bytes,
+    chunk_size: int = 64 * 1024,
+    algo: str = "md5",
+    ext: str | None = None,
     name: str | None = None,
 ) -> Prepared:
     """The handshake a correct client would send for `data`, and its chunks by digest."""
@@ -30,7 +33,7 @@ def prepare(
     order: list[str] = []
     entries = []
     for i in range(0, len(data), chunk_size):
-        piece = data[i:i + chunk_size]
+        piece = data[i : i + chunk_size]
         d = hashlib.new(algo, piece).hexdigest()
         chunks[d] = piece
         order.append(d)
@@ -82,8 +85,7 @@ class Draws:
             k = self.count
             self.count += 1
         if k == 0:
-            print(f"random test data: CASD_TEST_SEED={self.data.seed} reproduces this test's"
-                  " bytes")
+            print(f"random test data: CASD_TEST_SEED={self.data.seed} reproduces this test's bytes")
         return self.data.bytes(n, f"draw-{k}")
 
 
@@ -135,7 +137,8 @@ def snapshot(data_dir: Path) -> dict:
         finally:
             con.close()
     out["disk"] = sorted(
-        str(p.relative_to(data_dir)) for p in data_dir.rglob("*")
+        str(p.relative_to(data_dir))
+        for p in data_dir.rglob("*")
         if p.is_file() and (p.parent.name == "tmp" or "blobs" in p.parts)
     )
     return out

@@ -56,15 +56,20 @@ def casd_process(data: Path, *argv: str) -> subprocess.CompletedProcess:
     """Run casd as a user does, in its own process."""
     return subprocess.run(
         [sys.executable, "-m", "casd", *argv, "--data", str(data)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 def upload(base: str, *files: Prepared) -> list[dict]:
     """Handshake, PUT the missing chunks, merge, for each file in turn."""
+
     async def go():
         async with session() as s:
             return [await upload_one(s, base, p) for p in files]
+
     return asyncio.run(go())
 
 
@@ -73,6 +78,7 @@ def handshake(base: str, p: Prepared) -> dict:
         async with session() as s, s.post(f"{base}/v1/handshake", json=p.handshake) as r:
             assert r.status == 200, await r.text()
             return await r.json()
+
     return asyncio.run(go())
 
 
@@ -80,6 +86,7 @@ def fetch(base: str, url: str) -> tuple[int, bytes]:
     async def go():
         async with session() as s, s.get(base + url) as r:
             return r.status, await r.read()
+
     return asyncio.run(go())
 
 
@@ -110,7 +117,8 @@ def test_ls_lists_every_complete_file(daemon):
     code, files = casd_json(daemon.data_dir, "ls")
     assert code == 0
     assert [(f["digest"], f["size"], f["name"], f["ext"]) for f in files] == [
-        (a.digest, len(a.data), "a.bin", ".bin"), (b.digest, len(b.data), "b.dat", ".dat"),
+        (a.digest, len(a.data), "a.bin", ".bin"),
+        (b.digest, len(b.data), "b.dat", ".dat"),
     ]
     created = time.mktime(time.strptime(files[0]["created"], "%Y-%m-%dT%H:%M:%SZ"))
     assert created - time.timezone >= int(before) - 1
@@ -287,7 +295,7 @@ def test_gc_drops_expired_uploads_and_their_chunks(daemon, tmp_path):
     a, b = shared_pair()
     upload(daemon.url, b)
     # An upload that sent a chunk of its own and one it shares with `b`, then went quiet.
-    p = prepare(a.data[:3 * CHUNK] + rand(CHUNK, seed=5), CHUNK)
+    p = prepare(a.data[: 3 * CHUNK] + rand(CHUNK, seed=5), CHUNK)
     hs = handshake(daemon.url, p)
     asyncio.run(_put(daemon.url, hs["upload_id"], p, p.order[3]))
     settings = Settings(data_dir=daemon.data_dir)
@@ -313,9 +321,10 @@ def test_gc_drops_expired_uploads_and_their_chunks(daemon, tmp_path):
 
 
 async def _put(base: str, upload_id: str, p: Prepared, digest: str) -> None:
-    async with session() as s, s.put(
-        f"{base}/v1/uploads/{upload_id}/chunks/{digest}", data=p.chunks[digest]
-    ) as r:
+    async with (
+        session() as s,
+        s.put(f"{base}/v1/uploads/{upload_id}/chunks/{digest}", data=p.chunks[digest]) as r,
+    ):
         assert r.status == 201, await r.text()
 
 
@@ -327,6 +336,7 @@ def test_gc_aborted_upload_chunks_are_collected(daemon):
     async def abort():
         async with session() as s, s.delete(f"{daemon.url}/v1/uploads/{hs['upload_id']}") as r:
             assert r.status == 204
+
     code, r = casd_json(daemon.data_dir, "gc", "--grace", "0")
     assert r["removed"]["chunks"] == []  # still pending: relied on
     asyncio.run(abort())
@@ -439,9 +449,9 @@ def test_fsck_missing_blob_names_the_files(stored):
     assert shared in line and f"{a.digest}.bin (a.bin)" in line and b.digest in line
     code, report = casd_json(daemon.data_dir, "fsck")
     assert code == 1 and kinds(report) == [("missing_blob", shared)]
-    assert sorted(report["issues"][0]["files"]) == sorted([
-        f"{a.digest}.bin (a.bin)", f"{b.digest}.dat (b.dat)"
-    ])
+    assert sorted(report["issues"][0]["files"]) == sorted(
+        [f"{a.digest}.bin (a.bin)", f"{b.digest}.dat (b.dat)"]
+    )
 
 
 def test_fsck_wrong_size(stored):
@@ -527,9 +537,15 @@ def test_fsck_reports_every_problem_at_once(stored):
     assert r.returncode == 1
     code, report = casd_json(daemon.data_dir, "fsck", "--deep")
     assert code == 1
-    assert kinds(report) == sorted([
-        ("missing_blob", a.order[0]), ("wrong_size", b.order[4]), ("corrupt", a.order[4]),
-        ("orphan_row", p.order[0]), ("missing_blob", a.order[3]), ("orphan_file", a.order[3]),
-    ])
+    assert kinds(report) == sorted(
+        [
+            ("missing_blob", a.order[0]),
+            ("wrong_size", b.order[4]),
+            ("corrupt", a.order[4]),
+            ("orphan_row", p.order[0]),
+            ("missing_blob", a.order[3]),
+            ("orphan_file", a.order[3]),
+        ]
+    )
     assert "6 problem(s)" in r.stdout
     assert "Traceback" not in r.stderr

@@ -91,7 +91,10 @@ async def test_round_trip_lists_missing_in_order_and_downloads_exact_bytes(clien
     done = await r.json()
     assert r.status == 200
     assert done == {
-        "status": "complete", "algo": "md5", "md5": p.digest, "size": len(p.data),
+        "status": "complete",
+        "algo": "md5",
+        "md5": p.digest,
+        "size": len(p.data),
         "url": f"/v1/files/{p.digest}.bin",
     }
     r = await client.get(done["url"])
@@ -107,7 +110,10 @@ async def test_known_file_is_instant_with_this_handshakes_ext(client):
     again = dict(p.handshake, ext=".MOV")
     hs = await handshake(client, again)
     assert hs == {
-        "status": "complete", "algo": "md5", "md5": p.digest, "size": len(p.data),
+        "status": "complete",
+        "algo": "md5",
+        "md5": p.digest,
+        "size": len(p.data),
         "url": f"/v1/files/{p.digest}.mov",
     }
 
@@ -198,8 +204,11 @@ async def test_concurrent_uploads_of_one_chunk_store_it_once(client, settings):
         yield p.chunks[d][100:]
 
     async def one():
-        r = await client.put(f"/v1/uploads/{hs['upload_id']}/chunks/{d}", data=body(),
-                             headers={"Content-Length": str(CHUNK)})
+        r = await client.put(
+            f"/v1/uploads/{hs['upload_id']}/chunks/{d}",
+            data=body(),
+            headers={"Content-Length": str(CHUNK)},
+        )
         return r.status, await r.json()
 
     results = await asyncio.gather(*(one() for _ in range(n)))
@@ -229,8 +238,11 @@ async def test_sha256_end_to_end_and_namespaces_are_separate(client):
 
 async def test_uppercase_digests_are_accepted_and_answered_lowercase(client):
     p = prepare(rand(2 * CHUNK), CHUNK)
-    hs = dict(p.handshake, md5=p.digest.upper(),
-              chunks=[{"md5": c["md5"].upper(), "size": c["size"]} for c in p.handshake["chunks"]])
+    hs = dict(
+        p.handshake,
+        md5=p.digest.upper(),
+        chunks=[{"md5": c["md5"].upper(), "size": c["size"]} for c in p.handshake["chunks"]],
+    )
     ans = await handshake(client, hs)
     assert ans["md5"] == p.digest and ans["missing"] == p.order
     await put(client, ans["upload_id"], p.order[0].upper(), p.chunks[p.order[0]], 201)
@@ -264,9 +276,7 @@ async def test_merge_again_answers_the_same(client):
     assert r.status == 200 and await r.json() == first
 
 
-async def test_interleaved_uploads_verify_right_when_prefix_hashes_are_evicted(
-    client, monkeypatch
-):
+async def test_interleaved_uploads_verify_right_when_prefix_hashes_are_evicted(client, monkeypatch):
     import casd.service
 
     monkeypatch.setattr(casd.service, "MAX_FILE_HASHES", 1)
@@ -315,15 +325,21 @@ async def test_healthz(client):
 
 @pytest.fixture
 async def stored(client):
-    p = prepare(rand(3 * CHUNK + 7), CHUNK, ext=".txt", name="résumé \"final\".txt")
+    p = prepare(rand(3 * CHUNK + 7), CHUNK, ext=".txt", name='résumé "final".txt')
     done = await upload(client, "", p)
     return p, done["url"]
 
 
 @pytest.mark.parametrize(
     "header,start,end",
-    [("bytes=0-0", 0, 0), ("bytes=10-99", 10, 99), ("bytes=65530-65545", 65530, 65545),
-     ("bytes=100-", 100, None), ("bytes=-50", None, None), ("bytes=5-999999999", 5, None)],
+    [
+        ("bytes=0-0", 0, 0),
+        ("bytes=10-99", 10, 99),
+        ("bytes=65530-65545", 65530, 65545),
+        ("bytes=100-", 100, None),
+        ("bytes=-50", None, None),
+        ("bytes=5-999999999", 5, None),
+    ],
 )
 async def test_range_requests(client, stored, header, start, end):
     p, url = stored
@@ -334,7 +350,7 @@ async def test_range_requests(client, stored, header, start, end):
         start, end = size - 50, size - 1
     end = size - 1 if end is None else end
     assert r.headers["Content-Range"] == f"bytes {start}-{end}/{size}"
-    assert await r.read() == p.data[start:end + 1]
+    assert await r.read() == p.data[start : end + 1]
 
 
 async def test_unsatisfiable_range_is_416(client, stored):
@@ -550,8 +566,9 @@ async def test_too_many_chunks_and_too_large_handshake(aiohttp_client, settings,
     p = prepare(rand(4 * 100), 100)
     await assert_error(await client.post("/v1/handshake", json=p.handshake), 413, "too_large")
     p = prepare(rand(60 * 10), 10)
-    r = await client.post("/v1/handshake", data=json.dumps(p.handshake),
-                          headers={"Content-Type": "application/json"})
+    r = await client.post(
+        "/v1/handshake", data=json.dumps(p.handshake), headers={"Content-Type": "application/json"}
+    )
     await assert_error(r, 413, "too_large")
 
 
@@ -559,7 +576,9 @@ async def test_unknown_upload_is_404_everywhere(client):
     uid = "0" * 32
     d = hashlib.md5(b"x").hexdigest()
     await assert_error(await client.get(f"/v1/uploads/{uid}"), 404, "not_found")
-    await assert_error(await client.put(f"/v1/uploads/{uid}/chunks/{d}", data=b"x"), 404, "not_found")
+    await assert_error(
+        await client.put(f"/v1/uploads/{uid}/chunks/{d}", data=b"x"), 404, "not_found"
+    )
     await assert_error(await client.post(f"/v1/uploads/{uid}/merge"), 404, "not_found")
     await assert_error(await client.delete(f"/v1/uploads/{uid}"), 404, "not_found")
     await assert_error(await client.get("/v1/uploads/not-an-id"), 404, "not_found")
@@ -617,7 +636,8 @@ async def test_client_disconnect_mid_chunk_leaves_nothing(aiohttp_server, settin
     d = p.order[0]
     writer.write(
         f"PUT /v1/uploads/{uid}/chunks/{d} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Content-Length: {4 * CHUNK}\r\n\r\n".encode() + p.chunks[d][: 2 * CHUNK]
+        f"Content-Length: {4 * CHUNK}\r\n\r\n".encode()
+        + p.chunks[d][: 2 * CHUNK]
     )
     await writer.drain()
     # Wait until the server has a temp file open for this body, then hang up mid-body.
@@ -638,13 +658,17 @@ async def test_token_auth(aiohttp_client, settings, clock):
     client = await make_client(aiohttp_client, settings, clock, token="s3cret", admin_token="adm")
     p = prepare(rand(100), CHUNK)
     await assert_error(await client.post("/v1/handshake", json=p.handshake), 401, "unauthorized")
-    r = await client.post("/v1/handshake", json=p.handshake,
-                          headers={"Authorization": "Bearer wrong"})
+    r = await client.post(
+        "/v1/handshake", json=p.handshake, headers={"Authorization": "Bearer wrong"}
+    )
     await assert_error(r, 401, "unauthorized")
     auth = {"Authorization": "Bearer s3cret"}
     hs = await (await client.post("/v1/handshake", json=p.handshake, headers=auth)).json()
-    r = await client.put(f"/v1/uploads/{hs['upload_id']}/chunks/{p.order[0]}",
-                         data=p.chunks[p.order[0]], headers=auth)
+    r = await client.put(
+        f"/v1/uploads/{hs['upload_id']}/chunks/{p.order[0]}",
+        data=p.chunks[p.order[0]],
+        headers=auth,
+    )
     assert r.status == 201
     r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge", headers=auth)
     assert r.status == 200
@@ -714,8 +738,11 @@ async def test_late_chunk_does_not_revive_an_expired_upload(client, clock, setti
         clock.now += settings.upload_ttl + 1  # the upload expires while the body streams
         yield p.chunks[d][10:]
 
-    r = await client.put(f"/v1/uploads/{hs['upload_id']}/chunks/{d}", data=body(),
-                         headers={"Content-Length": str(CHUNK)})
+    r = await client.put(
+        f"/v1/uploads/{hs['upload_id']}/chunks/{d}",
+        data=body(),
+        headers={"Content-Length": str(CHUNK)},
+    )
     assert r.status in (201, 404)
     await assert_error(await client.get(f"/v1/uploads/{hs['upload_id']}"), 404, "not_found")
 
@@ -733,9 +760,11 @@ async def test_a_temp_file_being_received_is_marked_busy(client, pending, settin
         await asyncio.wait_for(release.wait(), 10)
         yield p.chunks[d][100:]
 
-    task = asyncio.ensure_future(client.put(
-        f"/v1/uploads/{uid}/chunks/{d}", data=body(), headers={"Content-Length": str(CHUNK)}
-    ))
+    task = asyncio.ensure_future(
+        client.put(
+            f"/v1/uploads/{uid}/chunks/{d}", data=body(), headers={"Content-Length": str(CHUNK)}
+        )
+    )
     store = open_blobstore(None, settings.data_dir)
     for _ in range(500):
         temps = list(store.temp_files())
@@ -754,8 +783,11 @@ async def test_prefer_return_minimal_skips_the_missing_list(client):
     p = prepare(rand(3 * CHUNK), CHUNK)
     hs = await handshake(client, p.handshake)
     for d in p.order:
-        r = await client.put(f"/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d],
-                             headers={"Prefer": "return=minimal"})
+        r = await client.put(
+            f"/v1/uploads/{hs['upload_id']}/chunks/{d}",
+            data=p.chunks[d],
+            headers={"Prefer": "return=minimal"},
+        )
         assert r.status == 201
         assert await r.json() == {"stored": True}
         assert r.headers["Preference-Applied"] == "return=minimal"

@@ -22,26 +22,55 @@ REPO = Path(__file__).resolve().parent.parent
 def test_quick_bench_prints_the_table_with_every_row(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--tmp", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "| # | figure | casd / value | machine limit | ratio | target | met? / note |" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     keys = {line.split("|")[1].strip() for line in rows}
-    for key in ("L1", "L2", "L3", "L4", "L5", "B1", "B2", "B3", "B4", "B5", "B6", "B7",
-                "B1c", "B3c", "B8", "B9", "C1"):
+    for key in (
+        "L1",
+        "L2",
+        "L3",
+        "L4",
+        "L5",
+        "B1",
+        "B2",
+        "B3",
+        "B4",
+        "B5",
+        "B6",
+        "B7",
+        "B1c",
+        "B3c",
+        "B8",
+        "B9",
+        "C1",
+    ):
         assert key in keys, f"row {key} missing from:\n{out}"
     body = "\n".join(rows)
-    for limit in ("MD5, one core", "SHA-256, one core", "fsync each", "plain aiohttp PUT",
-                  "web.FileResponse"):
+    for limit in (
+        "MD5, one core",
+        "SHA-256, one core",
+        "fsync each",
+        "plain aiohttp PUT",
+        "web.FileResponse",
+    ):
         assert limit in body, f"limit {limit!r} missing from:\n{out}"
     # Every casd row states a figure with a unit, and B1 is compared to the MD5 limit.
     b1 = r"\| B1 \| fresh upload .*\| \d+\.\d\d s = \d+ MB/s \| MD5 \d+ MB/s \| \d+\.\d\d \|"
     assert re.search(b1, body), out
     # The shared engines (S3 + PostgreSQL) give their rows, or one saying why they could not.
-    engines = re.search(r"\| E1 \| fresh upload of the .* file to S3 \(moto\) \+ PostgreSQL \|"
-                        r" \d+ MB/s \| local \+ SQLite \d+ MB/s \| \d+\.\d\d \|", body)
+    engines = re.search(
+        r"\| E1 \| fresh upload of the .* file to S3 \(moto\) \+ PostgreSQL \|"
+        r" \d+ MB/s \| local \+ SQLite \d+ MB/s \| \d+\.\d\d \|",
+        body,
+    )
     if engines is None:
         assert os.environ.get("CI", "").lower() not in ("1", "true", "yes"), out  # CI has both
         assert re.search(r"\| E1 \| shared engines \(S3 \+ PostgreSQL\) \| skipped \|", body), out

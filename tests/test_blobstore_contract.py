@@ -58,7 +58,7 @@ async def test_put_then_read_whole_and_ranges(store, rng, algo):
     d = await put(store, data, algo)
     assert await read(store, d) == data
     assert await read(store, d, 5, 10) == data[5:15]
-    assert await read(store, d, (1 << 20) - 3, (1 << 20) + 6) == data[(1 << 20) - 3:(2 << 20) + 3]
+    assert await read(store, d, (1 << 20) - 3, (1 << 20) + 6) == data[(1 << 20) - 3 : (2 << 20) + 3]
     # A range running past the end ends early: the caller sees a short read.
     assert await read(store, d, len(data) - 4, 100) == data[-4:]
     info = await store.stat(d)
@@ -78,8 +78,10 @@ async def test_missing_blob(store):
 
 
 async def test_list_with_sizes_and_delete(store, rng):
-    blobs = {await put(store, rng.bytes(n, n), algo): n for n, algo in
-             [(0, Algo.MD5), (10, Algo.MD5), (1000, Algo.SHA256)]}
+    blobs = {
+        await put(store, rng.bytes(n, n), algo): n
+        for n, algo in [(0, Algo.MD5), (10, Algo.MD5), (1000, Algo.SHA256)]
+    }
     listed = {b.digest: b.size async for b in store.list() if b.digest is not None}
     assert listed == blobs
     gone = next(iter(blobs))
@@ -162,11 +164,13 @@ async def checking_front(s3_server, seen: list[dict]):
             seen.append(dict(request.headers))
             for header, algo in (("Content-MD5", "md5"), ("x-amz-checksum-sha256", "sha256")):
                 sent = request.headers.get(header)
-                if sent is not None and sent != base64.b64encode(
-                    hashlib.new(algo, body).digest()
-                ).decode():
+                if (
+                    sent is not None
+                    and sent != base64.b64encode(hashlib.new(algo, body).digest()).decode()
+                ):
                     return web.Response(
-                        status=400, content_type="application/xml",
+                        status=400,
+                        content_type="application/xml",
                         text="<Error><Code>BadDigest</Code><Message>The checksum you"
                         " specified did not match what we received.</Message></Error>",
                     )
@@ -175,9 +179,13 @@ async def checking_front(s3_server, seen: list[dict]):
             request.method, s3_server.endpoint + request.path_qs, headers=headers, data=body
         ) as r:
             return web.Response(
-                status=r.status, body=await r.read(),
-                headers={k: v for k, v in r.headers.items()
-                         if k.lower() not in ("transfer-encoding", "server", "date")},
+                status=r.status,
+                body=await r.read(),
+                headers={
+                    k: v
+                    for k, v in r.headers.items()
+                    if k.lower() not in ("transfer-encoding", "server", "date")
+                },
             )
 
     app = web.Application(client_max_size=1 << 30)

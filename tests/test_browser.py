@@ -68,14 +68,18 @@ def fetch(url: str) -> bytes:
 
 def handshake(server: str, data: bytes, chunk_size: int, ext: str = ".bin") -> dict:
     """The handshake the page sends for `data`, made from Python: what does the server lack?"""
-    chunks = [data[o:o + chunk_size] for o in range(0, len(data), chunk_size)]
+    chunks = [data[o : o + chunk_size] for o in range(0, len(data), chunk_size)]
     body = {
-        "md5": md5(data), "size": len(data), "ext": ext,
+        "md5": md5(data),
+        "size": len(data),
+        "ext": ext,
         "chunks": [{"md5": md5(c), "size": len(c)} for c in chunks],
     }
     req = urllib.request.Request(
-        server + "/v1/handshake", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
+        server + "/v1/handshake",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
@@ -102,8 +106,10 @@ def wait_finished(row, status: str = "done"):
 def counters(row) -> dict:
     get = lambda tid: row.get_by_test_id(tid).inner_text()  # noqa: E731
     return {
-        "sent": get("chunks-sent"), "total": get("chunks-total"),
-        "skipped": get("chunks-skipped"), "bytes_skipped": get("bytes-skipped"),
+        "sent": get("chunks-sent"),
+        "total": get("chunks-total"),
+        "skipped": get("chunks-skipped"),
+        "bytes_skipped": get("bytes-skipped"),
     }
 
 
@@ -127,7 +133,12 @@ def test_page_uploads_a_file_and_the_same_file_again_is_instant(daemon, page, tm
 
     again = pick(page, path)
     summary = wait_finished(again, "instant")
-    assert counters(again) == {"sent": "0", "total": "4", "skipped": "4", "bytes_skipped": "20.0 MiB"}
+    assert counters(again) == {
+        "sent": "0",
+        "total": "4",
+        "skipped": "4",
+        "bytes_skipped": "20.0 MiB",
+    }
     expect(again.get_by_test_id("link")).to_have_attribute("href", href)
     assert summary["instant"] is True and summary["bytes_skipped"] == len(data)
     assert len(page.chunk_puts) == 4  # no chunk went out the second time
@@ -151,7 +162,7 @@ def test_page_sends_only_the_changed_chunk_of_a_modified_copy(daemon, page, tmp_
     # The server agrees before the page starts: it lacks exactly the changed chunk.
     answer = handshake(daemon.url, bytes(changed), CHUNK)
     assert answer["status"] == "pending"
-    assert answer["missing"] == [md5(changed[2 * CHUNK:3 * CHUNK])]
+    assert answer["missing"] == [md5(changed[2 * CHUNK : 3 * CHUNK])]
 
     puts_before = len(page.chunk_puts)
     row = pick(page, copy)
@@ -193,9 +204,7 @@ def wait_held(page, held: list, count: int, seconds: float = 10) -> None:
         page.wait_for_timeout(20)
 
 
-def test_reload_mid_upload_then_picking_the_file_again_sends_only_the_rest(
-    daemon, page, tmp_path
-):
+def test_reload_mid_upload_then_picking_the_file_again_sends_only_the_rest(daemon, page, tmp_path):
     path = tmp_path / "big.bin"
     data = make_file(path, 20 * MiB, "page-3")
     let_through = 8
@@ -218,7 +227,9 @@ def test_reload_mid_upload_then_picking_the_file_again_sends_only_the_rest(
     row = pick(page, path)
     summary = wait_finished(row, "done")
     assert counters(row) == {
-        "sent": str(20 - let_through), "total": "20", "skipped": str(let_through),
+        "sent": str(20 - let_through),
+        "total": "20",
+        "skipped": str(let_through),
         "bytes_skipped": "8.0 MiB",
     }
     assert len(page.chunk_puts) - puts_before == 20 - let_through
@@ -237,8 +248,12 @@ def test_page_retries_chunks_answered_503_429_and_408(daemon, page, tmp_path):
         attempts.append(time.monotonic())
         if len(attempts) <= len(faults):
             status, headers = faults[len(attempts) - 1]
-            route.fulfill(status=status, content_type="application/json", headers=headers,
-                          body='{"error": "unavailable", "message": "try again"}')
+            route.fulfill(
+                status=status,
+                content_type="application/json",
+                headers=headers,
+                body='{"error": "unavailable", "message": "try again"}',
+            )
         else:
             route.continue_()
 
@@ -341,8 +356,9 @@ def python_phases(server: str, path: Path) -> list[str]:
 
     async def run() -> None:
         async with CasdClient(server) as client:
-            await client.upload(path, chunk_size=MiB, use_cache=False,
-                                on_progress=lambda p: seen.append(p.phase))
+            await client.upload(
+                path, chunk_size=MiB, use_cache=False, on_progress=lambda p: seen.append(p.phase)
+            )
 
     # Playwright's sync API owns this thread's event loop; the client gets its own thread.
     worker = threading.Thread(target=asyncio.run, args=(run(),))
@@ -352,9 +368,7 @@ def python_phases(server: str, path: Path) -> list[str]:
     return [str(p) for i, p in enumerate(seen) if i == 0 or seen[i - 1] != p]
 
 
-def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(
-    daemon, page, tmp_path
-):
+def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(daemon, page, tmp_path):
     from dataclasses import fields
 
     from casd.client import (
@@ -383,13 +397,31 @@ def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(
     make_file(other, 3 * MiB, "api-python")
     assert python_phases(daemon.url, other) == got["phases"]
     assert got["maxInFlight"] == 2
-    assert {k: summary[k] for k in (
-        "digest", "algo", "size", "chunks_total", "chunks_sent", "bytes_sent",
-        "chunks_skipped", "bytes_skipped", "instant", "name",
-    )} == {
-        "digest": md5(data), "algo": "md5", "size": len(data), "chunks_total": 11,
-        "chunks_sent": 11, "bytes_sent": len(data), "chunks_skipped": 0, "bytes_skipped": 0,
-        "instant": False, "name": "api.bin",
+    assert {
+        k: summary[k]
+        for k in (
+            "digest",
+            "algo",
+            "size",
+            "chunks_total",
+            "chunks_sent",
+            "bytes_sent",
+            "chunks_skipped",
+            "bytes_skipped",
+            "instant",
+            "name",
+        )
+    } == {
+        "digest": md5(data),
+        "algo": "md5",
+        "size": len(data),
+        "chunks_total": 11,
+        "chunks_sent": 11,
+        "bytes_sent": len(data),
+        "chunks_skipped": 0,
+        "bytes_skipped": 0,
+        "instant": False,
+        "name": "api.bin",
     }
     assert summary["url"] == f"{daemon.url}/v1/files/{md5(data)}.bin"
     assert fetch(summary["url"]) == data

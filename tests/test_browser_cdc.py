@@ -90,16 +90,19 @@ def python_upload(server: str, path: Path, **options):
     return out["summary"]
 
 
-@pytest.mark.parametrize("algo,avg,workers", [
-    ("md5", 64 * KiB, 1), ("md5", 512 * KiB, 2), ("sha256", 16 * KiB, 2)])
-def test_hash_file_in_workers_cuts_and_hashes_like_python(daemon, page, tmp_path, algo, avg,
-                                                          workers):
+@pytest.mark.parametrize(
+    "algo,avg,workers", [("md5", 64 * KiB, 1), ("md5", 512 * KiB, 2), ("sha256", 16 * KiB, 2)]
+)
+def test_hash_file_in_workers_cuts_and_hashes_like_python(
+    daemon, page, tmp_path, algo, avg, workers
+):
     # Slices of 8 MiB: 21 MiB + 5 makes cuts fall inside slices and chunks span slices.
     path = tmp_path / "f.bin"
     make_file(path, 21 * MiB + 5, f"cdc-{avg}")
     open_with_input(page, daemon.url, path)
-    got = page.evaluate(HASH_JS, {"chunking": "fastcdc", "chunkSize": avg, "algo": algo,
-                                  "workers": workers})
+    got = page.evaluate(
+        HASH_JS, {"chunking": "fastcdc", "chunkSize": avg, "algo": algo, "workers": workers}
+    )
     want = hash_file(path, chunking=Chunking.fastcdc(avg), algo=algo)
     assert got["digest"] == want.digest
     assert got["chunks"] == [[c.offset, c.size, c.digest] for c in want.chunks]
@@ -124,8 +127,10 @@ def test_js_and_python_fastcdc_uploads_send_the_same_chunk_lists(daemon, page, t
     edited.write_bytes(data[:100] + random.Random("ins").randbytes(KiB) + data[100:])
     open_with_input(page, daemon.url, edited)
     js = page.evaluate(UPLOAD_JS, {"chunking": "fastcdc", "chunkSize": 128 * KiB})
-    assert 1 <= js["chunks_sent"] <= 3 and js["chunks_skipped"] == js["chunks_total"] - \
-        js["chunks_sent"]
+    assert (
+        1 <= js["chunks_sent"] <= 3
+        and js["chunks_skipped"] == js["chunks_total"] - js["chunks_sent"]
+    )
 
 
 def test_bad_chunking_options_are_refused_before_any_request(daemon, page, tmp_path):

@@ -122,16 +122,20 @@ async def test_budget_refuses_new_uploads_but_not_resumes(cat):
     m1 = manifest(1, [("a", 1), ("b", 1)])
     await cat.begin_upload(m1, "k", T0, LATER, "1" * 32, "c1", budget)
     with pytest.raises(TooManyPending):
-        await cat.begin_upload(manifest(2, [("c", 1), ("d", 1)]), "k", T0, LATER, "2" * 32,
-                               "c1", budget)
+        await cat.begin_upload(
+            manifest(2, [("c", 1), ("d", 1)]), "k", T0, LATER, "2" * 32, "c1", budget
+        )
     with pytest.raises(TooLarge):
-        await cat.begin_upload(manifest(3, [(i, 1) for i in range(4)]), "k", T0, LATER,
-                               "3" * 32, "c2", budget)
-    await cat.begin_upload(manifest(4, [("e", 1), ("f", 1)]), "k", T0, LATER, "4" * 32,
-                           "c2", budget)
+        await cat.begin_upload(
+            manifest(3, [(i, 1) for i in range(4)]), "k", T0, LATER, "3" * 32, "c2", budget
+        )
+    await cat.begin_upload(
+        manifest(4, [("e", 1), ("f", 1)]), "k", T0, LATER, "4" * 32, "c2", budget
+    )
     with pytest.raises(TooManyPending):  # the total: 4 held, 2 more is over 5
-        await cat.begin_upload(manifest(5, [("g", 1), ("h", 1)]), "k", T0, LATER, "5" * 32,
-                               "c3", budget)
+        await cat.begin_upload(
+            manifest(5, [("g", 1), ("h", 1)]), "k", T0, LATER, "5" * 32, "c3", budget
+        )
     resumed, _ = await cat.begin_upload(m1, "k", T0, LATER, "6" * 32, "c1", budget)
     assert resumed.id == "1" * 32
     assert (await cat.stats_counts(T0))["pending_entries"] == 4
@@ -173,8 +177,9 @@ async def test_publish_touches_its_upload_but_never_revives_an_expired_one(cat):
 
 async def test_register_is_refused_while_chunks_are_missing_then_idempotent(cat):
     store = Store()
-    up, _ = await cat.begin_upload(manifest(1, [("a", 1), ("b", 1)], "f.txt"), "k", T0, LATER,
-                                   "u" * 32)
+    up, _ = await cat.begin_upload(
+        manifest(1, [("a", 1), ("b", 1)], "f.txt"), "k", T0, LATER, "u" * 32
+    )
     await publish(cat, store, "a")
     with pytest.raises(Incomplete) as info:
         await cat.register_file(up.id, T0)
@@ -194,8 +199,7 @@ async def test_abort_and_merge_are_decided_once(cat):
     merged, _ = await cat.begin_upload(manifest(1, [("a", 1)]), "k", T0, LATER, "m" * 32)
     await cat.register_file(merged.id, T0)
     assert not await cat.drop_pending_upload(merged.id)  # merged first: the abort loses
-    aborted, _ = await cat.begin_upload(manifest(2, [("a", 1), ("a", 1)]), "k", T0, LATER,
-                                        "a" * 32)
+    aborted, _ = await cat.begin_upload(manifest(2, [("a", 1), ("a", 1)]), "k", T0, LATER, "a" * 32)
     assert await cat.drop_pending_upload(aborted.id)
     assert await cat.register_file(aborted.id, T0) is None  # aborted first: nothing to merge
     assert await cat.get_upload(aborted.id) is None
@@ -235,8 +239,9 @@ async def test_file_with_chunks_gives_the_file_and_its_list(cat):
     store = Store()
     for t in ("a", "b"):
         await publish(cat, store, t)
-    up, _ = await cat.begin_upload(manifest(1, [("b", 1), ("a", 1), ("b", 1)]), "k", T0, LATER,
-                                   "u" * 32)
+    up, _ = await cat.begin_upload(
+        manifest(1, [("b", 1), ("a", 1), ("b", 1)]), "k", T0, LATER, "u" * 32
+    )
     entry = await cat.register_file(up.id, T0)
     got = await cat.file_with_chunks(entry.digest)
     assert got is not None
@@ -406,8 +411,9 @@ async def test_a_retire_racing_a_revival_skips_the_revived_chunk(cat, other):
 
 def hook_events(kind: str, max_rows: int = 100) -> HookEvents:
     """Events for receivers u1 and u2 whose body is the file's digest."""
-    return HookEvents(lambda e: [("u1", kind, e.digest.hex), ("u2", kind, e.digest.hex)],
-                      T0, max_rows)
+    return HookEvents(
+        lambda e: [("u1", kind, e.digest.hex), ("u2", kind, e.digest.hex)], T0, max_rows
+    )
 
 
 async def queued(cat, url: str) -> list[tuple[str, str]]:
@@ -437,8 +443,10 @@ async def test_hook_events_commit_with_the_registration_and_deletion_only(cat):
     deleted = hook_events("file.deleted")
     assert await cat.delete_file(entry.digest, deleted)
     assert deleted.queued == 2
-    assert await queued(cat, "u2") == [("file.completed", entry.digest.hex),
-                                       ("file.deleted", entry.digest.hex)]
+    assert await queued(cat, "u2") == [
+        ("file.completed", entry.digest.hex),
+        ("file.deleted", entry.digest.hex),
+    ]
     unknown = hook_events("file.deleted")
     assert not await cat.delete_file(entry.digest, unknown)
     assert unknown.queued == 0 and await cat.count_hook_events() == 4
@@ -452,8 +460,7 @@ async def test_a_refused_registration_queues_no_event(cat):
     await cat.register_file(first.id, T0)
     # Same digest, another size: refused after the upload was flipped to merged, which the
     # refusal rolls back together with any event.
-    clash, _ = await cat.begin_upload(manifest(3, [("a", 1), ("b", 1)]), "k", T0, LATER,
-                                      "v" * 32)
+    clash, _ = await cat.begin_upload(manifest(3, [("a", 1), ("b", 1)]), "k", T0, LATER, "v" * 32)
     with pytest.raises(FileDigestMismatch):
         await cat.register_file(clash.id, T0, hook_events("file.completed"))
     assert await cat.count_hook_events() == 0

@@ -43,6 +43,7 @@ async def test_full_in_a_message_is_not_a_full_disk(tmp_path):
     """Only the error code counts: an error that merely says "full" stays what it is."""
     cat = await SqliteCatalog.open(tmp_path / "catalog.sqlite", "NORMAL")
     try:
+
         def broken(con):
             con.execute("SELECT * FROM full_table_that_is_not_there")
 

@@ -66,7 +66,10 @@ def test_parameters_follow_reapi_and_key_names_them():
     f = Chunking.fixed(5 * MiB)
     assert (f.min_size, f.max_size) == (5 * MiB, 5 * MiB)
     keys = {
-        c.key, f.key, Chunking.fastcdc(256 * KiB).key, Chunking.fastcdc(512 * KiB, 7).key,
+        c.key,
+        f.key,
+        Chunking.fastcdc(256 * KiB).key,
+        Chunking.fastcdc(512 * KiB, 7).key,
         Chunking.fixed(512 * KiB).key,
     }
     assert len(keys) == 5

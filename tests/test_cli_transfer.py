@@ -33,13 +33,18 @@ def env(tmp_path) -> dict[str, str]:
 
 
 def casd(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "casd", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "casd", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str,
-                          code: int = 1) -> None:
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess, *fragments: str, code: int = 1
+) -> None:
     assert proc.returncode == code, proc
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
@@ -73,8 +78,22 @@ def test_upload_json_is_one_object_per_file(daemon, env, tmp_path, rng):
     data_a = rng.write(a, 3 * 64 * 1024)
     data_b = data_a + b"one more chunk"
     b.write_bytes(data_b)
-    proc = casd(env, "upload", str(a), str(b), "--server", daemon.url, "--json",
-                "--algo", "sha256", "--chunk-size", "64k", "--concurrency", "2", "--no-cache")
+    proc = casd(
+        env,
+        "upload",
+        str(a),
+        str(b),
+        "--server",
+        daemon.url,
+        "--json",
+        "--algo",
+        "sha256",
+        "--chunk-size",
+        "64k",
+        "--concurrency",
+        "2",
+        "--no-cache",
+    )
     assert proc.returncode == 0, proc.stderr
     objs = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [o["path"] for o in objs] == [str(a), str(b)]
@@ -132,31 +151,50 @@ def test_unreachable_server_is_one_line(env, tmp_path, unused_tcp_port, rng):
     rng.write(src, 10)
     started = time.monotonic()
     proc = casd(env, "upload", str(src), "--server", f"http://127.0.0.1:{unused_tcp_port}")
-    assert_one_line_error(proc, "cannot reach", f"127.0.0.1:{unused_tcp_port}",
-                          "Connection refused")
+    assert_one_line_error(
+        proc, "cannot reach", f"127.0.0.1:{unused_tcp_port}", "Connection refused"
+    )
     assert proc.stdout == ""
     # A closed port is not a blip to retry for seconds.
     assert time.monotonic() - started < 10
 
 
-def test_fastcdc_upload_then_download_with_reuse_of_an_older_version(daemon, env, tmp_path,
-                                                                      rng):
+def test_fastcdc_upload_then_download_with_reuse_of_an_older_version(daemon, env, tmp_path, rng):
     old = tmp_path / "v1.bin"
     old_data = rng.write(old, 3 * MiB, 1)
     new = tmp_path / "v2.bin"
     new_data = rng.bytes(1024, 2) + old_data
     new.write_bytes(new_data)
     for f in (old, new):
-        up = casd(env, "upload", str(f), "--server", daemon.url, "--chunking", "fastcdc",
-                  "--chunk-size", "64KiB", "--json")
+        up = casd(
+            env,
+            "upload",
+            str(f),
+            "--server",
+            daemon.url,
+            "--chunking",
+            "fastcdc",
+            "--chunk-size",
+            "64KiB",
+            "--json",
+        )
         assert up.returncode == 0, up.stderr
     summary = json.loads(up.stdout)
     assert summary["chunks_total"] > 10
     assert summary["chunks_sent"] <= 3
 
     out = tmp_path / "got.bin"
-    down = casd(env, "download", summary["digest"], "-o", str(out), "--server", daemon.url,
-                "--reuse", str(old))
+    down = casd(
+        env,
+        "download",
+        summary["digest"],
+        "-o",
+        str(out),
+        "--server",
+        daemon.url,
+        "--reuse",
+        str(old),
+    )
     assert down.returncode == 0, down.stderr
     assert out.read_bytes() == new_data
     line = down.stdout.strip()
@@ -168,15 +206,25 @@ def test_fastcdc_upload_then_download_with_reuse_of_an_older_version(daemon, env
 def test_chunking_flags_are_checked_in_one_line(daemon, env, tmp_path):
     src = tmp_path / "f.bin"
     src.write_bytes(b"x" * 10)
-    bad_avg = casd(env, "upload", str(src), "--server", daemon.url, "--chunking", "fastcdc",
-                   "--chunk-size", "1000")
+    bad_avg = casd(
+        env,
+        "upload",
+        str(src),
+        "--server",
+        daemon.url,
+        "--chunking",
+        "fastcdc",
+        "--chunk-size",
+        "1000",
+    )
     assert_one_line_error(bad_avg, "--chunk-size", "power of two", code=2)
     bad_kind = casd(env, "upload", str(src), "--server", daemon.url, "--chunking", "rabin")
     assert bad_kind.returncode == 2 and "invalid choice" in bad_kind.stderr
     no_kind = casd(env, "download", "0" * 32, "--server", daemon.url, "--chunk-size", "1MiB")
     assert_one_line_error(no_kind, "--chunk-size needs --chunking", code=2)
-    no_file = casd(env, "download", "0" * 32, "--server", daemon.url,
-                   "--reuse", str(tmp_path / "nope"))
+    no_file = casd(
+        env, "download", "0" * 32, "--server", daemon.url, "--reuse", str(tmp_path / "nope")
+    )
     assert_one_line_error(no_file, "--reuse", "nope", code=2)
 
 
@@ -190,8 +238,9 @@ def test_download_refusal_and_bad_arguments_are_one_line(daemon, env, tmp_path):
     assert_one_line_error(bad_server, "not a server URL", code=2)
 
 
-async def test_interrupted_download_is_one_line_and_the_rerun_resumes(env, tmp_path,
-                                                                     aiohttp_server, rng):
+async def test_interrupted_download_is_one_line_and_the_rerun_resumes(
+    env, tmp_path, aiohttp_server, rng
+):
     data = rng.bytes(3 * MiB, 1)
     md5 = hashlib.md5(data).hexdigest()
     cut_at = MiB + 5
@@ -224,8 +273,14 @@ async def test_interrupted_download_is_one_line_and_the_rerun_resumes(env, tmp_p
 
     async def run(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "casd", *args, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "casd",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode, out.decode(), err.decode()
 
@@ -251,9 +306,22 @@ def test_progress_bars_on_a_terminal(daemon, env, tmp_path, rng):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "casd", "upload", str(src), "--server", daemon.url,
-             "--chunk-size", "1MiB"],
-            env=env, stdout=subprocess.PIPE, stderr=slave, text=True)
+            [
+                sys.executable,
+                "-m",
+                "casd",
+                "upload",
+                str(src),
+                "--server",
+                daemon.url,
+                "--chunk-size",
+                "1MiB",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+        )
         os.close(slave)
         seen = b""
         deadline = time.monotonic() + 60
@@ -283,9 +351,21 @@ def test_ctrl_c_mid_hashing_exits_130_quickly_with_one_line(env, tmp_path, unuse
     with open(src, "wb") as f:
         f.truncate(16 << 30)  # sparse: costs no disk, takes ~25 s to hash here
     proc = subprocess.Popen(
-        [sys.executable, "-m", "casd", "upload", str(src), "--no-cache",
-         "--server", f"http://127.0.0.1:{unused_tcp_port}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "upload",
+            str(src),
+            "--no-cache",
+            "--server",
+            f"http://127.0.0.1:{unused_tcp_port}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # Interrupt once hashing is under way: the process has read 64 MiB of the file.
         deadline = time.monotonic() + 30

@@ -43,7 +43,6 @@ def cache_home(tmp_path, monkeypatch) -> Path:
     return home / "casd"
 
 
-
 def settle(path: Path) -> None:
     """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
     st = path.stat()
@@ -85,7 +84,7 @@ def test_hash_file_matches_hashlib(tmp_path, algo, size, chunk_size, rng):
     fd = hash_file(tmp_path / "f", chunk_size=chunk_size, algo=algo)
     assert fd.digest == hashlib.new(algo, data).hexdigest()
     assert fd.size == size
-    pieces = [(off, data[off:off + chunk_size]) for off in range(0, size, chunk_size)]
+    pieces = [(off, data[off : off + chunk_size]) for off in range(0, size, chunk_size)]
     expected = [(off, len(p), hashlib.new(algo, p).hexdigest()) for off, p in pieces]
     assert [(c.offset, c.size, c.digest) for c in fd.chunks] == expected
 
@@ -124,8 +123,9 @@ def test_hashing_stops_when_asked(tmp_path):
         stop.set()  # as a cancelled upload does after Ctrl-C
 
     with pytest.raises(asyncio.CancelledError):
-        file_digests(path, chunk_size=CHUNK, algo=Algo.MD5, cache=None, on_bytes=on_bytes,
-                     stop=stop)
+        file_digests(
+            path, chunk_size=CHUNK, algo=Algo.MD5, cache=None, on_bytes=on_bytes, stop=stop
+        )
     assert seen == [4 * MiB], "hashing went on after it was told to stop"
 
 
@@ -311,18 +311,21 @@ async def test_reupload_of_an_unchanged_file_uses_the_digest_cache(daemon, tmp_p
     assert [p.bytes_done for p in hashed if p.phase == "hashing"] == [12 * MiB]
 
 
-async def test_stale_cache_entry_is_caught_by_the_server_and_the_file_rehashed(daemon, tmp_path,
-                                                                               cache_home, rng):
+async def test_stale_cache_entry_is_caught_by_the_server_and_the_file_rehashed(
+    daemon, tmp_path, cache_home, rng
+):
     src = tmp_path / "f.bin"
     data = rng.write(src, 2 * MiB + 1, 1)
     settle(src)
     file_digests(src, chunk_size=MiB, algo=Algo.MD5, cache=DigestCache(cache_home))
     # Make the entry lie, as if the file had been rewritten without its stat changing.
     other = rng.bytes(len(data), 2)
-    lie = b"".join(hashlib.md5(other[i:i + MiB]).digest() for i in range(0, len(other), MiB))
+    lie = b"".join(hashlib.md5(other[i : i + MiB]).digest() for i in range(0, len(other), MiB))
     with sqlite3.connect(cache_home / "digests.sqlite") as conn:
-        conn.execute("UPDATE chunk_digests SET file_digest = ?, chunk_digests = ?",
-                     (hashlib.md5(other).hexdigest(), lie))
+        conn.execute(
+            "UPDATE chunk_digests SET file_digest = ?, chunk_digests = ?",
+            (hashlib.md5(other).hexdigest(), lie),
+        )
     async with CasdClient(daemon.url) as client:
         s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
     assert s.digest == hashlib.md5(data).hexdigest() and not s.cached
@@ -336,7 +339,7 @@ async def test_one_changed_region_sends_exactly_one_chunk(daemon, tmp_path, rng)
     data = bytearray(rng.write(src, 4 * CHUNK, 7))
     async with CasdClient(daemon.url) as client:
         await client.upload(src)
-        data[CHUNK:2 * CHUNK] = rng.bytes(CHUNK, 8)
+        data[CHUNK : 2 * CHUNK] = rng.bytes(CHUNK, 8)
         src.write_bytes(data)
         s = await roundtrip(client, src, tmp_path / "out")
     assert (s.chunks_sent, s.bytes_sent) == (1, CHUNK)
@@ -367,15 +370,17 @@ async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, t
 
     async with fast_client(daemon.url, retries=2) as client:
         with pytest.raises(CasdConnectionError):
-            await client.upload(src, chunk_size=MiB, concurrency=concurrency,
-                                on_progress=kill_after_some)
+            await client.upload(
+                src, chunk_size=MiB, concurrency=concurrency, on_progress=kill_after_some
+            )
     # A response already read when the daemon died is still acknowledged afterwards.
     assert killed_after <= max(acked) <= killed_after + concurrency - 1
 
     daemon.start()
     async with CasdClient(daemon.url) as client:
-        rerun = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB,
-                                concurrency=concurrency)
+        rerun = await roundtrip(
+            client, src, tmp_path / "out", chunk_size=MiB, concurrency=concurrency
+        )
     # Every acknowledged chunk survived; requests in flight at the kill may or may not have.
     assert rerun.chunks_sent <= total - max(acked)
     assert rerun.chunks_sent >= total - killed_after - (concurrency - 1)
@@ -410,8 +415,9 @@ async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemo
 
     async with CasdClient(daemon.url) as client:
         with pytest.raises(FileChangedError) as info:
-            await client.upload(src, chunk_size=MiB, concurrency=1,
-                                on_progress=scribble_when_hashed)
+            await client.upload(
+                src, chunk_size=MiB, concurrency=1, on_progress=scribble_when_hashed
+            )
         assert info.value.code == "digest_mismatch"
         assert "changed after it was hashed" in str(info.value)
         s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
@@ -467,21 +473,27 @@ class FaultProxy:
             faults = self.handshake_faults
         manifest = request.method in ("GET", "HEAD") and request.path.endswith("/chunks")
         if manifest and self.no_manifest:
-            return web.json_response({"error": "not_found", "message": "no such route"},
-                                     status=404)
+            return web.json_response({"error": "not_found", "message": "no such route"}, status=404)
         if faults:
             fault = faults.pop(0)
             status, headers = fault if isinstance(fault, tuple) else (fault, {})
             return web.json_response(
-                {"error": "injected", "message": f"injected {status}"}, status=status,
-                headers=headers)
-        headers = {k: v for k in ("Authorization", "Range", "Content-Type")
-                   if (v := request.headers.get(k)) is not None}
-        async with self.session.request(request.method, self.upstream + request.path_qs,
-                                        headers=headers, data=body or None) as up:
+                {"error": "injected", "message": f"injected {status}"},
+                status=status,
+                headers=headers,
+            )
+        headers = {
+            k: v
+            for k in ("Authorization", "Range", "Content-Type")
+            if (v := request.headers.get(k)) is not None
+        }
+        async with self.session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=body or None
+        ) as up:
             resp = web.StreamResponse(
                 status=up.status,
-                headers={k: v for k in self.HOP if (v := up.headers.get(k)) is not None})
+                headers={k: v for k in self.HOP if (v := up.headers.get(k)) is not None},
+            )
             cut = None
             if request.method == "GET" and not manifest:
                 cut, self.cut_next_get_after = self.cut_next_get_after, None
@@ -489,7 +501,7 @@ class FaultProxy:
             sent = 0
             async for data in up.content.iter_chunked(64 * 1024):
                 if cut is not None and sent + len(data) >= cut:
-                    await resp.write(data[:cut - sent])
+                    await resp.write(data[: cut - sent])
                     request.transport.close()  # flushes what was written, then hangs up
                     return resp
                 await resp.write(data)
@@ -542,8 +554,11 @@ async def test_retry_after_is_honoured_up_to_max_backoff(proxy, tmp_path, rng):
     # Jitter alone would retry within milliseconds; the server asked for a second.
     async with fast_client(proxy.url, backoff=0.001, max_backoff=5) as client:
         await client.upload(src)
-    puts = [t for (m, p, _), t in zip(proxy.seen, proxy.times, strict=True)
-            if m == "PUT" and "/chunks/" in p]
+    puts = [
+        t
+        for (m, p, _), t in zip(proxy.seen, proxy.times, strict=True)
+        if m == "PUT" and "/chunks/" in p
+    ]
     assert len(puts) == 2 and puts[1] - puts[0] >= 0.9
 
     other = tmp_path / "g.bin"
@@ -633,8 +648,9 @@ async def test_download_resumes_after_a_cut_connection(proxy, daemon, tmp_path, 
     assert list(tmp_path.glob(".*casd-part")) == []
 
 
-async def test_interrupted_download_leaves_a_part_file_the_next_run_resumes(proxy, daemon,
-                                                                            tmp_path, rng):
+async def test_interrupted_download_leaves_a_part_file_the_next_run_resumes(
+    proxy, daemon, tmp_path, rng
+):
     src = tmp_path / "f.bin"
     data = rng.write(src, 5 * MiB, 5)
     async with CasdClient(daemon.url) as client:

@@ -43,8 +43,9 @@ def settle(path) -> None:
 
 @pytest.mark.parametrize("algo", ["md5", "sha256"])
 @pytest.mark.parametrize("size", [0, 1, 4 * KiB - 1, 300 * KiB + 17, 3 * MiB + 5])
-def test_fastcdc_hash_file_cuts_where_chunking_cuts_and_hashes_each_chunk(tmp_path, rng,
-                                                                          algo, size):
+def test_fastcdc_hash_file_cuts_where_chunking_cuts_and_hashes_each_chunk(
+    tmp_path, rng, algo, size
+):
     path = tmp_path / "f"
     data = rng.write(path, size)
     rule = Chunking.fastcdc(16 * KiB)
@@ -52,7 +53,8 @@ def test_fastcdc_hash_file_cuts_where_chunking_cuts_and_hashes_each_chunk(tmp_pa
     expected = list(chunk_spans(path, rule))
     assert [(c.offset, c.size) for c in fd.chunks] == expected
     assert [c.digest for c in fd.chunks] == [
-        hashlib.new(algo, data[o:o + n]).hexdigest() for o, n in expected]
+        hashlib.new(algo, data[o : o + n]).hexdigest() for o, n in expected
+    ]
     assert fd.digest == hashlib.new(algo, data).hexdigest()
     assert fd.size == size and fd.chunking == rule and fd.chunk_size == 16 * KiB
     if size > 100 * KiB:
@@ -91,16 +93,13 @@ def test_digest_cache_keeps_fixed_and_fastcdc_and_averages_apart(tmp_path, rng, 
     assert [c.size for c in cdc.chunks] != [c.size for c in fixed.chunks]
     again, hit = file_digests(path, chunking=Chunking.fastcdc(MiB), algo=Algo.MD5, cache=cache)
     assert hit and again.chunks == cdc.chunks and again.chunking == Chunking.fastcdc(MiB)
-    _, hit = file_digests(path, chunking=Chunking.fastcdc(512 * KiB), algo=Algo.MD5,
-                          cache=cache)
+    _, hit = file_digests(path, chunking=Chunking.fastcdc(512 * KiB), algo=Algo.MD5, cache=cache)
     assert not hit
-    fixed_again, hit = file_digests(path, chunking=Chunking.fixed(MiB), algo=Algo.MD5,
-                                    cache=cache)
+    fixed_again, hit = file_digests(path, chunking=Chunking.fixed(MiB), algo=Algo.MD5, cache=cache)
     assert hit and fixed_again.chunks == fixed.chunks
 
 
-async def test_insertion_at_the_front_resends_at_most_3_chunks_with_fastcdc(daemon, tmp_path,
-                                                                            rng):
+async def test_insertion_at_the_front_resends_at_most_3_chunks_with_fastcdc(daemon, tmp_path, rng):
     """Bench B3 at small scale: 1 KiB inserted at the front of an 8 MiB file."""
     old = tmp_path / "old.bin"
     data = rng.write(old, 8 * MiB, 1)

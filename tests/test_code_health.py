@@ -36,12 +36,23 @@ CASD = Path(__file__).resolve().parent.parent / "casd"
 # ---- layering ---------------------------------------------------------------------------
 
 LEAVES = {
-    "casd.chunking", "casd.config", "casd.digest", "casd.errors", "casd.models", "casd.protocol",
+    "casd.chunking",
+    "casd.config",
+    "casd.digest",
+    "casd.errors",
+    "casd.models",
+    "casd.protocol",
 }
 # The modules that may use aiohttp's server side: web.py and its plumbing, and `casd serve`.
 SERVER_SIDE = {
-    "casd.web", "casd.web_guard", "casd.server", "casd.observe", "casd.metrics",
-    "casd.hooks", "casd.openapi", "casd.cli_serve",
+    "casd.web",
+    "casd.web_guard",
+    "casd.server",
+    "casd.observe",
+    "casd.metrics",
+    "casd.hooks",
+    "casd.openapi",
+    "casd.cli_serve",
 }
 
 
@@ -98,8 +109,9 @@ def test_leaves_import_no_aiohttp(leaf):
     assert not {m for m in _imports(MODULES[leaf]) if _within(m, "aiohttp")}
 
 
-@pytest.mark.parametrize("engine, other", [("casd.catalog", "casd.blobstore"),
-                                           ("casd.blobstore", "casd.catalog")])
+@pytest.mark.parametrize(
+    "engine, other", [("casd.catalog", "casd.blobstore"), ("casd.blobstore", "casd.catalog")]
+)
 def test_storage_engines_import_only_leaves_and_never_each_other(engine, other):
     for name, path in MODULES.items():
         if _within(name, engine):
@@ -119,7 +131,8 @@ def test_aiohttp_server_side_only_in_web_and_its_plumbing():
         if name in SERVER_SIDE:
             continue
         server = {
-            m for m in _imports(path)
+            m
+            for m in _imports(path)
             if _within(m, "aiohttp.web") or m.startswith(("aiohttp.web_", "aiohttp.http_parser"))
         }
         assert not server, f"{name} imports aiohttp's server side: {server}"
@@ -127,8 +140,11 @@ def test_aiohttp_server_side_only_in_web_and_its_plumbing():
 
 def test_service_and_maintenance_never_import_web_or_cli():
     for name in ("casd.service", "casd.maintenance", "casd.gc", "casd.fsck"):
-        wrong = {m for m in _ours(MODULES[name])
-                 if m.startswith(("casd.web", "casd.cli", "casd.server", "casd.client"))}
+        wrong = {
+            m
+            for m in _ours(MODULES[name])
+            if m.startswith(("casd.web", "casd.cli", "casd.server", "casd.client"))
+        }
         assert not wrong, f"{name} imports {wrong}"
 
 
@@ -174,24 +190,27 @@ async def test_a_subclass_of_a_domain_error_gets_its_parents_answer(aiohttp_clie
 # ---- Settings are checked when built -----------------------------------------------------
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"port": 65536}, "port"),
-    ({"port": -1}, "port"),
-    ({"host": ""}, "host"),
-    ({"max_chunk_size": 0}, "max_chunk_size"),
-    ({"io_workers": 0}, "io_workers"),
-    ({"max_chunks": 2.5}, "max_chunks"),
-    ({"read_connections": True}, "read_connections"),
-    ({"max_pending_chunks": 10}, "max_pending_chunks_per_client cannot exceed"),
-    ({"reserve_bytes": -1}, "reserve_bytes"),
-    ({"upload_ttl": 0}, "upload_ttl"),
-    ({"hook_timeout": math.inf}, "hook_timeout"),
-    ({"body_timeout": -1.0}, "body_timeout"),
-    ({"header_timeout": math.nan}, "header_timeout"),
-    ({"sqlite_synchronous": "SOMETIMES"}, "sqlite_synchronous"),
-    ({"algos": ()}, "algos"),
-    ({"algos": ("md5", "crc32")}, "algos"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"port": 65536}, "port"),
+        ({"port": -1}, "port"),
+        ({"host": ""}, "host"),
+        ({"max_chunk_size": 0}, "max_chunk_size"),
+        ({"io_workers": 0}, "io_workers"),
+        ({"max_chunks": 2.5}, "max_chunks"),
+        ({"read_connections": True}, "read_connections"),
+        ({"max_pending_chunks": 10}, "max_pending_chunks_per_client cannot exceed"),
+        ({"reserve_bytes": -1}, "reserve_bytes"),
+        ({"upload_ttl": 0}, "upload_ttl"),
+        ({"hook_timeout": math.inf}, "hook_timeout"),
+        ({"body_timeout": -1.0}, "body_timeout"),
+        ({"header_timeout": math.nan}, "header_timeout"),
+        ({"sqlite_synchronous": "SOMETIMES"}, "sqlite_synchronous"),
+        ({"algos": ()}, "algos"),
+        ({"algos": ("md5", "crc32")}, "algos"),
+    ],
+)
 def test_settings_refuse_values_out_of_range(changes, words):
     with pytest.raises(ValueError, match=words):
         Settings(**changes)
@@ -199,23 +218,35 @@ def test_settings_refuse_values_out_of_range(changes, words):
 
 def test_settings_take_the_edges_of_their_ranges(tmp_path):
     s = Settings(
-        data_dir=tmp_path, port=0, reserve_bytes=0, header_timeout=0, body_timeout=0,
-        keepalive_timeout=0, shutdown_timeout=0, max_pending_chunks=5,
-        max_pending_chunks_per_client=5, algos=("sha256",),
+        data_dir=tmp_path,
+        port=0,
+        reserve_bytes=0,
+        header_timeout=0,
+        body_timeout=0,
+        keepalive_timeout=0,
+        shutdown_timeout=0,
+        max_pending_chunks=5,
+        max_pending_chunks_per_client=5,
+        algos=("sha256",),
     )
     assert s.max_pending_chunks_per_client == s.max_pending_chunks == 5
     with pytest.raises(ValueError, match="max_pending_chunks_per_client"):
         dataclasses.replace(s, max_pending_chunks_per_client=6)
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--max-pending-chunks", "10"],
-     "--max-pending-chunks-per-client cannot exceed --max-pending-chunks"),
-    (["--io-workers", "0"], "--io-workers must be"),
-    (["--max-handshake-size", "0"], "--max-handshake-size must be"),
-    (["--port", "70000"], "--port"),
-    (["--upload-ttl", "0"], "--upload-ttl must be"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (
+            ["--max-pending-chunks", "10"],
+            "--max-pending-chunks-per-client cannot exceed --max-pending-chunks",
+        ),
+        (["--io-workers", "0"], "--io-workers must be"),
+        (["--max-handshake-size", "0"], "--max-handshake-size must be"),
+        (["--port", "70000"], "--port"),
+        (["--upload-ttl", "0"], "--upload-ttl must be"),
+    ],
+)
 def test_serve_names_the_flag_of_a_bad_setting(tmp_path, capsys, argv, words):
     code = main(["serve", "--check-config", "--data", str(tmp_path / "d"), *argv])
     assert code == 2
@@ -225,8 +256,22 @@ def test_serve_names_the_flag_of_a_bad_setting(tmp_path, capsys, argv, words):
 
 def test_a_bad_setting_is_one_line_from_the_real_command(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "casd", "serve", "--data", str(tmp_path / "d"), "--port", "0",
-         "--max-pending-chunks", "10"], capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "serve",
+            "--data",
+            str(tmp_path / "d"),
+            "--port",
+            "0",
+            "--max-pending-chunks",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2, proc
     assert proc.stderr.strip().splitlines() == [
@@ -274,7 +319,12 @@ async def test_state_enums_are_what_the_catalogue_stores(aiohttp_client, setting
 
 def test_fsck_kinds_keep_their_json_names():
     assert {k.value for k in FsckKind} == {
-        "missing_blob", "wrong_size", "corrupt", "orphan_file", "orphan_row", "temp_file",
+        "missing_blob",
+        "wrong_size",
+        "corrupt",
+        "orphan_file",
+        "orphan_row",
+        "temp_file",
     }
     assert str(FsckKind.CORRUPT) == f"{FsckKind.CORRUPT}" == "corrupt"
 

@@ -81,8 +81,9 @@ async def test_resume_after_kill_9_mid_upload(daemon):
     async with aiohttp.ClientSession() as s:
         hs = await handshake(s, daemon.url, p.handshake)
         for d in p.order[:5]:
-            async with s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}",
-                             data=p.chunks[d]) as r:
+            async with s.put(
+                f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d]
+            ) as r:
                 assert r.status == 201
     daemon.restart()  # kill -9, then start on the same port
     async with aiohttp.ClientSession() as s:
@@ -107,8 +108,9 @@ async def test_acknowledged_chunks_survive_kill_9_under_load(daemon):
             while queue and not enough.is_set():
                 d = queue.pop()
                 try:
-                    async with s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}",
-                                     data=p.chunks[d]) as r:
+                    async with s.put(
+                        f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d]
+                    ) as r:
                         if r.status == 201:
                             acked.append(d)
                             if len(acked) >= 12:
@@ -140,10 +142,12 @@ async def test_concurrent_uploads_of_same_and_overlapping_files(daemon):
             hs = await handshake(s, daemon.url, p.handshake)
             if hs["status"] == "complete":
                 return hs
-            await asyncio.gather(*(
-                s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d])
-                for d in hs["missing"]
-            ))
+            await asyncio.gather(
+                *(
+                    s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d])
+                    for d in hs["missing"]
+                )
+            )
             # Another client may still be sending a shared chunk: resume until merged.
             for _ in range(50):
                 async with s.post(f"{daemon.url}/v1/uploads/{hs['upload_id']}/merge") as r:
@@ -152,8 +156,9 @@ async def test_concurrent_uploads_of_same_and_overlapping_files(daemon):
                         return body
                     assert r.status == 409 and body["error"] == "incomplete"
                 for d in body["missing"]:
-                    async with s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}",
-                                     data=p.chunks[d]) as r2:
+                    async with s.put(
+                        f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d]
+                    ) as r2:
                         assert r2.status in (200, 201)
             raise AssertionError("never merged")
 
@@ -175,7 +180,8 @@ async def test_sigterm_mid_chunk_exits_cleanly_and_keeps_no_half_blob(daemon_fac
     d = p.order[0]
     writer.write(
         f"PUT /v1/uploads/{hs['upload_id']}/chunks/{d} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Content-Length: {4 * MiB}\r\n\r\n".encode() + p.chunks[d][:MiB]
+        f"Content-Length: {4 * MiB}\r\n\r\n".encode()
+        + p.chunks[d][:MiB]
     )
     await writer.drain()
     for _ in range(500):
@@ -193,12 +199,18 @@ async def test_sigterm_mid_chunk_exits_cleanly_and_keeps_no_half_blob(daemon_fac
 
 def test_serve_reads_its_settings_from_the_environment(tmp_path):
     data = tmp_path / "from-env"
-    env = dict(os.environ, CASD_DATA=str(data), CASD_HOST="127.0.0.1", CASD_PORT="0",
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, CASD_DATA=str(data), CASD_HOST="127.0.0.1", CASD_PORT="0", PYTHONUNBUFFERED="1"
+    )
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "casd", "serve"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "casd", "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )
     try:
         deadline = time.monotonic() + 30
         while "serving http://127.0.0.1:" not in log.read_text():
@@ -213,8 +225,12 @@ def test_serve_reads_its_settings_from_the_environment(tmp_path):
 
 
 def test_bad_flags_fail_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "casd", "serve", "--port", "70000",
-                        "--data", str(tmp_path / "d")], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "casd", "serve", "--port", "70000", "--data", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "--port 70000" in r.stderr

@@ -82,19 +82,26 @@ class Proxy:
         self.seen.append((request.method, request.path, rng))
         if self.no_manifest and request.path.endswith("/chunks"):
             return web.json_response({"error": "not_found", "message": "no route"}, status=404)
-        headers = {k: v for k in ("Authorization", "Range", "Content-Type")
-                   if (v := request.headers.get(k)) is not None}
+        headers = {
+            k: v
+            for k in ("Authorization", "Range", "Content-Type")
+            if (v := request.headers.get(k)) is not None
+        }
         body = await request.read()
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            async with self.session.request(request.method, self.upstream + request.path_qs,
-                                            headers=headers, data=body or None) as up:
+            async with self.session.request(
+                request.method, self.upstream + request.path_qs, headers=headers, data=body or None
+            ) as up:
                 data = bytearray(await up.read())
                 # Hold the answer a moment so concurrent requests overlap visibly.
                 await asyncio.sleep(0.01 if rng else 0)
-                out = {k: v for k in ("Content-Type", "Content-Range", "ETag")
-                       if (v := up.headers.get(k)) is not None}
+                out = {
+                    k: v
+                    for k in ("Content-Type", "Content-Range", "ETag")
+                    if (v := up.headers.get(k)) is not None
+                }
                 if rng and up.status == 206:
                     if self.flip:
                         self.flip -= 1
@@ -102,10 +109,11 @@ class Proxy:
                     if self.cut_range_after is not None:
                         if self.cut_range_after == 0:
                             self.cut_range_after = None
-                            resp = web.StreamResponse(status=206, headers={
-                                **out, "Content-Length": str(len(data))})
+                            resp = web.StreamResponse(
+                                status=206, headers={**out, "Content-Length": str(len(data))}
+                            )
                             await resp.prepare(request)
-                            await resp.write(bytes(data[:len(data) // 2]))
+                            await resp.write(bytes(data[: len(data) // 2]))
                             request.transport.close()
                             return resp
                         self.cut_range_after -= 1
@@ -129,34 +137,41 @@ def fast(url: str, **kw) -> CasdClient:
 def edit(data: bytes, rng, insert: bool) -> bytes:
     """An overwrite of 64 KiB in the middle, and an insertion near the front if asked."""
     mid = len(data) // 2
-    data = data[:mid] + rng.bytes(64 * KiB, "over") + data[mid + 64 * KiB:]
+    data = data[:mid] + rng.bytes(64 * KiB, "over") + data[mid + 64 * KiB :]
     return data[:1000] + rng.bytes(KiB, "ins") + data[1000:] if insert else data
 
 
-async def test_plain_download_fetches_every_chunk_by_range_in_parallel(proxy, daemon,
-                                                                       tmp_path, rng):
+async def test_plain_download_fetches_every_chunk_by_range_in_parallel(
+    proxy, daemon, tmp_path, rng
+):
     src = tmp_path / "f.bin"
     data = rng.write(src, 6 * MiB + 5)
     async with CasdClient(daemon.url) as client:
         s = await client.upload(src, chunking="fixed", chunk_size=MiB)
     seen = []
     async with CasdClient(proxy.url) as client:
-        got = await client.download(s.digest, tmp_path / "out.bin", concurrency=3,
-                                    on_progress=seen.append)
+        got = await client.download(
+            s.digest, tmp_path / "out.bin", concurrency=3, on_progress=seen.append
+        )
     assert (tmp_path / "out.bin").read_bytes() == data
     assert got.chunked and (got.chunks_total, got.chunks_fetched, got.chunks_reused) == (7, 7, 0)
     assert got.bytes_fetched == got.bytes_received == len(data)
     assert sorted(proxy.ranges()) == sorted(
-        f"bytes={o}-{min(o + MiB, len(data)) - 1}" for o in range(0, len(data), MiB))
+        f"bytes={o}-{min(o + MiB, len(data)) - 1}" for o in range(0, len(data), MiB)
+    )
     assert 2 <= proxy.most_in_flight <= 3
     assert seen[-1].phase == Phase.DONE and seen[-2].bytes_done == len(data)
     assert list(tmp_path.glob(".*casd-part")) == []
 
 
-@pytest.mark.parametrize("rule", [Chunking.fastcdc(64 * KiB), Chunking.fixed(256 * KiB)],
-                         ids=["fastcdc-insert-and-overwrite", "fixed-overwrite"])
-async def test_reuse_of_an_older_version_fetches_only_changed_chunks(proxy, daemon, tmp_path,
-                                                                     rng, rule):
+@pytest.mark.parametrize(
+    "rule",
+    [Chunking.fastcdc(64 * KiB), Chunking.fixed(256 * KiB)],
+    ids=["fastcdc-insert-and-overwrite", "fixed-overwrite"],
+)
+async def test_reuse_of_an_older_version_fetches_only_changed_chunks(
+    proxy, daemon, tmp_path, rng, rule
+):
     old = tmp_path / "old.bin"
     old_data = rng.write(old, 4 * MiB, 1)
     new = tmp_path / "new.bin"
@@ -191,8 +206,9 @@ async def test_chunk_corrupted_on_the_way_is_fetched_again(proxy, daemon, tmp_pa
     assert proxy.flip == 0 and len(proxy.ranges()) == 4 and got.chunks_fetched == 3
 
 
-async def test_chunk_always_corrupted_is_refused_and_nothing_published(proxy, daemon, tmp_path,
-                                                                       rng):
+async def test_chunk_always_corrupted_is_refused_and_nothing_published(
+    proxy, daemon, tmp_path, rng
+):
     src = tmp_path / "f.bin"
     rng.write(src, 2 * MiB)
     async with CasdClient(daemon.url) as client:
@@ -207,7 +223,8 @@ async def test_chunk_always_corrupted_is_refused_and_nothing_published(proxy, da
 
 
 async def test_reuse_chunks_are_verified_even_when_the_digest_cache_vouches_for_them(
-        proxy, daemon, tmp_path, rng, cache_home):
+    proxy, daemon, tmp_path, rng, cache_home
+):
     old = tmp_path / "old.bin"
     old_data = rng.write(old, 2 * MiB, 1)
     async with CasdClient(daemon.url) as client:
@@ -218,8 +235,10 @@ async def test_reuse_chunks_are_verified_even_when_the_digest_cache_vouches_for_
     settle(old)
     rule = Chunking.fixed(512 * KiB)
     file_digests(old, chunking=rule, algo=Algo.MD5, cache=DigestCache(cache_home))
-    lie = b"".join(hashlib.md5(old_data[i:i + 512 * KiB]).digest()
-                   for i in range(0, len(old_data), 512 * KiB))
+    lie = b"".join(
+        hashlib.md5(old_data[i : i + 512 * KiB]).digest()
+        for i in range(0, len(old_data), 512 * KiB)
+    )
     with sqlite3.connect(cache_home / "digests.sqlite") as conn:
         assert conn.execute("UPDATE chunk_digests SET chunk_digests = ?", (lie,)).rowcount == 1
     out = tmp_path / "out.bin"
@@ -229,8 +248,7 @@ async def test_reuse_chunks_are_verified_even_when_the_digest_cache_vouches_for_
     assert (got.chunks_reused, got.chunks_fetched) == (0, 4)
 
 
-async def test_interrupted_chunked_download_resumes_with_what_it_had(proxy, daemon, tmp_path,
-                                                                     rng):
+async def test_interrupted_chunked_download_resumes_with_what_it_had(proxy, daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
     data = rng.write(src, 4 * MiB)
     async with CasdClient(daemon.url) as client:
@@ -273,10 +291,12 @@ async def test_chunking_given_for_reuse_is_the_rule_used(proxy, daemon, tmp_path
     async with CasdClient(daemon.url) as client:
         s = await client.upload(new, chunking="fastcdc", chunk_size=32 * KiB)
     async with CasdClient(proxy.url) as client:
-        wrong = await client.download(s.digest, tmp_path / "a.bin", reuse=[old],
-                                      chunking=Chunking.fixed(32 * KiB))
-        right = await client.download(s.digest, tmp_path / "b.bin", reuse=[old],
-                                      chunking=Chunking.fastcdc(32 * KiB))
+        wrong = await client.download(
+            s.digest, tmp_path / "a.bin", reuse=[old], chunking=Chunking.fixed(32 * KiB)
+        )
+        right = await client.download(
+            s.digest, tmp_path / "b.bin", reuse=[old], chunking=Chunking.fastcdc(32 * KiB)
+        )
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == new_data
     assert wrong.chunks_fetched > right.chunks_fetched
     assert right.chunks_fetched <= 3 and right.chunks_reused > 20

@@ -21,7 +21,10 @@ WAIT = 60
 
 def admin(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "casd", *args], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "casd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=False,
     )
 
@@ -46,8 +49,9 @@ async def test_round_trip_dedup_resume_and_admin_commands(daemon_factory, postgr
         assert len(hs["missing"]) == 4
         # Resume: one chunk now, the daemon killed, the rest after a restart.
         first = hs["missing"][0]
-        async with s.put(f"{d.url}/v1/uploads/{hs['upload_id']}/chunks/{first}",
-                         data=b.chunks[first]) as r:
+        async with s.put(
+            f"{d.url}/v1/uploads/{hs['upload_id']}/chunks/{first}", data=b.chunks[first]
+        ) as r:
             assert r.status == 201
     d.restart()
     async with aiohttp.ClientSession() as s:
@@ -92,8 +96,9 @@ async def test_two_daemons_one_catalogue_serve_the_same_files(daemon_factory, po
             hs = await r.json()
         for i, digest in enumerate(hs["missing"]):
             base = (one, two)[i % 2].url
-            async with s.put(f"{base}/v1/uploads/{hs['upload_id']}/chunks/{digest}",
-                             data=p.chunks[digest]) as r:
+            async with s.put(
+                f"{base}/v1/uploads/{hs['upload_id']}/chunks/{digest}", data=p.chunks[digest]
+            ) as r:
                 assert r.status == 201, await r.text()
         async with s.get(f"{two.url}/v1/uploads/{hs['upload_id']}") as r:
             assert (await r.json())["missing"] == []
@@ -174,8 +179,20 @@ def test_the_catalogue_url_comes_from_flag_env_or_config_and_is_never_shown(tmp_
 
     def check(*args: str, env: dict | None = None) -> str:
         r = subprocess.run(
-            [sys.executable, "-m", "casd", "serve", "--config", str(config), "--check-config",
-             *args], capture_output=True, text=True, timeout=60, check=False,
+            [
+                sys.executable,
+                "-m",
+                "casd",
+                "serve",
+                "--config",
+                str(config),
+                "--check-config",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
             env={**os.environ, **(env or {})},
         )
         assert r.returncode == 0, r.stderr
@@ -187,14 +204,26 @@ def test_the_catalogue_url_comes_from_flag_env_or_config_and_is_never_shown(tmp_
     assert check(env={"CASD_CATALOG": "postgresql://e:env-pw@h:6/fromenv"}) == (
         "catalog = postgresql://e:***@h:6/fromenv"
     )
-    assert check("--catalog", "postgresql://f:flag-pw@h:7/fromflag",
-                 env={"CASD_CATALOG": "postgresql://e:env-pw@h:6/fromenv"}) == (
-        "catalog = postgresql://f:***@h:7/fromflag"
-    )
+    assert check(
+        "--catalog",
+        "postgresql://f:flag-pw@h:7/fromflag",
+        env={"CASD_CATALOG": "postgresql://e:env-pw@h:6/fromenv"},
+    ) == ("catalog = postgresql://f:***@h:7/fromflag")
     bad = subprocess.run(
-        [sys.executable, "-m", "casd", "stats", "--data", str(tmp_path),
-         "--catalog", "mysql://u:bad-pw@h/db"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "stats",
+            "--data",
+            str(tmp_path),
+            "--catalog",
+            "mysql://u:bad-pw@h/db",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert bad.returncode == 2 and "not a postgresql://" in bad.stderr
     assert "bad-pw" not in bad.stderr

@@ -19,8 +19,13 @@ KiB = 1024
 CHUNK = 64 * KiB
 
 
-def request(method: str, url: str, data: bytes | None = None, headers: dict | None = None,
-            timeout: float = 60) -> tuple[int, dict, bytes]:
+def request(
+    method: str,
+    url: str,
+    data: bytes | None = None,
+    headers: dict | None = None,
+    timeout: float = 60,
+) -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None and method == "POST":
         req.add_header("Content-Type", "application/json")
@@ -40,8 +45,9 @@ def handshake(base: str, p: Prepared) -> dict:
 
 
 def put(base: str, uid: str, p: Prepared, d: str) -> tuple[int, bytes]:
-    status, _, body = request("PUT", f"{base}/v1/uploads/{uid}/chunks/{d}", p.chunks[d],
-                              {"Prefer": "return=minimal"})
+    status, _, body = request(
+        "PUT", f"{base}/v1/uploads/{uid}/chunks/{d}", p.chunks[d], {"Prefer": "return=minimal"}
+    )
     return status, body
 
 
@@ -66,7 +72,10 @@ def s3_args(s3_server, bucket: str, endpoint: str | None = None) -> tuple[str, .
 def casd(data: Path, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "casd", *argv, "--data", str(data)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -94,8 +103,10 @@ def test_round_trip_range_head_etag_and_dedup(s3_server, s3_bucket, daemon_facto
     url = f"{daemon.url}/v1/files/{p.digest}"
     status, headers, body = request("GET", url)
     assert status == 200 and body == data and headers["ETag"] == f'"{p.digest}"'
-    status, headers, body = request("GET", url, headers={"Range": f"bytes={CHUNK - 5}-{3 * CHUNK + 9}"})
-    assert status == 206 and body == data[CHUNK - 5:3 * CHUNK + 10]
+    status, headers, body = request(
+        "GET", url, headers={"Range": f"bytes={CHUNK - 5}-{3 * CHUNK + 9}"}
+    )
+    assert status == 206 and body == data[CHUNK - 5 : 3 * CHUNK + 10]
     assert headers["Content-Range"] == f"bytes {CHUNK - 5}-{3 * CHUNK + 9}/{len(data)}"
     status, _, body = request("GET", url, headers={"Range": "bytes=-7"})
     assert status == 206 and body == data[-7:]
@@ -104,7 +115,7 @@ def test_round_trip_range_head_etag_and_dedup(s3_server, s3_bucket, daemon_facto
     status, _, body = request("GET", url, headers={"If-None-Match": f'"{p.digest}"'})
     assert status == 304 and body == b""
     # A second file sharing four chunks: the handshake asks only for the new ones.
-    q = prepare(data[:4 * CHUNK] + rng.bytes(CHUNK, "tail"), CHUNK)
+    q = prepare(data[: 4 * CHUNK] + rng.bytes(CHUNK, "tail"), CHUNK)
     hs = handshake(daemon.url, q)
     assert hs["missing"] == [q.order[-1]]
     assert put(daemon.url, hs["upload_id"], q, q.order[-1])[0] == 201
@@ -137,8 +148,9 @@ def test_sha256_upload_and_a_merge_on_a_daemon_that_received_no_chunk(
         assert put(a.url, hs["upload_id"], q, d)[0] == 201
     rotten = bytearray(q.chunks[q.order[1]])
     rotten[7] ^= 1
-    s3_server.client.put_object(Bucket=s3_bucket, Key=f"casd/sha256/{q.order[1]}",
-                                Body=bytes(rotten))
+    s3_server.client.put_object(
+        Bucket=s3_bucket, Key=f"casd/sha256/{q.order[1]}", Body=bytes(rotten)
+    )
     status, body = merge(b.url, hs["upload_id"])
     assert status == 422 and b"file_digest_mismatch" in body
 
@@ -173,8 +185,9 @@ def test_admin_gc_fsck_export_against_s3(s3_server, s3_bucket, daemon_factory, t
     bad = bytearray(keep.chunks[rotten])
     bad[0] ^= 1
     s3_server.client.put_object(Bucket=s3_bucket, Key=f"casd/md5/{rotten}", Body=bytes(bad))
-    s3_server.client.put_object(Bucket=s3_bucket, Key=f"casd/md5/{short}",
-                                Body=keep.chunks[short][:-1])
+    s3_server.client.put_object(
+        Bucket=s3_bucket, Key=f"casd/md5/{short}", Body=keep.chunks[short][:-1]
+    )
     quick = casd(daemon.data_dir, "fsck", *args)
     assert quick.returncode == 1
     assert gone in quick.stdout and short in quick.stdout
@@ -187,7 +200,9 @@ def test_admin_gc_fsck_export_against_s3(s3_server, s3_bucket, daemon_factory, t
     # --repair moves what is wrong to PREFIX/quarantine/ and the files answer 503 until healed.
     r = casd(daemon.data_dir, "fsck", "--deep", "--repair", *args)
     keys = s3_server.keys(s3_bucket)
-    assert {k for k in keys if k.startswith("casd/quarantine/")} and f"casd/md5/{rotten}" not in keys
+    assert {
+        k for k in keys if k.startswith("casd/quarantine/")
+    } and f"casd/md5/{rotten}" not in keys
     status, _, body = request("GET", f"{daemon.url}/v1/files/{keep.digest}")
     assert status == 503 and b"unavailable" in body
 
@@ -228,9 +243,24 @@ def test_store_down_gives_503_and_the_upload_resumes(s3_server, s3_bucket, daemo
 
 def test_serve_refuses_to_start_when_the_bucket_does_not_answer(tmp_path, s3_server):
     r = subprocess.run(
-        [sys.executable, "-m", "casd", "serve", "--data", str(tmp_path / "d"), "--port", "0",
-         "--blobs", "s3://casd-no-such-bucket", "--s3-endpoint", s3_server.endpoint],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "serve",
+            "--data",
+            str(tmp_path / "d"),
+            "--port",
+            "0",
+            "--blobs",
+            "s3://casd-no-such-bucket",
+            "--s3-endpoint",
+            s3_server.endpoint,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
@@ -245,7 +275,11 @@ def test_blobs_from_the_config_file_and_the_environment(tmp_path):
     def run(*a: str, **e: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "casd", "serve", "--check-config", *a],
-            capture_output=True, text=True, timeout=60, check=False, env={**env, **e},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**env, **e},
         )
 
     r = run("--config", str(cfg))
@@ -272,9 +306,21 @@ def test_gc_killed_midway_is_finished_by_the_next_gc(s3_server, s3_bucket, daemo
     assert total == len(kept) + 160
     time.sleep(1.1)
     gc = subprocess.Popen(
-        [sys.executable, "-m", "casd", "gc", "--grace", "0", "--batch-size", "4", *args,
-         "--data", str(daemon.data_dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "gc",
+            "--grace",
+            "0",
+            "--batch-size",
+            "4",
+            *args,
+            "--data",
+            str(daemon.data_dir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
     while len(s3_server.keys(s3_bucket)) > total - 20 and gc.poll() is None:
@@ -312,7 +358,9 @@ def test_two_machines_share_a_bucket_and_a_postgresql_catalogue(
     for d in (a, b):
         assert request("GET", f"{d.url}/v1/files/{p.digest}")[2] == p.data
         assert handshake(d.url, p)["status"] == "complete"
-    assert local_blob_files(tmp_path / "machine-a") == local_blob_files(tmp_path / "machine-b") == []
+    assert (
+        local_blob_files(tmp_path / "machine-a") == local_blob_files(tmp_path / "machine-b") == []
+    )
     r = casd(tmp_path / "machine-c", "gc", "--grace", "0", *engines)
     assert r.returncode == 0, r.stdout + r.stderr
     r = casd(tmp_path / "machine-c", "fsck", "--deep", *engines)

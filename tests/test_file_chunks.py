@@ -40,7 +40,11 @@ def expected_manifest(p: Prepared, algo: str = "md5") -> dict:
         chunks.append({"digest": c[algo], "size": c["size"], "offset": offset})
         offset += c["size"]
     return {
-        "algo": algo, algo: p.digest, "size": len(p.data), "count": len(chunks), "chunks": chunks,
+        "algo": algo,
+        algo: p.digest,
+        "size": len(p.data),
+        "count": len(chunks),
+        "chunks": chunks,
     }
 
 
@@ -71,7 +75,7 @@ async def test_manifest_lists_the_uploaded_chunks_with_offsets(client):
     pos = 0
     for c in body["chunks"]:
         assert c["offset"] == pos
-        assert hashlib.md5(p.data[pos:pos + c["size"]]).hexdigest() == c["digest"]
+        assert hashlib.md5(p.data[pos : pos + c["size"]]).hexdigest() == c["digest"]
         pos += c["size"]
     assert pos == len(p.data)
     # The file's URL with its extension works too.
@@ -205,7 +209,9 @@ async def test_a_100000_chunk_manifest_streams_in_bounded_memory(client, monkeyp
     body = json.loads(await (await client.get(f"/v1/files/{p.digest}/chunks")).read())
     assert body["count"] == n and len(body["chunks"]) == n
     assert body["chunks"][-1] == {
-        "digest": hashlib.md5(bytes([(n - 1) % 8])).hexdigest(), "size": 1, "offset": n - 1,
+        "digest": hashlib.md5(bytes([(n - 1) % 8])).hexdigest(),
+        "size": 1,
+        "offset": n - 1,
     }
 
 

@@ -68,8 +68,12 @@ class File:
             h.update(c)
             entries.append({self.algo: hashlib.new(self.algo, c).hexdigest(), "size": len(c)})
         self.digest = h.hexdigest()
-        self.handshake = {"algo": self.algo, self.algo: self.digest, "size": len(self.data),
-                          "chunks": entries}
+        self.handshake = {
+            "algo": self.algo,
+            self.algo: self.digest,
+            "size": len(self.data),
+            "chunks": entries,
+        }
         self.by_digest = {e[self.algo]: c for e, c in zip(entries, self.chunks, strict=True)}
 
 
@@ -92,14 +96,17 @@ CUT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 async def put_missing(s, base: str, f: File, hs: dict) -> bool:
     """PUT every chunk the handshake listed, in parallel; False when the upload went away."""
+
     async def one(d):
-        async with s.put(f"{base}/v1/uploads/{hs['upload_id']}/chunks/{d}",
-                         data=f.by_digest[d]) as r:
+        async with s.put(
+            f"{base}/v1/uploads/{hs['upload_id']}/chunks/{d}", data=f.by_digest[d]
+        ) as r:
             if r.status == 404:
                 return False
             if r.status not in (200, 201):
                 raise Bug(f"PUT {d}: {r.status} {await r.text()}")
             return True
+
     return all(await asyncio.gather(*(one(d) for d in hs["missing"])))
 
 
@@ -132,8 +139,14 @@ async def download(s, base: str, f: File) -> bytes:
 
 
 def casd(data: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "casd", *argv, "--data", str(data)],
-                          capture_output=True, text=True, timeout=120, check=False, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "casd", *argv, "--data", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
 
 
 def count_blobs(data: Path) -> int:
@@ -166,11 +179,11 @@ def shared_engines(request, daemon_factory, *extra: str) -> Engines:
     blobs = f"s3://{bucket}/casd"
     args = ("--blobs", blobs, "--s3-endpoint", s3_server.endpoint, "--catalog", url, *extra)
     daemons = [daemon_factory(*args), daemon_factory(*args)]
-    env = dict(os.environ, CASD_BLOBS=blobs, CASD_S3_ENDPOINT=s3_server.endpoint,
-               CASD_CATALOG=url)
+    env = dict(os.environ, CASD_BLOBS=blobs, CASD_S3_ENDPOINT=s3_server.endpoint, CASD_CATALOG=url)
 
     def objects() -> int:
         return sum(1 for k in s3_server.keys(bucket, "casd/") if "/quarantine/" not in k)
+
     return Engines(daemons, env, objects)
 
 
@@ -216,8 +229,14 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
     counts = {"uploads": 0, "deletes": 0, "aborts": 0, "downloads": 0, "cut": 0, "kills": 0}
     stop = tmp_path / "stop-gc"
     gc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", GC_LOOP, str(daemon.data_dir), str(stop),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        sys.executable,
+        "-c",
+        GC_LOOP,
+        str(daemon.data_dir),
+        str(stop),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     deadline = time.monotonic() + RACE_SECONDS
 
@@ -289,15 +308,16 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
             async with s.post(f"{victim.url}/v1/handshake", json=f.handshake) as r:
                 hs = await r.json()
             first, cut = hs["missing"][:2]
-            async with s.put(f"{victim.url}/v1/uploads/{hs['upload_id']}/chunks/{first}",
-                             data=f.by_digest[first]) as r:
+            async with s.put(
+                f"{victim.url}/v1/uploads/{hs['upload_id']}/chunks/{first}", data=f.by_digest[first]
+            ) as r:
                 assert r.status == 201
             _, writer = await asyncio.open_connection("127.0.0.1", victim.port)
             body = f.by_digest[cut]
             writer.write(
                 f"PUT /v1/uploads/{hs['upload_id']}/chunks/{cut} HTTP/1.1\r\n"
-                f"Host: 127.0.0.1:{victim.port}\r\nContent-Length: {len(body)}\r\n\r\n"
-                .encode() + body[: len(body) // 2]
+                f"Host: 127.0.0.1:{victim.port}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body[: len(body) // 2]
             )
             await writer.drain()
             await asyncio.to_thread(victim.restart)  # kill -9, then start on the same port
@@ -312,8 +332,9 @@ async def test_gc_loop_beside_busy_clients_loses_nothing(engines, tmp_path):
             present[f.digest] = f
 
     try:
-        await asyncio.gather(*(client(c) for c in range(4)),
-                             *([killer()] if len(daemons) > 1 else []))
+        await asyncio.gather(
+            *(client(c) for c in range(4)), *([killer()] if len(daemons) > 1 else [])
+        )
     finally:
         stop.touch()
         out, err = await asyncio.wait_for(gc.communicate(), 120)
@@ -368,9 +389,15 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory, engine, request
         sem = asyncio.Semaphore(16)
 
         async def put(d):
-            async with sem, s.put(f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}",
-                                  data=doomed.by_digest[d]) as r:
+            async with (
+                sem,
+                s.put(
+                    f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{d}",
+                    data=doomed.by_digest[d],
+                ) as r,
+            ):
                 assert r.status == 201
+
         await asyncio.gather(*(put(d) for d in hs["missing"]))
         await upload(s, daemon.url, doomed)
         await upload(s, daemon.url, keep)
@@ -380,9 +407,19 @@ async def test_kill_9_of_gc_midway_loses_nothing(daemon_factory, engine, request
     assert total == len(garbage) + 1
     # One chunk per transaction makes gc slow enough to be caught in the middle.
     gc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "casd", "gc", "--grace", "0", "--batch-size", "1",
-        "--data", str(daemon.data_dir),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        sys.executable,
+        "-m",
+        "casd",
+        "gc",
+        "--grace",
+        "0",
+        "--batch-size",
+        "1",
+        "--data",
+        str(daemon.data_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 60

@@ -88,8 +88,9 @@ def wait_for(predicate, timeout: float, what: str, step: float = 0.05):
     raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
-def request(d: Daemon, method: str, path: str, body: bytes | None = None,
-            headers: dict | None = None) -> tuple[int, bytes]:
+def request(
+    d: Daemon, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+) -> tuple[int, bytes]:
     c = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
     try:
         c.request(method, path, body=body, headers=headers or {})
@@ -101,7 +102,10 @@ def request(d: Daemon, method: str, path: str, body: bytes | None = None,
 
 def handshake(d: Daemon, hs: dict) -> dict:
     status, body = request(
-        d, "POST", "/v1/handshake", json.dumps(hs).encode(),
+        d,
+        "POST",
+        "/v1/handshake",
+        json.dumps(hs).encode(),
         {"Content-Type": "application/json"},
     )
     assert status == 200, body
@@ -188,8 +192,8 @@ def test_a_stalled_chunk_body_leaves_no_temp_file_and_the_upload_completes(daemo
     with connect(d) as s:
         s.sendall(
             f"PUT /v1/uploads/{uid}/chunks/{first} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: application/octet-stream\r\nContent-Length: {len(chunk)}\r\n\r\n"
-            .encode() + chunk[: len(chunk) // 2]
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(chunk)}\r\n\r\n".encode()
+            + chunk[: len(chunk) // 2]
         )
         # The chunk is being received: its temp file exists until the body stalls too long.
         wait_for(lambda: temp_files(d.data_dir), 10, "a temp file for the chunk")
@@ -211,7 +215,7 @@ def test_a_stalled_handshake_body_is_answered_408(daemon_factory):
     with connect(d) as s:
         s.sendall(
             b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"md5\": "
+            b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"md5": '
         )
         status, doc = json_error(read_until_closed(s, 15))
     assert (status, doc["error"]) == (408, "request_timeout")
@@ -249,17 +253,32 @@ def test_running_out_of_descriptors_logs_the_accept_failure_once(tmp_path):
 
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "casd", "serve", "--data", str(data), "--port", "0",
-             "--max-connections", "1000", "--header-timeout", "60"],
+            [
+                sys.executable,
+                "-m",
+                "casd",
+                "serve",
+                "--data",
+                str(data),
+                "--port",
+                "0",
+                "--max-connections",
+                "1000",
+                "--header-timeout",
+                "60",
+            ],
             # A limit for the child alone; nothing else runs between fork and exec here.
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_limit,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=low_limit,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
     socks: list[socket.socket] = []
     try:
         line = wait_for(
             lambda: next((ln for ln in log_path.read_text().splitlines() if "serving" in ln), None),
-            30, "the daemon starting",
+            30,
+            "the daemon starting",
         )
         d = Daemon(data, log_path)
         d.url = line.split("serving ")[1].split()[0]
@@ -268,8 +287,11 @@ def test_running_out_of_descriptors_logs_the_accept_failure_once(tmp_path):
         for _ in range(limit + 40):
             socks.append(connect(d))
         # The kernel completes connections the daemon cannot accept; give it a few retries.
-        wait_for(lambda: "cannot accept connections" in log_path.read_text(), 15,
-                 "the accept failure being logged")
+        wait_for(
+            lambda: "cannot accept connections" in log_path.read_text(),
+            15,
+            "the accept failure being logged",
+        )
         time.sleep(3)  # asyncio retries accept() every second: let several attempts fail
         for s in socks:
             s.close()
@@ -298,22 +320,48 @@ def test_running_out_of_descriptors_logs_the_accept_failure_once(tmp_path):
 
 MALFORMED = [
     ("bad request line", b"GE T / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "bad_request"),
-    ("header line over the limit",
-     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
-     431, "headers_too_large"),
-    ("request line over the limit",
-     b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 431, "headers_too_large"),
-    ("bad Content-Length",
-     b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 12x\r\n\r\n",
-     400, "bad_request"),
-    ("two Content-Lengths",
-     (b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
-      b"Content-Length: 2\r\n\r\n{}"), 400, "bad_request"),
-    ("malformed header",
-     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nNo colon here\r\n\r\n", 400, "bad_request"),
-    ("bad chunk size",
-     (b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-      b"zz\r\n{}\r\n0\r\n\r\n"), 400, "bad_request"),
+    (
+        "header line over the limit",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        431,
+        "headers_too_large",
+    ),
+    (
+        "request line over the limit",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        431,
+        "headers_too_large",
+    ),
+    (
+        "bad Content-Length",
+        b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 12x\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    (
+        "two Content-Lengths",
+        (
+            b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+            b"Content-Length: 2\r\n\r\n{}"
+        ),
+        400,
+        "bad_request",
+    ),
+    (
+        "malformed header",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nNo colon here\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    (
+        "bad chunk size",
+        (
+            b"POST /v1/handshake HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n{}\r\n0\r\n\r\n"
+        ),
+        400,
+        "bad_request",
+    ),
 ]
 
 
@@ -335,7 +383,8 @@ def test_broken_chunked_framing_mid_body_answers_json_and_keeps_nothing(daemon):
         s.sendall(
             f"PUT /v1/uploads/{hs['upload_id']}/chunks/{digest} HTTP/1.1\r\n"
             "Host: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n".encode()
-            + p.data[:4096] + b"\r\n"
+            + p.data[:4096]
+            + b"\r\n"
         )
         wait_for(lambda: temp_files(daemon.data_dir), 10, "the chunk being received")
         s.sendall(b"not a chunk size\r\n")
@@ -357,8 +406,9 @@ HUGE = 200_000
 def test_polling_a_huge_upload_does_not_queue_other_clients(daemon_factory):
     d = daemon_factory()
     # A 200,000-chunk manifest, none of it stored: every status answer lists all of it.
-    entries = [{"md5": hashlib.md5(i.to_bytes(4, "big")).hexdigest(), "size": 1}
-               for i in range(HUGE)]
+    entries = [
+        {"md5": hashlib.md5(i.to_bytes(4, "big")).hexdigest(), "size": 1} for i in range(HUGE)
+    ]
     big = handshake(d, {"md5": "0" * 32, "size": HUGE, "chunks": entries})
     assert len(big["missing"]) == HUGE
 
@@ -406,6 +456,7 @@ def test_polling_a_huge_upload_does_not_queue_other_clients(daemon_factory):
 async def test_reads_of_huge_manifests_have_their_own_lane(tmp_path):
     """While every bulk reader is held, quick reads and small manifests still answer, and a
     huge manifest's list waits for a bulk reader rather than taking a quick one."""
+
     def manifest(n: int, salt: int) -> Manifest:
         chunks = tuple(
             ChunkRef(hashlib.md5(f"{salt}-{i}".encode()).hexdigest(), 1) for i in range(n)
@@ -438,8 +489,10 @@ def test_a_download_nobody_reads_is_cut_off_after_body_timeout(daemon_factory):
     p = prepare(rand(8 << 20, seed=5), chunk_size=1 << 20)
     hs = handshake(d, p.handshake)
     for digest in hs["missing"]:
-        assert request(d, "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{digest}",
-                       p.chunks[digest])[0] == 201
+        assert (
+            request(d, "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{digest}", p.chunks[digest])[0]
+            == 201
+        )
     assert request(d, "POST", f"/v1/uploads/{hs['upload_id']}/merge")[0] == 200
     blobs = str(d.data_dir / "blobs")
 

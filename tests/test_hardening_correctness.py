@@ -172,9 +172,7 @@ def manifest_ids(data_dir) -> list[int]:
         con.close()
 
 
-async def test_a_version_1_catalogue_with_data_is_migrated(
-    aiohttp_client, settings, monkeypatch
-):
+async def test_a_version_1_catalogue_with_data_is_migrated(aiohttp_client, settings, monkeypatch):
     old = await aiohttp_client(create_app(settings))
     files = [prepare(rand(3 * CHUNK + i), CHUNK, name=f"f{i}.bin") for i in range(3)]
     for p in files:
@@ -318,9 +316,7 @@ async def test_merge_held_before_registering_loses_to_an_abort(client, write_gat
     assert (await handshake(client, p.handshake))["status"] == "pending"
 
 
-async def test_merge_that_read_a_pending_upload_then_lost_it_to_an_abort_is_404(
-    client, read_gate
-):
+async def test_merge_that_read_a_pending_upload_then_lost_it_to_an_abort_is_404(client, read_gate):
     p, uid = await ready_upload(client)
     read_gate.armed = "FROM uploads"
     merge = asyncio.create_task(client.post(f"/v1/uploads/{uid}/merge"))
@@ -345,6 +341,7 @@ async def test_abort_and_merge_race_through_the_daemon(daemon):
             for d in hs["missing"]:
                 async with s.put(f"{base}/v1/uploads/{uid}/chunks/{d}", data=p.chunks[d]) as r:
                     assert r.status == 201
+
             async def abort_after(delay: float):
                 # Only spreads the interleavings (abort first, mid-merge, after); the checks
                 # below hold for every one of them.
@@ -357,9 +354,10 @@ async def test_abort_and_merge_race_through_the_daemon(daemon):
             outcome = (merge.status, abort.status)
             merge.release()
             abort.release()
-            async with s.post(f"{base}/v1/uploads/{uid}/merge") as again, s.get(
-                f"{base}/v1/files/{p.digest}"
-            ) as got:
+            async with (
+                s.post(f"{base}/v1/uploads/{uid}/merge") as again,
+                s.get(f"{base}/v1/files/{p.digest}") as got,
+            ):
                 if outcome == (200, 404):
                     assert again.status == 200
                     assert got.status == 200 and await got.read() == p.data
@@ -396,9 +394,14 @@ async def test_non_utf8_bearer_token_is_401(daemon_factory, token):
     daemon = daemon_factory("--token", "s3cret", "--admin-token", "adm")
     for method, path in (("POST", "/v1/handshake"), ("DELETE", "/v1/files/" + "0" * 32)):
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
-            "Connection: close\r\n"
-        ).encode() + b"Authorization: Bearer " + token + b"\r\n\r\n"
+            (
+                f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n"
+            ).encode()
+            + b"Authorization: Bearer "
+            + token
+            + b"\r\n\r\n"
+        )
         status, body = await raw_request(daemon.port, head)
         assert status == 401, body
         assert b'"unauthorized"' in body and b"Traceback" not in body

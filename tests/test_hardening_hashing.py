@@ -170,9 +170,12 @@ async def test_empty_lists_handshake_is_400_with_bounded_memory(daemon_factory):
 async def test_handshake_over_default_limit_is_413(daemon_factory):
     d = daemon_factory()
     body = b'{"chunks":[' + b"[]," * (25 * MiB // 3) + b"[]]}"
-    async with aiohttp.ClientSession() as s, s.post(
-        f"{d.url}/v1/handshake", data=body, headers={"Content-Type": "application/json"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{d.url}/v1/handshake", data=body, headers={"Content-Type": "application/json"}
+        ) as r,
+    ):
         await assert_error(r, 413, "too_large")
 
 
@@ -187,7 +190,9 @@ async def test_streamed_handshake_over_limit_is_413(aiohttp_client, settings):
         for _ in range(100):
             yield b"[]," * 1000
 
-    r = await client.post("/v1/handshake", data=body(), headers={"Content-Type": "application/json"})
+    r = await client.post(
+        "/v1/handshake", data=body(), headers={"Content-Type": "application/json"}
+    )
     await assert_error(r, 413, "too_large")
     assert snapshot(settings.data_dir) == before
     p = prepare(rand(1000), 100)
@@ -207,9 +212,7 @@ async def test_valid_200k_chunk_sha256_handshake_fits_the_default_limit(aiohttp_
     body = json.dumps(hs).encode()
     settings = dataclasses.replace(settings, max_file_size=200_000 * 64 * MiB)
     client = await aiohttp_client(create_app(settings))
-    r = await client.post(
-        "/v1/handshake", data=body, headers={"Content-Type": "application/json"}
-    )
+    r = await client.post("/v1/handshake", data=body, headers={"Content-Type": "application/json"})
     assert r.status == 200, (await r.read())[:300]
     assert len((await r.json())["missing"]) == 200_000
 
@@ -223,9 +226,18 @@ async def test_valid_200k_chunk_sha256_handshake_fits_the_default_limit(aiohttp_
         b"[" * 200_000 + b"]" * 200_000,
         b'{"chunks":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
         # Nested inside a field the parser would otherwise skip.
-        b'{"x":' + b"[" * 200_000 + b"]" * 200_000 + b',"md5":"' + b"0" * 32
+        b'{"x":'
+        + b"[" * 200_000
+        + b"]" * 200_000
+        + b',"md5":"'
+        + b"0" * 32
         + b'","size":0,"chunks":[]}',
-        b'{"x":' + b'{"a":' * 100_000 + b"1" + b"}" * 100_000 + b',"md5":"' + b"0" * 32
+        b'{"x":'
+        + b'{"a":' * 100_000
+        + b"1"
+        + b"}" * 100_000
+        + b',"md5":"'
+        + b"0" * 32
         + b'","size":0,"chunks":[]}',
     ],
     ids=["top", "chunks", "unknown-list", "unknown-object"],
@@ -301,7 +313,8 @@ async def test_one_hash_ahead_per_upload_however_many_puts(aiohttp_client, setti
         assert await asyncio.to_thread(first_turn.wait, 30)
         for digest in rest:
             r = await client.put(
-                f"/v1/uploads/{uid}/chunks/{digest}", data=p.chunks[digest],
+                f"/v1/uploads/{uid}/chunks/{digest}",
+                data=p.chunks[digest],
                 headers={"Prefer": "return=minimal"},
             )
             assert r.status == 201
@@ -335,7 +348,9 @@ async def test_sliced_paged_hash_matches_in_any_arrival_order(
     elif order == "interleaved":
         missing = missing[::2] + missing[1::2]
     for digest in missing:
-        r = await client.put(f"/v1/uploads/{hs['upload_id']}/chunks/{digest}", data=p.chunks[digest])
+        r = await client.put(
+            f"/v1/uploads/{hs['upload_id']}/chunks/{digest}", data=p.chunks[digest]
+        )
         assert r.status == 201
     r = await client.post(f"/v1/uploads/{hs['upload_id']}/merge")
     assert r.status == 200, await r.text()
@@ -390,7 +405,9 @@ async def test_big_handshakes_are_parsed_two_at_a_time(aiohttp_client, settings,
     client = await aiohttp_client(create_app(settings))
     bigs = []
     for i in range(4):
-        chunks = [{"md5": hashlib.md5(b"%d-%d" % (i, j)).hexdigest(), "size": 1} for j in range(6000)]
+        chunks = [
+            {"md5": hashlib.md5(b"%d-%d" % (i, j)).hexdigest(), "size": 1} for j in range(6000)
+        ]
         body = json.dumps({"md5": "0" * 32, "size": 6000, "chunks": chunks}).encode()
         assert len(body) > casd.web.THREAD_PARSE_BYTES
         bigs.append(body)

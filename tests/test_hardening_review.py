@@ -42,7 +42,8 @@ def get(port: int, target: str, *extra: str) -> tuple[int, dict[str, str], bytes
 
 def post(port: int, target: str, body: bytes = b"", ctype: str = "application/json"):
     return raw_request(
-        port, head("POST", target, f"Content-Type: {ctype}", f"Content-Length: {len(body)}"),
+        port,
+        head("POST", target, f"Content-Type: {ctype}", f"Content-Length: {len(body)}"),
         body,
     )
 
@@ -54,11 +55,15 @@ def assert_json_error(answer, status: int, code: str) -> None:
     assert json.loads(body)["error"] == code
 
 
-@pytest.mark.parametrize("target", [
-    "/static/casd.js%00",
-    "/static/" + "a" * 300,
-    "/static/" + "a/" * 3000,
-], ids=["nul-byte", "name-too-long", "path-too-deep"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/static/casd.js%00",
+        "/static/" + "a" * 300,
+        "/static/" + "a/" * 3000,
+    ],
+    ids=["nul-byte", "name-too-long", "path-too-deep"],
+)
 def test_static_names_no_file_can_have_are_404_not_500(daemon, target):
     assert_json_error(get(daemon.port, target), 404, "not_found")
     status, _, _ = get(daemon.port, "/static/casd.js")
@@ -128,8 +133,7 @@ def test_big_handshake_bodies_received_at_once_share_a_memory_budget(daemon_fact
     d = daemon_factory("--max-handshake-size", "1MiB")
     n = 17_000
     manifest = json.dumps(
-        {"md5": "0" * 32, "size": n,
-         "chunks": [{"md5": f"{i:032x}", "size": 1} for i in range(n)]},
+        {"md5": "0" * 32, "size": n, "chunks": [{"md5": f"{i:032x}", "size": 1} for i in range(n)]},
         separators=(",", ":"),
     ).encode()
     assert 800_000 < len(manifest) < 1 << 20
@@ -138,8 +142,12 @@ def test_big_handshake_bodies_received_at_once_share_a_memory_budget(daemon_fact
         for _ in range(8):
             s = socket.create_connection(("127.0.0.1", d.port), timeout=30)
             s.sendall(
-                head("POST", "/v1/handshake", "Content-Type: application/json",
-                     f"Content-Length: {len(manifest)}").encode()
+                head(
+                    "POST",
+                    "/v1/handshake",
+                    "Content-Type: application/json",
+                    f"Content-Length: {len(manifest)}",
+                ).encode()
                 + manifest[:-1]
             )
             socks.append(s)

@@ -57,10 +57,12 @@ def request(method: str, url: str, *, token: str | None = None, **kw) -> tuple[i
     async def go():
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         timeout = aiohttp.ClientTimeout(sock_read=30)
-        async with aiohttp.ClientSession(timeout=timeout) as s, s.request(
-            method, url, headers=headers, **kw
-        ) as r:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as s,
+            s.request(method, url, headers=headers, **kw) as r,
+        ):
             return r.status, await r.read()
+
     return asyncio.run(go())
 
 
@@ -73,6 +75,7 @@ def upload(base: str, p: Prepared) -> dict:
     async def go():
         async with aiohttp.ClientSession() as s:
             return await upload_one(s, base, p)
+
     return asyncio.run(go())
 
 
@@ -109,8 +112,9 @@ def test_a_client_over_its_pending_budget_is_refused_and_nothing_changes(daemon_
     status, again = request_json("POST", f"{d.url}/v1/handshake", json=first.handshake)
     assert status == 200 and again["upload_id"] == hs["upload_id"]
     # A manifest that could never fit one client's share is too large, not "try later".
-    status, err = request_json("POST", f"{d.url}/v1/handshake",
-                               json=tiny_chunks(301, seed=3).handshake)
+    status, err = request_json(
+        "POST", f"{d.url}/v1/handshake", json=tiny_chunks(301, seed=3).handshake
+    )
     assert status == 413 and err["error"] == "too_large"
     # Ending the first upload frees its share.
     r = casd(d.data_dir, "uploads", "abort", hs["upload_id"])
@@ -122,19 +126,37 @@ def test_a_client_over_its_pending_budget_is_refused_and_nothing_changes(daemon_
 def test_the_total_pending_budget_is_shared_by_every_client(daemon_factory):
     # With tokens, the client is its token: the user token and the admin token are two.
     d = daemon_factory(
-        "--token", "user-secret", "--admin-token", "admin-secret",
-        "--max-pending-chunks-per-client", "250", "--max-pending-chunks", "300",
+        "--token",
+        "user-secret",
+        "--admin-token",
+        "admin-secret",
+        "--max-pending-chunks-per-client",
+        "250",
+        "--max-pending-chunks",
+        "300",
     )
-    status, _ = request_json("POST", f"{d.url}/v1/handshake", token="user-secret",
-                             json=tiny_chunks(200, seed=4).handshake)
+    status, _ = request_json(
+        "POST",
+        f"{d.url}/v1/handshake",
+        token="user-secret",
+        json=tiny_chunks(200, seed=4).handshake,
+    )
     assert status == 200
     before = snapshot(d.data_dir)
-    status, err = request_json("POST", f"{d.url}/v1/handshake", token="admin-secret",
-                               json=tiny_chunks(200, seed=5).handshake)
+    status, err = request_json(
+        "POST",
+        f"{d.url}/v1/handshake",
+        token="admin-secret",
+        json=tiny_chunks(200, seed=5).handshake,
+    )
     assert status == 429 and err["error"] == "too_many_pending" and err["limit"] == 300
     assert snapshot(d.data_dir) == before
-    status, _ = request_json("POST", f"{d.url}/v1/handshake", token="admin-secret",
-                             json=tiny_chunks(100, seed=6).handshake)
+    status, _ = request_json(
+        "POST",
+        f"{d.url}/v1/handshake",
+        token="admin-secret",
+        json=tiny_chunks(100, seed=6).handshake,
+    )
     assert status == 200
     code, ups = casd_json(d.data_dir, "uploads", "ls")
     clients = {u["client"] for u in ups}
@@ -150,7 +172,10 @@ def test_uploads_ls_abort_and_stats_show_what_pending_uploads_hold(daemon):
     assert code == 0 and len(ups) == 1
     u = ups[0]
     assert (u["id"], u["digest"], u["size"], u["chunk_entries"]) == (
-        hs["upload_id"], p.digest, len(p.data), 500
+        hs["upload_id"],
+        p.digest,
+        len(p.data),
+        500,
     )
     assert u["client"] == "addr:127.0.0.1" and u["expired"] is False
     text = casd(daemon.data_dir, "uploads", "ls")
@@ -236,9 +261,14 @@ def test_a_daemon_killed_while_publishing_leaves_an_orphan_gc_removes(daemon):
         "sys.argv[1], data=sys.stdin.buffer.read(), method='PUT'), timeout=60)"
     )
     put = subprocess.Popen(
-        [sys.executable, "-c", script,
-         f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{target}"],
-        stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            script,
+            f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{target}",
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
         put.stdin.write(p.chunks[target])
@@ -384,7 +414,8 @@ def test_fsck_repair_of_a_missing_blob_lists_it_missing_for_every_file_using_it(
     # One re-sent chunk heals both files.
     status, hs = request_json("POST", f"{daemon.url}/v1/handshake", json=a.handshake)
     status, _ = request_json(
-        "PUT", f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{shared}",
+        "PUT",
+        f"{daemon.url}/v1/uploads/{hs['upload_id']}/chunks/{shared}",
         data=a.chunks[shared],
     )
     assert status == 201
@@ -429,8 +460,12 @@ def small_disk(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root and mount(8)")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield mnt

@@ -52,10 +52,16 @@ async def stored_and_pending(client):
 # ---- CSRF: the handshake's content type ---------------------------------------------
 
 
-@pytest.mark.parametrize("ctype", [
-    "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
-    "multipart/form-data; boundary=x", None,
-])
+@pytest.mark.parametrize(
+    "ctype",
+    [
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        None,
+    ],
+)
 async def test_handshake_without_json_content_type_is_415_and_records_nothing(
     client, settings, ctype
 ):
@@ -63,8 +69,12 @@ async def test_handshake_without_json_content_type_is_415_and_records_nothing(
     before = snapshot(settings.data_dir)
     headers = {} if ctype is None else {"Content-Type": ctype}
     # skip_auto_headers: with no type given, aiohttp would otherwise add its own.
-    r = await client.post("/v1/handshake", data=json.dumps(p.handshake).encode(),
-                          headers=headers, skip_auto_headers=["Content-Type"])
+    r = await client.post(
+        "/v1/handshake",
+        data=json.dumps(p.handshake).encode(),
+        headers=headers,
+        skip_auto_headers=["Content-Type"],
+    )
     body = await assert_error(r, 415, "unsupported_media_type")
     assert "application/json" in body["message"]
     assert snapshot(settings.data_dir) == before
@@ -72,8 +82,11 @@ async def test_handshake_without_json_content_type_is_415_and_records_nothing(
 
 async def test_handshake_with_json_content_type_and_charset_is_accepted(client):
     p = prepare(rand(2 * CHUNK), CHUNK)
-    r = await client.post("/v1/handshake", data=json.dumps(p.handshake).encode(),
-                          headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    r = await client.post(
+        "/v1/handshake",
+        data=json.dumps(p.handshake).encode(),
+        headers={"Content-Type": "Application/JSON; charset=utf-8"},
+    )
     assert r.status == 200 and (await r.json())["status"] == "pending"
 
 
@@ -112,8 +125,9 @@ async def test_foreign_origin_may_not_read_answers_but_own_origin_and_no_origin_
     assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
     own = str(client.make_url("")).rstrip("/")
     d = pending.order[0]
-    r = await client.put(f"/v1/uploads/{uid}/chunks/{d}", data=pending.chunks[d],
-                         headers={"Origin": own})
+    r = await client.put(
+        f"/v1/uploads/{uid}/chunks/{d}", data=pending.chunks[d], headers={"Origin": own}
+    )
     assert r.status == 201
     d = pending.order[1]
     r = await client.put(f"/v1/uploads/{uid}/chunks/{d}", data=pending.chunks[d])
@@ -135,8 +149,9 @@ def test_rebinding_host_is_421_on_get_and_delete_of_the_real_daemon(daemon):
             url = f"{daemon.url}/v1/files/{p.digest}"
             for host in (f"evil.example:{daemon.port}", "evil.example", "127.0.0.1.evil.example"):
                 for method in ("GET", "DELETE", "HEAD"):
-                    async with s.request(method, url + (".bin" if method != "DELETE" else ""),
-                                         headers={"Host": host}) as r:
+                    async with s.request(
+                        method, url + (".bin" if method != "DELETE" else ""), headers={"Host": host}
+                    ) as r:
                         assert r.status == 421, (host, method, r.status)
                         if method != "HEAD":
                             body = await r.json()
@@ -145,8 +160,13 @@ def test_rebinding_host_is_421_on_get_and_delete_of_the_real_daemon(daemon):
             async with s.get(f"{daemon.url}/", headers={"Host": "evil.example"}) as r:
                 assert r.status == 421
             assert snapshot(daemon.data_dir) == before
-            for host in (f"127.0.0.1:{daemon.port}", f"localhost:{daemon.port}", "LOCALHOST",
-                         f"[::1]:{daemon.port}", "127.0.0.1"):
+            for host in (
+                f"127.0.0.1:{daemon.port}",
+                f"localhost:{daemon.port}",
+                "LOCALHOST",
+                f"[::1]:{daemon.port}",
+                "127.0.0.1",
+            ):
                 async with s.get(url + ".bin", headers={"Host": host}) as r:
                     assert r.status == 200, (host, r.status)
                     assert await r.read() == p.data
@@ -159,26 +179,33 @@ def test_allowed_host_flag_adds_a_name_to_the_real_daemon(daemon_factory):
 
     async def go():
         async with aiohttp.ClientSession() as s:
-            for host, status in (("casd.lan:1234", 200), ("files.example", 200),
-                                 (f"localhost:{d.port}", 200), ("evil.example", 421)):
+            for host, status in (
+                ("casd.lan:1234", 200),
+                ("files.example", 200),
+                (f"localhost:{d.port}", 200),
+                ("evil.example", 421),
+            ):
                 async with s.get(f"{d.url}/healthz", headers={"Host": host}) as r:
                     assert r.status == status, host
 
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("listen, given, host, status", [
-    ("0.0.0.0", (), "anything.example", 200),  # a wildcard address answers any name...
-    ("::", (), "anything.example", 200),
-    ("0.0.0.0", ("casd.lan",), "anything.example", 421),  # ...unless names are given
-    ("0.0.0.0", ("casd.lan",), "casd.lan:8080", 200),
-    ("10.1.2.3", (), "10.1.2.3:8080", 200),  # a specific address answers its own name
-    ("10.1.2.3", (), "localhost", 421),
-    ("10.1.2.3", ("casd.lan",), "casd.lan", 200),
-    ("::1", (), "[::1]:8080", 200),
-    ("::1", (), "localhost", 200),
-    ("127.0.0.1", ("*",), "anything.example", 200),
-])
+@pytest.mark.parametrize(
+    "listen, given, host, status",
+    [
+        ("0.0.0.0", (), "anything.example", 200),  # a wildcard address answers any name...
+        ("::", (), "anything.example", 200),
+        ("0.0.0.0", ("casd.lan",), "anything.example", 421),  # ...unless names are given
+        ("0.0.0.0", ("casd.lan",), "casd.lan:8080", 200),
+        ("10.1.2.3", (), "10.1.2.3:8080", 200),  # a specific address answers its own name
+        ("10.1.2.3", (), "localhost", 421),
+        ("10.1.2.3", ("casd.lan",), "casd.lan", 200),
+        ("::1", (), "[::1]:8080", 200),
+        ("::1", (), "localhost", 200),
+        ("127.0.0.1", ("*",), "anything.example", 200),
+    ],
+)
 async def test_host_allowlist_follows_the_listening_address(
     aiohttp_client, settings, listen, given, host, status
 ):
@@ -191,14 +218,16 @@ async def test_host_allowlist_follows_the_listening_address(
 # ---- CORS -------------------------------------------------------------------------------
 
 
-async def test_preflight_from_an_allowed_origin_lists_what_casd_js_needs(
-    aiohttp_client, settings
-):
+async def test_preflight_from_an_allowed_origin_lists_what_casd_js_needs(aiohttp_client, settings):
     client = await app_client(aiohttp_client, settings, cors_origins=(APP,), token="t0k")
-    r = await client.options("/v1/uploads/" + "0" * 32 + "/chunks/" + "0" * 32, headers={
-        "Origin": APP, "Access-Control-Request-Method": "PUT",
-        "Access-Control-Request-Headers": "authorization,content-type,prefer",
-    })
+    r = await client.options(
+        "/v1/uploads/" + "0" * 32 + "/chunks/" + "0" * 32,
+        headers={
+            "Origin": APP,
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "authorization,content-type,prefer",
+        },
+    )
     assert r.status == 204  # a preflight carries no token, and needs none
     assert r.headers["Access-Control-Allow-Origin"] == APP
     assert "Origin" in r.headers.getall("Vary")
@@ -208,8 +237,9 @@ async def test_preflight_from_an_allowed_origin_lists_what_casd_js_needs(
     assert {"authorization", "content-type", "range", "prefer", "x-request-id"} <= allowed
     assert int(r.headers["Access-Control-Max-Age"]) > 0
 
-    r = await client.options("/v1/handshake", headers={
-        "Origin": EVIL, "Access-Control-Request-Method": "POST"})
+    r = await client.options(
+        "/v1/handshake", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"}
+    )
     body = await assert_error(r, 403, "forbidden")
     assert "--cors-origin" in body["message"]
     assert "Access-Control-Allow-Origin" not in r.headers
@@ -257,9 +287,12 @@ def test_unauthorized_answer_is_readable_cross_origin_from_the_real_daemon(daemo
     d = daemon_factory("--cors-origin", APP, "--token", "s3cret")
 
     async def go():
-        async with aiohttp.ClientSession() as s, s.post(
-            f"{d.url}/v1/handshake", json=prepare(b"x", 1).handshake, headers={"Origin": APP}
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"{d.url}/v1/handshake", json=prepare(b"x", 1).handshake, headers={"Origin": APP}
+            ) as r,
+        ):
             assert r.status == 401
             assert r.headers["Access-Control-Allow-Origin"] == APP
             assert (await r.json())["error"] == "unauthorized"
@@ -304,8 +337,10 @@ def test_algos_sha256_refuses_md5_uploads_and_accepts_sha256(daemon_factory):
                 body = await assert_error(r, 400, "bad_request")
             assert "md5" in body["message"] and "--algos" in body["message"]
             assert body["allowed_algos"] == ["sha256"]
-            async with s.put(f"{d.url}/v1/uploads/{'0' * 32}/chunks/{md5.order[0]}",
-                             data=md5.chunks[md5.order[0]]) as r:
+            async with s.put(
+                f"{d.url}/v1/uploads/{'0' * 32}/chunks/{md5.order[0]}",
+                data=md5.chunks[md5.order[0]],
+            ) as r:
                 body = await assert_error(r, 400, "bad_request")
             assert "--algos" in body["message"]
             assert snapshot(d.data_dir) == before
@@ -326,17 +361,33 @@ def test_default_algos_accept_md5(daemon):
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--algos", "md4"], "--algos"),
-    (["--algos", ","], "--algos"),
-    (["--cors-origin", "http://app.example/path"], "--cors-origin"),
-    (["--cors-origin", "app.example"], "--cors-origin"),
-    (["--allowed-host", "evil/x"], "--allowed-host"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--algos", "md4"], "--algos"),
+        (["--algos", ","], "--algos"),
+        (["--cors-origin", "http://app.example/path"], "--cors-origin"),
+        (["--cors-origin", "app.example"], "--cors-origin"),
+        (["--allowed-host", "evil/x"], "--allowed-host"),
+    ],
+)
 def test_serve_refuses_bad_policy_flags(tmp_path, argv, words):
     proc = subprocess.run(
-        [sys.executable, "-m", "casd", "serve", "--data", str(tmp_path / "d"), "--port", "0",
-         *argv], capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "serve",
+            "--data",
+            str(tmp_path / "d"),
+            "--port",
+            "0",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2 and words in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -348,8 +399,13 @@ NASTY = "\x1b[2J\x1b]0;owned\x07\x1b[31mred\u202egnp.exe\x9b\x7f\nsecond line\\"
 
 
 def cli(data: Path, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "casd", *argv, "--data", str(data)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "casd", *argv, "--data", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def assert_no_controls(text: str) -> None:
@@ -371,8 +427,10 @@ def test_ls_and_fsck_escape_control_characters_in_names(daemon):
     assert out.returncode == 0
     assert_no_controls(out.stdout)
     assert len(out.stdout.splitlines()) == 1  # the newline in the name is escaped too
-    assert "\\x1b[2J\\x1b]0;owned\\x07\\x1b[31mred\\u202egnp.exe\\x9b\\x7f\\x0asecond line\\\\" \
+    assert (
+        "\\x1b[2J\\x1b]0;owned\\x07\\x1b[31mred\\u202egnp.exe\\x9b\\x7f\\x0asecond line\\\\"
         in out.stdout
+    )
     listed = json.loads(cli(daemon.data_dir, "ls", "--json").stdout)
     assert listed[0]["name"] == NASTY  # JSON stays exact
 
@@ -388,7 +446,6 @@ def test_ls_and_fsck_escape_control_characters_in_names(daemon):
     assert NASTY in report["issues"][0]["files"][0]
 
 
-
 def test_cross_site_form_and_foreign_origin_delete_on_the_real_daemon(daemon):
     """What a hostile page in the operator's browser can send without a preflight."""
     p = prepare(rand(2 * CHUNK), CHUNK, ext=".bin")
@@ -399,19 +456,29 @@ def test_cross_site_form_and_foreign_origin_delete_on_the_real_daemon(daemon):
             await upload(s, daemon.url, p)
             before = snapshot(daemon.data_dir)
             # <form enctype="text/plain"> / fetch(..., {mode: "no-cors"}) with a JSON body.
-            async with s.post(f"{daemon.url}/v1/handshake", data=json.dumps(other.handshake),
-                              headers={"Content-Type": "text/plain", "Origin": EVIL}) as r:
+            async with s.post(
+                f"{daemon.url}/v1/handshake",
+                data=json.dumps(other.handshake),
+                headers={"Content-Type": "text/plain", "Origin": EVIL},
+            ) as r:
                 await assert_error(r, 403, "forbidden")
             # The same without an Origin header (older browsers, plugins): the type stops it.
-            async with s.post(f"{daemon.url}/v1/handshake", data=json.dumps(other.handshake),
-                              headers={"Content-Type": "text/plain"}) as r:
+            async with s.post(
+                f"{daemon.url}/v1/handshake",
+                data=json.dumps(other.handshake),
+                headers={"Content-Type": "text/plain"},
+            ) as r:
                 await assert_error(r, 415, "unsupported_media_type")
-            async with s.delete(f"{daemon.url}/v1/files/{p.digest}",
-                                headers={"Origin": EVIL}) as r:
+            async with s.delete(f"{daemon.url}/v1/files/{p.digest}", headers={"Origin": EVIL}) as r:
                 await assert_error(r, 403, "forbidden")
-            async with s.options(f"{daemon.url}/v1/handshake", headers={
-                    "Origin": EVIL, "Access-Control-Request-Method": "POST",
-                    "Access-Control-Request-Headers": "content-type"}) as r:
+            async with s.options(
+                f"{daemon.url}/v1/handshake",
+                headers={
+                    "Origin": EVIL,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type",
+                },
+            ) as r:
                 await assert_error(r, 403, "forbidden")
                 assert "Access-Control-Allow-Origin" not in r.headers
             assert snapshot(daemon.data_dir) == before

@@ -113,8 +113,33 @@ def reference(algo: str, data: bytes) -> str:
 # Sizes around every padding edge (55/56/63/64/65 and their next block), a chunk boundary
 # (5 MiB, +-1) and a few MiB.
 SIZES = [
-    0, 1, 2, 3, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 1000, 4095, 4096, 4097,
-    65535, 65536, 65537, 65536 * 3 + 5, 5 * MiB - 1, 5 * MiB, 5 * MiB + 1, 3 * MiB + 4321,
+    0,
+    1,
+    2,
+    3,
+    55,
+    56,
+    57,
+    63,
+    64,
+    65,
+    119,
+    120,
+    127,
+    128,
+    129,
+    1000,
+    4095,
+    4096,
+    4097,
+    65535,
+    65536,
+    65537,
+    65536 * 3 + 5,
+    5 * MiB - 1,
+    5 * MiB,
+    5 * MiB + 1,
+    3 * MiB + 4321,
 ]
 
 HASH_SIZES_JS = """
@@ -145,7 +170,8 @@ async ({module, cls, items}) => {
 
 
 @pytest.mark.parametrize(
-    "algo, module, cls", [("md5", "/static/md5.js", "Md5"), ("sha256", "/static/sha256.js", "Sha256")]
+    "algo, module, cls",
+    [("md5", "/static/md5.js", "Md5"), ("sha256", "/static/sha256.js", "Sha256")],
 )
 def test_js_hash_matches_hashlib_on_many_sizes_and_splits(page, server, algo, module, cls):
     rng = random.Random(f"sizes-{algo}")
@@ -165,7 +191,10 @@ def test_js_hash_matches_hashlib_on_many_sizes_and_splits(page, server, algo, mo
     assert not wrong
 
 
-@pytest.mark.parametrize("algo, module, cls", [("md5", "/static/md5.js", "Md5"), ("sha256", "/static/sha256.js", "Sha256")])
+@pytest.mark.parametrize(
+    "algo, module, cls",
+    [("md5", "/static/md5.js", "Md5"), ("sha256", "/static/sha256.js", "Sha256")],
+)
 def test_js_hash_counts_lengths_beyond_2_to_the_32_bits(page, server, algo, module, cls):
     # 520 MiB is over 2**32 bits: the high word of the length field is non-zero.
     block = random.Random("long").randbytes(MiB)
@@ -222,7 +251,7 @@ def test_hash_file_in_workers_gives_hashlib_digests(page, server, algo, workers,
         {"url": url, "name": "x.bin", "chunkSize": chunk_size, "algo": algo, "workers": workers},
     )
     expected_chunks = [
-        [off, len(data[off:off + chunk_size]), reference(algo, data[off:off + chunk_size])]
+        [off, len(data[off : off + chunk_size]), reference(algo, data[off : off + chunk_size])]
         for off in range(0, size, chunk_size)
     ]
     assert got["digest"] == reference(algo, data)
@@ -249,7 +278,7 @@ def test_casd_js_imported_from_another_origin_still_starts_its_worker(page, othe
     )
     assert got == [
         hashlib.md5(data).hexdigest(),
-        [hashlib.md5(data[o:o + MiB]).hexdigest() for o in range(0, len(data), MiB)],
+        [hashlib.md5(data[o : o + MiB]).hexdigest() for o in range(0, len(data), MiB)],
     ]
 
 

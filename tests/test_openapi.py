@@ -58,7 +58,9 @@ def test_schema_is_valid_openapi():
     import schemathesis
 
     schema = schemathesis.openapi.from_dict(document())
-    assert len(list(schema.get_all_operations())) == sum(len(v) for v in document()["paths"].values())
+    assert len(list(schema.get_all_operations())) == sum(
+        len(v) for v in document()["paths"].values()
+    )
 
 
 async def test_static_miss_is_a_json_404(aiohttp_client, settings):
@@ -77,17 +79,37 @@ def test_schemathesis_against_a_live_daemon(daemon, tmp_path):
     if st is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
     r = subprocess.run(
-        [st, "run", f"{daemon.url}/v1/openapi.json", "--max-examples", "10", "--max-time", "25",
-         "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-         "--generation-deterministic", "--no-color"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+        [
+            st,
+            "run",
+            f"{daemon.url}/v1/openapi.json",
+            "--max-examples",
+            "10",
+            "--max-time",
+            "25",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--generation-deterministic",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
     )
     assert r.returncode == 0, r.stdout[-6000:]
     assert "Traceback" not in daemon.log()
     # The links took real upload ids from handshakes to the upload's operations.
     lines = [json.loads(x) for x in daemon.log().split("\n") if x.startswith('{"')]
-    pending = {x["upload_id"] for x in lines
-               if x.get("route") == "/v1/handshake" and x.get("upload_id")}
-    followed = {x.get("upload_id") for x in lines
-                if x.get("route", "").startswith("/v1/uploads/{upload_id}")}
+    pending = {
+        x["upload_id"] for x in lines if x.get("route") == "/v1/handshake" and x.get("upload_id")
+    }
+    followed = {
+        x.get("upload_id")
+        for x in lines
+        if x.get("route", "").startswith("/v1/uploads/{upload_id}")
+    }
     assert pending & followed

@@ -18,8 +18,14 @@ from casd.cli_common import parse_args_with_config
 def casd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CASD_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "casd", *args], capture_output=True, text=True,
-                          timeout=60, env=full_env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "casd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full_env,
+        check=False,
+    )
 
 
 def settings_of(out: str) -> dict[str, str]:
@@ -80,24 +86,28 @@ def test_daemon_reads_the_file(daemon_factory, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(f"{d.url}/v1/files/{'a' * 32}")
     assert exc.value.code == 401
-    req = urllib.request.Request(f"{d.url}/v1/files/{'a' * 32}",
-                                 headers={"Authorization": "Bearer from-file"})
+    req = urllib.request.Request(
+        f"{d.url}/v1/files/{'a' * 32}", headers={"Authorization": "Bearer from-file"}
+    )
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(req)
     assert exc.value.code == 404
     assert d.log().lstrip().startswith("{")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("bogus = 1\n", "unknown key 'bogus'"),
-    ('port = "abc"\n', "key 'port'"),
-    ('sync = "SOMETIMES"\n', "key 'sync'"),
-    ("upload-ttl = true\n", "key 'upload_ttl'"),
-    ('max-chunk-size = "lots"\n', "key 'max_chunk_size'"),
-    ("port = [\n", "not valid TOML"),
-    ("[serve]\nport = 1\n", "unknown key 'serve'"),
-    ('server = "http://x"\n', "unknown key 'server'"),  # a key of upload, which reads no file
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("bogus = 1\n", "unknown key 'bogus'"),
+        ('port = "abc"\n', "key 'port'"),
+        ('sync = "SOMETIMES"\n', "key 'sync'"),
+        ("upload-ttl = true\n", "key 'upload_ttl'"),
+        ('max-chunk-size = "lots"\n', "key 'max_chunk_size'"),
+        ("port = [\n", "not valid TOML"),
+        ("[serve]\nport = 1\n", "unknown key 'serve'"),
+        ('server = "http://x"\n', "unknown key 'server'"),  # a key of upload, which reads no file
+    ],
+)
 def test_bad_files_are_refused_in_one_line(tmp_path, text, needle):
     cfg = tmp_path / "casd.toml"
     cfg.write_text(text)
@@ -122,8 +132,9 @@ def test_missing_file_is_refused(tmp_path):
 def test_check_config_prints_effective_settings_and_masks_secrets(tmp_path):
     cfg = tmp_path / "casd.toml"
     cfg.write_text('port = 9123\ntoken = "hush-hush"\nlog_level = "warning"\n')
-    r = casd("serve", "--check-config", "--data", str(tmp_path / "d"),
-             env={"CASD_CONFIG": str(cfg)})
+    r = casd(
+        "serve", "--check-config", "--data", str(tmp_path / "d"), env={"CASD_CONFIG": str(cfg)}
+    )
     assert r.returncode == 0, r.stderr
     s = settings_of(r.stdout)
     assert s["port"] == "9123" and s["token"] == "(set)" and s["log_level"] == "warning"

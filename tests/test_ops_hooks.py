@@ -125,12 +125,23 @@ async def test_completed_and_deleted_events_are_signed_and_in_order(
     assert (await client.delete(f"/v1/files/{p.digest}")).status == 204
     await until(lambda: len(recv.requests) == 3)
     kinds = [(e["event"], e["data"]["digest"]) for e in recv.events()]
-    assert kinds == [("file.completed", base.digest), ("file.completed", p.digest),
-                     ("file.deleted", p.digest)]
+    assert kinds == [
+        ("file.completed", base.digest),
+        ("file.completed", p.digest),
+        ("file.deleted", p.digest),
+    ]
     data = recv.events()[1]["data"]
-    assert data == {"algo": "md5", "md5": p.digest, "digest": p.digest, "size": 2 * CHUNK,
-                    "name": "r.bin", "ext": ".bin", "url": f"/v1/files/{p.digest}.bin",
-                    "bytes_skipped": CHUNK, "bytes_sent": CHUNK}
+    assert data == {
+        "algo": "md5",
+        "md5": p.digest,
+        "digest": p.digest,
+        "size": 2 * CHUNK,
+        "name": "r.bin",
+        "ext": ".bin",
+        "url": f"/v1/files/{p.digest}.bin",
+        "bytes_skipped": CHUNK,
+        "bytes_sent": CHUNK,
+    }
     for headers, body in recv.requests:
         ts = headers["X-Casd-Timestamp"]
         assert abs(int(ts) - time.time()) < 300
@@ -178,8 +189,9 @@ async def test_a_hanging_receiver_does_not_hold_uploads(aiohttp_client, settings
 
 async def test_full_queue_drops_the_oldest(aiohttp_client, settings, receivers, caplog):
     port = free_port()
-    s = dataclasses.replace(settings, hook_urls=(f"http://127.0.0.1:{port}/hook",),
-                            hook_queue_max=2)
+    s = dataclasses.replace(
+        settings, hook_urls=(f"http://127.0.0.1:{port}/hook",), hook_queue_max=2
+    )
     client = await aiohttp_client(create_app(s))
     files = [prepare(rand(CHUNK, seed=40 + i), CHUNK) for i in range(3)]
     for p in files:
@@ -193,8 +205,9 @@ async def test_full_queue_drops_the_oldest(aiohttp_client, settings, receivers, 
 
 
 def _call(url: str, method: str, path: str, data=None, ctype="application/json"):
-    req = urllib.request.Request(url + path, data=data, method=method,
-                                 headers={"Content-Type": ctype})
+    req = urllib.request.Request(
+        url + path, data=data, method=method, headers={"Content-Type": ctype}
+    )
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read() or b"null")
 
@@ -203,8 +216,13 @@ def _upload_sync(url: str, p) -> tuple[str, dict]:
     """(upload id, merge answer)."""
     hs = _call(url, "POST", "/v1/handshake", json.dumps(p.handshake).encode())
     for d in hs["missing"]:
-        _call(url, "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{d}", p.chunks[d],
-              "application/octet-stream")
+        _call(
+            url,
+            "PUT",
+            f"/v1/uploads/{hs['upload_id']}/chunks/{d}",
+            p.chunks[d],
+            "application/octet-stream",
+        )
     return hs["upload_id"], _call(url, "POST", f"/v1/uploads/{hs['upload_id']}/merge")
 
 
@@ -223,7 +241,9 @@ def test_event_survives_kill_9(daemon_factory, receivers):
     assert _upload_sync(d.url, q)[1]["status"] == "complete"
     wait_until(lambda: len(recv.requests) >= 2)
     assert [(e["event"], e["data"]["digest"]) for e in recv.events()] == [
-        ("file.completed", p.digest), ("file.completed", q.digest)]
+        ("file.completed", p.digest),
+        ("file.completed", q.digest),
+    ]
 
 
 async def test_no_moment_has_the_change_committed_without_its_event(
@@ -243,8 +263,9 @@ async def test_no_moment_has_the_change_committed_without_its_event(
         async def committed(key, *args):
             result = await original(key, *args)
             digest = result.digest if name == "register_file" else key
-            seen.append((name, await cat.get_file(digest) is not None,
-                         await cat.count_hook_events()))
+            seen.append(
+                (name, await cat.get_file(digest) is not None, await cat.count_hook_events())
+            )
             return result
 
         setattr(cat, name, committed)
@@ -268,16 +289,25 @@ async def test_pre_handshake_refuses_and_allows(aiohttp_client, settings, receiv
     s = dataclasses.replace(settings, hook_pre_handshake=recv.url)
     client = await aiohttp_client(create_app(s))
     small = prepare(rand(500, seed=60), CHUNK, name="s.txt")
-    r = await client.post("/v1/handshake", json=small.handshake,
-                          headers={"Authorization": "Bearer alice"})
+    r = await client.post(
+        "/v1/handshake", json=small.handshake, headers={"Authorization": "Bearer alice"}
+    )
     assert r.status == 200 and (await r.json())["status"] == "pending"
     headers, body = recv.requests[0]
     assert headers["Authorization"] == "Bearer alice"
-    assert json.loads(body) == {"algo": "md5", "md5": small.digest, "digest": small.digest,
-                                "size": 500, "name": "s.txt", "ext": ".txt", "chunks": 1}
+    assert json.loads(body) == {
+        "algo": "md5",
+        "md5": small.digest,
+        "digest": small.digest,
+        "size": 500,
+        "name": "s.txt",
+        "ext": ".txt",
+        "chunks": 1,
+    }
     big = prepare(rand(5000, seed=61), CHUNK)
-    r = await client.post("/v1/handshake", json=big.handshake,
-                          headers={"Authorization": "Bearer alice"})
+    r = await client.post(
+        "/v1/handshake", json=big.handshake, headers={"Authorization": "Bearer alice"}
+    )
     answer = await r.json()
     assert r.status == 403 and answer["error"] == "forbidden"
     assert answer["message"].startswith("quota exceeded for this user")
@@ -306,7 +336,11 @@ def test_bad_hook_url_is_refused_at_start(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "casd", "serve", "--check-config",
-                        "--hook-url", "ftp://x/"], capture_output=True, text=True, timeout=60,
-                       check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "casd", "serve", "--check-config", "--hook-url", "ftp://x/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 2 and "--hook-url" in r.stderr and "Traceback" not in r.stderr

@@ -51,7 +51,7 @@ def test_json_access_line_request_id_and_no_secrets(daemon_factory):
 
 def test_insane_request_id_is_replaced(daemon_factory):
     d = daemon_factory("--log-format", "json")
-    for bad in ("x" * 200, "has space", "quote\"d"):
+    for bad in ("x" * 200, "has space", 'quote"d'):
         status, headers, _ = get(f"{d.url}/healthz", {"X-Request-ID": bad})
         assert status == 200
         assert headers["X-Request-ID"] != bad
@@ -64,7 +64,8 @@ def test_text_format_one_line_per_request_with_upload_id(daemon_factory):
     d = daemon_factory("--log-format", "text")
     p = prepare(rand(1000, seed=5))
     req = urllib.request.Request(
-        f"{d.url}/v1/handshake", data=json.dumps(p.handshake).encode(),
+        f"{d.url}/v1/handshake",
+        data=json.dumps(p.handshake).encode(),
         headers={"Content-Type": "application/json", "X-Request-ID": "hs-1"},
     )
     with urllib.request.urlopen(req) as r:
@@ -108,16 +109,24 @@ async def test_request_id_on_every_line_of_the_request(aiohttp_client, settings)
     assert "disk gone" in warning["msg"] and warning["level"] == "warning"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--log-format", "xml"], "--log-format"),
-    (["--log-level", "loud"], "--log-level"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--log-format", "xml"], "--log-format"),
+        (["--log-level", "loud"], "--log-level"),
+    ],
+)
 def test_bad_log_flags_are_one_line(args, message, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "casd", "serve", "--data", str(tmp_path), *args],
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "casd", "serve", "--data", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
 

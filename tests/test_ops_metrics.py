@@ -121,10 +121,13 @@ async def test_in_flight_counts_a_request_being_received(client):
         await finish.wait()
         yield p.chunks[p.order[0]][100:]
 
-    put = asyncio.create_task(client.put(
-        f"/v1/uploads/{upload_id}/chunks/{p.order[0]}", data=body(),
-        headers={"Content-Length": str(CHUNK)},
-    ))
+    put = asyncio.create_task(
+        client.put(
+            f"/v1/uploads/{upload_id}/chunks/{p.order[0]}",
+            data=body(),
+            headers={"Content-Length": str(CHUNK)},
+        )
+    )
     await half_sent.wait()
     # The scrape itself is in flight too.
     for _ in range(200):

@@ -34,18 +34,29 @@ def test_protocol_imports_nothing_of_casd_but_digest():
 def test_client_package_imports_no_server_module():
     for path in sorted((ROOT / "casd" / "client").glob("*.py")):
         for module in casd_imports(path):
-            assert module in ("casd.digest", "casd.protocol", "casd.chunking") or \
-                module.startswith("casd.client."), f"{path.name} imports {module}"
+            assert module in ("casd.digest", "casd.protocol", "casd.chunking") or module.startswith(
+                "casd.client."
+            ), f"{path.name} imports {module}"
 
 
 def test_chunking_is_a_leaf():
     assert casd_imports(ROOT / "casd" / "chunking.py") == set()
 
 
-@pytest.mark.parametrize("ext,ok", [
-    (".iso", True), (".TAR-gz_1", True), ("." + "x" * 16, True), ("." + "x" * 17, False),
-    (".", False), ("iso", False), (".is o", False), (".iso\n", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "ext,ok",
+    [
+        (".iso", True),
+        (".TAR-gz_1", True),
+        ("." + "x" * 16, True),
+        ("." + "x" * 17, False),
+        (".", False),
+        ("iso", False),
+        (".is o", False),
+        (".iso\n", False),
+        ("", False),
+    ],
+)
 def test_ext_pattern(ext, ok):
     assert bool(protocol.EXT_RE.match(ext)) is ok
 
@@ -58,10 +69,18 @@ def test_file_url_and_path():
     assert m is not None and (m.group(1), m.group(2)) == (d.hex, ".iso")
 
 
-@pytest.mark.parametrize("n,text", [
-    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (2_621_440, "2.5 MiB"),
-    (5 << 30, "5.0 GiB"), (1 << 40, "1.0 TiB"), (3 << 50, "3072.0 TiB"),
-])
+@pytest.mark.parametrize(
+    "n,text",
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (2_621_440, "2.5 MiB"),
+        (5 << 30, "5.0 GiB"),
+        (1 << 40, "1.0 TiB"),
+        (3 << 50, "3072.0 TiB"),
+    ],
+)
 def test_format_bytes(n, text):
     assert protocol.format_bytes(n) == text
 
@@ -72,5 +91,8 @@ def test_format_timestamp_is_rfc3339_utc():
 
 
 def test_retryable_statuses():
-    assert [s for s in (400, 401, 404, 408, 409, 413, 416, 422, 429, 500, 503, 507)
-            if protocol.is_retryable_status(s)] == [408, 429, 500, 503, 507]
+    assert [
+        s
+        for s in (400, 401, 404, 408, 409, 413, 416, 422, 429, 500, 503, 507)
+        if protocol.is_retryable_status(s)
+    ] == [408, 429, 500, 503, 507]

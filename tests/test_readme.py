@@ -32,8 +32,12 @@ def test_readme_starts_with_install_run_and_the_ci_test_command():
 def test_curl_walk_through_works_when_pasted(daemon, tmp_path):
     script = code_block_after("## Walk-through with curl")
     r = subprocess.run(
-        ["bash", "-e", "-c", script], cwd=tmp_path, env={"CASD": daemon.url, "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=60,
+        ["bash", "-e", "-c", script],
+        cwd=tmp_path,
+        env={"CASD": daemon.url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr + r.stdout
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]

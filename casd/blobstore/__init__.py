@@ -52,11 +52,29 @@ from casd.digest import Algo, Digest
 from casd.errors import StoreUnavailable
 
 __all__ = [
-    "READ_PIECE", "BlobHash", "BlobInfo", "BlobMissing", "BlobReader", "BlobStore",
-    "LocalBlobStore", "Reserve", "StoreUnavailable", "StoredBlob", "TempBlob", "TempFile",
-    "blob_matches", "feed", "free_bytes", "fsync_dir", "hash_blob", "is_disk_full",
-    "open_blobstore", "parse_s3_url", "temp_busy",
+    "READ_PIECE",
+    "BlobHash",
+    "BlobInfo",
+    "BlobMissing",
+    "BlobReader",
+    "BlobStore",
+    "LocalBlobStore",
+    "Reserve",
+    "StoreUnavailable",
+    "StoredBlob",
+    "TempBlob",
+    "TempFile",
+    "blob_matches",
+    "feed",
+    "free_bytes",
+    "fsync_dir",
+    "hash_blob",
+    "is_disk_full",
+    "open_blobstore",
+    "parse_s3_url",
+    "temp_busy",
 ]
+
 
 class BlobReader(Protocol):
     """An open blob. `file` is a local file positioned anywhere (for zero-copy sendfile), or
@@ -161,7 +179,10 @@ class BlobStore(Protocol):
 
 
 async def feed(
-    reader: BlobReader, offset: int, length: int, sink: Callable[[bytes], object],
+    reader: BlobReader,
+    offset: int,
+    length: int,
+    sink: Callable[[bytes], object],
     executor=None,
 ) -> int:
     """Hand bytes [offset, offset+length) of a blob to blocking `sink`, on `executor`'s
@@ -174,9 +195,7 @@ async def feed(
     return done
 
 
-async def hash_blob(
-    store: BlobStore, digest: Digest, algo: Algo | None, executor=None
-) -> BlobHash:
+async def hash_blob(store: BlobStore, digest: Digest, algo: Algo | None, executor=None) -> BlobHash:
     """Hash one blob by reading it through the store; BlobMissing when it is gone."""
     x = xxhash.xxh3_128()
     h = algo.new() if algo is not None else None
@@ -221,7 +240,6 @@ def open_blobstore(
     bucket, prefix = parse_s3_url(blobs)
     from casd.blobstore.s3 import S3BlobStore  # aiobotocore is needed only for S3
 
-
     return S3BlobStore(bucket, prefix, tmp_dir, endpoint=s3_endpoint)
 
 
@@ -229,7 +247,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     """s3://BUCKET[/PREFIX] -> (bucket, prefix without slashes at either end); ValueError."""
     if not url.startswith("s3://"):
         raise ValueError(f"{url!r} is not an s3://BUCKET[/PREFIX] URL")
-    bucket, _, prefix = url[len("s3://"):].partition("/")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
         raise ValueError(f"{bucket!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
     return bucket, prefix.strip("/")

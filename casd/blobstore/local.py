@@ -195,8 +195,12 @@ class LocalBlobStore(TempFiles):
         except FileNotFoundError:
             return None
         return BlobInfo(
-            digest, str(path), st.st_size, st.st_mtime,
-            (st.st_ino, st.st_mtime_ns, st.st_size), busy,
+            digest,
+            str(path),
+            st.st_size,
+            st.st_mtime,
+            (st.st_ino, st.st_mtime_ns, st.st_size),
+            busy,
         )
 
     async def hash_blobs(self, items, workers: int) -> list:
@@ -382,7 +386,9 @@ def _hash_file(path: Path, algo) -> BlobHash:
             if h is not None:
                 h.update(view[:n])
     return BlobHash(
-        x.hexdigest(), h.hexdigest() if h else None, (st.st_ino, st.st_mtime_ns, st.st_size),
+        x.hexdigest(),
+        h.hexdigest() if h else None,
+        (st.st_ino, st.st_mtime_ns, st.st_size),
         st.st_size,
     )
 
@@ -467,7 +473,12 @@ class LocalReader:
 
 # errno values with which copy_file_range says "not here": fall back to read/write.
 _NO_COPY_RANGE = {
-    errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM,
+    errno.ENOSYS,
+    errno.EXDEV,
+    errno.EINVAL,
+    errno.EOPNOTSUPP,
+    errno.ENOTSUP,
+    errno.EPERM,
     errno.EBADF,
 }
 
@@ -488,7 +499,9 @@ def _assemble(parts: list[tuple[Path, int]], dest: Path, total: int) -> None:
             try:
                 have = os.fstat(src).st_size
                 if have != size:
-                    raise ValueError(f"chunk {path.name} has {have} bytes, the manifest says {size}")
+                    raise ValueError(
+                        f"chunk {path.name} has {have} bytes, the manifest says {size}"
+                    )
                 left = size
                 while left and use_range:
                     try:
@@ -524,7 +537,7 @@ def open_export_temp(dest: Path) -> tuple[int, Path]:
 def write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def drop_export_temp(fd: int, temp: Path) -> None:
@@ -558,7 +571,7 @@ def _write_zeros(fd: int, size: int) -> None:
     block = bytes(1 << 20)
     left = size
     while left > 0:
-        left -= os.write(fd, block[:min(left, len(block))])
+        left -= os.write(fd, block[: min(left, len(block))])
 
 
 def free_bytes(path: Path) -> int:

@@ -87,9 +87,7 @@ class S3BlobStore(TempFiles):
         await asyncio.to_thread(self.tmp_dir.mkdir, parents=True, exist_ok=True)
         stack = AsyncExitStack()
         self._client = await stack.enter_async_context(
-            get_session().create_client(
-                "s3", endpoint_url=self.endpoint, config=client_config()
-            )
+            get_session().create_client("s3", endpoint_url=self.endpoint, config=client_config())
         )
         self._stack = stack
         try:
@@ -178,8 +176,11 @@ class S3BlobStore(TempFiles):
         if head is None:
             return None
         return BlobInfo(
-            digest, f"s3://{self.bucket}/{key}", head["ContentLength"],
-            head["LastModified"].timestamp(), (head.get("ETag"), head["ContentLength"]),
+            digest,
+            f"s3://{self.bucket}/{key}",
+            head["ContentLength"],
+            head["LastModified"].timestamp(),
+            (head.get("ETag"), head["ContentLength"]),
         )
 
     async def open(self, digest: Digest) -> S3Reader:
@@ -210,11 +211,13 @@ class S3BlobStore(TempFiles):
             async for page in pages:
                 for obj in page.get("Contents", ()):
                     key = obj["Key"]
-                    rest = key[len(self.prefix):]
+                    rest = key[len(self.prefix) :]
                     if rest.startswith(QUARANTINE + "/"):
                         continue
                     yield BlobInfo(
-                        _digest_of(rest), f"s3://{self.bucket}/{key}", obj["Size"],
+                        _digest_of(rest),
+                        f"s3://{self.bucket}/{key}",
+                        obj["Size"],
                         obj["LastModified"].timestamp(),
                     )
 
@@ -225,7 +228,8 @@ class S3BlobStore(TempFiles):
         dest = f"{self.prefix}{QUARANTINE}/{digest.algo.value}-{digest.hex}-{int(time.time())}"
         async with self._errors(f"quarantine {digest.hex}"):
             await self._client.copy_object(
-                Bucket=self.bucket, Key=dest,
+                Bucket=self.bucket,
+                Key=dest,
                 CopySource={"Bucket": self.bucket, "Key": self.key(digest)},
             )
             await self._client.delete_object(Bucket=self.bucket, Key=self.key(digest))
@@ -247,7 +251,7 @@ class S3BlobStore(TempFiles):
 
         out: _list[BlobHash | OSError] = []
         for i in range(0, len(items), 1000):  # bounded: a million blobs are not a million tasks
-            out += await asyncio.gather(*(one(d, a) for d, a in items[i:i + 1000]))
+            out += await asyncio.gather(*(one(d, a) for d, a in items[i : i + 1000]))
         return out
 
     async def assemble(self, parts: _list[tuple[Digest, int]], dest: Path, total: int) -> None:
@@ -304,7 +308,8 @@ class S3Reader:
         async with store._errors(f"read {self._key}"):
             try:
                 resp = await store._client.get_object(
-                    Bucket=store.bucket, Key=self._key,
+                    Bucket=store.bucket,
+                    Key=self._key,
                     Range=f"bytes={offset}-{offset + length - 1}",
                 )
             except ClientError as exc:
@@ -326,4 +331,3 @@ class S3Reader:
 
     async def __aexit__(self, *exc) -> None:
         pass
-

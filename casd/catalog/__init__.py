@@ -168,8 +168,14 @@ class Catalog(Protocol):
     # ---- daemon writes ----
 
     async def begin_upload(
-        self, manifest: Manifest, chunks_key: str, now: float, expires_at: float, new_id: str,
-        client: str = "", budget: PendingBudget | None = None,
+        self,
+        manifest: Manifest,
+        chunks_key: str,
+        now: float,
+        expires_at: float,
+        new_id: str,
+        client: str = "",
+        budget: PendingBudget | None = None,
     ) -> tuple[Upload, list[str]]:
         """Find the live pending upload of this exact manifest or create one (id `new_id`),
         and its missing chunks.
@@ -183,8 +189,14 @@ class Catalog(Protocol):
         """Push a live pending upload's expiry forward; False when there is none."""
 
     async def publish_chunk(
-        self, digest: Digest, size: int, xxh3: str, now: float, place: Locked[Digest, None],
-        touch: tuple[str, float] | None = None, replace: bool = False,
+        self,
+        digest: Digest,
+        size: int,
+        xxh3: str,
+        now: float,
+        place: Locked[Digest, None],
+        touch: tuple[str, float] | None = None,
+        replace: bool = False,
     ) -> bool:
         """Record a verified blob; False (and `place` not called) when it is already live.
 
@@ -282,7 +294,9 @@ class Catalog(Protocol):
     # ---- fsck ----
 
     async def quarantine(
-        self, digests: Iterable[str], now: float,
+        self,
+        digests: Iterable[str],
+        now: float,
         decide: Locked[dict[str, ChunkUsers], list[tuple[Digest, int]]],
     ) -> list[tuple[Digest, int]]:
         """fsck --repair: under the digest lock, `decide(facts)` which chunks to set aside
@@ -294,7 +308,9 @@ class Catalog(Protocol):
         """(digest hex, size its manifest gives) of every chunk some complete file uses."""
 
     async def chunk_users(
-        self, digests: Iterable[str], now: float,
+        self,
+        digests: Iterable[str],
+        now: float,
         probe: Locked[dict[str, ChunkUsers], object] | None = None,
     ) -> tuple[dict[str, ChunkUsers], object]:
         """The facts about `digests` read under their digest lock, and `probe(facts)`'s
@@ -317,7 +333,11 @@ class Catalog(Protocol):
 
 
 async def open_catalog(
-    where: str | Path, *, synchronous: str = "FULL", readers: int = 2, bulk_readers: int = 2,
+    where: str | Path,
+    *,
+    synchronous: str = "FULL",
+    readers: int = 2,
+    bulk_readers: int = 2,
 ) -> Catalog:
     """Open (creating and migrating as needed) the catalogue `where` names: a
     postgresql:// URL, or the path of a SQLite file. The caller closes it."""

@@ -112,7 +112,15 @@ def digest_key(hex_: str) -> int:
 
 def _upload(row) -> Upload:
     uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
-    return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, UploadState(state), expires_at
+    return Upload(
+        uid,
+        manifest_id,
+        Digest(Algo(algo), digest),
+        size,
+        ext,
+        name,
+        UploadState(state),
+        expires_at,
     )
 
 
@@ -150,7 +158,8 @@ def _unavailable(exc: BaseException) -> bool:
 
 def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") in (
-        "40001", "40P01",
+        "40001",
+        "40P01",
     )
 
 
@@ -200,8 +209,11 @@ class PostgresCatalog:
         at once). Unavailable, naming the URL without its password, when it cannot."""
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=0, max_size=max(4, readers + 4),
-                command_timeout=COMMAND_TIMEOUT, timeout=CONNECT_TIMEOUT,
+                url,
+                min_size=0,
+                max_size=max(4, readers + 4),
+                command_timeout=COMMAND_TIMEOUT,
+                timeout=CONNECT_TIMEOUT,
             )
         except Exception as exc:
             raise Unavailable(
@@ -242,9 +254,11 @@ class PostgresCatalog:
                     if read and not snapshot:
                         result = await fn(con, *args)
                     else:
-                        tx = con.transaction(
-                            isolation="repeatable_read", readonly=True
-                        ) if snapshot else con.transaction()
+                        tx = (
+                            con.transaction(isolation="repeatable_read", readonly=True)
+                            if snapshot
+                            else con.transaction()
+                        )
                         async with tx:
                             result = await fn(con, *args)
             except _Theirs as theirs:
@@ -287,7 +301,8 @@ class PostgresCatalog:
     async def get_file(self, digest: Digest) -> FileEntry | None:
         row = await self._one(
             f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = $1 AND f.algo = $2",
-            digest.hex, digest.algo.value,
+            digest.hex,
+            digest.algo.value,
         )
         return _file(row) if row else None
 
@@ -297,7 +312,8 @@ class PostgresCatalog:
         async def read(con):
             row = await con.fetchrow(
                 f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = $1 AND f.algo = $2",
-                digest.hex, digest.algo.value,
+                digest.hex,
+                digest.algo.value,
             )
             if row is None:
                 return None
@@ -317,7 +333,8 @@ class PostgresCatalog:
     async def manifest_size_of(self, manifest_id: int, digest: Digest) -> int | None:
         row = await self._one(
             "SELECT size FROM manifest_chunks WHERE manifest_id = $1 AND digest = $2 LIMIT 1",
-            manifest_id, digest.hex,
+            manifest_id,
+            digest.hex,
         )
         return row[0] if row else None
 
@@ -332,7 +349,8 @@ class PostgresCatalog:
             return set()
         rows = await self._fetch(
             "SELECT digest FROM chunks WHERE state = $1 AND digest = ANY($2::text[])",
-            LIVE, list(digests),
+            LIVE,
+            list(digests),
         )
         return {r[0] for r in rows}
 
@@ -364,15 +382,23 @@ class PostgresCatalog:
         rows = await self._fetch(
             "SELECT digest, size FROM manifest_chunks WHERE manifest_id = $1 AND seq >= $2"
             " ORDER BY seq LIMIT $3",
-            manifest_id, start, limit,
+            manifest_id,
+            start,
+            limit,
         )
         return [(r[0], r[1]) for r in rows]
 
     # ---- daemon writes ----
 
     async def begin_upload(
-        self, manifest: Manifest, chunks_key: str, now: float, expires_at: float, new_id: str,
-        client: str = "", budget: PendingBudget | None = None,
+        self,
+        manifest: Manifest,
+        chunks_key: str,
+        now: float,
+        expires_at: float,
+        new_id: str,
+        client: str = "",
+        budget: PendingBudget | None = None,
     ) -> tuple[Upload, list[str]]:
         return await self._run(
             _begin_upload, manifest, chunks_key, now, expires_at, new_id, client, budget
@@ -383,22 +409,32 @@ class PostgresCatalog:
             status = await con.execute(
                 "UPDATE uploads SET expires_at = $1 WHERE id = $2 AND state = 'pending'"
                 " AND expires_at > $3",
-                expires_at, upload_id, now,
+                expires_at,
+                upload_id,
+                now,
             )
             return status.endswith(" 1")
 
         return await self._run(touch)
 
     async def publish_chunk(
-        self, digest: Digest, size: int, xxh3: str, now: float, place: Locked[Digest, None],
-        touch: tuple[str, float] | None = None, replace: bool = False,
+        self,
+        digest: Digest,
+        size: int,
+        xxh3: str,
+        now: float,
+        place: Locked[Digest, None],
+        touch: tuple[str, float] | None = None,
+        replace: bool = False,
     ) -> bool:
         async def publish(con):
             if touch is not None:
                 await con.execute(
                     "UPDATE uploads SET expires_at = $1 WHERE id = $2 AND state = 'pending'"
                     " AND expires_at > $3",
-                    touch[1], touch[0], now,
+                    touch[1],
+                    touch[0],
+                    now,
                 )
             await _lock_digests(con, [digest.hex])
             if not replace and await con.fetchval(
@@ -411,7 +447,12 @@ class PostgresCatalog:
                 " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (digest) DO UPDATE SET"
                 " size = excluded.size, xxh3 = excluded.xxh3, created = excluded.created,"
                 " state = excluded.state",
-                digest.hex, digest.algo.value, size, xxh3, now, LIVE,
+                digest.hex,
+                digest.algo.value,
+                size,
+                xxh3,
+                now,
+                LIVE,
             )
             return True
 
@@ -441,7 +482,8 @@ class PostgresCatalog:
             row = await con.fetchrow(
                 "DELETE FROM files f WHERE f.digest = $1 AND f.algo = $2"
                 f" RETURNING {_FILE_COLUMNS}",
-                digest.hex, digest.algo.value,
+                digest.hex,
+                digest.algo.value,
             )
             if row is None:
                 return False
@@ -463,7 +505,8 @@ class PostgresCatalog:
     async def hook_events(self, url: str, limit: int) -> list[tuple[int, str, str]]:
         rows = await self._fetch(
             "SELECT id, kind, body FROM hook_events WHERE url = $1 ORDER BY id LIMIT $2",
-            url, limit,
+            url,
+            limit,
         )
         return [tuple(r) for r in rows]
 
@@ -500,7 +543,9 @@ class PostgresCatalog:
         rows = await self._fetch(
             f"SELECT {_CHUNK_COLUMNS} FROM chunks c WHERE c.state = $1 AND c.created < $2"
             f" AND NOT {_REFERENCED.format(c='c', n=3)} ORDER BY c.digest",
-            LIVE, cutoff, now,
+            LIVE,
+            cutoff,
+            now,
         )
         return [_chunk_row(r) for r in rows]
 
@@ -518,8 +563,9 @@ class PostgresCatalog:
             uploads = manifests = 0
             for uid in ids:
                 mid = await con.fetchval(
-                    "DELETE FROM uploads WHERE id = $1 AND expires_at <= $2"
-                    " RETURNING manifest_id", uid, now,
+                    "DELETE FROM uploads WHERE id = $1 AND expires_at <= $2 RETURNING manifest_id",
+                    uid,
+                    now,
                 )
                 if mid is not None:
                     uploads += 1
@@ -550,7 +596,11 @@ class PostgresCatalog:
                 "UPDATE chunks c SET state = $1 WHERE c.digest = ANY($2::text[])"
                 f" AND c.state = $3 AND c.created < $4 AND NOT {_REFERENCED.format(c='c', n=5)}"
                 f" RETURNING {_CHUNK_COLUMNS}",
-                DELETING, digests, LIVE, cutoff, now,
+                DELETING,
+                digests,
+                LIVE,
+                cutoff,
+                now,
             )
             return sorted((_chunk_row(r) for r in rows), key=lambda r: r.digest.hex)
 
@@ -565,17 +615,20 @@ class PostgresCatalog:
         async def retire(con):
             await _lock_digests(con, digests)
             rows = [
-                _chunk_row(r) for r in await con.fetch(
+                _chunk_row(r)
+                for r in await con.fetch(
                     f"SELECT {_CHUNK_COLUMNS} FROM chunks c"
                     " WHERE c.digest = ANY($1::text[]) AND c.state = $2 ORDER BY c.digest",
-                    digests, DELETING,
+                    digests,
+                    DELETING,
                 )
             ]
             if rows:
                 await _locked(unlink, rows)
                 await con.execute(
                     "DELETE FROM chunks WHERE digest = ANY($1::text[]) AND state = $2",
-                    [r.digest.hex for r in rows], DELETING,
+                    [r.digest.hex for r in rows],
+                    DELETING,
                 )
             return rows
 
@@ -585,24 +638,28 @@ class PostgresCatalog:
         row = await self._one(
             "SELECT count(*) FROM chunks c WHERE c.state = $1"
             f" AND NOT {_REFERENCED.format(c='c', n=2)}",
-            QUARANTINED, now,
+            QUARANTINED,
+            now,
         )
         return row[0]
 
     async def drop_unused_quarantined(self, now: float) -> int:
         async def drop(con):
-            return _count(await con.execute(
-                "DELETE FROM chunks c WHERE c.state = $1"
-                f" AND NOT {_REFERENCED.format(c='c', n=2)}",
-                QUARANTINED, now,
-            ))
+            return _count(
+                await con.execute(
+                    "DELETE FROM chunks c WHERE c.state = $1"
+                    f" AND NOT {_REFERENCED.format(c='c', n=2)}",
+                    QUARANTINED,
+                    now,
+                )
+            )
 
         return await self._run(drop)
 
     async def orphans(self, digests: list[str]) -> set[str]:
         out: set[str] = set()
         for i in range(0, len(digests), 1000):
-            part = digests[i:i + 1000]
+            part = digests[i : i + 1000]
             rows = await self._fetch(_ROWED_OR_FILED, part)
             out.update(set(part) - {r[0] for r in rows})
         return out
@@ -621,7 +678,9 @@ class PostgresCatalog:
     # ---- fsck ----
 
     async def quarantine(
-        self, digests: Iterable[str], now: float,
+        self,
+        digests: Iterable[str],
+        now: float,
         decide: Locked[dict[str, ChunkUsers], list[tuple[Digest, int]]],
     ) -> list[tuple[Digest, int]]:
         wanted = list(digests)
@@ -652,7 +711,9 @@ class PostgresCatalog:
         return [(r[0], r[1]) for r in rows]
 
     async def chunk_users(
-        self, digests: Iterable[str], now: float,
+        self,
+        digests: Iterable[str],
+        now: float,
         probe: Locked[dict[str, ChunkUsers], object] | None = None,
     ) -> tuple[dict[str, ChunkUsers], object]:
         wanted = list(digests)
@@ -675,26 +736,28 @@ class PostgresCatalog:
             chunks, physical = await con.fetchrow(
                 "SELECT count(*), coalesce(sum(size), 0) FROM chunks WHERE state = $1", LIVE
             )
-            deleting = await con.fetchval(
-                "SELECT count(*) FROM chunks WHERE state = $1", DELETING
-            )
+            deleting = await con.fetchval("SELECT count(*) FROM chunks WHERE state = $1", DELETING)
             pending, pending_bytes = await con.fetchrow(
                 "SELECT count(*), coalesce(sum(m.size), 0) FROM uploads u"
                 " JOIN manifests m ON m.id = u.manifest_id"
-                " WHERE u.state = 'pending' AND u.expires_at > $1", now,
+                " WHERE u.state = 'pending' AND u.expires_at > $1",
+                now,
             )
-            expired = await con.fetchval(
-                "SELECT count(*) FROM uploads WHERE expires_at <= $1", now
-            )
+            expired = await con.fetchval("SELECT count(*) FROM uploads WHERE expires_at <= $1", now)
             entries = await con.fetchval(_PENDING_ENTRIES, now)
             quarantined = await con.fetchval(
                 "SELECT count(*) FROM chunks WHERE state = $1", QUARANTINED
             )
             return {
-                "pending_entries": int(entries), "quarantined_chunks": quarantined,
-                "files": files, "logical_bytes": int(logical), "chunks": chunks,
-                "physical_bytes": int(physical), "pending_uploads": pending,
-                "pending_bytes": int(pending_bytes), "deleting_chunks": deleting,
+                "pending_entries": int(entries),
+                "quarantined_chunks": quarantined,
+                "files": files,
+                "logical_bytes": int(logical),
+                "chunks": chunks,
+                "physical_bytes": int(physical),
+                "pending_uploads": pending,
+                "pending_bytes": int(pending_bytes),
+                "deleting_chunks": deleting,
                 "expired_uploads": expired,
             }
 
@@ -713,8 +776,8 @@ class PostgresCatalog:
             found = []
             for uid in ids:
                 mid = await con.fetchval(
-                    "DELETE FROM uploads WHERE id = $1 AND state = 'pending'"
-                    " RETURNING manifest_id", uid,
+                    "DELETE FROM uploads WHERE id = $1 AND state = 'pending' RETURNING manifest_id",
+                    uid,
                 )
                 if mid is not None:
                     found.append(uid)
@@ -757,8 +820,14 @@ async def _missing(con: asyncpg.Connection, manifest_id: int) -> list[str]:
 
 
 async def _begin_upload(
-    con: asyncpg.Connection, manifest: Manifest, chunks_key: str, now: float,
-    expires_at: float, new_id: str, client: str, budget: PendingBudget | None,
+    con: asyncpg.Connection,
+    manifest: Manifest,
+    chunks_key: str,
+    now: float,
+    expires_at: float,
+    new_id: str,
+    client: str,
+    budget: PendingBudget | None,
 ) -> tuple[Upload, list[str]]:
     d = manifest.digest
     await con.execute("SELECT pg_advisory_xact_lock_shared($1)", _REFERENCE_KEY)
@@ -769,7 +838,9 @@ async def _begin_upload(
         f"SELECT {_UPLOAD_COLUMNS} FROM manifests m JOIN uploads u ON u.manifest_id = m.id"
         " WHERE m.digest = $1 AND m.size = $2 AND m.chunks_key = $3 AND u.state = 'pending'"
         " ORDER BY u.expires_at DESC LIMIT 1 FOR UPDATE OF u",
-        d.hex, manifest.size, chunks_key,
+        d.hex,
+        manifest.size,
+        chunks_key,
     )
     existing = _upload(row) if row else None
     if existing is not None and existing.expires_at > now:
@@ -777,8 +848,14 @@ async def _begin_upload(
             "UPDATE uploads SET expires_at = $1 WHERE id = $2", expires_at, existing.id
         )
         upload = Upload(
-            existing.id, existing.manifest_id, existing.digest, existing.size, existing.ext,
-            existing.name, existing.state, expires_at,
+            existing.id,
+            existing.manifest_id,
+            existing.digest,
+            existing.size,
+            existing.ext,
+            existing.name,
+            existing.state,
+            expires_at,
         )
         return upload, await _missing(con, upload.manifest_id)
     if existing is not None:
@@ -790,17 +867,24 @@ async def _begin_upload(
     manifest_id = await con.fetchval(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
         " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-        d.algo.value, d.hex, manifest.size, chunks_key, len(manifest.chunks), now,
+        d.algo.value,
+        d.hex,
+        manifest.size,
+        chunks_key,
+        len(manifest.chunks),
+        now,
     )
     await con.copy_records_to_table(
-        "manifest_chunks", columns=("manifest_id", "seq", "digest", "size"),
+        "manifest_chunks",
+        columns=("manifest_id", "seq", "digest", "size"),
         records=((manifest_id, i, c.hex, c.size) for i, c in enumerate(manifest.chunks)),
     )
     clash = await con.fetchrow(
         "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
         " JOIN chunks c ON c.digest = mc.digest"
         " WHERE mc.manifest_id = $1 AND c.state = $2 AND c.size <> mc.size LIMIT 1",
-        manifest_id, LIVE,
+        manifest_id,
+        LIVE,
     )
     if clash:
         # Say which claim is wrong, never the stored size: that is someone else's fact.
@@ -810,10 +894,22 @@ async def _begin_upload(
     await con.execute(
         "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
         " VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
-        new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client,
+        new_id,
+        manifest_id,
+        manifest.ext,
+        manifest.name,
+        now,
+        expires_at,
+        client,
     )
     upload = Upload(
-        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, UploadState.PENDING,
+        new_id,
+        manifest_id,
+        d,
+        manifest.size,
+        manifest.ext,
+        manifest.name,
+        UploadState.PENDING,
         expires_at,
     )
     return upload, await _missing(con, manifest_id)
@@ -833,14 +929,16 @@ async def _check_budget(
         raise TooManyPending(
             f"your pending uploads hold {mine} chunk entries; this one would take them over"
             f" the limit of {budget.per_client}: merge or abort some, or wait for them to expire",
-            pending=mine, limit=budget.per_client,
+            pending=mine,
+            limit=budget.per_client,
         )
     total = int(await con.fetchval(_PENDING_ENTRIES, now))
     if total + entries > budget.total:
         raise TooManyPending(
             f"pending uploads hold {total} chunk entries; this one would take them over the"
             f" server's limit of {budget.total}: try again later",
-            pending=total, limit=budget.total,
+            pending=total,
+            limit=budget.total,
         )
 
 
@@ -863,8 +961,8 @@ async def _queue_events(
     excess = max(count - events.max_rows, 0)
     if excess:
         await con.execute(
-            "DELETE FROM hook_events WHERE id IN"
-            " (SELECT id FROM hook_events ORDER BY id LIMIT $1)", excess,
+            "DELETE FROM hook_events WHERE id IN (SELECT id FROM hook_events ORDER BY id LIMIT $1)",
+            excess,
         )
     events.queued, events.dropped = len(rows), excess
 
@@ -890,7 +988,13 @@ async def _register_file(
         await con.execute(
             "INSERT INTO files (digest, algo, size, manifest_id, ext, name, created)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (digest) DO NOTHING",
-            d.hex, d.algo.value, upload.size, upload.manifest_id, upload.ext, upload.name, now,
+            d.hex,
+            d.algo.value,
+            upload.size,
+            upload.manifest_id,
+            upload.ext,
+            upload.name,
+            now,
         )
         await con.execute("UPDATE uploads SET state = 'merged' WHERE id = $1", upload_id)
     frow = await con.fetchrow(
@@ -925,7 +1029,8 @@ async def _chunk_users(con: asyncpg.Connection, hex_: str, now: float) -> ChunkU
             "SELECT DISTINCT u.id FROM manifest_chunks mc JOIN uploads u"
             " ON u.manifest_id = mc.manifest_id WHERE mc.digest = $1 AND u.state = 'pending'"
             " AND u.expires_at > $2 ORDER BY u.id",
-            hex_, now,
+            hex_,
+            now,
         )
     )
     return ChunkUsers(_chunk_row(row) if row else None, files, uploads)
@@ -949,7 +1054,9 @@ async def _migrate(con: asyncpg.Connection) -> None:
                 await con.execute(sql)
                 await con.execute(
                     "INSERT INTO schema_migrations (version, name, applied) VALUES ($1, $2, $3)",
-                    version, name, time.time(),
+                    version,
+                    name,
+                    time.time(),
                 )
                 log.info("catalogue migrated to %s", name)
     finally:

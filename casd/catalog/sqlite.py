@@ -71,7 +71,15 @@ _FILE_READ_TRIES = 3
 
 def _upload(row) -> Upload:
     uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
-    return Upload(uid, manifest_id, Digest(Algo(algo), digest), size, ext, name, UploadState(state), expires_at
+    return Upload(
+        uid,
+        manifest_id,
+        Digest(Algo(algo), digest),
+        size,
+        ext,
+        name,
+        UploadState(state),
+        expires_at,
     )
 
 
@@ -343,8 +351,14 @@ class _Daemon:
     # ---- the daemon's writes: queued, committed together ----------------------------
 
     async def begin_upload(
-        self, manifest: Manifest, chunks_key: str, now: float, expires_at: float, new_id: str,
-        client: str = "", budget: PendingBudget | None = None,
+        self,
+        manifest: Manifest,
+        chunks_key: str,
+        now: float,
+        expires_at: float,
+        new_id: str,
+        client: str = "",
+        budget: PendingBudget | None = None,
     ) -> tuple[Upload, list[str]]:
         """Find the live pending upload of this exact manifest or create one; one transaction.
 
@@ -371,7 +385,14 @@ class _Daemon:
     ) -> bool:
         """See casd.catalog.Catalog.publish_chunk."""
         return await self._group.run(
-            _publish_chunk, self._group.under_lock, digest, size, xxh3, now, place, touch,
+            _publish_chunk,
+            self._group.under_lock,
+            digest,
+            size,
+            xxh3,
+            now,
+            place,
+            touch,
             replace,
         )
 
@@ -592,14 +613,15 @@ def _queue_events(con, events: HookEvents | None, entry: FileEntry | None) -> No
     excess = max(count - events.max_rows, 0)
     if excess:
         con.execute(
-            "DELETE FROM hook_events WHERE id IN"
-            " (SELECT id FROM hook_events ORDER BY id LIMIT ?)", (excess,)
+            "DELETE FROM hook_events WHERE id IN (SELECT id FROM hook_events ORDER BY id LIMIT ?)",
+            (excess,),
         )
     events.queued, events.dropped = len(rows), excess
 
 
 def _hook_event_done(con, event_id) -> None:
     con.execute("DELETE FROM hook_events WHERE id = ?", (event_id,))
+
 
 _PENDING_OF_MANIFEST = (
     f"SELECT {_UPLOAD_COLUMNS} FROM manifests m JOIN uploads u ON u.manifest_id = m.id"
@@ -613,8 +635,14 @@ _UPLOAD_BY_ID = (
 
 
 def _begin_upload(
-    con: sqlite3.Connection, manifest: Manifest, chunks_key: str, now: float,
-    expires_at: float, new_id: str, client: str, budget: PendingBudget | None,
+    con: sqlite3.Connection,
+    manifest: Manifest,
+    chunks_key: str,
+    now: float,
+    expires_at: float,
+    new_id: str,
+    client: str,
+    budget: PendingBudget | None,
 ) -> tuple[Upload, list[str]]:
     d = manifest.digest
     row = con.execute(_PENDING_OF_MANIFEST, (d.hex, manifest.size, chunks_key)).fetchone()
@@ -653,7 +681,13 @@ def _begin_upload(
         (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client),
     )
     upload = Upload(
-        new_id, manifest_id, d, manifest.size, manifest.ext, manifest.name, UploadState.PENDING,
+        new_id,
+        manifest_id,
+        d,
+        manifest.size,
+        manifest.ext,
+        manifest.name,
+        UploadState.PENDING,
         expires_at,
     )
     return upload, _missing_sync(con, manifest_id)
@@ -673,14 +707,16 @@ def _check_budget(
         raise TooManyPending(
             f"your pending uploads hold {mine} chunk entries; this one would take them over"
             f" the limit of {budget.per_client}: merge or abort some, or wait for them to expire",
-            pending=mine, limit=budget.per_client,
+            pending=mine,
+            limit=budget.per_client,
         )
     total = con.execute(_PENDING_ENTRIES, (now,)).fetchone()[0]
     if total + entries > budget.total:
         raise TooManyPending(
             f"pending uploads hold {total} chunk entries; this one would take them over the"
             f" server's limit of {budget.total}: try again later",
-            pending=total, limit=budget.total,
+            pending=total,
+            limit=budget.total,
         )
 
 
@@ -693,8 +729,15 @@ def _touch_upload(con: sqlite3.Connection, upload_id: str, now: float, expires_a
 
 
 def _publish_chunk(
-    con: sqlite3.Connection, lock: Callable, digest: Digest, size: int, xxh3: str, now: float,
-    place: Locked[Digest, None], touch: tuple[str, float] | None, replace: bool = False,
+    con: sqlite3.Connection,
+    lock: Callable,
+    digest: Digest,
+    size: int,
+    xxh3: str,
+    now: float,
+    place: Locked[Digest, None],
+    touch: tuple[str, float] | None,
+    replace: bool = False,
 ) -> bool:
     if touch is not None:
         # Never revives an upload that expired meanwhile (gc may already be emptying it).
@@ -703,9 +746,12 @@ def _publish_chunk(
             " AND expires_at > ?",
             (touch[1], touch[0], now),
         )
-    if not replace and con.execute(
-        "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
-    ).fetchone():
+    if (
+        not replace
+        and con.execute(
+            "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
+        ).fetchone()
+    ):
         return False
     lock(place, digest)
     con.execute(
@@ -1122,10 +1168,8 @@ class _Admin:
     async def orphans(self, digests: list[str]) -> set[str]:
         out: set[str] = set()
         for i in range(0, len(digests), 500):
-            part = digests[i:i + 500]
-            rows = await self._all(
-                _ROWED_OR_FILED.format(m=_marks(len(part))), (*part, *part)
-            )
+            part = digests[i : i + 500]
+            rows = await self._all(_ROWED_OR_FILED.format(m=_marks(len(part))), (*part, *part))
             out.update(set(part) - {r[0] for r in rows})
         return out
 
@@ -1137,7 +1181,9 @@ class _Admin:
     # -- fsck --
 
     async def quarantine(
-        self, digests: Iterable[str], now: float,
+        self,
+        digests: Iterable[str],
+        now: float,
         decide: Locked[dict[str, ChunkUsers], list[tuple[Digest, int]]],
     ) -> list[tuple[Digest, int]]:
         return await self._group.run(
@@ -1156,7 +1202,9 @@ class _Admin:
         return [(r[0], r[1]) for r in rows]
 
     async def chunk_users(
-        self, digests: Iterable[str], now: float,
+        self,
+        digests: Iterable[str],
+        now: float,
         probe: Locked[dict[str, ChunkUsers], object] | None = None,
     ) -> tuple[dict[str, ChunkUsers], object]:
         return await self._group.run(
@@ -1170,27 +1218,28 @@ class _Admin:
         chunks, physical = await self._one(
             "SELECT count(*), coalesce(sum(size), 0) FROM chunks WHERE state = ?", (LIVE,)
         )
-        deleting = (
-            await self._one("SELECT count(*) FROM chunks WHERE state = ?", (DELETING,))
-        )[0]
+        deleting = (await self._one("SELECT count(*) FROM chunks WHERE state = ?", (DELETING,)))[0]
         pending, pending_bytes = await self._one(
             "SELECT count(*), coalesce(sum(m.size), 0) FROM uploads u"
             " JOIN manifests m ON m.id = u.manifest_id"
             " WHERE u.state = 'pending' AND u.expires_at > ?",
             (now,),
         )
-        expired = (
-            await self._one("SELECT count(*) FROM uploads WHERE expires_at <= ?", (now,))
-        )[0]
+        expired = (await self._one("SELECT count(*) FROM uploads WHERE expires_at <= ?", (now,)))[0]
         entries = (await self._one(_PENDING_ENTRIES, (now,)))[0]
         quarantined = (
             await self._one("SELECT count(*) FROM chunks WHERE state = ?", (QUARANTINED,))
         )[0]
         return {
-            "pending_entries": entries, "quarantined_chunks": quarantined,
-            "files": files, "logical_bytes": logical, "chunks": chunks,
-            "physical_bytes": physical, "pending_uploads": pending,
-            "pending_bytes": pending_bytes, "deleting_chunks": deleting,
+            "pending_entries": entries,
+            "quarantined_chunks": quarantined,
+            "files": files,
+            "logical_bytes": logical,
+            "chunks": chunks,
+            "physical_bytes": physical,
+            "pending_uploads": pending,
+            "pending_bytes": pending_bytes,
+            "deleting_chunks": deleting,
             "expired_uploads": expired,
         }
 
@@ -1201,9 +1250,7 @@ class _Admin:
             " u.expires_at, u.client FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
             " WHERE u.state = 'pending' ORDER BY u.created, u.id"
         )
-        return [
-            PendingUpload(r[0], Digest(Algo(r[1]), r[2]), *r[3:]) for r in rows
-        ]
+        return [PendingUpload(r[0], Digest(Algo(r[1]), r[2]), *r[3:]) for r in rows]
 
     async def abort_uploads(self, ids: list[str]) -> list[str]:
         return await self._group.run(_abort_uploads, ids)
@@ -1223,5 +1270,3 @@ class _Admin:
 class SqliteCatalog(_Daemon, _Admin):
     """The catalogue in one SQLite file: the `Catalog` interface of casd.catalog, whose
     docstrings give each method's contract."""
-
-

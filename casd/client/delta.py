@@ -76,8 +76,7 @@ def guess_chunkings(chunks: list[ManifestChunk]) -> list[Chunking]:
     if not chunks:
         return []
     first = chunks[0].size
-    if len(chunks) == 1 or (all(c.size == first for c in chunks[:-1])
-                            and chunks[-1].size <= first):
+    if len(chunks) == 1 or (all(c.size == first for c in chunks[:-1]) and chunks[-1].size <= first):
         return [Chunking.fixed(first)]
     mean = sum(c.size for c in chunks) / len(chunks)
     averages = [1 << k for k in range(MIN_AVG.bit_length() - 1, MAX_AVG.bit_length())]
@@ -85,9 +84,13 @@ def guess_chunkings(chunks: list[ManifestChunk]) -> list[Chunking]:
     return [Chunking.fastcdc(avg) for avg in averages[:3]]
 
 
-def reuse_index(paths: Iterable[str | os.PathLike], chunkings: list[Chunking],
-                wanted: set[str], algo: Algo,
-                cache: DigestCache | None) -> dict[str, Source]:
+def reuse_index(
+    paths: Iterable[str | os.PathLike],
+    chunkings: list[Chunking],
+    wanted: set[str],
+    algo: Algo,
+    cache: DigestCache | None,
+) -> dict[str, Source]:
     """Where local files hold chunks of `wanted`, trying each cut rule until one matches.
 
     A rule that finds none of the wanted chunks in a file is taken as the wrong guess and

@@ -12,8 +12,15 @@ class CasdClientError(Exception):
     already retried it `retries` times when it surfaces).
     """
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 body: dict | None = None, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        body: dict | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.status = status

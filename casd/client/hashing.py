@@ -85,9 +85,14 @@ def _read_exact(f, view: memoryview) -> None:
         got += n
 
 
-def hash_stream(f, size: int, chunk_size: int, algo: Algo,
-                on_bytes: Callable[[int], None] | None = None,
-                stop: threading.Event | None = None) -> tuple[str, list[str]]:
+def hash_stream(
+    f,
+    size: int,
+    chunk_size: int,
+    algo: Algo,
+    on_bytes: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[str, list[str]]:
     """Hash `size` bytes of an unbuffered binary file in one read: (file digest, chunk digests).
 
     Blocking; run it in a thread. The whole-file hash runs in the calling thread and the chunk
@@ -137,9 +142,14 @@ def hash_stream(f, size: int, chunk_size: int, algo: Algo,
     return whole.hexdigest(), digests
 
 
-def hash_stream_cdc(f, size: int, chunking: Chunking, algo: Algo,
-                    on_bytes: Callable[[int], None] | None = None,
-                    stop: threading.Event | None = None) -> tuple[str, list[ChunkSpan]]:
+def hash_stream_cdc(
+    f,
+    size: int,
+    chunking: Chunking,
+    algo: Algo,
+    on_bytes: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[str, list[ChunkSpan]]:
     """Cut `size` bytes of a binary file by `chunking` and hash them in the same read.
 
     Blocking; run it in a thread. The cutter (pyfastcdc, which drops the GIL) runs in the
@@ -193,10 +203,15 @@ def _racy(st: os.stat_result, started_ns: int) -> bool:
     return newest >= started_ns - (RACY_COARSE_NS if coarse else RACY_NS)
 
 
-def hash_file(path: str | os.PathLike, *, chunk_size: int | None = None,
-              algo: Algo | str = Algo.MD5, chunking: Chunking | str | None = None,
-              on_bytes: Callable[[int], None] | None = None,
-              stop: threading.Event | None = None) -> FileDigests:
+def hash_file(
+    path: str | os.PathLike,
+    *,
+    chunk_size: int | None = None,
+    algo: Algo | str = Algo.MD5,
+    chunking: Chunking | str | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> FileDigests:
     """The file's digest and its chunks' digests, from one read (blocking).
 
     Chunks are fixed-size (`chunk_size`, default 5 MiB) unless `chunking` says otherwise: a
@@ -209,9 +224,14 @@ def hash_file(path: str | os.PathLike, *, chunk_size: int | None = None,
         return _hash_open(f, size, rule, algo, on_bytes, stop)
 
 
-def _hash_open(f, size: int, rule: Chunking, algo: Algo,
-               on_bytes: Callable[[int], None] | None,
-               stop: threading.Event | None) -> FileDigests:
+def _hash_open(
+    f,
+    size: int,
+    rule: Chunking,
+    algo: Algo,
+    on_bytes: Callable[[int], None] | None,
+    stop: threading.Event | None,
+) -> FileDigests:
     if rule.kind == "fixed":
         whole, digests = hash_stream(f, size, rule.avg_size, algo, on_bytes, stop)
         spans = _spans(size, rule.avg_size, digests)
@@ -263,8 +283,9 @@ class DigestCache:
         conn.execute(self._SCHEMA)
         return conn
 
-    def get(self, realpath: str, st: os.stat_result, chunking: Chunking | int,
-            algo: Algo) -> FileDigests | None:
+    def get(
+        self, realpath: str, st: os.stat_result, chunking: Chunking | int, algo: Algo
+    ) -> FileDigests | None:
         """The cached digests for this exact file state, or None (an int means fixed size)."""
         rule = chunking if isinstance(chunking, Chunking) else Chunking.fixed(chunking)
         try:
@@ -294,14 +315,18 @@ class DigestCache:
     def _decode(row, size: int, rule: Chunking, algo: Algo) -> FileDigests | None:
         file_digest, blob, sizes_blob = row[5], row[6], row[7]
         width = algo.hex_len // 2
-        if (not isinstance(blob, bytes) or not isinstance(sizes_blob, bytes)
-                or not isinstance(file_digest, str) or len(file_digest) != algo.hex_len):
+        if (
+            not isinstance(blob, bytes)
+            or not isinstance(sizes_blob, bytes)
+            or not isinstance(file_digest, str)
+            or len(file_digest) != algo.hex_len
+        ):
             return None
         try:
             Digest.parse(algo, file_digest)
         except ValueError:
             return None
-        digests = [blob[i:i + width].hex() for i in range(0, len(blob), width)]
+        digests = [blob[i : i + width].hex() for i in range(0, len(blob), width)]
         if rule.kind == "fixed":
             if len(digests) != -(-size // rule.avg_size) or len(blob) % width:
                 return None
@@ -328,20 +353,29 @@ class DigestCache:
         sizes = array.array("Q", [] if rule.kind == "fixed" else [c.size for c in fd.chunks])
         if sys.byteorder != "little":
             sizes.byteswap()
-        row = (realpath, rule.key, fd.algo.value, *_stat_key(st), fd.digest, blob,
-               sizes.tobytes(), time.time())
+        row = (
+            realpath,
+            rule.key,
+            fd.algo.value,
+            *_stat_key(st),
+            fd.digest,
+            blob,
+            sizes.tobytes(),
+            time.time(),
+        )
         for attempt in range(2):
             try:
                 conn = self._connect()
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     conn.execute(
-                        "INSERT OR REPLACE INTO chunk_digests VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                        row)
+                        "INSERT OR REPLACE INTO chunk_digests VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row
+                    )
                     conn.execute(
                         "DELETE FROM chunk_digests WHERE rowid IN (SELECT rowid FROM"
                         " chunk_digests ORDER BY used DESC LIMIT -1 OFFSET ?)",
-                        (CACHE_MAX_ENTRIES,))
+                        (CACHE_MAX_ENTRIES,),
+                    )
                     conn.execute("COMMIT")
                 finally:
                     conn.close()
@@ -374,10 +408,16 @@ class DigestCache:
             log.debug("digest cache not written: %s", exc)
 
 
-def file_digests(path: str | os.PathLike, *, chunk_size: int | None = None, algo: Algo,
-                 cache: DigestCache | None, chunking: Chunking | str | None = None,
-                 on_bytes: Callable[[int], None] | None = None,
-                 stop: threading.Event | None = None) -> tuple[FileDigests, bool]:
+def file_digests(
+    path: str | os.PathLike,
+    *,
+    chunk_size: int | None = None,
+    algo: Algo,
+    cache: DigestCache | None,
+    chunking: Chunking | str | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[FileDigests, bool]:
     """(digests, came_from_cache) for a file: the cache when it knows this state, else hashing.
 
     Chunking as for `hash_file`.
@@ -395,7 +435,6 @@ def file_digests(path: str | os.PathLike, *, chunk_size: int | None = None, algo
                 return hit, True
         fd = _hash_open(f, before.st_size, rule, algo, on_bytes, stop)
         after = os.fstat(f.fileno())
-    if cache is not None and _stat_key(before) == _stat_key(after) \
-            and not _racy(after, started_ns):
+    if cache is not None and _stat_key(before) == _stat_key(after) and not _racy(after, started_ns):
         cache.put(realpath, after, fd)
     return fd, False

@@ -110,11 +110,17 @@ class CasdClient:
     stopped server, not a blip.
     """
 
-    def __init__(self, server: str = DEFAULT_SERVER, *, token: str | None = None,
-                 retries: int = DEFAULT_RETRIES, backoff: float = DEFAULT_BACKOFF,
-                 max_backoff: float = DEFAULT_MAX_BACKOFF,
-                 timeout: aiohttp.ClientTimeout | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        server: str = DEFAULT_SERVER,
+        *,
+        token: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
+        timeout: aiohttp.ClientTimeout | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ):
         parts = urlsplit(server)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{server!r} is not a server URL (example: http://127.0.0.1:8080)")
@@ -123,8 +129,7 @@ class CasdClient:
         self.retries = max(0, retries)
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.timeout = timeout or aiohttp.ClientTimeout(
-            total=None, sock_connect=10, sock_read=300)
+        self.timeout = timeout or aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._session: aiohttp.ClientSession | None = None
         self._reached = False
@@ -175,10 +180,18 @@ class CasdClient:
             return CasdConnectionError(f"{url}: the server did not answer in time")
         return CasdConnectionError(f"{url}: connection lost ({exc.__class__.__name__}: {exc})")
 
-    async def _call(self, method: str, path: str, *, json_body: Any = None,
-                    body: Callable[[], AsyncIterator[bytes]] | None = None,
-                    content_length: int | None = None, what: str = "",
-                    want_answer: bool = True, base: str | None = None) -> tuple[int, dict]:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        body: Callable[[], AsyncIterator[bytes]] | None = None,
+        content_length: int | None = None,
+        what: str = "",
+        want_answer: bool = True,
+        base: str | None = None,
+    ) -> tuple[int, dict]:
         """One API request with retries; the decoded JSON answer, or an exception."""
         url = (base or self.server) + path
         what = what or f"{method} {path}"
@@ -193,8 +206,11 @@ class CasdClient:
                 headers["Prefer"] = protocol.PREFER_MINIMAL
             try:
                 async with self._sess().request(
-                    method, url, json=json_body,
-                    data=body() if body is not None else None, headers=headers,
+                    method,
+                    url,
+                    json=json_body,
+                    data=body() if body is not None else None,
+                    headers=headers,
                 ) as resp:
                     raw = await resp.read()
                     self._reached = True
@@ -216,12 +232,19 @@ class CasdClient:
 
     # --- upload ---
 
-    async def upload(self, path: str | os.PathLike, *, chunk_size: int | None = None,
-                     chunking: Chunking | str | None = None,
-                     concurrency: int = DEFAULT_CONCURRENCY, algo: Algo | str = Algo.MD5,
-                     ext: str | None = None, name: str | None = None,
-                     on_progress: ProgressCallback | None = None,
-                     use_cache: bool = True) -> UploadSummary:
+    async def upload(
+        self,
+        path: str | os.PathLike,
+        *,
+        chunk_size: int | None = None,
+        chunking: Chunking | str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        algo: Algo | str = Algo.MD5,
+        ext: str | None = None,
+        name: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        use_cache: bool = True,
+    ) -> UploadSummary:
         """Upload a file, sending only the chunks the server lacks; rerun it to resume.
 
         `chunking` is a `Chunking`, or "fixed"/"fastcdc" with `chunk_size` as the size or
@@ -258,18 +281,32 @@ class CasdClient:
             result = await self._push(path, fd, ext, name, concurrency, on_progress)
         _report(on_progress, Phase.DONE, fd, done=True)
         return UploadSummary(
-            path=str(path), digest=fd.digest, algo=algo.value, size=fd.size,
+            path=str(path),
+            digest=fd.digest,
+            algo=algo.value,
+            size=fd.size,
             url=self.server + result.url if result.url.startswith("/") else result.url,
-            chunks_total=len(fd.chunks), chunks_sent=result.chunks_sent,
-            bytes_sent=result.bytes_sent, chunks_skipped=len(fd.chunks) - result.chunks_sent,
-            bytes_skipped=fd.size - result.bytes_sent, instant=result.instant, cached=cached,
-            hash_seconds=hash_seconds, transfer_seconds=result.transfer_seconds,
-            merge_seconds=result.merge_seconds, seconds=time.perf_counter() - started,
+            chunks_total=len(fd.chunks),
+            chunks_sent=result.chunks_sent,
+            bytes_sent=result.bytes_sent,
+            chunks_skipped=len(fd.chunks) - result.chunks_sent,
+            bytes_skipped=fd.size - result.bytes_sent,
+            instant=result.instant,
+            cached=cached,
+            hash_seconds=hash_seconds,
+            transfer_seconds=result.transfer_seconds,
+            merge_seconds=result.merge_seconds,
+            seconds=time.perf_counter() - started,
         )
 
-    async def _file_digests(self, path: Path, chunking: Chunking, algo: Algo,
-                            cache: DigestCache | None,
-                            on_progress: ProgressCallback | None) -> tuple[FileDigests, bool]:
+    async def _file_digests(
+        self,
+        path: Path,
+        chunking: Chunking,
+        algo: Algo,
+        cache: DigestCache | None,
+        on_progress: ProgressCallback | None,
+    ) -> tuple[FileDigests, bool]:
         loop = asyncio.get_running_loop()
         on_bytes = None
         if on_progress is not None:
@@ -281,18 +318,35 @@ class CasdClient:
         stop = threading.Event()
         try:
             return await asyncio.to_thread(
-                file_digests, path, chunking=chunking, algo=algo, cache=cache,
-                on_bytes=on_bytes, stop=stop)
+                file_digests,
+                path,
+                chunking=chunking,
+                algo=algo,
+                cache=cache,
+                on_bytes=on_bytes,
+                stop=stop,
+            )
         except asyncio.CancelledError:
             stop.set()  # let the hashing thread end now rather than read the whole file
             raise
 
-    async def _push(self, path: Path, fd: FileDigests, ext: str, name: str, concurrency: int,
-                    on_progress: ProgressCallback | None) -> _Pushed:
+    async def _push(
+        self,
+        path: Path,
+        fd: FileDigests,
+        ext: str,
+        name: str,
+        concurrency: int,
+        on_progress: ProgressCallback | None,
+    ) -> _Pushed:
         """Handshake, send what is missing, merge; again while the server loses the upload."""
         key = fd.algo.value
         manifest = {
-            "algo": key, key: fd.digest, "size": fd.size, "ext": ext, "name": name,
+            "algo": key,
+            key: fd.digest,
+            "size": fd.size,
+            "ext": ext,
+            "name": name,
             "chunks": [{key: c.digest, "size": c.size} for c in fd.chunks],
         }
         first: dict[str, ChunkSpan] = {}
@@ -303,25 +357,26 @@ class CasdClient:
         for round_no in range(1, MAX_ROUNDS + 1):
             _report(on_progress, Phase.HANDSHAKE, fd, done=False)
             t = time.perf_counter()
-            _, hs = await self._call("POST", "/v1/handshake", json_body=manifest,
-                                     what="handshake")
+            _, hs = await self._call("POST", "/v1/handshake", json_body=manifest, what="handshake")
             if hs.get("status") == "complete":
                 transfer_s += time.perf_counter() - t
-                return _Pushed(_url(hs), len(sent), sum(sent.values()), not sent,
-                               transfer_s, merge_s)
+                return _Pushed(
+                    _url(hs), len(sent), sum(sent.values()), not sent, transfer_s, merge_s
+                )
             upload_id = _field(hs, "upload_id", str)
             missing = _missing(hs, first)
             try:
-                await self._send(path, upload_id, [first[d] for d in missing], concurrency,
-                                 sent, on_progress)
+                await self._send(
+                    path, upload_id, [first[d] for d in missing], concurrency, sent, on_progress
+                )
                 transfer_s += time.perf_counter() - t
                 _report(on_progress, Phase.MERGING, fd, done=True)
                 t = time.perf_counter()
-                _, merged = await self._call("POST", f"/v1/uploads/{upload_id}/merge",
-                                             what="merge")
+                _, merged = await self._call("POST", f"/v1/uploads/{upload_id}/merge", what="merge")
                 merge_s += time.perf_counter() - t
-                return _Pushed(_url(merged), len(sent), sum(sent.values()), False,
-                               transfer_s, merge_s)
+                return _Pushed(
+                    _url(merged), len(sent), sum(sent.values()), False, transfer_s, merge_s
+                )
             except CasdHTTPError as exc:
                 # The upload expired or was aborted meanwhile, or chunks went missing:
                 # a fresh handshake says what is still needed.
@@ -331,8 +386,15 @@ class CasdClient:
                 log.debug("upload %s: %s; handshaking again", upload_id, exc)
         raise AssertionError("unreachable")
 
-    async def _send(self, path: Path, upload_id: str, todo: list[ChunkSpan], concurrency: int,
-                    sent: dict[str, int], on_progress: ProgressCallback | None) -> None:
+    async def _send(
+        self,
+        path: Path,
+        upload_id: str,
+        todo: list[ChunkSpan],
+        concurrency: int,
+        sent: dict[str, int],
+        on_progress: ProgressCallback | None,
+    ) -> None:
         """PUT each chunk of `todo`, at most `concurrency` at a time; record them in `sent`."""
         total_bytes = sum(c.size for c in todo)
         # The phase begins even when nothing is missing, as in casd.js.
@@ -352,8 +414,11 @@ class CasdClient:
                 done["bytes"] += chunk.size
                 done["chunks"] += 1
                 if on_progress is not None:
-                    on_progress(Progress(Phase.UPLOADING, done["bytes"], total_bytes,
-                                         done["chunks"], len(todo)))
+                    on_progress(
+                        Progress(
+                            Phase.UPLOADING, done["bytes"], total_bytes, done["chunks"], len(todo)
+                        )
+                    )
 
         tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(todo)))]
         try:
@@ -367,9 +432,11 @@ class CasdClient:
     async def _put_chunk(self, path: Path, upload_id: str, chunk: ChunkSpan) -> None:
         try:
             await self._call(
-                "PUT", f"/v1/uploads/{upload_id}/chunks/{chunk.digest}",
+                "PUT",
+                f"/v1/uploads/{upload_id}/chunks/{chunk.digest}",
                 body=lambda: _file_slice(path, chunk.offset, chunk.size),
-                content_length=chunk.size, what=f"chunk at offset {chunk.offset}",
+                content_length=chunk.size,
+                what=f"chunk at offset {chunk.offset}",
                 # Even a minimal answer is not needed: the status says it all.
                 want_answer=False,
             )
@@ -378,18 +445,25 @@ class CasdClient:
                 raise FileChangedError(
                     f"{path} changed after it was hashed (the chunk at offset {chunk.offset} "
                     "no longer matches); run the upload again",
-                    status=exc.status, code=exc.code, body=exc.body,
+                    status=exc.status,
+                    code=exc.code,
+                    body=exc.body,
                 ) from None
             raise
 
     # --- download ---
 
-    async def download(self, ref: str | FileRef, dest: str | os.PathLike | None = None, *,
-                       reuse: Iterable[str | os.PathLike] = (),
-                       chunking: Chunking | str | None = None,
-                       concurrency: int = DEFAULT_CONCURRENCY,
-                       on_progress: ProgressCallback | None = None,
-                       use_cache: bool = True) -> DownloadSummary:
+    async def download(
+        self,
+        ref: str | FileRef,
+        dest: str | os.PathLike | None = None,
+        *,
+        reuse: Iterable[str | os.PathLike] = (),
+        chunking: Chunking | str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        on_progress: ProgressCallback | None = None,
+        use_cache: bool = True,
+    ) -> DownloadSummary:
         """Fetch a stored file to `dest`, every byte verified, resuming an earlier try.
 
         When the server offers the file's manifest (GET .../chunks), chunks are fetched with
@@ -405,8 +479,11 @@ class CasdClient:
             ref = FileRef.parse(ref)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        rule = None if chunking is None else (
-            chunking if isinstance(chunking, Chunking) else Chunking.parse(chunking))
+        rule = (
+            None
+            if chunking is None
+            else (chunking if isinstance(chunking, Chunking) else Chunking.parse(chunking))
+        )
         base = ref.server or self.server
         url = base + ref.path
         default_name = f"{ref.digest.hex}{ref.ext}"
@@ -416,8 +493,9 @@ class CasdClient:
         part = dest.parent / f".{dest.name[:150]}.{ref.digest.hex[:16]}.casd-part"
         started = time.perf_counter()
         try:
-            _, answer = await self._call("GET", ref.path + "/chunks", base=base,
-                                         what=f"manifest of {ref.digest.hex}")
+            _, answer = await self._call(
+                "GET", ref.path + "/chunks", base=base, what=f"manifest of {ref.digest.hex}"
+            )
         except CasdHTTPError as exc:
             if exc.status != 404:
                 raise
@@ -427,8 +505,18 @@ class CasdClient:
             chunks = parse_manifest(answer, ref.digest, url)
             cache = DigestCache(self.cache_dir or default_cache_dir()) if use_cache else None
             return await self._download_chunks(
-                url, ref, chunks, dest, part, list(reuse), rule, cache, concurrency,
-                on_progress, started)
+                url,
+                ref,
+                chunks,
+                dest,
+                part,
+                list(reuse),
+                rule,
+                cache,
+                concurrency,
+                on_progress,
+                started,
+            )
         sink = await asyncio.to_thread(_Sink.open, part, ref.digest.algo)
         try:
             resumed_from, received = await self._fetch(url, sink, on_progress)
@@ -440,21 +528,36 @@ class CasdClient:
             part.unlink(missing_ok=True)
             raise CasdIntegrityError(
                 f"{url}: the downloaded bytes hash to {sink.hexdigest()}, not {ref.digest.hex};"
-                " nothing was written")
+                " nothing was written"
+            )
         await asyncio.to_thread(_publish, part, dest)
         if on_progress is not None:
             on_progress(Progress(Phase.DONE, sink.pos, sink.pos))
         return DownloadSummary(
-            path=str(dest), digest=ref.digest.hex, algo=ref.digest.algo.value,
-            size=sink.pos, url=url, bytes_received=received, resumed_from=resumed_from,
+            path=str(dest),
+            digest=ref.digest.hex,
+            algo=ref.digest.algo.value,
+            size=sink.pos,
+            url=url,
+            bytes_received=received,
+            resumed_from=resumed_from,
             seconds=time.perf_counter() - started,
         )
 
-    async def _download_chunks(self, url: str, ref: FileRef, chunks: list[ManifestChunk],
-                               dest: Path, part: Path, reuse: list, rule: Chunking | None,
-                               cache: DigestCache | None, concurrency: int,
-                               on_progress: ProgressCallback | None,
-                               started: float) -> DownloadSummary:
+    async def _download_chunks(
+        self,
+        url: str,
+        ref: FileRef,
+        chunks: list[ManifestChunk],
+        dest: Path,
+        part: Path,
+        reuse: list,
+        rule: Chunking | None,
+        cache: DigestCache | None,
+        concurrency: int,
+        on_progress: ProgressCallback | None,
+        started: float,
+    ) -> DownloadSummary:
         """Fill `part` chunk by chunk (reused, resumed or fetched), each verified; publish it.
 
         The whole-file digest is not recomputed: the chunks tile the file and each matches
@@ -472,18 +575,37 @@ class CasdClient:
         have = await loop.run_in_executor(pool, _part_length, part)
         fd = await loop.run_in_executor(pool, _open_part, part, size)
         done = {"bytes": 0, "chunks": 0}
-        stats = {"fetched": 0, "fetched_bytes": 0, "reused": 0, "reused_bytes": 0,
-                 "resumed_bytes": 0}
+        stats = {
+            "fetched": 0,
+            "fetched_bytes": 0,
+            "reused": 0,
+            "reused_bytes": 0,
+            "resumed_bytes": 0,
+        }
 
         def progress() -> None:
             if on_progress is not None:
-                on_progress(Progress(Phase.DOWNLOADING, done["bytes"], size, done["chunks"],
-                                     len(chunks)))
+                on_progress(
+                    Progress(Phase.DOWNLOADING, done["bytes"], size, done["chunks"], len(chunks))
+                )
 
         try:
             progress()
-            todo = await self._reuse_local(chunks, fd, part, have, reuse, rule, cache, algo,
-                                           pool, 2 * threads, done, stats, progress)
+            todo = await self._reuse_local(
+                chunks,
+                fd,
+                part,
+                have,
+                reuse,
+                rule,
+                cache,
+                algo,
+                pool,
+                2 * threads,
+                done,
+                stats,
+                progress,
+            )
             queue = iter(todo)
 
             async def worker() -> None:
@@ -513,31 +635,53 @@ class CasdClient:
         if on_progress is not None:
             on_progress(Progress(Phase.DONE, size, size, len(chunks), len(chunks)))
         return DownloadSummary(
-            path=str(dest), digest=ref.digest.hex, algo=algo.value, size=size, url=url,
-            bytes_received=stats["fetched_bytes"], resumed_from=stats["resumed_bytes"],
-            seconds=time.perf_counter() - started, chunked=True, chunks_total=len(chunks),
-            chunks_fetched=stats["fetched"], bytes_fetched=stats["fetched_bytes"],
-            chunks_reused=stats["reused"], bytes_reused=stats["reused_bytes"],
+            path=str(dest),
+            digest=ref.digest.hex,
+            algo=algo.value,
+            size=size,
+            url=url,
+            bytes_received=stats["fetched_bytes"],
+            resumed_from=stats["resumed_bytes"],
+            seconds=time.perf_counter() - started,
+            chunked=True,
+            chunks_total=len(chunks),
+            chunks_fetched=stats["fetched"],
+            bytes_fetched=stats["fetched_bytes"],
+            chunks_reused=stats["reused"],
+            bytes_reused=stats["reused_bytes"],
         )
 
-    async def _reuse_local(self, chunks: list[ManifestChunk], fd: int, part: Path, have: int,
-                           reuse: list, rule: Chunking | None, cache: DigestCache | None,
-                           algo: Algo, pool: ThreadPoolExecutor, window: int, done: dict,
-                           stats: dict, progress: Callable[[], None]) -> list[ManifestChunk]:
+    async def _reuse_local(
+        self,
+        chunks: list[ManifestChunk],
+        fd: int,
+        part: Path,
+        have: int,
+        reuse: list,
+        rule: Chunking | None,
+        cache: DigestCache | None,
+        algo: Algo,
+        pool: ThreadPoolExecutor,
+        window: int,
+        done: dict,
+        stats: dict,
+        progress: Callable[[], None],
+    ) -> list[ManifestChunk]:
         """Verify what an earlier try left, copy what `reuse` files hold; the chunks left."""
         loop = asyncio.get_running_loop()
         wanted = {c.digest for c in chunks}
         index: dict[str, Source] = {}
         if reuse:
             rules = [rule] if rule is not None else guess_chunkings(chunks)
-            index = await loop.run_in_executor(
-                pool, reuse_index, reuse, rules, wanted, algo, cache)
+            index = await loop.run_in_executor(pool, reuse_index, reuse, rules, wanted, algo, cache)
         part_path = os.fspath(part)
 
         def settle(c: ManifestChunk) -> str | None:
-            """"resumed" or "reused" when the chunk is in place, verified; else None."""
-            if c.offset + c.size <= have and read_verified(
-                    part_path, c.offset, c.size, c.digest, algo) is not None:
+            """ "resumed" or "reused" when the chunk is in place, verified; else None."""
+            if (
+                c.offset + c.size <= have
+                and read_verified(part_path, c.offset, c.size, c.digest, algo) is not None
+            ):
                 return "resumed"
             src = index.get(c.digest)
             if src is not None:
@@ -575,19 +719,24 @@ class CasdClient:
             await drain_one()
         return todo
 
-    async def _fetch_chunk(self, url: str, c: ManifestChunk, fd: int, algo: Algo,
-                           pool: ThreadPoolExecutor) -> None:
+    async def _fetch_chunk(
+        self, url: str, c: ManifestChunk, fd: int, algo: Algo, pool: ThreadPoolExecutor
+    ) -> None:
         """GET one chunk by Range, verify its digest in `pool`, write it; retried."""
         loop = asyncio.get_running_loop()
         what = f"chunk at offset {c.offset} of {url}"
         attempt = 0
         err: CasdClientError
         while True:
-            headers = self._headers(url, {"Accept-Encoding": "identity",
-                                          "Range": f"bytes={c.offset}-{c.offset + c.size - 1}"})
+            headers = self._headers(
+                url,
+                {
+                    "Accept-Encoding": "identity",
+                    "Range": f"bytes={c.offset}-{c.offset + c.size - 1}",
+                },
+            )
             try:
-                async with self._sess().get(url, headers=headers,
-                                            auto_decompress=False) as resp:
+                async with self._sess().get(url, headers=headers, auto_decompress=False) as resp:
                     self._reached = True
                     if resp.status >= 400:
                         err = _http_error(resp, await resp.read(), what)
@@ -595,18 +744,20 @@ class CasdClient:
                             raise err
                     elif resp.status != 206:
                         raise CasdClientError(
-                            f"{what}: the server answered HTTP {resp.status} to a Range request")
+                            f"{what}: the server answered HTTP {resp.status} to a Range request"
+                        )
                     else:
                         data = await resp.read()
                         if len(data) == c.size and await loop.run_in_executor(
-                                pool, _verify_and_write, fd, data, c, algo):
+                            pool, _verify_and_write, fd, data, c, algo
+                        ):
                             return
                         # Corrupted on the way (or cut short): fetch it again.
                         err = CasdIntegrityError(
                             f"{what}: the bytes received do not match the chunk's digest"
-                            f" {c.digest}; nothing was written")
-            except (TimeoutError, aiohttp.ClientConnectionError,
-                    aiohttp.ClientPayloadError) as exc:
+                            f" {c.digest}; nothing was written"
+                        )
+            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 err = self._connection_error(exc, url)
                 if isinstance(exc, aiohttp.ClientConnectorError) and not self._reached:
                     raise err from None
@@ -618,8 +769,9 @@ class CasdClient:
                 continue
             await self._retry_wait(attempt, what, err)
 
-    async def _fetch(self, url: str, sink: _Sink,
-                     on_progress: ProgressCallback | None) -> tuple[int, int]:
+    async def _fetch(
+        self, url: str, sink: _Sink, on_progress: ProgressCallback | None
+    ) -> tuple[int, int]:
         """Stream the file into `sink`, resuming by Range after cuts; (resumed_from, received)."""
         resumed_from = sink.pos
         received = 0
@@ -633,8 +785,9 @@ class CasdClient:
                 try:
                     # The stored bytes themselves, never a decoded form: Range offsets and
                     # the digest are about those.
-                    async with self._sess().get(url, headers=headers,
-                                                auto_decompress=False) as resp:
+                    async with self._sess().get(
+                        url, headers=headers, auto_decompress=False
+                    ) as resp:
                         self._reached = True
                         total = await self._begin_body(resp, url, sink, start, writer)
                         if total is None:
@@ -648,12 +801,16 @@ class CasdClient:
                                 attempt = 0  # progress was made: reset the retry budget
                         if sink.pos != total:
                             raise aiohttp.ClientPayloadError(
-                                f"body ended at byte {sink.pos} of {total}")
+                                f"body ended at byte {sink.pos} of {total}"
+                            )
                         if on_progress is not None:
                             on_progress(Progress(Phase.DOWNLOADING, total, total))
                         return resumed_from, received
-                except (TimeoutError, aiohttp.ClientConnectionError,
-                        aiohttp.ClientPayloadError) as exc:
+                except (
+                    TimeoutError,
+                    aiohttp.ClientConnectionError,
+                    aiohttp.ClientPayloadError,
+                ) as exc:
                     err = self._connection_error(exc, url)
                     if isinstance(exc, aiohttp.ClientConnectorError) and not self._reached:
                         raise err from None
@@ -664,8 +821,14 @@ class CasdClient:
                 attempt += 1
                 await self._retry_wait(attempt, f"download of {url}", err)
 
-    async def _begin_body(self, resp: aiohttp.ClientResponse, url: str, sink: _Sink,
-                          start: int, writer: ThreadPoolExecutor) -> int | None:
+    async def _begin_body(
+        self,
+        resp: aiohttp.ClientResponse,
+        url: str,
+        sink: _Sink,
+        start: int,
+        writer: ThreadPoolExecutor,
+    ) -> int | None:
         """Check a download answer and align `sink` with it: the file's total size, or None."""
         loop = asyncio.get_running_loop()
         if resp.status == 416 and start:
@@ -689,9 +852,13 @@ class CasdClient:
         return resp.content_length
 
 
-async def _stream_into(sink: _Sink, resp: aiohttp.ClientResponse, total: int,
-                       writer: ThreadPoolExecutor,
-                       on_progress: ProgressCallback | None) -> None:
+async def _stream_into(
+    sink: _Sink,
+    resp: aiohttp.ClientResponse,
+    total: int,
+    writer: ThreadPoolExecutor,
+    on_progress: ProgressCallback | None,
+) -> None:
     """Write a download answer's body into `sink` until it ends or breaks off.
 
     Batches of IO_PIECE are written and hashed in the writer thread while the loop receives
@@ -753,7 +920,7 @@ class _Sink:
         for data in pieces:
             view = memoryview(data)
             while view:
-                view = view[self.f.write(view):]
+                view = view[self.f.write(view) :]
             self.h.update(data)
             self.pos += len(data)
 
@@ -857,11 +1024,18 @@ def _http_error(resp: aiohttp.ClientResponse, raw: bytes, what: str) -> CasdHTTP
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         message = str(body.get("message") or body["error"])
-        return CasdHTTPError(f"{what}: {message} ({status} {body['error']})",
-                             status=status, code=body["error"], body=body,
-                             retry_after=retry_after)
-    return CasdHTTPError(f"{what}: HTTP {status} {resp.reason or ''}".rstrip(), status=status,
-                         retry_after=retry_after)
+        return CasdHTTPError(
+            f"{what}: {message} ({status} {body['error']})",
+            status=status,
+            code=body["error"],
+            body=body,
+            retry_after=retry_after,
+        )
+    return CasdHTTPError(
+        f"{what}: HTTP {status} {resp.reason or ''}".rstrip(),
+        status=status,
+        retry_after=retry_after,
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -902,8 +1076,9 @@ def _missing(answer: dict, known: dict[str, ChunkSpan]) -> list[str]:
     return out
 
 
-def _report(on_progress: ProgressCallback | None, phase: Phase, fd: FileDigests, *,
-            done: bool) -> None:
+def _report(
+    on_progress: ProgressCallback | None, phase: Phase, fd: FileDigests, *, done: bool
+) -> None:
     """A progress report for a phase without a byte count: none or all of the file."""
     if on_progress is not None:
         n = len(fd.chunks)
@@ -913,16 +1088,22 @@ def _report(on_progress: ProgressCallback | None, phase: Phase, fd: FileDigests,
 # --- one-call helpers ---------------------------------------------------------------------------
 
 
-async def upload(path: str | os.PathLike, *, server: str = DEFAULT_SERVER,
-                 token: str | None = None, **options) -> UploadSummary:
+async def upload(
+    path: str | os.PathLike, *, server: str = DEFAULT_SERVER, token: str | None = None, **options
+) -> UploadSummary:
     """Upload one file with a short-lived client; options as for CasdClient.upload."""
     async with CasdClient(server, token=token) as client:
         return await client.upload(path, **options)
 
 
-async def download(ref: str, dest: str | os.PathLike | None = None, *,
-                   server: str = DEFAULT_SERVER, token: str | None = None,
-                   **options) -> DownloadSummary:
+async def download(
+    ref: str,
+    dest: str | os.PathLike | None = None,
+    *,
+    server: str = DEFAULT_SERVER,
+    token: str | None = None,
+    **options,
+) -> DownloadSummary:
     """Download one file (by digest or URL) with a short-lived client; options as for
     CasdClient.download."""
     async with CasdClient(server, token=token) as client:

@@ -95,6 +95,7 @@ class DownloadSummary:
 
 ProgressCallback = Callable[[Progress], None]
 
+
 @dataclass(frozen=True)
 class FileRef:
     """A stored file named by digest, with the server it lives on when a URL said so."""
@@ -136,4 +137,3 @@ def ext_of(name: str) -> str:
     """The extension casd accepts for a file name ('.iso'), or '' when it has none it can take."""
     ext = os.path.splitext(name)[1]
     return ext.lower() if EXT_RE.match(ext) else ""
-
