@@ -28,7 +28,6 @@ from casd.blobstore import (
     Reserve,
     TempBlob,
     blob_matches,
-    feed,
     is_disk_full,
     open_blobstore,
 )
@@ -657,14 +656,19 @@ class Service:
             state.hash.update(piece)
             state.total += len(piece)
 
-        budget = HASH_SLICE
-        while i < len(page) and budget > 0:
-            hex_, size = page[i]
-            n = min(budget, size - state.offset)
-            async with await self.blobs.open(Digest(state.algo, hex_)) as reader:
-                got = await feed(reader, state.offset, n, absorb, self.hashing)
+        run: list[tuple[str, int, int]] = []
+        budget, j, offset = HASH_SLICE, i, state.offset
+        while j < len(page) and budget > 0:
+            hex_, size = page[j]
+            n = min(budget, size - offset)
+            run.append((hex_, offset, n))
             budget -= n
-            if got < n:
+            offset = 0
+            j += 1
+        got = await self.blobs.feed_run(state.algo, run, absorb, self.hashing)
+        for (_hex, _start, n), fed in zip(run, got, strict=True):
+            size = page[i][1]
+            if fed < n:
                 # A damaged blob: what it holds is hashed, and the file's digest or size
                 # then fails to match, as it should.
                 state.offset = size

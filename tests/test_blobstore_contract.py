@@ -67,6 +67,22 @@ async def test_put_then_read_whole_and_ranges(store, rng, algo):
     assert not await blob_matches(store, d, len(data), "0" * 32)
 
 
+async def test_feed_run_hands_slices_of_several_blobs_in_order(store, rng):
+    a, b = rng.bytes(3 * (1 << 20) + 5), rng.bytes(1000)
+    da, db = await put(store, a), await put(store, b)
+    got: list[bytes] = []
+    fed = await store.feed_run(
+        Algo.MD5,
+        [(da.hex, 7, len(a) - 7), (db.hex, 0, 10), (db.hex, 990, 100)],
+        lambda piece: got.append(bytes(piece)),
+    )
+    # The last slice runs past the blob's end: it is short, and says so.
+    assert fed == [len(a) - 7, 10, 10]
+    assert b"".join(got) == a[7:] + b[:10] + b[990:]
+    with pytest.raises(BlobMissing):
+        await store.feed_run(Algo.MD5, [(digest_of(b"never stored").hex, 0, 1)], got.append)
+
+
 async def test_missing_blob(store):
     d = digest_of(b"never stored")
     assert await store.stat(d) is None

@@ -145,6 +145,18 @@ class BlobStore(Protocol):
         """An open reader; BlobMissing when there is no such blob."""
         ...
 
+    async def feed_run(
+        self,
+        algo: Algo,
+        run: builtins.list[tuple[str, int, int]],
+        sink: Callable[[bytes], object],
+        executor=None,
+    ) -> builtins.list[int]:
+        """Hand slices (hex, offset, length) of several blobs, in order, to blocking `sink` on
+        `executor`'s threads; per slice, the bytes handed (fewer when the blob is short).
+        BlobMissing when one is gone. Merge hashing reads runs of small chunks this way."""
+        ...
+
     async def delete(self, digest: Digest) -> bool:
         """Remove a blob; False when there was none (not an error)."""
         ...
@@ -193,6 +205,21 @@ async def feed(
         await loop.run_in_executor(executor, sink, piece)
         done += len(piece)
     return done
+
+
+async def feed_each(
+    store: BlobStore,
+    algo: Algo,
+    run: builtins.list[tuple[str, int, int]],
+    sink: Callable[[bytes], object],
+    executor=None,
+) -> builtins.list[int]:
+    """`BlobStore.feed_run` by opening and streaming each blob in turn (remote stores)."""
+    out = []
+    for hex_, offset, length in run:
+        async with await store.open(Digest(algo, hex_)) as reader:
+            out.append(await feed(reader, offset, length, sink, executor))
+    return out
 
 
 async def hash_blob(store: BlobStore, digest: Digest, algo: Algo | None, executor=None) -> BlobHash:

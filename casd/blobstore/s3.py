@@ -22,7 +22,7 @@ from aiobotocore.session import get_session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from casd.blobstore import hash_blob
+from casd.blobstore import feed_each, hash_blob
 from casd.blobstore.base import READ_PIECE, BlobHash, BlobInfo, BlobMissing
 from casd.blobstore.local import (
     TempBlob,
@@ -188,6 +188,9 @@ class S3BlobStore(TempFiles):
         if info is None:
             raise BlobMissing(f"no blob {digest.algo.value} {digest.hex}")
         return S3Reader(self, self.key(digest), info.size, info.version)
+
+    async def feed_run(self, algo: Algo, run, sink, executor=None) -> list[int]:
+        return await feed_each(self, algo, run, sink, executor)
 
     async def delete(self, digest: Digest) -> bool:
         if await self.stat(digest) is None:
