@@ -161,9 +161,9 @@ def test_unreachable_server_is_one_line(env, tmp_path, unused_tcp_port, rng):
 
 def test_fastcdc_upload_then_download_with_reuse_of_an_older_version(daemon, env, tmp_path, rng):
     old = tmp_path / "v1.bin"
-    old_data = rng.write(old, 3 * MiB, 1)
+    old_data, new_data = insertion_case(3 * MiB, 1024)
+    old.write_bytes(old_data)
     new = tmp_path / "v2.bin"
-    new_data = rng.bytes(1024, 2) + old_data
     new.write_bytes(new_data)
     for f in (old, new):
         up = casd(

@@ -18,6 +18,7 @@ from casd.client import (
 )
 from casd.client.hashing import file_digests
 from casd.digest import Algo
+from helpers import insertion_case
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -102,9 +103,10 @@ def test_digest_cache_keeps_fixed_and_fastcdc_and_averages_apart(tmp_path, rng, 
 async def test_insertion_at_the_front_resends_at_most_3_chunks_with_fastcdc(daemon, tmp_path, rng):
     """Bench B3 at small scale: 1 KiB inserted at the front of an 8 MiB file."""
     old = tmp_path / "old.bin"
-    data = rng.write(old, 8 * MiB, 1)
+    data, edited = insertion_case(8 * MiB, KiB)
+    old.write_bytes(data)
     new = tmp_path / "new.bin"
-    new.write_bytes(rng.bytes(KiB, 2) + data)
+    new.write_bytes(edited)
     async with CasdClient(daemon.url) as client:
         first = await client.upload(old, chunking="fastcdc", chunk_size=128 * KiB)
         assert first.chunks_total >= 32

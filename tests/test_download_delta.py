@@ -24,6 +24,7 @@ from casd.client import (
     file_digests,
 )
 from casd.digest import Algo
+from helpers import insertion_case
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -284,9 +285,9 @@ async def test_server_without_manifests_gets_one_verified_get(proxy, daemon, tmp
 
 async def test_chunking_given_for_reuse_is_the_rule_used(proxy, daemon, tmp_path, rng):
     old = tmp_path / "old.bin"
-    old_data = rng.write(old, 2 * MiB, 1)
+    old_data, new_data = insertion_case(2 * MiB, KiB)
+    old.write_bytes(old_data)
     new = tmp_path / "new.bin"
-    new_data = rng.bytes(KiB, 2) + old_data
     new.write_bytes(new_data)
     async with CasdClient(daemon.url) as client:
         s = await client.upload(new, chunking="fastcdc", chunk_size=32 * KiB)
