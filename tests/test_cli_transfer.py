@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from helpers import insertion_case
+
 MiB = 1024 * 1024
 
 
