@@ -49,29 +49,7 @@ def why_missing() -> str | None:
 
 def durable_cluster():
     """The tests' cluster, started with fsync on (the tests run it with fsync off)."""
-    base = _engine_postgres().Cluster
-
-    class Durable(base):
-        def start(self) -> None:
-            opts = (
-                f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300"
-                " -c shared_buffers=128MB"
-            )
-            self._run(
-                str(self.bin / "pg_ctl"),
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.root / "log"),
-                "-o",
-                opts,
-            )
-
-    return Durable()
+    return _engine_postgres().Cluster(durable=True)
 
 
 async def b6_on(name: str, sizes: Sizes, work: Path, *extra: str) -> dict:

@@ -62,7 +62,9 @@ def free_port() -> int:
 class Cluster:
     """One running cluster; `database()` makes a fresh, empty database and returns its URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        # The tests run without fsync (-F) for speed; the bench measures with it.
+        self.durable = durable
         self.bin = bindir()
         self.root = Path(tempfile.mkdtemp(prefix="casd-pg-"))
         self.data = self.root / "data"
@@ -98,10 +100,8 @@ class Cluster:
         self.start()
 
     def start(self) -> None:
-        opts = (
-            f"-h 127.0.0.1 -p {self.port} -k {self.root} -F -c max_connections=300"
-            " -c shared_buffers=32MB"
-        )
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300"
+        opts += " -c shared_buffers=128MB" if self.durable else " -F -c shared_buffers=32MB"
         self._run(
             str(self.bin / "pg_ctl"),
             "start",
