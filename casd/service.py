@@ -763,8 +763,9 @@ class Service:
 
     async def manifest_pages(
         self, entry: FileEntry, count: int, page: int
-    ) -> AsyncIterator[list[tuple[str, int, int]]]:
-        """(digest hex, size, offset) of every chunk of a file, `page` at a time, in order.
+    ) -> AsyncIterator[list[tuple[str, int, int, str | None]]]:
+        """(digest hex, size, offset, xxh3 or None) of every chunk of a file, `page` at a time,
+        in order (xxh3 as Catalog.file_chunks_page says).
 
         Each page is its own read, so a slow reader holds no snapshot open. If the file is
         deleted meanwhile, its rows vanish: a manifest that comes up short of `count` chunks
@@ -772,12 +773,12 @@ class Service:
         """
         offset, seen = 0, 0
         while True:
-            rows = await self.catalog.manifest_page(entry.manifest_id, seen, page)
+            rows = await self.catalog.file_chunks_page(entry.manifest_id, seen, page)
             if not rows:
                 break
             out = []
-            for hex_, size in rows:
-                out.append((hex_, size, offset))
+            for hex_, size, xxh3 in rows:
+                out.append((hex_, size, offset, xxh3))
                 offset += size
             seen += len(rows)
             yield out

@@ -10,6 +10,7 @@ import tracemalloc
 
 import aiohttp
 import pytest
+import xxhash
 
 from casd import web as casd_web
 from casd.chunking import Chunking, iter_chunks
@@ -35,9 +36,11 @@ def prepare_cdc(data: bytes, chunking: Chunking, algo: str = "md5") -> Prepared:
 
 
 def expected_manifest(p: Prepared, algo: str = "md5") -> dict:
+    """The manifest the server must answer, xxh3-128 of each chunk's bytes included."""
     offset, chunks = 0, []
     for c in p.handshake["chunks"]:
-        chunks.append({"digest": c[algo], "size": c["size"], "offset": offset})
+        xxh3 = xxhash.xxh3_128_hexdigest(p.data[offset : offset + c["size"]])
+        chunks.append({"digest": c[algo], "size": c["size"], "offset": offset, "xxh3": xxh3})
         offset += c["size"]
     return {
         "algo": algo,
@@ -157,7 +160,7 @@ async def test_a_file_deleted_midway_cuts_the_manifest_short(client, monkeypatch
     p = prepare(rand(60 * KiB, 7), chunk_size=8 * KiB)
     await upload(client.session, str(client.make_url("")).rstrip("/"), p)
     service = client.server.app[SERVICE]
-    real_page = service.catalog.manifest_page
+    real_page = service.catalog.file_chunks_page
     calls = 0
 
     async def page_then_delete(*args):
@@ -168,7 +171,7 @@ async def test_a_file_deleted_midway_cuts_the_manifest_short(client, monkeypatch
             await service.delete_file(Digest.parse_any(p.digest))
         return rows
 
-    monkeypatch.setattr(service.catalog, "manifest_page", page_then_delete)
+    monkeypatch.setattr(service.catalog, "file_chunks_page", page_then_delete)
     r = await client.get(f"/v1/files/{p.digest}/chunks")
     assert r.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
@@ -212,6 +215,7 @@ async def test_a_100000_chunk_manifest_streams_in_bounded_memory(client, monkeyp
         "digest": hashlib.md5(bytes([(n - 1) % 8])).hexdigest(),
         "size": 1,
         "offset": n - 1,
+        "xxh3": xxhash.xxh3_128_hexdigest(bytes([(n - 1) % 8])),
     }
 
 

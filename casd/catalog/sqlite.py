@@ -348,6 +348,18 @@ class _Daemon:
             (manifest_id, start, limit),
         )
 
+    async def file_chunks_page(
+        self, manifest_id: int, start: int, limit: int
+    ) -> list[tuple[str, int, str | None]]:
+        """See casd.catalog.Catalog.file_chunks_page."""
+        # A quarantine row made for a blob never verified here holds '' for its xxh3.
+        return await self._all(
+            "SELECT m.digest, m.size, NULLIF(c.xxh3, '') FROM manifest_chunks m"
+            " LEFT JOIN chunks c ON c.digest = m.digest"
+            " WHERE m.manifest_id = ? AND m.seq >= ? ORDER BY m.seq LIMIT ?",
+            (manifest_id, start, limit),
+        )
+
     # ---- the daemon's writes: queued, committed together ----------------------------
 
     async def begin_upload(
