@@ -30,10 +30,10 @@ from casd.chunking import Chunking
 from casd.client.delta import (
     ManifestChunk,
     Source,
-    digest_of,
     guess_chunkings,
     parse_manifest,
     pwrite_all,
+    pwritev_all,
     read_verified,
     reuse_index,
 )
@@ -680,12 +680,12 @@ class CasdClient:
             """ "resumed" or "reused" when the chunk is in place, verified; else None."""
             if (
                 c.offset + c.size <= have
-                and read_verified(part_path, c.offset, c.size, c.digest, algo) is not None
+                and read_verified(part_path, c.offset, c, algo) is not None
             ):
                 return "resumed"
             src = index.get(c.digest)
             if src is not None:
-                data = read_verified(src.path, src.offset, c.size, c.digest, algo)
+                data = read_verified(src.path, src.offset, c, algo)
                 if data is not None:
                     pwrite_all(fd, data, c.offset)
                     return "reused"
@@ -747,9 +747,13 @@ class CasdClient:
                             f"{what}: the server answered HTTP {resp.status} to a Range request"
                         )
                     else:
-                        data = await resp.read()
-                        if len(data) == c.size and await loop.run_in_executor(
-                            pool, _verify_and_write, fd, data, c, algo
+                        # The pieces as they came, never joined: one copy less per byte.
+                        pieces, got = [], 0
+                        async for piece in resp.content.iter_any():
+                            pieces.append(piece)
+                            got += len(piece)
+                        if got == c.size and await loop.run_in_executor(
+                            pool, _verify_and_write, fd, pieces, c, algo
                         ):
                             return
                         # Corrupted on the way (or cut short): fetch it again.
@@ -964,11 +968,11 @@ def _part_length(part: Path) -> int:
         return 0
 
 
-def _verify_and_write(fd: int, data: bytes, c: ManifestChunk, algo: Algo) -> bool:
-    """Write `data` at the chunk's place if it hashes to the chunk's digest; whether it did."""
-    if digest_of(algo, data) != c.digest:
+def _verify_and_write(fd: int, pieces: list[bytes], c: ManifestChunk, algo: Algo) -> bool:
+    """Write `pieces` at the chunk's place if they are the chunk's bytes; whether it did."""
+    if not c.matches_pieces(pieces, algo):
         return False
-    pwrite_all(fd, data, c.offset)
+    pwritev_all(fd, pieces, c.offset)
     return True
 
 
