@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import sqlite3
 import time
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -17,10 +20,12 @@ from casd.chunking import Chunking
 from casd.client import (
     RACY_NS,
     CasdClient,
+    CasdClientError,
     CasdConnectionError,
     CasdIntegrityError,
     DigestCache,
     Phase,
+    delta,
     file_digests,
 )
 from casd.digest import Algo
@@ -58,6 +63,10 @@ class Proxy:
         self.flip = 0
         self.cut_range_after: int | None = None  # Range answers served before one is cut
         self.no_manifest = False
+        # Paths served from another path upstream, and an edit of every manifest answer:
+        # a server that answers with the wrong file's chunks, or an older one.
+        self.paths: dict[str, str] = {}
+        self.edit_manifest: Callable[[dict], dict] | None = None
         self.in_flight = 0
         self.most_in_flight = 0
         self.session: aiohttp.ClientSession | None = None
@@ -92,10 +101,13 @@ class Proxy:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
+            path = self.paths.get(request.path, request.path)
             async with self.session.request(
-                request.method, self.upstream + request.path_qs, headers=headers, data=body or None
+                request.method, self.upstream + path, headers=headers, data=body or None
             ) as up:
                 data = bytearray(await up.read())
+                if self.edit_manifest is not None and path.endswith("/chunks") and up.ok:
+                    data = bytearray(json.dumps(self.edit_manifest(json.loads(data))).encode())
                 # Hold the answer a moment so concurrent requests overlap visibly.
                 await asyncio.sleep(0.01 if rng else 0)
                 out = {
@@ -304,3 +316,115 @@ async def test_chunking_given_for_reuse_is_the_rule_used(proxy, daemon, tmp_path
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == new_data
     assert wrong.chunks_fetched > right.chunks_fetched
     assert right.chunks_fetched <= 3 and right.chunks_reused > 20
+
+
+# ---- what a chunked download checks each chunk against, and the whole-file check ---------------
+
+
+async def upload_fixed(daemon, tmp_path, rng, size: int, name: str = "f.bin"):
+    src = tmp_path / name
+    data = rng.write(src, size, name)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunking="fixed", chunk_size=MiB)
+    return s, data
+
+
+def each_chunk(change: Callable[[dict], None]) -> Callable[[dict], dict]:
+    def edit(manifest: dict) -> dict:
+        for c in manifest["chunks"]:
+            change(c)
+        return manifest
+
+    return edit
+
+
+async def test_chunks_are_checked_by_the_manifests_xxh3_when_it_gives_one(
+    proxy, daemon, tmp_path, rng
+):
+    """With xxh3 in the manifest the chunk digest is not what is checked: a manifest whose
+    digests are wrong but whose xxh3s are right still downloads; a wrong xxh3 is refused."""
+    s, data = await upload_fixed(daemon, tmp_path, rng, 2 * MiB + 3)
+    proxy.edit_manifest = each_chunk(lambda c: c.update(digest="0" * 32))
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "a.bin")
+    assert (tmp_path / "a.bin").read_bytes() == data
+    assert (got.verified, got.chunk_check, got.chunks_fetched) == ("chunks", "xxh3-128", 3)
+
+    proxy.edit_manifest = each_chunk(lambda c: c.update(xxh3="0" * 32))
+    async with fast(proxy.url) as client:
+        with pytest.raises(CasdIntegrityError, match="do not match"):
+            await client.download(s.digest, tmp_path / "b.bin", concurrency=1)
+    assert not (tmp_path / "b.bin").exists()
+
+
+async def test_a_manifest_without_xxh3_is_checked_by_chunk_digest(proxy, daemon, tmp_path, rng):
+    """A server that does not send the optional field: each chunk is checked by its MD5, and
+    a byte flipped on the way is still caught and fetched again."""
+    s, data = await upload_fixed(daemon, tmp_path, rng, 3 * MiB)
+    proxy.edit_manifest = each_chunk(lambda c: c.pop("xxh3"))
+    proxy.flip = 1
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.verified, got.chunk_check) == ("chunks", "md5")
+    assert proxy.flip == 0 and len(proxy.ranges()) == 4
+
+
+async def test_a_malformed_xxh3_is_refused(proxy, daemon, tmp_path, rng):
+    s, _ = await upload_fixed(daemon, tmp_path, rng, MiB)
+    proxy.edit_manifest = each_chunk(lambda c: c.update(xxh3="XYZ"))
+    async with fast(proxy.url) as client:
+        with pytest.raises(CasdClientError, match="malformed xxh3"):
+            await client.download(s.digest, tmp_path / "out.bin")
+    assert proxy.ranges() == []
+
+
+async def test_verify_full_refuses_a_manifest_of_another_file(proxy, daemon, tmp_path, rng):
+    """What only the whole-file check catches: a server answering for digest A with the
+    manifest and bytes of file B. Each chunk matches B's manifest, so a chunk-checked
+    download takes B; `verify="full"` hashes the result, refuses it and keeps nothing."""
+    a, _ = await upload_fixed(daemon, tmp_path, rng, 2 * MiB, "a.bin")
+    b, b_data = await upload_fixed(daemon, tmp_path, rng, 2 * MiB, "b.bin")
+    a_path, b_path = f"/v1/files/{a.digest}", f"/v1/files/{b.digest}"
+    proxy.paths = {a_path: b_path, a_path + "/chunks": b_path + "/chunks"}
+
+    def claim_a(manifest: dict) -> dict:
+        manifest["md5"] = a.digest
+        return manifest
+
+    proxy.edit_manifest = claim_a
+    async with fast(proxy.url) as client:
+        fooled = await client.download(a.digest, tmp_path / "chunks.bin")
+        assert fooled.verified == "chunks"
+        assert (tmp_path / "chunks.bin").read_bytes() == b_data
+        with pytest.raises(CasdIntegrityError, match="the manifest does not describe"):
+            await client.download(a.digest, tmp_path / "full.bin", verify="full")
+    assert not (tmp_path / "full.bin").exists()
+    assert list(tmp_path.glob(".full.bin*")) == []
+
+
+async def test_verify_full_publishes_the_file_it_checked(proxy, daemon, tmp_path, rng):
+    s, data = await upload_fixed(daemon, tmp_path, rng, 2 * MiB + 1)
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", verify="full")
+        with pytest.raises(ValueError, match="verify must be one of"):
+            await client.download(s.digest, tmp_path / "x.bin", verify="none")
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.verified, got.chunk_check, got.chunks_fetched) == ("file", "xxh3-128", 3)
+
+
+def test_pieces_are_written_whole_however_short_each_write(tmp_path, monkeypatch):
+    """pwritev may write less than asked; every byte still lands at its place."""
+    real = os.pwritev
+
+    def short(fd, views, offset):
+        return real(fd, [bytes(views[0])[:1000]], offset)
+
+    monkeypatch.setattr(delta.os, "pwritev", short)
+    pieces = [os.urandom(n) for n in (10, 2500, 0, 1, 4096)]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        delta.pwritev_all(fd, pieces, 7)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == bytes(7) + b"".join(pieces)

@@ -153,6 +153,24 @@ async def test_same_auth_as_the_file(aiohttp_client, settings):
     assert (await get_json(client, path, headers=auth))["count"] == 3
 
 
+async def test_a_chunk_without_a_recorded_xxh3_is_listed_without_one(client, monkeypatch):
+    """`xxh3` is optional: where the catalogue has none, the entry simply lacks the field."""
+    p = prepare(rand(20 * KiB, 3), chunk_size=8 * KiB)
+    await upload(client.session, str(client.make_url("")).rstrip("/"), p)
+    service = client.server.app[SERVICE]
+    real_page = service.catalog.file_chunks_page
+
+    async def second_unknown(*args):
+        rows = await real_page(*args)
+        return [(d, n, None if i == 1 else x) for i, (d, n, x) in enumerate(rows)]
+
+    monkeypatch.setattr(service.catalog, "file_chunks_page", second_unknown)
+    body = await get_json(client, f"/v1/files/{p.digest}/chunks")
+    want = expected_manifest(p)
+    del want["chunks"][1]["xxh3"]
+    assert body == want
+
+
 async def test_a_file_deleted_midway_cuts_the_manifest_short(client, monkeypatch):
     """Pages are separate reads; if the rows vanish between them, the body is left
     unfinished (no closing bracket, no final chunk), never a shorter list that parses."""

@@ -81,6 +81,10 @@ DEFAULT_MAX_BACKOFF = 8.0
 # How `casd upload` and CasdClient.upload cut a file when told nothing (see docs/chunking.md
 # for the measurements behind the choice).
 DEFAULT_CHUNKING = "fixed"
+# How a chunked download is verified when told nothing: each chunk against the server's
+# manifest ("full" also hashes the whole file; docs/client.md compares them).
+VERIFY_MODES = ("chunks", "full")
+DEFAULT_VERIFY = "chunks"
 # Chunk bodies and downloads move through the event loop in pieces of this size.
 IO_PIECE = 1 * MiB
 # Handshake -> send -> merge rounds before giving up when the server keeps losing the upload
@@ -463,6 +467,7 @@ class CasdClient:
         concurrency: int = DEFAULT_CONCURRENCY,
         on_progress: ProgressCallback | None = None,
         use_cache: bool = True,
+        verify: str = DEFAULT_VERIFY,
     ) -> DownloadSummary:
         """Fetch a stored file to `dest`, every byte verified, resuming an earlier try.
 
@@ -474,11 +479,18 @@ class CasdClient:
         without manifests gets one GET, hashed whole. Bytes go to a hidden temp file beside
         `dest`, renamed into place only once verified; an interrupted download leaves it for
         the next try.
+
+        `verify`: "chunks" checks each chunk against the server's manifest (by its xxh3-128
+        when the manifest gives one, else by its digest); "full" also hashes the assembled
+        file and compares it with the digest asked for, before it is published
+        (docs/client.md says what each guarantees). A single GET always checks the file.
         """
         if not isinstance(ref, FileRef):
             ref = FileRef.parse(ref)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         rule = (
             None
             if chunking is None
@@ -516,6 +528,7 @@ class CasdClient:
                 concurrency,
                 on_progress,
                 started,
+                verify == "full",
             )
         sink = await asyncio.to_thread(_Sink.open, part, ref.digest.algo)
         try:
@@ -557,12 +570,14 @@ class CasdClient:
         concurrency: int,
         on_progress: ProgressCallback | None,
         started: float,
+        full: bool,
     ) -> DownloadSummary:
         """Fill `part` chunk by chunk (reused, resumed or fetched), each verified; publish it.
 
-        The whole-file digest is not recomputed: the chunks tile the file and each matches
-        the manifest the server checked the file's digest against when it merged the upload,
-        and one more MD5 pass over the file would bound the download by one core again.
+        Unless `full`, the whole-file digest is not recomputed: the chunks tile the file and
+        each matches the manifest the server checked the file's digest against when it
+        merged the upload, and one more MD5 pass over the file would bound the download by
+        one core again. With `full`, that pass runs after the last chunk, before publishing.
         """
         algo = ref.digest.algo
         size = sum(c.size for c in chunks)
@@ -574,6 +589,8 @@ class CasdClient:
         # What an earlier try left, measured before the temp file is sized for this one.
         have = await loop.run_in_executor(pool, _part_length, part)
         fd = await loop.run_in_executor(pool, _open_part, part, size)
+        # A whole file that fails the full check is wrong in a way no retry of it mends.
+        bad = False
         done = {"bytes": 0, "chunks": 0}
         stats = {
             "fetched": 0,
@@ -626,14 +643,26 @@ class CasdClient:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
             await loop.run_in_executor(pool, os.fsync, fd)
+            if full:
+                got = await loop.run_in_executor(pool, _hash_fd, fd, size, algo)
+                if got != ref.digest.hex:
+                    bad = True
+                    raise CasdIntegrityError(
+                        f"{url}: every chunk matched the server's manifest, but the whole file"
+                        f" hashes to {got}, not {ref.digest.hex}: the manifest does not describe"
+                        " that file; nothing was written"
+                    )
         finally:
             # No thread may still write through `fd` when it closes (its number could be
             # reused at once): queued work is dropped, running work finishes first.
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
             os.close(fd)
+            if bad:
+                part.unlink(missing_ok=True)
         await asyncio.to_thread(_publish, part, dest)
         if on_progress is not None:
             on_progress(Progress(Phase.DONE, size, size, len(chunks), len(chunks)))
+        checks = sorted({"xxh3-128" if c.xxh3 is not None else algo.value for c in chunks})
         return DownloadSummary(
             path=str(dest),
             digest=ref.digest.hex,
@@ -649,6 +678,8 @@ class CasdClient:
             bytes_fetched=stats["fetched_bytes"],
             chunks_reused=stats["reused"],
             bytes_reused=stats["reused_bytes"],
+            verified="file" if full else "chunks",
+            chunk_check="+".join(checks),
         )
 
     async def _reuse_local(
@@ -974,6 +1005,19 @@ def _verify_and_write(fd: int, pieces: list[bytes], c: ManifestChunk, algo: Algo
         return False
     pwritev_all(fd, pieces, c.offset)
     return True
+
+
+def _hash_fd(fd: int, size: int, algo: Algo) -> str:
+    """The digest of the first `size` bytes of an open file, read in HASH_PIECE pieces."""
+    h = algo.new()
+    pos = 0
+    while pos < size:
+        data = os.pread(fd, min(HASH_PIECE, size - pos), pos)
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return h.hexdigest()
 
 
 def _publish(part: Path, dest: Path) -> None:
