@@ -14,10 +14,10 @@ MiB = 1024 * KiB
 
 def test_touched_counts_overlapping_chunks_and_the_recut_ones_after():
     old = [(0, 10), (10, 10), (20, 10), (30, 10), (40, 10)]
-    # Bytes [12, 18) overwritten: the chunk holding them is cut at 17 now, the next one
-    # ends at 27 instead of 30 (old bytes, new boundaries), and the cuts meet again at 40.
+    # Bytes [12, 18) overwritten: they lie in two chunks now, cut at 17 and 27; the next
+    # one, [27, 40), holds old bytes between new boundaries; the cuts meet again at 40.
     new = [(0, 10), (10, 7), (17, 10), (27, 13), (40, 10)]
-    assert edit_counts(old, new, 12, 18) == (2, 4, 1)
+    assert edit_counts(old, new, 12, 18) == (2, 3, 1)
     # Cuts that never moved: only the chunk holding the new bytes is touched.
     assert edit_counts(old, old, 12, 18) == (1, 1, 0)
 
