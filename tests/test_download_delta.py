@@ -143,6 +143,11 @@ async def proxy(daemon, aiohttp_server):
     return p
 
 
+def range_length(header: str) -> int:
+    first, last = header.removeprefix("bytes=").split("-")
+    return int(last) - int(first) + 1
+
+
 def fast(url: str, **kw) -> CasdClient:
     return CasdClient(url, backoff=0.01, max_backoff=0.05, **kw)
 
@@ -154,9 +159,11 @@ def edit(data: bytes, rng, insert: bool) -> bytes:
     return data[:1000] + rng.bytes(KiB, "ins") + data[1000:] if insert else data
 
 
-async def test_plain_download_fetches_every_chunk_by_range_in_parallel(
+async def test_plain_download_fetches_runs_of_chunks_by_range_in_parallel(
     proxy, daemon, tmp_path, rng
 ):
+    """Adjacent chunks come in one Range request each run, a run being at most a
+    `concurrency`-th of the file, so every stream has work."""
     src = tmp_path / "f.bin"
     data = rng.write(src, 6 * MiB + 5)
     async with CasdClient(daemon.url) as client:
@@ -170,7 +177,7 @@ async def test_plain_download_fetches_every_chunk_by_range_in_parallel(
     assert got.chunked and (got.chunks_total, got.chunks_fetched, got.chunks_reused) == (7, 7, 0)
     assert got.bytes_fetched == got.bytes_received == len(data)
     assert sorted(proxy.ranges()) == sorted(
-        f"bytes={o}-{min(o + MiB, len(data)) - 1}" for o in range(0, len(data), MiB)
+        f"bytes={o}-{min(o + 2 * MiB, len(data)) - 1}" for o in range(0, len(data), 2 * MiB)
     )
     assert 2 <= proxy.most_in_flight <= 3
     assert seen[-1].phase == Phase.DONE and seen[-2].bytes_done == len(data)
@@ -201,7 +208,9 @@ async def test_reuse_of_an_older_version_fetches_only_changed_chunks(
     assert out.read_bytes() == new_data
     assert got.chunks_fetched + got.chunks_reused == got.chunks_total == s.chunks_total
     assert got.bytes_fetched + got.bytes_reused == len(new_data)
-    assert len(proxy.ranges()) == got.chunks_fetched
+    # Only the chunks not reused were asked for, each once.
+    assert len(proxy.ranges()) <= got.chunks_fetched
+    assert sum(range_length(r) for r in proxy.ranges()) == got.bytes_fetched
     if rule.kind == "fastcdc":
         # An insertion and an overwrite: a few chunks around each, never the whole file.
         assert 2 <= got.chunks_fetched <= 6 and got.bytes_fetched <= 6 * rule.max_size
@@ -269,20 +278,39 @@ async def test_interrupted_chunked_download_resumes_with_what_it_had(proxy, daem
     data = rng.write(src, 4 * MiB)
     async with CasdClient(daemon.url) as client:
         s = await client.upload(src, chunking="fixed", chunk_size=MiB)
-    proxy.cut_range_after = 2
+    # One stream asks for the four chunks at once; its answer breaks off after two.
+    proxy.cut_range_after = 0
     dest = tmp_path / "out.bin"
     async with fast(proxy.url, retries=0) as client:
         with pytest.raises(CasdConnectionError):
             await client.download(s.digest, dest, concurrency=1)
     assert not dest.exists()
+    assert proxy.ranges() == [f"bytes=0-{4 * MiB - 1}"]
     (part,) = tmp_path.glob(".*casd-part")
     proxy.seen.clear()
     async with CasdClient(proxy.url) as client:
-        got = await client.download(s.digest, dest)
+        got = await client.download(s.digest, dest, concurrency=1)
     assert dest.read_bytes() == data
     assert got.chunks_reused == 2 and got.resumed_from == 2 * MiB
-    assert got.chunks_fetched == 2 and len(proxy.ranges()) == 2
+    assert got.chunks_fetched == 2 and proxy.ranges() == [f"bytes={2 * MiB}-{4 * MiB - 1}"]
     assert not part.exists()
+
+
+async def test_a_run_cut_short_resumes_from_its_first_chunk_not_written(
+    proxy, daemon, tmp_path, rng
+):
+    """Within one download: the chunks of a run that arrived whole are kept, and the run is
+    asked for again from the first chunk that did not."""
+    src = tmp_path / "f.bin"
+    data = rng.write(src, 4 * MiB)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunking="fixed", chunk_size=MiB)
+    proxy.cut_range_after = 0
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", concurrency=1)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert proxy.ranges() == [f"bytes=0-{4 * MiB - 1}", f"bytes={2 * MiB}-{4 * MiB - 1}"]
+    assert (got.chunks_fetched, got.bytes_fetched) == (4, 4 * MiB)
 
 
 async def test_server_without_manifests_gets_one_verified_get(proxy, daemon, tmp_path, rng):
@@ -428,3 +456,28 @@ def test_pieces_are_written_whole_however_short_each_write(tmp_path, monkeypatch
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == bytes(7) + b"".join(pieces)
+
+
+def test_runs_are_adjacent_chunks_within_their_share_of_the_bytes():
+    chunks = [delta.ManifestChunk(o, 10, f"{o:032x}") for o in range(0, 100, 10)]
+    offsets = lambda runs: [[c.offset for c in run] for run in runs]  # noqa: E731
+    # Four streams: runs of at most 25 bytes; a gap (chunk 30 is local) ends a run.
+    todo = [c for c in chunks if c.offset != 30]
+    assert offsets(delta.plan_runs(todo, 4, 1000)) == [
+        [0, 10],
+        [20],
+        [40, 50],
+        [60, 70],
+        [80, 90],
+    ]
+    # One stream, but at most 30 bytes a run.
+    assert offsets(delta.plan_runs(chunks, 1, 30)) == [
+        [0, 10, 20],
+        [30, 40, 50],
+        [60, 70, 80],
+        [90],
+    ]
+    # A chunk larger than the limit is a run of its own.
+    big = [delta.ManifestChunk(0, 50, "a" * 32), delta.ManifestChunk(50, 5, "b" * 32)]
+    assert offsets(delta.plan_runs(big, 4, 20)) == [[0], [50]]
+    assert delta.plan_runs([], 4, 20) == []

@@ -138,6 +138,27 @@ def reuse_index(
     return found
 
 
+def plan_runs(chunks: list[ManifestChunk], streams: int, most: int) -> list[list[ManifestChunk]]:
+    """`chunks` (in file order) grouped into runs of adjacent chunks to fetch together.
+
+    A run never spans a gap (a chunk that is not in `chunks`), and holds at most `most`
+    bytes and at most a `streams`-th of all the bytes, unless one chunk alone is larger.
+    """
+    share = -(-sum(c.size for c in chunks) // max(1, streams))
+    limit = max(1, min(most, share))
+    runs: list[list[ManifestChunk]] = []
+    size = 0
+    for c in chunks:
+        last = runs[-1][-1] if runs else None
+        if last is None or last.offset + last.size != c.offset or size + c.size > limit:
+            runs.append([c])
+            size = c.size
+        else:
+            runs[-1].append(c)
+            size += c.size
+    return runs
+
+
 def read_verified(path: str, offset: int, chunk: ManifestChunk, algo: Algo) -> bytes | None:
     """The chunk's bytes from a local file at `offset` when they match it, else None."""
     size = chunk.size

@@ -32,6 +32,7 @@ from casd.client.delta import (
     Source,
     guess_chunkings,
     parse_manifest,
+    plan_runs,
     pwrite_all,
     pwritev_all,
     read_verified,
@@ -85,6 +86,12 @@ DEFAULT_CHUNKING = "fixed"
 # manifest ("full" also hashes the whole file; docs/client.md compares them).
 VERIFY_MODES = ("chunks", "full")
 DEFAULT_VERIFY = "chunks"
+# A chunked download asks for adjacent chunks together, one Range request per run of at
+# most this many bytes (and of at most its share of the download, so that `concurrency`
+# streams have work): a request per chunk cost the server a manifest lookup per chunk, and
+# the client a request's overhead per 1 MiB chunk of FastCDC. Runs end where a chunk is
+# already local. Memory stays at about two chunks per stream.
+RUN_BYTES = 64 * MiB
 # Chunk bodies and downloads move through the event loop in pieces of this size.
 IO_PIECE = 1 * MiB
 # Handshake -> send -> merge rounds before giving up when the server keeps losing the upload
@@ -623,18 +630,21 @@ class CasdClient:
                 stats,
                 progress,
             )
-            queue = iter(todo)
+            runs = plan_runs(todo, concurrency, RUN_BYTES)
+            queue = iter(runs)
+
+            def fetched(c: ManifestChunk) -> None:
+                stats["fetched"] += 1
+                stats["fetched_bytes"] += c.size
+                done["bytes"] += c.size
+                done["chunks"] += 1
+                progress()
 
             async def worker() -> None:
-                for c in queue:
-                    await self._fetch_chunk(url, c, fd, algo, pool)
-                    stats["fetched"] += 1
-                    stats["fetched_bytes"] += c.size
-                    done["bytes"] += c.size
-                    done["chunks"] += 1
-                    progress()
+                for run in queue:
+                    await self._fetch_run(url, run, fd, algo, pool, fetched)
 
-            tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(todo)))]
+            tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(runs)))]
             try:
                 await asyncio.gather(*tasks)
             except BaseException:
@@ -750,58 +760,111 @@ class CasdClient:
             await drain_one()
         return todo
 
-    async def _fetch_chunk(
-        self, url: str, c: ManifestChunk, fd: int, algo: Algo, pool: ThreadPoolExecutor
+    async def _fetch_run(
+        self,
+        url: str,
+        run: list[ManifestChunk],
+        fd: int,
+        algo: Algo,
+        pool: ThreadPoolExecutor,
+        fetched: Callable[[ManifestChunk], None],
     ) -> None:
-        """GET one chunk by Range, verify its digest in `pool`, write it; retried."""
+        """GET a run of adjacent chunks with one Range request; retried.
+
+        Each chunk is checked and written in `pool` as soon as its last byte arrives, while
+        the next one streams in (one chunk behind the network); `fetched` is called once
+        it is written. A cut, or a chunk that does not match, asks again from the first
+        chunk not yet written; a chunk corrupted three times is refused.
+        """
         loop = asyncio.get_running_loop()
-        what = f"chunk at offset {c.offset} of {url}"
+        i = 0  # run[i] is the first chunk not yet written
         attempt = 0
+        corrupted: dict[int, int] = {}
         err: CasdClientError
-        while True:
+        while i < len(run):
+            first, last = run[i], run[-1]
+            what = f"bytes {first.offset}-{last.offset + last.size - 1} of {url}"
             headers = self._headers(
                 url,
                 {
                     "Accept-Encoding": "identity",
-                    "Range": f"bytes={c.offset}-{c.offset + c.size - 1}",
+                    "Range": f"bytes={first.offset}-{last.offset + last.size - 1}",
                 },
             )
+            began = i
+            pending: tuple[int, asyncio.Future] | None = None  # the chunk being written
+
+            async def settle() -> None:
+                """Wait for the pending chunk: written, or _Corrupted."""
+                nonlocal i, pending
+                if pending is None:
+                    return
+                (j, fut), pending = pending, None
+                if not await fut:
+                    raise _Corrupted(j)
+                i = j + 1
+                fetched(run[j])
+
             try:
-                async with self._sess().get(url, headers=headers, auto_decompress=False) as resp:
-                    self._reached = True
-                    if resp.status >= 400:
-                        err = _http_error(resp, await resp.read(), what)
-                        if not err.retryable:
-                            raise err
-                    elif resp.status != 206:
-                        raise CasdClientError(
-                            f"{what}: the server answered HTTP {resp.status} to a Range request"
-                        )
-                    else:
-                        # The pieces as they came, never joined: one copy less per byte.
-                        pieces, got = [], 0
-                        async for piece in resp.content.iter_any():
-                            pieces.append(piece)
-                            got += len(piece)
-                        if got == c.size and await loop.run_in_executor(
-                            pool, _verify_and_write, fd, pieces, c, algo
-                        ):
+                try:
+                    async with self._sess().get(
+                        url, headers=headers, auto_decompress=False
+                    ) as resp:
+                        self._reached = True
+                        if resp.status >= 400:
+                            err = _http_error(resp, await resp.read(), what)
+                            if not err.retryable:
+                                raise err
+                        elif resp.status != 206:
+                            raise CasdClientError(
+                                f"{what}: the server answered HTTP {resp.status} to a Range request"
+                            )
+                        else:
+                            j, pieces, got = i, [], 0
+                            async for data in resp.content.iter_any():
+                                view = memoryview(data)
+                                while view and j < len(run):
+                                    # Slices of what arrived, never copies.
+                                    take = view[: run[j].size - got]
+                                    view = view[len(take) :]
+                                    pieces.append(take)
+                                    got += len(take)
+                                    if got == run[j].size:
+                                        await settle()
+                                        pending = (
+                                            j,
+                                            loop.run_in_executor(
+                                                pool, _verify_and_write, fd, pieces, run[j], algo
+                                            ),
+                                        )
+                                        j, pieces, got = j + 1, [], 0
+                            await settle()
+                            if j < len(run):
+                                raise aiohttp.ClientPayloadError(
+                                    f"body ended at byte {run[j].offset + got}"
+                                )
                             return
-                        # Corrupted on the way (or cut short): fetch it again.
-                        err = CasdIntegrityError(
-                            f"{what}: the bytes received do not match the chunk's digest"
-                            f" {c.digest}; nothing was written"
-                        )
+                finally:
+                    # Whatever stopped the stream, the chunk already complete is kept if good.
+                    if pending is not None:
+                        await settle()
+            except _Corrupted as exc:
+                corrupted[exc.index] = corrupted.get(exc.index, 0) + 1
+                c = run[exc.index]
+                if corrupted[exc.index] > min(2, self.retries):
+                    # Corruption is not a blip worth the full budget: two refetches, then no.
+                    raise CasdIntegrityError(
+                        f"chunk at offset {c.offset} of {url}: the bytes received do not match"
+                        f" the chunk's digest {c.digest}; nothing was written"
+                    ) from None
+                continue
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 err = self._connection_error(exc, url)
                 if isinstance(exc, aiohttp.ClientConnectorError) and not self._reached:
                     raise err from None
+            if i > began:
+                attempt = 0  # progress was made: the retry budget starts again
             attempt += 1
-            if isinstance(err, CasdIntegrityError):
-                # Corruption is not a blip worth the full budget: two refetches, then refuse.
-                if attempt > min(2, self.retries):
-                    raise err
-                continue
             await self._retry_wait(attempt, what, err)
 
     async def _fetch(
@@ -997,6 +1060,14 @@ def _part_length(part: Path) -> int:
         return part.stat().st_size
     except OSError:
         return 0
+
+
+class _Corrupted(Exception):
+    """The chunk at this index of a run arrived with bytes that do not match it."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
 
 
 def _verify_and_write(fd: int, pieces: list[bytes], c: ManifestChunk, algo: Algo) -> bool:
