@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -197,7 +197,7 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += n
 
 
-def pwritev_all(fd: int, pieces: list[bytes], offset: int) -> None:
+def pwritev_all(fd: int, pieces: Sequence[bytes | memoryview], offset: int) -> None:
     """Write `pieces` end to end at `offset`, with as few system calls as the kernel allows."""
     views = [memoryview(p) for p in pieces if p]
     while views:
