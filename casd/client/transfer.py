@@ -1070,9 +1070,7 @@ class _Corrupted(Exception):
         self.index = index
 
 
-def _verify_and_write(
-    fd: int, pieces: list[memoryview], c: ManifestChunk, algo: Algo
-) -> bool:
+def _verify_and_write(fd: int, pieces: list[memoryview], c: ManifestChunk, algo: Algo) -> bool:
     """Write `pieces` at the chunk's place if they are the chunk's bytes; whether it did."""
     if not c.matches_pieces(pieces, algo):
         return False
