@@ -471,7 +471,8 @@ def cdc_rows(sizes: Sizes, r: dict) -> list[Row]:
     rows.append(
         Row(
             "B8",
-            f"verified client download of {_size(size)} (5 MiB chunks by Range, each verified)",
+            f"verified client download of {_size(size)} (5 MiB chunks, fetched in runs by "
+            "Range, each chunk verified)",
             f"{b8['client_mb_s']:.0f} MB/s",
             f"plain GET to disk + fsync {b8['plain_mb_s']:.0f} MB/s",
             f"{ratio:.2f}",
