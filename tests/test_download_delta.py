@@ -481,3 +481,15 @@ def test_runs_are_adjacent_chunks_within_their_share_of_the_bytes():
     big = [delta.ManifestChunk(0, 50, "a" * 32), delta.ManifestChunk(50, 5, "b" * 32)]
     assert offsets(delta.plan_runs(big, 4, 20)) == [[0], [50]]
     assert delta.plan_runs([], 4, 20) == []
+
+
+async def test_a_daemon_on_postgresql_gives_xxh3_for_every_chunk(
+    daemon_factory, postgres_url, tmp_path, rng
+):
+    """The PostgreSQL catalogue answers the optional field too, end to end."""
+    d = daemon_factory("--catalog", postgres_url)
+    s, data = await upload_fixed(d, tmp_path, rng, 3 * MiB + 1)
+    async with CasdClient(d.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.chunks_fetched, got.verified, got.chunk_check) == (4, "chunks", "xxh3-128")
