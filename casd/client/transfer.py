@@ -478,9 +478,9 @@ class CasdClient:
     ) -> DownloadSummary:
         """Fetch a stored file to `dest`, every byte verified, resuming an earlier try.
 
-        When the server offers the file's manifest (GET .../chunks), chunks are fetched with
-        Range requests, `concurrency` at a time, each checked against its digest on a pool
-        of threads; chunks that a `reuse` file holds (found by cutting it as the stored file
+        When the server offers the file's manifest (GET .../chunks), chunks are fetched in
+        runs of adjacent chunks, one Range request per run, on `concurrency` streams, each
+        chunk checked (see `verify`) on a pool of threads; chunks that a `reuse` file holds (found by cutting it as the stored file
         was cut: `chunking`, or guessed from the manifest; the digest cache spares the
         rehash) or that an earlier try left are copied locally, also verified. A server
         without manifests gets one GET, hashed whole. Bytes go to a hidden temp file beside
