@@ -51,3 +51,51 @@ async def test_full_in_a_message_is_not_a_full_disk(tmp_path):
             await cat.writer.run(broken)
     finally:
         await cat.close()
+
+
+async def test_reads_queued_behind_a_busy_reader_each_get_their_own_answer(tmp_path):
+    """While the one quick reader is held, reads pile up; once it is free they are answered
+    together, each with its own result or its own error, and each sees what was committed
+    before it was asked (here: an upload begun while the reader was held)."""
+    import asyncio
+    import threading
+
+    cat = await SqliteCatalog.open(tmp_path / "catalog.sqlite", "NORMAL", readers=1)
+    gate = threading.Event()
+    try:
+        first, _ = await cat.begin_upload(manifest("one", 2), "k1", 0, 1e12, "a" * 32)
+        held = asyncio.create_task(cat.read(lambda con: gate.wait(30)))
+        await asyncio.sleep(0)
+        # Committed while the reader is held, before the reads below are queued.
+        second, _ = await cat.begin_upload(manifest("two", 3), "k2", 0, 1e12, "b" * 32)
+
+        def boom(con):
+            raise ValueError("this read fails alone")
+
+        def count_uploads(con):
+            return con.execute("SELECT count(*) FROM uploads").fetchone()[0]
+
+        queued = [
+            asyncio.create_task(cat.get_upload("a" * 32)),
+            asyncio.create_task(cat.read(boom)),
+            asyncio.create_task(cat.get_upload("b" * 32)),
+            asyncio.create_task(cat.read(count_uploads)),
+            asyncio.create_task(cat.manifest_chunk_count(second.manifest_id)),
+            asyncio.create_task(cat.get_upload("c" * 32)),
+        ]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in queued)  # all wait for the held reader
+        gate.set()
+        assert await asyncio.wait_for(held, 10) is True
+        results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 10)
+        assert results[0] == first
+        assert isinstance(results[1], ValueError)
+        assert results[2] == second
+        assert results[3] == 2
+        assert results[4] == 3
+        assert results[5] is None
+        # The reader kept working after the error, and later reads go on as before.
+        assert await cat.get_upload("a" * 32) == first
+    finally:
+        gate.set()
+        await cat.close()
