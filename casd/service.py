@@ -399,7 +399,9 @@ class Service:
         temp = await self._run(self.blobs.new_temp)
         published = False
         try:
-            hasher = await self._ingest(temp, body, size, digest)
+            # A new chunk is fsynced by the worker that writes its last block, once its digest
+            # checks; a stored one's bytes may only be compared, and need no fsync.
+            hasher, finished = await self._ingest(temp, body, size, digest, not check_stored)
             xxh3 = hasher.xxh3()
             if check_stored:
                 if await blob_matches(self.blobs, digest, size, xxh3, self.io):
@@ -414,7 +416,8 @@ class Service:
                 locked = self.blobs.replace
             else:
                 locked = self.blobs.ensure_stored
-            await self._run(temp.finish)
+            if not finished:
+                await self._run(temp.finish)
             if not check_stored:
                 # Store the bytes here, in parallel with other uploads (link and fsync, or a
                 # PUT the store acknowledges); under the digest lock the catalogue then only
@@ -443,9 +446,18 @@ class Service:
             await asyncio.shield(self._run(temp.discard))
 
     async def _ingest(
-        self, temp: TempBlob, body: AsyncIterator[bytes], size: int, digest: Digest
-    ) -> ChunkHasher:
-        """Stream the body into `temp`, hashing in a worker thread while the next block arrives."""
+        self,
+        temp: TempBlob,
+        body: AsyncIterator[bytes],
+        size: int,
+        digest: Digest,
+        durable: bool = False,
+    ) -> tuple[ChunkHasher, bool]:
+        """Stream the body into `temp`, hashing in a worker thread while the next block arrives.
+
+        With `durable`, the worker that writes the last block also fsyncs `temp` once the
+        bytes hash to `digest` (a chunk of one block costs one thread hop, not two); the bool
+        says whether it did."""
         hasher = ChunkHasher(digest.algo)
         limit = self.settings.max_chunk_size
         received = 0
@@ -453,9 +465,15 @@ class Service:
         pending: asyncio.Future | None = None
         loop = asyncio.get_running_loop()
 
-        def absorb(block: bytearray) -> None:
+        finished = False
+
+        def absorb(block: bytearray, last: bool) -> None:
+            nonlocal finished
             hasher.update(block)
             temp.write(block)
+            if last and durable and hasher.size == size and hasher.digest() == digest:
+                temp.finish()
+                finished = True
 
         try:
             with full_disk_refused():
@@ -472,13 +490,13 @@ class Service:
                     if len(buf) >= INGEST_BLOCK:
                         if pending is not None:
                             await pending
-                        pending = loop.run_in_executor(self.io, absorb, buf)
+                        pending = loop.run_in_executor(self.io, absorb, buf, received == size)
                         buf = bytearray()
                 if pending is not None:
                     await pending
                     pending = None
                 if buf:
-                    await self._run(absorb, buf)
+                    await self._run(absorb, buf, True)
         finally:
             if pending is not None:
                 # The worker still writes into temp; let it finish before temp is discarded.
@@ -492,7 +510,7 @@ class Service:
             raise DigestMismatch(
                 f"the body hashes to {actual.hex}, not to {digest.hex}; nothing was stored"
             )
-        return hasher
+        return hasher, finished
 
     async def merge(self, upload_id: str, events: HookEvents | None = None) -> FileEntry:
         """Verify the whole file's digest over its chunks and register it; idempotent.
