@@ -251,6 +251,12 @@ class LocalBlobStore(TempFiles):
         await self._run(self.place, temp, digest)
 
     async def ensure_stored(self, temp: TempBlob, digest: Digest) -> None:
+        # Called under the catalogue's write lock, once per chunk of a group commit, after
+        # `publish` linked the blob: a stat of a path linked a moment ago is answered from
+        # the kernel's dentry cache in microseconds, less than a thread hop, which would keep
+        # the write lock (and every waiting commit) for another round trip through the loop.
+        if self.path(digest).is_file():
+            return
         await self._run(self.ensure_placed, temp, digest)
 
     async def replace(self, temp: TempBlob, digest: Digest) -> None:
