@@ -63,6 +63,8 @@ log = logging.getLogger("casd.service")
 # Bytes handed to a worker thread at a time: large enough that hashlib releases the GIL and
 # thread hand-offs are rare, small enough that a request holds only a couple of them.
 INGEST_BLOCK = 1 << 20
+# Body pieces held for one block before they are joined (see Service._ingest).
+MAX_PIECES = 64
 
 
 @contextmanager
@@ -461,15 +463,19 @@ class Service:
         hasher = ChunkHasher(digest.algo)
         limit = self.settings.max_chunk_size
         received = 0
-        buf = bytearray()
+        # The body's pieces as aiohttp handed them over, kept as they are: the worker hashes
+        # each and writes them all with one writev, so no byte is copied on the event loop.
+        pieces: list[bytes] = []
+        held = 0
         pending: asyncio.Future | None = None
         loop = asyncio.get_running_loop()
 
         finished = False
 
-        def absorb(block: bytearray, last: bool) -> None:
+        def absorb(block: list[bytes], last: bool) -> None:
             nonlocal finished
-            hasher.update(block)
+            for piece in block:
+                hasher.update(piece)
             temp.write(block)
             if last and durable and hasher.size == size and hasher.digest() == digest:
                 temp.finish()
@@ -486,17 +492,22 @@ class Service:
                             f"the body is longer than the {size} bytes the manifest gives"
                             f" chunk {digest.hex}"
                         )
-                    buf += piece
-                    if len(buf) >= INGEST_BLOCK:
+                    pieces.append(piece)
+                    held += len(piece)
+                    if len(pieces) >= MAX_PIECES:
+                        # A client sending tiny pieces: join them, so a block stays a few
+                        # buffers (writev takes at most IOV_MAX, and each object costs memory).
+                        pieces = [b"".join(pieces)]
+                    if held >= INGEST_BLOCK:
                         if pending is not None:
                             await pending
-                        pending = loop.run_in_executor(self.io, absorb, buf, received == size)
-                        buf = bytearray()
+                        pending = loop.run_in_executor(self.io, absorb, pieces, received == size)
+                        pieces, held = [], 0
                 if pending is not None:
                     await pending
                     pending = None
-                if buf:
-                    await self._run(absorb, buf, True)
+                if pieces:
+                    await self._run(absorb, pieces, True)
         finally:
             if pending is not None:
                 # The worker still writes into temp; let it finish before temp is discarded.

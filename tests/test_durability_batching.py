@@ -3,6 +3,7 @@ file and folders durable before the catalogue row that publishes it commits."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -148,8 +149,6 @@ async def test_concurrent_chunks_in_fresh_fan_out_folders_are_all_durable(
 ):
     """Many chunks at once, sharing fsyncs: every blob's folder and the two fan-out folders
     above it are fsynced after its link was made."""
-    import asyncio
-
     n = 16
     synced: list[tuple[str, float]] = []
     linked: dict[str, float] = {}
@@ -179,3 +178,31 @@ async def test_concurrent_chunks_in_fresh_fan_out_folders_are_all_durable(
         leaf = Path(dst).parent
         for folder in (leaf, leaf.parent, leaf.parent.parent):
             assert any(f == str(folder) and t > at for f, t in synced), (dst, folder)
+
+
+async def test_a_chunk_sent_in_tiny_pieces_is_stored_exactly(aiohttp_client, settings):
+    """The ingest path keeps the body's pieces as they come and writes them with one writev
+    per block; a body arriving in thousands of small pieces (joined now and then) and one
+    in a few big ones are stored byte for byte."""
+    client = await aiohttp_client(create_app(settings))
+    data = rand(3 << 20)
+    p = prepare(data, len(data))
+    r = await client.post("/v1/handshake", json=p.handshake)
+    uid = (await r.json())["upload_id"]
+    digest = p.order[0]
+
+    async def tiny():
+        for i in range(0, len(data), 997):
+            yield data[i : i + 997]
+            await asyncio.sleep(0)  # let the server take each piece on its own
+
+    r = await client.put(
+        f"/v1/uploads/{uid}/chunks/{digest}",
+        data=tiny(),
+        headers={"Content-Length": str(len(data))},
+    )
+    assert r.status == 201, await r.text()
+    blob = settings.data_dir / "blobs" / "md5" / digest[:2] / digest[2:4] / digest
+    assert blob.read_bytes() == data
+    r = await client.post(f"/v1/uploads/{uid}/merge")
+    assert r.status == 200, await r.text()

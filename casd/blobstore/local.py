@@ -127,7 +127,15 @@ class TempBlob:
         return self._fd
 
     def write(self, data) -> None:
+        """Append `data`: one buffer, or a list of buffers written in order by one writev
+        (the pieces a body arrived in, without joining them into one buffer first)."""
         fd = self._open_fd()
+        if isinstance(data, list):
+            total = sum(len(piece) for piece in data)
+            done = os.writev(fd, data)
+            if done == total:
+                return
+            data = b"".join(data)[done:]  # a short write (rare): the rest, one buffer
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
