@@ -28,12 +28,18 @@ ROWS = ("b6", "b1")
 
 
 async def one_round(
-    rows: list[str], root: Path | None, work: Path, big: Path | None, n: int, profile: Path | None
+    rows: list[str],
+    root: Path | None,
+    work: Path,
+    big: Path | None,
+    n: int,
+    profile: Path | None,
+    serve_args: list[str],
 ) -> dict:
     sizes = replace(FULL, file_bytes=big.stat().st_size) if big is not None else FULL
     data, cache = work / f"data-{n}", work / f"cache-{n}"
     out: dict = {}
-    with procs.casd_daemon(data, work / f"daemon-{n}.log", root=root) as daemon:
+    with procs.casd_daemon(data, work / f"daemon-{n}.log", *serve_args, root=root) as daemon:
         for row in rows:
             spy = None
             if profile is not None:
@@ -87,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, action="append", default=[], help="source tree(s)")
     p.add_argument("--b1-mib", type=int, default=512, help="size of B1's random file")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR")
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `casd serve` (repeatable, e.g. --serve-arg=--io-workers=4)",
+    )
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := set(rows) - set(ROWS):
@@ -105,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 n += 1
                 log(f"round {r + 1}, daemon from {root or 'this tree'}")
                 t = time.perf_counter()
-                result = asyncio.run(one_round(rows, root, work, big, n, args.profile))
+                result = asyncio.run(
+                    one_round(rows, root, work, big, n, args.profile, args.serve_arg)
+                )
                 name = str(root) if root else "this tree"
                 for line in describe(result):
                     print(f"round {r + 1} [{name}] {line}", flush=True)
