@@ -113,6 +113,24 @@ class FileHash:
         return Digest(self.algo, self.hash.hexdigest()), self.total
 
 
+class _InOrder:
+    """A chunk received in order: a copy of the upload's whole-file hash fed its bytes, put
+    in place of the hash (`advance`) once the chunk is verified and stored. Whoever holds
+    one holds `state.lock`."""
+
+    __slots__ = ("hash", "state")
+
+    def __init__(self, state: FileHash):
+        self.state = state
+        self.hash = state.hash.copy()
+
+    def advance(self, size: int) -> None:
+        state = self.state
+        state.hash = self.hash
+        state.total += size
+        state.next += 1
+
+
 # Pending uploads whose prefix hash is kept in memory; an evicted one is rehashed at merge.
 MAX_FILE_HASHES = 256
 # Manifest entries read from the catalogue at a time while hashing; also how many chunks
@@ -378,7 +396,12 @@ class Service:
             stored = await self._receive(upload_id, digest, size, body, check_stored=True)
         else:
             await self._admit_upload()
-            stored = await self._receive(upload_id, digest, size, body)
+            follow = await self._follow_in_order(upload, digest)
+            try:
+                stored = await self._receive(upload_id, digest, size, body, follow=follow)
+            finally:
+                if follow is not None:
+                    follow.state.lock.release()
         self._start_hash_ahead(upload)
         if not with_missing:
             return PutResult(stored, None)
@@ -391,8 +414,13 @@ class Service:
         size: int,
         body: AsyncIterator[bytes],
         check_stored: bool = False,
+        follow: _InOrder | None = None,
     ) -> bool:
         """Verify and store a chunk; True when its bytes were written into the store.
+
+        `follow`: the chunk is the next one the upload's whole-file hash needs; its bytes are
+        fed to a copy of that hash as they stream in, and the copy replaces the hash once
+        the chunk is verified and stored, so hash-ahead and merge need not read it back.
 
         `check_stored`: the catalogue says the chunk is stored already. The bytes are still
         verified; when the stored blob's size or xxh3-128 differs from theirs (it rotted or
@@ -403,7 +431,9 @@ class Service:
         try:
             # A new chunk is fsynced by the worker that writes its last block, once its digest
             # checks; a stored one's bytes may only be compared, and need no fsync.
-            hasher, finished = await self._ingest(temp, body, size, digest, not check_stored)
+            hasher, finished = await self._ingest(
+                temp, body, size, digest, not check_stored, follow.hash if follow else None
+            )
             xxh3 = hasher.xxh3()
             if check_stored:
                 if await blob_matches(self.blobs, digest, size, xxh3, self.io):
@@ -441,6 +471,8 @@ class Service:
                     (upload_id, self._expiry(now)),
                     replace=check_stored,
                 )
+            if follow is not None:
+                follow.advance(size)
             return published
         finally:
             # The blob path is its own link: dropping the temp name (and the flock that told
@@ -454,12 +486,13 @@ class Service:
         size: int,
         digest: Digest,
         durable: bool = False,
+        also=None,
     ) -> tuple[ChunkHasher, bool]:
         """Stream the body into `temp`, hashing in a worker thread while the next block arrives.
 
         With `durable`, the worker that writes the last block also fsyncs `temp` once the
         bytes hash to `digest` (a chunk of one block costs one thread hop, not two); the bool
-        says whether it did."""
+        says whether it did. `also`: a hash object fed the same bytes in the same worker."""
         hasher = ChunkHasher(digest.algo)
         limit = self.settings.max_chunk_size
         received = 0
@@ -476,6 +509,9 @@ class Service:
             nonlocal finished
             for piece in block:
                 hasher.update(piece)
+            if also is not None:
+                for piece in block:
+                    also.update(piece)
             temp.write(block)
             if last and durable and hasher.size == size and hasher.digest() == digest:
                 temp.finish()
@@ -590,6 +626,29 @@ class Service:
         state = self._file_hashes.pop(upload_id, None)
         if state is not None and state.ahead is not None:
             state.ahead.cancel()
+
+    async def _follow_in_order(self, upload: Upload, digest: Digest) -> _InOrder | None:
+        """When `digest` is the chunk the upload's whole-file hash needs next and nothing
+        hashes it now, that hash's lock (held: the caller releases it) and a copy to feed;
+        else None, and hash-ahead reads the chunk back once it is stored."""
+        state = self._file_hash(upload)
+        if state.broken or state.done or state.merging or state.offset or state.lock.locked():
+            return None
+        at = state.next
+        page = await self.catalog.manifest_page(upload.manifest_id, at, 1)
+        if not page or page[0][0] != digest.hex:
+            return None
+        if (
+            self._file_hashes.get(upload.id) is not state
+            or state.lock.locked()
+            or state.broken
+            or state.merging
+            or state.next != at
+            or state.offset
+        ):
+            return None  # it moved while the manifest was read
+        await state.lock.acquire()  # free (checked above, no await since): at once
+        return _InOrder(state)
 
     def _start_hash_ahead(self, upload: Upload) -> None:
         """Have the upload's one background hash-ahead look at its chunks (again)."""

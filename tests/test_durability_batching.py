@@ -206,3 +206,37 @@ async def test_a_chunk_sent_in_tiny_pieces_is_stored_exactly(aiohttp_client, set
     assert blob.read_bytes() == data
     r = await client.post(f"/v1/uploads/{uid}/merge")
     assert r.status == 200, await r.text()
+
+
+async def test_chunks_sent_in_order_are_hashed_for_the_file_as_they_arrive(
+    aiohttp_client, settings, monkeypatch
+):
+    """A chunk that is the next one the whole-file hash needs is fed to it while it streams
+    in: merge verifies the file without reading any chunk back. A chunk whose bytes are
+    wrong leaves that hash as it was: sent again right, the file merges."""
+    from casd.blobstore.local import LocalBlobStore
+
+    read_back: list[int] = []
+    real_feed = LocalBlobStore.feed_run
+
+    async def feed_run(self, algo, run, sink, executor=None):
+        read_back.append(len(run))
+        return await real_feed(self, algo, run, sink, executor)
+
+    monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
+    client = await aiohttp_client(create_app(settings))
+    p = prepare(rand(6 * 1000), 1000)
+    r = await client.post("/v1/handshake", json=p.handshake)
+    uid = (await r.json())["upload_id"]
+    for n, digest in enumerate(p.order):
+        if n == 3:
+            wrong = bytes(len(p.chunks[digest]))
+            r = await client.put(f"/v1/uploads/{uid}/chunks/{digest}", data=wrong)
+            assert r.status == 422, await r.text()
+        r = await client.put(f"/v1/uploads/{uid}/chunks/{digest}", data=p.chunks[digest])
+        assert r.status == 201, await r.text()
+    r = await client.post(f"/v1/uploads/{uid}/merge")
+    assert r.status == 200, await r.text()
+    assert read_back == []
+    r = await client.get(f"/v1/files/{p.handshake['md5']}")
+    assert await r.read() == b"".join(p.chunks[d] for d in p.order)
