@@ -492,7 +492,9 @@ class Service:
 
         With `durable`, the worker that writes the last block also fsyncs `temp` once the
         bytes hash to `digest` (a chunk of one block costs one thread hop, not two); the bool
-        says whether it did. `also`: a hash object fed the same bytes in the same worker."""
+        says whether it did. `also`: a hash object fed the same bytes in the same worker.
+        `body` must yield buffers it does not reuse: they are held until their block is
+        written."""
         hasher = ChunkHasher(digest.algo)
         limit = self.settings.max_chunk_size
         received = 0
