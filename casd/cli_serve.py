@@ -154,6 +154,13 @@ def register(sub) -> None:
         " md5,sha256; 'sha256' refuses MD5 where collisions matter)",
     )
     p.add_argument(
+        "--no-stream-uploads",
+        dest="stream_uploads",
+        action="store_false",
+        help="answer as a protocol v1 server: no streamed uploads (v1.1), whose clients"
+        " then hash the whole file before sending (default: offered)",
+    )
+    p.add_argument(
         "--header-timeout",
         type=float,
         default=d.header_timeout,
@@ -354,6 +361,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         else None,
         hook_timeout=args.hook_timeout,
         hook_queue_max=args.hook_queue_max,
+        stream_uploads=args.stream_uploads,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout,

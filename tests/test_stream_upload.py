@@ -1,0 +1,407 @@
+"""Protocol v1.1, streamed uploads (docs/PROTOCOL.md): the server's endpoints in process,
+a hostile client, the Python client in both directions, resume, and one real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import sqlite3
+
+import pytest
+
+from casd.web import create_app
+from helpers import prepare, rand
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings):
+    return await aiohttp_client(create_app(settings))
+
+
+def make_client(aiohttp_client, settings, **changes):
+    return aiohttp_client(create_app(dataclasses.replace(settings, **changes)))
+
+
+async def open_stream(client, status: int = 201, **fields) -> dict:
+    r = await client.post("/v1/uploads", json=fields)
+    body = await r.json()
+    assert r.status == status, body
+    return body
+
+
+async def add(client, upload_id: str, start: int, entries: list[dict], status: int = 200, **kw):
+    r = await client.post(
+        f"/v1/uploads/{upload_id}/chunks", json={"start": start, "chunks": entries, **kw}
+    )
+    body = await r.json()
+    assert r.status == status, body
+    return body
+
+
+async def put(client, upload_id: str, digest: str, data: bytes, status: int | None = None):
+    r = await client.put(f"/v1/uploads/{upload_id}/chunks/{digest}", data=data)
+    body = await r.json()
+    if status is not None:
+        assert r.status == status, body
+    return body
+
+
+async def merge(client, upload_id: str, claim: dict | None, status: int = 200) -> dict:
+    if claim is None:
+        r = await client.post(f"/v1/uploads/{upload_id}/merge")
+    else:
+        r = await client.post(f"/v1/uploads/{upload_id}/merge", json=claim)
+    body = await r.json()
+    assert r.status == status, body
+    return body
+
+
+async def assert_error(resp, status: int, code: str) -> dict:
+    assert resp.status == status, (await resp.read())[:500]
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert body["error"] == code
+    assert isinstance(body["message"], str) and len(body["message"]) > 10
+    return body
+
+
+async def stream_all(client, p, batch: int = 2, algo: str = "md5") -> str:
+    """Open, then for each batch of digests: list it and send what it says is missing."""
+    opened = await open_stream(client, algo=algo, name="f.bin")
+    uid = opened["upload_id"]
+    entries = p.handshake["chunks"]
+    for start in range(0, len(entries), batch):
+        answer = await add(client, uid, start, entries[start : start + batch], algo=algo)
+        assert answer["count"] == min(start + batch, len(entries))
+        for d in answer["missing"]:
+            await put(client, uid, d, p.chunks[d])
+    return uid
+
+
+async def download(client, url: str) -> bytes:
+    r = await client.get(url)
+    assert r.status == 200
+    return await r.read()
+
+
+def file_rows(settings) -> int:
+    con = sqlite3.connect(settings.data_dir / "catalog.sqlite")
+    try:
+        return con.execute("SELECT count(*) FROM files").fetchone()[0]
+    finally:
+        con.close()
+
+
+# ---- what the server offers ---------------------------------------------------------------
+
+
+async def test_capabilities_offer_streaming_and_its_limits(client, settings):
+    r = await client.get("/v1/capabilities")
+    body = await r.json()
+    assert r.status == 200
+    assert body["stream_uploads"] is True and "1.1" in body["versions"]
+    assert body["max_chunks"] == settings.max_chunks
+    assert body["max_file_size"] == settings.max_file_size
+
+
+async def test_no_stream_uploads_answers_as_a_v1_server(aiohttp_client, settings):
+    client = await make_client(aiohttp_client, settings, stream_uploads=False)
+    body = await (await client.get("/v1/capabilities")).json()
+    assert body["stream_uploads"] is False and body["versions"] == ["1"]
+    await assert_error(await client.post("/v1/uploads", json={}), 404, "not_found")
+    await assert_error(
+        await client.post("/v1/uploads/" + "a" * 32 + "/chunks", json={"start": 0, "chunks": []}),
+        404,
+        "not_found",
+    )
+
+
+# ---- the happy path -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ["md5", "sha256"])
+async def test_streamed_upload_round_trip(client, algo):
+    p = prepare(rand(5 * CHUNK + 77), CHUNK, algo=algo)
+    uid = await stream_all(client, p, algo=algo)
+    done = await merge(client, uid, {"algo": algo, algo: p.digest, "size": len(p.data)})
+    assert done["status"] == "complete" and done[algo] == p.digest
+    assert await download(client, done["url"]) == p.data
+    # A v1 handshake of the same file is now an instant upload.
+    r = await client.post("/v1/handshake", json=p.handshake)
+    assert (await r.json())["status"] == "complete"
+
+
+async def test_batches_skip_stored_chunks_and_repeats(client):
+    first = prepare(rand(3 * CHUNK), CHUNK)
+    await merge(
+        client,
+        await stream_all(client, first),
+        {"md5": first.digest, "size": len(first.data)},
+    )
+    # The second file repeats the first's chunks and one of its own twice.
+    own = rand(CHUNK)
+    data = first.data + own + own
+    p = prepare(data, CHUNK)
+    uid = (await open_stream(client))["upload_id"]
+    answer = await add(client, uid, 0, p.handshake["chunks"])
+    own_digest = hashlib.md5(own).hexdigest()
+    assert answer["missing"] == [own_digest]
+    assert answer == {"count": 5, "size": len(data), "missing": [own_digest]}
+    await put(client, uid, own_digest, own, status=201)
+    done = await merge(client, uid, {"md5": p.digest, "size": len(data)})
+    assert await download(client, done["url"]) == data
+
+
+async def test_empty_file_streams(client):
+    uid = (await open_stream(client, ext=".txt"))["upload_id"]
+    done = await merge(client, uid, {"md5": hashlib.md5(b"").hexdigest(), "size": 0})
+    assert done["size"] == 0 and done["url"].endswith(".txt")
+
+
+async def test_status_of_an_open_upload(client):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    uid = (await open_stream(client))["upload_id"]
+    await add(client, uid, 0, p.handshake["chunks"])
+    body = await (await client.get(f"/v1/uploads/{uid}")).json()
+    assert body["status"] == "open" and body["size"] == 2 * CHUNK
+    assert body["missing"] == p.order and "md5" not in body
+
+
+async def test_v1_merge_without_body_still_works(client):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    hs = await (await client.post("/v1/handshake", json=p.handshake)).json()
+    for d in hs["missing"]:
+        await put(client, hs["upload_id"], d, p.chunks[d])
+    assert (await merge(client, hs["upload_id"], None))["md5"] == p.digest
+
+
+# ---- a hostile client ---------------------------------------------------------------------
+
+
+async def test_wrong_digest_at_merge_is_422_and_registers_nothing(client, settings):
+    p = prepare(rand(3 * CHUNK), CHUNK)
+    uid = await stream_all(client, p)
+    other = hashlib.md5(b"something else").hexdigest()
+    r = await client.post(f"/v1/uploads/{uid}/merge", json={"md5": other, "size": len(p.data)})
+    body = await assert_error(r, 422, "file_digest_mismatch")
+    assert p.digest not in body["message"]
+    assert file_rows(settings) == 0
+    assert (await client.get(f"/v1/files/{other}")).status == 404
+    # The upload is discarded: merging it again, even honestly, finds nothing.
+    r = await client.post(f"/v1/uploads/{uid}/merge", json={"md5": p.digest, "size": len(p.data)})
+    await assert_error(r, 404, "not_found")
+
+
+async def test_wrong_size_at_merge_is_refused_and_changes_nothing(client, settings):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    uid = await stream_all(client, p)
+    r = await client.post(f"/v1/uploads/{uid}/merge", json={"md5": p.digest, "size": 1})
+    await assert_error(r, 400, "bad_request")
+    assert file_rows(settings) == 0
+    done = await merge(client, uid, {"md5": p.digest, "size": len(p.data)})
+    assert done["md5"] == p.digest
+
+
+async def test_merge_of_a_streamed_upload_needs_the_digest(client):
+    p = prepare(rand(CHUNK), CHUNK)
+    uid = await stream_all(client, p)
+    await assert_error(await client.post(f"/v1/uploads/{uid}/merge"), 400, "bad_request")
+    r = await client.post(f"/v1/uploads/{uid}/merge", json={"md5": "xyz", "size": 1})
+    await assert_error(r, 400, "bad_request")
+
+
+async def test_chunk_bytes_not_matching_their_digest_are_refused(client):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    uid = (await open_stream(client))["upload_id"]
+    await add(client, uid, 0, p.handshake["chunks"])
+    first = p.order[0]
+    r = await client.put(f"/v1/uploads/{uid}/chunks/{first}", data=rand(CHUNK))
+    await assert_error(r, 422, "digest_mismatch")
+    r = await client.put(f"/v1/uploads/{uid}/chunks/{first}", data=b"short")
+    await assert_error(r, 422, "size_mismatch")
+    unlisted = hashlib.md5(b"unlisted").hexdigest()
+    r = await client.put(f"/v1/uploads/{uid}/chunks/{unlisted}", data=b"unlisted")
+    await assert_error(r, 409, "not_in_manifest")
+    body = await (await client.get(f"/v1/uploads/{uid}")).json()
+    assert body["missing"] == p.order
+
+
+async def test_more_chunks_than_max_chunks(aiohttp_client, settings):
+    client = await make_client(aiohttp_client, settings, max_chunks=3)
+    p = prepare(rand(4 * 1024), 1024)
+    uid = (await open_stream(client))["upload_id"]
+    await add(client, uid, 0, p.handshake["chunks"][:2])
+    r = await client.post(
+        f"/v1/uploads/{uid}/chunks", json={"start": 2, "chunks": p.handshake["chunks"][2:]}
+    )
+    await assert_error(r, 413, "too_large")
+    # Nothing of the refused batch was kept: the list is still two chunks long.
+    assert (await add(client, uid, 2, p.handshake["chunks"][2:3]))["count"] == 3
+
+
+async def test_size_over_max_file_size(aiohttp_client, settings):
+    client = await make_client(aiohttp_client, settings, max_file_size=3 * 1024)
+    p = prepare(rand(4 * 1024), 1024)
+    uid = (await open_stream(client))["upload_id"]
+    r = await client.post(
+        f"/v1/uploads/{uid}/chunks", json={"start": 0, "chunks": p.handshake["chunks"]}
+    )
+    await assert_error(r, 413, "too_large")
+
+
+async def test_pending_budget_applies_to_batches(aiohttp_client, settings):
+    client = await make_client(
+        aiohttp_client, settings, max_pending_chunks=4, max_pending_chunks_per_client=3
+    )
+    p = prepare(rand(4 * 1024), 1024)
+    uid = (await open_stream(client))["upload_id"]
+    await add(client, uid, 0, p.handshake["chunks"][:2])
+    r = await client.post(
+        f"/v1/uploads/{uid}/chunks", json={"start": 2, "chunks": p.handshake["chunks"][2:]}
+    )
+    body = await assert_error(r, 429, "too_many_pending")
+    assert body["pending"] == 2 and body["limit"] == 3
+
+
+async def test_algos_policy_refuses_md5_streams(aiohttp_client, settings):
+    client = await make_client(aiohttp_client, settings, algos=("sha256",))
+    r = await client.post("/v1/uploads", json={"algo": "md5"})
+    body = await assert_error(r, 400, "bad_request")
+    assert body["allowed_algos"] == ["sha256"]
+    assert (await open_stream(client, algo="sha256"))["algo"] == "sha256"
+
+
+async def test_batch_out_of_order_is_409_with_the_count(client):
+    p = prepare(rand(3 * 1024), 1024)
+    uid = (await open_stream(client))["upload_id"]
+    await add(client, uid, 0, p.handshake["chunks"][:2])
+    r = await client.post(
+        f"/v1/uploads/{uid}/chunks", json={"start": 1, "chunks": p.handshake["chunks"][2:]}
+    )
+    body = await assert_error(r, 409, "offset_mismatch")
+    assert body["count"] == 2
+
+
+async def test_batch_giving_a_digest_two_sizes_is_refused(client):
+    p = prepare(rand(2 * 1024), 1024)
+    uid = (await open_stream(client))["upload_id"]
+    entries = p.handshake["chunks"]
+    await add(client, uid, 0, entries)
+    twisted = [{"md5": entries[0]["md5"], "size": 5}]
+    r = await client.post(f"/v1/uploads/{uid}/chunks", json={"start": 2, "chunks": twisted})
+    await assert_error(r, 400, "bad_request")
+    assert (await add(client, uid, 2, entries[:1]))["count"] == 3
+
+
+async def test_malformed_batches_are_400(client):
+    uid = (await open_stream(client))["upload_id"]
+    for body in (
+        {"chunks": []},
+        {"start": -1, "chunks": []},
+        {"start": 0, "chunks": [{"md5": "nothex", "size": 3}]},
+        {"start": 0, "chunks": [{"sha256": "a" * 64, "size": 3}]},
+        {"start": 0, "chunks": [{"md5": "a" * 32, "size": 0}]},
+        {"start": 0, "chunks": "x"},
+        {"start": 0, "chunks": [], "algo": "crc"},
+    ):
+        r = await client.post(f"/v1/uploads/{uid}/chunks", json=body)
+        await assert_error(r, 400, "bad_request")
+    r = await client.post(
+        f"/v1/uploads/{uid}/chunks", data=b"{", headers={"Content-Type": "application/json"}
+    )
+    await assert_error(r, 400, "bad_request")
+    r = await client.post(f"/v1/uploads/{uid}/chunks", data=b"{}")
+    await assert_error(r, 415, "unsupported_media_type")
+
+
+async def test_unknown_upload_id(client):
+    uid = "f" * 32
+    r = await client.post(f"/v1/uploads/{uid}/chunks", json={"start": 0, "chunks": []})
+    await assert_error(r, 404, "not_found")
+    r = await client.post(f"/v1/uploads/{uid}/merge", json={"md5": "a" * 32, "size": 0})
+    await assert_error(r, 404, "not_found")
+
+
+async def test_batches_after_merge_and_on_v1_uploads_are_404(client):
+    p = prepare(rand(CHUNK), CHUNK)
+    hs = await (await client.post("/v1/handshake", json=p.handshake)).json()
+    r = await client.post(f"/v1/uploads/{hs['upload_id']}/chunks", json={"start": 0, "chunks": []})
+    await assert_error(r, 404, "not_found")
+    uid = await stream_all(client, p)
+    await merge(client, uid, {"md5": p.digest, "size": len(p.data)})
+    r = await client.post(f"/v1/uploads/{uid}/chunks", json={"start": 1, "chunks": []})
+    await assert_error(r, 404, "not_found")
+
+
+async def test_merge_twice_answers_the_same(client, settings):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    uid = await stream_all(client, p)
+    claim = {"md5": p.digest, "size": len(p.data)}
+    first = await merge(client, uid, claim)
+    assert await merge(client, uid, claim) == first
+    assert await merge(client, uid, None) == first
+    r = await client.post(f"/v1/uploads/{uid}/merge", json={"md5": "a" * 32, "size": 5})
+    await assert_error(r, 400, "bad_request")
+    assert file_rows(settings) == 1
+
+
+async def test_merge_with_chunks_missing_is_409_then_completes(client):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    uid = (await open_stream(client))["upload_id"]
+    await add(client, uid, 0, p.handshake["chunks"])
+    await put(client, uid, p.order[0], p.chunks[p.order[0]], status=201)
+    claim = {"md5": p.digest, "size": len(p.data)}
+    r = await client.post(f"/v1/uploads/{uid}/merge", json=claim)
+    body = await assert_error(r, 409, "incomplete")
+    assert body["missing"] == [p.order[1]]
+    # Sealed now: no more digests, the missing chunk still welcome.
+    r = await client.post(f"/v1/uploads/{uid}/chunks", json={"start": 2, "chunks": []})
+    await assert_error(r, 404, "not_found")
+    await put(client, uid, p.order[1], p.chunks[p.order[1]], status=201)
+    assert (await merge(client, uid, claim))["md5"] == p.digest
+
+
+async def test_abort_midway_leaves_nothing_registered(client, settings):
+    p = prepare(rand(4 * CHUNK), CHUNK)
+    uid = (await open_stream(client))["upload_id"]
+    answer = await add(client, uid, 0, p.handshake["chunks"][:2])
+    await put(client, uid, answer["missing"][0], p.chunks[answer["missing"][0]])
+    r = await client.delete(f"/v1/uploads/{uid}")
+    assert r.status == 204
+    for method, path, kw in (
+        ("POST", f"/v1/uploads/{uid}/chunks", {"json": {"start": 2, "chunks": []}}),
+        ("POST", f"/v1/uploads/{uid}/merge", {"json": {"md5": p.digest, "size": len(p.data)}}),
+        ("GET", f"/v1/uploads/{uid}", {}),
+    ):
+        await assert_error(await client.request(method, path, **kw), 404, "not_found")
+    assert file_rows(settings) == 0
+
+
+async def test_merge_racing_a_batch_is_decided_once(client):
+    """A batch and a merge of the same open upload sent together: either the batch lands
+    before the seal (and the merge verifies a list that includes it) or it is refused;
+    the file is never registered with a list that differs from what was hashed."""
+    p = prepare(rand(4 * 1024), 1024)
+    entries = p.handshake["chunks"]
+    for _ in range(10):
+        uid = (await open_stream(client))["upload_id"]
+        answer = await add(client, uid, 0, entries[:3])
+        for d in answer["missing"]:
+            await put(client, uid, d, p.chunks[d])
+        last = entries[3]
+        await put(client, uid, last["md5"], p.chunks[last["md5"]], status=409)
+        batch = client.post(f"/v1/uploads/{uid}/chunks", json={"start": 3, "chunks": [last]})
+        merged = client.post(
+            f"/v1/uploads/{uid}/merge", json={"md5": p.digest, "size": len(p.data)}
+        )
+        rb, rm = await asyncio.gather(batch, merged)
+        if rb.status == 200:
+            assert rm.status in (200, 409), await rm.text()
+        else:
+            assert rb.status == 404
+            # Sealed with three chunks that do not add up to the claimed size.
+            assert rm.status == 400, await rm.text()
+            await client.delete(f"/v1/uploads/{uid}")
