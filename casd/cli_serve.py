@@ -154,11 +154,11 @@ def register(sub) -> None:
         " md5,sha256; 'sha256' refuses MD5 where collisions matter)",
     )
     p.add_argument(
-        "--no-stream-uploads",
-        dest="stream_uploads",
-        action="store_false",
-        help="answer as a protocol v1 server: no streamed uploads (v1.1), whose clients"
-        " then hash the whole file before sending (default: offered)",
+        "--stream-uploads",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("CASD_STREAM_UPLOADS", "") in ("1", "true", "yes"),
+        help="offer protocol v1.1 streamed uploads: clients send chunks while they hash the"
+        " file (default: off, or $CASD_STREAM_UPLOADS=1; --no-stream-uploads: a v1 server)",
     )
     p.add_argument(
         "--header-timeout",

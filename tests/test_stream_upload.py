@@ -10,10 +10,16 @@ import sqlite3
 
 import pytest
 
+from casd.config import Settings
 from casd.web import create_app
 from helpers import prepare, rand
 
 CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def settings(settings):
+    return dataclasses.replace(settings, stream_uploads=True)
 
 
 @pytest.fixture
@@ -107,8 +113,8 @@ async def test_capabilities_offer_streaming_and_its_limits(client, settings):
     assert body["max_file_size"] == settings.max_file_size
 
 
-async def test_no_stream_uploads_answers_as_a_v1_server(aiohttp_client, settings):
-    client = await make_client(aiohttp_client, settings, stream_uploads=False)
+async def test_without_stream_uploads_the_server_answers_as_v1(aiohttp_client, tmp_path):
+    client = await aiohttp_client(create_app(Settings(data_dir=tmp_path / "v1")))
     body = await (await client.get("/v1/capabilities")).json()
     assert body["stream_uploads"] is False and body["versions"] == ["1"]
     await assert_error(await client.post("/v1/uploads", json={}), 404, "not_found")
