@@ -6,10 +6,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+from casd.client import RACY_NS, CasdClient, Progress, transfer
 from casd.config import Settings
 from casd.web import create_app
 from helpers import prepare, rand
@@ -386,28 +393,216 @@ async def test_abort_midway_leaves_nothing_registered(client, settings):
     assert file_rows(settings) == 0
 
 
-async def test_merge_racing_a_batch_is_decided_once(client):
-    """A batch and a merge of the same open upload sent together: either the batch lands
-    before the seal (and the merge verifies a list that includes it) or it is refused;
-    the file is never registered with a list that differs from what was hashed."""
+async def test_merge_racing_a_batch_is_decided_once(client, settings):
+    """A batch and a merge of the same open upload sent together: the merge claims the
+    three chunks listed so far. Either it seals first (the batch is refused, the three
+    chunks are the file) or the batch lands first (the claim no longer adds up: refused,
+    nothing sealed); never a file registered over a list other than the one hashed."""
     p = prepare(rand(4 * 1024), 1024)
     entries = p.handshake["chunks"]
-    for _ in range(10):
+    three = hashlib.md5(p.data[: 3 * 1024]).hexdigest()
+    outcomes = set()
+    for _ in range(20):
         uid = (await open_stream(client))["upload_id"]
         answer = await add(client, uid, 0, entries[:3])
         for d in answer["missing"]:
             await put(client, uid, d, p.chunks[d])
-        last = entries[3]
-        await put(client, uid, last["md5"], p.chunks[last["md5"]], status=409)
-        batch = client.post(f"/v1/uploads/{uid}/chunks", json={"start": 3, "chunks": [last]})
-        merged = client.post(
-            f"/v1/uploads/{uid}/merge", json={"md5": p.digest, "size": len(p.data)}
-        )
+        batch = client.post(f"/v1/uploads/{uid}/chunks", json={"start": 3, "chunks": entries[3:]})
+        merged = client.post(f"/v1/uploads/{uid}/merge", json={"md5": three, "size": 3 * 1024})
         rb, rm = await asyncio.gather(batch, merged)
-        if rb.status == 200:
-            assert rm.status in (200, 409), await rm.text()
-        else:
+        outcomes.add((rb.status, rm.status))
+        if rm.status == 200:
             assert rb.status == 404
-            # Sealed with three chunks that do not add up to the claimed size.
-            assert rm.status == 400, await rm.text()
+            assert (await rm.json())["md5"] == three
+        else:
+            assert (rb.status, rm.status) == (200, 400), await rm.text()
+            body = await (await client.get(f"/v1/uploads/{uid}")).json()
+            assert body["status"] == "open" and body["size"] == 4 * 1024
             await client.delete(f"/v1/uploads/{uid}")
+    assert outcomes <= {(404, 200), (200, 400)}
+
+
+# ---- the Python client ----------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own digest cache folder, never the user's."""
+    home = tmp_path / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home / "casd"
+
+
+async def serve(aiohttp_server, settings, v1_only: bool = False) -> str:
+    app = create_app(settings)
+    if v1_only:
+        # What a server from before v1.1 answers: no such endpoint.
+        @web.middleware
+        async def older(request, handler):
+            if request.path == "/v1/capabilities":
+                return web.json_response({"error": "not_found", "message": "no such"}, status=404)
+            return await handler(request)
+
+        app.middlewares.append(older)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+def manifest_keys(settings) -> list[str]:
+    """How each upload was made: 'stream:...' for v1.1, an xxh3 key for v1."""
+    con = sqlite3.connect(settings.data_dir / "catalog.sqlite")
+    try:
+        return [r[0] for r in con.execute("SELECT chunks_key FROM manifests ORDER BY id")]
+    finally:
+        con.close()
+
+
+def settle(path: Path) -> None:
+    """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
+    st = path.stat()
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    deadline = time.monotonic() + 5
+    while time.time_ns() < newest + 2 * RACY_NS:
+        assert time.monotonic() < deadline, "clock did not advance"
+        time.sleep(RACY_NS / 1e9)
+
+
+@pytest.mark.parametrize("algo", ["md5", "sha256"])
+async def test_client_streams_chunks_while_it_hashes(
+    aiohttp_server, settings, tmp_path, monkeypatch, algo
+):
+    # A queue of two chunks: hashing cannot run ahead, so chunks must go out before it ends.
+    monkeypatch.setattr(transfer, "STREAM_BUFFER", 2 * CHUNK)
+    url = await serve(aiohttp_server, settings)
+    src = tmp_path / "f.bin"
+    data = rand(12 * CHUNK + 5)
+    src.write_bytes(data)
+    reports: list[Progress] = []
+    async with CasdClient(url) as c:
+        s = await c.upload(src, chunk_size=CHUNK, algo=algo, on_progress=reports.append)
+        await c.download(s.url, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert s.digest == hashlib.new(algo, data).hexdigest()
+    assert (s.chunks_sent, s.bytes_sent, s.chunks_total) == (13, len(data), 13)
+    phases = [p.phase for p in reports]
+    assert "handshake" not in phases
+    first_ack = phases.index("uploading")
+    last_hash = len(phases) - 1 - phases[::-1].index("hashing")
+    assert first_ack < last_hash, "nothing was sent before the file was hashed"
+    assert all(p.bytes_done <= p.bytes_total for p in reports)
+    assert manifest_keys(settings)[0].startswith("stream:")
+
+
+@pytest.mark.parametrize("how", ["stream_uploads off", "v1 server"])
+async def test_client_falls_back_to_v1(aiohttp_server, settings, tmp_path, how):
+    if how == "stream_uploads off":
+        settings = dataclasses.replace(settings, stream_uploads=False)
+    url = await serve(aiohttp_server, settings, v1_only=how == "v1 server")
+    src = tmp_path / "f.bin"
+    data = rand(3 * CHUNK)
+    src.write_bytes(data)
+    reports: list[Progress] = []
+    async with CasdClient(url) as c:
+        s = await c.upload(src, chunk_size=CHUNK, on_progress=reports.append)
+        await c.download(s.url, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert "handshake" in [p.phase for p in reports]
+    assert not manifest_keys(settings)[0].startswith("stream:")
+
+
+async def test_client_stream_skips_chunks_the_server_holds(aiohttp_server, settings, tmp_path):
+    url = await serve(aiohttp_server, settings)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    shared = rand(4 * CHUNK)
+    a.write_bytes(shared)
+    b.write_bytes(shared + rand(CHUNK) + shared[:CHUNK])
+    async with CasdClient(url) as c:
+        await c.upload(a, chunk_size=CHUNK, use_cache=False)
+        s = await c.upload(b, chunk_size=CHUNK, use_cache=False)
+        await c.download(s.url, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == b.read_bytes()
+    assert (s.chunks_sent, s.bytes_sent, s.chunks_skipped) == (1, CHUNK, 5)
+
+
+async def test_interrupted_stream_resumes_sending_only_the_rest(
+    aiohttp_server, settings, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(transfer, "STREAM_BUFFER", 2 * CHUNK)
+    url = await serve(aiohttp_server, settings)
+    src = tmp_path / "f.bin"
+    data = rand(10 * CHUNK)
+    src.write_bytes(data)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_three(p: Progress) -> None:
+        if p.phase == "uploading" and p.bytes_done >= 3 * CHUNK:
+            raise Interrupted
+
+    async with CasdClient(url) as c:
+        with pytest.raises(Interrupted):
+            await c.upload(src, chunk_size=CHUNK, concurrency=1, on_progress=stop_after_three)
+        # The interrupted upload was aborted: it holds no pending budget.
+        r = await c._sess().get(f"{url}/v1/capabilities")
+        assert r.status == 200
+        s = await c.upload(src, chunk_size=CHUNK, concurrency=1)
+        await c.download(s.url, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert (s.chunks_sent, s.chunks_skipped) == (7, 3)
+    con = sqlite3.connect(settings.data_dir / "catalog.sqlite")
+    try:
+        states = [r[0] for r in con.execute("SELECT state FROM uploads")]
+    finally:
+        con.close()
+    assert states == ["merged"]
+
+
+async def test_digest_cache_after_a_stream_makes_the_next_upload_instant(
+    aiohttp_server, settings, tmp_path
+):
+    url = await serve(aiohttp_server, settings)
+    src = tmp_path / "f.bin"
+    src.write_bytes(rand(3 * CHUNK))
+    settle(src)
+    async with CasdClient(url) as c:
+        first = await c.upload(src, chunk_size=CHUNK)
+        again = await c.upload(src, chunk_size=CHUNK)
+    assert not first.cached and first.chunks_sent == 3
+    assert again.cached and again.instant and again.digest == first.digest
+
+
+def test_casd_upload_streams_to_a_real_daemon(daemon_factory, tmp_path):
+    d = daemon_factory("--stream-uploads")
+    src = tmp_path / "movie.bin"
+    data = rand(3 * 1024 * 1024 + 17)
+    src.write_bytes(data)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    env.pop("CASD_TOKEN", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "casd", "upload", str(src), "--server", d.url, "--chunk-size", "1M"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    url = run.stdout.splitlines()[0]
+    assert url.startswith(d.url + "/v1/files/")
+    out = tmp_path / "out.bin"
+    run = subprocess.run(
+        [sys.executable, "-m", "casd", "download", url, "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes() == data
+    keys = [
+        r[0]
+        for r in sqlite3.connect(d.data_dir / "catalog.sqlite").execute(
+            "SELECT chunks_key FROM manifests"
+        )
+    ]
+    assert len(keys) == 1 and keys[0].startswith("stream:")
