@@ -661,12 +661,12 @@ class Service:
             state = self._file_hashes[upload.id] = FileHash(
                 upload.digest, upload.manifest_id, not upload.sealed
             )
-        elif upload.sealed:
-            state.open_ended = False
             while len(self._file_hashes) > MAX_FILE_HASHES:
                 _, evicted = self._file_hashes.popitem(last=False)
                 if evicted.ahead is not None:
                     evicted.ahead.cancel()
+        elif upload.sealed:
+            state.open_ended = False
         self._file_hashes.move_to_end(upload.id)
         return state
 

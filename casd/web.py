@@ -613,7 +613,14 @@ async def capabilities(request: web.Request) -> web.Response:
     )
 
 
+def _offered(request: web.Request) -> None:
+    """Without --stream-uploads the v1.1 endpoints answer as a v1 server's missing route."""
+    if not request.app[SETTINGS].stream_uploads:
+        raise NotFound(f"no such endpoint: {request.path}")
+
+
 async def open_stream(request: web.Request) -> web.Response:
+    _offered(request)
     require_json(request)
     body = await read_body(request, SMALL_BODY, request.app[BODY_BUDGET])
     data = _decode(_OPEN_DECODER, body, "request")
@@ -641,6 +648,7 @@ async def open_stream(request: web.Request) -> web.Response:
 
 
 async def add_chunks(request: web.Request) -> web.Response:
+    _offered(request)
     require_json(request)
     upload_id = parse_upload_id(request)
     limit = request.app[SETTINGS].max_handshake_bytes
@@ -1029,9 +1037,8 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     r.add_delete("/v1/files/{digest}", delete_file)
     r.add_get("/v1/openapi.json", openapi.serve)
     r.add_get("/v1/capabilities", capabilities)
-    if settings.stream_uploads:
-        r.add_post("/v1/uploads", open_stream)
-        r.add_post("/v1/uploads/{upload_id}/chunks", add_chunks)
+    r.add_post("/v1/uploads", open_stream)
+    r.add_post("/v1/uploads/{upload_id}/chunks", add_chunks)
     r.add_get("/healthz", healthz)
     r.add_get("/", index)
     r.add_get("/static/{path:.+}", static_file)
