@@ -510,6 +510,8 @@ async def merge(request: web.Request) -> web.Response:
 
 # Bodies of the small v1.1 requests (open, merge claim): a few fields, never more.
 SMALL_BODY = 64 * 1024
+# A batch body: MAX_STREAM_BATCH SHA-256 entries are about 400 KB of JSON.
+BATCH_BODY = 1024 * 1024
 
 
 class _WireOpen(msgspec.Struct, gc=False, forbid_unknown_fields=False):
@@ -599,11 +601,12 @@ async def merge_claim(request: web.Request) -> tuple[Digest, int] | None:
 async def capabilities(request: web.Request) -> web.Response:
     """What this server offers: how a v1.1 client learns it may stream (PROTOCOL.md)."""
     s = request.app[SETTINGS]
+    offered = streams_offered(s)
     return web.json_response(
         {
-            "protocol": "1.1" if s.stream_uploads else "1",
-            "versions": ["1", "1.1"] if s.stream_uploads else ["1"],
-            "stream_uploads": s.stream_uploads,
+            "protocol": "1.1" if offered else "1",
+            "versions": ["1", "1.1"] if offered else ["1"],
+            "stream_uploads": offered,
             "algos": list(s.algos),
             "max_chunk_size": s.max_chunk_size,
             "max_chunks": s.max_chunks,
@@ -613,9 +616,16 @@ async def capabilities(request: web.Request) -> web.Response:
     )
 
 
+def streams_offered(settings: Settings) -> bool:
+    """Whether v1.1 streamed uploads are offered: with --stream-uploads, and only without a
+    pre-handshake policy hook, which decides on a file's digest and size before any chunk
+    is accepted (a streamed upload has neither until merge)."""
+    return settings.stream_uploads and settings.hook_pre_handshake is None
+
+
 def _offered(request: web.Request) -> None:
-    """Without --stream-uploads the v1.1 endpoints answer as a v1 server's missing route."""
-    if not request.app[SETTINGS].stream_uploads:
+    """Where streams are not offered the v1.1 endpoints answer as a v1 server's missing route."""
+    if not streams_offered(request.app[SETTINGS]):
         raise NotFound(f"no such endpoint: {request.path}")
 
 
@@ -651,7 +661,7 @@ async def add_chunks(request: web.Request) -> web.Response:
     _offered(request)
     require_json(request)
     upload_id = parse_upload_id(request)
-    limit = request.app[SETTINGS].max_handshake_bytes
+    limit = min(BATCH_BODY, request.app[SETTINGS].max_handshake_bytes)
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the batch body is over {limit} bytes")
     body = await read_body(request, limit, request.app[BODY_BUDGET])

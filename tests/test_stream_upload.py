@@ -132,6 +132,29 @@ async def test_without_stream_uploads_the_server_answers_as_v1(aiohttp_client, t
     )
 
 
+async def test_a_pre_handshake_policy_hook_turns_streaming_off(aiohttp_client, settings):
+    # The policy decides on the file's digest and size, which a streamed upload lacks.
+    client = await make_client(
+        aiohttp_client, settings, hook_pre_handshake="http://127.0.0.1:9/policy"
+    )
+    body = await (await client.get("/v1/capabilities")).json()
+    assert body["stream_uploads"] is False
+    await assert_error(await client.post("/v1/uploads", json={}), 404, "not_found")
+
+
+async def test_oversized_batch_bodies_are_413(client):
+    uid = (await open_stream(client))["upload_id"]
+    entries = [{"md5": "a" * 32, "size": 1}] * 4097
+    r = await client.post(f"/v1/uploads/{uid}/chunks", json={"start": 0, "chunks": entries})
+    await assert_error(r, 413, "too_large")
+    r = await client.post(
+        f"/v1/uploads/{uid}/chunks",
+        data=b'{"start": 0, "chunks": [], "pad": "' + b"x" * (2 << 20) + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
+    await assert_error(r, 413, "too_large")
+
+
 # ---- the happy path -----------------------------------------------------------------------
 
 
