@@ -243,6 +243,9 @@ def _hash_open(
 
 # --- hashing while sending (protocol v1.1) ----------------------------------------------------
 
+# A chunk's bytes as the reader hands them on: a fresh buffer per chunk, never reused.
+Buffer = bytes | bytearray
+
 
 class ByteBudget:
     """Bytes of chunks read but not yet sent or dropped: the bounded queue between the
@@ -269,7 +272,7 @@ class ByteBudget:
             self._cond.notify_all()
 
 
-def _chunk_reads(f, size: int, rule: Chunking) -> Iterator[tuple[int, int, Callable[[], bytes]]]:
+def _chunk_reads(f, size: int, rule: Chunking) -> Iterator[tuple[int, int, Callable[[], Buffer]]]:
     """(offset, length, read) of each chunk in order; read() gives its bytes in a new buffer,
     and must be called before the next step."""
     if rule.kind == "fixed":
@@ -277,7 +280,7 @@ def _chunk_reads(f, size: int, rule: Chunking) -> Iterator[tuple[int, int, Calla
         for offset in range(0, size, step):
             n = min(step, size - offset)
 
-            def read(n: int = n) -> bytes:
+            def read(n: int = n) -> Buffer:
                 buf = bytearray(n)
                 _read_exact(f, memoryview(buf))
                 return buf
@@ -289,7 +292,11 @@ def _chunk_reads(f, size: int, rule: Chunking) -> Iterator[tuple[int, int, Calla
         if offset + len(view) > size:
             raise FileChangedError(f"{f.name}: file grew while it was being read")
         end = offset + len(view)
-        yield offset, len(view), lambda view=view: bytes(view)
+
+        def copy(view: memoryview = view) -> Buffer:
+            return bytes(view)
+
+        yield offset, len(view), copy
     if end != size:
         raise FileChangedError(f"{f.name}: file shrank while it was being read")
 
@@ -299,7 +306,7 @@ def stream_digests(
     size: int,
     rule: Chunking,
     algo: Algo,
-    emit: Callable[[ChunkSpan, bytes], None],
+    emit: Callable[[ChunkSpan, Buffer], None],
     budget: ByteBudget,
     on_bytes: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
@@ -313,9 +320,9 @@ def stream_digests(
     """
     whole = algo.new()
     spans: list[ChunkSpan] = []
-    held: tuple[int, int, bytes, Future] | None = None
+    held: tuple[int, int, Buffer, Future] | None = None
 
-    def hand_on() -> None:
+    def hand_on(held: tuple[int, int, Buffer, Future]) -> None:
         offset, n, data, job = held
         span = ChunkSpan(offset, n, job.result())
         spans.append(span)
@@ -330,12 +337,12 @@ def stream_digests(
             job = helper.submit(_digest_of, algo, memoryview(data))
             whole.update(data)
             if held is not None:
-                hand_on()
+                hand_on(held)
             held = (offset, n, data, job)
             if on_bytes is not None:
                 on_bytes(offset + n)
         if held is not None:
-            hand_on()
+            hand_on(held)
     return FileDigests(algo, whole.hexdigest(), size, rule.avg_size, tuple(spans), rule)
 
 

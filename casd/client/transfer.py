@@ -47,6 +47,7 @@ from casd.client.errors import (
 )
 from casd.client.hashing import (
     HASH_PIECE,
+    Buffer,
     ByteBudget,
     ChunkSpan,
     DigestCache,
@@ -200,7 +201,7 @@ class CasdClient:
         path: str,
         *,
         json_body: Any = None,
-        body: Callable[[], AsyncIterator[bytes]] | None = None,
+        body: Callable[[], AsyncIterator[bytes | memoryview]] | None = None,
         content_length: int | None = None,
         what: str = "",
         want_answer: bool = True,
@@ -412,14 +413,14 @@ class CasdClient:
         key = algo.value
         budget = ByteBudget(STREAM_BUFFER)
         stop = threading.Event()
-        ready: asyncio.Queue[tuple[ChunkSpan, bytes] | None] = asyncio.Queue()
-        to_send: asyncio.Queue[tuple[ChunkSpan, bytes] | None] = asyncio.Queue(concurrency)
+        ready: asyncio.Queue[tuple[ChunkSpan, Buffer] | None] = asyncio.Queue()
+        to_send: asyncio.Queue[tuple[ChunkSpan, Buffer] | None] = asyncio.Queue(concurrency)
         realpath = os.path.realpath(path)
         size = os.stat(realpath).st_size
         sent: dict[str, int] = {}
         hash_done: list[float] = []
 
-        def emit(span: ChunkSpan, data: bytes) -> None:
+        def emit(span: ChunkSpan, data: Buffer) -> None:
             loop.call_soon_threadsafe(ready.put_nowait, (span, data))
 
         on_bytes = None
@@ -446,7 +447,7 @@ class CasdClient:
             queued: set[str] = set()
             ended = False
             while not ended:
-                batch: list[tuple[ChunkSpan, bytes]] = []
+                batch: list[tuple[ChunkSpan, Buffer]] = []
                 item = await ready.get()
                 while item is not None:
                     batch.append(item)
@@ -523,7 +524,7 @@ class CasdClient:
         )
 
     async def _list_batch(
-        self, upload_id: str, key: str, start: int, batch: list[tuple[ChunkSpan, bytes]]
+        self, upload_id: str, key: str, start: int, batch: list[tuple[ChunkSpan, Buffer]]
     ) -> set[str]:
         """Add a batch of digests to a streamed upload; those the server lacks."""
         body = {
@@ -544,8 +545,8 @@ class CasdClient:
         known = {span.digest: span for span, _ in batch}
         return set(_missing(answer, known))
 
-    async def _put_bytes(self, upload_id: str, span: ChunkSpan, data: bytes) -> None:
-        async def pieces() -> AsyncIterator[bytes]:
+    async def _put_bytes(self, upload_id: str, span: ChunkSpan, data: Buffer) -> None:
+        async def pieces() -> AsyncIterator[memoryview]:
             view = memoryview(data)
             for i in range(0, len(view), IO_PIECE):
                 yield view[i : i + IO_PIECE]
