@@ -122,3 +122,45 @@ def test_page_stream_of_an_empty_file(daemon_factory, page, tmp_path):
     assert got["summary"]["digest"] == hashlib.md5(b"").hexdigest()
     assert got["summary"]["url"].endswith(".txt")
     assert fetch(got["summary"]["url"]) == b""
+
+
+ABORT_MIDWAY = """
+async () => {
+  const { upload } = await import("/static/casd.js");
+  const file = document.querySelector("#api-input").files[0];
+  const stop = new AbortController();
+  let sent = 0;
+  try {
+    await upload(file, {
+      server: location.origin, chunkSize: 1024 * 1024, concurrency: 1, signal: stop.signal,
+      onProgress: (p) => {
+        sent = p.chunks_sent;
+        if (p.chunks_sent >= 3) stop.abort();
+      },
+    });
+    return { aborted: false, sent };
+  } catch (err) {
+    return { aborted: err.name === "AbortError", sent };
+  }
+}
+"""
+
+
+def test_page_stream_cancelled_midway_then_again_sends_only_the_rest(
+    daemon_factory, page, tmp_path
+):
+    d = daemon_factory("--stream-uploads")
+    path = tmp_path / "r.bin"
+    data = random.Random("resume").randbytes(12 * MiB)
+    path.write_bytes(data)
+    pick_for_api(page, d.url, path)
+    first = page.evaluate(ABORT_MIDWAY)
+    assert first["aborted"] and first["sent"] >= 3
+    # The abandoned upload was given back (it no longer counts against the budget).
+    page.wait_for_timeout(200)
+    assert any(m == "DELETE" and "/v1/uploads/" in u for m, u in page.requests)
+    got = page.evaluate(UPLOAD, {"algo": "md5", "chunking": "fixed", "chunkSize": MiB})
+    s = got["summary"]
+    assert s["chunks_total"] == 12
+    assert s["chunks_skipped"] >= first["sent"] and s["chunks_sent"] + s["chunks_skipped"] == 12
+    assert fetch(s["url"]) == data

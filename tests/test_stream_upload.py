@@ -170,6 +170,20 @@ async def test_streamed_upload_round_trip(client, algo):
     assert (await r.json())["status"] == "complete"
 
 
+async def test_streamed_upload_on_a_postgresql_catalogue(aiohttp_client, settings, postgres_url):
+    client = await make_client(aiohttp_client, settings, catalog=postgres_url)
+    p = prepare(rand(4 * CHUNK + 9), CHUNK)
+    uid = await stream_all(client, p)
+    wrong = hashlib.md5(b"not it").hexdigest()
+    r = await client.post(f"/v1/uploads/{uid}/merge", json={"md5": wrong, "size": len(p.data)})
+    await assert_error(r, 422, "file_digest_mismatch")
+    uid = await stream_all(client, p)
+    done = await merge(client, uid, {"md5": p.digest, "size": len(p.data)})
+    assert await download(client, done["url"]) == p.data
+    r = await client.post(f"/v1/uploads/{uid}/chunks", json={"start": 5, "chunks": []})
+    await assert_error(r, 404, "not_found")
+
+
 async def test_batches_skip_stored_chunks_and_repeats(client):
     first = prepare(rand(3 * CHUNK), CHUNK)
     await merge(
