@@ -530,6 +530,21 @@ async def test_client_streams_chunks_while_it_hashes(
     assert manifest_keys(settings)[0].startswith("stream:")
 
 
+@pytest.mark.parametrize("chunking", ["fixed", "fastcdc"])
+async def test_client_streams_edge_sizes_byte_exact(aiohttp_server, settings, tmp_path, chunking):
+    url = await serve(aiohttp_server, settings)
+    async with CasdClient(url) as c:
+        for size in (0, 1, CHUNK - 1, CHUNK, 3 * CHUNK + 1):
+            src = tmp_path / f"f{size}.bin"
+            data = rand(size)
+            src.write_bytes(data)
+            s = await c.upload(src, chunk_size=CHUNK, chunking=chunking, use_cache=False)
+            assert s.digest == hashlib.md5(data).hexdigest() and s.size == size
+            await c.download(s.url, tmp_path / f"out{size}")
+            assert (tmp_path / f"out{size}").read_bytes() == data
+    assert all(k.startswith("stream:") for k in manifest_keys(settings))
+
+
 @pytest.mark.parametrize("how", ["stream_uploads off", "v1 server"])
 async def test_client_falls_back_to_v1(aiohttp_server, settings, tmp_path, how):
     if how == "stream_uploads off":
