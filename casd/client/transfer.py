@@ -423,13 +423,24 @@ class CasdClient:
         def emit(span: ChunkSpan, data: Buffer) -> None:
             loop.call_soon_threadsafe(ready.put_nowait, (span, data))
 
-        on_bytes = None
-        if on_progress is not None:
+        # Progress: "hashing" while the file is read (its chunks_done already counting the
+        # chunks acknowledged, since sending overlaps reading), then "uploading" for what is
+        # left to send once it is read: two phases in order, as for v1, never interleaved.
+        read = [0]
+        queued_bytes = [0]
 
-            def on_bytes(done: int) -> None:
-                loop.call_soon_threadsafe(
-                    on_progress, Progress(Phase.HASHING, min(done, size), size)
-                )
+        def report() -> None:
+            if on_progress is None:
+                return
+            if not hash_done:
+                on_progress(Progress(Phase.HASHING, min(read[0], size), size, len(sent)))
+            else:
+                acked = sum(sent.values())
+                on_progress(Progress(Phase.UPLOADING, acked, queued_bytes[0], len(sent)))
+
+        def on_bytes(done: int) -> None:
+            read[0] = done
+            loop.call_soon_threadsafe(report)
 
         def read_and_hash() -> tuple[FileDigests, os.stat_result, int]:
             started_ns = time.time_ns()
@@ -438,6 +449,7 @@ class CasdClient:
                     before = os.fstat(f.fileno())
                     fd = stream_digests(f, before.st_size, rule, algo, emit, budget, on_bytes, stop)
                 hash_done.append(time.perf_counter())
+                loop.call_soon_threadsafe(report)  # the "uploading" phase begins
                 return fd, before, started_ns
             finally:
                 loop.call_soon_threadsafe(ready.put_nowait, None)
@@ -462,6 +474,7 @@ class CasdClient:
                 for span, data in batch:
                     if span.digest in missing and span.digest not in queued:
                         queued.add(span.digest)
+                        queued_bytes[0] += span.size
                         await to_send.put((span, data))
                     else:
                         budget.give(len(data))
@@ -476,8 +489,7 @@ class CasdClient:
                 finally:
                     budget.give(len(data))
                 sent[span.digest] = span.size
-                if on_progress is not None:
-                    on_progress(Progress(Phase.UPLOADING, min(sum(sent.values()), size), size))
+                report()
 
         hashing = asyncio.create_task(asyncio.to_thread(read_and_hash))
         tasks = [asyncio.create_task(list_batches())]
