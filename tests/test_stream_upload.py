@@ -470,13 +470,15 @@ def cache_home(tmp_path, monkeypatch) -> Path:
     return home / "casd"
 
 
-async def serve(aiohttp_server, settings, v1_only: bool = False) -> str:
+async def serve(aiohttp_server, settings, gone: str | None = None) -> str:
+    """An in-process server; `gone` is a path it answers 404 (with any method), as a server
+    from before v1.1 does for /v1/capabilities."""
     app = create_app(settings)
-    if v1_only:
-        # What a server from before v1.1 answers: no such endpoint.
+    if gone is not None:
+
         @web.middleware
         async def older(request, handler):
-            if request.path == "/v1/capabilities":
+            if request.path == gone:
                 return web.json_response({"error": "not_found", "message": "no such"}, status=404)
             return await handler(request)
 
@@ -544,11 +546,12 @@ async def test_client_streams_edge_sizes_byte_exact(aiohttp_server, settings, tm
     assert all(k.startswith("stream:") for k in manifest_keys(settings))
 
 
-@pytest.mark.parametrize("how", ["stream_uploads off", "v1 server"])
+@pytest.mark.parametrize("how", ["stream_uploads off", "v1 server", "open refused"])
 async def test_client_falls_back_to_v1(aiohttp_server, settings, tmp_path, how):
     if how == "stream_uploads off":
         settings = dataclasses.replace(settings, stream_uploads=False)
-    url = await serve(aiohttp_server, settings, v1_only=how == "v1 server")
+    gone = {"v1 server": "/v1/capabilities", "open refused": "/v1/uploads"}.get(how)
+    url = await serve(aiohttp_server, settings, gone)
     src = tmp_path / "f.bin"
     data = rand(3 * CHUNK)
     src.write_bytes(data)

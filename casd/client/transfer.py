@@ -362,12 +362,18 @@ class CasdClient:
         file's digest. None when the server lost the upload (expired, aborted, gc'd chunks):
         the caller then uploads by v1, as a rerun would."""
         key = algo.value
-        _, opened = await self._call(
-            "POST",
-            "/v1/uploads",
-            json_body={"algo": key, "ext": ext, "name": name},
-            what="open upload",
-        )
+        try:
+            _, opened = await self._call(
+                "POST",
+                "/v1/uploads",
+                json_body={"algo": key, "ext": ext, "name": name},
+                what="open upload",
+            )
+        except CasdHTTPError as exc:
+            if exc.code != protocol.NOT_FOUND:
+                raise
+            self._stream_offer = None  # restarted without v1.1 since it was asked: ask again
+            return None
         upload_id = _field(opened, "upload_id", str)
         try:
             return await self._stream_to(

@@ -546,7 +546,15 @@ export async function upload(file, options = {}) {
   // send those the server lacks at once, give the file's digest at merge. Resolves to the
   // summary, or to null when the server lost the upload (v1 then takes over, as a rerun).
   async function streamUpload() {
-    const opened = await postJson("/v1/uploads", { algo, ext, name });
+    let opened;
+    try {
+      opened = await postJson("/v1/uploads", { algo, ext, name });
+    } catch (err) {
+      // Restarted without v1.1 since it was asked: ask again next time, use v1 now.
+      if (!(err instanceof CasdError && err.code === "not_found")) throw err;
+      capabilitiesOf.delete(root);
+      return null;
+    }
     const uploadId = opened.upload_id;
     state.upload_id = uploadId;
     const path = `/v1/uploads/${encodeURIComponent(uploadId)}`;
