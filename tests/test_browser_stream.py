@@ -164,3 +164,23 @@ def test_page_stream_cancelled_midway_then_again_sends_only_the_rest(
     assert s["chunks_total"] == 12
     assert s["chunks_skipped"] >= first["sent"] and s["chunks_sent"] + s["chunks_skipped"] == 12
     assert fetch(s["url"]) == data
+
+
+def test_page_falls_back_to_v1_when_opening_a_stream_answers_404(daemon_factory, page, tmp_path):
+    d = daemon_factory("--stream-uploads")
+    path = tmp_path / "f.bin"
+    data = random.Random("gone").randbytes(2 * MiB + 3)
+    path.write_bytes(data)
+    # As a server restarted without --stream-uploads after the page asked what it offers.
+    page.route(
+        "**/v1/uploads",
+        lambda route: route.fulfill(
+            status=404,
+            content_type="application/json",
+            body='{"error": "not_found", "message": "no such endpoint: /v1/uploads"}',
+        ),
+    )
+    pick_for_api(page, d.url, path)
+    got = page.evaluate(UPLOAD, {"algo": "md5", "chunking": "fixed", "chunkSize": MiB})
+    assert got["phases"] == ["hashing", "handshake", "uploading", "merging", "done"]
+    assert fetch(got["summary"]["url"]) == data
