@@ -154,6 +154,13 @@ def register(sub) -> None:
         " md5,sha256; 'sha256' refuses MD5 where collisions matter)",
     )
     p.add_argument(
+        "--stream-uploads",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("CASD_STREAM_UPLOADS", "") in ("1", "true", "yes"),
+        help="offer protocol v1.1 streamed uploads: clients send chunks while they hash the"
+        " file (default: off, or $CASD_STREAM_UPLOADS=1; --no-stream-uploads: a v1 server)",
+    )
+    p.add_argument(
         "--header-timeout",
         type=float,
         default=d.header_timeout,
@@ -354,6 +361,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         else None,
         hook_timeout=args.hook_timeout,
         hook_queue_max=args.hook_queue_max,
+        stream_uploads=args.stream_uploads,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         keepalive_timeout=args.keepalive_timeout,

@@ -45,6 +45,13 @@ class SizeMismatch(CasdError):
     pass
 
 
+class OffsetMismatch(CasdError):
+    """A streamed upload's batch of digests does not start where its list ends."""
+
+    def __init__(self, message: str, count: int):
+        super().__init__(message, count=count)
+
+
 class FileDigestMismatch(CasdError):
     pass
 

@@ -70,6 +70,28 @@ class Upload:
     name: str
     state: UploadState
     expires_at: float
+    # False for a streamed upload (protocol v1.1) still taking chunk digests: its `digest`
+    # is a placeholder and its `size` the sum of the chunks listed so far, until merge
+    # seals it with the digest and size the client claims.
+    sealed: bool = True
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """What a streamed upload may grow to (--max-chunks, --max-file-size)."""
+
+    max_chunks: int
+    max_file_size: int
+
+
+@dataclass(frozen=True)
+class StreamBatch:
+    """A batch of chunk digests added to a streamed upload: its chunk count and size after
+    the batch, and the batch's digests the server lacks (each once, in batch order)."""
+
+    count: int
+    size: int
+    missing: list[str]
 
 
 @dataclass(frozen=True)

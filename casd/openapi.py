@@ -107,6 +107,68 @@ def _schemas() -> dict:
             },
             "required": ["stored"],
         },
+        "Capabilities": {
+            "type": "object",
+            "properties": {
+                "protocol": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "stream_uploads": {"type": "boolean"},
+                "algos": {"type": "array", "items": {"enum": ["md5", "sha256"]}},
+                "max_chunk_size": {"type": "integer"},
+                "max_chunks": {"type": "integer"},
+                "max_file_size": {"type": "integer"},
+                "max_batch": {"type": "integer"},
+            },
+            "required": ["protocol", "versions", "stream_uploads"],
+        },
+        "OpenStream": {
+            "type": "object",
+            "properties": {
+                "algo": {"enum": ["md5", "sha256"]},
+                "ext": {"type": ["string", "null"], "pattern": "^(" + protocol.EXT_PATTERN + ")?$"},
+                "name": {"type": ["string", "null"], "maxLength": 255},
+            },
+        },
+        "Opened": {
+            "type": "object",
+            "properties": {
+                "status": {"const": "open"},
+                "upload_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                "algo": {"enum": ["md5", "sha256"]},
+                "count": {"type": "integer", "minimum": 0},
+                "size": {"type": "integer", "minimum": 0},
+                "expires_at": {"type": "string", "format": "date-time"},
+            },
+            "required": ["status", "upload_id", "algo", "expires_at"],
+        },
+        "Batch": {
+            "type": "object",
+            "properties": {
+                "algo": {"enum": ["md5", "sha256"]},
+                "start": {"type": "integer", "minimum": 0},
+                "chunks": {"type": "array", "items": chunk},
+            },
+            "required": ["start", "chunks"],
+        },
+        "Listed": {
+            "type": "object",
+            "properties": {
+                "count": {"type": "integer", "minimum": 0},
+                "size": {"type": "integer", "minimum": 0},
+                "missing": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["count", "size", "missing"],
+        },
+        "Claim": {
+            "type": "object",
+            "description": "a streamed upload's file digest and size, given at merge (v1.1)",
+            "properties": {
+                "algo": {"enum": ["md5", "sha256"]},
+                "md5": digest,
+                "sha256": digest,
+                "size": {"type": "integer", "minimum": 0},
+            },
+        },
         "Health": {
             "type": "object",
             "properties": {"status": {"const": "ok"}},
@@ -234,10 +296,56 @@ def document() -> dict:
                 },
             }
         },
+        "/v1/capabilities": {
+            "get": {
+                "operationId": "capabilities",
+                "summary": "what this server offers (v1.1: streamed uploads)",
+                "responses": {"200": _json(_ref("Capabilities"), "the offer"), **_ERRORS},
+            }
+        },
+        "/v1/uploads": {
+            "post": {
+                "operationId": "openStream",
+                "summary": "v1.1: open a streamed upload (404 when the server does not offer it)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("OpenStream")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Opened"), "opened"),
+                    "400": _error("malformed request, or an algorithm the policy refuses"),
+                    "404": _error("streamed uploads are not offered"),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/v1/uploads/{upload_id}/chunks": {
+            "post": {
+                "operationId": "listChunks",
+                "summary": "v1.1: list the next chunks of a streamed upload; which are missing",
+                "parameters": [_UPLOAD_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Batch")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Listed"), "listed"),
+                    "400": _error("malformed batch"),
+                    "404": _error("no such open streamed upload"),
+                    "409": _error("the batch does not start where the list ends (`count`)"),
+                    "413": _error("over a limit"),
+                    **_ERRORS,
+                },
+            }
+        },
         "/v1/uploads/{upload_id}/merge": {
             "post": {
                 "operationId": "merge",
                 "parameters": [_UPLOAD_ID],
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("Claim")}},
+                },
                 "responses": {
                     "200": _json(_ref("Complete"), "merged"),
                     "404": _error("no such upload"),

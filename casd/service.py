@@ -31,9 +31,9 @@ from casd.blobstore import (
     is_disk_full,
     open_blobstore,
 )
-from casd.catalog import Catalog, HookEvents, open_catalog
+from casd.catalog import Catalog, HookEvents, open_catalog, placeholder
 from casd.config import Settings
-from casd.digest import ChunkHasher, Digest
+from casd.digest import Algo, ChunkHasher, Digest
 from casd.errors import (
     BadRequest,
     DigestMismatch,
@@ -47,6 +47,7 @@ from casd.errors import (
     Unavailable,
 )
 from casd.models import (
+    ChunkRef,
     FileEntry,
     HandshakeComplete,
     HandshakePending,
@@ -54,6 +55,8 @@ from casd.models import (
     Manifest,
     PendingBudget,
     PutResult,
+    StreamBatch,
+    StreamLimits,
     Upload,
     UploadState,
 )
@@ -94,7 +97,7 @@ class FileHash:
     the manifest, never the manifest itself: the chunk list is paged from the catalogue.
     """
 
-    def __init__(self, digest: Digest, manifest_id: int):
+    def __init__(self, digest: Digest, manifest_id: int, open_ended: bool = False):
         self.algo = digest.algo
         self.hash = digest.algo.new()
         self.manifest_id = manifest_id
@@ -108,6 +111,9 @@ class FileHash:
         self.ahead: asyncio.Task | None = None  # the one background hash-ahead of this upload
         self.again = False  # a chunk arrived while `ahead` ran: it looks once more
         self.merging = False  # a merge waits for the lock: hash-ahead stops at its next turn
+        # A streamed upload still taking digests: the end of its list is not the file's end.
+        # Only ever goes from True to False (when merge seals the upload).
+        self.open_ended = open_ended
 
     def result(self) -> tuple[Digest, int]:
         return Digest(self.algo, self.hash.hexdigest()), self.total
@@ -140,6 +146,10 @@ MANIFEST_PAGE = 512
 # every upload has at most one turn queued, so uploads take turns: one huge merge slows the
 # others in proportion, never holds them up until it is done.
 HASH_SLICE = 4 << 20
+# Chunk digests one batch of a streamed upload may list: its rows are written in one
+# transaction that holds the catalogue's write lock, so a batch stays small (a 4,096-entry
+# batch of SHA-256 digests is about 400 KB of JSON).
+MAX_STREAM_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -364,6 +374,62 @@ class Service:
         upload = dataclasses.replace(upload, expires_at=self._expiry(now))
         return upload, await self.catalog.missing(upload.manifest_id)
 
+    # ---- streamed uploads (protocol v1.1) -----------------------------------------------
+
+    async def open_stream(self, algo: Algo, ext: str, name: str, client: str = "") -> Upload:
+        """Open a streamed upload: chunk digests come in batches (`add_chunks`), chunks by
+        `put_chunk`, the file's digest and size at `merge`, which verifies them."""
+        self.check_algo(placeholder(algo))
+        await self._admit_upload()
+        now = self.clock()
+        return await self.catalog.begin_stream(
+            algo, ext, name, now, self._expiry(now), secrets.token_hex(16), client
+        )
+
+    async def add_chunks(
+        self, upload_id: str, algo: Algo, start: int, chunks: list[ChunkRef], client: str = ""
+    ) -> StreamBatch:
+        """List the next chunks of an open streamed upload, from position `start`; which of
+        them the server lacks. The same limits and budgets as a handshake of the whole list."""
+        s = self.settings
+        if len(chunks) > MAX_STREAM_BATCH:
+            raise TooLarge(
+                f"the batch lists {len(chunks)} chunks; send at most {MAX_STREAM_BATCH} at a time"
+            )
+        sizes: dict[str, int] = {}
+        for i, c in enumerate(chunks):
+            if c.size < 1:
+                raise BadRequest(f"chunks[{i}] has size {c.size}; chunks are 1 byte or more")
+            if c.size > s.max_chunk_size:
+                raise TooLarge(
+                    f"chunks[{i}] has size {c.size}; this server takes chunks of at most"
+                    f" {s.max_chunk_size} bytes"
+                )
+            seen = sizes.setdefault(c.hex, c.size)
+            if seen != c.size:
+                raise BadRequest(f"chunk {c.hex} appears with sizes {seen} and {c.size}")
+        upload = await self._pending(upload_id)
+        if upload.sealed:
+            raise NotFound(f"upload {upload_id} is not streamed, or is being merged")
+        if algo is not upload.digest.algo:
+            raise BadRequest(
+                f"upload {upload_id} uses {upload.digest.algo.value} digests, not {algo.value}"
+            )
+        now = self.clock()
+        batch = await self.catalog.append_stream(
+            upload_id,
+            start,
+            chunks,
+            now,
+            self._expiry(now),
+            StreamLimits(s.max_chunks, s.max_file_size),
+            client,
+            self.budget,
+        )
+        if batch is None:
+            raise NotFound(f"no open streamed upload {upload_id!r} (merged, aborted or expired)")
+        return batch
+
     async def put_chunk(
         self,
         upload_id: str,
@@ -561,15 +627,33 @@ class Service:
             )
         return hasher, finished
 
-    async def merge(self, upload_id: str, events: HookEvents | None = None) -> FileEntry:
+    async def merge(
+        self,
+        upload_id: str,
+        events: HookEvents | None = None,
+        claim: tuple[Digest, int] | None = None,
+    ) -> FileEntry:
         """Verify the whole file's digest over its chunks and register it; idempotent.
-        `events` commit with the registration (see Catalog.register_file)."""
+        `events` commit with the registration (see Catalog.register_file).
+
+        `claim` is the file's (digest, size) as a streamed upload's client gives it at
+        merge: it seals the upload first (BadRequest when a streamed upload has none). On
+        an upload that has its digest already, a claim must be that digest and size."""
         # One read decides: another client merging the same upload may flip it to merged.
         upload = await self.catalog.get_upload(upload_id)
-        if upload is not None and upload.state == UploadState.MERGED:
-            return await self._merged_file(upload)
-        if upload is None or upload.expires_at <= self.clock():
+        if upload is None or (
+            upload.state != UploadState.MERGED and upload.expires_at <= self.clock()
+        ):
             raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
+        if not upload.sealed:
+            upload = await self._seal(upload, claim)
+        elif claim is not None and claim != (upload.digest, upload.size):
+            raise BadRequest(
+                f"upload {upload_id} is for {upload.digest.hex} ({upload.size} bytes), not for"
+                f" {claim[0].hex} ({claim[1]} bytes)"
+            )
+        if upload.state == UploadState.MERGED:
+            return await self._merged_file(upload)
         missing = await self.catalog.missing(upload.manifest_id)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
@@ -599,6 +683,31 @@ class Service:
             raise NotFound(f"no pending upload {upload_id!r} (aborted or expired)")
         return entry
 
+    async def _seal(self, upload: Upload, claim: tuple[Digest, int] | None) -> Upload:
+        """A streamed upload given the digest and size its client claims (to be verified)."""
+        if claim is None:
+            raise BadRequest(
+                f"upload {upload.id} is streamed: merge it with the file's"
+                f" {upload.digest.algo.value} and size in a JSON body"
+            )
+        digest, size = claim
+        sealed = await self.catalog.seal_stream(upload.id, digest, size, "stream:" + upload.id)
+        if sealed is None:
+            # Merged, aborted or expired since it was read: answer what it became.
+            return await self._settled_upload(upload.id)
+        if (sealed.digest, sealed.size) != claim:
+            raise BadRequest(
+                f"upload {upload.id} was merged for {sealed.digest.hex} ({sealed.size} bytes),"
+                f" not for {digest.hex} ({size} bytes)"
+            )
+        return sealed
+
+    async def _settled_upload(self, upload_id: str) -> Upload:
+        upload = await self.catalog.get_upload(upload_id)
+        if upload is not None and upload.state == UploadState.MERGED:
+            return upload
+        raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
+
     async def _settled(self, upload_id: str) -> FileEntry:
         """The answer for an upload that stopped being pending under a merge's feet."""
         upload = await self.catalog.get_upload(upload_id)
@@ -616,11 +725,15 @@ class Service:
         """The upload's hash state, a fresh one if it has none or its last was cut short."""
         state = self._file_hashes.get(upload.id)
         if state is None or state.broken:
-            state = self._file_hashes[upload.id] = FileHash(upload.digest, upload.manifest_id)
+            state = self._file_hashes[upload.id] = FileHash(
+                upload.digest, upload.manifest_id, not upload.sealed
+            )
             while len(self._file_hashes) > MAX_FILE_HASHES:
                 _, evicted = self._file_hashes.popitem(last=False)
                 if evicted.ahead is not None:
                     evicted.ahead.cancel()
+        elif upload.sealed:
+            state.open_ended = False
         self._file_hashes.move_to_end(upload.id)
         return state
 
@@ -724,6 +837,8 @@ class Service:
             if len(ready) < len(page):
                 return  # stopped at a chunk not stored yet
             if len(page) < MANIFEST_PAGE:
+                if state.open_ended and not all_present:
+                    return  # more digests may come; the next PUT looks again
                 state.done = True
 
     async def _hash_turn(

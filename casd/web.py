@@ -36,6 +36,7 @@ from casd.errors import (
     MisdirectedRequest,
     NotFound,
     NotInManifest,
+    OffsetMismatch,
     RangeNotSatisfiable,
     SizeMismatch,
     StorageFull,
@@ -48,7 +49,7 @@ from casd.errors import (
 )
 from casd.hooks import HOOKS
 from casd.models import ChunkRef, FileEntry, HandshakeComplete, Manifest
-from casd.service import BlobReader, Service
+from casd.service import MAX_STREAM_BATCH, BlobReader, Service
 from casd.web_guard import guard_middleware, install_guard, require_json
 
 log = logging.getLogger("casd.web")
@@ -88,6 +89,7 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     MalformedBody: (400, protocol.BAD_REQUEST),
     SizeMismatch: (422, protocol.SIZE_MISMATCH),
     FileDigestMismatch: (422, protocol.FILE_DIGEST_MISMATCH),
+    OffsetMismatch: (409, protocol.OFFSET_MISMATCH),
     TooManyPending: (429, protocol.TOO_MANY_PENDING),
     Unavailable: (503, protocol.UNAVAILABLE),
     StoreUnavailable: (503, protocol.UNAVAILABLE),
@@ -449,6 +451,17 @@ async def handshake(request: web.Request) -> web.Response:
 
 async def upload_status(request: web.Request) -> web.Response:
     upload, missing = await request.app[SERVICE].status(parse_upload_id(request))
+    if not upload.sealed:  # a v1.1 streamed upload: no digest yet, only what it lists so far
+        return missing_response(
+            {
+                "status": "open",
+                "upload_id": upload.id,
+                "algo": upload.digest.algo.value,
+                "size": upload.size,
+                "expires_at": protocol.format_timestamp(upload.expires_at),
+            },
+            missing,
+        )
     return missing_response(
         {
             "status": "pending",
@@ -485,11 +498,181 @@ async def put_chunk(request: web.Request) -> web.Response:
 
 async def merge(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request)
+    claim = await merge_claim(request)
     hooks = request.app[HOOKS]
     events = hooks.completed_events(upload_id)
-    entry = await request.app[SERVICE].merge(upload_id, events)
+    entry = await request.app[SERVICE].merge(upload_id, events, claim)
     hooks.committed(events, upload_id)
     return web.json_response(_complete(entry.digest, entry.size, entry.ext))
+
+
+# ---- protocol v1.1: streamed uploads ------------------------------------------------------
+
+# Bodies of the small v1.1 requests (open, merge claim): a few fields, never more.
+SMALL_BODY = 64 * 1024
+# A batch body: MAX_STREAM_BATCH SHA-256 entries are about 400 KB of JSON.
+BATCH_BODY = 1024 * 1024
+
+
+class _WireOpen(msgspec.Struct, gc=False, forbid_unknown_fields=False):
+    algo: str | None = None
+    ext: str | None = None
+    name: str | None = None
+
+
+class _WireBatch(msgspec.Struct, gc=False):
+    start: int
+    chunks: list[_WireChunk]
+    algo: str | None = None
+
+
+class _WireClaim(msgspec.Struct, gc=False):
+    size: int | None = None
+    algo: str | None = None
+    md5: str | None = None
+    sha256: str | None = None
+
+
+def _decode(decoder: msgspec.json.Decoder, body: bytes | bytearray, what: str):
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"the {what} is not valid: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON (or has a lone surrogate): {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body nests JSON too deeply") from None
+
+
+def _algo(value: str | None) -> Algo:
+    try:
+        return Algo.parse(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+_OPEN_DECODER = msgspec.json.Decoder(_WireOpen)
+_BATCH_DECODER = msgspec.json.Decoder(_WireBatch)
+_CLAIM_DECODER = msgspec.json.Decoder(_WireClaim)
+
+
+def parse_batch(body: bytes | bytearray) -> tuple[Algo, int, list[ChunkRef]]:
+    """A v1.1 digest batch -> (algo, start, chunks); BadRequest on anything off."""
+    data = _decode(_BATCH_DECODER, body, "batch")
+    algo = _algo(data.algo)
+    key = algo.value
+    if data.start < 0:
+        raise BadRequest(f"start must be a non-negative integer, got {data.start}")
+    chunks = []
+    parse_hex = algo.parse_hex
+    for i, c in enumerate(data.chunks):
+        raw = c.md5 if key == "md5" else c.sha256
+        if raw is None:
+            raise BadRequest(f"chunks[{i}] needs {key} and size")
+        try:
+            chunks.append(ChunkRef(parse_hex(raw), c.size))
+        except ValueError as exc:
+            raise BadRequest(f"chunks[{i}].{key}: {exc}") from None
+    return algo, data.start, chunks
+
+
+async def merge_claim(request: web.Request) -> tuple[Digest, int] | None:
+    """The file's (digest, size) a v1.1 client sends with merge, or None when the body is
+    empty or not JSON (a v1 client's merge, whose body the server never read)."""
+    if not request.body_exists or request.content_type != "application/json":
+        return None
+    body = await read_body(request, SMALL_BODY, request.app[BODY_BUDGET])
+    if not body.strip():
+        return None
+    data = _decode(_CLAIM_DECODER, body, "merge body")
+    algo = _algo(data.algo)
+    raw = getattr(data, algo.value)
+    if raw is None and data.size is None:
+        return None
+    try:
+        digest = Digest.parse(algo, raw)
+    except ValueError as exc:
+        raise BadRequest(f"{algo.value}: {exc}") from None
+    if data.size is None or data.size < 0:
+        raise BadRequest("a merge body with a digest needs the file's size, 0 or more")
+    return digest, data.size
+
+
+async def capabilities(request: web.Request) -> web.Response:
+    """What this server offers: how a v1.1 client learns it may stream (PROTOCOL.md)."""
+    s = request.app[SETTINGS]
+    offered = streams_offered(s)
+    return web.json_response(
+        {
+            "protocol": "1.1" if offered else "1",
+            "versions": ["1", "1.1"] if offered else ["1"],
+            "stream_uploads": offered,
+            "algos": list(s.algos),
+            "max_chunk_size": s.max_chunk_size,
+            "max_chunks": s.max_chunks,
+            "max_file_size": s.max_file_size,
+            "max_batch": MAX_STREAM_BATCH,
+        }
+    )
+
+
+def streams_offered(settings: Settings) -> bool:
+    """Whether v1.1 streamed uploads are offered: with --stream-uploads, and only without a
+    pre-handshake policy hook, which decides on a file's digest and size before any chunk
+    is accepted (a streamed upload has neither until merge)."""
+    return settings.stream_uploads and settings.hook_pre_handshake is None
+
+
+def _offered(request: web.Request) -> None:
+    """Where streams are not offered the v1.1 endpoints answer as a v1 server's missing route."""
+    if not streams_offered(request.app[SETTINGS]):
+        raise NotFound(f"no such endpoint: {request.path}")
+
+
+async def open_stream(request: web.Request) -> web.Response:
+    _offered(request)
+    require_json(request)
+    body = await read_body(request, SMALL_BODY, request.app[BODY_BUDGET])
+    data = _decode(_OPEN_DECODER, body, "request")
+    algo = _algo(data.algo)
+    name = data.name or ""
+    if len(name) > 255:
+        raise BadRequest("name must be a string of at most 255 characters")
+    if data.ext is not None:
+        ext = parse_ext(data.ext)
+    else:
+        guess = os.path.splitext(name)[1]
+        ext = guess.lower() if protocol.EXT_RE.match(guess) else ""
+    upload = await request.app[SERVICE].open_stream(algo, ext, name, client_of(request))
+    return web.json_response(
+        {
+            "status": "open",
+            "upload_id": upload.id,
+            "algo": algo.value,
+            "count": 0,
+            "size": 0,
+            "expires_at": protocol.format_timestamp(upload.expires_at),
+        },
+        status=201,
+    )
+
+
+async def add_chunks(request: web.Request) -> web.Response:
+    _offered(request)
+    require_json(request)
+    upload_id = parse_upload_id(request)
+    limit = min(BATCH_BODY, request.app[SETTINGS].max_handshake_bytes)
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the batch body is over {limit} bytes")
+    body = await read_body(request, limit, request.app[BODY_BUDGET])
+    if len(body) > THREAD_PARSE_BYTES:
+        algo, start, chunks = await asyncio.to_thread(parse_batch, body)
+    else:
+        algo, start, chunks = parse_batch(body)
+    batch = await request.app[SERVICE].add_chunks(
+        upload_id, algo, start, chunks, client_of(request)
+    )
+    return missing_response({"count": batch.count, "size": batch.size}, batch.missing)
 
 
 async def abort(request: web.Request) -> web.Response:
@@ -866,6 +1049,9 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     r.add_get("/v1/files/{name}/chunks", get_file_chunks)
     r.add_delete("/v1/files/{digest}", delete_file)
     r.add_get("/v1/openapi.json", openapi.serve)
+    r.add_get("/v1/capabilities", capabilities)
+    r.add_post("/v1/uploads", open_stream)
+    r.add_post("/v1/uploads/{upload_id}/chunks", add_chunks)
     r.add_get("/healthz", healthz)
     r.add_get("/", index)
     r.add_get("/static/{path:.+}", static_file)

@@ -15,8 +15,15 @@ import pytest
 
 from casd.catalog import DELETING, LIVE, QUARANTINED, HookEvents, open_catalog
 from casd.digest import Algo, Digest
-from casd.errors import BadRequest, FileDigestMismatch, Incomplete, TooLarge, TooManyPending
-from casd.models import ChunkRef, Manifest, PendingBudget
+from casd.errors import (
+    BadRequest,
+    FileDigestMismatch,
+    Incomplete,
+    OffsetMismatch,
+    TooLarge,
+    TooManyPending,
+)
+from casd.models import ChunkRef, Manifest, PendingBudget, StreamLimits
 
 WAIT = 30
 T0 = 1_000.0
@@ -139,6 +146,102 @@ async def test_budget_refuses_new_uploads_but_not_resumes(cat):
     resumed, _ = await cat.begin_upload(m1, "k", T0, LATER, "6" * 32, "c1", budget)
     assert resumed.id == "1" * 32
     assert (await cat.stats_counts(T0))["pending_entries"] == 4
+
+
+# ---- streamed uploads (protocol v1.1) ----------------------------------------------------------
+
+ROOMY = StreamLimits(max_chunks=100, max_file_size=1000)
+
+
+def refs(chunks: list[tuple[object, int]]) -> list[ChunkRef]:
+    return [ChunkRef(hx(t), size) for t, size in chunks]
+
+
+async def test_a_stream_grows_in_order_then_seals_into_a_pending_upload(cat):
+    store = Store()
+    await publish(cat, store, "a")
+    up = await cat.begin_stream(Algo.MD5, ".bin", "f.bin", T0, LATER, "s" * 32, "c1")
+    assert not up.sealed and up.size == 0
+    assert await cat.get_upload(up.id) == up
+    batch = await cat.append_stream(up.id, 0, refs([("a", 1), ("b", 2)]), T0, LATER, ROOMY)
+    assert (batch.count, batch.size, batch.missing) == (2, 3, [hx("b")])
+    batch = await cat.append_stream(up.id, 2, refs([("b", 2), ("c", 3)]), T0, LATER, ROOMY)
+    assert (batch.count, batch.size, batch.missing) == (4, 8, [hx("b"), hx("c")])
+    assert await cat.missing(up.manifest_id) == [hx("b"), hx("c")]
+    assert await cat.manifest_page(up.manifest_id, 0, 10) == [
+        (hx("a"), 1),
+        (hx("b"), 2),
+        (hx("b"), 2),
+        (hx("c"), 3),
+    ]
+    with pytest.raises(BadRequest):  # the chunks add up to 8
+        await cat.seal_stream(up.id, dg("file"), 7, "stream:x")
+    sealed = await cat.seal_stream(up.id, dg("file"), 8, "stream:x")
+    assert sealed.sealed and sealed.digest == dg("file") and sealed.size == 8
+    assert await cat.get_upload(up.id) == sealed
+    # Sealed: no more digests; sealing again answers the upload as it is.
+    assert await cat.append_stream(up.id, 4, refs([("d", 1)]), T0, LATER, ROOMY) is None
+    assert await cat.seal_stream(up.id, dg("other"), 8, "stream:x") == sealed
+    await publish(cat, store, "b", size=2)
+    await publish(cat, store, "c", size=3)
+    entry = await cat.register_file(up.id, T0)
+    assert entry.digest == dg("file") and entry.size == 8 and entry.ext == ".bin"
+
+
+async def test_a_stream_batch_refused_writes_nothing(cat):
+    store = Store()
+    await publish(cat, store, "big", size=5)
+    up = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "s" * 32)
+    await cat.append_stream(up.id, 0, refs([("a", 1)]), T0, LATER, ROOMY)
+    with pytest.raises(OffsetMismatch) as info:
+        await cat.append_stream(up.id, 0, refs([("b", 1)]), T0, LATER, ROOMY)
+    assert info.value.extra["count"] == 1
+    with pytest.raises(TooLarge):
+        await cat.append_stream(
+            up.id, 1, refs([("b", 1), ("c", 1)]), T0, LATER, StreamLimits(2, 100)
+        )
+    with pytest.raises(TooLarge):
+        await cat.append_stream(up.id, 1, refs([("b", 10)]), T0, LATER, StreamLimits(100, 10))
+    with pytest.raises(BadRequest):  # "a" was listed with size 1
+        await cat.append_stream(up.id, 1, refs([("a", 2)]), T0, LATER, ROOMY)
+    with pytest.raises(BadRequest):  # the stored "big" has another size
+        await cat.append_stream(up.id, 1, refs([("big", 4)]), T0, LATER, ROOMY)
+    assert await cat.manifest_page(up.manifest_id, 0, 10) == [(hx("a"), 1)]
+    batch = await cat.append_stream(up.id, 1, refs([("b", 1)]), T0, LATER, ROOMY)
+    assert (batch.count, batch.size) == (2, 2)
+
+
+async def test_stream_batches_count_against_the_pending_budget(cat):
+    budget = PendingBudget(total=5, per_client=3)
+    up = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "s" * 32, "c1")
+    await cat.append_stream(up.id, 0, refs([("a", 1), ("b", 1)]), T0, LATER, ROOMY, "c1", budget)
+    with pytest.raises(TooManyPending):
+        await cat.append_stream(
+            up.id, 2, refs([("c", 1), ("d", 1)]), T0, LATER, ROOMY, "c1", budget
+        )
+    assert (await cat.stats_counts(T0))["pending_entries"] == 2
+
+
+async def test_an_expired_or_aborted_stream_takes_no_batch(cat):
+    up = await cat.begin_stream(Algo.SHA256, "", "", T0, T0 + 10, "s" * 32)
+    assert up.digest.algo is Algo.SHA256
+    assert await cat.append_stream(up.id, 0, [], T0 + 20, LATER, ROOMY) is None
+    up2 = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "t" * 32)
+    assert await cat.drop_pending_upload(up2.id)
+    assert await cat.append_stream(up2.id, 0, [], T0, LATER, ROOMY) is None
+    assert await cat.seal_stream(up2.id, dg("f"), 0, "stream:t") is None
+
+
+async def test_gc_keeps_the_chunks_an_open_stream_lists(cat):
+    store = Store()
+    await publish(cat, store, "listed", now=T0)
+    await publish(cat, store, "garbage", now=T0)
+    up = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "s" * 32)
+    await cat.append_stream(up.id, 0, refs([("listed", 1)]), T0, LATER, ROOMY)
+    planned = [r.digest.hex for r in await cat.garbage_chunks(T0 + 200, T0 + 50)]
+    assert planned == [hx("garbage")]
+    marked = await cat.mark_garbage([hx("listed"), hx("garbage")], T0 + 200, T0 + 50)
+    assert [r.digest.hex for r in marked] == [hx("garbage")]
 
 
 # ---- publish and merge -----------------------------------------------------------------------

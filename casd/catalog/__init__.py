@@ -37,14 +37,73 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from casd.config import is_database_url
-from casd.digest import Digest
-from casd.errors import Unavailable
-from casd.models import ChunkState, FileEntry, Manifest, PendingBudget, PendingUpload, Upload
+from casd.digest import Algo, Digest
+from casd.errors import BadRequest, OffsetMismatch, TooLarge, Unavailable
+from casd.models import (
+    ChunkRef,
+    ChunkState,
+    FileEntry,
+    Manifest,
+    PendingBudget,
+    PendingUpload,
+    StreamBatch,
+    StreamLimits,
+    Upload,
+)
 
 # The stored chunk states (casd.models.ChunkState), by their short names in the engines' SQL.
 LIVE = ChunkState.LIVE
 DELETING = ChunkState.DELETING
 QUARANTINED = ChunkState.QUARANTINED
+
+# The chunks_key of a streamed upload's manifest until merge seals it (a real key is never
+# empty, so no handshake ever resumes an unsealed manifest), and the key it gets then.
+UNSEALED_KEY = ""
+
+
+def placeholder(algo: Algo) -> Digest:
+    """The digest an unsealed manifest carries: all zeros, which no upload ever claims
+    for real (a file hashing to it is beyond reach)."""
+    return Digest(algo, "0" * algo.hex_len)
+
+
+def check_stream_batch(
+    start: int, chunks: list[ChunkRef], count: int, size: int, limits: StreamLimits
+) -> None:
+    """Refuse a batch for a streamed upload that holds `count` chunks of `size` bytes:
+    OffsetMismatch unless it starts at `count`, TooLarge past `limits`. Both engines call
+    it inside the append's transaction."""
+    if start != count:
+        raise OffsetMismatch(
+            f"this batch starts at chunk {start}, but the upload lists {count} chunks so far:"
+            f" send the batch that starts at {count}",
+            count,
+        )
+    if count + len(chunks) > limits.max_chunks:
+        raise TooLarge(
+            f"the upload would list {count + len(chunks)} chunks; this server takes at most"
+            f" {limits.max_chunks}"
+        )
+    total = size + sum(c.size for c in chunks)
+    if total > limits.max_file_size:
+        raise TooLarge(
+            f"the upload would have {total} bytes; this server takes files of at most"
+            f" {limits.max_file_size} bytes"
+        )
+
+
+def check_seal(upload: Upload, digest: Digest, size: int) -> None:
+    """Refuse to seal an open streamed upload with a claim that cannot be right."""
+    if digest.algo is not upload.digest.algo:
+        raise BadRequest(
+            f"upload {upload.id} uses {upload.digest.algo.value} digests, not {digest.algo.value}"
+        )
+    if size != upload.size:
+        raise BadRequest(
+            f"the chunks listed add up to {upload.size} bytes, not to size {size}; nothing"
+            " was changed"
+        )
+
 
 A_contra = TypeVar("A_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)
@@ -197,6 +256,51 @@ class Catalog(Protocol):
 
     async def touch_upload(self, upload_id: str, now: float, expires_at: float) -> bool:
         """Push a live pending upload's expiry forward; False when there is none."""
+
+    async def begin_stream(
+        self,
+        algo: Algo,
+        ext: str,
+        name: str,
+        now: float,
+        expires_at: float,
+        new_id: str,
+        client: str = "",
+    ) -> Upload:
+        """Create an open streamed upload (protocol v1.1), id `new_id`, with no chunks yet.
+
+        It is a pending upload whose manifest is unsealed (see `UNSEALED_KEY`): its digest is
+        `placeholder(algo)` and its size the sum of the chunks listed so far.
+        """
+
+    async def append_stream(
+        self,
+        upload_id: str,
+        start: int,
+        chunks: list[ChunkRef],
+        now: float,
+        expires_at: float,
+        limits: StreamLimits,
+        client: str = "",
+        budget: PendingBudget | None = None,
+    ) -> StreamBatch | None:
+        """Append `chunks` to an open streamed upload's list at position `start`, push its
+        expiry forward, and say which of them the server lacks; one transaction.
+
+        None when there is no open (unsealed, live) upload of that id. Refused with nothing
+        written: OffsetMismatch when `start` is not the list's length; TooLarge past
+        `limits`; TooManyPending/TooLarge past `budget`, as for a new upload of that many
+        entries; BadRequest when a digest comes with another size than this upload or the
+        stored chunk gives it.
+        """
+
+    async def seal_stream(
+        self, upload_id: str, digest: Digest, size: int, chunks_key: str
+    ) -> Upload | None:
+        """Give an open streamed upload the digest and size its client claims: from then on
+        it is a pending upload like any other, to be merged (and verified). None when there
+        is no such pending upload; an upload sealed already is answered as it is, whatever
+        `digest` says. BadRequest (nothing written) when `size` is not its chunks' sum."""
 
     async def publish_chunk(
         self,

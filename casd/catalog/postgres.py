@@ -35,10 +35,14 @@ from casd.catalog import (
     DELETING,
     LIVE,
     QUARANTINED,
+    UNSEALED_KEY,
     ChunkRow,
     ChunkUsers,
     HookEvents,
     Locked,
+    check_seal,
+    check_stream_batch,
+    placeholder,
 )
 from casd.config import masked
 from casd.digest import Algo, Digest
@@ -50,7 +54,17 @@ from casd.errors import (
     TooManyPending,
     Unavailable,
 )
-from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload, UploadState
+from casd.models import (
+    ChunkRef,
+    FileEntry,
+    Manifest,
+    PendingBudget,
+    PendingUpload,
+    StreamBatch,
+    StreamLimits,
+    Upload,
+    UploadState,
+)
 
 log = logging.getLogger("casd.catalog")
 
@@ -67,7 +81,8 @@ CONNECT_TIMEOUT = 5.0
 _RETRIES = 5  # deadlocks (two gc processes) and serialization failures
 
 _UPLOAD_COLUMNS = (
-    "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at"
+    "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at,"
+    " m.chunks_key"
 )
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
 _CHUNK_COLUMNS = "c.digest, c.algo, c.size, c.xxh3, c.state, c.created"
@@ -111,7 +126,7 @@ def digest_key(hex_: str) -> int:
 
 
 def _upload(row) -> Upload:
-    uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
+    uid, manifest_id, algo, digest, size, ext, name, state, expires_at, key = row
     return Upload(
         uid,
         manifest_id,
@@ -121,6 +136,7 @@ def _upload(row) -> Upload:
         name,
         UploadState(state),
         expires_at,
+        key != UNSEALED_KEY,
     )
 
 
@@ -417,6 +433,43 @@ class PostgresCatalog:
         return await self._run(
             _begin_upload, manifest, chunks_key, now, expires_at, new_id, client, budget
         )
+
+    # ---- streamed uploads (protocol v1.1) -----------------------------------------------
+
+    async def begin_stream(
+        self,
+        algo: Algo,
+        ext: str,
+        name: str,
+        now: float,
+        expires_at: float,
+        new_id: str,
+        client: str = "",
+    ) -> Upload:
+        """See casd.catalog.Catalog.begin_stream."""
+        return await self._run(_begin_stream, algo, ext, name, now, expires_at, new_id, client)
+
+    async def append_stream(
+        self,
+        upload_id: str,
+        start: int,
+        chunks: list[ChunkRef],
+        now: float,
+        expires_at: float,
+        limits: StreamLimits,
+        client: str = "",
+        budget: PendingBudget | None = None,
+    ) -> StreamBatch | None:
+        """See casd.catalog.Catalog.append_stream."""
+        return await self._run(
+            _append_stream, upload_id, start, chunks, now, expires_at, limits, client, budget
+        )
+
+    async def seal_stream(
+        self, upload_id: str, digest: Digest, size: int, chunks_key: str
+    ) -> Upload | None:
+        """See casd.catalog.Catalog.seal_stream."""
+        return await self._run(_seal_stream, upload_id, digest, size, chunks_key)
 
     async def touch_upload(self, upload_id: str, now: float, expires_at: float) -> bool:
         async def touch(con):
@@ -927,6 +980,133 @@ async def _begin_upload(
         expires_at,
     )
     return upload, await _missing(con, manifest_id)
+
+
+async def _begin_stream(
+    con: asyncpg.Connection,
+    algo: Algo,
+    ext: str,
+    name: str,
+    now: float,
+    expires_at: float,
+    new_id: str,
+    client: str,
+) -> Upload:
+    digest = placeholder(algo)
+    manifest_id = await con.fetchval(
+        "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
+        " VALUES ($1, $2, 0, $3, 0, $4) RETURNING id",
+        algo.value,
+        digest.hex,
+        UNSEALED_KEY,
+        now,
+    )
+    await con.execute(
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
+        " VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
+        new_id,
+        manifest_id,
+        ext,
+        name,
+        now,
+        expires_at,
+        client,
+    )
+    return Upload(new_id, manifest_id, digest, 0, ext, name, UploadState.PENDING, expires_at, False)
+
+
+async def _append_stream(
+    con: asyncpg.Connection,
+    upload_id: str,
+    start: int,
+    chunks: list[ChunkRef],
+    now: float,
+    expires_at: float,
+    limits: StreamLimits,
+    client: str,
+    budget: PendingBudget | None,
+) -> StreamBatch | None:
+    # New references to chunks: gc's mark waits for this transaction (see _begin_upload).
+    await con.execute("SELECT pg_advisory_xact_lock_shared($1)", _REFERENCE_KEY)
+    row = await con.fetchrow(
+        "SELECT m.id, m.chunk_count, m.size FROM uploads u JOIN manifests m"
+        " ON m.id = u.manifest_id WHERE u.id = $1 AND u.state = 'pending'"
+        " AND u.expires_at > $2 AND m.chunks_key = $3 FOR UPDATE OF u, m",
+        upload_id,
+        now,
+        UNSEALED_KEY,
+    )
+    if row is None:
+        return None
+    manifest_id, count, size = row
+    check_stream_batch(start, chunks, count, size, limits)
+    if budget is not None and chunks:
+        await con.execute("SELECT pg_advisory_xact_lock($1)", _BUDGET_KEY)
+        await _check_budget(con, budget, client, len(chunks), now)
+    await con.copy_records_to_table(
+        "manifest_chunks",
+        columns=("manifest_id", "seq", "digest", "size"),
+        records=((manifest_id, start + i, c.hex, c.size) for i, c in enumerate(chunks)),
+    )
+    batch = list({c.hex for c in chunks})
+    clash = await con.fetchrow(
+        "SELECT mc.digest, mc.size FROM manifest_chunks mc WHERE mc.manifest_id = $1"
+        " AND mc.digest = ANY($2::text[]) AND (EXISTS (SELECT 1 FROM manifest_chunks o"
+        " WHERE o.manifest_id = mc.manifest_id AND o.digest = mc.digest"
+        " AND o.size <> mc.size) OR EXISTS (SELECT 1 FROM chunks c"
+        " WHERE c.digest = mc.digest AND c.state = $3 AND c.size <> mc.size)) LIMIT 1",
+        manifest_id,
+        batch,
+        LIVE,
+    )
+    if clash:
+        # Say which claim is wrong, never the stored size: that is someone else's fact.
+        raise BadRequest(f"chunk {clash[0]} does not have the size {clash[1]} this upload gives it")
+    added = sum(c.size for c in chunks)
+    await con.execute(
+        "UPDATE manifests SET chunk_count = $1, size = $2 WHERE id = $3",
+        count + len(chunks),
+        size + added,
+        manifest_id,
+    )
+    await con.execute("UPDATE uploads SET expires_at = $1 WHERE id = $2", expires_at, upload_id)
+    rows = await con.fetch(
+        "SELECT digest FROM chunks WHERE digest = ANY($1::text[]) AND state = $2", batch, LIVE
+    )
+    present = {r[0] for r in rows}
+    missing = list(dict.fromkeys(c.hex for c in chunks if c.hex not in present))
+    return StreamBatch(count + len(chunks), size + added, missing)
+
+
+async def _seal_stream(
+    con: asyncpg.Connection, upload_id: str, digest: Digest, size: int, chunks_key: str
+) -> Upload | None:
+    row = await con.fetchrow(
+        _UPLOAD_BY_ID + " AND u.state = 'pending' FOR UPDATE OF u, m", upload_id
+    )
+    if row is None:
+        return None
+    upload = _upload(row)
+    if upload.sealed:
+        return upload
+    check_seal(upload, digest, size)
+    await con.execute(
+        "UPDATE manifests SET digest = $1, chunks_key = $2 WHERE id = $3",
+        digest.hex,
+        chunks_key,
+        upload.manifest_id,
+    )
+    return Upload(
+        upload.id,
+        upload.manifest_id,
+        digest,
+        upload.size,
+        upload.ext,
+        upload.name,
+        upload.state,
+        upload.expires_at,
+        True,
+    )
 
 
 async def _check_budget(

@@ -29,11 +29,15 @@ from casd.catalog import (
     DELETING,
     LIVE,
     QUARANTINED,
+    UNSEALED_KEY,
     ChunkRow,
     ChunkUsers,
     HookEvents,
     Locked,
     WriteStats,
+    check_seal,
+    check_stream_batch,
+    placeholder,
 )
 from casd.digest import Algo, Digest
 from casd.errors import (
@@ -44,7 +48,17 @@ from casd.errors import (
     TooLarge,
     TooManyPending,
 )
-from casd.models import FileEntry, Manifest, PendingBudget, PendingUpload, Upload, UploadState
+from casd.models import (
+    ChunkRef,
+    FileEntry,
+    Manifest,
+    PendingBudget,
+    PendingUpload,
+    StreamBatch,
+    StreamLimits,
+    Upload,
+    UploadState,
+)
 
 # Enough to wait out a gc transaction on a busy disk; SQLite retries inside this budget.
 BUSY_TIMEOUT_MS = 60_000
@@ -55,7 +69,8 @@ BULK_ENTRIES = 4096
 QUICK_BATCH = 64
 
 _UPLOAD_COLUMNS = (
-    "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at"
+    "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at,"
+    " m.chunks_key"
 )
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
 
@@ -74,7 +89,7 @@ _FILE_READ_TRIES = 3
 
 
 def _upload(row) -> Upload:
-    uid, manifest_id, algo, digest, size, ext, name, state, expires_at = row
+    uid, manifest_id, algo, digest, size, ext, name, state, expires_at, key = row
     return Upload(
         uid,
         manifest_id,
@@ -84,6 +99,7 @@ def _upload(row) -> Upload:
         name,
         UploadState(state),
         expires_at,
+        key != UNSEALED_KEY,
     )
 
 
@@ -431,6 +447,45 @@ class _Daemon:
     async def touch_upload(self, upload_id: str, now: float, expires_at: float) -> bool:
         """Push a live pending upload's expiry forward; False when there is none."""
         return await self._group.run(_touch_upload, upload_id, now, expires_at)
+
+    # ---- streamed uploads (protocol v1.1) -----------------------------------------------
+
+    async def begin_stream(
+        self,
+        algo: Algo,
+        ext: str,
+        name: str,
+        now: float,
+        expires_at: float,
+        new_id: str,
+        client: str = "",
+    ) -> Upload:
+        """See casd.catalog.Catalog.begin_stream."""
+        return await self._group.run(
+            _begin_stream, algo, ext, name, now, expires_at, new_id, client
+        )
+
+    async def append_stream(
+        self,
+        upload_id: str,
+        start: int,
+        chunks: list[ChunkRef],
+        now: float,
+        expires_at: float,
+        limits: StreamLimits,
+        client: str = "",
+        budget: PendingBudget | None = None,
+    ) -> StreamBatch | None:
+        """See casd.catalog.Catalog.append_stream."""
+        return await self._group.run(
+            _append_stream, upload_id, start, chunks, now, expires_at, limits, client, budget
+        )
+
+    async def seal_stream(
+        self, upload_id: str, digest: Digest, size: int, chunks_key: str
+    ) -> Upload | None:
+        """See casd.catalog.Catalog.seal_stream."""
+        return await self._group.run(_seal_stream, upload_id, digest, size, chunks_key)
 
     async def publish_chunk(
         self,
@@ -828,6 +883,111 @@ def _begin_upload(
         expires_at,
     )
     return upload, _missing_sync(con, manifest_id)
+
+
+def _begin_stream(
+    con: sqlite3.Connection,
+    algo: Algo,
+    ext: str,
+    name: str,
+    now: float,
+    expires_at: float,
+    new_id: str,
+    client: str,
+) -> Upload:
+    digest = placeholder(algo)
+    manifest_id: int = con.execute(
+        "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
+        " VALUES (?, ?, 0, ?, 0, ?) RETURNING id",
+        (algo.value, digest.hex, UNSEALED_KEY, now),
+    ).fetchone()[0]
+    con.execute(
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
+        " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+        (new_id, manifest_id, ext, name, now, expires_at, client),
+    )
+    return Upload(new_id, manifest_id, digest, 0, ext, name, UploadState.PENDING, expires_at, False)
+
+
+def _append_stream(
+    con: sqlite3.Connection,
+    upload_id: str,
+    start: int,
+    chunks: list[ChunkRef],
+    now: float,
+    expires_at: float,
+    limits: StreamLimits,
+    client: str,
+    budget: PendingBudget | None,
+) -> StreamBatch | None:
+    row = con.execute(
+        "SELECT m.id, m.chunk_count, m.size FROM uploads u JOIN manifests m"
+        " ON m.id = u.manifest_id WHERE u.id = ? AND u.state = 'pending'"
+        " AND u.expires_at > ? AND m.chunks_key = ?",
+        (upload_id, now, UNSEALED_KEY),
+    ).fetchone()
+    if row is None:
+        return None
+    manifest_id, count, size = row
+    check_stream_batch(start, chunks, count, size, limits)
+    if budget is not None and chunks:
+        _check_budget(con, budget, client, len(chunks), now)
+    con.executemany(
+        "INSERT INTO manifest_chunks (manifest_id, seq, digest, size) VALUES (?, ?, ?, ?)",
+        ((manifest_id, start + i, c.hex, c.size) for i, c in enumerate(chunks)),
+    )
+    batch = sorted({c.hex for c in chunks})
+    marks = ",".join("?" * len(batch))
+    if batch:
+        clash = con.execute(
+            "SELECT mc.digest, mc.size FROM manifest_chunks mc WHERE mc.manifest_id = ?"
+            f" AND mc.digest IN ({marks}) AND (EXISTS (SELECT 1 FROM manifest_chunks o"
+            " WHERE o.manifest_id = mc.manifest_id AND o.digest = mc.digest"
+            " AND o.size <> mc.size) OR EXISTS (SELECT 1 FROM chunks c"
+            " WHERE c.digest = mc.digest AND c.state = ? AND c.size <> mc.size)) LIMIT 1",
+            (manifest_id, *batch, LIVE),
+        ).fetchone()
+        if clash:
+            # Say which claim is wrong, never the stored size: that is someone else's fact.
+            raise BadRequest(
+                f"chunk {clash[0]} does not have the size {clash[1]} this upload gives it"
+            )
+    added = sum(c.size for c in chunks)
+    con.execute(
+        "UPDATE manifests SET chunk_count = ?, size = ? WHERE id = ?",
+        (count + len(chunks), size + added, manifest_id),
+    )
+    con.execute("UPDATE uploads SET expires_at = ? WHERE id = ?", (expires_at, upload_id))
+    present = (
+        {
+            r[0]
+            for r in con.execute(
+                f"SELECT digest FROM chunks WHERE digest IN ({marks}) AND state = ?",
+                (*batch, LIVE),
+            )
+        }
+        if batch
+        else set()
+    )
+    missing = list(dict.fromkeys(c.hex for c in chunks if c.hex not in present))
+    return StreamBatch(count + len(chunks), size + added, missing)
+
+
+def _seal_stream(
+    con: sqlite3.Connection, upload_id: str, digest: Digest, size: int, chunks_key: str
+) -> Upload | None:
+    row = con.execute(_UPLOAD_BY_ID + " AND u.state = 'pending'", (upload_id,)).fetchone()
+    if row is None:
+        return None
+    upload = _upload(row)
+    if upload.sealed:
+        return upload
+    check_seal(upload, digest, size)
+    con.execute(
+        "UPDATE manifests SET digest = ?, chunks_key = ? WHERE id = ?",
+        (digest.hex, chunks_key, upload.manifest_id),
+    )
+    return dataclasses.replace(upload, digest=digest, sealed=True)
 
 
 def _check_budget(

@@ -15,7 +15,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +241,111 @@ def _hash_open(
     return FileDigests(algo, whole, size, rule.avg_size, spans, rule)
 
 
+# --- hashing while sending (protocol v1.1) ----------------------------------------------------
+
+# A chunk's bytes as the reader hands them on: a fresh buffer per chunk, never reused.
+Buffer = bytes | bytearray
+
+
+class ByteBudget:
+    """Bytes of chunks read but not yet sent or dropped: the bounded queue between the
+    hashing thread (which takes) and the sender (which gives back). One chunk is always
+    allowed, however large, so a chunk over the budget still goes through alone."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int, stop: threading.Event | None = None) -> None:
+        """Block until `n` more bytes fit; CancelledError once `stop` is set."""
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                if stop is not None and stop.is_set():
+                    raise asyncio.CancelledError
+                self._cond.wait(0.1)
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+def _chunk_reads(f, size: int, rule: Chunking) -> Iterator[tuple[int, int, Callable[[], Buffer]]]:
+    """(offset, length, read) of each chunk in order; read() gives its bytes in a new buffer,
+    and must be called before the next step."""
+    if rule.kind == "fixed":
+        step = rule.avg_size
+        for offset in range(0, size, step):
+            n = min(step, size - offset)
+
+            def read(n: int = n) -> Buffer:
+                buf = bytearray(n)
+                _read_exact(f, memoryview(buf))
+                return buf
+
+            yield offset, n, read
+        return
+    end = 0
+    for offset, view in iter_chunks(f, rule):
+        if offset + len(view) > size:
+            raise FileChangedError(f"{f.name}: file grew while it was being read")
+        end = offset + len(view)
+
+        def copy(view: memoryview = view) -> Buffer:
+            return bytes(view)
+
+        yield offset, len(view), copy
+    if end != size:
+        raise FileChangedError(f"{f.name}: file shrank while it was being read")
+
+
+def stream_digests(
+    f,
+    size: int,
+    rule: Chunking,
+    algo: Algo,
+    emit: Callable[[ChunkSpan, Buffer], None],
+    budget: ByteBudget,
+    on_bytes: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> FileDigests:
+    """Read a file once, handing each chunk's bytes to `emit` with its digest, in order, as
+    soon as it is hashed; the file's digest comes from the same buffers, and is known last.
+
+    Blocking; run it in a thread. The whole-file hash runs in the calling thread and each
+    chunk's hash on one helper thread (two cores, as `hash_stream`). Before reading a chunk
+    it takes its size from `budget`; whoever `emit` hands the bytes to gives them back.
+    """
+    whole = algo.new()
+    spans: list[ChunkSpan] = []
+    held: tuple[int, int, Buffer, Future] | None = None
+
+    def hand_on(held: tuple[int, int, Buffer, Future]) -> None:
+        offset, n, data, job = held
+        span = ChunkSpan(offset, n, job.result())
+        spans.append(span)
+        emit(span, data)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="casd-hash") as helper:
+        for offset, n, read in _chunk_reads(f, size, rule):
+            if stop is not None and stop.is_set():
+                raise asyncio.CancelledError
+            budget.take(n, stop)
+            data = read()
+            job = helper.submit(_digest_of, algo, memoryview(data))
+            whole.update(data)
+            if held is not None:
+                hand_on(held)
+            held = (offset, n, data, job)
+            if on_bytes is not None:
+                on_bytes(offset + n)
+        if held is not None:
+            hand_on(held)
+    return FileDigests(algo, whole.hexdigest(), size, rule.avg_size, tuple(spans), rule)
+
+
 # --- digest cache ----------------------------------------------------------------------------
 
 
@@ -406,6 +511,36 @@ class DigestCache:
                 conn.close()
         except (sqlite3.Error, OSError) as exc:
             log.debug("digest cache not written: %s", exc)
+
+
+def cached_digests(
+    path: str | os.PathLike, rule: Chunking, algo: Algo, cache: DigestCache
+) -> FileDigests | None:
+    """The cache's digests for the file as it is now, or None."""
+    realpath = os.path.realpath(path)
+    try:
+        st = os.stat(realpath)
+    except OSError:
+        return None
+    return cache.get(realpath, st, rule, algo)
+
+
+def remember(
+    path: str | os.PathLike,
+    before: os.stat_result,
+    started_ns: int,
+    fd: FileDigests,
+    cache: DigestCache,
+) -> None:
+    """Cache `fd` for the file read from `before`, if it has not changed since (nor can
+    without its stat changing); never raises."""
+    realpath = os.path.realpath(path)
+    try:
+        after = os.stat(realpath)
+    except OSError:
+        return
+    if _stat_key(before) == _stat_key(after) and not _racy(after, started_ns):
+        cache.put(realpath, after, fd)
 
 
 def file_digests(

@@ -8,6 +8,7 @@ ClientSession. It imports nothing of the server side: only leaves (`casd.digest`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -47,13 +48,18 @@ from casd.client.errors import (
 )
 from casd.client.hashing import (
     HASH_PIECE,
+    Buffer,
+    ByteBudget,
     ChunkSpan,
     DigestCache,
     FileDigests,
     MiB,
     as_chunking,
+    cached_digests,
     default_cache_dir,
     file_digests,
+    remember,
+    stream_digests,
 )
 from casd.client.values import (
     DownloadSummary,
@@ -97,6 +103,12 @@ IO_PIECE = 1 * MiB
 # Handshake -> send -> merge rounds before giving up when the server keeps losing the upload
 # (expired or aborted between requests) or reports chunks still missing at merge.
 MAX_ROUNDS = 3
+# A streamed upload (protocol v1.1) holds at most this many bytes of chunks read and hashed
+# but not yet sent or found stored (at least one chunk, whatever its size): the bound on the
+# queue between the hashing thread and the senders.
+STREAM_BUFFER = 64 * MiB
+# Digests one batch lists when the server does not say how many it takes.
+DEFAULT_MAX_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,9 @@ class CasdClient:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._session: aiohttp.ClientSession | None = None
         self._reached = False
+        # What GET /v1/capabilities said (None: not asked yet): streamed uploads, batch size.
+        self._stream_offer: bool | None = None
+        self._max_batch = DEFAULT_MAX_BATCH
 
     async def __aenter__(self) -> Self:
         return self
@@ -197,7 +212,7 @@ class CasdClient:
         path: str,
         *,
         json_body: Any = None,
-        body: Callable[[], AsyncIterator[bytes]] | None = None,
+        body: Callable[[], AsyncIterator[bytes | memoryview]] | None = None,
         content_length: int | None = None,
         what: str = "",
         want_answer: bool = True,
@@ -275,6 +290,17 @@ class CasdClient:
         ext = ext_of(name) if ext is None else ext
         cache = DigestCache(self.cache_dir or default_cache_dir()) if use_cache else None
         started = time.perf_counter()
+        # Digests the cache knows make a v1 handshake the quickest way; without them, a
+        # server that offers it gets the chunks while the file is still being hashed.
+        if await self._streams() and (
+            cache is None
+            or await asyncio.to_thread(cached_digests, path, chunking, algo, cache) is None
+        ):
+            streamed = await self._stream_upload(
+                path, chunking, algo, ext, name, concurrency, on_progress, cache, started
+            )
+            if streamed is not None:
+                return streamed
         fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
         hash_seconds = time.perf_counter() - started
         try:
@@ -308,6 +334,259 @@ class CasdClient:
             transfer_seconds=result.transfer_seconds,
             merge_seconds=result.merge_seconds,
             seconds=time.perf_counter() - started,
+        )
+
+    # --- streamed upload (protocol v1.1) ---
+
+    async def _streams(self) -> bool:
+        """Whether the server offers streamed uploads; asked once per client."""
+        if self._stream_offer is None:
+            try:
+                _, caps = await self._call("GET", "/v1/capabilities", what="capabilities")
+            except CasdHTTPError as exc:
+                if exc.status not in (404, 405):
+                    raise
+                caps = {}  # a v1 server
+            except CasdConnectionError:
+                # Unreachable for now: upload by v1, which hashes first and then reports
+                # the same error if the server is still away; ask again next time.
+                return False
+            self._stream_offer = caps.get("stream_uploads") is True
+            batch = caps.get("max_batch")
+            if isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1:
+                self._max_batch = batch
+        return self._stream_offer
+
+    async def _stream_upload(
+        self,
+        path: Path,
+        rule: Chunking,
+        algo: Algo,
+        ext: str,
+        name: str,
+        concurrency: int,
+        on_progress: ProgressCallback | None,
+        cache: DigestCache | None,
+        started: float,
+    ) -> UploadSummary | None:
+        """Open a streamed upload, list and send chunks as they are hashed, merge with the
+        file's digest. None when the server lost the upload (expired, aborted, gc'd chunks):
+        the caller then uploads by v1, as a rerun would."""
+        key = algo.value
+        try:
+            _, opened = await self._call(
+                "POST",
+                "/v1/uploads",
+                json_body={"algo": key, "ext": ext, "name": name},
+                what="open upload",
+            )
+        except CasdHTTPError as exc:
+            if exc.code != protocol.NOT_FOUND:
+                raise
+            self._stream_offer = None  # restarted without v1.1 since it was asked: ask again
+            return None
+        upload_id = _field(opened, "upload_id", str)
+        try:
+            return await self._stream_to(
+                upload_id, path, rule, algo, concurrency, on_progress, cache, started
+            )
+        except CasdHTTPError as exc:
+            if exc.code not in (protocol.NOT_FOUND, protocol.INCOMPLETE):
+                await self._forget_upload(upload_id)
+                raise
+            log.debug("streamed upload %s: %s; uploading by v1", upload_id, exc)
+            return None
+        except BaseException:
+            await self._forget_upload(upload_id)
+            raise
+
+    async def _forget_upload(self, upload_id: str) -> None:
+        """Abort an upload this client gives up on, so that it stops counting against the
+        pending budget; best effort (it expires anyway)."""
+
+        async def delete() -> None:
+            async with self._sess().delete(
+                f"{self.server}/v1/uploads/{upload_id}",
+                headers=self._headers(self.server),
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:
+                await resp.read()
+
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, asyncio.CancelledError):
+            await asyncio.shield(delete())
+
+    async def _stream_to(
+        self,
+        upload_id: str,
+        path: Path,
+        rule: Chunking,
+        algo: Algo,
+        concurrency: int,
+        on_progress: ProgressCallback | None,
+        cache: DigestCache | None,
+        started: float,
+    ) -> UploadSummary:
+        loop = asyncio.get_running_loop()
+        key = algo.value
+        budget = ByteBudget(STREAM_BUFFER)
+        stop = threading.Event()
+        ready: asyncio.Queue[tuple[ChunkSpan, Buffer] | None] = asyncio.Queue()
+        to_send: asyncio.Queue[tuple[ChunkSpan, Buffer] | None] = asyncio.Queue(concurrency)
+        realpath = os.path.realpath(path)
+        size = os.stat(realpath).st_size
+        sent: dict[str, int] = {}
+        hash_done: list[float] = []
+
+        def emit(span: ChunkSpan, data: Buffer) -> None:
+            loop.call_soon_threadsafe(ready.put_nowait, (span, data))
+
+        # Progress: "hashing" while the file is read (its chunks_done already counting the
+        # chunks acknowledged, since sending overlaps reading), then "uploading" for what is
+        # left to send once it is read: two phases in order, as for v1, never interleaved.
+        read = [0]
+        queued_bytes = [0]
+
+        def report() -> None:
+            if on_progress is None:
+                return
+            if not hash_done:
+                on_progress(Progress(Phase.HASHING, min(read[0], size), size, len(sent)))
+            else:
+                acked = sum(sent.values())
+                on_progress(Progress(Phase.UPLOADING, acked, queued_bytes[0], len(sent)))
+
+        def on_bytes(done: int) -> None:
+            read[0] = done
+            loop.call_soon_threadsafe(report)
+
+        def read_and_hash() -> tuple[FileDigests, os.stat_result, int]:
+            started_ns = time.time_ns()
+            try:
+                with open(realpath, "rb", buffering=0) as f:
+                    before = os.fstat(f.fileno())
+                    fd = stream_digests(f, before.st_size, rule, algo, emit, budget, on_bytes, stop)
+                hash_done.append(time.perf_counter())
+                loop.call_soon_threadsafe(report)  # the "uploading" phase begins
+                return fd, before, started_ns
+            finally:
+                loop.call_soon_threadsafe(ready.put_nowait, None)
+
+        async def list_batches() -> None:
+            start = 0
+            queued: set[str] = set()
+            ended = False
+            while not ended:
+                batch: list[tuple[ChunkSpan, Buffer]] = []
+                item = await ready.get()
+                while item is not None:
+                    batch.append(item)
+                    if len(batch) >= self._max_batch or ready.empty():
+                        break
+                    item = ready.get_nowait()
+                ended = item is None
+                if not batch:
+                    continue
+                missing = await self._list_batch(upload_id, key, start, batch)
+                start += len(batch)
+                for span, data in batch:
+                    if span.digest in missing and span.digest not in queued:
+                        queued.add(span.digest)
+                        queued_bytes[0] += span.size
+                        await to_send.put((span, data))
+                    else:
+                        budget.give(len(data))
+            for _ in range(concurrency):
+                await to_send.put(None)
+
+        async def send() -> None:
+            while (item := await to_send.get()) is not None:
+                span, data = item
+                try:
+                    await self._put_bytes(upload_id, span, data)
+                finally:
+                    budget.give(len(data))
+                sent[span.digest] = span.size
+                report()
+
+        hashing = asyncio.create_task(asyncio.to_thread(read_and_hash))
+        tasks = [asyncio.create_task(list_batches())]
+        tasks += [asyncio.create_task(send()) for _ in range(concurrency)]
+        try:
+            await asyncio.gather(hashing, *tasks)
+        except BaseException:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(hashing, *tasks, return_exceptions=True)
+            raise
+        fd, before, started_ns = hashing.result()
+        transfer_done = time.perf_counter()
+        _report(on_progress, Phase.MERGING, fd, done=True)
+        _, merged = await self._call(
+            "POST",
+            f"/v1/uploads/{upload_id}/merge",
+            json_body={"algo": key, key: fd.digest, "size": fd.size},
+            what="merge",
+        )
+        merge_seconds = time.perf_counter() - transfer_done
+        if cache is not None:
+            await asyncio.to_thread(remember, realpath, before, started_ns, fd, cache)
+        _report(on_progress, Phase.DONE, fd, done=True)
+        url = _url(merged)
+        return UploadSummary(
+            path=str(path),
+            digest=fd.digest,
+            algo=key,
+            size=fd.size,
+            url=self.server + url if url.startswith("/") else url,
+            chunks_total=len(fd.chunks),
+            chunks_sent=len(sent),
+            bytes_sent=sum(sent.values()),
+            chunks_skipped=len(fd.chunks) - len(sent),
+            bytes_skipped=fd.size - sum(sent.values()),
+            instant=False,  # known only to a handshake, which a streamed upload skips
+            cached=False,
+            hash_seconds=hash_done[0] - started,
+            transfer_seconds=transfer_done - started,
+            merge_seconds=merge_seconds,
+            seconds=time.perf_counter() - started,
+        )
+
+    async def _list_batch(
+        self, upload_id: str, key: str, start: int, batch: list[tuple[ChunkSpan, Buffer]]
+    ) -> set[str]:
+        """Add a batch of digests to a streamed upload; those the server lacks."""
+        body = {
+            "algo": key,
+            "start": start,
+            "chunks": [{key: span.digest, "size": span.size} for span, _ in batch],
+        }
+        try:
+            _, answer = await self._call(
+                "POST", f"/v1/uploads/{upload_id}/chunks", json_body=body, what="digest batch"
+            )
+        except CasdHTTPError as exc:
+            # A retry after an answer that was lost: the batch is in, what it lacks unknown.
+            # Sending every chunk of it is safe (the server drops those it holds).
+            if exc.code == protocol.OFFSET_MISMATCH and exc.body.get("count") == start + len(batch):
+                return {span.digest for span, _ in batch}
+            raise
+        known = {span.digest: span for span, _ in batch}
+        return set(_missing(answer, known))
+
+    async def _put_bytes(self, upload_id: str, span: ChunkSpan, data: Buffer) -> None:
+        async def pieces() -> AsyncIterator[memoryview]:
+            view = memoryview(data)
+            for i in range(0, len(view), IO_PIECE):
+                yield view[i : i + IO_PIECE]
+
+        await self._call(
+            "PUT",
+            f"/v1/uploads/{upload_id}/chunks/{span.digest}",
+            body=pieces,
+            content_length=span.size,
+            what=f"chunk at offset {span.offset}",
+            want_answer=False,
         )
 
     async def _file_digests(

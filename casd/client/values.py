@@ -30,7 +30,10 @@ class Progress:
 
     "hashing" counts bytes of the file hashed; "uploading" bytes and chunks acknowledged of
     those this round sends (from 0, even when there are none); "downloading" bytes of the file written. "handshake" reports 0
-    of the file's size and chunk count; "merging" and "done" report all of them.
+    of the file's size and chunk count; "merging" and "done" report all of them. A streamed
+    upload (protocol v1.1) has no "handshake": its "hashing" reports also count, in
+    chunks_done, the chunks acknowledged meanwhile, and its "uploading" reports the bytes
+    acknowledged of those it had to send.
     """
 
     phase: Phase

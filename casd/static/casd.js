@@ -1,6 +1,7 @@
 // casd browser client: hash a File in Web Workers, ask the server what it lacks, send only
-// that through a bounded queue, merge. The protocol is docs/PROTOCOL.md (v1); the Python
-// client (casd.client) follows the same defaults, retry rules and progress phases.
+// that through a bounded queue, merge. The protocol is docs/PROTOCOL.md: v1.1 (chunks
+// listed and sent while the file is still being hashed) when the server offers it, else
+// v1; the Python client (casd.client) follows the same defaults, retry rules and phases.
 //
 //   import { upload } from "/static/casd.js";
 //   const summary = await upload(file, { onProgress: (p) => console.log(p) });
@@ -139,7 +140,7 @@ function corsHint(root) {
   return there === here ? "" : ` (casd lets a page on ${here} call it only when started with --cors-origin ${here})`;
 }
 
-function runWorker(job, transfer, signal, onBytes) {
+function runWorker(job, transfer, signal, onBytes, onChunk) {
   return new Promise((resolve, reject) => {
     const worker = startWorker();
     const finish = (fn, value) => {
@@ -151,6 +152,7 @@ function runWorker(job, transfer, signal, onBytes) {
     signal?.addEventListener("abort", onAbort, { once: true });
     worker.onmessage = ({ data }) => {
       if (data.type === "progress") onBytes(data.bytes);
+      else if (data.type === "chunk") onChunk?.(data);
       else if (data.type === "done") finish(resolve, data);
       else finish(reject, new Error(`hashing failed: ${data.message}`));
     };
@@ -170,9 +172,11 @@ function runWorker(job, transfer, signal, onBytes) {
  * average, default 1 MiB), in the reading worker as the slices go by; "fixed" (the
  * default) cuts every `chunkSize` bytes (default 5 MiB).
  * Resolves to {algo, digest, size, chunking, chunkSize, chunks: [{index, offset, size, digest}]}.
+ * `onChunk({offset, size, digest})`, when given, is called for each chunk in file order as
+ * soon as its digest is known, long before the file's digest is.
  */
 export async function hashFile(file, {
-  chunking = "fixed", chunkSize, algo = "md5", workers, signal, onProgress,
+  chunking = "fixed", chunkSize, algo = "md5", workers, signal, onProgress, onChunk,
 } = {}) {
   checkAlgo(algo);
   chunkSize = checkChunking(chunking, chunkSize);
@@ -199,15 +203,16 @@ export async function hashFile(file, {
     stop.abort(err);
     throw err;
   });
+  const stream = onChunk !== undefined;
   let jobs;
   if (split) {
     const { port1, port2 } = new MessageChannel();
     jobs = [
       runWorker({ ...base, whole: true, chunks: false, forward: port1 }, [port1], stop.signal, report(0)),
-      runWorker({ algo, source: port2 }, [port2], stop.signal, report(1)),
+      runWorker({ algo, source: port2, stream }, [port2], stop.signal, report(1), onChunk),
     ];
   } else {
-    jobs = [runWorker({ ...base, whole: true, chunks: true }, [], stop.signal, report(0))];
+    jobs = [runWorker({ ...base, whole: true, chunks: true, stream }, [], stop.signal, report(0), onChunk)];
   }
   const settled = await Promise.allSettled(jobs.map(guarded));
   signal?.removeEventListener("abort", onAbort);
@@ -279,6 +284,25 @@ function errorFrom(status, text, retryAfter = null) {
     {}, parseRetryAfter(retryAfter));
 }
 
+// What GET /v1/capabilities answered, per server root; {} for a server that does not
+// have it (protocol v1) or could not be asked (the handshake then says what is wrong).
+const capabilitiesOf = new Map();
+
+async function capabilities(root, headers) {
+  if (!capabilitiesOf.has(root)) {
+    let caps = {};
+    try {
+      const response = await fetch(root + "/v1/capabilities", { headers });
+      if (response.ok) caps = await response.json();
+      else if (response.status !== 404 && response.status !== 405) return {};
+    } catch {
+      return {};
+    }
+    capabilitiesOf.set(root, caps);
+  }
+  return capabilitiesOf.get(root);
+}
+
 /**
  * Uploads `file` (a File or Blob) to casd and resolves to the summary
  * {digest, algo, size, url, chunks_total, chunks_sent, bytes_sent, chunks_skipped,
@@ -338,15 +362,14 @@ export async function upload(file, options = {}) {
   const clock = () => performance.now() / 1000;
   const started = clock();
   let mergeSeconds = 0;
-  const hashed = await hashFile(file, {
+  let hashSeconds = 0;
+  const hashOptions = {
     chunking, chunkSize, algo, signal, workers: hashWorkers,
     onProgress: (bytes) => {
       state.bytes_hashed = bytes;
       emit();
     },
-  });
-  state.chunks_total = hashed.chunks.length;
-  const hashSeconds = clock() - started;
+  };
 
   // One request with retries: network errors, 408, 429 and 5xx (507 included) are retried
   // with exponential backoff and full jitter, or after the server's Retry-After (capped as
@@ -421,22 +444,18 @@ export async function upload(file, options = {}) {
   }
 
   const digestKey = algo;
-  const handshakeBody = {
-    algo,
-    [digestKey]: hashed.digest,
-    size,
-    ext,
-    name,
-    chunks: hashed.chunks.map((c) => ({ [digestKey]: c.digest, size: c.size })),
-  };
-  const firstOf = new Map();
-  for (const c of hashed.chunks) if (!firstOf.has(c.digest)) firstOf.set(c.digest, c);
+  const firstOf = new Map(); // digest -> the first chunk of the file that has it
   const sentDigests = new Set();
 
   // Sends the chunks `missing` names, at most `concurrency` at a time. The first failure
   // stops the queue and aborts the requests still in flight.
   async function sendMissing(uploadId, missing) {
-    const queue = missing.map((d) => firstOf.get(d));
+    return sendChunks(uploadId, missing.map((d) => firstOf.get(d)));
+  }
+
+  // Sends the chunks of `queue` (an array that may still grow while it is sent, when
+  // `more` is a promise that settles once nothing more will be added).
+  async function sendChunks(uploadId, queue, more = null) {
     if (queue.some((c) => c === undefined)) {
       throw new CasdError(0, "protocol_error", "the server asked for a chunk that is not in this file");
     }
@@ -445,8 +464,22 @@ export async function upload(file, options = {}) {
     signal?.addEventListener("abort", onAbort, { once: true });
     const inFlight = new Map();
     let next = 0;
+    let ended = more === null;
+    const waiting = [];
+    const wake = () => waiting.splice(0).forEach((resolve) => resolve());
+    more?.finally(() => {
+      ended = true;
+      wake();
+    });
+    queue.grew = wake;
+    stop.signal.addEventListener("abort", wake, { once: true });
     async function worker() {
-      while (next < queue.length && !stop.signal.aborted) {
+      while (!stop.signal.aborted) {
+        if (next >= queue.length) {
+          if (ended) return;
+          await new Promise((resolve) => waiting.push(resolve));
+          continue;
+        }
         const chunk = queue[next++];
         const path = `/v1/uploads/${encodeURIComponent(uploadId)}/chunks/${chunk.digest}`;
         const blob = file.slice(chunk.offset, chunk.offset + chunk.size);
@@ -469,7 +502,8 @@ export async function upload(file, options = {}) {
       }
     }
     try {
-      await Promise.all(Array.from({ length: Math.min(concurrency, queue.length) }, async () => {
+      const workers = more === null ? Math.min(concurrency, queue.length) : concurrency;
+      await Promise.all(Array.from({ length: workers }, async () => {
         try {
           await worker();
         } catch (err) {
@@ -490,7 +524,7 @@ export async function upload(file, options = {}) {
     state.bytes_skipped = size - state.bytes_sent;
     emit();
     return {
-      digest: answer[digestKey] ?? hashed.digest,
+      digest: answer[digestKey],
       algo,
       size,
       url: absolute(answer.url),
@@ -507,6 +541,140 @@ export async function upload(file, options = {}) {
       seconds: clock() - started,
     };
   }
+
+  // Protocol v1.1: open the upload, list each batch of chunks as the workers hash them,
+  // send those the server lacks at once, give the file's digest at merge. Resolves to the
+  // summary, or to null when the server lost the upload (v1 then takes over, as a rerun).
+  async function streamUpload() {
+    let opened;
+    try {
+      opened = await postJson("/v1/uploads", { algo, ext, name });
+    } catch (err) {
+      // Restarted without v1.1 since it was asked: ask again next time, use v1 now.
+      if (!(err instanceof CasdError && err.code === "not_found")) throw err;
+      capabilitiesOf.delete(root);
+      return null;
+    }
+    const uploadId = opened.upload_id;
+    state.upload_id = uploadId;
+    const path = `/v1/uploads/${encodeURIComponent(uploadId)}`;
+    const listed = []; // chunks hashed, not yet listed
+    const toSend = [];
+    const queued = new Set();
+    let count = 0;
+    let batching = null; // the one batch request in flight
+    let failed = null;
+    const listBatches = async () => {
+      while (listed.length > 0 && failed === null) {
+        const batch = listed.splice(0, maxBatch);
+        let missing;
+        try {
+          const answer = await postJson(`${path}/chunks`, {
+            algo, start: count, chunks: batch.map((c) => ({ [digestKey]: c.digest, size: c.size })),
+          });
+          missing = new Set(answer.missing);
+        } catch (err) {
+          // An answer lost on the way: the batch is in; sending all of it is safe.
+          if (!(err instanceof CasdError && err.code === "offset_mismatch"
+            && err.body.count === count + batch.length)) throw err;
+          missing = new Set(batch.map((c) => c.digest));
+        }
+        count += batch.length;
+        for (const c of batch) {
+          if (missing.has(c.digest) && !queued.has(c.digest)) {
+            queued.add(c.digest);
+            toSend.push(c);
+          }
+        }
+        state.chunks_to_send = toSend.length;
+        toSend.grew?.();
+      }
+    };
+    const kick = () => {
+      batching ??= listBatches().catch((err) => {
+        failed ??= err;
+        stop.abort(err);
+      }).finally(() => {
+        batching = null;
+        if (listed.length > 0 && failed === null) kick();
+      });
+    };
+    const stop = new AbortController();
+    const onAbort = () => stop.abort(abortReason(signal));
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let index = 0;
+    const hashing = hashFile(file, {
+      ...hashOptions,
+      signal: stop.signal,
+      onChunk: ({ offset, size: n, digest }) => {
+        const chunk = { index: index++, offset, size: n, digest };
+        if (!firstOf.has(digest)) firstOf.set(digest, chunk);
+        listed.push(chunk);
+        state.chunks_total = index;
+        kick();
+      },
+    });
+    // Settles once every batch is listed: hashing done, then the last batch answered.
+    const allListed = hashing.then(async () => {
+      while (batching !== null) await batching;
+      if (failed !== null) throw failed;
+    });
+    let hashed;
+    try {
+      const sending = sendChunks(uploadId, toSend, allListed.catch(() => {}));
+      sending.catch((err) => stop.abort(err)); // a failed PUT stops the hashing too
+      hashed = await hashing;
+      hashSeconds = clock() - started;
+      state.chunks_total = hashed.chunks.length;
+      if (state.phase === "hashing") {
+        state.phase = "uploading";
+        emit();
+      }
+      await allListed;
+      await sending;
+    } catch (err) {
+      stop.abort(err);
+      signal?.removeEventListener("abort", onAbort);
+      const lost = err instanceof CasdError && (err.code === "not_found" || err.code === "incomplete");
+      if (lost && !signal?.aborted) return null;
+      // Give the upload back so it stops counting against this client's pending budget.
+      fetch(endpoint(path), { method: "DELETE", headers }).catch(() => {});
+      throw err;
+    }
+    signal?.removeEventListener("abort", onAbort);
+    state.phase = "merging";
+    emit();
+    const mergeStarted = clock();
+    try {
+      const merged = await postJson(`${path}/merge`, { algo, [digestKey]: hashed.digest, size });
+      mergeSeconds = clock() - mergeStarted;
+      return finish(merged, false);
+    } catch (err) {
+      if (err instanceof CasdError && (err.code === "not_found" || err.code === "incomplete")) return null;
+      throw err;
+    }
+  }
+
+  let maxBatch = 1024;
+  const caps = await capabilities(root, headers);
+  if (caps.stream_uploads === true) {
+    if (Number.isSafeInteger(caps.max_batch) && caps.max_batch >= 1) maxBatch = caps.max_batch;
+    const summary = await streamUpload();
+    if (summary !== null) return summary;
+  }
+
+  const hashed = await hashFile(file, hashOptions);
+  state.chunks_total = hashed.chunks.length;
+  hashSeconds = clock() - started;
+  for (const c of hashed.chunks) if (!firstOf.has(c.digest)) firstOf.set(c.digest, c);
+  const handshakeBody = {
+    algo,
+    [digestKey]: hashed.digest,
+    size,
+    ext,
+    name,
+    chunks: hashed.chunks.map((c) => ({ [digestKey]: c.digest, size: c.size })),
+  };
 
   for (let round = 1; ; round++) {
     state.phase = "handshake";

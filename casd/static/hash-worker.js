@@ -7,6 +7,9 @@
 //       digests. `chunking` "fastcdc" cuts chunks by content (fastcdc.js, `chunkSize` the
 //       average) as the slices go by; the default "fixed" cuts every `chunkSize` bytes.
 //   {algo, source}  hash the chunks whose slices arrive on the MessagePort `source`.
+// With `stream: true` in the job of the worker that hashes chunks, each chunk is also
+// announced as soon as its digest is known: {type: "chunk", offset, size, digest}, in file
+// order (protocol v1.1 lists chunks while the file is still being hashed).
 // Messages out: {type: "progress", bytes}  bytes hashed so far by this worker
 //               {type: "done", digest, chunks, ends}  whole-file digest, chunk digests in
 //                   file order (each null when not asked for), and with fastcdc the chunk
@@ -83,21 +86,27 @@ function hexOf(buffer) {
 
 // Feeds slices to a chunk hasher; collects one digest per chunk. A SHA-256 chunk that
 // arrives in one slice goes to WebCrypto when it is available.
-function chunkDigester(algo) {
+function chunkDigester(algo, stream = false) {
   const Hasher = hasherFor(algo);
   const native = algo === "sha256" && subtle !== undefined;
   const digests = [];
   let current = null;
+  let chunkStart = 0;
+  const done = (s, digest) => {
+    digests.push(digest);
+    if (stream) self.postMessage({ type: "chunk", offset: chunkStart, size: s.end - chunkStart, digest });
+  };
   return {
     digests,
     async feed(s, buf) {
+      if (s.first) chunkStart = s.start;
       if (native && s.first && s.last) {
-        digests.push(hexOf(await subtle.digest("SHA-256", buf)));
+        done(s, hexOf(await subtle.digest("SHA-256", buf)));
         return;
       }
       if (s.first) current = new Hasher();
       current.update(buf);
-      if (s.last) digests.push(current.hex());
+      if (s.last) done(s, current.hex());
     },
   };
 }
@@ -119,10 +128,10 @@ function acks(port) {
   };
 }
 
-async function readAndHash({ file, chunkSize, chunking = "fixed", algo, whole, chunks, forward }) {
+async function readAndHash({ file, chunkSize, chunking = "fixed", algo, whole, chunks, forward, stream }) {
   const Hasher = hasherFor(algo);
   const fileHasher = whole ? new Hasher() : null;
-  const chunker = chunks ? chunkDigester(algo) : null;
+  const chunker = chunks ? chunkDigester(algo, stream) : null;
   const takeCredit = forward ? acks(forward) : null;
   const cutter = chunking === "fastcdc" ? cdcPieces(file.size, chunkSize) : null;
   const plan = cutter ? plainSlices(file.size) : slices(file.size, chunkSize);
@@ -162,8 +171,8 @@ async function readAndHash({ file, chunkSize, chunking = "fixed", algo, whole, c
   };
 }
 
-function hashForwarded({ algo, source }) {
-  const chunker = chunkDigester(algo);
+function hashForwarded({ algo, source, stream }) {
+  const chunker = chunkDigester(algo, stream);
   // Slices are fed strictly in order, even though feed() may await WebCrypto.
   let queue = Promise.resolve();
   return new Promise((resolve, reject) => {
