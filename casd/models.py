@@ -70,6 +70,17 @@ class Upload:
     name: str
     state: UploadState
     expires_at: float
+    tenant: str = ""  # who may see it in tenant mode; "" without tenants
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Whose view a request has in tenant mode (docs/tenants.md): the files it owns, the
+    chunks it proved it holds, its uploads; and the byte quota its handshakes are held to
+    (None: no quota). Single-tenant mode passes no Tenant at all."""
+
+    name: str
+    quota: int | None = None
 
 
 @dataclass(frozen=True)
