@@ -78,8 +78,7 @@ CONNECT_TIMEOUT = 5.0
 _RETRIES = 5  # deadlocks (two gc processes) and serialization failures
 
 _UPLOAD_COLUMNS = (
-    "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at,"
-    " u.tenant"
+    "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at, u.tenant"
 )
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
 # A file as one tenant sees it: the shared row, under the name and ext that tenant gave it.
@@ -120,9 +119,7 @@ _CLASH = (
     " JOIN chunks c ON c.digest = mc.digest"
     " WHERE mc.manifest_id = $1 AND c.state = $2 AND c.size <> mc.size"
 )
-_PROVED = (
-    " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = $3 AND t.digest = mc.digest)"
-)
+_PROVED = " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = $3 AND t.digest = mc.digest)"
 _PENDING_ENTRIES = (
     "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u"
     " JOIN manifests m ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > $1"
@@ -561,8 +558,7 @@ class PostgresCatalog:
     async def prove_chunk(self, tenant: str, digest: Digest) -> bool:
         async def prove(con):
             status = await con.execute(
-                "INSERT INTO tenant_chunks (tenant, digest) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING",
+                "INSERT INTO tenant_chunks (tenant, digest) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 tenant,
                 digest.hex,
             )
@@ -702,9 +698,7 @@ class PostgresCatalog:
                     DELETING,
                 )
                 # Nothing relied on these chunks; their proofs go with them.
-                await con.execute(
-                    "DELETE FROM tenant_chunks WHERE digest = ANY($1::text[])", gone
-                )
+                await con.execute("DELETE FROM tenant_chunks WHERE digest = ANY($1::text[])", gone)
             return rows
 
         return await self._run(retire)
@@ -881,8 +875,7 @@ class PostgresCatalog:
     async def tenant_usage(self, now: float) -> dict[str, TenantUsage]:
         async def usage(con):
             owned = await con.fetch(
-                "SELECT tenant, count(*), coalesce(sum(size), 0) FROM tenant_files"
-                " GROUP BY tenant"
+                "SELECT tenant, count(*), coalesce(sum(size), 0) FROM tenant_files GROUP BY tenant"
             )
             pending = await con.fetch(
                 "SELECT u.tenant, count(*), coalesce(sum(m.size), 0) FROM uploads u"

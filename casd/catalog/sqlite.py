@@ -62,8 +62,7 @@ BUSY_TIMEOUT_MS = 60_000
 BULK_ENTRIES = 4096
 
 _UPLOAD_COLUMNS = (
-    "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at,"
-    " u.tenant"
+    "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at, u.tenant"
 )
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
 # A file as one tenant sees it: the shared row, under the name and ext that tenant gave it.
@@ -733,9 +732,7 @@ _CLASH = (
     " JOIN chunks c ON c.digest = mc.digest"
     " WHERE mc.manifest_id = ? AND c.state = ? AND c.size <> mc.size"
 )
-_PROVED = (
-    " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
-)
+_PROVED = " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
 
 
 def _tenant_usage(con: sqlite3.Connection, tenant: str, now: float) -> tuple[int, int]:
