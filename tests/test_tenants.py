@@ -174,9 +174,9 @@ async def test_a_tenant_sees_its_own_name_and_a_chunk_it_proved_is_not_missing(t
     pa = prepare(shared + rand(CHUNK), CHUNK, name="a.bin")
     pb = prepare(shared + rand(CHUNK), CHUNK, name="b.bin")
     await t.upload("alice", pa)
-    status, hs = await t.call("bob", "POST", "/v1/handshake", json=pb.handshake)
+    _, hs = await t.call("bob", "POST", "/v1/handshake", json=pb.handshake)
     assert hs["missing"] == pb.order  # the shared chunk too: bob never sent it
-    status, hs = await t.call("alice", "POST", "/v1/handshake", json=pb.handshake)
+    _, hs = await t.call("alice", "POST", "/v1/handshake", json=pb.handshake)
     assert hs["missing"] == pb.order[1:]  # alice holds the shared chunk
     # The same bytes under bob's own name: the first uploader's name never shows.
     pa_bob = prepare(pa.data, CHUNK, name="mine.bin")
@@ -384,7 +384,7 @@ def test_token_add_ls_rm_through_the_cli(tmp_path, capsys):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert token not in path.read_text()  # only its hash is kept
     assert TokenTable.read(path).lookup(token).quota == 2 << 30
-    assert cli.main(args[:-1] + ["read"]) == 0
+    assert cli.main([*args[:-1], "read"]) == 0
     capsys.readouterr()
     assert cli.main(["token", "ls", "--tokens", str(path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -425,7 +425,11 @@ async def test_stats_ls_rm_per_tenant(t, capsys):
     code, out = await asyncio.to_thread(run, "stats", "--json")
     s = json.loads(out)
     assert s["physical_bytes"] == len(p.data)
-    assert s["tenants"]["alice"]["logical_bytes"] == s["tenants"]["bob"]["logical_bytes"] == len(p.data)
+    assert (
+        s["tenants"]["alice"]["logical_bytes"]
+        == s["tenants"]["bob"]["logical_bytes"]
+        == len(p.data)
+    )
     assert s["tenant_logical_bytes"] == 2 * len(p.data)
     assert s["saved_bytes"] == len(p.data)
     code, out = await asyncio.to_thread(run, "stats")
@@ -471,7 +475,17 @@ async def test_the_cli_prints_one_line_for_401_403_and_quota(t, tmp_path, capsys
 
 def _serve(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "casd", "serve", "--data", str(tmp_path / "d"), "--port", "0", *args],
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "serve",
+            "--data",
+            str(tmp_path / "d"),
+            "--port",
+            "0",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -507,8 +521,19 @@ async def test_sighup_reloads_the_token_file_of_a_running_daemon(daemon_factory,
         assert await status(tokens["alice"]) == 200
         code = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "casd", "token", "add", "--tokens", str(path)]
-            + ["--tenant", "erin", "--role", "read"],
+            [
+                sys.executable,
+                "-m",
+                "casd",
+                "token",
+                "add",
+                "--tokens",
+                str(path),
+                "--tenant",
+                "erin",
+                "--role",
+                "read",
+            ],
             capture_output=True,
             text=True,
         )
