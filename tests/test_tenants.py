@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -549,3 +550,47 @@ async def test_sighup_reloads_the_token_file_of_a_running_daemon(daemon_factory,
         assert await status(erin) == 200
         assert erin not in d.log_path.read_text()
         assert tokens["alice"] not in d.log_path.read_text()
+
+
+async def test_racing_quota_checks_on_postgresql_are_serialized(postgres_url):
+    """Two daemons' handshakes for one tenant, each past its usage read before either has
+    written: held at their first insert by a table lock, they must still take the quota
+    once. The test waits (bounded) until both are blocked in the database, then lets go."""
+    import asyncpg
+
+    from casd.catalog import open_catalog
+    from casd.digest import Algo, Digest
+    from casd.models import ChunkRef, Manifest, Tenant
+
+    def m(tag: str) -> Manifest:
+        d = Digest(Algo("md5"), hashlib.md5(tag.encode()).hexdigest())
+        return Manifest(d, 3, (ChunkRef(hashlib.md5(tag.encode() + b"c").hexdigest(), 3),))
+
+    q = Tenant("q", quota=5)
+    one, two = await open_catalog(postgres_url), await open_catalog(postgres_url)
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("LOCK TABLE manifests IN EXCLUSIVE MODE")
+        races = [
+            asyncio.ensure_future(c.begin_upload(m(tag), "k", 1.0, 1e12, tag * 32, tenant=q))
+            for c, tag in ((one, "a"), (two, "b"))
+        ]
+        waiting = 0
+        for _ in range(400):  # both blocked in the database, within 20 s
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+            if waiting >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting >= 2
+        await tx.rollback()
+        results = await asyncio.gather(*races, return_exceptions=True)
+        assert sorted(type(r).__name__ for r in results) == ["QuotaExceeded", "tuple"], results
+    finally:
+        await holder.close()
+        await one.close()
+        await two.close()
