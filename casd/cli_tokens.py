@@ -102,9 +102,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    for r in rows:
-        quota = "-" if r["quota"] is None else str(r["quota"])
-        print(f"{r['hash_prefix']}  {safe_text(r['tenant']):<20} {r['role']:<7} {quota}")
+    for e in table.entries:
+        quota = "-" if e.quota is None else str(e.quota)
+        print(f"{e.hash[:SHOWN_HASH]}  {safe_text(e.tenant):<20} {e.role.value:<7} {quota}")
     return 0
 
 
