@@ -474,6 +474,20 @@ async def test_the_cli_prints_one_line_for_401_403_and_quota(t, tmp_path, capsys
         assert code != 0 and len(lines) == 1, err
         assert says in lines[0] and "Traceback" not in err
         assert token not in err
+    # Downloads: a wrong token, and another tenant's file (as absent as any other).
+    p = prepare(rand(CHUNK), CHUNK)
+    await t.upload("alice", p)
+
+    def download(token: str) -> tuple[int, str]:
+        argv = ["download", "--server", base, "--token", token, "-o", str(tmp_path), p.digest]
+        code = cli.main(argv)
+        return code, capsys.readouterr().err
+
+    for token, says in (("wrong", "unauthorized"), (t.tokens["bob"], "not_found")):
+        code, err = await asyncio.to_thread(download, token)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code != 0 and len(lines) == 1 and says in lines[0], err
+    assert (await asyncio.to_thread(download, t.tokens["reader"]))[0] == 0
 
 
 # ---- the real daemon: start-up refusals and SIGHUP --------------------------------------
