@@ -247,8 +247,10 @@ async def test_each_role_on_each_endpoint(t):
     expected = [200, 200, 201, 200, 404, 204]  # merge done: abort finds no pending upload
     for (method, path, kw), want in zip(writes, expected, strict=True):
         assert (await t.call("alice", method, path, **kw))[0] == want, (method, path)
-    # What is not /v1 needs no token, as without tenants.
+    # What is not /v1 needs no token, as without tenants; /metrics (every tenant's totals)
+    # opens only to --metrics-token, which this daemon has not.
     assert (await t.client.get("/healthz")).status == 200
+    assert (await t.client.get("/metrics", headers=t.h("ops"))).status == 401
 
 
 async def test_admin_reads_and_deletes_every_tenants_files(t):
