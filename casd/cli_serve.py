@@ -32,7 +32,7 @@ from casd.server import (
     connection_ceiling,
     raise_fd_limit,
 )
-from casd.tenants import TokenFileError
+from casd.tenants import TokenFileError, TokenTable
 from casd.web import TOKENS, create_app
 
 log = logging.getLogger("casd")
@@ -399,6 +399,11 @@ def effective(settings: Settings, args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if settings.tokens is not None:
+        try:
+            TokenTable.read(settings.tokens)  # --check-config catches a broken file too
+        except TokenFileError as exc:
+            raise CliError(str(exc), 2) from None
     if args.check_config:
         print(effective(settings, args))
         return 0

@@ -521,6 +521,8 @@ def test_serve_refuses_a_bad_token_file_or_tokens_beside_token(tmp_path):
     r = _serve("--tokens", str(path), tmp_path=tmp_path)
     assert r.returncode == 2 and "line 2" in r.stderr and "role" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = _serve("--tokens", str(path), "--check-config", tmp_path=tmp_path)
+    assert r.returncode == 2 and "line 2" in r.stderr
     write_tokens(path := tmp_path / "good")
     r = _serve("--tokens", str(path), "--token", "t", tmp_path=tmp_path)
     assert r.returncode == 2 and "--tokens" in r.stderr and "--token" in r.stderr
