@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -617,3 +618,28 @@ async def test_racing_quota_checks_on_postgresql_are_serialized(postgres_url):
         await holder.close()
         await one.close()
         await two.close()
+
+
+def test_the_upload_page_says_what_to_do_after_401_403_and_quota():
+    """casd.js carries the server's code and message (shown as `code: message`); the line
+    under it says what would help. Checked with node on the page's own module."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("node is needed for this check in CI")
+        pytest.skip("node is not installed")
+    hints = Path(__file__).parent.parent / "casd" / "static" / "hints.js"
+    script = (
+        f"import {{ failureHint }} from {json.dumps(hints.as_uri())};"
+        " for (const c of ['unauthorized', 'forbidden', 'quota_exceeded', 'network_error'])"
+        " console.log(c + '=' + failureHint(c));"
+    )
+    out = subprocess.run(
+        [node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    said = dict(line.split("=", 1) for line in out.stdout.splitlines())
+    assert "token" in said["unauthorized"]
+    assert "upload role" in said["forbidden"]
+    assert "quota" in said["quota_exceeded"] and "delete" in said["quota_exceeded"]
+    assert "retry" in said["network_error"]
