@@ -559,8 +559,9 @@ async def put_chunk(request: web.Request) -> web.Response:
 async def merge(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request)
     hooks = request.app[HOOKS]
-    events = hooks.completed_events(upload_id)
-    entry = await request.app[SERVICE].merge(upload_id, events, uploader_of(request))
+    tenant = uploader_of(request)
+    events = hooks.completed_events(upload_id, tenant.name if tenant is not None else None)
+    entry = await request.app[SERVICE].merge(upload_id, events, tenant)
     hooks.committed(events, upload_id)
     return web.json_response(_complete(entry.digest, entry.size, entry.ext))
 
@@ -858,8 +859,9 @@ async def get_file_chunks(request: web.Request) -> web.StreamResponse:
 async def delete_file(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "file digest")
     hooks = request.app[HOOKS]
-    events = hooks.deleted_events()
-    await request.app[SERVICE].delete_file(digest, events, reader_of(request))
+    reader = reader_of(request)
+    events = hooks.deleted_events(reader)
+    await request.app[SERVICE].delete_file(digest, events, reader)
     hooks.committed(events)
     return web.Response(status=204)
 

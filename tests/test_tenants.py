@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -643,3 +644,25 @@ def test_the_upload_page_says_what_to_do_after_401_403_and_quota():
     assert "upload role" in said["forbidden"]
     assert "quota" in said["quota_exceeded"] and "delete" in said["quota_exceeded"]
     assert "retry" in said["network_error"]
+
+
+async def test_webhook_events_name_the_tenant(aiohttp_client, settings, tmp_path):
+    # Nothing listens on the receiver's port: events stay queued in the catalogue, readable.
+    s = dataclasses.replace(settings, hook_urls=("http://127.0.0.1:9/hook",))
+    t = await _tenants(aiohttp_client, s, tmp_path)
+    p = prepare(rand(CHUNK), CHUNK)
+    await t.upload("alice", p)
+    await t.upload("bob", prepare(p.data, CHUNK))
+    assert (await t.call("alice", "DELETE", f"/v1/files/{p.digest}"))[0] == 204
+    assert (await t.call("ops", "DELETE", f"/v1/files/{p.digest}"))[0] == 204
+    con = sqlite3.connect(s.data_dir / "catalog.sqlite")
+    try:
+        rows = [json.loads(r[0]) for r in con.execute("SELECT body FROM hook_events ORDER BY id")]
+    finally:
+        con.close()
+    assert [(e["event"], e["data"].get("tenant")) for e in rows] == [
+        ("file.completed", "alice"),
+        ("file.completed", "bob"),
+        ("file.deleted", "alice"),
+        ("file.deleted", None),
+    ]
