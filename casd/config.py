@@ -130,8 +130,8 @@ class Settings:
                 raise ValueError(f"{name} must be a whole number, at least 1")
         if self.tokens is not None and (self.token is not None or self.admin_token is not None):
             raise ValueError(
-                "tokens (tenant mode) cannot be used with token or admin_token: give every"
-                " token its line in the token file instead"
+                "tokens (tenant mode) cannot be used with token or admin_token: in tenant"
+                " mode the file gives each tenant its own, with a role (casd token add)"
             )
         if self.max_pending_chunks_per_client > self.max_pending_chunks:
             raise ValueError("max_pending_chunks_per_client cannot exceed max_pending_chunks")
