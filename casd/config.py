@@ -131,7 +131,7 @@ class Settings:
         if self.tokens is not None and (self.token is not None or self.admin_token is not None):
             raise ValueError(
                 "tokens (tenant mode) cannot be used with token or admin_token: in tenant"
-                " mode the file gives each tenant its own, with a role"
+                " mode every key is a line of that file, with its tenant and role"
             )
         if self.max_pending_chunks_per_client > self.max_pending_chunks:
             raise ValueError("max_pending_chunks_per_client cannot exceed max_pending_chunks")
