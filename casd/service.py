@@ -315,13 +315,13 @@ class Service:
         self.check_algo(m.digest)
         self.check_manifest(m)
         existing = await self.catalog.get_file(m.digest, _name(tenant))
-        if (
-            existing is not None
-            and existing.size == m.size
+        if existing is not None and existing.size == m.size:
             # A file that uses a quarantined chunk is damaged: upload it again to heal it.
-            and not await self.catalog.damaged(existing.manifest_id)
-        ):
-            return HandshakeComplete(m.digest, m.size, m.ext)
+            if not await self.catalog.damaged(existing.manifest_id):
+                return HandshakeComplete(m.digest, m.size, m.ext)
+            if tenant is not None:
+                # Healing a file it owns adds nothing to what the tenant holds.
+                tenant = dataclasses.replace(tenant, quota=None)
         await self._admit_upload()
         now = self.clock()
         upload, missing = await self.catalog.begin_upload(

@@ -666,3 +666,24 @@ async def test_webhook_events_name_the_tenant(aiohttp_client, settings, tmp_path
         ("file.deleted", "alice"),
         ("file.deleted", None),
     ]
+
+
+async def test_a_tenant_at_its_quota_can_still_heal_a_file_it_owns(t):
+    p = prepare(rand(200 * KiB), CHUNK)
+    await t.upload("carol", p)
+    bad = p.order[1]
+    (blob,) = [b for b in blob_files(t.settings.data_dir) if b.name == bad]
+    blob.write_bytes(b"rot" + blob.read_bytes()[3:])
+    m = await Maintenance.open(t.settings)
+    try:
+        await m.fsck(deep=True, repair=True)
+    finally:
+        await m.close()
+    # 200 KiB owned, 300 KiB quota: a new 200 KiB file would not fit, healing this one does.
+    status, hs = await t.call("carol", "POST", "/v1/handshake", json=p.handshake)
+    assert status == 200 and hs["missing"] == [bad], hs
+    status, _ = await t.call(
+        "carol", "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{bad}", data=p.chunks[bad]
+    )
+    assert (await t.call("carol", "POST", f"/v1/uploads/{hs['upload_id']}/merge"))[0] == 200
+    assert await t.call("carol", "GET", f"/v1/files/{p.digest}") == (200, p.data)
