@@ -532,7 +532,7 @@ class PostgresCatalog:
                 ):
                     await _queue_events(con, events, entry)
                     return True  # another tenant still owns it: the file stays
-            await con.execute("DELETE FROM tenant_files WHERE digest = $1", digest.hex)
+            # The file row first, then its owners: a tenant's merge locks them in that order.
             row = await con.fetchrow(
                 "DELETE FROM files f WHERE f.digest = $1 AND f.algo = $2"
                 f" RETURNING {_FILE_COLUMNS}",
@@ -541,6 +541,7 @@ class PostgresCatalog:
             )
             if row is None:
                 return False
+            await con.execute("DELETE FROM tenant_files WHERE digest = $1", digest.hex)
             if tenant is None:
                 entry = _file(row)
             mid = entry.manifest_id
