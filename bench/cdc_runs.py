@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
+import io
 import os
+import random
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
+import xxhash
 
 from bench import procs
 from bench.casd_runs import FULL, QUICK, Sizes, write_random_file
 from bench.limits import MiB, mb_s
 from bench.log import log
-from casd.chunking import DEFAULT_FASTCDC_AVG, Chunking, iter_chunks
+from casd.chunking import DEFAULT_FASTCDC_AVG, Chunking, chunk_spans, iter_chunks
 from casd.client import CasdClient
+from casd.protocol import format_bytes
 
 KiB = 1024
 # The rules a fresh upload is compared under: casd's fixed default and three FastCDC
@@ -90,11 +96,27 @@ def _copy_with_prefix(src: Path, dest: Path, prefix: bytes) -> None:
         shutil.copyfileobj(fin, fout, 16 * MiB)
 
 
-def _touched(path: Path, rule: Chunking, start: int, end: int) -> int:
-    """How many chunks of the file overlap bytes [start, end)."""
-    from casd.chunking import chunk_spans
+def edit_counts(
+    old: list[tuple[int, int]], new: list[tuple[int, int]], start: int, end: int
+) -> tuple[int, int, int]:
+    """(overlap, touched, after) for an overwrite of bytes [start, end) that kept the size.
 
-    return sum(1 for o, n in chunk_spans(path, rule) if o < end and o + n > start)
+    `old` and `new` are the (offset, size) spans of the file before and after. *Overlap*:
+    the new chunks holding some of the new bytes. *Touched*: the new chunks whose bytes or
+    boundaries the edit changed, the ones any client cutting this way must send: the
+    overlapping ones, and those outside the region (old bytes) whose span is no span of the
+    old file. *After*: the touched chunks wholly after the region.
+    """
+    spans = set(old)
+    overlap = touched = after = 0
+    for o, n in new:
+        if o < end and o + n > start:
+            overlap += 1
+            touched += 1
+        elif (o, n) not in spans:
+            touched += 1
+            after += o >= end
+    return overlap, touched, after
 
 
 async def edits_and_downloads(work: Path, big: Path, sizes: Sizes, rounds: int) -> dict:
@@ -119,7 +141,18 @@ async def edits_and_downloads(work: Path, big: Path, sizes: Sizes, rounds: int) 
             "overwrite_changed": region,
             "overwrite_sent": s1.bytes_sent,
             "overwrite_chunks_sent": s1.chunks_sent,
-            "overwrite_touched": _touched(overwritten, rule, offset, offset + region),
+            **dict(
+                zip(
+                    ("overwrite_overlap", "overwrite_touched", "overwrite_after"),
+                    edit_counts(
+                        list(chunk_spans(big, rule)),
+                        list(chunk_spans(overwritten, rule)),
+                        offset,
+                        offset + region,
+                    ),
+                    strict=True,
+                )
+            ),
             "insert_sent": s2.bytes_sent,
             "insert_chunks_sent": s2.chunks_sent,
             "others_cores": watch.others_cores,
@@ -227,8 +260,6 @@ def chunking_throughput(nbytes: int) -> dict:
     """MB/s of the FastCDC cut (pyfastcdc, default average) and MD5 over the same buffer."""
     buf = os.urandom(nbytes)
     rule = Chunking.fastcdc(DEFAULT_FASTCDC_AVG)
-    import io
-
     cut = md5 = float("inf")
     for _ in range(2):
         t = time.perf_counter()
@@ -243,6 +274,83 @@ def chunking_throughput(nbytes: int) -> dict:
         "fastcdc_mb_s": mb_s(nbytes, cut),
         "md5_mb_s": mb_s(nbytes, md5),
     }
+
+
+def overwrite_study(seeds: int, file_bytes: int, region: int, avg: int) -> dict:
+    """B3c offline, over many random files: the chunks FastCDC makes a client send after
+    `region` bytes are overwritten at a random offset (casd.chunking alone, no daemon).
+
+    For each seed: a random file, a random offset, random new bytes. "Sent" counts the new
+    file's chunks whose digest (xxh3-128 here) no chunk of the old file has, which is what a
+    server that holds the old file asks for; it is compared with `edit_counts`.
+    """
+    rule = Chunking.fastcdc(avg)
+    runs = []
+    for seed in range(seeds):
+        r = random.Random(seed)
+        old = bytearray(r.randbytes(file_bytes))
+        start = r.randrange(file_bytes - region + 1)
+        new = bytearray(old)
+        new[start : start + region] = r.randbytes(region)
+        old_spans = list(chunk_spans(io.BytesIO(old), rule))
+        new_spans = list(chunk_spans(io.BytesIO(new), rule))
+        held = {xxhash.xxh3_128_digest(memoryview(old)[o : o + n]) for o, n in old_spans}
+        view = memoryview(new)
+        sent = [(o, n) for o, n in new_spans if xxhash.xxh3_128_digest(view[o : o + n]) not in held]
+        overlap, touched, after = edit_counts(old_spans, new_spans, start, start + region)
+        overlap_bytes = sum(n for o, n in new_spans if o < start + region and o + n > start)
+        runs.append(
+            {
+                "seed": seed,
+                "sent": len(sent),
+                "sent_bytes": sum(n for _, n in sent),
+                "overlap": overlap,
+                "overlap_bytes": overlap_bytes,
+                "touched": touched,
+                "after": after,
+                "before": sum(1 for o, n in sent if o + n <= start),
+            }
+        )
+    return {"seeds": seeds, "file_bytes": file_bytes, "region": region, "avg": avg, "runs": runs}
+
+
+def study_summary(study: dict) -> str:
+    """The distribution of overwrite_study's counts, as a few lines of text."""
+    runs = study["runs"]
+    n = len(runs)
+    after = collections.Counter(r["after"] for r in runs)
+    extra_mib = [(r["sent_bytes"] - r["overlap_bytes"]) / MiB for r in runs]
+    sent_mib = [r["sent_bytes"] / MiB for r in runs]
+    lines = [
+        f"{n} seeds, {format_bytes(study['file_bytes'])} random file, "
+        f"{format_bytes(study['region'])} overwritten at a random offset, FastCDC 2020 "
+        f"average {format_bytes(study['avg'])}",
+        "chunks touched after the region: "
+        + ", ".join(f"{k}: {after[k]} ({after[k] / n:.0%})" for k in sorted(after)),
+        f"mean chunks: sent {statistics.mean(r['sent'] for r in runs):.2f}, overlapping the "
+        f"region {statistics.mean(r['overlap'] for r in runs):.2f}, touched "
+        f"{statistics.mean(r['touched'] for r in runs):.2f}, after the region "
+        f"{statistics.mean(r['after'] for r in runs):.2f}",
+        f"sent == touched in {sum(r['sent'] == r['touched'] for r in runs)} of {n}; "
+        f"sent <= overlapping in {sum(r['sent'] <= r['overlap'] for r in runs)} of {n}; "
+        f"touched before the region in {sum(r['before'] > 0 for r in runs)} of {n}",
+        f"MiB sent: mean {statistics.mean(sent_mib):.2f}, median "
+        f"{statistics.median(sent_mib):.2f}, max {max(sent_mib):.2f}; beyond the overlapping "
+        f"chunks: mean {statistics.mean(extra_mib):.2f}, 90th percentile "
+        f"{statistics.quantiles(extra_mib, n=10, method='inclusive')[-1]:.2f}, max "
+        f"{max(extra_mib):.2f}",
+    ]
+    return "\n".join(lines)
+
+
+async def b8_alone(work: Path, big: Path, sizes: Sizes, rounds: int) -> dict:
+    """B8 by itself: the big file uploaded in fixed 5 MiB chunks, then downloaded both ways."""
+    data = work / "cdc-b8-data"
+    with procs.casd_daemon(data, work / "daemon-cdc-b8.log") as daemon:
+        up = await _upload(daemon.url, big, Chunking.fixed(5 * MiB), sizes, work / "cdc-cache")
+        out = await _b8(daemon, up.url, big, work, rounds)
+    shutil.rmtree(data, ignore_errors=True)
+    return out
 
 
 async def measure(work: Path, big: Path, sizes: Sizes, rounds: int) -> dict:
@@ -262,15 +370,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a 64 MiB file instead of 1 GiB")
     p.add_argument("--rounds", type=int, default=2, help="best of this many (default 2)")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the temp dir")
+    p.add_argument(
+        "--b8", action="store_true", help="only B8 (verified download against a plain GET)"
+    )
+    p.add_argument(
+        "--overwrite-study",
+        type=int,
+        metavar="SEEDS",
+        default=0,
+        help="only the offline B3c study: this many random 64 MiB files, 5 MiB overwritten",
+    )
     args = p.parse_args(argv)
+    if args.overwrite_study:
+        for avg in (DEFAULT_FASTCDC_AVG, 512 * KiB):
+            study = overwrite_study(args.overwrite_study, 64 * MiB, 5 * MiB, avg)
+            print(study_summary(study), end="\n\n", flush=True)
+        return 0
     sizes = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="casd-bench-cdc-", dir=args.tmp))
     try:
         big = work / "big.bin"
         write_random_file(big, sizes.file_bytes)
-        results = asyncio.run(measure(work, big, sizes, args.rounds))
+        if args.b8:
+            b8 = asyncio.run(b8_alone(work, big, sizes, args.rounds))
+        else:
+            results = asyncio.run(measure(work, big, sizes, args.rounds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.b8:
+        ratio = b8["client_mb_s"] / b8["plain_mb_s"]
+        print(
+            f"B8: verified client download {b8['client_mb_s']:.0f} MB/s, plain GET to disk +"
+            f" fsync {b8['plain_mb_s']:.0f} MB/s, ratio {ratio:.2f} (target >= 0.8);"
+            f" others used {b8['others_cores']:.2f} cores"
+        )
+        return 0
     print(report.render(report.cdc_rows(sizes, results)))
     return 0
 

@@ -20,9 +20,10 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Server:
     """A child process that logs "serving http://127.0.0.1:PORT" once it listens."""
 
-    def __init__(self, cmd: list[str], log_path: Path):
+    def __init__(self, cmd: list[str], log_path: Path, cwd: Path | None = None):
         self.cmd = cmd
         self.log_path = log_path
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -30,7 +31,9 @@ class Server:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as log:
             start_offset = log.tell()
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with open(self.log_path, "rb") as log:
@@ -71,8 +74,12 @@ class Server:
         self.stop()
 
 
-def casd_daemon(data_dir: Path, log_path: Path, *extra: str) -> Server:
-    """`casd serve` on a free 127.0.0.1 port with its own data folder, as a user starts it."""
+def casd_daemon(data_dir: Path, log_path: Path, *extra: str, root: Path | None = None) -> Server:
+    """`casd serve` on a free 127.0.0.1 port with its own data folder, as a user starts it.
+
+    `root`: a source tree to run the daemon from (`python -m` imports casd from the working
+    folder), to measure another commit's daemon with this benchmark; default the current one.
+    """
     return Server(
         [
             sys.executable,
@@ -88,6 +95,7 @@ def casd_daemon(data_dir: Path, log_path: Path, *extra: str) -> Server:
             *extra,
         ],
         log_path,
+        cwd=root,
     )
 
 

@@ -441,16 +441,17 @@ def cdc_rows(sizes: Sizes, r: dict) -> list[Row]:
             f"FastCDC {avg}: {_size(b3['overwrite_changed'])} overwritten mid-file: chunks sent",
             f"{b3['overwrite_chunks_sent']} of {b3['chunks_total']} "
             f"({_size(b3['overwrite_sent'])})",
-            f"{b3['overwrite_touched']} chunks touch the region",
+            f"{b3['overwrite_touched']} touched (bytes or boundaries changed), of which "
+            f"{b3['overwrite_overlap']} overlap the region and {b3['overwrite_after']} follow it",
             "—",
             "≤ the chunks it touches",
             _verdict(
                 b3["overwrite_chunks_sent"] <= b3["overwrite_touched"],
                 ""
-                if b3["overwrite_chunks_sent"] <= b3["overwrite_touched"]
+                if b3["overwrite_after"] == 0
                 else "FastCDC's cuts fall back in step with the old ones only some "
-                "chunks after an edit (its mask depends on the distance from "
-                "the chunk's start), so chunks after the region change too",
+                "chunks after an edit, so chunks after the region are touched too "
+                "(docs/chunking.md)",
             ),
         )
     )
@@ -470,7 +471,8 @@ def cdc_rows(sizes: Sizes, r: dict) -> list[Row]:
     rows.append(
         Row(
             "B8",
-            f"verified client download of {_size(size)} (5 MiB chunks by Range, each verified)",
+            f"verified client download of {_size(size)} (5 MiB chunks, fetched in runs by "
+            "Range, each chunk verified)",
             f"{b8['client_mb_s']:.0f} MB/s",
             f"plain GET to disk + fsync {b8['plain_mb_s']:.0f} MB/s",
             f"{ratio:.2f}",

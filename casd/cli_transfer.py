@@ -17,6 +17,8 @@ from casd.client import (
     DEFAULT_CONCURRENCY,
     DEFAULT_RETRIES,
     DEFAULT_SERVER,
+    DEFAULT_VERIFY,
+    VERIFY_MODES,
     CasdClient,
     CasdClientError,
     Chunking,
@@ -120,6 +122,13 @@ def register(sub) -> None:
         default=DEFAULT_CONCURRENCY,
         metavar="N",
         help=f"chunk requests in flight at once (default {DEFAULT_CONCURRENCY})",
+    )
+    down.add_argument(
+        "--verify",
+        choices=VERIFY_MODES,
+        default=DEFAULT_VERIFY,
+        help="chunks: check each chunk against the server's manifest (default); full: "
+        "also hash the whole file and compare it with DIGEST (one more pass over the file)",
     )
     _add_server_args(down)
     down.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -296,6 +305,7 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
                 chunking=args.chunking,
                 concurrency=args.concurrency,
                 on_progress=bars,
+                verify=args.verify,
             )
     except (CasdClientError, OSError) as exc:
         raise CliError(_reason(exc)) from None
@@ -305,8 +315,9 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
         print(json.dumps(s.to_json()), flush=True)
     else:
         if s.chunked:
+            whole = f", and {s.algo} of the whole file" if s.verified == "file" else ""
             how = (
-                f"{s.algo} verified chunk by chunk: fetched {s.chunks_fetched} of "
+                f"verified chunk by chunk ({s.chunk_check}){whole}: fetched {s.chunks_fetched} of "
                 f"{s.chunks_total} chunks ({format_bytes(s.bytes_fetched)}), reused "
                 f"{s.chunks_reused} ({format_bytes(s.bytes_reused)})"
             )

@@ -295,6 +295,12 @@ def document() -> dict:
                                             "digest": {"type": "string"},
                                             "size": {"type": "integer", "minimum": 1},
                                             "offset": {"type": "integer", "minimum": 0},
+                                            "xxh3": {
+                                                "type": "string",
+                                                "pattern": "^[0-9a-f]{32}$",
+                                                "description": "optional: xxh3-128 of the"
+                                                " chunk's bytes, as verified on upload",
+                                            },
                                         },
                                     },
                                 },

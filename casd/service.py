@@ -64,6 +64,8 @@ log = logging.getLogger("casd.service")
 # Bytes handed to a worker thread at a time: large enough that hashlib releases the GIL and
 # thread hand-offs are rare, small enough that a request holds only a couple of them.
 INGEST_BLOCK = 1 << 20
+# Body pieces held for one block before they are joined (see Service._ingest).
+MAX_PIECES = 64
 
 
 @contextmanager
@@ -110,6 +112,24 @@ class FileHash:
 
     def result(self) -> tuple[Digest, int]:
         return Digest(self.algo, self.hash.hexdigest()), self.total
+
+
+class _InOrder:
+    """A chunk received in order: a copy of the upload's whole-file hash fed its bytes, put
+    in place of the hash (`advance`) once the chunk is verified and stored. Whoever holds
+    one holds `state.lock`."""
+
+    __slots__ = ("hash", "state")
+
+    def __init__(self, state: FileHash):
+        self.state = state
+        self.hash = state.hash.copy()
+
+    def advance(self, size: int) -> None:
+        state = self.state
+        state.hash = self.hash
+        state.total += size
+        state.next += 1
 
 
 # Pending uploads whose prefix hash is kept in memory; an evicted one is rehashed at merge.
@@ -400,7 +420,12 @@ class Service:
             stored = await self._receive(upload_id, digest, size, body, check_stored=True)
         else:
             await self._admit_upload()
-            stored = await self._receive(upload_id, digest, size, body)
+            follow = await self._follow_in_order(upload, digest)
+            try:
+                stored = await self._receive(upload_id, digest, size, body, follow=follow)
+            finally:
+                if follow is not None:
+                    follow.state.lock.release()
         if tenant is not None:
             proved = await self.catalog.prove_chunk(tenant.name, digest)
             stored = stored or proved
@@ -416,8 +441,13 @@ class Service:
         size: int,
         body: AsyncIterator[bytes],
         check_stored: bool = False,
+        follow: _InOrder | None = None,
     ) -> bool:
         """Verify and store a chunk; True when its bytes were written into the store.
+
+        `follow`: the chunk is the next one the upload's whole-file hash needs; its bytes are
+        fed to a copy of that hash as they stream in, and the copy replaces the hash once
+        the chunk is verified and stored, so hash-ahead and merge need not read it back.
 
         `check_stored`: the catalogue says the chunk is stored already. The bytes are still
         verified; when the stored blob's size or xxh3-128 differs from theirs (it rotted or
@@ -426,7 +456,11 @@ class Service:
         temp = await self._run(self.blobs.new_temp)
         published = False
         try:
-            hasher = await self._ingest(temp, body, size, digest)
+            # A new chunk is fsynced by the worker that writes its last block, once its digest
+            # checks; a stored one's bytes may only be compared, and need no fsync.
+            hasher, finished = await self._ingest(
+                temp, body, size, digest, not check_stored, follow.hash if follow else None
+            )
             xxh3 = hasher.xxh3()
             if check_stored:
                 if await blob_matches(self.blobs, digest, size, xxh3, self.io):
@@ -441,7 +475,8 @@ class Service:
                 locked = self.blobs.replace
             else:
                 locked = self.blobs.ensure_stored
-            await self._run(temp.finish)
+            if not finished:
+                await self._run(temp.finish)
             if not check_stored:
                 # Store the bytes here, in parallel with other uploads (link and fsync, or a
                 # PUT the store acknowledges); under the digest lock the catalogue then only
@@ -463,6 +498,8 @@ class Service:
                     (upload_id, self._expiry(now)),
                     replace=check_stored,
                 )
+            if follow is not None:
+                follow.advance(size)
             return published
         finally:
             # The blob path is its own link: dropping the temp name (and the flock that told
@@ -470,19 +507,44 @@ class Service:
             await asyncio.shield(self._run(temp.discard))
 
     async def _ingest(
-        self, temp: TempBlob, body: AsyncIterator[bytes], size: int, digest: Digest
-    ) -> ChunkHasher:
-        """Stream the body into `temp`, hashing in a worker thread while the next block arrives."""
+        self,
+        temp: TempBlob,
+        body: AsyncIterator[bytes],
+        size: int,
+        digest: Digest,
+        durable: bool = False,
+        also=None,
+    ) -> tuple[ChunkHasher, bool]:
+        """Stream the body into `temp`, hashing in a worker thread while the next block arrives.
+
+        With `durable`, the worker that writes the last block also fsyncs `temp` once the
+        bytes hash to `digest` (a chunk of one block costs one thread hop, not two); the bool
+        says whether it did. `also`: a hash object fed the same bytes in the same worker.
+        `body` must yield buffers it does not reuse: they are held until their block is
+        written."""
         hasher = ChunkHasher(digest.algo)
         limit = self.settings.max_chunk_size
         received = 0
-        buf = bytearray()
+        # The body's pieces as aiohttp handed them over, kept as they are: the worker hashes
+        # each and writes them all with one writev, so no byte is copied on the event loop.
+        pieces: list[bytes] = []
+        held = 0
         pending: asyncio.Future | None = None
         loop = asyncio.get_running_loop()
 
-        def absorb(block: bytearray) -> None:
-            hasher.update(block)
+        finished = False
+
+        def absorb(block: list[bytes], last: bool) -> None:
+            nonlocal finished
+            for piece in block:
+                hasher.update(piece)
+            if also is not None:
+                for piece in block:
+                    also.update(piece)
             temp.write(block)
+            if last and durable and hasher.size == size and hasher.digest() == digest:
+                temp.finish()
+                finished = True
 
         try:
             with full_disk_refused():
@@ -495,17 +557,22 @@ class Service:
                             f"the body is longer than the {size} bytes the manifest gives"
                             f" chunk {digest.hex}"
                         )
-                    buf += piece
-                    if len(buf) >= INGEST_BLOCK:
+                    pieces.append(piece)
+                    held += len(piece)
+                    if len(pieces) >= MAX_PIECES:
+                        # A client sending tiny pieces: join them, so a block stays a few
+                        # buffers (writev takes at most IOV_MAX, and each object costs memory).
+                        pieces = [b"".join(pieces)]
+                    if held >= INGEST_BLOCK:
                         if pending is not None:
                             await pending
-                        pending = loop.run_in_executor(self.io, absorb, buf)
-                        buf = bytearray()
+                        pending = loop.run_in_executor(self.io, absorb, pieces, received == size)
+                        pieces, held = [], 0
                 if pending is not None:
                     await pending
                     pending = None
-                if buf:
-                    await self._run(absorb, buf)
+                if pieces:
+                    await self._run(absorb, pieces, True)
         finally:
             if pending is not None:
                 # The worker still writes into temp; let it finish before temp is discarded.
@@ -519,7 +586,7 @@ class Service:
             raise DigestMismatch(
                 f"the body hashes to {actual.hex}, not to {digest.hex}; nothing was stored"
             )
-        return hasher
+        return hasher, finished
 
     async def merge(
         self, upload_id: str, events: HookEvents | None = None, tenant: Tenant | None = None
@@ -593,6 +660,29 @@ class Service:
         state = self._file_hashes.pop(upload_id, None)
         if state is not None and state.ahead is not None:
             state.ahead.cancel()
+
+    async def _follow_in_order(self, upload: Upload, digest: Digest) -> _InOrder | None:
+        """When `digest` is the chunk the upload's whole-file hash needs next and nothing
+        hashes it now, that hash's lock (held: the caller releases it) and a copy to feed;
+        else None, and hash-ahead reads the chunk back once it is stored."""
+        state = self._file_hash(upload)
+        if state.broken or state.done or state.merging or state.offset or state.lock.locked():
+            return None
+        at = state.next
+        page = await self.catalog.manifest_page(upload.manifest_id, at, 1)
+        if not page or page[0][0] != digest.hex:
+            return None
+        if (
+            self._file_hashes.get(upload.id) is not state
+            or state.lock.locked()
+            or state.broken
+            or state.merging
+            or state.next != at
+            or state.offset
+        ):
+            return None  # it moved while the manifest was read
+        await state.lock.acquire()  # free (checked above, no await since): at once
+        return _InOrder(state)
 
     def _start_hash_ahead(self, upload: Upload) -> None:
         """Have the upload's one background hash-ahead look at its chunks (again)."""
@@ -807,8 +897,9 @@ class Service:
 
     async def manifest_pages(
         self, entry: FileEntry, count: int, page: int
-    ) -> AsyncIterator[list[tuple[str, int, int]]]:
-        """(digest hex, size, offset) of every chunk of a file, `page` at a time, in order.
+    ) -> AsyncIterator[list[tuple[str, int, int, str | None]]]:
+        """(digest hex, size, offset, xxh3 or None) of every chunk of a file, `page` at a time,
+        in order (xxh3 as Catalog.file_chunks_page says).
 
         Each page is its own read, so a slow reader holds no snapshot open. If the file is
         deleted meanwhile, its rows vanish: a manifest that comes up short of `count` chunks
@@ -816,12 +907,12 @@ class Service:
         """
         offset, seen = 0, 0
         while True:
-            rows = await self.catalog.manifest_page(entry.manifest_id, seen, page)
+            rows = await self.catalog.file_chunks_page(entry.manifest_id, seen, page)
             if not rows:
                 break
             out = []
-            for hex_, size in rows:
-                out.append((hex_, size, offset))
+            for hex_, size, xxh3 in rows:
+                out.append((hex_, size, offset, xxh3))
                 offset += size
             seen += len(rows)
             yield out

@@ -837,10 +837,13 @@ async def get_file_chunks(request: web.Request) -> web.StreamResponse:
     sep = ""
     try:
         async for rows in service.manifest_pages(entry, count, MANIFEST_PAGE):
-            # Digests are validated hex and sizes integers: nothing here needs escaping.
+            # Digests and xxh3s are hex the daemon wrote, sizes integers: nothing here needs
+            # escaping. `xxh3` is optional (PROTOCOL.md): absent when the catalogue has none.
             text = ",".join(
-                f'{{"digest":"{hex_}","size":{size},"offset":{offset}}}'
-                for hex_, size, offset in rows
+                f'{{"digest":"{hex_}","size":{size},"offset":{offset},"xxh3":"{xxh3}"}}'
+                if xxh3
+                else f'{{"digest":"{hex_}","size":{size},"offset":{offset}}}'
+                for hex_, size, offset, xxh3 in rows
             )
             await resp.write((sep + text).encode())
             sep = ","

@@ -353,6 +353,28 @@ async def test_manifest_reads_page_in_order(cat):
     assert await cat.manifest_chunk_count(up.manifest_id + 1000) is None
 
 
+async def test_file_chunks_page_gives_each_chunks_xxh3_or_none(cat):
+    """The page GET .../chunks sends: the xxh3 recorded when the chunk was published; None
+    for a chunk with no row, or with the empty one quarantine records for an unseen blob."""
+    store = Store()
+    await cat.publish_chunk(dg("a"), 1, "1" * 32, T0, store.place)
+    await cat.publish_chunk(dg("b"), 2, "2" * 32, T0, store.place)
+    chunks = [("a", 1), ("never", 3), ("b", 2), ("a", 1), ("unseen", 4)]
+    up, _ = await cat.begin_upload(manifest(1, chunks), "k", T0, LATER, "u" * 32)
+
+    async def set_aside(facts):
+        return [(dg("unseen"), 4)]
+
+    await cat.quarantine([hx("unseen")], T0, set_aside)
+    pages = [await cat.file_chunks_page(up.manifest_id, start, 2) for start in (0, 2, 4, 6)]
+    assert [list(map(tuple, p)) for p in pages] == [
+        [(hx("a"), 1, "1" * 32), (hx("never"), 3, None)],
+        [(hx("b"), 2, "2" * 32), (hx("a"), 1, "1" * 32)],
+        [(hx("unseen"), 4, None)],
+        [],
+    ]
+
+
 async def test_file_with_chunks_gives_the_file_and_its_list(cat):
     store = Store()
     for t in ("a", "b"):

@@ -128,15 +128,18 @@ def test_download_by_digest_and_by_url(daemon, env, tmp_path, rng):
     md5 = hashlib.md5(data).hexdigest()
 
     out = tmp_path / "named.bin"
-    by_digest = casd(env, "download", md5, "-o", str(out), "--server", daemon.url)
+    by_digest = casd(
+        env, "download", md5, "-o", str(out), "--server", daemon.url, "--verify", "full"
+    )
     assert by_digest.returncode == 0, by_digest.stderr
     assert out.read_bytes() == data
-    assert "md5 verified" in by_digest.stdout
+    assert "(xxh3-128), and md5 of the whole file" in by_digest.stdout
 
     folder = tmp_path / "into"
     folder.mkdir()
     by_url = casd(env, "download", url, "-o", str(folder))  # the URL names the server
     assert by_url.returncode == 0, by_url.stderr
+    assert "verified chunk by chunk (xxh3-128):" in by_url.stdout
     assert (folder / f"{md5}.bin").read_bytes() == data
 
 

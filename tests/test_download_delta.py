@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import sqlite3
 import time
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -17,10 +20,12 @@ from casd.chunking import Chunking
 from casd.client import (
     RACY_NS,
     CasdClient,
+    CasdClientError,
     CasdConnectionError,
     CasdIntegrityError,
     DigestCache,
     Phase,
+    delta,
     file_digests,
 )
 from casd.digest import Algo
@@ -58,6 +63,10 @@ class Proxy:
         self.flip = 0
         self.cut_range_after: int | None = None  # Range answers served before one is cut
         self.no_manifest = False
+        # Paths served from another path upstream, and an edit of every manifest answer:
+        # a server that answers with the wrong file's chunks, or an older one.
+        self.paths: dict[str, str] = {}
+        self.edit_manifest: Callable[[dict], dict] | None = None
         self.in_flight = 0
         self.most_in_flight = 0
         self.session: aiohttp.ClientSession | None = None
@@ -92,10 +101,13 @@ class Proxy:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
+            path = self.paths.get(request.path, request.path)
             async with self.session.request(
-                request.method, self.upstream + request.path_qs, headers=headers, data=body or None
+                request.method, self.upstream + path, headers=headers, data=body or None
             ) as up:
                 data = bytearray(await up.read())
+                if self.edit_manifest is not None and path.endswith("/chunks") and up.ok:
+                    data = bytearray(json.dumps(self.edit_manifest(json.loads(data))).encode())
                 # Hold the answer a moment so concurrent requests overlap visibly.
                 await asyncio.sleep(0.01 if rng else 0)
                 out = {
@@ -131,6 +143,11 @@ async def proxy(daemon, aiohttp_server):
     return p
 
 
+def range_length(header: str) -> int:
+    first, last = header.removeprefix("bytes=").split("-")
+    return int(last) - int(first) + 1
+
+
 def fast(url: str, **kw) -> CasdClient:
     return CasdClient(url, backoff=0.01, max_backoff=0.05, **kw)
 
@@ -142,9 +159,11 @@ def edit(data: bytes, rng, insert: bool) -> bytes:
     return data[:1000] + rng.bytes(KiB, "ins") + data[1000:] if insert else data
 
 
-async def test_plain_download_fetches_every_chunk_by_range_in_parallel(
+async def test_plain_download_fetches_runs_of_chunks_by_range_in_parallel(
     proxy, daemon, tmp_path, rng
 ):
+    """Adjacent chunks come in one Range request each run, a run being at most a
+    `concurrency`-th of the file, so every stream has work."""
     src = tmp_path / "f.bin"
     data = rng.write(src, 6 * MiB + 5)
     async with CasdClient(daemon.url) as client:
@@ -158,7 +177,7 @@ async def test_plain_download_fetches_every_chunk_by_range_in_parallel(
     assert got.chunked and (got.chunks_total, got.chunks_fetched, got.chunks_reused) == (7, 7, 0)
     assert got.bytes_fetched == got.bytes_received == len(data)
     assert sorted(proxy.ranges()) == sorted(
-        f"bytes={o}-{min(o + MiB, len(data)) - 1}" for o in range(0, len(data), MiB)
+        f"bytes={o}-{min(o + 2 * MiB, len(data)) - 1}" for o in range(0, len(data), 2 * MiB)
     )
     assert 2 <= proxy.most_in_flight <= 3
     assert seen[-1].phase == Phase.DONE and seen[-2].bytes_done == len(data)
@@ -189,7 +208,9 @@ async def test_reuse_of_an_older_version_fetches_only_changed_chunks(
     assert out.read_bytes() == new_data
     assert got.chunks_fetched + got.chunks_reused == got.chunks_total == s.chunks_total
     assert got.bytes_fetched + got.bytes_reused == len(new_data)
-    assert len(proxy.ranges()) == got.chunks_fetched
+    # Only the chunks not reused were asked for, each once.
+    assert len(proxy.ranges()) <= got.chunks_fetched
+    assert sum(range_length(r) for r in proxy.ranges()) == got.bytes_fetched
     if rule.kind == "fastcdc":
         # An insertion and an overwrite: a few chunks around each, never the whole file.
         assert 2 <= got.chunks_fetched <= 6 and got.bytes_fetched <= 6 * rule.max_size
@@ -257,20 +278,39 @@ async def test_interrupted_chunked_download_resumes_with_what_it_had(proxy, daem
     data = rng.write(src, 4 * MiB)
     async with CasdClient(daemon.url) as client:
         s = await client.upload(src, chunking="fixed", chunk_size=MiB)
-    proxy.cut_range_after = 2
+    # One stream asks for the four chunks at once; its answer breaks off after two.
+    proxy.cut_range_after = 0
     dest = tmp_path / "out.bin"
     async with fast(proxy.url, retries=0) as client:
         with pytest.raises(CasdConnectionError):
             await client.download(s.digest, dest, concurrency=1)
     assert not dest.exists()
+    assert proxy.ranges() == [f"bytes=0-{4 * MiB - 1}"]
     (part,) = tmp_path.glob(".*casd-part")
     proxy.seen.clear()
     async with CasdClient(proxy.url) as client:
-        got = await client.download(s.digest, dest)
+        got = await client.download(s.digest, dest, concurrency=1)
     assert dest.read_bytes() == data
     assert got.chunks_reused == 2 and got.resumed_from == 2 * MiB
-    assert got.chunks_fetched == 2 and len(proxy.ranges()) == 2
+    assert got.chunks_fetched == 2 and proxy.ranges() == [f"bytes={2 * MiB}-{4 * MiB - 1}"]
     assert not part.exists()
+
+
+async def test_a_run_cut_short_resumes_from_its_first_chunk_not_written(
+    proxy, daemon, tmp_path, rng
+):
+    """Within one download: the chunks of a run that arrived whole are kept, and the run is
+    asked for again from the first chunk that did not."""
+    src = tmp_path / "f.bin"
+    data = rng.write(src, 4 * MiB)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunking="fixed", chunk_size=MiB)
+    proxy.cut_range_after = 0
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", concurrency=1)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert proxy.ranges() == [f"bytes=0-{4 * MiB - 1}", f"bytes={2 * MiB}-{4 * MiB - 1}"]
+    assert (got.chunks_fetched, got.bytes_fetched) == (4, 4 * MiB)
 
 
 async def test_server_without_manifests_gets_one_verified_get(proxy, daemon, tmp_path, rng):
@@ -304,3 +344,152 @@ async def test_chunking_given_for_reuse_is_the_rule_used(proxy, daemon, tmp_path
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes() == new_data
     assert wrong.chunks_fetched > right.chunks_fetched
     assert right.chunks_fetched <= 3 and right.chunks_reused > 20
+
+
+# ---- what a chunked download checks each chunk against, and the whole-file check ---------------
+
+
+async def upload_fixed(daemon, tmp_path, rng, size: int, name: str = "f.bin"):
+    src = tmp_path / name
+    data = rng.write(src, size, name)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(src, chunking="fixed", chunk_size=MiB)
+    return s, data
+
+
+def each_chunk(change: Callable[[dict], None]) -> Callable[[dict], dict]:
+    def edit(manifest: dict) -> dict:
+        for c in manifest["chunks"]:
+            change(c)
+        return manifest
+
+    return edit
+
+
+async def test_chunks_are_checked_by_the_manifests_xxh3_when_it_gives_one(
+    proxy, daemon, tmp_path, rng
+):
+    """With xxh3 in the manifest the chunk digest is not what is checked: a manifest whose
+    digests are wrong but whose xxh3s are right still downloads; a wrong xxh3 is refused."""
+    s, data = await upload_fixed(daemon, tmp_path, rng, 2 * MiB + 3)
+    proxy.edit_manifest = each_chunk(lambda c: c.update(digest="0" * 32))
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "a.bin")
+    assert (tmp_path / "a.bin").read_bytes() == data
+    assert (got.verified, got.chunk_check, got.chunks_fetched) == ("chunks", "xxh3-128", 3)
+
+    proxy.edit_manifest = each_chunk(lambda c: c.update(xxh3="0" * 32))
+    async with fast(proxy.url) as client:
+        with pytest.raises(CasdIntegrityError, match="do not match"):
+            await client.download(s.digest, tmp_path / "b.bin", concurrency=1)
+    assert not (tmp_path / "b.bin").exists()
+
+
+async def test_a_manifest_without_xxh3_is_checked_by_chunk_digest(proxy, daemon, tmp_path, rng):
+    """A server that does not send the optional field: each chunk is checked by its MD5, and
+    a byte flipped on the way is still caught and fetched again."""
+    s, data = await upload_fixed(daemon, tmp_path, rng, 3 * MiB)
+    proxy.edit_manifest = each_chunk(lambda c: c.pop("xxh3"))
+    proxy.flip = 1
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.verified, got.chunk_check) == ("chunks", "md5")
+    assert proxy.flip == 0 and len(proxy.ranges()) == 4
+
+
+async def test_a_malformed_xxh3_is_refused(proxy, daemon, tmp_path, rng):
+    s, _ = await upload_fixed(daemon, tmp_path, rng, MiB)
+    proxy.edit_manifest = each_chunk(lambda c: c.update(xxh3="XYZ"))
+    async with fast(proxy.url) as client:
+        with pytest.raises(CasdClientError, match="malformed xxh3"):
+            await client.download(s.digest, tmp_path / "out.bin")
+    assert proxy.ranges() == []
+
+
+async def test_verify_full_refuses_a_manifest_of_another_file(proxy, daemon, tmp_path, rng):
+    """What only the whole-file check catches: a server answering for digest A with the
+    manifest and bytes of file B. Each chunk matches B's manifest, so a chunk-checked
+    download takes B; `verify="full"` hashes the result, refuses it and keeps nothing."""
+    a, _ = await upload_fixed(daemon, tmp_path, rng, 2 * MiB, "a.bin")
+    b, b_data = await upload_fixed(daemon, tmp_path, rng, 2 * MiB, "b.bin")
+    a_path, b_path = f"/v1/files/{a.digest}", f"/v1/files/{b.digest}"
+    proxy.paths = {a_path: b_path, a_path + "/chunks": b_path + "/chunks"}
+
+    def claim_a(manifest: dict) -> dict:
+        manifest["md5"] = a.digest
+        return manifest
+
+    proxy.edit_manifest = claim_a
+    async with fast(proxy.url) as client:
+        fooled = await client.download(a.digest, tmp_path / "chunks.bin")
+        assert fooled.verified == "chunks"
+        assert (tmp_path / "chunks.bin").read_bytes() == b_data
+        with pytest.raises(CasdIntegrityError, match="the manifest does not describe"):
+            await client.download(a.digest, tmp_path / "full.bin", verify="full")
+    assert not (tmp_path / "full.bin").exists()
+    assert list(tmp_path.glob(".full.bin*")) == []
+
+
+async def test_verify_full_publishes_the_file_it_checked(proxy, daemon, tmp_path, rng):
+    s, data = await upload_fixed(daemon, tmp_path, rng, 2 * MiB + 1)
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", verify="full")
+        with pytest.raises(ValueError, match="verify must be one of"):
+            await client.download(s.digest, tmp_path / "x.bin", verify="none")
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.verified, got.chunk_check, got.chunks_fetched) == ("file", "xxh3-128", 3)
+
+
+def test_pieces_are_written_whole_however_short_each_write(tmp_path, monkeypatch):
+    """pwritev may write less than asked; every byte still lands at its place."""
+    real = os.pwritev
+
+    def short(fd, views, offset):
+        return real(fd, [bytes(views[0])[:1000]], offset)
+
+    monkeypatch.setattr(delta.os, "pwritev", short)
+    pieces = [os.urandom(n) for n in (10, 2500, 0, 1, 4096)]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        delta.pwritev_all(fd, pieces, 7)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == bytes(7) + b"".join(pieces)
+
+
+def test_runs_are_adjacent_chunks_within_their_share_of_the_bytes():
+    chunks = [delta.ManifestChunk(o, 10, f"{o:032x}") for o in range(0, 100, 10)]
+    offsets = lambda runs: [[c.offset for c in run] for run in runs]  # noqa: E731
+    # Four streams: runs of at most 25 bytes; a gap (chunk 30 is local) ends a run.
+    todo = [c for c in chunks if c.offset != 30]
+    assert offsets(delta.plan_runs(todo, 4, 1000)) == [
+        [0, 10],
+        [20],
+        [40, 50],
+        [60, 70],
+        [80, 90],
+    ]
+    # One stream, but at most 30 bytes a run.
+    assert offsets(delta.plan_runs(chunks, 1, 30)) == [
+        [0, 10, 20],
+        [30, 40, 50],
+        [60, 70, 80],
+        [90],
+    ]
+    # A chunk larger than the limit is a run of its own.
+    big = [delta.ManifestChunk(0, 50, "a" * 32), delta.ManifestChunk(50, 5, "b" * 32)]
+    assert offsets(delta.plan_runs(big, 4, 20)) == [[0], [50]]
+    assert delta.plan_runs([], 4, 20) == []
+
+
+async def test_a_daemon_on_postgresql_gives_xxh3_for_every_chunk(
+    daemon_factory, postgres_url, tmp_path, rng
+):
+    """The PostgreSQL catalogue answers the optional field too, end to end."""
+    d = daemon_factory("--catalog", postgres_url)
+    s, data = await upload_fixed(d, tmp_path, rng, 3 * MiB + 1)
+    async with CasdClient(d.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.chunks_fetched, got.verified, got.chunk_check) == (4, "chunks", "xxh3-128")

@@ -10,6 +10,7 @@ import tracemalloc
 
 import aiohttp
 import pytest
+import xxhash
 
 from casd import web as casd_web
 from casd.chunking import Chunking, iter_chunks
@@ -35,9 +36,11 @@ def prepare_cdc(data: bytes, chunking: Chunking, algo: str = "md5") -> Prepared:
 
 
 def expected_manifest(p: Prepared, algo: str = "md5") -> dict:
+    """The manifest the server must answer, xxh3-128 of each chunk's bytes included."""
     offset, chunks = 0, []
     for c in p.handshake["chunks"]:
-        chunks.append({"digest": c[algo], "size": c["size"], "offset": offset})
+        xxh3 = xxhash.xxh3_128_hexdigest(p.data[offset : offset + c["size"]])
+        chunks.append({"digest": c[algo], "size": c["size"], "offset": offset, "xxh3": xxh3})
         offset += c["size"]
     return {
         "algo": algo,
@@ -150,6 +153,24 @@ async def test_same_auth_as_the_file(aiohttp_client, settings):
     assert (await get_json(client, path, headers=auth))["count"] == 3
 
 
+async def test_a_chunk_without_a_recorded_xxh3_is_listed_without_one(client, monkeypatch):
+    """`xxh3` is optional: where the catalogue has none, the entry simply lacks the field."""
+    p = prepare(rand(20 * KiB, 3), chunk_size=8 * KiB)
+    await upload(client.session, str(client.make_url("")).rstrip("/"), p)
+    service = client.server.app[SERVICE]
+    real_page = service.catalog.file_chunks_page
+
+    async def second_unknown(*args):
+        rows = await real_page(*args)
+        return [(d, n, None if i == 1 else x) for i, (d, n, x) in enumerate(rows)]
+
+    monkeypatch.setattr(service.catalog, "file_chunks_page", second_unknown)
+    body = await get_json(client, f"/v1/files/{p.digest}/chunks")
+    want = expected_manifest(p)
+    del want["chunks"][1]["xxh3"]
+    assert body == want
+
+
 async def test_a_file_deleted_midway_cuts_the_manifest_short(client, monkeypatch):
     """Pages are separate reads; if the rows vanish between them, the body is left
     unfinished (no closing bracket, no final chunk), never a shorter list that parses."""
@@ -157,7 +178,7 @@ async def test_a_file_deleted_midway_cuts_the_manifest_short(client, monkeypatch
     p = prepare(rand(60 * KiB, 7), chunk_size=8 * KiB)
     await upload(client.session, str(client.make_url("")).rstrip("/"), p)
     service = client.server.app[SERVICE]
-    real_page = service.catalog.manifest_page
+    real_page = service.catalog.file_chunks_page
     calls = 0
 
     async def page_then_delete(*args):
@@ -168,7 +189,7 @@ async def test_a_file_deleted_midway_cuts_the_manifest_short(client, monkeypatch
             await service.delete_file(Digest.parse_any(p.digest))
         return rows
 
-    monkeypatch.setattr(service.catalog, "manifest_page", page_then_delete)
+    monkeypatch.setattr(service.catalog, "file_chunks_page", page_then_delete)
     r = await client.get(f"/v1/files/{p.digest}/chunks")
     assert r.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
@@ -212,6 +233,7 @@ async def test_a_100000_chunk_manifest_streams_in_bounded_memory(client, monkeyp
         "digest": hashlib.md5(bytes([(n - 1) % 8])).hexdigest(),
         "size": 1,
         "offset": n - 1,
+        "xxh3": xxhash.xxh3_128_hexdigest(bytes([(n - 1) % 8])),
     }
 
 

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,70 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Folder:
+    __slots__ = ("asked", "done", "running", "users")
+
+    def __init__(self) -> None:
+        self.asked = 0  # requests so far, numbered
+        self.done = 0  # every request up to this number is covered by a finished fsync
+        self.running = False
+        self.users = 0  # threads inside sync() for this folder
+
+
+class FolderSync:
+    """fsync of folders, shared between the threads that need the same one at the same time.
+
+    `sync(folder)` returns once an fsync of `folder` that began after the call has finished,
+    so it covers every entry made in the folder before the call (a rename, link or mkdir).
+    Callers that arrive while an fsync of the folder runs wait for it to end, then one of
+    them runs a single fsync for all of them: the way the catalogue groups commits, for
+    blob folders (`blobs/<algo>` and `blobs/<algo>/ab` take many new entries at once). An
+    fsync that fails raises in the thread that ran it; its waiters then try their own.
+    """
+
+    def __init__(self, fsync: Callable[[Path], None] | None = None):
+        self._fsync = fsync
+        self._cond = threading.Condition()
+        self._folders: dict[Path, _Folder] = {}
+
+    def sync(self, folder: Path) -> None:
+        with self._cond:
+            state = self._folders.get(folder)
+            if state is None:
+                state = self._folders[folder] = _Folder()
+            state.users += 1
+            state.asked += 1
+            mine = state.asked
+            try:
+                while state.done < mine and state.running:
+                    self._cond.wait()
+            except BaseException:
+                self._leave(folder, state)
+                raise
+            if state.done >= mine:
+                self._leave(folder, state)
+                return
+            state.running = True
+            covers = state.asked
+        synced = False
+        try:
+            (self._fsync or fsync_dir)(folder)
+            synced = True
+        finally:
+            with self._cond:
+                state.running = False
+                if synced:
+                    state.done = covers
+                self._leave(folder, state)
+                self._cond.notify_all()
+
+    def _leave(self, folder: Path, state: _Folder) -> None:
+        """Called with the condition held, once per sync() call."""
+        state.users -= 1
+        if state.users == 0:
+            del self._folders[folder]
 
 
 def is_disk_full(exc: OSError) -> bool:
@@ -63,7 +127,15 @@ class TempBlob:
         return self._fd
 
     def write(self, data) -> None:
+        """Append `data`: one buffer, or a list of buffers written in order by one writev
+        (the pieces a body arrived in, without joining them into one buffer first)."""
         fd = self._open_fd()
+        if isinstance(data, list):
+            total = sum(len(piece) for piece in data)
+            done = os.writev(fd, data)
+            if done == total:
+                return
+            data = b"".join(data)[done:]  # a short write (rare): the rest, one buffer
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
@@ -150,13 +222,22 @@ class LocalBlobStore(TempFiles):
 
     quick_rehash = True
 
-    def __init__(self, blobs_dir: Path, tmp_dir: Path, quarantine_dir: Path, io=None):
+    def __init__(
+        self,
+        blobs_dir: Path,
+        tmp_dir: Path,
+        quarantine_dir: Path,
+        io=None,
+        folders: FolderSync | None = None,
+    ):
         self.blobs_dir = blobs_dir
         self.tmp_dir = tmp_dir
         self.quarantine_dir = quarantine_dir
         self.location = str(blobs_dir)
         self.quarantine_location = str(quarantine_dir)
         self._io = io
+        self._folders = folders or FolderSync()
+        # Leaf fan-out folders known durable (made and their parents fsynced) in this process.
         self._known_dirs: set[Path] = set()
 
     async def _run(self, fn, *args):
@@ -178,6 +259,12 @@ class LocalBlobStore(TempFiles):
         await self._run(self.place, temp, digest)
 
     async def ensure_stored(self, temp: TempBlob, digest: Digest) -> None:
+        # Called under the catalogue's write lock, once per chunk of a group commit, after
+        # `publish` linked the blob: a stat of a path linked a moment ago is answered from
+        # the kernel's dentry cache in microseconds, less than a thread hop, which would keep
+        # the write lock (and every waiting commit) for another round trip through the loop.
+        if self.path(digest).is_file():
+            return
         await self._run(self.ensure_placed, temp, digest)
 
     async def replace(self, temp: TempBlob, digest: Digest) -> None:
@@ -288,19 +375,20 @@ class LocalBlobStore(TempFiles):
         Runs outside any lock. A file already there is left alone: only verified, fsynced
         bytes ever reach a blob path, so it holds the same content. The temp name stays
         (and so does its flock, on the same inode) until the caller discards it. False when
-        the filesystem cannot hard-link; then `ensure_placed` renames instead.
+        the filesystem cannot hard-link; then `ensure_placed` renames instead. Returns once
+        the link and any fan-out folder on its way are durable (fsyncs shared, FolderSync).
         """
         final = self.path(digest)
-        self._ensure_parent(final.parent)
+        fresh = self._make_parents(final.parent)
         try:
             os.link(temp.path, final)
         except FileExistsError:
-            return True
+            pass  # another upload's link; its folder may not be synced yet: sync below
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
                 return False
             raise
-        fsync_dir(final.parent)
+        self._sync_parents(final.parent, fresh)
         return True
 
     def ensure_placed(self, temp: TempBlob, digest: Digest) -> None:
@@ -313,23 +401,36 @@ class LocalBlobStore(TempFiles):
         final = self.path(digest)
         if final.is_file():
             return
-        self._ensure_parent(final.parent)
+        fresh = self._make_parents(final.parent)
         try:
             os.link(temp.path, final)
         except OSError:
             os.replace(temp.path, final)
-        fsync_dir(final.parent)
+        self._sync_parents(final.parent, fresh)
 
-    def _ensure_parent(self, parent: Path) -> None:
+    def _make_parents(self, parent: Path) -> bool:
+        """Make the fan-out folders up to `parent`; True when they are not known durable yet.
+
+        Whoever made them, their entries are fsynced (`_sync_parents`) by the first blob
+        placed in them in this process, before it counts as placed: a folder another
+        thread made a moment ago may not be durable yet.
+        """
         if parent in self._known_dirs:
-            return
-        # Create the fan-out levels one by one so each new entry's parent is fsynced.
+            return False
         for d in (parent.parent, parent):
             if not d.is_dir():
                 with contextlib.suppress(FileExistsError):
                     d.mkdir()
-                fsync_dir(d.parent)
-        self._known_dirs.add(parent)
+        return True
+
+    def _sync_parents(self, parent: Path, fresh: bool) -> None:
+        """fsync `parent` (a new entry in it), and when its fan-out is fresh, the folders that
+        hold it: deepest first, so one journal commit usually covers all three."""
+        self._folders.sync(parent)
+        if fresh:
+            self._folders.sync(parent.parent)
+            self._folders.sync(parent.parent.parent)
+            self._known_dirs.add(parent)
 
     def put_over(self, temp: TempBlob, digest: Digest) -> None:
         """Under the catalogue's write lock: a finished temp file replaces the blob, atomically.
@@ -339,10 +440,10 @@ class LocalBlobStore(TempFiles):
         flock stays on the inode until the caller discards the temp.
         """
         final = self.path(digest)
-        self._ensure_parent(final.parent)
+        fresh = self._make_parents(final.parent)
         os.replace(temp.path, final)
-        fsync_dir(final.parent)
-        fsync_dir(temp.path.parent)
+        self._sync_parents(final.parent, fresh)
+        self._folders.sync(temp.path.parent)
 
     def move_aside(self, digest: Digest, folder: Path) -> Path | None:
         """Move a blob into `folder` (kept for the operator, never served); None if absent."""

@@ -198,6 +198,16 @@ class Catalog(Protocol):
     ) -> list[tuple[str, int]]:
         """(digest hex, size) of up to `limit` chunks of a manifest from position `start` on."""
 
+    async def file_chunks_page(
+        self, manifest_id: int, start: int, limit: int
+    ) -> list[tuple[str, int, str | None]]:
+        """(digest hex, size, xxh3) of up to `limit` chunks of a manifest from `start` on.
+
+        The page GET /v1/files/{digest}/chunks sends: `xxh3` is the xxh3-128 (32 hex) of the
+        chunk's bytes as the daemon verified them on upload, or None when the catalogue has
+        none for it (a chunk row set aside without its bytes ever being verified).
+        """
+
     async def count_expired_pending(self, now: float) -> int:
         """Pending uploads expired at `now` that gc has not removed yet (a metric)."""
 

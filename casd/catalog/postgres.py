@@ -413,6 +413,20 @@ class PostgresCatalog:
         )
         return [(r[0], r[1]) for r in rows]
 
+    async def file_chunks_page(
+        self, manifest_id: int, start: int, limit: int
+    ) -> list[tuple[str, int, str | None]]:
+        # A quarantine row made for a blob never verified here holds '' for its xxh3.
+        rows = await self._fetch(
+            "SELECT m.digest, m.size, NULLIF(c.xxh3, '') FROM manifest_chunks m"
+            " LEFT JOIN chunks c ON c.digest = m.digest"
+            " WHERE m.manifest_id = $1 AND m.seq >= $2 ORDER BY m.seq LIMIT $3",
+            manifest_id,
+            start,
+            limit,
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
     # ---- daemon writes ----
 
     async def begin_upload(

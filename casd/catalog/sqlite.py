@@ -19,6 +19,7 @@ import functools
 import importlib.resources
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,6 +61,9 @@ from casd.models import (
 BUSY_TIMEOUT_MS = 60_000
 # A manifest with more entries than this has its chunk lists read on the bulk lane.
 BULK_ENTRIES = 4096
+# Quick reads (lookups by key, tens of microseconds each) one thread hop may carry together.
+# The bulk lane's long lists go one by one, each on its own connection.
+QUICK_BATCH = 64
 
 _UPLOAD_COLUMNS = (
     "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at, u.tenant"
@@ -133,19 +137,28 @@ def _statements(script: str) -> list[str]:
 
 
 class ReadPool:
-    """`n` read-only sqlite3 connections, each lent to one read function at a time, on `n`
-    threads of its own: at most `n` reads of this pool run at once, the rest wait their turn.
+    """`n` read-only sqlite3 connections on `n` threads of their own. Reads queued while
+    every connection is busy go together to the next free one, up to `batch` of them in one
+    read transaction: with hundreds of requests in flight, one thread hop serves many lookups
+    instead of one each (the hop, not the lookup, is what costs). A read queued while a
+    connection is free starts at once, alone.
+
+    Every read sees one snapshot taken after it was queued, so it sees every write committed
+    before it was asked for. One read's error is that read's alone.
     """
 
-    def __init__(self, cons: list[sqlite3.Connection], thread: ThreadPoolExecutor):
+    def __init__(self, cons: list[sqlite3.Connection], thread: ThreadPoolExecutor, batch: int):
         self._cons = cons
         self._thread = thread
-        self._free: asyncio.Queue[sqlite3.Connection] = asyncio.Queue()
-        for con in cons:
-            self._free.put_nowait(con)
+        self._batch = batch
+        self._idle = list(cons)
+        self._queue: deque[tuple[Callable, tuple, asyncio.Future]] = deque()
+        self._running: set[asyncio.Future] = set()
 
     @classmethod
-    async def open(cls, path: Path, synchronous: str, n: int, name: str) -> ReadPool:
+    async def open(
+        cls, path: Path, synchronous: str, n: int, name: str, batch: int = 1
+    ) -> ReadPool:
         thread = ThreadPoolExecutor(n, thread_name_prefix=f"casd-sql-{name}")
 
         def connect() -> sqlite3.Connection:
@@ -165,32 +178,64 @@ class ReadPool:
                 con.close()
             thread.shutdown(wait=False)
             raise
-        return cls(cons, thread)
+        return cls(cons, thread, batch)
 
     async def run(self, fn: Callable, *args):
         """fn(connection, *args) inside one read transaction (one snapshot); its result."""
-        con = await self._free.get()
-        fut = asyncio.get_running_loop().run_in_executor(self._thread, _snapshot, fn, con, args)
-        # The connection goes back only once the thread is done with it, even if the caller
-        # is cancelled meanwhile.
-        fut.add_done_callback(lambda _f: self._free.put_nowait(con))
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, args, fut))
+        self._dispatch()
+        # The read runs even if this caller goes away; the connection goes back only once
+        # its thread is done with it.
         return await asyncio.shield(fut)
 
+    def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._idle and self._queue:
+            con = self._idle.pop()
+            n = min(self._batch, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            calls = [(fn, args) for fn, args, _fut in batch]
+            done = loop.run_in_executor(self._thread, _snapshot_batch, con, calls)
+            self._running.add(done)
+            done.add_done_callback(functools.partial(self._finished, con, batch))
+
+    def _finished(self, con: sqlite3.Connection, batch: list, done: asyncio.Future) -> None:
+        self._running.discard(done)
+        self._idle.append(con)
+        exc = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        results = [(False, exc)] * len(batch) if exc is not None else done.result()
+        for (_fn, _args, fut), (ok, value) in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(value) if ok else fut.set_exception(value)
+        self._dispatch()
+
     async def close(self) -> None:
-        for _ in self._cons:
-            await self._free.get()
+        while self._running or self._queue:
+            await asyncio.gather(*self._running, return_exceptions=True)
+            await asyncio.sleep(0)  # let the done callbacks dispatch what is still queued
         loop = asyncio.get_running_loop()
         for con in self._cons:
             await loop.run_in_executor(self._thread, con.close)
         self._thread.shutdown(wait=True)
 
 
-def _snapshot(fn: Callable, con: sqlite3.Connection, args: tuple):
+def _snapshot_batch(con: sqlite3.Connection, calls: list) -> list[tuple[bool, object]]:
+    """Each fn(con, *args) of `calls` in one read transaction; (ok, result or error) each."""
+    out: list[tuple[bool, object]] = []
     con.execute("BEGIN")
     try:
-        return fn(con, *args)
+        for fn, args in calls:
+            try:
+                out.append((True, fn(con, *args)))
+            except Exception as exc:
+                out.append((False, exc))
+                if not con.in_transaction:
+                    con.execute("BEGIN")
     finally:
-        con.execute("COMMIT")
+        if con.in_transaction:
+            con.execute("COMMIT")
+    return out
 
 
 def _fetch_all(con: sqlite3.Connection, sql: str, params: tuple) -> list:
@@ -221,7 +266,9 @@ class _Daemon:
         opened: list = []
         try:
             await group.alone(_migrate)
-            opened.append(await ReadPool.open(path, synchronous, readers, "read"))
+            opened.append(
+                await ReadPool.open(path, synchronous, readers, "read", batch=QUICK_BATCH)
+            )
             opened.append(await ReadPool.open(path, synchronous, bulk_readers, "bulk"))
         except BaseException:
             for pool in opened:
@@ -372,6 +419,18 @@ class _Daemon:
             (manifest_id, start, limit),
         )
 
+    async def file_chunks_page(
+        self, manifest_id: int, start: int, limit: int
+    ) -> list[tuple[str, int, str | None]]:
+        """See casd.catalog.Catalog.file_chunks_page."""
+        # A quarantine row made for a blob never verified here holds '' for its xxh3.
+        return await self._all(
+            "SELECT m.digest, m.size, NULLIF(c.xxh3, '') FROM manifest_chunks m"
+            " LEFT JOIN chunks c ON c.digest = m.digest"
+            " WHERE m.manifest_id = ? AND m.seq >= ? ORDER BY m.seq LIMIT ?",
+            (manifest_id, start, limit),
+        )
+
     # ---- the daemon's writes: queued, committed together ----------------------------
 
     async def begin_upload(
@@ -405,9 +464,10 @@ class _Daemon:
         replace: bool = False,
     ) -> bool:
         """See casd.catalog.Catalog.publish_chunk."""
+        ahead = _PlaceAhead(self._group, place, digest, replace)
         return await self._group.run(
             _publish_chunk,
-            self._group.under_lock,
+            ahead,
             digest,
             size,
             xxh3,
@@ -563,6 +623,7 @@ class GroupWriter:
         results: list[tuple[bool, object]] = []
         con.execute("BEGIN IMMEDIATE")
         try:
+            self._place_ahead(con, batch)
             for fn, args, _fut in batch:
                 con.execute("SAVEPOINT op")
                 try:
@@ -584,6 +645,82 @@ class GroupWriter:
                 con.execute("ROLLBACK")
             raise
         return results
+
+    def _place_ahead(self, con: sqlite3.Connection, batch) -> None:
+        """Await the `place` callbacks of the batch's publishes all at once, under the lock
+        this transaction holds, before the operations run.
+
+        One at a time, each would be a round trip through a busy event loop while the write
+        lock, and every commit queued behind it, waits: with a hundred chunks in a batch,
+        most of the transaction's time. Only a publish that will call `place` is placed
+        ahead (its digest not live yet, or `replace`), and only the first of the batch for
+        each digest: a second one finds the first one's row live and calls nothing.
+        """
+        planned: list[_PlaceAhead] = []
+        seen: set[str] = set()
+        for _fn, args, _fut in batch:
+            ahead = args[0] if args else None
+            if ahead == self.under_lock:
+                # An operation that works on blobs under the lock (gc, quarantine, a probe)
+                # may change what a later publish would find: those place in their turn.
+                break
+            if (
+                isinstance(ahead, _PlaceAhead)
+                and ahead.digest.hex not in seen
+                and ahead.needed(con)
+            ):
+                seen.add(ahead.digest.hex)
+                planned.append(ahead)
+        if not planned:
+            return
+        outcomes = asyncio.run_coroutine_threadsafe(_gather_places(planned), self._loop).result()
+        for ahead, outcome in zip(planned, outcomes, strict=True):
+            ahead.outcome = outcome
+
+
+class _PlaceAhead:
+    """The `lock` a publish operation calls with its `place` callback: answered from the
+    batch's placing ahead (GroupWriter._place_ahead) when that placed it, else run under
+    the lock then, as `GroupWriter.under_lock` does."""
+
+    __slots__ = ("digest", "group", "outcome", "place", "replace")
+
+    def __init__(self, group: GroupWriter, place: Locked, digest: Digest, replace: bool):
+        self.group = group
+        self.place = place
+        self.digest = digest
+        self.replace = replace
+        self.outcome: tuple[bool, object] | None = None
+
+    def needed(self, con: sqlite3.Connection) -> bool:
+        """Whether the operation will call `place` (as _publish_chunk decides it)."""
+        return self.replace or not _is_live(con, self.digest)
+
+    def __call__(self, fn: Locked, arg):
+        outcome, self.outcome = self.outcome, None
+        if outcome is None or fn is not self.place or arg != self.digest:
+            return self.group.under_lock(fn, arg)
+        ok, value = outcome
+        if not ok:
+            raise value  # type: ignore[misc]
+        return value
+
+
+async def _gather_places(planned: list[_PlaceAhead]) -> list[tuple[bool, object]]:
+    async def one(ahead: _PlaceAhead) -> tuple[bool, object]:
+        try:
+            return True, await ahead.place(ahead.digest)
+        except Exception as exc:
+            return False, exc
+
+    return list(await asyncio.gather(*(one(a) for a in planned)))
+
+
+def _is_live(con: sqlite3.Connection, digest: Digest) -> bool:
+    row = con.execute(
+        "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
+    ).fetchone()
+    return row is not None
 
 
 async def _awaited(fn: Locked, arg):
@@ -816,12 +953,7 @@ def _publish_chunk(
             " AND expires_at > ?",
             (touch[1], touch[0], now),
         )
-    if (
-        not replace
-        and con.execute(
-            "SELECT 1 FROM chunks WHERE digest = ? AND state = ?", (digest.hex, LIVE)
-        ).fetchone()
-    ):
+    if not replace and _is_live(con, digest):
         return False
     lock(place, digest)
     con.execute(

@@ -30,10 +30,11 @@ from casd.chunking import Chunking
 from casd.client.delta import (
     ManifestChunk,
     Source,
-    digest_of,
     guess_chunkings,
     parse_manifest,
+    plan_runs,
     pwrite_all,
+    pwritev_all,
     read_verified,
     reuse_index,
 )
@@ -81,6 +82,16 @@ DEFAULT_MAX_BACKOFF = 8.0
 # How `casd upload` and CasdClient.upload cut a file when told nothing (see docs/chunking.md
 # for the measurements behind the choice).
 DEFAULT_CHUNKING = "fixed"
+# How a chunked download is verified when told nothing: each chunk against the server's
+# manifest ("full" also hashes the whole file; docs/client.md compares them).
+VERIFY_MODES = ("chunks", "full")
+DEFAULT_VERIFY = "chunks"
+# A chunked download asks for adjacent chunks together, one Range request per run of at
+# most this many bytes (and of at most its share of the download, so that `concurrency`
+# streams have work): a request per chunk cost the server a manifest lookup per chunk, and
+# the client a request's overhead per 1 MiB chunk of FastCDC. Runs end where a chunk is
+# already local. Memory stays at about two chunks per stream.
+RUN_BYTES = 64 * MiB
 # Chunk bodies and downloads move through the event loop in pieces of this size.
 IO_PIECE = 1 * MiB
 # Handshake -> send -> merge rounds before giving up when the server keeps losing the upload
@@ -463,22 +474,30 @@ class CasdClient:
         concurrency: int = DEFAULT_CONCURRENCY,
         on_progress: ProgressCallback | None = None,
         use_cache: bool = True,
+        verify: str = DEFAULT_VERIFY,
     ) -> DownloadSummary:
         """Fetch a stored file to `dest`, every byte verified, resuming an earlier try.
 
-        When the server offers the file's manifest (GET .../chunks), chunks are fetched with
-        Range requests, `concurrency` at a time, each checked against its digest on a pool
-        of threads; chunks that a `reuse` file holds (found by cutting it as the stored file
+        When the server offers the file's manifest (GET .../chunks), chunks are fetched in
+        runs of adjacent chunks, one Range request per run, on `concurrency` streams, each
+        chunk checked (see `verify`) on a pool of threads; chunks that a `reuse` file holds (found by cutting it as the stored file
         was cut: `chunking`, or guessed from the manifest; the digest cache spares the
         rehash) or that an earlier try left are copied locally, also verified. A server
         without manifests gets one GET, hashed whole. Bytes go to a hidden temp file beside
         `dest`, renamed into place only once verified; an interrupted download leaves it for
         the next try.
+
+        `verify`: "chunks" checks each chunk against the server's manifest (by its xxh3-128
+        when the manifest gives one, else by its digest); "full" also hashes the assembled
+        file and compares it with the digest asked for, before it is published
+        (docs/client.md says what each guarantees). A single GET always checks the file.
         """
         if not isinstance(ref, FileRef):
             ref = FileRef.parse(ref)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
         rule = (
             None
             if chunking is None
@@ -516,6 +535,7 @@ class CasdClient:
                 concurrency,
                 on_progress,
                 started,
+                verify == "full",
             )
         sink = await asyncio.to_thread(_Sink.open, part, ref.digest.algo)
         try:
@@ -557,12 +577,14 @@ class CasdClient:
         concurrency: int,
         on_progress: ProgressCallback | None,
         started: float,
+        full: bool,
     ) -> DownloadSummary:
         """Fill `part` chunk by chunk (reused, resumed or fetched), each verified; publish it.
 
-        The whole-file digest is not recomputed: the chunks tile the file and each matches
-        the manifest the server checked the file's digest against when it merged the upload,
-        and one more MD5 pass over the file would bound the download by one core again.
+        Unless `full`, the whole-file digest is not recomputed: the chunks tile the file and
+        each matches the manifest the server checked the file's digest against when it
+        merged the upload, and one more MD5 pass over the file would bound the download by
+        one core again. With `full`, that pass runs after the last chunk, before publishing.
         """
         algo = ref.digest.algo
         size = sum(c.size for c in chunks)
@@ -574,6 +596,8 @@ class CasdClient:
         # What an earlier try left, measured before the temp file is sized for this one.
         have = await loop.run_in_executor(pool, _part_length, part)
         fd = await loop.run_in_executor(pool, _open_part, part, size)
+        # A whole file that fails the full check is wrong in a way no retry of it mends.
+        bad = False
         done = {"bytes": 0, "chunks": 0}
         stats = {
             "fetched": 0,
@@ -606,18 +630,21 @@ class CasdClient:
                 stats,
                 progress,
             )
-            queue = iter(todo)
+            runs = plan_runs(todo, concurrency, RUN_BYTES)
+            queue = iter(runs)
+
+            def fetched(c: ManifestChunk) -> None:
+                stats["fetched"] += 1
+                stats["fetched_bytes"] += c.size
+                done["bytes"] += c.size
+                done["chunks"] += 1
+                progress()
 
             async def worker() -> None:
-                for c in queue:
-                    await self._fetch_chunk(url, c, fd, algo, pool)
-                    stats["fetched"] += 1
-                    stats["fetched_bytes"] += c.size
-                    done["bytes"] += c.size
-                    done["chunks"] += 1
-                    progress()
+                for run in queue:
+                    await self._fetch_run(url, run, fd, algo, pool, fetched)
 
-            tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(todo)))]
+            tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(runs)))]
             try:
                 await asyncio.gather(*tasks)
             except BaseException:
@@ -626,14 +653,26 @@ class CasdClient:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
             await loop.run_in_executor(pool, os.fsync, fd)
+            if full:
+                got = await loop.run_in_executor(pool, _hash_fd, fd, size, algo)
+                if got != ref.digest.hex:
+                    bad = True
+                    raise CasdIntegrityError(
+                        f"{url}: every chunk matched the server's manifest, but the whole file"
+                        f" hashes to {got}, not {ref.digest.hex}: the manifest does not describe"
+                        " that file; nothing was written"
+                    )
         finally:
             # No thread may still write through `fd` when it closes (its number could be
             # reused at once): queued work is dropped, running work finishes first.
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
             os.close(fd)
+            if bad:
+                part.unlink(missing_ok=True)
         await asyncio.to_thread(_publish, part, dest)
         if on_progress is not None:
             on_progress(Progress(Phase.DONE, size, size, len(chunks), len(chunks)))
+        checks = sorted({"xxh3-128" if c.xxh3 is not None else algo.value for c in chunks})
         return DownloadSummary(
             path=str(dest),
             digest=ref.digest.hex,
@@ -649,6 +688,8 @@ class CasdClient:
             bytes_fetched=stats["fetched_bytes"],
             chunks_reused=stats["reused"],
             bytes_reused=stats["reused_bytes"],
+            verified="file" if full else "chunks",
+            chunk_check="+".join(checks),
         )
 
     async def _reuse_local(
@@ -680,12 +721,12 @@ class CasdClient:
             """ "resumed" or "reused" when the chunk is in place, verified; else None."""
             if (
                 c.offset + c.size <= have
-                and read_verified(part_path, c.offset, c.size, c.digest, algo) is not None
+                and read_verified(part_path, c.offset, c, algo) is not None
             ):
                 return "resumed"
             src = index.get(c.digest)
             if src is not None:
-                data = read_verified(src.path, src.offset, c.size, c.digest, algo)
+                data = read_verified(src.path, src.offset, c, algo)
                 if data is not None:
                     pwrite_all(fd, data, c.offset)
                     return "reused"
@@ -719,54 +760,111 @@ class CasdClient:
             await drain_one()
         return todo
 
-    async def _fetch_chunk(
-        self, url: str, c: ManifestChunk, fd: int, algo: Algo, pool: ThreadPoolExecutor
+    async def _fetch_run(
+        self,
+        url: str,
+        run: list[ManifestChunk],
+        fd: int,
+        algo: Algo,
+        pool: ThreadPoolExecutor,
+        fetched: Callable[[ManifestChunk], None],
     ) -> None:
-        """GET one chunk by Range, verify its digest in `pool`, write it; retried."""
+        """GET a run of adjacent chunks with one Range request; retried.
+
+        Each chunk is checked and written in `pool` as soon as its last byte arrives, while
+        the next one streams in (one chunk behind the network); `fetched` is called once
+        it is written. A cut, or a chunk that does not match, asks again from the first
+        chunk not yet written; a chunk corrupted three times is refused.
+        """
         loop = asyncio.get_running_loop()
-        what = f"chunk at offset {c.offset} of {url}"
+        i = 0  # run[i] is the first chunk not yet written
         attempt = 0
+        corrupted: dict[int, int] = {}
         err: CasdClientError
-        while True:
+        while i < len(run):
+            first, last = run[i], run[-1]
+            what = f"bytes {first.offset}-{last.offset + last.size - 1} of {url}"
             headers = self._headers(
                 url,
                 {
                     "Accept-Encoding": "identity",
-                    "Range": f"bytes={c.offset}-{c.offset + c.size - 1}",
+                    "Range": f"bytes={first.offset}-{last.offset + last.size - 1}",
                 },
             )
+            began = i
+            pending: tuple[int, asyncio.Future] | None = None  # the chunk being written
+
+            async def settle() -> None:
+                """Wait for the pending chunk: written, or _Corrupted."""
+                nonlocal i, pending
+                if pending is None:
+                    return
+                (j, fut), pending = pending, None
+                if not await fut:
+                    raise _Corrupted(j)
+                i = j + 1
+                fetched(run[j])
+
             try:
-                async with self._sess().get(url, headers=headers, auto_decompress=False) as resp:
-                    self._reached = True
-                    if resp.status >= 400:
-                        err = _http_error(resp, await resp.read(), what)
-                        if not err.retryable:
-                            raise err
-                    elif resp.status != 206:
-                        raise CasdClientError(
-                            f"{what}: the server answered HTTP {resp.status} to a Range request"
-                        )
-                    else:
-                        data = await resp.read()
-                        if len(data) == c.size and await loop.run_in_executor(
-                            pool, _verify_and_write, fd, data, c, algo
-                        ):
+                try:
+                    async with self._sess().get(
+                        url, headers=headers, auto_decompress=False
+                    ) as resp:
+                        self._reached = True
+                        if resp.status >= 400:
+                            err = _http_error(resp, await resp.read(), what)
+                            if not err.retryable:
+                                raise err
+                        elif resp.status != 206:
+                            raise CasdClientError(
+                                f"{what}: the server answered HTTP {resp.status} to a Range request"
+                            )
+                        else:
+                            j, pieces, got = i, [], 0
+                            async for data in resp.content.iter_any():
+                                view = memoryview(data)
+                                while view and j < len(run):
+                                    # Slices of what arrived, never copies.
+                                    take = view[: run[j].size - got]
+                                    view = view[len(take) :]
+                                    pieces.append(take)
+                                    got += len(take)
+                                    if got == run[j].size:
+                                        await settle()
+                                        pending = (
+                                            j,
+                                            loop.run_in_executor(
+                                                pool, _verify_and_write, fd, pieces, run[j], algo
+                                            ),
+                                        )
+                                        j, pieces, got = j + 1, [], 0
+                            await settle()
+                            if j < len(run):
+                                raise aiohttp.ClientPayloadError(
+                                    f"body ended at byte {run[j].offset + got}"
+                                )
                             return
-                        # Corrupted on the way (or cut short): fetch it again.
-                        err = CasdIntegrityError(
-                            f"{what}: the bytes received do not match the chunk's digest"
-                            f" {c.digest}; nothing was written"
-                        )
+                finally:
+                    # Whatever stopped the stream, the chunk already complete is kept if good.
+                    if pending is not None:
+                        await settle()
+            except _Corrupted as exc:
+                corrupted[exc.index] = corrupted.get(exc.index, 0) + 1
+                c = run[exc.index]
+                if corrupted[exc.index] > min(2, self.retries):
+                    # Corruption is not a blip worth the full budget: two refetches, then no.
+                    raise CasdIntegrityError(
+                        f"chunk at offset {c.offset} of {url}: the bytes received do not match"
+                        f" the chunk's digest {c.digest}; nothing was written"
+                    ) from None
+                continue
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 err = self._connection_error(exc, url)
                 if isinstance(exc, aiohttp.ClientConnectorError) and not self._reached:
                     raise err from None
+            if i > began:
+                attempt = 0  # progress was made: the retry budget starts again
             attempt += 1
-            if isinstance(err, CasdIntegrityError):
-                # Corruption is not a blip worth the full budget: two refetches, then refuse.
-                if attempt > min(2, self.retries):
-                    raise err
-                continue
             await self._retry_wait(attempt, what, err)
 
     async def _fetch(
@@ -964,12 +1062,33 @@ def _part_length(part: Path) -> int:
         return 0
 
 
-def _verify_and_write(fd: int, data: bytes, c: ManifestChunk, algo: Algo) -> bool:
-    """Write `data` at the chunk's place if it hashes to the chunk's digest; whether it did."""
-    if digest_of(algo, data) != c.digest:
+class _Corrupted(Exception):
+    """The chunk at this index of a run arrived with bytes that do not match it."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
+
+
+def _verify_and_write(fd: int, pieces: list[memoryview], c: ManifestChunk, algo: Algo) -> bool:
+    """Write `pieces` at the chunk's place if they are the chunk's bytes; whether it did."""
+    if not c.matches_pieces(pieces, algo):
         return False
-    pwrite_all(fd, data, c.offset)
+    pwritev_all(fd, pieces, c.offset)
     return True
+
+
+def _hash_fd(fd: int, size: int, algo: Algo) -> str:
+    """The digest of the first `size` bytes of an open file, read in HASH_PIECE pieces."""
+    h = algo.new()
+    pos = 0
+    while pos < size:
+        data = os.pread(fd, min(HASH_PIECE, size - pos), pos)
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return h.hexdigest()
 
 
 def _publish(part: Path, dest: Path) -> None:

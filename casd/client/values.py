@@ -72,6 +72,9 @@ class DownloadSummary:
     `chunked` is true when the file came chunk by chunk from its manifest, each chunk
     verified; then fetched + reused = total, where "reused" counts chunks found in a
     `reuse` file or left by an earlier try. A single-GET download reports no chunks.
+    `verified` is "file" when the whole file's digest was checked (a single GET, or
+    `verify="full"`), "chunks" when each chunk was checked against the server's manifest
+    only; `chunk_check` then says by what: "xxh3-128", the file's algorithm, or both.
     """
 
     path: str
@@ -88,6 +91,8 @@ class DownloadSummary:
     bytes_fetched: int = 0
     chunks_reused: int = 0
     bytes_reused: int = 0
+    verified: str = "file"
+    chunk_check: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
