@@ -276,6 +276,8 @@ def add_token(path: Path, tenant: str, role: Role, quota: int | None) -> tuple[s
     be shown once, never stored) and its entry."""
     parse_line(f"sha256:{'0' * 64} tenant={tenant} role={role.value}", "--tenant/--role")
     token = secrets.token_urlsafe(32)
+    while token.startswith("-"):  # `--token -x...` would read as a flag on a command line
+        token = secrets.token_urlsafe(32)
     entry = TokenEntry(token_hash(token), tenant, role, quota)
     text = _existing_text(path)
     if text and not text.endswith("\n"):

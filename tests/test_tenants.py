@@ -465,7 +465,7 @@ async def test_the_cli_prints_one_line_for_401_403_and_quota(t, tmp_path, capsys
     base = str(t.client.make_url("/")).rstrip("/")
 
     def upload(token: str) -> tuple[int, str]:
-        code = cli.main(["upload", "--server", base, "--token", token, "--no-cache", str(big)])
+        code = cli.main(["upload", "--server", base, f"--token={token}", "--no-cache", str(big)])
         return code, capsys.readouterr().err
 
     for token, says in (
@@ -483,7 +483,7 @@ async def test_the_cli_prints_one_line_for_401_403_and_quota(t, tmp_path, capsys
     await t.upload("alice", p)
 
     def download(token: str) -> tuple[int, str]:
-        argv = ["download", "--server", base, "--token", token, "-o", str(tmp_path), p.digest]
+        argv = ["download", "--server", base, f"--token={token}", "-o", str(tmp_path), p.digest]
         code = cli.main(argv)
         return code, capsys.readouterr().err
 
