@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from casd import cli_admin, cli_serve, cli_transfer
+from casd import cli_admin, cli_serve, cli_tokens, cli_transfer
 from casd.cli_common import CliError, parse_args_with_config
 
 
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_serve.register(sub)
     cli_transfer.register(sub)
     cli_admin.register(sub)
+    cli_tokens.register(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from casd.catalog import TenantUsage
 from casd.cli_common import (
     CliError,
     add_data_arg,
@@ -86,6 +87,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("stats", help="files, bytes, dedup ratio, pending uploads")
     add_data_arg(p)
+    _add_tenant(p, "show only this tenant's files and bytes (tenant mode)")
     _add_json(p)
     p.set_defaults(func=cmd_stats)
 
@@ -103,12 +105,18 @@ def register(sub) -> None:
 
     p = sub.add_parser("ls", help="list complete files")
     add_data_arg(p)
+    _add_tenant(p, "list the files this tenant owns, under its names (tenant mode)")
     _add_json(p)
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("rm", help="remove a file (its chunks are left for gc)")
     add_data_arg(p)
     p.add_argument("digest", metavar="DIGEST", help="the file's md5 or sha256")
+    _add_tenant(
+        p,
+        "remove only this tenant's ownership; the file stays while another tenant owns it"
+        " (default: the file, for every tenant)",
+    )
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("export", help="write a stored file out as a regular file")
@@ -122,6 +130,10 @@ def register(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace PATH if it exists")
     p.set_defaults(func=cmd_export)
+
+
+def _add_tenant(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--tenant", metavar="NAME", help=help)
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -353,12 +365,46 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 # ---- stats, ls, rm, export --------------------------------------------------------------
 
 
+def _tenant_json(u: TenantUsage) -> dict:
+    return {
+        "files": u.files,
+        "logical_bytes": u.logical_bytes,
+        "pending_uploads": u.pending_uploads,
+        "pending_bytes": u.pending_bytes,
+    }
+
+
+def _tenant_stats(name: str, u: TenantUsage, as_json: bool) -> int:
+    if as_json:
+        _print_json({"tenant": name, **_tenant_json(u)})
+        return 0
+    rows = [
+        ("tenant", safe_text(name)),
+        ("files owned", f"{u.files}"),
+        ("logical bytes", f"{format_bytes(u.logical_bytes)} ({u.logical_bytes})"),
+        ("pending uploads", f"{u.pending_uploads} ({format_bytes(u.pending_bytes)})"),
+    ]
+    for k, v in rows:
+        print(f"{k + ':':<24}{v}")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     async def work(m: Maintenance) -> int:
+        tenants = await m.tenants()
+        if args.tenant is not None:
+            return _tenant_stats(args.tenant, tenants.get(args.tenant, TenantUsage()), args.json)
         s = await m.stats()
+        # What deduplication saves: every tenant's files counted for each owner (or, without
+        # tenants, every file once), against the bytes stored once for all of them.
+        logical = sum(u.logical_bytes for u in tenants.values()) if tenants else s.logical_bytes
+        saved = max(logical - s.physical_bytes, 0)
         if args.json:
             _print_json(
                 {
+                    "tenants": {name: _tenant_json(u) for name, u in tenants.items()},
+                    "tenant_logical_bytes": logical,
+                    "saved_bytes": saved,
                     "files": s.files,
                     "logical_bytes": s.logical_bytes,
                     "chunks": s.chunks,
@@ -391,6 +437,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
             ),
             ("catalogue size", f"{format_bytes(s.catalog_bytes)} ({s.catalog_bytes})"),
         ]
+        for name, u in tenants.items():
+            rows.append(
+                (
+                    f"tenant {safe_text(name)}",
+                    f"{u.files} files, {format_bytes(u.logical_bytes)} ({u.logical_bytes})",
+                )
+            )
+        share = f", {saved / logical:.0%} of {format_bytes(logical)}" if logical else ""
+        rows.append(("saved by dedup", f"{format_bytes(saved)} ({saved}){share}"))
         if s.quarantined_chunks:
             rows.append(("quarantined chunks", f"{s.quarantined_chunks} (re-upload heals)"))
         if s.expired_uploads:
@@ -469,7 +524,7 @@ def _file_json(f: FileEntry) -> dict:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     async def work(m: Maintenance) -> int:
-        files = await m.ls()
+        files = await m.ls(args.tenant)
         if args.json:
             _print_json([_file_json(f) for f in files])
             return 0
@@ -485,7 +540,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
     digest = _digest(args.digest)
 
     async def work(m: Maintenance) -> int:
-        await m.rm(digest)
+        await m.rm(digest, args.tenant)
+        if args.tenant is not None:
+            print(
+                f"removed tenant {safe_text(args.tenant)}'s ownership of {digest.hex}; the file"
+                " goes once no tenant owns it, its chunks once nothing uses them (casd gc)"
+            )
+            return 0
         print(f"removed {digest.hex}; its chunks are garbage once nothing else uses them (casd gc)")
         return 0
 

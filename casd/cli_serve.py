@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import urllib.parse
+from pathlib import Path
 
 from aiohttp import web
 
@@ -31,7 +32,8 @@ from casd.server import (
     connection_ceiling,
     raise_fd_limit,
 )
-from casd.web import create_app
+from casd.tenants import TokenFileError, TokenTable
+from casd.web import TOKENS, create_app
 
 log = logging.getLogger("casd")
 
@@ -108,6 +110,14 @@ def register(sub) -> None:
         "--admin-token",
         default=os.environ.get("CASD_ADMIN_TOKEN"),
         help="token for DELETE /v1/files and any /v1 call (default: $CASD_ADMIN_TOKEN)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=Path,
+        default=os.environ.get("CASD_TOKENS") or None,
+        metavar="FILE",
+        help="tenant mode: the token file of `casd token add` (default: $CASD_TOKENS;"
+        " re-read when it changes, and on SIGHUP; see docs/tenants.md)",
     )
     p.add_argument(
         "--io-workers",
@@ -348,6 +358,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         reserve_bytes=args.reserve,
         token=args.token or None,
         admin_token=args.admin_token or None,
+        tokens=Path(args.tokens).resolve() if args.tokens else None,
         io_workers=args.io_workers,
         hash_workers=args.hash_workers,
         sqlite_synchronous=args.sync,
@@ -396,6 +407,11 @@ def effective(settings: Settings, args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if settings.tokens is not None:
+        try:
+            TokenTable.read(settings.tokens)  # --check-config catches a broken file too
+        except TokenFileError as exc:
+            raise CliError(str(exc), 2) from None
     if args.check_config:
         print(effective(settings, args))
         return 0
@@ -412,7 +428,10 @@ def run(args: argparse.Namespace) -> int:
 async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     AcceptFailureLog(loop).install()
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except TokenFileError as exc:
+        raise CliError(str(exc), 2) from None
     # access_log=None: casd.observe writes the one access line per request.
     runner = CasdAppRunner(
         app,
@@ -434,6 +453,8 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if TOKENS in app:
+        loop.add_signal_handler(signal.SIGHUP, app[TOKENS].reload)
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
         try:

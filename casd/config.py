@@ -70,6 +70,9 @@ class Settings:
     # and DELETE /v1/files needs the admin token once that is set.
     token: str | None = None
     admin_token: str | None = None
+    # Tenant mode (docs/tenants.md): the token file naming each token's tenant, role and
+    # quota. Replaces token and admin_token, which cannot be set beside it.
+    tokens: Path | None = None
     # Blocking file work (hash+write, fsync, rename) runs in threads; this bounds how many
     # requests do disk work at once so the daemon stays responsive under load.
     io_workers: int = 8
@@ -129,6 +132,11 @@ class Settings:
         for name in _COUNTS:
             if number(name) < 1 or not isinstance(getattr(self, name), int):
                 raise ValueError(f"{name} must be a whole number, at least 1")
+        if self.tokens is not None and (self.token is not None or self.admin_token is not None):
+            raise ValueError(
+                "tokens (tenant mode) cannot be used with token or admin_token: in tenant"
+                " mode every key is a line of that file, with its tenant and role"
+            )
         if self.max_pending_chunks_per_client > self.max_pending_chunks:
             raise ValueError("max_pending_chunks_per_client cannot exceed max_pending_chunks")
         if number("reserve_bytes") < 0:

@@ -67,7 +67,8 @@ class StorageFull(CasdError):
 
 
 class Forbidden(CasdError):
-    """A policy refused the request: a foreign web origin, or the pre-handshake hook."""
+    """A policy refused the request: a foreign web origin, the pre-handshake hook, or a
+    tenant token whose role may not do this."""
 
 
 class UnsupportedMediaType(CasdError):
@@ -89,6 +90,10 @@ class BodyTimeout(CasdError):
 
 class MalformedBody(CasdError):
     """The body's framing (chunked encoding, length) is broken; the connection is dropped."""
+
+
+class QuotaExceeded(CasdError):
+    """A tenant's handshake would take its owned and pending bytes over its quota."""
 
 
 class TooManyPending(CasdError):

@@ -75,9 +75,10 @@ class Hooks:
         while len(self._skipped) > _REMEMBERED:
             self._skipped.popitem(last=False)
 
-    def completed_events(self, upload_id: str) -> HookEvents | None:
+    def completed_events(self, upload_id: str, tenant: str | None = None) -> HookEvents | None:
         """The file.completed events to commit with the merge of `upload_id` (None when no
-        receiver is configured); hand them to `committed` once the merge returned."""
+        receiver is configured); hand them to `committed` once the merge returned. In
+        tenant mode `tenant` (the uploader's) goes into the event: the file is now its."""
         skipped = self._skipped.get(upload_id)
 
         def data(entry: FileEntry) -> dict:
@@ -85,17 +86,23 @@ class Hooks:
             if skipped is not None:
                 fields["bytes_skipped"] = skipped
                 fields["bytes_sent"] = entry.size - skipped
+            if tenant is not None:
+                fields["tenant"] = tenant
             return fields
 
         return self._events("file.completed", data)
 
-    def deleted_events(self) -> HookEvents | None:
+    def deleted_events(self, tenant: str | None = None) -> HookEvents | None:
         """The file.deleted events to commit with a file's deletion (None when no receiver
-        is configured); hand them to `committed` once the deletion returned."""
+        is configured); hand them to `committed` once the deletion returned. `tenant`: in
+        tenant mode, whose ownership the delete removed (None: an admin's, every one)."""
 
         def data(entry: FileEntry) -> dict:
             algo = entry.digest.algo.value
-            return {"algo": algo, algo: entry.digest.hex, "digest": entry.digest.hex}
+            fields = {"algo": algo, algo: entry.digest.hex, "digest": entry.digest.hex}
+            if tenant is not None:
+                fields["tenant"] = tenant
+            return fields
 
         return self._events("file.deleted", data)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from casd.blobstore import BlobMissing, BlobStore, Reserve, open_blobstore
-from casd.catalog import Catalog, open_catalog
+from casd.catalog import Catalog, TenantUsage, open_catalog
 from casd.config import Settings
 from casd.digest import Digest
 from casd.errors import AdminError, NotFound, StorageFull
@@ -148,13 +148,21 @@ class Maintenance:
             pending_catalog_bytes=c["pending_entries"] * CATALOG_BYTES_PER_ENTRY,
         )
 
-    async def ls(self) -> list[FileEntry]:
-        return await self.catalog.list_files()
+    async def tenants(self) -> dict[str, TenantUsage]:
+        """What each tenant owns and has pending (tenant mode), by tenant name."""
+        return await self.catalog.tenant_usage(self.clock())
 
-    async def rm(self, digest: Digest) -> None:
-        """Remove a complete file from the catalogue, as DELETE /v1/files does."""
-        if not await self._freeing(self.catalog.delete_file, digest):
-            raise NotFound(f"no file {digest.hex}")
+    async def ls(self, tenant: str | None = None) -> list[FileEntry]:
+        """Every complete file, or those `tenant` owns (under its names)."""
+        return await self.catalog.list_files(tenant)
+
+    async def rm(self, digest: Digest, tenant: str | None = None) -> None:
+        """Remove a complete file from the catalogue, as an admin's DELETE /v1/files does
+        (every tenant's ownership with it), or only `tenant`'s ownership of it, as that
+        tenant's DELETE does (the file stays while another tenant owns it)."""
+        if not await self._freeing(self.catalog.delete_file, digest, None, tenant):
+            owner = f" owned by tenant {tenant!r}" if tenant is not None else ""
+            raise NotFound(f"no file {digest.hex}{owner}")
 
     # -- pending uploads --
 

@@ -146,6 +146,7 @@ def allowed(settings: Settings, header: str) -> bool:
 
     --metrics-token, when set, is the one key; otherwise the API tokens protect /metrics
     when they are configured; with no token at all /metrics is open on the listen address.
+    In tenant mode only --metrics-token opens it: its totals are about every tenant.
     """
     given = header[7:] if header[:7].lower() == "bearer " else ""
     keys = (
@@ -154,7 +155,7 @@ def allowed(settings: Settings, header: str) -> bool:
         else [t for t in (settings.token, settings.admin_token) if t]
     )
     if not keys:
-        return True
+        return settings.tokens is None
     return any(hmac.compare_digest(given.encode(), k.encode()) for k in keys)
 
 

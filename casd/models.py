@@ -74,6 +74,7 @@ class Upload:
     # is a placeholder and its `size` the sum of the chunks listed so far, until merge
     # seals it with the digest and size the client claims.
     sealed: bool = True
+    tenant: str = ""  # who may see it in tenant mode; "" without tenants
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,16 @@ class StreamBatch:
     count: int
     size: int
     missing: list[str]
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Whose view a request has in tenant mode (docs/tenants.md): the files it owns, the
+    chunks it proved it holds, its uploads; and the byte quota its handshakes are held to
+    (None: no quota). Single-tenant mode passes no Tenant at all."""
+
+    name: str
+    quota: int | None = None
 
 
 @dataclass(frozen=True)

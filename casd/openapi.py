@@ -28,6 +28,8 @@ def _error(description: str) -> dict:
 # Every answer may be an error in the one JSON shape; the codes listed per operation are the
 # ones PROTOCOL.md names, and `default` covers the rest (401, 405, 413, 415, 429, 500, 507...).
 _ERRORS = {"default": _error("an error in the JSON error shape")}
+# In tenant mode (docs/tenants.md) a token whose role may not do an operation gets 403.
+_ROLE = {"403": _error("forbidden: this token's role may not do this (tenant mode)")}
 
 _UPLOAD_ID = {
     "name": "upload_id",
@@ -241,7 +243,11 @@ def document() -> dict:
                         },
                     },
                     "400": _error("malformed handshake"),
-                    "413": _error("over a limit"),
+                    **_ROLE,
+                    "413": _error(
+                        "over a limit (too_large), or over the tenant's quota (quota_exceeded,"
+                        " with `quota` and `usage` in bytes)"
+                    ),
                     **_ERRORS,
                 },
             }
@@ -253,6 +259,7 @@ def document() -> dict:
                 "responses": {
                     "200": _json(_ref("Pending"), "the pending upload"),
                     "404": _error("no such pending upload"),
+                    **_ROLE,
                     **_ERRORS,
                 },
             },
@@ -262,6 +269,7 @@ def document() -> dict:
                 "responses": {
                     "204": {"description": "aborted"},
                     "404": _error("no such pending upload"),
+                    **_ROLE,
                     **_ERRORS,
                 },
             },
@@ -290,6 +298,7 @@ def document() -> dict:
                     "201": _json(_ref("ChunkStored"), "stored"),
                     "200": _json(_ref("ChunkStored"), "already held"),
                     "404": _error("no such pending upload"),
+                    **_ROLE,
                     "409": _error("not in the manifest"),
                     "422": _error("digest or size mismatch"),
                     **_ERRORS,
@@ -349,6 +358,7 @@ def document() -> dict:
                 "responses": {
                     "200": _json(_ref("Complete"), "merged"),
                     "404": _error("no such upload"),
+                    **_ROLE,
                     "409": _error("chunks still missing (`missing`)"),
                     "422": _error("file digest mismatch"),
                     **_ERRORS,
@@ -364,8 +374,9 @@ def document() -> dict:
                 "operationId": "deleteFile",
                 "parameters": [file_name],
                 "responses": {
-                    "204": {"description": "deleted"},
+                    "204": {"description": "deleted (in tenant mode: this tenant's ownership)"},
                     "404": _error("no such file"),
+                    **_ROLE,
                     **_ERRORS,
                 },
             },

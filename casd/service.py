@@ -57,6 +57,7 @@ from casd.models import (
     PutResult,
     StreamBatch,
     StreamLimits,
+    Tenant,
     Upload,
     UploadState,
 )
@@ -167,6 +168,15 @@ class OpenFile:
 
     entry: FileEntry
     chunks: list[tuple[str, int]]
+
+
+def _name(tenant: Tenant | None) -> str | None:
+    return tenant.name if tenant is not None else None
+
+
+def _sees(tenant: Tenant | None, upload: Upload) -> bool:
+    """Whether a request of `tenant` may see `upload` (without tenants, every upload)."""
+    return tenant is None or upload.tenant == tenant.name
 
 
 class Service:
@@ -326,18 +336,22 @@ class Service:
                 allowed_algos=list(allowed),
             )
 
-    async def handshake(self, m: Manifest, client: str = "") -> HandshakeResult:
-        """`client` names who asks (see web.client_of), for the pending-upload budget."""
+    async def handshake(
+        self, m: Manifest, client: str = "", tenant: Tenant | None = None
+    ) -> HandshakeResult:
+        """`client` names who asks (see web.client_of), for the pending-upload budget;
+        `tenant` (tenant mode) whose view it has: complete only for a file it owns, missing
+        every chunk it has not proved it holds, held to its quota (QuotaExceeded)."""
         self.check_algo(m.digest)
         self.check_manifest(m)
-        existing = await self.catalog.get_file(m.digest)
-        if (
-            existing is not None
-            and existing.size == m.size
+        existing = await self.catalog.get_file(m.digest, _name(tenant))
+        if existing is not None and existing.size == m.size:
             # A file that uses a quarantined chunk is damaged: upload it again to heal it.
-            and not await self.catalog.damaged(existing.manifest_id)
-        ):
-            return HandshakeComplete(m.digest, m.size, m.ext)
+            if not await self.catalog.damaged(existing.manifest_id):
+                return HandshakeComplete(m.digest, m.size, m.ext)
+            if tenant is not None:
+                # Healing a file it owns adds nothing to what the tenant holds.
+                tenant = dataclasses.replace(tenant, quota=None)
         await self._admit_upload()
         now = self.clock()
         upload, missing = await self.catalog.begin_upload(
@@ -348,31 +362,36 @@ class Service:
             secrets.token_hex(16),
             client,
             self.budget,
+            tenant,
         )
         return HandshakePending(m.digest, m.size, m.ext, upload.id, missing, upload.expires_at)
 
     # ---- uploads ----------------------------------------------------------------------
 
-    async def _pending(self, upload_id: str) -> Upload:
+    async def _pending(self, upload_id: str, tenant: Tenant | None = None) -> Upload:
         upload = await self.catalog.get_upload(upload_id)
         if (
             upload is None
             or upload.state != UploadState.PENDING
             or upload.expires_at <= self.clock()
+            or not _sees(tenant, upload)
         ):
             raise NotFound(
                 f"no pending upload {upload_id!r} (never created, merged, aborted or expired)"
             )
         return upload
 
-    async def status(self, upload_id: str) -> tuple[Upload, list[str]]:
-        """A pending upload and what it still lacks; counts as activity on it."""
-        upload = await self._pending(upload_id)
+    async def status(
+        self, upload_id: str, tenant: Tenant | None = None
+    ) -> tuple[Upload, list[str]]:
+        """A pending upload and what it still lacks; counts as activity on it. In tenant
+        mode another tenant's upload is NotFound, as one that does not exist."""
+        upload = await self._pending(upload_id, tenant)
         now = self.clock()
         if not await self.catalog.touch_upload(upload_id, now, self._expiry(now)):
             raise NotFound(f"no pending upload {upload_id!r}")
         upload = dataclasses.replace(upload, expires_at=self._expiry(now))
-        return upload, await self.catalog.missing(upload.manifest_id)
+        return upload, await self.catalog.missing(upload.manifest_id, _name(tenant))
 
     # ---- streamed uploads (protocol v1.1) -----------------------------------------------
 
@@ -437,11 +456,16 @@ class Service:
         body: AsyncIterator[bytes],
         content_length: int | None,
         with_missing: bool = True,
+        tenant: Tenant | None = None,
     ) -> PutResult:
         """Receive one chunk's bytes: verify while streaming, store once, say what is left
-        (unless `with_missing` is off: for huge manifests that list is the dominant cost)."""
+        (unless `with_missing` is off: for huge manifests that list is the dominant cost).
+
+        In tenant mode the verified bytes also prove that `tenant` holds the chunk, and
+        `stored` says whether the chunk is new *to this tenant*: whether another tenant
+        stored it first is not this tenant's to learn."""
         self.check_algo(digest)
-        upload = await self._pending(upload_id)
+        upload = await self._pending(upload_id, tenant)
         if digest.algo is not upload.digest.algo:
             raise BadRequest(
                 f"upload {upload_id} uses {upload.digest.algo.value} digests, not {digest.algo.value}"
@@ -468,10 +492,13 @@ class Service:
             finally:
                 if follow is not None:
                     follow.state.lock.release()
+        if tenant is not None:
+            proved = await self.catalog.prove_chunk(tenant.name, digest)
+            stored = stored or proved
         self._start_hash_ahead(upload)
         if not with_missing:
             return PutResult(stored, None)
-        return PutResult(stored, await self.catalog.missing(upload.manifest_id))
+        return PutResult(stored, await self.catalog.missing(upload.manifest_id, _name(tenant)))
 
     async def _receive(
         self,
@@ -632,15 +659,19 @@ class Service:
         upload_id: str,
         events: HookEvents | None = None,
         claim: tuple[Digest, int] | None = None,
+        tenant: Tenant | None = None,
     ) -> FileEntry:
         """Verify the whole file's digest over its chunks and register it; idempotent.
-        `events` commit with the registration (see Catalog.register_file).
+        `events` commit with the registration (see Catalog.register_file). In tenant mode
+        the file becomes `tenant`'s (another tenant's upload is NotFound).
 
         `claim` is the file's (digest, size) as a streamed upload's client gives it at
         merge: it seals the upload first (BadRequest when a streamed upload has none). On
         an upload that has its digest already, a claim must be that digest and size."""
         # One read decides: another client merging the same upload may flip it to merged.
         upload = await self.catalog.get_upload(upload_id)
+        if upload is not None and not _sees(tenant, upload):
+            upload = None
         if upload is None or (
             upload.state != UploadState.MERGED and upload.expires_at <= self.clock()
         ):
@@ -654,7 +685,7 @@ class Service:
             )
         if upload.state == UploadState.MERGED:
             return await self._merged_file(upload)
-        missing = await self.catalog.missing(upload.manifest_id)
+        missing = await self.catalog.missing(upload.manifest_id, upload.tenant or None)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
         state = await self._hash_file(upload, all_present=True)
@@ -716,7 +747,7 @@ class Service:
         raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
 
     async def _merged_file(self, upload: Upload) -> FileEntry:
-        entry = await self.catalog.get_file(upload.digest)
+        entry = await self.catalog.get_file(upload.digest, upload.tenant or None)
         if entry is None:
             raise NotFound(f"upload {upload.id} was merged, but its file has been deleted")
         return entry
@@ -885,24 +916,34 @@ class Service:
                 i += 1
         return i
 
-    async def abort(self, upload_id: str) -> None:
-        """Forget a pending upload; NotFound once it is merged (a merge that won stays won)."""
+    async def abort(self, upload_id: str, tenant: Tenant | None = None) -> None:
+        """Forget a pending upload; NotFound once it is merged (a merge that won stays won),
+        and in tenant mode for another tenant's upload."""
+        if tenant is not None:
+            # An upload's tenant never changes, so checking it first leaves no race.
+            upload = await self.catalog.get_upload(upload_id)
+            if upload is None or not _sees(tenant, upload):
+                raise NotFound(f"no pending upload {upload_id!r}")
         if not await self._freeing(self.catalog.drop_pending_upload, upload_id):
             raise NotFound(f"no pending upload {upload_id!r}")
         self._forget_hash(upload_id)
 
     # ---- files ------------------------------------------------------------------------
 
-    async def get_file(self, digest: Digest) -> FileEntry:
+    # In tenant mode `reader` names the tenant whose files a read may see (None: every file,
+    # for an admin and without tenants). A file it does not own is NotFound through the same
+    # path, with the same message, as a file that does not exist.
+
+    async def get_file(self, digest: Digest, reader: str | None = None) -> FileEntry:
         """A complete file's catalogue entry (no chunk list: for answers without a body)."""
-        entry = await self.catalog.get_file(digest)
+        entry = await self.catalog.get_file(digest, reader)
         if entry is None:
             raise NotFound(f"no file {digest.hex}")
         return entry
 
-    async def open_file(self, digest: Digest) -> OpenFile:
+    async def open_file(self, digest: Digest, reader: str | None = None) -> OpenFile:
         """A complete file with its chunk list, both from one catalogue snapshot."""
-        found = await self.catalog.file_with_chunks(digest)
+        found = await self.catalog.file_with_chunks(digest, reader)
         if found is None:
             raise NotFound(f"no file {digest.hex}")
         entry, chunks = found
@@ -958,9 +999,11 @@ class Service:
                 " more; uploading the file again repairs it)"
             ) from None
 
-    async def file_manifest(self, digest: Digest) -> tuple[FileEntry, int]:
+    async def file_manifest(
+        self, digest: Digest, reader: str | None = None
+    ) -> tuple[FileEntry, int]:
         """The file and how many chunks its manifest lists; NotFound as for get_file."""
-        entry = await self.get_file(digest)
+        entry = await self.get_file(digest, reader)
         count = await self.catalog.manifest_chunk_count(entry.manifest_id)
         if count is None:
             raise NotFound(f"no file {digest.hex}")
@@ -992,9 +1035,12 @@ class Service:
         if seen != count or offset != entry.size:
             raise NotFound(f"file {entry.digest.hex} was deleted while its manifest was read")
 
-    async def delete_file(self, digest: Digest, events: HookEvents | None = None) -> None:
-        """Forget a complete file; `events` commit with it (see Catalog.delete_file)."""
-        if not await self._freeing(self.catalog.delete_file, digest, events):
+    async def delete_file(
+        self, digest: Digest, events: HookEvents | None = None, reader: str | None = None
+    ) -> None:
+        """Forget a complete file; `events` commit with it (see Catalog.delete_file). With
+        `reader`, only that tenant's ownership: the file stays while another owns it."""
+        if not await self._freeing(self.catalog.delete_file, digest, events, reader):
             raise NotFound(f"no file {digest.hex}")
 
     async def health(self) -> None:

@@ -37,6 +37,7 @@ from casd.errors import (
     NotFound,
     NotInManifest,
     OffsetMismatch,
+    QuotaExceeded,
     RangeNotSatisfiable,
     SizeMismatch,
     StorageFull,
@@ -48,8 +49,9 @@ from casd.errors import (
     UnsupportedMediaType,
 )
 from casd.hooks import HOOKS
-from casd.models import ChunkRef, FileEntry, HandshakeComplete, Manifest
+from casd.models import ChunkRef, FileEntry, HandshakeComplete, Manifest, Tenant
 from casd.service import MAX_STREAM_BATCH, BlobReader, Service
+from casd.tenants import Principal, Role, TokenFile
 from casd.web_guard import guard_middleware, install_guard, require_json
 
 log = logging.getLogger("casd.web")
@@ -57,6 +59,10 @@ log = logging.getLogger("casd.web")
 SETTINGS = web.AppKey("settings", Settings)
 SERVICE = web.AppKey("service", Service)
 BIG_HANDSHAKES = web.AppKey("big_handshakes", asyncio.Semaphore)
+# Tenant mode only: the token file, re-read as it changes (casd.tenants.TokenFile).
+TOKENS = web.AppKey("tokens", TokenFile)
+# The request's Principal in tenant mode (set by auth_middleware).
+PRINCIPAL = "casd.principal"
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -91,6 +97,7 @@ ERROR_MAP: dict[type[CasdError], tuple[int, str]] = {
     FileDigestMismatch: (422, protocol.FILE_DIGEST_MISMATCH),
     OffsetMismatch: (409, protocol.OFFSET_MISMATCH),
     TooManyPending: (429, protocol.TOO_MANY_PENDING),
+    QuotaExceeded: (413, protocol.QUOTA_EXCEEDED),
     Unavailable: (503, protocol.UNAVAILABLE),
     StoreUnavailable: (503, protocol.UNAVAILABLE),
     StorageFull: (507, protocol.INSUFFICIENT_STORAGE),
@@ -246,6 +253,8 @@ def _reason(request: web.Request, exc: web.HTTPException) -> str:
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     settings = request.app[SETTINGS]
+    if settings.tokens is not None:
+        return await _tenant_auth(request, handler)
     if settings.token is None and settings.admin_token is None:
         return await handler(request)
     if not request.path.startswith("/v1/"):
@@ -262,10 +271,70 @@ async def auth_middleware(request: web.Request, handler):
     return await handler(request)
 
 
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    return header[7:] if header[:7].lower() == "bearer " else ""
+
+
+# ---- tenant mode (docs/tenants.md) --------------------------------------------------
+
+
+def _role_needed(request: web.Request) -> Role:
+    """Reads of files (and of the API description) need `read`; everything else `upload`.
+    What an admin may do beyond that (every tenant's files) is the handlers' business."""
+    path = request.path
+    if request.method in ("GET", "HEAD") and (
+        path.startswith("/v1/files/") or path == "/v1/openapi.json"
+    ):
+        return Role.READ
+    return Role.UPLOAD
+
+
+async def _tenant_auth(request: web.Request, handler):
+    """401 for a missing or unknown token, 403 for a role that may not do this; the token
+    itself is never logged or echoed, only its tenant."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    try:
+        principal = request.app[TOKENS].table().lookup(_bearer(request))
+    except UnicodeEncodeError:
+        principal = None  # not even bytes a client could have sent: a wrong token
+    if principal is None:
+        raise Unauthorized("missing or unknown token (Authorization: Bearer ...)")
+    need = _role_needed(request)
+    if not principal.role.allows(need):
+        raise Forbidden(
+            f"a {principal.role.value} token of tenant {principal.tenant!r} may not"
+            f" {request.method} {request.path[:200]}: that needs the {need.value} role"
+        )
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+def uploader_of(request: web.Request) -> Tenant | None:
+    """The tenant (and quota) whose uploads a request handles; None without tenants. An
+    admin's uploads are its own tenant's too."""
+    principal: Principal | None = request.get(PRINCIPAL)
+    return principal.scope if principal is not None else None
+
+
+def reader_of(request: web.Request) -> str | None:
+    """The tenant whose files a request may see and delete; None for every file (an admin,
+    or no tenants)."""
+    principal: Principal | None = request.get(PRINCIPAL)
+    if principal is None or principal.role is Role.ADMIN:
+        return None
+    return principal.tenant
+
+
 def client_of(request: web.Request) -> str:
-    """Who a request comes from, for per-client budgets: its bearer token when tokens are
-    required (a fingerprint: the catalogue never holds a secret), else its address."""
+    """Who a request comes from, for per-client budgets: its tenant in tenant mode, its
+    bearer token when tokens are required (a fingerprint: the catalogue never holds a
+    secret), else its address."""
     settings = request.app[SETTINGS]
+    principal: Principal | None = request.get(PRINCIPAL)
+    if principal is not None:
+        return "tenant:" + principal.tenant
     if settings.token is not None or settings.admin_token is not None:
         header = request.headers.get("Authorization", "")
         given = header[7:] if header[:7].lower() == "bearer " else ""
@@ -423,15 +492,16 @@ async def handshake(request: web.Request) -> web.Response:
     body = await read_body(request, limit, request.app[BODY_BUDGET])
     hooks = request.app[HOOKS]
     client = client_of(request)
+    tenant = uploader_of(request)
     if len(body) > THREAD_PARSE_BYTES:
         async with request.app[BIG_HANDSHAKES]:
             manifest = await asyncio.to_thread(parse_manifest, body)
             await hooks.check_handshake(request, manifest)
-            result = await service.handshake(manifest, client)
+            result = await service.handshake(manifest, client, tenant)
     else:
         manifest = parse_manifest(body)
         await hooks.check_handshake(request, manifest)
-        result = await service.handshake(manifest, client)
+        result = await service.handshake(manifest, client, tenant)
     skipped = observe.handshake_answered(request, manifest, result)
     if isinstance(result, HandshakeComplete):
         return web.json_response(_complete(result.digest, result.size, result.ext))
@@ -450,7 +520,9 @@ async def handshake(request: web.Request) -> web.Response:
 
 
 async def upload_status(request: web.Request) -> web.Response:
-    upload, missing = await request.app[SERVICE].status(parse_upload_id(request))
+    upload, missing = await request.app[SERVICE].status(
+        parse_upload_id(request), uploader_of(request)
+    )
     if not upload.sealed:  # a v1.1 streamed upload: no digest yet, only what it lists so far
         return missing_response(
             {
@@ -485,6 +557,7 @@ async def put_chunk(request: web.Request) -> web.Response:
         body_pieces(request),
         request.content_length,
         with_missing=not minimal,
+        tenant=uploader_of(request),
     )
     status = 201 if result.stored else 200
     if result.missing is None:  # the client asked for the minimal answer
@@ -500,8 +573,9 @@ async def merge(request: web.Request) -> web.Response:
     upload_id = parse_upload_id(request)
     claim = await merge_claim(request)
     hooks = request.app[HOOKS]
-    events = hooks.completed_events(upload_id)
-    entry = await request.app[SERVICE].merge(upload_id, events, claim)
+    tenant = uploader_of(request)
+    events = hooks.completed_events(upload_id, tenant.name if tenant is not None else None)
+    entry = await request.app[SERVICE].merge(upload_id, events, claim, tenant)
     hooks.committed(events, upload_id)
     return web.json_response(_complete(entry.digest, entry.size, entry.ext))
 
@@ -619,8 +693,12 @@ async def capabilities(request: web.Request) -> web.Response:
 def streams_offered(settings: Settings) -> bool:
     """Whether v1.1 streamed uploads are offered: with --stream-uploads, and only without a
     pre-handshake policy hook, which decides on a file's digest and size before any chunk
-    is accepted (a streamed upload has neither until merge)."""
-    return settings.stream_uploads and settings.hook_pre_handshake is None
+    is accepted (a streamed upload has neither until merge), and not in tenant mode, where
+    a handshake is held to the tenant's quota by the file's size and a batch's missing list
+    would have to follow the tenant's proofs (docs/tenants.md)."""
+    return (
+        settings.stream_uploads and settings.hook_pre_handshake is None and settings.tokens is None
+    )
 
 
 def _offered(request: web.Request) -> None:
@@ -676,7 +754,7 @@ async def add_chunks(request: web.Request) -> web.Response:
 
 
 async def abort(request: web.Request) -> web.Response:
-    await request.app[SERVICE].abort(parse_upload_id(request))
+    await request.app[SERVICE].abort(parse_upload_id(request), uploader_of(request))
     return web.Response(status=204)
 
 
@@ -768,10 +846,11 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     # Bytes go out only with the entry they were planned from: one snapshot gives both, so
     # a delete and a new upload committing meanwhile cannot put other bytes under this ETag.
     opened = None
+    reader = reader_of(request)
     if request.method == "HEAD" or not_modified:
-        entry = await service.get_file(digest)
+        entry = await service.get_file(digest, reader)
     else:
-        opened = await service.open_file(digest)
+        opened = await service.open_file(digest, reader)
         entry = opened.entry
     ctype = _content_type(url_ext, entry)
     headers = {
@@ -923,7 +1002,7 @@ async def get_file_chunks(request: web.Request) -> web.StreamResponse:
     """The file's manifest as JSON, streamed page by page (see PROTOCOL.md)."""
     service = request.app[SERVICE]
     digest, _url_ext = _split_file_name(request.match_info["name"])
-    entry, count = await service.file_manifest(digest)
+    entry, count = await service.file_manifest(digest, reader_of(request))
     algo = entry.digest.algo.value
     resp = web.StreamResponse(
         headers={
@@ -970,8 +1049,9 @@ async def get_file_chunks(request: web.Request) -> web.StreamResponse:
 async def delete_file(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "file digest")
     hooks = request.app[HOOKS]
-    events = hooks.deleted_events()
-    await request.app[SERVICE].delete_file(digest, events)
+    reader = reader_of(request)
+    events = hooks.deleted_events(reader)
+    await request.app[SERVICE].delete_file(digest, events, reader)
     hooks.committed(events)
     return web.Response(status=204)
 
@@ -1024,6 +1104,8 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
         client_max_size=settings.max_handshake_bytes,
     )
     app[SETTINGS] = settings
+    if settings.tokens is not None:
+        app[TOKENS] = TokenFile(settings.tokens)  # TokenFileError: the daemon does not start
     app[BIG_HANDSHAKES] = asyncio.Semaphore(BIG_HANDSHAKES_AT_ONCE)
     app[BODY_BUDGET] = BodyBudget(
         BODIES_IN_MEMORY * settings.max_handshake_bytes, THREAD_PARSE_BYTES

@@ -138,7 +138,9 @@ def snapshot(data_dir: Path) -> dict:
     if db.exists():
         con = sqlite3.connect(db)
         try:
-            for table in ("chunks", "manifests", "manifest_chunks", "uploads", "files"):
+            tables = ("chunks", "manifests", "manifest_chunks", "uploads", "files")
+            tables += ("tenant_files", "tenant_chunks")
+            for table in tables:
                 out[table] = sorted(
                     con.execute(
                         f"SELECT * FROM {table}"

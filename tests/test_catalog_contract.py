@@ -20,10 +20,11 @@ from casd.errors import (
     FileDigestMismatch,
     Incomplete,
     OffsetMismatch,
+    QuotaExceeded,
     TooLarge,
     TooManyPending,
 )
-from casd.models import ChunkRef, Manifest, PendingBudget, StreamLimits
+from casd.models import ChunkRef, Manifest, PendingBudget, StreamLimits, Tenant
 
 WAIT = 30
 T0 = 1_000.0
@@ -320,6 +321,117 @@ async def test_delete_file_forgets_it_and_its_merged_upload(cat):
     assert await cat.file_with_chunks(entry.digest) is None
     assert await cat.get_upload(up.id) is None
     assert await cat.has_chunk(dg("a"))  # chunks are left for gc
+
+
+# ---- tenants ----------------------------------------------------------------------------------
+
+A, B = Tenant("a"), Tenant("b")
+
+
+async def test_a_tenant_sees_its_own_uploads_proofs_and_files(cat):
+    store = Store()
+    m = manifest(1, [("x", 1), ("y", 1)], "a.txt")
+    up_a, missing = await cat.begin_upload(m, "k", T0, LATER, "a" * 32, tenant=A)
+    assert up_a.tenant == "a" and missing == [hx("x"), hx("y")]
+    for t in ("x", "y"):
+        await publish(cat, store, t)
+    # Stored, but not proved by a: still missing to it, and it cannot merge.
+    assert await cat.missing(up_a.manifest_id, "a") == [hx("x"), hx("y")]
+    assert await cat.missing(up_a.manifest_id) == []
+    with pytest.raises(Incomplete):
+        await cat.register_file(up_a.id, T0)
+    assert await cat.prove_chunk("a", dg("x")) and not await cat.prove_chunk("a", dg("x"))
+    assert await cat.missing(up_a.manifest_id, "a") == [hx("y")]
+    await cat.prove_chunk("a", dg("y"))
+    entry = await cat.register_file(up_a.id, T0)
+    assert entry.name == "a.txt"
+    assert await cat.get_file(entry.digest, "a") == entry
+    assert await cat.get_file(entry.digest, "b") is None
+    assert await cat.file_with_chunks(entry.digest, "b") is None
+    assert (await cat.file_with_chunks(entry.digest, "a"))[1] == [(hx("x"), 1), (hx("y"), 1)]
+    # b's handshake of the same manifest: its own upload, every chunk missing.
+    up_b, missing = await cat.begin_upload(
+        manifest(1, [("x", 1), ("y", 1)], "b.txt"), "k", T0, LATER, "b" * 32, tenant=B
+    )
+    assert up_b.id != up_a.id and missing == [hx("x"), hx("y")]
+    for t in ("x", "y"):
+        await cat.prove_chunk("b", dg(t))
+    mine = await cat.register_file(up_b.id, T0 + 1)
+    assert (mine.name, mine.created) == ("b.txt", T0 + 1)  # b's name, never a's
+    assert [f.name for f in await cat.list_files("b")] == ["b.txt"]
+    usage = await cat.tenant_usage(T0)
+    assert (usage["a"].files, usage["a"].logical_bytes) == (1, 2)
+    assert (usage["b"].files, usage["b"].logical_bytes) == (1, 2)
+    # Deleting is per tenant; the file goes with its last owner.
+    assert not await cat.delete_file(entry.digest, tenant="c")
+    assert await cat.delete_file(entry.digest, tenant="a")
+    assert await cat.get_file(entry.digest, "a") is None
+    assert await cat.register_file(up_a.id, T0) is None  # a's repeated merge: gone for a
+    assert await cat.get_file(entry.digest) is not None
+    assert await cat.delete_file(entry.digest, tenant="b")
+    assert await cat.get_file(entry.digest) is None
+
+
+async def test_an_admin_delete_removes_every_ownership(cat):
+    store = Store()
+    await publish(cat, store, "x")
+    for t in (A, B):
+        up, _ = await cat.begin_upload(
+            manifest(1, [("x", 1)]), "k", T0, LATER, t.name * 32, tenant=t
+        )
+        await cat.prove_chunk(t.name, dg("x"))
+        entry = await cat.register_file(up.id, T0)
+    assert await cat.delete_file(entry.digest)
+    assert await cat.get_file(entry.digest, "a") is None
+    assert await cat.list_files("b") == []
+    assert await cat.tenant_usage(T0) == {}
+
+
+async def test_a_size_clash_is_told_only_about_a_chunk_the_tenant_proved(cat):
+    store = Store()
+    await publish(cat, store, "x", size=5)
+    # b never held x: a clash would tell it x is stored; its PUT will fail verification.
+    await cat.begin_upload(manifest(1, [("x", 6)]), "k", T0, LATER, "b" * 32, tenant=B)
+    await cat.prove_chunk("a", dg("x"))
+    with pytest.raises(BadRequest):
+        await cat.begin_upload(manifest(2, [("x", 6)]), "k", T0, LATER, "a" * 32, tenant=A)
+
+
+async def test_quota_counts_owned_and_pending_bytes_and_a_race_takes_it_once(cat, other):
+    store = Store()
+    q = Tenant("q", quota=10)
+    await publish(cat, store, "x", size=4)
+    up, _ = await cat.begin_upload(manifest(1, [("x", 4)]), "k", T0, LATER, "1" * 32, tenant=q)
+    await cat.prove_chunk("q", dg("x"))
+    await cat.register_file(up.id, T0)
+    await cat.begin_upload(manifest(2, [("p", 3)]), "k", T0, LATER, "2" * 32, tenant=q)
+    with pytest.raises(QuotaExceeded) as info:
+        await cat.begin_upload(manifest(3, [("r", 4)]), "k", T0, LATER, "3" * 32, tenant=q)
+    assert (info.value.extra["quota"], info.value.extra["usage"]) == (10, 7)
+    assert len(await cat.pending_uploads()) == 1  # nothing written
+    # 7 used: two handshakes of 3 bytes on two connections, at once; one fits.
+    results = await asyncio.gather(
+        cat.begin_upload(manifest(4, [("s", 3)]), "k", T0, LATER, "4" * 32, tenant=q),
+        other.begin_upload(manifest(5, [("t", 3)]), "k", T0, LATER, "5" * 32, tenant=q),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["QuotaExceeded", "tuple"], results
+    # Another tenant's quota is its own.
+    await cat.begin_upload(manifest(6, [("u", 9)]), "k", T0, LATER, "6" * 32, tenant=Tenant("z", 9))
+
+
+async def test_gc_retiring_a_chunk_drops_its_proofs(cat):
+    store = Store()
+    await publish(cat, store, "x")
+    await cat.prove_chunk("a", dg("x"))
+    marked = await cat.mark_garbage([hx("x")], T0 + 200, T0 + 50)
+    assert [r.digest.hex for r in marked] == [hx("x")]
+    await cat.retire_chunks([hx("x")], store.unlink)
+    await publish(cat, store, "x", now=T0 + 300)  # stored again by someone else
+    _up, missing = await cat.begin_upload(
+        manifest(1, [("x", 1)]), "k", T0, LATER, "a" * 32, tenant=A
+    )
+    assert missing == [hx("x")]
 
 
 # ---- reads ------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ LEAVES = {
     "casd.errors",
     "casd.models",
     "casd.protocol",
+    "casd.tenants",
 }
 # The modules that may use aiohttp's server side: web.py and its plumbing, and `casd serve`.
 SERVER_SIDE = {

@@ -48,6 +48,7 @@ from casd.models import (
     PendingUpload,
     StreamBatch,
     StreamLimits,
+    Tenant,
     Upload,
 )
 
@@ -154,6 +155,29 @@ class HookEvents:
     dropped: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class TenantUsage:
+    """What one tenant holds: files it owns and their bytes (logical: a file two tenants own
+    counts for both), and its live pending uploads and their bytes."""
+
+    files: int = 0
+    logical_bytes: int = 0
+    pending_uploads: int = 0
+    pending_bytes: int = 0
+
+
+def usage_table(owned: Iterable, pending: Iterable) -> dict[str, TenantUsage]:
+    """TenantUsage per tenant from (tenant, files, bytes) and (tenant, uploads, bytes) rows."""
+    out: dict[str, TenantUsage] = {}
+    for tenant, n, size in owned:
+        out[tenant] = TenantUsage(int(n), int(size))
+    for tenant, n, size in pending:
+        out[tenant] = dataclasses.replace(
+            out.get(tenant, TenantUsage()), pending_uploads=int(n), pending_bytes=int(size)
+        )
+    return dict(sorted(out.items()))
+
+
 class WriteStats(Protocol):
     """The write path as metrics see it."""
 
@@ -182,15 +206,18 @@ class Catalog(Protocol):
 
     # ---- daemon reads ----
 
-    async def get_file(self, digest: Digest) -> FileEntry | None: ...
+    async def get_file(self, digest: Digest, tenant: str | None = None) -> FileEntry | None:
+        """The complete file, or None. With `tenant`: only a file that tenant owns, under the
+        name, ext and time it gave it (None, exactly as for no file, when it owns none)."""
 
     async def file_with_chunks(
-        self, digest: Digest
+        self, digest: Digest, tenant: str | None = None
     ) -> tuple[FileEntry, list[tuple[str, int]]] | None:
         """A file and its (digest hex, size) chunks in order, as one snapshot gives them.
 
-        None when there is no such file. Safe beside a delete and new handshakes committing
-        meanwhile: a download never gets one manifest's chunks under another file's ETag.
+        None when there is no such file (or `tenant` does not own it, as get_file). Safe
+        beside a delete and new handshakes committing meanwhile: a download never gets one
+        manifest's chunks under another file's ETag.
         """
 
     async def get_upload(self, upload_id: str) -> Upload | None: ...
@@ -207,8 +234,10 @@ class Catalog(Protocol):
     async def damaged(self, manifest_id: int) -> bool:
         """True when the manifest uses a quarantined chunk (its file cannot be served whole)."""
 
-    async def missing(self, manifest_id: int) -> list[str]:
-        """Chunk digests the manifest needs and the store lacks, once each, in manifest order."""
+    async def missing(self, manifest_id: int, tenant: str | None = None) -> list[str]:
+        """Chunk digests the manifest needs and the store lacks, once each, in manifest order.
+        With `tenant`, also those stored that the tenant never proved it holds (prove_chunk,
+        or a merge of a file made of them)."""
 
     async def manifest_chunks(self, manifest_id: int) -> list[tuple[str, int]]:
         """(digest hex, size) of every chunk of a manifest, in order."""
@@ -245,6 +274,7 @@ class Catalog(Protocol):
         new_id: str,
         client: str = "",
         budget: PendingBudget | None = None,
+        tenant: Tenant | None = None,
     ) -> tuple[Upload, list[str]]:
         """Find the live pending upload of this exact manifest or create one (id `new_id`),
         and its missing chunks.
@@ -252,6 +282,13 @@ class Catalog(Protocol):
         A new upload is refused (TooManyPending or TooLarge, nothing written) when its chunk
         entries would take `client`'s or everyone's pending entries over `budget`; resuming
         never is. BadRequest when a chunk's size differs from the stored chunk's.
+
+        With `tenant`: only that tenant's uploads are resumed, the new one is its own,
+        `missing` is as missing(manifest_id, tenant), only chunks it proved are checked for
+        a size clash, and a new upload is refused with QuotaExceeded (nothing written) when
+        the bytes the tenant owns, plus its live pending uploads, plus this file's size are
+        over `tenant.quota`: checked in the transaction that records the upload, so two
+        racing handshakes cannot both take the last of it.
         """
 
     async def touch_upload(self, upload_id: str, now: float, expires_at: float) -> bool:
@@ -326,6 +363,11 @@ class Catalog(Protocol):
     ) -> FileEntry | None:
         """Turn a fully present pending upload into a complete file; None if no such upload.
 
+        An upload of a tenant also makes that tenant own the file (a file another tenant
+        stored first just gains an owner) and records its proofs of every chunk of the
+        file; the answer is the tenant's view (get_file with its name), None once it has
+        deleted the file.
+
         Idempotent: a merged upload answers the file it became. Incomplete (with the missing
         digests) when chunks are still missing; FileDigestMismatch when a file of another
         size holds the digest. `events`' rows are queued in the same transaction when this
@@ -339,10 +381,19 @@ class Catalog(Protocol):
         merge is decided once, either way.
         """
 
-    async def delete_file(self, digest: Digest, events: HookEvents | None = None) -> bool:
-        """Remove a file and the merged uploads that built it; its chunks are left for gc.
-        False if unknown. `events`' rows are queued in the same transaction when a file was
-        removed."""
+    async def delete_file(
+        self, digest: Digest, events: HookEvents | None = None, tenant: str | None = None
+    ) -> bool:
+        """Remove a file, every tenant's ownership of it and the merged uploads that built
+        it; its chunks are left for gc. False if unknown. `events`' rows are queued in the
+        same transaction when a file was removed.
+
+        With `tenant`: remove that tenant's ownership (False when it owns none) and its
+        merged uploads of it; the file itself only when no tenant owns it any more."""
+
+    async def prove_chunk(self, tenant: str, digest: Digest) -> bool:
+        """Record that `tenant` sent bytes verified to hash to `digest`; True when it had
+        not proved it before."""
 
     # ---- webhook queue ----
 
@@ -387,8 +438,8 @@ class Catalog(Protocol):
         self, digests: list[str], unlink: Locked[list[ChunkRow], object]
     ) -> list[ChunkRow]:
         """gc step 2: under their digest lock, `unlink(rows)` the blobs of those of `digests`
-        still DELETING, then drop their rows. A publish that revived a row first wins: its
-        row is LIVE and is neither unlinked nor dropped."""
+        still DELETING, then drop their rows and the tenants' proofs of them. A publish that
+        revived a row first wins: its row is LIVE and is neither unlinked nor dropped."""
 
     async def unused_quarantined(self, now: float) -> int:
         """Quarantined chunks that nothing relies on any more (nothing left to heal)."""
@@ -443,7 +494,11 @@ class Catalog(Protocol):
     async def abort_uploads(self, ids: list[str]) -> list[str]:
         """Drop these pending uploads (and their manifests) in one transaction; the ids found."""
 
-    async def list_files(self) -> list[FileEntry]: ...
+    async def list_files(self, tenant: str | None = None) -> list[FileEntry]:
+        """Every complete file, or (`tenant`) those it owns under its names."""
+
+    async def tenant_usage(self, now: float) -> dict[str, TenantUsage]:
+        """Per tenant (sorted by name): what it owns and what its uploads live at `now` hold."""
 
 
 async def open_catalog(

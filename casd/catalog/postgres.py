@@ -40,9 +40,11 @@ from casd.catalog import (
     ChunkUsers,
     HookEvents,
     Locked,
+    TenantUsage,
     check_seal,
     check_stream_batch,
     placeholder,
+    usage_table,
 )
 from casd.config import masked
 from casd.digest import Algo, Digest
@@ -50,6 +52,7 @@ from casd.errors import (
     BadRequest,
     FileDigestMismatch,
     Incomplete,
+    QuotaExceeded,
     TooLarge,
     TooManyPending,
     Unavailable,
@@ -62,6 +65,7 @@ from casd.models import (
     PendingUpload,
     StreamBatch,
     StreamLimits,
+    Tenant,
     Upload,
     UploadState,
 )
@@ -82,9 +86,15 @@ _RETRIES = 5  # deadlocks (two gc processes) and serialization failures
 
 _UPLOAD_COLUMNS = (
     "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at,"
-    " m.chunks_key"
+    " m.chunks_key, u.tenant"
 )
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
+# A file as one tenant sees it: the shared row, under the name and ext that tenant gave it.
+_TENANT_FILE = (
+    "SELECT f.algo, f.digest, f.size, t.ext, t.name, t.created, f.manifest_id FROM files f"
+    " JOIN tenant_files t ON t.digest = f.digest AND t.tenant = $3"
+    " WHERE f.digest = $1 AND f.algo = $2"
+)
 _CHUNK_COLUMNS = "c.digest, c.algo, c.size, c.xxh3, c.state, c.created"
 _UPLOAD_BY_ID = (
     f"SELECT {_UPLOAD_COLUMNS} FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
@@ -103,6 +113,21 @@ _MISSING = (
     " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = 0)"
     " ORDER BY mc.seq"
 )
+# In tenant mode a chunk is missing unless it is stored and this tenant proved it holds it.
+_MISSING_FOR_TENANT = (
+    "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = $1"
+    " AND (NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = 0)"
+    " OR NOT EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = $2 AND t.digest = mc.digest))"
+    " ORDER BY mc.seq"
+)
+# A chunk of a new manifest stored with another size than it gives; in tenant mode only the
+# chunks this tenant proved (as in the SQLite engine, which says why).
+_CLASH = (
+    "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
+    " JOIN chunks c ON c.digest = mc.digest"
+    " WHERE mc.manifest_id = $1 AND c.state = $2 AND c.size <> mc.size"
+)
+_PROVED = " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = $3 AND t.digest = mc.digest)"
 _PENDING_ENTRIES = (
     "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u"
     " JOIN manifests m ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > $1"
@@ -126,7 +151,7 @@ def digest_key(hex_: str) -> int:
 
 
 def _upload(row) -> Upload:
-    uid, manifest_id, algo, digest, size, ext, name, state, expires_at, key = row
+    uid, manifest_id, algo, digest, size, ext, name, state, expires_at, key, tenant = row
     return Upload(
         uid,
         manifest_id,
@@ -136,7 +161,8 @@ def _upload(row) -> Upload:
         name,
         UploadState(state),
         expires_at,
-        key != UNSEALED_KEY,
+        sealed=key != UNSEALED_KEY,
+        tenant=tenant,
     )
 
 
@@ -314,23 +340,15 @@ class PostgresCatalog:
         )
         return row[0]
 
-    async def get_file(self, digest: Digest) -> FileEntry | None:
-        row = await self._one(
-            f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = $1 AND f.algo = $2",
-            digest.hex,
-            digest.algo.value,
-        )
+    async def get_file(self, digest: Digest, tenant: str | None = None) -> FileEntry | None:
+        row = await self._run(_get_file, digest, tenant, read=True)
         return _file(row) if row else None
 
     async def file_with_chunks(
-        self, digest: Digest
+        self, digest: Digest, tenant: str | None = None
     ) -> tuple[FileEntry, list[tuple[str, int]]] | None:
         async def read(con):
-            row = await con.fetchrow(
-                f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = $1 AND f.algo = $2",
-                digest.hex,
-                digest.algo.value,
-            )
+            row = await _get_file(con, digest, tenant)
             if row is None:
                 return None
             entry = _file(row)
@@ -378,8 +396,8 @@ class PostgresCatalog:
         )
         return row is not None
 
-    async def missing(self, manifest_id: int) -> list[str]:
-        return await self._run(_missing, manifest_id, read=True)
+    async def missing(self, manifest_id: int, tenant: str | None = None) -> list[str]:
+        return await self._run(_missing, manifest_id, tenant, read=True)
 
     async def manifest_chunks(self, manifest_id: int) -> list[tuple[str, int]]:
         rows = await self._fetch(
@@ -429,9 +447,10 @@ class PostgresCatalog:
         new_id: str,
         client: str = "",
         budget: PendingBudget | None = None,
+        tenant: Tenant | None = None,
     ) -> tuple[Upload, list[str]]:
         return await self._run(
-            _begin_upload, manifest, chunks_key, now, expires_at, new_id, client, budget
+            _begin_upload, manifest, chunks_key, now, expires_at, new_id, client, budget, tenant
         )
 
     # ---- streamed uploads (protocol v1.1) -----------------------------------------------
@@ -543,9 +562,37 @@ class PostgresCatalog:
 
         return await self._run(drop)
 
-    async def delete_file(self, digest: Digest, events: HookEvents | None = None) -> bool:
+    async def delete_file(
+        self, digest: Digest, events: HookEvents | None = None, tenant: str | None = None
+    ) -> bool:
         async def delete(con):
             await _queue_events(con, events, None)
+            if tenant is not None:
+                row = await con.fetchrow(
+                    _TENANT_FILE + " FOR UPDATE OF f", *_file_key(digest, tenant)
+                )
+                if row is None:
+                    return False
+                entry = _file(row)
+                await con.execute(
+                    "DELETE FROM tenant_files WHERE tenant = $1 AND digest = $2",
+                    tenant,
+                    digest.hex,
+                )
+                # Its own merged uploads go, so its repeated merge cannot answer "complete".
+                await con.execute(
+                    "DELETE FROM uploads WHERE manifest_id IN"
+                    " (SELECT id FROM manifests WHERE digest = $1)"
+                    " AND state = 'merged' AND tenant = $2",
+                    digest.hex,
+                    tenant,
+                )
+                if await con.fetchval(
+                    "SELECT 1 FROM tenant_files WHERE digest = $1 LIMIT 1", digest.hex
+                ):
+                    await _queue_events(con, events, entry)
+                    return True  # another tenant still owns it: the file stays
+            # The file row first, then its owners: a tenant's merge locks them in that order.
             row = await con.fetchrow(
                 "DELETE FROM files f WHERE f.digest = $1 AND f.algo = $2"
                 f" RETURNING {_FILE_COLUMNS}",
@@ -554,7 +601,9 @@ class PostgresCatalog:
             )
             if row is None:
                 return False
-            entry = _file(row)
+            await con.execute("DELETE FROM tenant_files WHERE digest = $1", digest.hex)
+            if tenant is None:
+                entry = _file(row)
             mid = entry.manifest_id
             # The merged uploads that built it go too, so a repeated merge cannot answer
             # "complete" for a file that is gone.
@@ -566,6 +615,17 @@ class PostgresCatalog:
             return True
 
         return await self._run(delete)
+
+    async def prove_chunk(self, tenant: str, digest: Digest) -> bool:
+        async def prove(con):
+            status = await con.execute(
+                "INSERT INTO tenant_chunks (tenant, digest) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                tenant,
+                digest.hex,
+            )
+            return _count(status) == 1
+
+        return await self._run(prove)
 
     # ---- webhook queue ----
 
@@ -692,11 +752,14 @@ class PostgresCatalog:
             ]
             if rows:
                 await _locked(unlink, rows)
+                gone = [r.digest.hex for r in rows]
                 await con.execute(
                     "DELETE FROM chunks WHERE digest = ANY($1::text[]) AND state = $2",
-                    [r.digest.hex for r in rows],
+                    gone,
                     DELETING,
                 )
+                # Nothing relied on these chunks; their proofs go with them.
+                await con.execute("DELETE FROM tenant_chunks WHERE digest = ANY($1::text[])", gone)
             return rows
 
         return await self._run(retire)
@@ -856,11 +919,34 @@ class PostgresCatalog:
     async def size_bytes(self) -> int:
         return (await self._one("SELECT pg_database_size(current_database())"))[0]
 
-    async def list_files(self) -> list[FileEntry]:
-        rows = await self._fetch(
-            f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest"
-        )
+    async def list_files(self, tenant: str | None = None) -> list[FileEntry]:
+        if tenant is None:
+            rows = await self._fetch(
+                f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest"
+            )
+        else:
+            rows = await self._fetch(
+                "SELECT f.algo, f.digest, f.size, t.ext, t.name, t.created, f.manifest_id"
+                " FROM tenant_files t JOIN files f ON f.digest = t.digest WHERE t.tenant = $1"
+                " ORDER BY t.created, t.digest",
+                tenant,
+            )
         return [_file(r) for r in rows]
+
+    async def tenant_usage(self, now: float) -> dict[str, TenantUsage]:
+        async def usage(con):
+            owned = await con.fetch(
+                "SELECT tenant, count(*), coalesce(sum(size), 0) FROM tenant_files GROUP BY tenant"
+            )
+            pending = await con.fetch(
+                "SELECT u.tenant, count(*), coalesce(sum(m.size), 0) FROM uploads u"
+                " JOIN manifests m ON m.id = u.manifest_id WHERE u.tenant <> ''"
+                " AND u.state = 'pending' AND u.expires_at > $1 GROUP BY u.tenant",
+                now,
+            )
+            return usage_table(owned, pending)
+
+        return await self._run(usage, snapshot=True)
 
 
 # ---- operations: functions of a connection inside a transaction -----------------------
@@ -881,9 +967,29 @@ def _describe(exc: BaseException, url: str) -> str:
     return text.replace(url, masked(url))
 
 
-async def _missing(con: asyncpg.Connection, manifest_id: int) -> list[str]:
-    rows = await con.fetch(_MISSING, manifest_id)
+async def _missing(
+    con: asyncpg.Connection, manifest_id: int, tenant: str | None = None
+) -> list[str]:
+    if tenant is None:
+        rows = await con.fetch(_MISSING, manifest_id)
+    else:
+        rows = await con.fetch(_MISSING_FOR_TENANT, manifest_id, tenant)
     return list(dict.fromkeys(r[0] for r in rows))
+
+
+def _file_key(digest: Digest, tenant: str) -> tuple[str, str, str]:
+    return digest.hex, digest.algo.value, tenant
+
+
+async def _get_file(con: asyncpg.Connection, digest: Digest, tenant: str | None):
+    """The file row, or (`tenant`) the file as that tenant owns it; None when there is none."""
+    if tenant is None:
+        return await con.fetchrow(
+            f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = $1 AND f.algo = $2",
+            digest.hex,
+            digest.algo.value,
+        )
+    return await con.fetchrow(_TENANT_FILE, *_file_key(digest, tenant))
 
 
 async def _begin_upload(
@@ -895,8 +1001,11 @@ async def _begin_upload(
     new_id: str,
     client: str,
     budget: PendingBudget | None,
+    tenant: Tenant | None = None,
 ) -> tuple[Upload, list[str]]:
     d = manifest.digest
+    owner = tenant.name if tenant is not None else ""
+    who = tenant.name if tenant is not None else None
     await con.execute("SELECT pg_advisory_xact_lock_shared($1)", _REFERENCE_KEY)
     # The same manifest sent to two daemons at once resumes one upload, as on one daemon.
     # (Flipping a bit keeps it apart from the digest lock of a one-chunk file's chunk.)
@@ -904,10 +1013,11 @@ async def _begin_upload(
     row = await con.fetchrow(
         f"SELECT {_UPLOAD_COLUMNS} FROM manifests m JOIN uploads u ON u.manifest_id = m.id"
         " WHERE m.digest = $1 AND m.size = $2 AND m.chunks_key = $3 AND u.state = 'pending'"
-        " ORDER BY u.expires_at DESC LIMIT 1 FOR UPDATE OF u",
+        " AND u.tenant = $4 ORDER BY u.expires_at DESC LIMIT 1 FOR UPDATE OF u",
         d.hex,
         manifest.size,
         chunks_key,
+        owner,
     )
     existing = _upload(row) if row else None
     if existing is not None and existing.expires_at > now:
@@ -923,14 +1033,17 @@ async def _begin_upload(
             existing.name,
             existing.state,
             expires_at,
+            tenant=existing.tenant,
         )
-        return upload, await _missing(con, upload.manifest_id)
+        return upload, await _missing(con, upload.manifest_id, who)
     if existing is not None:
         await con.execute("DELETE FROM uploads WHERE id = $1", existing.id)
         await con.execute(_DROP_MANIFEST_IF_UNUSED, existing.manifest_id)
     if budget is not None:
         await con.execute("SELECT pg_advisory_xact_lock($1)", _BUDGET_KEY)
         await _check_budget(con, budget, client, len(manifest.chunks), now)
+    if tenant is not None and tenant.quota is not None:
+        await _check_quota(con, tenant.name, tenant.quota, manifest.size, now)
     manifest_id = await con.fetchval(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
         " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -946,21 +1059,18 @@ async def _begin_upload(
         columns=("manifest_id", "seq", "digest", "size"),
         records=((manifest_id, i, c.hex, c.size) for i, c in enumerate(manifest.chunks)),
     )
-    clash = await con.fetchrow(
-        "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
-        " JOIN chunks c ON c.digest = mc.digest"
-        " WHERE mc.manifest_id = $1 AND c.state = $2 AND c.size <> mc.size LIMIT 1",
-        manifest_id,
-        LIVE,
-    )
+    if tenant is None:
+        clash = await con.fetchrow(_CLASH + " LIMIT 1", manifest_id, LIVE)
+    else:
+        clash = await con.fetchrow(_CLASH + _PROVED + " LIMIT 1", manifest_id, LIVE, owner)
     if clash:
         # Say which claim is wrong, never the stored size: that is someone else's fact.
         raise BadRequest(
             f"chunk {clash[0]} does not have the size {clash[1]} this manifest gives it"
         )
     await con.execute(
-        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
-        " VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client,"
+        " tenant) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
         new_id,
         manifest_id,
         manifest.ext,
@@ -968,6 +1078,7 @@ async def _begin_upload(
         now,
         expires_at,
         client,
+        owner,
     )
     upload = Upload(
         new_id,
@@ -978,8 +1089,40 @@ async def _begin_upload(
         manifest.name,
         UploadState.PENDING,
         expires_at,
+        tenant=owner,
     )
-    return upload, await _missing(con, manifest_id)
+    return upload, await _missing(con, manifest_id, who)
+
+
+async def _check_quota(
+    con: asyncpg.Connection, tenant: str, quota: int, size: int, now: float
+) -> None:
+    """Raise QuotaExceeded unless `size` more bytes fit the tenant's quota. The tenant's lock
+    (an advisory key from its name) is held to the commit, so two daemons' handshakes for
+    one tenant cannot both take the last of it."""
+    await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))", "tenant:" + tenant)
+    owned = int(
+        await con.fetchval(
+            "SELECT coalesce(sum(size), 0) FROM tenant_files WHERE tenant = $1", tenant
+        )
+    )
+    pending = int(
+        await con.fetchval(
+            "SELECT coalesce(sum(m.size), 0) FROM uploads u JOIN manifests m"
+            " ON m.id = u.manifest_id WHERE u.tenant = $1 AND u.state = 'pending'"
+            " AND u.expires_at > $2",
+            tenant,
+            now,
+        )
+    )
+    if owned + pending + size > quota:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} has a quota of {quota} bytes and uses {owned + pending}"
+            f" ({owned} in files, {pending} in pending uploads); this {size}-byte file would"
+            " take it over: delete files or abort uploads first",
+            quota=quota,
+            usage=owned + pending,
+        )
 
 
 async def _begin_stream(
@@ -1175,10 +1318,14 @@ async def _register_file(
     if merging:
         if upload.expires_at <= now:
             return None
-        missing = await _missing(con, upload.manifest_id)
+        missing = await _missing(con, upload.manifest_id, upload.tenant or None)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
         d = upload.digest
+        if upload.tenant:
+            # A tenant's delete of the last ownership holds this row's lock until it has
+            # deleted the row: wait for it, so this new owner never joins a file being removed.
+            await con.execute("SELECT 1 FROM files WHERE digest = $1 FOR UPDATE", d.hex)
         await con.execute(
             "INSERT INTO files (digest, algo, size, manifest_id, ext, name, created)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (digest) DO NOTHING",
@@ -1201,9 +1348,36 @@ async def _register_file(
         raise FileDigestMismatch(
             f"a file of {upload.size} bytes cannot be stored under {entry.digest.hex}"
         )
+    if upload.tenant:
+        if merging:
+            await _own_file(con, upload, entry, now)
+        trow = await con.fetchrow(_TENANT_FILE, *_file_key(upload.digest, upload.tenant))
+        if trow is None:
+            return None  # merged once, and this tenant deleted the file since
+        entry = _file(trow)
     if merging:
         await _queue_events(con, events, entry)
     return entry
+
+
+async def _own_file(con: asyncpg.Connection, upload: Upload, entry: FileEntry, now: float) -> None:
+    """The merging tenant owns the file and holds every chunk of it (see the SQLite engine)."""
+    await con.execute(
+        "INSERT INTO tenant_files (tenant, digest, size, ext, name, created)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, digest) DO NOTHING",
+        upload.tenant,
+        upload.digest.hex,
+        upload.size,
+        upload.ext,
+        upload.name,
+        now,
+    )
+    await con.execute(
+        "INSERT INTO tenant_chunks (tenant, digest) SELECT DISTINCT $1::text, digest"
+        " FROM manifest_chunks WHERE manifest_id = ANY($2::bigint[]) ON CONFLICT DO NOTHING",
+        upload.tenant,
+        [upload.manifest_id, entry.manifest_id],
+    )
 
 
 async def _chunk_users(con: asyncpg.Connection, hex_: str, now: float) -> ChunkUsers:

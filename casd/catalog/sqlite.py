@@ -34,16 +34,19 @@ from casd.catalog import (
     ChunkUsers,
     HookEvents,
     Locked,
+    TenantUsage,
     WriteStats,
     check_seal,
     check_stream_batch,
     placeholder,
+    usage_table,
 )
 from casd.digest import Algo, Digest
 from casd.errors import (
     BadRequest,
     FileDigestMismatch,
     Incomplete,
+    QuotaExceeded,
     StorageFull,
     TooLarge,
     TooManyPending,
@@ -56,6 +59,7 @@ from casd.models import (
     PendingUpload,
     StreamBatch,
     StreamLimits,
+    Tenant,
     Upload,
     UploadState,
 )
@@ -70,9 +74,15 @@ QUICK_BATCH = 64
 
 _UPLOAD_COLUMNS = (
     "u.id, u.manifest_id, m.algo, m.digest, m.size, u.ext, u.name, u.state, u.expires_at,"
-    " m.chunks_key"
+    " m.chunks_key, u.tenant"
 )
 _FILE_COLUMNS = "f.algo, f.digest, f.size, f.ext, f.name, f.created, f.manifest_id"
+# A file as one tenant sees it: the shared row, under the name and ext that tenant gave it.
+_TENANT_FILE = (
+    "SELECT f.algo, f.digest, f.size, t.ext, t.name, t.created, f.manifest_id FROM files f"
+    " JOIN tenant_files t ON t.digest = f.digest AND t.tenant = ?"
+    " WHERE f.digest = ? AND f.algo = ?"
+)
 
 
 # The chunks of a file's manifest, read only while the file row still names that manifest:
@@ -89,7 +99,7 @@ _FILE_READ_TRIES = 3
 
 
 def _upload(row) -> Upload:
-    uid, manifest_id, algo, digest, size, ext, name, state, expires_at, key = row
+    uid, manifest_id, algo, digest, size, ext, name, state, expires_at, key, tenant = row
     return Upload(
         uid,
         manifest_id,
@@ -99,7 +109,8 @@ def _upload(row) -> Upload:
         name,
         UploadState(state),
         expires_at,
-        key != UNSEALED_KEY,
+        sealed=key != UNSEALED_KEY,
+        tenant=tenant,
     )
 
 
@@ -316,15 +327,18 @@ class _Daemon:
     async def ping(self) -> None:
         await self._one("SELECT count(*) FROM schema_migrations")
 
-    async def get_file(self, digest: Digest) -> FileEntry | None:
-        row = await self._one(
-            f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = ? AND f.algo = ?",
-            (digest.hex, digest.algo.value),
-        )
+    async def get_file(self, digest: Digest, tenant: str | None = None) -> FileEntry | None:
+        if tenant is None:
+            row = await self._one(
+                f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = ? AND f.algo = ?",
+                (digest.hex, digest.algo.value),
+            )
+        else:
+            row = await self._one(_TENANT_FILE, (tenant, digest.hex, digest.algo.value))
         return _file(row) if row else None
 
     async def file_with_chunks(
-        self, digest: Digest
+        self, digest: Digest, tenant: str | None = None
     ) -> tuple[FileEntry, list[tuple[str, int]]] | None:
         """A file and its (digest hex, size) chunks in order, as one snapshot gives them.
 
@@ -334,7 +348,7 @@ class _Daemon:
         another file's ETag.
         """
         for _ in range(_FILE_READ_TRIES):
-            entry = await self.get_file(digest)
+            entry = await self.get_file(digest, tenant)
             if entry is None:
                 return None
             if entry.size == 0:
@@ -388,9 +402,12 @@ class _Daemon:
         row = await self._one(_DAMAGED, (manifest_id,))
         return row is not None
 
-    async def missing(self, manifest_id: int) -> list[str]:
-        """Chunk digests the manifest needs and the store lacks, once each, in manifest order."""
-        return await self._read_manifest(_missing_sync, manifest_id)
+    async def missing(self, manifest_id: int, tenant: str | None = None) -> list[str]:
+        """Chunk digests the manifest needs and the store lacks (or `tenant` never proved it
+        holds), once each, in manifest order."""
+        return await self._read_manifest(
+            functools.partial(_missing_sync, tenant=tenant), manifest_id
+        )
 
     async def manifest_chunks(self, manifest_id: int) -> list[tuple[str, int]]:
         """(digest hex, size) of every chunk of a manifest, in order."""
@@ -434,14 +451,11 @@ class _Daemon:
         new_id: str,
         client: str = "",
         budget: PendingBudget | None = None,
+        tenant: Tenant | None = None,
     ) -> tuple[Upload, list[str]]:
-        """Find the live pending upload of this exact manifest or create one; one transaction.
-
-        A new upload is refused (TooManyPending, nothing written) when its chunk entries would
-        take `client`'s or everyone's pending entries over `budget`; resuming never is.
-        """
+        """See casd.catalog.Catalog.begin_upload; one transaction."""
         return await self._group.run(
-            _begin_upload, manifest, chunks_key, now, expires_at, new_id, client, budget
+            _begin_upload, manifest, chunks_key, now, expires_at, new_id, client, budget, tenant
         )
 
     async def touch_upload(self, upload_id: str, now: float, expires_at: float) -> bool:
@@ -525,9 +539,15 @@ class _Daemon:
         """
         return await self._group.run(_drop_pending_upload, upload_id)
 
-    async def delete_file(self, digest: Digest, events: HookEvents | None = None) -> bool:
+    async def delete_file(
+        self, digest: Digest, events: HookEvents | None = None, tenant: str | None = None
+    ) -> bool:
         """See casd.catalog.Catalog.delete_file."""
-        return await self._group.run(_delete_file, digest, events)
+        return await self._group.run(_delete_file, digest, events, tenant)
+
+    async def prove_chunk(self, tenant: str, digest: Digest) -> bool:
+        """See casd.catalog.Catalog.prove_chunk."""
+        return await self._group.run(_prove_chunk, tenant, digest)
 
     # ---- webhook queue ------------------------------------------------------------------
 
@@ -818,7 +838,7 @@ def _hook_event_done(con, event_id) -> None:
 _PENDING_OF_MANIFEST = (
     f"SELECT {_UPLOAD_COLUMNS} FROM manifests m JOIN uploads u ON u.manifest_id = m.id"
     " WHERE m.digest = ? AND m.size = ? AND m.chunks_key = ? AND u.state = 'pending'"
-    " ORDER BY u.expires_at DESC LIMIT 1"
+    " AND u.tenant = ? ORDER BY u.expires_at DESC LIMIT 1"
 )
 _UPLOAD_BY_ID = (
     f"SELECT {_UPLOAD_COLUMNS} FROM uploads u JOIN manifests m ON m.id = u.manifest_id"
@@ -835,18 +855,23 @@ def _begin_upload(
     new_id: str,
     client: str,
     budget: PendingBudget | None,
+    tenant: Tenant | None = None,
 ) -> tuple[Upload, list[str]]:
     d = manifest.digest
-    row = con.execute(_PENDING_OF_MANIFEST, (d.hex, manifest.size, chunks_key)).fetchone()
+    owner = tenant.name if tenant is not None else ""
+    who = tenant.name if tenant is not None else None
+    row = con.execute(_PENDING_OF_MANIFEST, (d.hex, manifest.size, chunks_key, owner)).fetchone()
     existing = _upload(row) if row else None
     if existing is not None and existing.expires_at > now:
         con.execute("UPDATE uploads SET expires_at = ? WHERE id = ?", (expires_at, existing.id))
         upload = dataclasses.replace(existing, expires_at=expires_at)
-        return upload, _missing_sync(con, upload.manifest_id)
+        return upload, _missing_sync(con, upload.manifest_id, who)
     if existing is not None:
         _drop_upload_sync(con, existing.id, existing.manifest_id)
     if budget is not None:
         _check_budget(con, budget, client, len(manifest.chunks), now)
+    if tenant is not None and tenant.quota is not None:
+        _check_quota(con, tenant.name, tenant.quota, manifest.size, now)
     manifest_id: int = con.execute(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
         " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
@@ -857,10 +882,8 @@ def _begin_upload(
         ((manifest_id, i, c.hex, c.size) for i, c in enumerate(manifest.chunks)),
     )
     clash = con.execute(
-        "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
-        " JOIN chunks c ON c.digest = mc.digest"
-        " WHERE mc.manifest_id = ? AND c.state = ? AND c.size <> mc.size LIMIT 1",
-        (manifest_id, LIVE),
+        _CLASH if tenant is None else _CLASH + _PROVED,
+        (manifest_id, LIVE) if tenant is None else (manifest_id, LIVE, tenant.name),
     ).fetchone()
     if clash:
         # Say which claim is wrong, never the stored size: that is someone else's fact.
@@ -868,9 +891,9 @@ def _begin_upload(
             f"chunk {clash[0]} does not have the size {clash[1]} this manifest gives it"
         )
     con.execute(
-        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
-        " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-        (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client),
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client,"
+        " tenant) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+        (new_id, manifest_id, manifest.ext, manifest.name, now, expires_at, client, owner),
     )
     upload = Upload(
         new_id,
@@ -881,8 +904,48 @@ def _begin_upload(
         manifest.name,
         UploadState.PENDING,
         expires_at,
+        tenant=owner,
     )
-    return upload, _missing_sync(con, manifest_id)
+    return upload, _missing_sync(con, manifest_id, who)
+
+
+# A chunk of the new manifest stored with another size than the manifest gives it. In tenant
+# mode only chunks this tenant proved count (append _PROVED): a size clash with a chunk it
+# never held would tell it that someone stored that digest. Its PUT fails verification.
+_CLASH = (
+    "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
+    " JOIN chunks c ON c.digest = mc.digest"
+    " WHERE mc.manifest_id = ? AND c.state = ? AND c.size <> mc.size"
+)
+_PROVED = " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
+
+
+def _tenant_usage(con: sqlite3.Connection, tenant: str, now: float) -> tuple[int, int]:
+    """(bytes of the files `tenant` owns, bytes of its live pending uploads)."""
+    owned = con.execute(
+        "SELECT coalesce(sum(size), 0) FROM tenant_files WHERE tenant = ?", (tenant,)
+    ).fetchone()[0]
+    pending = con.execute(
+        "SELECT coalesce(sum(m.size), 0) FROM uploads u INDEXED BY uploads_pending_by_tenant"
+        " JOIN manifests m ON m.id = u.manifest_id"
+        " WHERE u.tenant = ? AND u.state = 'pending' AND u.expires_at > ?",
+        (tenant, now),
+    ).fetchone()[0]
+    return owned, pending
+
+
+def _check_quota(con: sqlite3.Connection, tenant: str, quota: int, size: int, now: float) -> None:
+    """Raise QuotaExceeded unless `size` more bytes fit the tenant's quota. Called inside the
+    write transaction that records the upload, so two handshakes cannot both take the rest."""
+    owned, pending = _tenant_usage(con, tenant, now)
+    if owned + pending + size > quota:
+        raise QuotaExceeded(
+            f"tenant {tenant!r} has a quota of {quota} bytes and uses {owned + pending}"
+            f" ({owned} in files, {pending} in pending uploads); this {size}-byte file would"
+            " take it over: delete files or abort uploads first",
+            quota=quota,
+            usage=owned + pending,
+        )
 
 
 def _begin_stream(
@@ -1068,7 +1131,7 @@ def _register_file(
     if merging:
         if upload.expires_at <= now:
             return None
-        missing = _missing_sync(con, upload.manifest_id)
+        missing = _missing_sync(con, upload.manifest_id, upload.tenant or None)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
         d = upload.digest
@@ -1088,9 +1151,44 @@ def _register_file(
         raise FileDigestMismatch(
             f"a file of {upload.size} bytes cannot be stored under {entry.digest.hex}"
         )
+    if upload.tenant:
+        if merging:
+            _own_file(con, upload, entry, now)
+        trow = con.execute(
+            _TENANT_FILE, (upload.tenant, upload.digest.hex, upload.digest.algo.value)
+        ).fetchone()
+        if trow is None:
+            return None  # merged once, and this tenant deleted the file since
+        entry = _file(trow)
     if merging:
         _queue_events(con, events, entry)
     return entry
+
+
+def _own_file(con: sqlite3.Connection, upload: Upload, entry: FileEntry, now: float) -> None:
+    """The merging tenant owns the file, and holds every chunk of it: those of its own
+    manifest, and those of the manifest the file row was first stored with (it has all
+    the file's bytes, so no chunk of it is news to it)."""
+    con.execute(
+        "INSERT INTO tenant_files (tenant, digest, size, ext, name, created)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, digest) DO NOTHING",
+        (upload.tenant, upload.digest.hex, upload.size, upload.ext, upload.name, now),
+    )
+    con.execute(
+        "INSERT INTO tenant_chunks (tenant, digest) SELECT DISTINCT ?, digest"
+        " FROM manifest_chunks WHERE manifest_id IN (?, ?) ON CONFLICT DO NOTHING",
+        (upload.tenant, upload.manifest_id, entry.manifest_id),
+    )
+
+
+def _prove_chunk(con: sqlite3.Connection, tenant: str, digest: Digest) -> bool:
+    return (
+        con.execute(
+            "INSERT INTO tenant_chunks (tenant, digest) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (tenant, digest.hex),
+        ).rowcount
+        == 1
+    )
 
 
 def _drop_pending_upload(con: sqlite3.Connection, upload_id: str) -> bool:
@@ -1104,16 +1202,35 @@ def _drop_pending_upload(con: sqlite3.Connection, upload_id: str) -> bool:
     return True
 
 
-def _delete_file(con: sqlite3.Connection, digest: Digest, events: HookEvents | None) -> bool:
+def _delete_file(
+    con: sqlite3.Connection, digest: Digest, events: HookEvents | None, tenant: str | None
+) -> bool:
     _queue_events(con, events, None)
-    row = con.execute(
-        f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = ? AND f.algo = ?",
-        (digest.hex, digest.algo.value),
-    ).fetchone()
+    if tenant is None:
+        row = con.execute(
+            f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = ? AND f.algo = ?",
+            (digest.hex, digest.algo.value),
+        ).fetchone()
+    else:
+        row = con.execute(_TENANT_FILE, (tenant, digest.hex, digest.algo.value)).fetchone()
     if row is None:
         return False
     entry = _file(row)
     manifest_id = entry.manifest_id
+    if tenant is not None:
+        con.execute(
+            "DELETE FROM tenant_files WHERE tenant = ? AND digest = ?", (tenant, digest.hex)
+        )
+        # Its own merged uploads go, so its repeated merge cannot answer "complete".
+        con.execute(
+            "DELETE FROM uploads WHERE manifest_id IN (SELECT id FROM manifests WHERE digest = ?)"
+            " AND state = 'merged' AND tenant = ?",
+            (digest.hex, tenant),
+        )
+        if con.execute("SELECT 1 FROM tenant_files WHERE digest = ?", (digest.hex,)).fetchone():
+            _queue_events(con, events, entry)
+            return True  # another tenant still owns it: the file stays
+    con.execute("DELETE FROM tenant_files WHERE digest = ?", (digest.hex,))
     con.execute("DELETE FROM files WHERE digest = ?", (digest.hex,))
     # The merged uploads that built it go too, so a repeated merge cannot answer "complete"
     # for a file that is gone.
@@ -1126,6 +1243,13 @@ def _delete_file(con: sqlite3.Connection, digest: Digest, events: HookEvents | N
 _MISSING = (
     "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = ?"
     " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
+    " ORDER BY mc.seq"
+)
+# In tenant mode a chunk is missing unless it is stored and this tenant proved it holds it.
+_MISSING_FOR_TENANT = (
+    "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = ?"
+    " AND (NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
+    " OR NOT EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest))"
     " ORDER BY mc.seq"
 )
 # Sum of the chunk entries of live pending uploads (append "AND u.client = ?" for one client).
@@ -1148,8 +1272,13 @@ _DROP_MANIFEST_IF_UNUSED = (
 )
 
 
-def _missing_sync(con: sqlite3.Connection, manifest_id: int) -> list[str]:
-    rows = con.execute(_MISSING, (manifest_id, LIVE)).fetchall()
+def _missing_sync(
+    con: sqlite3.Connection, manifest_id: int, tenant: str | None = None
+) -> list[str]:
+    if tenant is None:
+        rows = con.execute(_MISSING, (manifest_id, LIVE)).fetchall()
+    else:
+        rows = con.execute(_MISSING_FOR_TENANT, (manifest_id, LIVE, tenant)).fetchall()
     return list(dict.fromkeys(r[0] for r in rows))
 
 
@@ -1323,10 +1452,13 @@ def _retire_chunks(con, lock: Callable, digests: list[str], unlink: Locked) -> l
     ]
     if rows:
         lock(unlink, rows)
+        gone = [r.digest.hex for r in rows]
         con.execute(
             f"DELETE FROM chunks WHERE digest IN ({_marks(len(rows))}) AND state = ?",
-            (*(r.digest.hex for r in rows), DELETING),
+            (*gone, DELETING),
         )
+        # Nothing relied on these chunks; their proofs go with them (re-sent, they are new).
+        con.execute(f"DELETE FROM tenant_chunks WHERE digest IN ({_marks(len(gone))})", gone)
     return rows
 
 
@@ -1554,9 +1686,32 @@ class _Admin:
                 size += p.stat().st_size
         return size
 
-    async def list_files(self) -> list[FileEntry]:
-        rows = await self._all(f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest")
+    async def list_files(self, tenant: str | None = None) -> list[FileEntry]:
+        if tenant is None:
+            rows = await self._all(
+                f"SELECT {_FILE_COLUMNS} FROM files f ORDER BY f.created, f.digest"
+            )
+        else:
+            rows = await self._all(
+                "SELECT f.algo, f.digest, f.size, t.ext, t.name, t.created, f.manifest_id"
+                " FROM tenant_files t JOIN files f ON f.digest = t.digest WHERE t.tenant = ?"
+                " ORDER BY t.created, t.digest",
+                (tenant,),
+            )
         return [_file(r) for r in rows]
+
+    async def tenant_usage(self, now: float) -> dict[str, TenantUsage]:
+        """See casd.catalog.Catalog.tenant_usage."""
+        owned = await self._all(
+            "SELECT tenant, count(*), coalesce(sum(size), 0) FROM tenant_files GROUP BY tenant"
+        )
+        pending = await self._all(
+            "SELECT u.tenant, count(*), coalesce(sum(m.size), 0) FROM uploads u"
+            " JOIN manifests m ON m.id = u.manifest_id"
+            " WHERE u.tenant <> '' AND u.state = 'pending' AND u.expires_at > ? GROUP BY u.tenant",
+            (now,),
+        )
+        return usage_table(owned, pending)
 
 
 class SqliteCatalog(_Daemon, _Admin):

@@ -10,6 +10,7 @@ import {
   DEFAULT_FASTCDC_AVG,
 } from "./casd.js";
 import { MIN_AVG, MAX_AVG } from "./fastcdc.js";
+import { failureHint } from "./hints.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const server = new URL(".", location.href).href.replace(/\/$/, "");
@@ -185,7 +186,7 @@ class Row {
     const box = this.part("error");
     box.hidden = false;
     box.textContent = err instanceof CasdError ? `${err.code}: ${err.message}` : String(err?.message || err);
-    this.part("detail").textContent = "pick the file again to retry; the chunks already sent are kept";
+    this.part("detail").textContent = failureHint(err?.code);
   }
 
   async run(settings) {

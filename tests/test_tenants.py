@@ -1,0 +1,689 @@
+"""Tenant mode (docs/tenants.md): one store, deduplicated across tenants, nothing leaked
+between them. Most tests run in-process; one starts `casd serve` for SIGHUP and start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from casd import cli
+from casd.maintenance import Maintenance
+from casd.tenants import CHECK_EVERY, Role, TokenFile, TokenTable, add_token
+from casd.web import TOKENS, create_app
+from helpers import blob_files, prepare, rand, snapshot
+
+CHUNK = 64 * 1024
+KiB = 1024
+
+
+@dataclasses.dataclass
+class Tenants:
+    """An in-process tenant-mode daemon and a token per name: alice, bob (upload), reader
+    (read, tenant alice), ops (admin), carol (upload, 300 KiB quota)."""
+
+    client: object
+    settings: object
+    tokens: dict[str, str]
+    path: Path
+
+    def h(self, who: str | None) -> dict:
+        return {} if who is None else {"Authorization": f"Bearer {self.tokens[who]}"}
+
+    async def call(self, who, method, path, **kw):
+        r = await self.client.request(method, path, headers=self.h(who), **kw)
+        body = await r.read()
+        return r.status, (json.loads(body) if r.content_type == "application/json" else body)
+
+    async def upload(self, who: str, p) -> dict:
+        status, hs = await self.call(who, "POST", "/v1/handshake", json=p.handshake)
+        assert status == 200, hs
+        if hs["status"] == "complete":
+            return hs
+        for d in hs["missing"]:
+            status, body = await self.call(
+                who, "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d]
+            )
+            assert status in (200, 201), body
+        status, body = await self.call(who, "POST", f"/v1/uploads/{hs['upload_id']}/merge")
+        assert status == 200, body
+        return body
+
+
+def write_tokens(path: Path) -> dict[str, str]:
+    tokens = {}
+    for name, tenant, role, quota in (
+        ("alice", "alice", Role.UPLOAD, None),
+        ("bob", "bob", Role.UPLOAD, None),
+        ("reader", "alice", Role.READ, None),
+        ("ops", "ops", Role.ADMIN, None),
+        ("carol", "carol", Role.UPLOAD, 300 * KiB),
+    ):
+        tokens[name], _ = add_token(path, tenant, role, quota)
+    return tokens
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine_settings(request, settings):
+    if request.param == "sqlite":
+        return settings
+    return dataclasses.replace(settings, catalog=request.getfixturevalue("postgres_url"))
+
+
+async def _tenants(aiohttp_client, settings, tmp_path) -> Tenants:
+    path = tmp_path / "tokens"
+    tokens = write_tokens(path)
+    s = dataclasses.replace(settings, tokens=path)
+    return Tenants(await aiohttp_client(create_app(s)), s, tokens, path)
+
+
+@pytest.fixture
+async def t(aiohttp_client, settings, tmp_path) -> Tenants:
+    return await _tenants(aiohttp_client, settings, tmp_path)
+
+
+def stored_blobs(data_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in blob_files(data_dir)}
+
+
+async def gc(settings) -> None:
+    m = await Maintenance.open(settings)
+    try:
+        await m.gc(grace=0)
+    finally:
+        await m.close()
+
+
+def without(body: dict, digest: str) -> dict:
+    """An error body with the digest it names taken out, to compare two 404s."""
+    return {k: v.replace(digest, "D") if isinstance(v, str) else v for k, v in body.items()}
+
+
+# ---- the side channel of issue 10, on both catalogue engines ----------------------------
+
+
+async def test_side_channel_is_closed_and_storage_still_shared(
+    aiohttp_client, engine_settings, tmp_path, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    t = await _tenants(aiohttp_client, engine_settings, tmp_path)
+    data_dir = engine_settings.data_dir
+    p = prepare(rand(4 * CHUNK + 99), CHUNK, ext=".bin", name="alice.bin")
+    done = await t.upload("alice", p)
+    assert done["status"] == "complete"
+    physical = stored_blobs(data_dir)
+    assert len(physical) == 5
+
+    # B learns nothing: pending, every chunk missing; its GET, HEAD and manifest of A's file
+    # answer exactly what they answer for a digest nobody stored.
+    status, hs = await t.call("bob", "POST", "/v1/handshake", json=p.handshake)
+    assert status == 200 and hs["status"] == "pending"
+    assert hs["missing"] == p.order
+    never = prepare(rand(1000), CHUNK)
+    for suffix in ("", ".bin", "/chunks"):
+        got = await t.call("bob", "GET", f"/v1/files/{p.digest}{suffix}")
+        absent = await t.call("bob", "GET", f"/v1/files/{never.digest}{suffix}")
+        assert got[0] == absent[0] == 404
+        assert without(got[1], p.digest) == without(absent[1], never.digest)
+    r = await t.client.head(f"/v1/files/{p.digest}", headers=t.h("bob"))
+    assert r.status == 404
+
+    # B sends the same bytes: each chunk is news to B (201, stored), nothing new is stored.
+    for d in hs["missing"]:
+        status, body = await t.call(
+            "bob", "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{d}", data=p.chunks[d]
+        )
+        assert (status, body["stored"]) == (201, True)
+    status, merged = await t.call("bob", "POST", f"/v1/uploads/{hs['upload_id']}/merge")
+    assert status == 200 and merged["status"] == "complete"
+    assert stored_blobs(data_dir) == physical
+    status, again = await t.call("bob", "POST", "/v1/handshake", json=p.handshake)
+    assert again["status"] == "complete"
+
+    # A deletes: B still downloads, gc keeps the bytes.
+    status, _ = await t.call("alice", "DELETE", f"/v1/files/{p.digest}")
+    assert status == 204
+    assert (await t.call("alice", "GET", done["url"]))[0] == 404
+    await gc(engine_settings)
+    assert stored_blobs(data_dir) == physical
+    status, body = await t.call("bob", "GET", done["url"])
+    assert (status, body) == (200, p.data)
+
+    # B deletes: nobody owns the file, gc frees every byte.
+    status, _ = await t.call("bob", "DELETE", f"/v1/files/{p.digest}")
+    assert status == 204
+    await gc(engine_settings)
+    assert stored_blobs(data_dir) == {}
+
+    for token in t.tokens.values():
+        assert token not in caplog.text
+
+
+async def test_a_tenant_sees_its_own_name_and_a_chunk_it_proved_is_not_missing(t):
+    shared = rand(CHUNK)
+    pa = prepare(shared + rand(CHUNK), CHUNK, name="a.bin")
+    pb = prepare(shared + rand(CHUNK), CHUNK, name="b.bin")
+    await t.upload("alice", pa)
+    _, hs = await t.call("bob", "POST", "/v1/handshake", json=pb.handshake)
+    assert hs["missing"] == pb.order  # the shared chunk too: bob never sent it
+    _, hs = await t.call("alice", "POST", "/v1/handshake", json=pb.handshake)
+    assert hs["missing"] == pb.order[1:]  # alice holds the shared chunk
+    # The same bytes under bob's own name: the first uploader's name never shows.
+    pa_bob = prepare(pa.data, CHUNK, name="mine.bin")
+    await t.upload("bob", pa_bob)
+    r = await t.client.get(f"/v1/files/{pa.digest}", headers=t.h("bob"))
+    assert "mine.bin" in r.headers["Content-Disposition"]
+
+
+async def test_another_tenants_upload_id_is_not_found(t):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    _, hs = await t.call("alice", "POST", "/v1/handshake", json=p.handshake)
+    uid, d = hs["upload_id"], p.order[0]
+    absent = "0" * 32
+    for method, path, kw in (
+        ("GET", "/v1/uploads/{}", {}),
+        ("PUT", f"/v1/uploads/{{}}/chunks/{d}", {"data": p.chunks[d]}),
+        ("POST", "/v1/uploads/{}/merge", {}),
+        ("DELETE", "/v1/uploads/{}", {}),
+    ):
+        got = await t.call("bob", method, path.format(uid), **kw)
+        ref = await t.call("bob", method, path.format(absent), **kw)
+        assert got[0] == ref[0] == 404, (method, path, got)
+        assert without(got[1], uid) == without(ref[1], absent)
+    # Bob's handshake of the same manifest is an upload of its own, not alice's.
+    _, mine = await t.call("bob", "POST", "/v1/handshake", json=p.handshake)
+    assert mine["upload_id"] != uid
+    status, still = await t.call("alice", "GET", f"/v1/uploads/{uid}")
+    assert status == 200 and still["missing"] == p.order
+
+
+# ---- roles ------------------------------------------------------------------------------
+
+
+async def test_each_role_on_each_endpoint(t):
+    p = prepare(rand(2 * CHUNK), CHUNK, ext=".bin")
+    await t.upload("alice", p)
+    q = prepare(rand(CHUNK), CHUNK)
+    _, hs = await t.call("alice", "POST", "/v1/handshake", json=q.handshake)
+    uid, d = hs["upload_id"], q.order[0]
+    reads = [
+        ("GET", f"/v1/files/{p.digest}.bin", {}),
+        ("HEAD", f"/v1/files/{p.digest}", {}),
+        ("GET", f"/v1/files/{p.digest}/chunks", {}),
+        ("GET", "/v1/openapi.json", {}),
+    ]
+    writes = [
+        ("POST", "/v1/handshake", {"json": q.handshake}),
+        ("GET", f"/v1/uploads/{uid}", {}),
+        ("PUT", f"/v1/uploads/{uid}/chunks/{d}", {"data": q.chunks[d]}),
+        ("POST", f"/v1/uploads/{uid}/merge", {}),
+        ("DELETE", f"/v1/uploads/{uid}", {}),
+        ("DELETE", f"/v1/files/{p.digest}", {}),
+    ]
+    for method, path, kw in reads + writes:
+        for who in (None, "nobody"):
+            headers = {} if who is None else {"Authorization": "Bearer not-a-token"}
+            r = await t.client.request(method, path, headers=headers, **kw)
+            assert r.status == 401, (who, method, path)
+            if method != "HEAD":
+                assert (await r.json())["error"] == "unauthorized"
+    for method, path, kw in reads:
+        assert (await t.call("reader", method, path, **kw))[0] == 200, (method, path)
+    for method, path, kw in writes:
+        status, body = await t.call("reader", method, path, **kw)
+        assert status == 403 and body["error"] == "forbidden", (method, path, body)
+        assert "read token" in body["message"] and "upload role" in body["message"]
+    expected = [200, 200, 201, 200, 404, 204]  # merge done: abort finds no pending upload
+    for (method, path, kw), want in zip(writes, expected, strict=True):
+        assert (await t.call("alice", method, path, **kw))[0] == want, (method, path)
+    # What is not /v1 needs no token, as without tenants; /metrics (every tenant's totals)
+    # opens only to --metrics-token, which this daemon has not.
+    assert (await t.client.get("/healthz")).status == 200
+    assert (await t.client.get("/metrics", headers=t.h("ops"))).status == 401
+
+
+async def test_admin_reads_and_deletes_every_tenants_files(t):
+    p = prepare(rand(CHUNK + 5), CHUNK, name="x.bin")
+    await t.upload("alice", p)
+    await t.upload("bob", prepare(p.data, CHUNK))
+    status, body = await t.call("ops", "GET", f"/v1/files/{p.digest}")
+    assert (status, body) == (200, p.data)
+    assert (await t.call("ops", "DELETE", f"/v1/files/{p.digest}"))[0] == 204
+    for who in ("alice", "bob", "ops"):
+        assert (await t.call(who, "GET", f"/v1/files/{p.digest}"))[0] == 404
+    await gc(t.settings)
+    assert stored_blobs(t.settings.data_dir) == {}
+
+
+async def test_an_admin_upload_is_owned_by_its_own_tenant(t):
+    p = prepare(rand(CHUNK), CHUNK)
+    await t.upload("ops", p)
+    assert (await t.call("alice", "GET", f"/v1/files/{p.digest}"))[0] == 404
+    _, hs = await t.call("alice", "POST", "/v1/handshake", json=p.handshake)
+    assert hs["status"] == "pending" and hs["missing"] == p.order
+
+
+# ---- quotas -----------------------------------------------------------------------------
+
+
+async def test_a_handshake_over_the_quota_is_refused_and_changes_nothing(t):
+    await t.upload("carol", prepare(rand(200 * KiB), CHUNK))
+    pending = prepare(rand(60 * KiB), CHUNK)
+    status, _ = await t.call("carol", "POST", "/v1/handshake", json=pending.handshake)
+    assert status == 200
+    before = snapshot(t.settings.data_dir)
+    status, body = await t.call(
+        "carol", "POST", "/v1/handshake", json=prepare(rand(41 * KiB), CHUNK).handshake
+    )
+    assert status == 413 and body["error"] == "quota_exceeded"
+    usage = 260 * KiB  # the file it owns and its pending upload
+    assert (body["quota"], body["usage"]) == (300 * KiB, usage)
+    assert str(300 * KiB) in body["message"] and str(usage) in body["message"]
+    assert snapshot(t.settings.data_dir) == before
+    # What fits still goes; resuming the pending upload is never refused.
+    assert (await t.call("carol", "POST", "/v1/handshake", json=pending.handshake))[0] == 200
+    small = prepare(rand(40 * KiB), CHUNK)
+    assert (await t.call("carol", "POST", "/v1/handshake", json=small.handshake))[0] == 200
+
+
+async def test_racing_handshakes_cannot_both_take_the_last_of_a_quota(t):
+    # Each fits alone (200 KiB of 300), not both: sent together, exactly one is recorded.
+    for _round in range(3):
+        a, b = prepare(rand(200 * KiB), CHUNK), prepare(rand(200 * KiB), CHUNK)
+        results = await asyncio.gather(
+            t.call("carol", "POST", "/v1/handshake", json=a.handshake),
+            t.call("carol", "POST", "/v1/handshake", json=b.handshake),
+        )
+        assert sorted(s for s, _ in results) == [200, 413], results
+        won = next(body for s, body in results if s == 200)
+        assert (await t.call("carol", "DELETE", f"/v1/uploads/{won['upload_id']}"))[0] == 204
+
+
+# ---- the token file ---------------------------------------------------------------------
+
+
+async def poll(fn, deadline: float = 10.0):
+    """Call fn() until it returns something true, at most `deadline` seconds; its answer."""
+    end = time.monotonic() + deadline
+    while True:
+        got = await fn()
+        if got or time.monotonic() > end:
+            return got
+        await asyncio.sleep(0.05)
+
+
+async def test_the_daemon_picks_up_an_edited_token_file(aiohttp_client, settings, tmp_path, caplog):
+    path = tmp_path / "tokens"
+    tokens = write_tokens(path)
+    now = [0.0]
+    app = create_app(dataclasses.replace(settings, tokens=path))
+    app[TOKENS] = TokenFile(path, clock=lambda: now[0])  # the daemon's, on a clock we move
+    client = await aiohttp_client(app)
+
+    async def status(token: str) -> int:
+        h = {"Authorization": f"Bearer {token}"}
+        return (await client.get("/v1/openapi.json", headers=h)).status
+
+    new, _ = add_token(path, "dave", Role.UPLOAD, None)
+    now[0] += CHECK_EVERY / 2
+    assert await status(new) == 401  # looked at most once a second
+    now[0] += CHECK_EVERY / 2
+    assert await status(new) == 200
+    # A broken version keeps the tokens in force, and says so once in the log.
+    with path.open("a") as f:
+        f.write("sha256:nothex tenant=x role=read\n")
+    now[0] += CHECK_EVERY
+    assert await status(new) == 200
+    assert caplog.text.count("token file not reloaded") == 1
+    assert "line 7" in caplog.text  # names the bad line
+    now[0] += CHECK_EVERY
+    assert await status(tokens["alice"]) == 200
+    assert caplog.text.count("token file not reloaded") == 1  # not again until it changes
+    # Removing the token (and the bad line) takes it away.
+    lines = [ln for ln in path.read_text().splitlines() if "dave" not in ln and "nothex" not in ln]
+    path.write_text("\n".join(lines) + "\n")
+    now[0] += CHECK_EVERY
+    assert await status(new) == 401
+    assert await status(tokens["alice"]) == 200
+
+
+def test_the_token_table_parses_strictly():
+    good = "# comment\n\nsha256:" + "a" * 64 + " tenant=t-1 role=upload quota=50GiB  # note\n"
+    (entry,) = TokenTable.parse(good).entries
+    assert (entry.tenant, entry.role, entry.quota) == ("t-1", Role.UPLOAD, 50 << 30)
+    h = "sha256:" + "b" * 64
+    for bad, says in (
+        (f"{h} tenant=t role=owner", "role"),
+        (f"{h} tenant=a/b role=read", "tenant"),
+        (f"{h} role=read", "tenant= is missing"),
+        (f"{h} tenant=t role=read quota=5GB", "quota"),
+        (f"{h} tenant=t role=read colour=red", "unknown field"),
+        ("sha256:" + "B" * 64 + " tenant=t role=read", "sha256:"),
+        (f"{h} tenant=t role=read\n{h} tenant=u role=read", "same token hash as line 1"),
+    ):
+        with pytest.raises(ValueError, match=says) as exc:
+            TokenTable.parse(bad, "f")
+        assert "f line" in str(exc.value)
+    token = "s3cret"
+    from casd.tenants import token_hash
+
+    table = TokenTable.parse(f"sha256:{token_hash(token)} tenant=t role=read")
+    assert table.lookup(token).tenant == "t"
+    assert table.lookup("s3cre") is None and table.lookup("") is None
+
+
+def test_token_add_ls_rm_through_the_cli(tmp_path, capsys):
+    path = tmp_path / "tokens"
+    args = ["token", "add", "--tokens", str(path), "--tenant", "acme", "--role", "upload"]
+    assert cli.main([*args, "--quota", "2GiB"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert len(token) >= 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert token not in path.read_text()  # only its hash is kept
+    assert TokenTable.read(path).lookup(token).quota == 2 << 30
+    assert cli.main([*args[:-1], "read"]) == 0
+    capsys.readouterr()
+    assert cli.main(["token", "ls", "--tokens", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["tenant"], r["role"], r["quota"]) for r in rows] == [
+        ("acme", "upload", 2 << 30),
+        ("acme", "read", None),
+    ]
+    assert cli.main(["token", "ls", "--tokens", str(path)]) == 0
+    assert token not in capsys.readouterr().out
+    prefix = rows[0]["hash_prefix"]
+    assert cli.main(["token", "rm", "--tokens", str(path), prefix]) == 0
+    assert TokenTable.read(path).lookup(token) is None
+    assert cli.main(["token", "rm", "--tokens", str(path), "--tenant", "acme"]) == 0
+    assert TokenTable.read(path).entries == ()
+    capsys.readouterr()
+    assert cli.main(["token", "rm", "--tokens", str(path), "--tenant", "acme"]) == 1
+    with pytest.raises(SystemExit):  # argparse refuses the role
+        cli.main([*args[:-1], "root"])
+    assert cli.main([*args[:4], "--tenant", "a/b", "--role", "read"]) == 2
+    err = capsys.readouterr().err
+    assert "tenant 'a/b'" in err and "Traceback" not in err
+
+
+# ---- admin commands ---------------------------------------------------------------------
+
+
+async def test_stats_ls_rm_per_tenant(t, capsys):
+    p = prepare(rand(3 * CHUNK), CHUNK, name="a.bin")
+    await t.upload("alice", p)
+    await t.upload("bob", prepare(p.data, CHUNK, name="b.bin"))
+    data = ["--data", str(t.settings.data_dir)]
+    capsys.readouterr()
+
+    def run(*argv) -> tuple[int, str]:
+        code = cli.main(list(argv) + data)
+        return code, capsys.readouterr().out
+
+    code, out = await asyncio.to_thread(run, "stats", "--json")
+    s = json.loads(out)
+    assert s["physical_bytes"] == len(p.data)
+    assert (
+        s["tenants"]["alice"]["logical_bytes"]
+        == s["tenants"]["bob"]["logical_bytes"]
+        == len(p.data)
+    )
+    assert s["tenant_logical_bytes"] == 2 * len(p.data)
+    assert s["saved_bytes"] == len(p.data)
+    code, out = await asyncio.to_thread(run, "stats")
+    assert "tenant alice" in out and "saved by dedup" in out
+    code, out = await asyncio.to_thread(run, "stats", "--tenant", "bob", "--json")
+    assert json.loads(out)["files"] == 1
+    code, out = await asyncio.to_thread(run, "ls", "--tenant", "bob", "--json")
+    assert [f["name"] for f in json.loads(out)] == ["b.bin"]
+    code, out = await asyncio.to_thread(run, "rm", p.digest, "--tenant", "alice")
+    assert code == 0
+    assert (await t.call("alice", "GET", f"/v1/files/{p.digest}"))[0] == 404
+    assert (await t.call("bob", "GET", f"/v1/files/{p.digest}"))[0] == 200
+    code, out = await asyncio.to_thread(run, "ls", "--tenant", "alice", "--json")
+    assert json.loads(out) == []
+
+
+# ---- clients ----------------------------------------------------------------------------
+
+
+async def test_the_cli_prints_one_line_for_401_403_and_quota(t, tmp_path, capsys):
+    big = tmp_path / "big.bin"
+    big.write_bytes(rand(400 * KiB))
+    base = str(t.client.make_url("/")).rstrip("/")
+
+    def upload(token: str) -> tuple[int, str]:
+        code = cli.main(["upload", "--server", base, f"--token={token}", "--no-cache", str(big)])
+        return code, capsys.readouterr().err
+
+    for token, says in (
+        ("wrong", "unauthorized"),
+        (t.tokens["reader"], "forbidden"),
+        (t.tokens["carol"], "quota"),
+    ):
+        code, err = await asyncio.to_thread(upload, token)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code != 0 and len(lines) == 1, err
+        assert says in lines[0] and "Traceback" not in err
+        assert token not in err
+    # Downloads: a wrong token, and another tenant's file (as absent as any other).
+    p = prepare(rand(CHUNK), CHUNK)
+    await t.upload("alice", p)
+
+    def download(token: str) -> tuple[int, str]:
+        argv = ["download", "--server", base, f"--token={token}", "-o", str(tmp_path), p.digest]
+        code = cli.main(argv)
+        return code, capsys.readouterr().err
+
+    for token, says in (("wrong", "unauthorized"), (t.tokens["bob"], "not_found")):
+        code, err = await asyncio.to_thread(download, token)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code != 0 and len(lines) == 1 and says in lines[0], err
+    assert (await asyncio.to_thread(download, t.tokens["reader"]))[0] == 0
+
+
+# ---- the real daemon: start-up refusals and SIGHUP --------------------------------------
+
+
+def _serve(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "casd",
+            "serve",
+            "--data",
+            str(tmp_path / "d"),
+            "--port",
+            "0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, CASD_TOKENS=""),
+    )
+
+
+def test_serve_refuses_a_bad_token_file_or_tokens_beside_token(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# ok\nsha256:" + "a" * 64 + " tenant=x role=boss\n")
+    r = _serve("--tokens", str(path), tmp_path=tmp_path)
+    assert r.returncode == 2 and "line 2" in r.stderr and "role" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = _serve("--tokens", str(path), "--check-config", tmp_path=tmp_path)
+    assert r.returncode == 2 and "line 2" in r.stderr
+    write_tokens(path := tmp_path / "good")
+    r = _serve("--tokens", str(path), "--token", "t", tmp_path=tmp_path)
+    assert r.returncode == 2 and "--tokens" in r.stderr and "--token" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+async def test_sighup_reloads_the_token_file_of_a_running_daemon(daemon_factory, tmp_path):
+    import aiohttp
+
+    path = tmp_path / "tokens"
+    tokens = write_tokens(path)
+    d = daemon_factory("--tokens", str(path))
+    async with aiohttp.ClientSession() as s:
+
+        async def status(token: str) -> int:
+            h = {"Authorization": f"Bearer {token}"}
+            async with s.get(f"{d.url}/v1/openapi.json", headers=h) as r:
+                return r.status
+
+        assert await status(tokens["alice"]) == 200
+        code = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "casd",
+                "token",
+                "add",
+                "--tokens",
+                str(path),
+                "--tenant",
+                "erin",
+                "--role",
+                "read",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        erin = code.stdout.strip()
+        # No request until the signal: only SIGHUP can make the daemon read the file.
+        logged = d.log_path.read_text().count("token file")
+        d.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded():
+            return d.log_path.read_text().count("token file") > logged
+
+        assert await poll(reloaded), d.log_path.read_text()[-2000:]
+        assert await status(erin) == 200
+        assert erin not in d.log_path.read_text()
+        assert tokens["alice"] not in d.log_path.read_text()
+
+
+async def test_racing_quota_checks_on_postgresql_are_serialized(postgres_url):
+    """Two daemons' handshakes for one tenant, each past its usage read before either has
+    written: held at their first insert by a table lock, they must still take the quota
+    once. The test waits (bounded) until both are blocked in the database, then lets go."""
+    import asyncpg
+
+    from casd.catalog import open_catalog
+    from casd.digest import Algo, Digest
+    from casd.models import ChunkRef, Manifest, Tenant
+
+    def m(tag: str) -> Manifest:
+        d = Digest(Algo("md5"), hashlib.md5(tag.encode()).hexdigest())
+        return Manifest(d, 3, (ChunkRef(hashlib.md5(tag.encode() + b"c").hexdigest(), 3),))
+
+    q = Tenant("q", quota=5)
+    one, two = await open_catalog(postgres_url), await open_catalog(postgres_url)
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("LOCK TABLE manifests IN EXCLUSIVE MODE")
+        races = [
+            asyncio.ensure_future(c.begin_upload(m(tag), "k", 1.0, 1e12, tag * 32, tenant=q))
+            for c, tag in ((one, "a"), (two, "b"))
+        ]
+        waiting = 0
+        for _ in range(400):  # both blocked in the database, within 20 s
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+            if waiting >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting >= 2
+        await tx.rollback()
+        results = await asyncio.gather(*races, return_exceptions=True)
+        assert sorted(type(r).__name__ for r in results) == ["QuotaExceeded", "tuple"], results
+    finally:
+        await holder.close()
+        await one.close()
+        await two.close()
+
+
+def test_the_upload_page_says_what_to_do_after_401_403_and_quota():
+    """casd.js carries the server's code and message (shown as `code: message`); the line
+    under it says what would help. Checked with node on the page's own module."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("node is needed for this check in CI")
+        pytest.skip("node is not installed")
+    hints = Path(__file__).parent.parent / "casd" / "static" / "hints.js"
+    script = (
+        f"import {{ failureHint }} from {json.dumps(hints.as_uri())};"
+        " for (const c of ['unauthorized', 'forbidden', 'quota_exceeded', 'network_error'])"
+        " console.log(c + '=' + failureHint(c));"
+    )
+    out = subprocess.run(
+        [node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    said = dict(line.split("=", 1) for line in out.stdout.splitlines())
+    assert "token" in said["unauthorized"]
+    assert "upload role" in said["forbidden"]
+    assert "quota" in said["quota_exceeded"] and "delete" in said["quota_exceeded"]
+    assert "retry" in said["network_error"]
+
+
+async def test_webhook_events_name_the_tenant(aiohttp_client, settings, tmp_path):
+    # Nothing listens on the receiver's port: events stay queued in the catalogue, readable.
+    s = dataclasses.replace(settings, hook_urls=("http://127.0.0.1:9/hook",))
+    t = await _tenants(aiohttp_client, s, tmp_path)
+    p = prepare(rand(CHUNK), CHUNK)
+    await t.upload("alice", p)
+    await t.upload("bob", prepare(p.data, CHUNK))
+    assert (await t.call("alice", "DELETE", f"/v1/files/{p.digest}"))[0] == 204
+    assert (await t.call("ops", "DELETE", f"/v1/files/{p.digest}"))[0] == 204
+    con = sqlite3.connect(s.data_dir / "catalog.sqlite")
+    try:
+        rows = [json.loads(r[0]) for r in con.execute("SELECT body FROM hook_events ORDER BY id")]
+    finally:
+        con.close()
+    assert [(e["event"], e["data"].get("tenant")) for e in rows] == [
+        ("file.completed", "alice"),
+        ("file.completed", "bob"),
+        ("file.deleted", "alice"),
+        ("file.deleted", None),
+    ]
+
+
+async def test_a_tenant_at_its_quota_can_still_heal_a_file_it_owns(t):
+    p = prepare(rand(200 * KiB), CHUNK)
+    await t.upload("carol", p)
+    bad = p.order[1]
+    (blob,) = [b for b in blob_files(t.settings.data_dir) if b.name == bad]
+    blob.write_bytes(b"rot" + blob.read_bytes()[3:])
+    m = await Maintenance.open(t.settings)
+    try:
+        await m.fsck(deep=True, repair=True)
+    finally:
+        await m.close()
+    # 200 KiB owned, 300 KiB quota: a new 200 KiB file would not fit, healing this one does.
+    status, hs = await t.call("carol", "POST", "/v1/handshake", json=p.handshake)
+    assert status == 200 and hs["missing"] == [bad], hs
+    status, _ = await t.call(
+        "carol", "PUT", f"/v1/uploads/{hs['upload_id']}/chunks/{bad}", data=p.chunks[bad]
+    )
+    assert (await t.call("carol", "POST", f"/v1/uploads/{hs['upload_id']}/merge"))[0] == 200
+    assert await t.call("carol", "GET", f"/v1/files/{p.digest}") == (200, p.data)
