@@ -1249,6 +1249,7 @@ async def _seal_stream(
         upload.state,
         upload.expires_at,
         True,
+        tenant=upload.tenant,
     )
 
 
