@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -19,6 +20,17 @@ import pytest
 import helpers
 from casd.config import Settings
 from helpers import RandomData
+
+# PYTHONDONTWRITEBYTECODE (set on some machines to keep checkouts clean) would make every
+# daemon and CLI process the tests start compile casd from source again (a sixth of its
+# start) and every xdist worker rewrite every test module. Their bytecode goes to one cache
+# folder outside the checkout instead, for this session and the processes it starts.
+if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+    os.environ.setdefault(
+        "PYTHONPYCACHEPREFIX", str(Path(tempfile.gettempdir()) / "casd-test-pycache")
+    )
+    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
+    sys.dont_write_bytecode = False
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -246,9 +246,42 @@ async def test_s3_refuses_a_body_damaged_in_transit(s3_server, tmp_path, rng, al
         await stop()
 
 
-async def test_s3_unreachable_is_store_unavailable(s3_server, tmp_path):
+async def test_s3_unreachable_is_store_unavailable(s3_server, tmp_path, monkeypatch):
     from conftest import _free_port
 
+    # One attempt: the back-off between retries is what test_s3_attempts_... covers.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     store = open_blobstore("s3://casd-nowhere", tmp_path, f"http://127.0.0.1:{_free_port()}")
     with pytest.raises(StoreUnavailable, match="did not answer"):
         await store.start()
+
+
+async def test_s3_attempts_are_what_aws_max_attempts_says(s3_server, tmp_path, monkeypatch):
+    """AWS_MAX_ATTEMPTS, read as every AWS SDK reads it, replaces casd's retry budget: a store
+    that hangs up on every request is tried that many times, then StoreUnavailable."""
+
+    async def connections_made(attempts: str) -> int:
+        accepted = 0
+
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted
+            accepted += 1
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", attempts)
+        store = open_blobstore("s3://casd-nowhere", tmp_path, f"http://127.0.0.1:{port}")
+        try:
+            with pytest.raises(StoreUnavailable, match="did not answer"):
+                await store.start()
+        finally:
+            server.close()
+            await server.wait_closed()
+        return accepted
+
+    # The HTTP layer may open more than one connection per attempt (aiohttp reconnects once
+    # on a connection closed before the answer): compare attempts, not connections.
+    once = await connections_made("1")
+    assert once >= 1
+    assert await connections_made("3") == 3 * once

@@ -10,9 +10,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 
+import casd
 from helpers import blob_files, prepare, rand, temp_files, upload
 
 MiB = 1024 * 1024
@@ -201,6 +203,11 @@ def test_serve_reads_its_settings_from_the_environment(tmp_path):
     data = tmp_path / "from-env"
     env = dict(
         os.environ, CASD_DATA=str(data), CASD_HOST="127.0.0.1", CASD_PORT="0", PYTHONUNBUFFERED="1"
+    )
+    # It runs from another folder, so the casd under test is put on the path explicitly: an
+    # installed casd may be another checkout's.
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(casd.__file__).resolve().parents[1]), env.get("PYTHONPATH")])
     )
     log = tmp_path / "serve.log"
     with open(log, "w") as out:

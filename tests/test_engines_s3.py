@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sqlite3
 import subprocess
@@ -10,8 +11,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+from casd.cli import main
 from conftest import Gate
 from helpers import Prepared, prepare
 
@@ -77,6 +80,19 @@ def casd(data: Path, *argv: str) -> subprocess.CompletedProcess:
         timeout=120,
         check=False,
     )
+
+
+def casd_here(data: Path, *argv: str) -> subprocess.CompletedProcess:
+    """An admin command run in this process, as casd() reports it. The S3 engine's process
+    start (aiobotocore's import) happens once; test_gc_killed_midway_is_finished_by_the_next_gc
+    and test_two_machines_share_a_bucket_and_a_postgresql_catalogue run the real processes."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([*argv, "--data", str(data)])
+        except SystemExit as exc:  # argparse refusals
+            code = exc.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def chunk_rows(data: Path) -> set[str]:
@@ -162,19 +178,19 @@ def test_admin_gc_fsck_export_against_s3(s3_server, s3_bucket, daemon_factory, t
     drop = prepare(rng.bytes(2 * CHUNK, "drop"), CHUNK)
     upload(daemon.url, keep)
     upload(daemon.url, drop)
-    r = casd(daemon.data_dir, "fsck", "--deep", *args)
+    r = casd_here(daemon.data_dir, "fsck", "--deep", *args)
     assert r.returncode == 0 and "no problems" in r.stdout, r.stdout + r.stderr
     out = tmp_path / "out.bin"
-    r = casd(daemon.data_dir, "export", keep.digest, str(out), *args)
+    r = casd_here(daemon.data_dir, "export", keep.digest, str(out), *args)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == keep.data
     # An object under a blob's name that no row knows (a daemon killed after storing it).
     stray = rng.bytes(999, "stray")
     stray_key = f"casd/md5/{hashlib.md5(stray).hexdigest()}"
     s3_server.client.put_object(Bucket=s3_bucket, Key=stray_key, Body=stray)
-    assert casd(daemon.data_dir, "rm", drop.digest, *args).returncode == 0
+    assert casd_here(daemon.data_dir, "rm", drop.digest, *args).returncode == 0
     time.sleep(1.1)  # object times have one-second resolution: make them older than "now"
-    r = casd(daemon.data_dir, "gc", "--grace", "0", *args)
+    r = casd_here(daemon.data_dir, "gc", "--grace", "0", *args)
     assert r.returncode == 0, r.stdout + r.stderr
     assert set(s3_server.keys(s3_bucket)) == {f"casd/md5/{d}" for d in keep.order}
     assert chunk_rows(daemon.data_dir) == set(keep.order)
@@ -188,17 +204,17 @@ def test_admin_gc_fsck_export_against_s3(s3_server, s3_bucket, daemon_factory, t
     s3_server.client.put_object(
         Bucket=s3_bucket, Key=f"casd/md5/{short}", Body=keep.chunks[short][:-1]
     )
-    quick = casd(daemon.data_dir, "fsck", *args)
+    quick = casd_here(daemon.data_dir, "fsck", *args)
     assert quick.returncode == 1
     assert gone in quick.stdout and short in quick.stdout
     assert rotten not in quick.stdout  # a quick check on S3 compares sizes only
-    deep = casd(daemon.data_dir, "fsck", "--deep", *args)
+    deep = casd_here(daemon.data_dir, "fsck", "--deep", *args)
     assert deep.returncode == 1 and rotten in deep.stdout and "corrupt" in deep.stdout
-    r = casd(daemon.data_dir, "export", keep.digest, str(tmp_path / "x"), *args)
+    r = casd_here(daemon.data_dir, "export", keep.digest, str(tmp_path / "x"), *args)
     assert r.returncode == 1 and "run casd fsck" in r.stderr
     assert not (tmp_path / "x").exists()
     # --repair moves what is wrong to PREFIX/quarantine/ and the files answer 503 until healed.
-    r = casd(daemon.data_dir, "fsck", "--deep", "--repair", *args)
+    r = casd_here(daemon.data_dir, "fsck", "--deep", "--repair", *args)
     keys = s3_server.keys(s3_bucket)
     assert {
         k for k in keys if k.startswith("casd/quarantine/")
@@ -207,7 +223,12 @@ def test_admin_gc_fsck_export_against_s3(s3_server, s3_bucket, daemon_factory, t
     assert status == 503 and b"unavailable" in body
 
 
-def test_store_down_gives_503_and_the_upload_resumes(s3_server, s3_bucket, daemon_factory, rng):
+def test_store_down_gives_503_and_the_upload_resumes(
+    s3_server, s3_bucket, daemon_factory, rng, monkeypatch
+):
+    # One retry instead of three: each refused request answers 503 within a second instead
+    # of after botocore's full back-off (the budget itself: test_blobstore_contract.py).
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     gate = Gate(s3_server.port)
     try:
         daemon = daemon_factory(*s3_args(s3_server, s3_bucket, f"http://127.0.0.1:{gate.port}"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -39,6 +40,9 @@ from casd.errors import StoreUnavailable
 # seconds rather than holding requests; botocore retries throttling and 5xx answers itself.
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
+# Retries after the first attempt, with botocore's jittered exponential back-off (about 3.5 s
+# in all). AWS_MAX_ATTEMPTS, the total number of attempts as every AWS SDK reads it, replaces
+# it: a shorter budget answers 503 sooner when the store is down.
 MAX_ATTEMPTS = 3
 QUARANTINE = "quarantine"
 # Answers that mean "no such object" (HEAD gives a bare 404).
@@ -48,10 +52,14 @@ _list = list
 
 
 def client_config() -> Config:
+    retries: dict[str, Any] = {"mode": "standard"}
+    # An explicit max_attempts would override the environment; left out, botocore reads it.
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = MAX_ATTEMPTS
     return Config(
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=READ_TIMEOUT,
-        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        retries=retries,
         # The checksum casd sends is the chunk's own digest; botocore adds none of its own.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
