@@ -687,3 +687,17 @@ async def test_a_tenant_at_its_quota_can_still_heal_a_file_it_owns(t):
     )
     assert (await t.call("carol", "POST", f"/v1/uploads/{hs['upload_id']}/merge"))[0] == 200
     assert await t.call("carol", "GET", f"/v1/files/{p.digest}") == (200, p.data)
+
+
+async def test_tenant_mode_does_not_offer_streamed_uploads(aiohttp_client, settings, tmp_path):
+    # A v1.1 digest batch would answer which chunks are stored without the tenant's proofs,
+    # and its size is unknown when the quota is checked: tenant mode keeps to v1.
+    t = await _tenants(aiohttp_client, dataclasses.replace(settings, stream_uploads=True), tmp_path)
+    status, body = await t.call("alice", "GET", "/v1/capabilities")
+    assert status == 200 and body["stream_uploads"] is False and body["versions"] == ["1"]
+    status, body = await t.call("alice", "POST", "/v1/uploads", json={"algo": "md5"})
+    assert status == 404 and body["error"] == "not_found"
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    await t.upload("alice", p)
+    status, body = await t.call("bob", "POST", "/v1/handshake", json=p.handshake)
+    assert status == 200 and sorted(body["missing"]) == sorted(p.order)
