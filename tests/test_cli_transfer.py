@@ -351,6 +351,23 @@ def test_progress_bars_on_a_terminal(daemon, env, tmp_path, rng):
     assert out.startswith(daemon.url)  # the summary still goes to stdout, bar-free
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """In the child, before exec: SIGINT at its default, as a terminal's foreground job has it.
+
+    A shell starts a background job (`pytest ... &`, as a CI script or a load run may) with
+    SIGINT ignored, and every process it starts inherits that; Python then installs no SIGINT
+    handler, rightly, and the Ctrl-C below would change nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler installed for `signum` (SigCgt of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    raise AssertionError(f"no SigCgt in /proc/{pid}/status")
+
+
 def test_ctrl_c_mid_hashing_exits_130_quickly_with_one_line(env, tmp_path, unused_tcp_port):
     src = tmp_path / "huge.bin"
     with open(src, "wb") as f:
@@ -370,6 +387,7 @@ def test_ctrl_c_mid_hashing_exits_130_quickly_with_one_line(env, tmp_path, unuse
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_at_a_terminal,
     )
     try:
         # Interrupt once hashing is under way: the process has read 64 MiB of the file.
@@ -381,6 +399,8 @@ def test_ctrl_c_mid_hashing_exits_130_quickly_with_one_line(env, tmp_path, unuse
             if rchar > 64 * MiB:
                 break
             time.sleep(0.05)
+        # Hashing runs inside the event loop, so the interpreter's handler is in place by now.
+        assert _catches(proc.pid, signal.SIGINT), "the upload ignores SIGINT"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=10)
     finally:
