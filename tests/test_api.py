@@ -766,9 +766,11 @@ async def test_a_temp_file_being_received_is_marked_busy(client, pending, settin
         )
     )
     store = open_blobstore(None, settings.data_dir)
+    # The temp file is created, then locked: a scan may fall between the two (gc and fsck
+    # leave a temp younger than their grace period alone anyway), so wait for the lock.
     for _ in range(500):
         temps = list(store.temp_files())
-        if temps:
+        if temps and temps[0].busy:
             break
         await asyncio.sleep(0.01)
     assert [t.busy for t in temps] == [True]
