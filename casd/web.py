@@ -360,6 +360,18 @@ def _same(given: str, token: str) -> bool:
 # ---- parsing at the edge ----------------------------------------------------------------
 
 
+def parse_name_ext(name: str | None, ext: str | None) -> tuple[str, str]:
+    """A file's name (at most 255 characters) and its ext: the one given, or else the
+    name's own extension when that is a valid ext, or else none."""
+    name = name or ""
+    if len(name) > 255:
+        raise BadRequest("name must be a string of at most 255 characters")
+    if ext is not None:
+        return name, parse_ext(ext)
+    guess = os.path.splitext(name)[1]
+    return name, guess.lower() if protocol.EXT_RE.match(guess) else ""
+
+
 def parse_ext(value: object) -> str:
     if not isinstance(value, str) or (value and not protocol.EXT_RE.match(value)):
         raise BadRequest(
@@ -415,14 +427,7 @@ def parse_manifest(body: bytes | bytearray) -> Manifest:
         raise BadRequest(f"{key}: {exc}") from None
     if data.size < 0:
         raise BadRequest(f"size must be a non-negative integer, got {data.size}")
-    name = data.name or ""
-    if len(name) > 255:
-        raise BadRequest("name must be a string of at most 255 characters")
-    if data.ext is not None:
-        ext = parse_ext(data.ext)
-    else:
-        guess = os.path.splitext(name)[1]
-        ext = guess.lower() if protocol.EXT_RE.match(guess) else ""
+    name, ext = parse_name_ext(data.name, data.ext)
     chunks = []
     parse_hex = algo.parse_hex
     for i, c in enumerate(data.chunks):
@@ -713,14 +718,7 @@ async def open_stream(request: web.Request) -> web.Response:
     body = await read_body(request, SMALL_BODY, request.app[BODY_BUDGET])
     data = _decode(_OPEN_DECODER, body, "request")
     algo = _algo(data.algo)
-    name = data.name or ""
-    if len(name) > 255:
-        raise BadRequest("name must be a string of at most 255 characters")
-    if data.ext is not None:
-        ext = parse_ext(data.ext)
-    else:
-        guess = os.path.splitext(name)[1]
-        ext = guess.lower() if protocol.EXT_RE.match(guess) else ""
+    name, ext = parse_name_ext(data.name, data.ext)
     upload = await request.app[SERVICE].open_stream(algo, ext, name, client_of(request))
     return web.json_response(
         {
