@@ -458,6 +458,31 @@ def test_pieces_are_written_whole_however_short_each_write(tmp_path, monkeypatch
     assert (tmp_path / "f").read_bytes() == bytes(7) + b"".join(pieces)
 
 
+def test_a_chunk_is_written_in_slices_of_at_most_write_slice(tmp_path, monkeypatch):
+    """A multi-MiB chunk goes to the page cache WRITE_SLICE bytes at a time (a write of the
+    whole chunk costs several times the kernel time on a VM that reports free memory to its
+    host), and every byte still lands at its place, pieces split across slices included."""
+    real = os.pwritev
+    sizes: list[int] = []
+
+    def counted(fd, views, offset):
+        sizes.append(sum(len(v) for v in views))
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(delta.os, "pwritev", counted)
+    slice_ = delta.WRITE_SLICE
+    pieces = [os.urandom(n) for n in (slice_ - 3, 7, 3 * slice_ + 1, 0, 5)]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        delta.pwritev_all(fd, pieces, 11)
+        delta.pwrite_all(fd, pieces[2], 11 + sum(map(len, pieces)))
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == bytes(11) + b"".join(pieces) + pieces[2]
+    assert max(sizes) == slice_
+    assert sum(sizes) == sum(map(len, pieces)) + len(pieces[2])
+
+
 def test_runs_are_adjacent_chunks_within_their_share_of_the_bytes():
     chunks = [delta.ManifestChunk(o, 10, f"{o:032x}") for o in range(0, 100, 10)]
     offsets = lambda runs: [[c.offset for c in run] for run in runs]  # noqa: E731

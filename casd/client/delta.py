@@ -28,6 +28,14 @@ log = logging.getLogger("casd.client")
 _XXH3 = re.compile(r"[0-9a-f]{32}")
 # Pieces one pwritev may take (the kernel's UIO_MAXIOV on Linux).
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
+# Bytes one write system call may carry. A write of a whole multi-MiB chunk makes the page
+# cache take large folios (up to 2 MiB) for it, and on a virtual machine that hands free
+# 2 MiB blocks back to its host (virtio-balloon free page reporting) each of those costs a
+# host-side fault on first touch: measured writing 1 GiB into the page cache, 5 MiB writes
+# spent 2 to 4 s of kernel time where 128-512 KiB writes spent 0.3 to 0.6 s, and two
+# writer threads contending for the file's lock doubled the loss (bench/RESULTS.md, B8).
+# 256 KiB costs a chunk of 5 MiB twenty system calls, nothing beside its bytes.
+WRITE_SLICE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,24 +198,28 @@ def _pread_full(fd: int, size: int, offset: int) -> bytes:
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+    """Write `data` at `offset`, at most WRITE_SLICE bytes a system call."""
+    pwritev_all(fd, (data,), offset)
 
 
 def pwritev_all(fd: int, pieces: Sequence[bytes | memoryview], offset: int) -> None:
-    """Write `pieces` end to end at `offset`, with as few system calls as the kernel allows."""
-    views = [memoryview(p) for p in pieces if p]
+    """Write `pieces` end to end at `offset`: each system call takes as many pieces as the
+    kernel allows, up to WRITE_SLICE bytes (see there why not more)."""
+    views = [memoryview(p).cast("B") for p in pieces if p]
     while views:
-        batch = views[:_IOV_MAX]
+        batch: list[memoryview] = []
+        room = WRITE_SLICE
+        for v in views[:_IOV_MAX]:
+            batch.append(v[:room])
+            room -= len(batch[-1])
+            if not room:
+                break
         n = os.pwritev(fd, batch, offset)
         offset += n
         # Drop what was written: whole pieces, then the written head of a partial one.
         i = 0
-        while i < len(batch) and n >= len(batch[i]):
-            n -= len(batch[i])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
             i += 1
         views = views[i:]
         if n:
