@@ -812,7 +812,8 @@ class Service:
         try:
             while not state.broken:
                 state.again = False
-                await self._hash_file(upload, all_present=False, state=state)
+                if await self._next_is_stored(state):
+                    await self._hash_file(upload, all_present=False, state=state)
                 # No await between this test and the task's end: a PUT that comes later
                 # finds the task done and starts a new one.
                 if not state.again or state.done or state.merging:
@@ -822,6 +823,20 @@ class Service:
         except Exception as exc:
             # Merge hashes again from the start; nothing a client sees depends on this.
             log.warning("hash-ahead of upload %s stopped: %s", upload.id, exc)
+
+    async def _next_is_stored(self, state: FileHash) -> bool:
+        """Whether the chunk the hash needs next is stored, looked up without the lock.
+
+        Hash-ahead takes the lock only when it has something to hash: a PUT of that very
+        chunk arriving meanwhile then finds the lock free and feeds the hash as it streams
+        in, instead of leaving the chunk to be read back. A stale answer costs one look.
+        """
+        if state.done or state.merging:
+            return False
+        page = await self.catalog.manifest_page(state.manifest_id, state.next, 1)
+        if not page:
+            return not state.open_ended  # the end of a sealed list: mark the hash done
+        return bool(await self.catalog.present_chunks({page[0][0]}))
 
     async def _hash_file(
         self, upload: Upload, all_present: bool, state: FileHash | None = None

@@ -240,3 +240,55 @@ async def test_chunks_sent_in_order_are_hashed_for_the_file_as_they_arrive(
     assert read_back == []
     r = await client.get(f"/v1/files/{p.handshake['md5']}")
     assert await r.read() == b"".join(p.chunks[d] for d in p.order)
+
+
+async def test_a_chunk_arriving_while_hash_ahead_looks_is_still_hashed_as_it_streams(
+    aiohttp_client, settings, monkeypatch
+):
+    """Each PUT starts a background hash-ahead. Held at its first catalogue read until the
+    next chunk's PUT has decided whether to feed the file's hash, it must not keep that
+    chunk from doing so: merge then reads no chunk back."""
+    from casd.blobstore.local import LocalBlobStore
+    from casd.web import SERVICE
+
+    read_back: list[int] = []
+    real_feed = LocalBlobStore.feed_run
+
+    async def feed_run(self, algo, run, sink, executor=None):
+        read_back.append(len(run))
+        return await real_feed(self, algo, run, sink, executor)
+
+    monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
+    client = await aiohttp_client(create_app(settings))
+    service = client.server.app[SERVICE]
+    decided = asyncio.Event()
+    held: set[asyncio.Task] = set()
+    real_follow = service._follow_in_order
+    real_page = service.catalog.manifest_page
+
+    async def follow_in_order(upload, digest):
+        got = await real_follow(upload, digest)
+        decided.set()
+        return got
+
+    async def manifest_page(manifest_id, start, count):
+        task = asyncio.current_task()
+        if task in service._background and task not in held:
+            held.add(task)
+            decided.clear()
+            await decided.wait()
+        return await real_page(manifest_id, start, count)
+
+    monkeypatch.setattr(service, "_follow_in_order", follow_in_order)
+    monkeypatch.setattr(service.catalog, "manifest_page", manifest_page)
+    p = prepare(rand(4 * 1000), 1000)
+    r = await client.post("/v1/handshake", json=p.handshake)
+    uid = (await r.json())["upload_id"]
+    for digest in p.order:
+        r = await client.put(f"/v1/uploads/{uid}/chunks/{digest}", data=p.chunks[digest])
+        assert r.status == 201, await r.text()
+    assert len(held) >= len(p.order) - 1, "the hash-aheads were not held: no race was driven"
+    decided.set()
+    r = await client.post(f"/v1/uploads/{uid}/merge")
+    assert r.status == 200, await r.text()
+    assert read_back == []
