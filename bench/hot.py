@@ -1,11 +1,15 @@
-"""`python -m bench.hot`: only the daemon's hot-path rows (B6, and B1's daemon CPU per GiB),
-each round on a fresh `casd serve`, optionally alternating between source trees.
+"""`python -m bench.hot`: only the daemon's hot-path rows (B6, B1's daemon CPU per GiB, and B5's
+huge handshakes), each round on a fresh `casd serve`, optionally alternating between source
+trees.
 
 The full `python -m bench` takes minutes; this runs the rows a daemon-side change moves, as
 many rounds as asked, and prints every round (not only the best), with the CPU other
 processes used meanwhile. `--root DIR` (repeatable) runs the daemon from another source tree
 (for example `git archive COMMIT | tar -x -C DIR`), alternating between the trees round by
 round so a burst of load on the shared machine does not land on one side only.
+`--rows b5` prepares its 199,999 stored chunks in seconds (casd_runs.b5_prep_rows: the chunk
+rows and blobs a PUT of each would have left), instead of the minutes of PUTs `python -m
+bench` spends on them, on a fresh data folder per round and tree.
 `--profile DIR` attaches py-spy to each daemon and writes raw stacks and a summary there.
 """
 
@@ -24,7 +28,7 @@ from bench.casd_runs import FULL
 from bench.log import log
 from bench.run import default_tmp, loadavg
 
-ROWS = ("b6", "b1")
+ROWS = ("b6", "b1", "b5")
 
 
 async def one_round(
@@ -39,6 +43,24 @@ async def one_round(
     sizes = replace(FULL, file_bytes=big.stat().st_size) if big is not None else FULL
     data, cache = work / f"data-{n}", work / f"cache-{n}"
     out: dict = {}
+    if "b5" in rows:
+        b5_data = work / f"b5-data-{n}"
+        prep_s = casd_runs.b5_prep_rows(b5_data, sizes.manifest_chunks - 1, work, root)
+        log(f"B5: {sizes.manifest_chunks - 1:,} chunks prepared in {prep_s:.1f} s")
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+        out["b5"] = await casd_runs.b5_measure(
+            b5_data,
+            sizes,
+            work,
+            root,
+            tag=f"-{n}",
+            profile=profile / f"b5-{n}.raw" if profile else None,
+        )
+        shutil.rmtree(b5_data, ignore_errors=True)
+        rows = [r for r in rows if r != "b5"]
+        if not rows:
+            return out
     with procs.casd_daemon(data, work / f"daemon-{n}.log", *serve_args, root=root) as daemon:
         for row in rows:
             spy = None
@@ -81,6 +103,18 @@ def describe(result: dict) -> list[str]:
             f"B1 {algo} {b['bytes'] >> 20} MiB: {b['summary_s']:.2f} s"
             f" (transfer {b['transfer_s']:.2f} s, merge {b['merge_s'] * 1000:.0f} ms),"
             f" daemon CPU {b['daemon_cpu_s'] / gib:.2f} s/GiB,"
+            f" others {b['others_cores']:.2f} cores"
+        )
+    if "b5" in result:
+        b = result["b5"]
+        lines.append(
+            f"B5 {b['n']:,} chunks ({b['manifest_mb']:.1f} MB):"
+            f" none stored {b['none_s'] * 1000:.0f} ms (CPU {b['none_cpu_s']:.2f} s),"
+            f" again {b['none_again_s'] * 1000:.0f} ms;"
+            f" {b['stored']:,} stored {b['stored_s'] * 1000:.0f} ms"
+            f" (CPU {b['stored_cpu_s']:.2f} s), again {b['stored_again_s'] * 1000:.0f} ms;"
+            f" {b['small_n']:,} chunks {b['small_s'] * 1000:.0f} ms;"
+            f" peak RSS {b['peak_rss_mb']:.0f} MB (start {b['rss_start_mb']:.0f});"
             f" others {b['others_cores']:.2f} cores"
         )
     return lines
