@@ -85,9 +85,14 @@ def full_disk_refused():
 
 def chunks_key(manifest: Manifest) -> str:
     """A fingerprint of the ordered chunk list, to find "the same manifest" again: the
-    xxh3-128 of "hex:size\n" of every chunk, in one call over them all."""
+    xxh3-128 of "hex:size\n" of every chunk, fed thousands of entries at a time."""
     c = ChunkList.of(manifest.chunks)
-    return xxhash.xxh3_128_hexdigest("".join(map("{}:{}\n".format, c.hexes, c.sizes)).encode())
+    h = xxhash.xxh3_128()
+    for i in range(0, len(c), 8192):  # a few hundred KiB at a time, not the whole list's text
+        h.update(
+            "".join(map("{}:{}\n".format, c.hexes[i : i + 8192], c.sizes[i : i + 8192])).encode()
+        )
+    return h.hexdigest()
 
 
 class FileHash:

@@ -434,7 +434,7 @@ def parse_manifest(body: bytes | bytearray) -> Manifest:
 def _parse_chunk_refs(algo: Algo, wire: list[_WireChunk], check_sizes: bool) -> ChunkList:
     """The chunk entries of a handshake or a v1.1 batch -> their lowercase hex digests and
     sizes; BadRequest naming the first entry whose digest is absent or not `algo`'s (or,
-    `check_sizes`, whose size is negative).
+    `check_sizes`, whose size is negative). Empties `wire`.
 
     A 200,000-entry list is checked at once, not digest by digest: every digest has the
     right length and one bytes.fromhex of them all joined gives exactly their bytes (a
@@ -444,6 +444,7 @@ def _parse_chunk_refs(algo: Algo, wire: list[_WireChunk], check_sizes: bool) -> 
     key = algo.value
     raws = [c.md5 for c in wire] if key == "md5" else [c.sha256 for c in wire]
     sizes = [c.size for c in wire]
+    wire.clear()  # consumed: the entries' memory is free for what follows
     width = algo.hex_len
     packed = b""
     ok = not check_sizes or not sizes or min(sizes) >= 0
@@ -466,6 +467,7 @@ def _parse_chunk_refs(algo: Algo, wire: list[_WireChunk], check_sizes: bool) -> 
             if check_sizes and size < 0:
                 raise BadRequest(f"chunks[{i}].size must be a non-negative integer, got {size}")
         raise AssertionError("a chunk list that failed the joined check has no bad entry")
+    del raws  # the strings as sent go before their lowercase copies are made
     text = packed.hex()
     return ChunkList([text[i : i + width] for i in range(0, len(text), width)], sizes)
 
@@ -499,12 +501,16 @@ def missing_response(fields: dict, missing: list[str], status: int = 200) -> web
 
     The list is joined, not walked by the JSON encoder: its entries are lowercase hex digests
     from the catalogue, which JSON carries verbatim, and for a 500,000-entry list the join
-    costs the event loop a fifth of what json.dumps does.
+    costs the event loop a fifth of what json.dumps does. It is joined a slice at a time
+    into one buffer, so a 200,000-entry answer is not also held as a whole string or two.
     """
-    head = json.dumps(fields)
-    tail = '"missing": ["' + '", "'.join(missing) + '"]}' if missing else '"missing": []}'
+    body = bytearray(json.dumps(fields)[:-1].encode())
+    body += b', "missing": ['
+    for i in range(0, len(missing), 8192):
+        body += (', "' if i else '"').encode() + '", "'.join(missing[i : i + 8192]).encode() + b'"'
+    body += b"]}"
     return web.Response(
-        body=(head[:-1] + ", " + tail).encode(),
+        body=body,
         status=status,
         content_type="application/json",
         charset="utf-8",
@@ -527,6 +533,7 @@ async def handshake(request: web.Request) -> web.Response:
     if len(body) > THREAD_PARSE_BYTES:
         async with request.app[BIG_HANDSHAKES]:
             manifest = await asyncio.to_thread(parse_manifest, body)
+            body.clear()  # the JSON (12 MB for 200,000 chunks) is not kept meanwhile
             await hooks.check_handshake(request, manifest)
             result = await service.handshake(manifest, client, tenant)
     else:

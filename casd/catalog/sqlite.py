@@ -946,12 +946,12 @@ def _insert_list(
         [(manifest_id, *part) for part in packed.parts(chunks, start)],
     )
     # One statement for them all: the digests go as one JSON object (digest: size) that
-    # SQLite reads itself, not a row of bound parameters each; in digest order, so the
-    # table's and its index's pages fill in order, not at random.
+    # SQLite reads itself, not a row of bound parameters each; its keys in digest order, so
+    # the table's and its index's pages fill in order, not at random.
     con.execute(
         "INSERT INTO manifest_digests (manifest_id, digest, size) SELECT ?, key, value"
-        " FROM json_each(?) WHERE true ORDER BY key ON CONFLICT DO NOTHING",
-        (manifest_id, msgspec.json.encode(uses).decode()),
+        " FROM json_each(CAST(? AS TEXT)) WHERE true ON CONFLICT DO NOTHING",
+        (manifest_id, msgspec.json.encode(uses, order="sorted")),
     )
 
 
@@ -1294,6 +1294,16 @@ _PRESENT = (
 _PRESENT_FOR_TENANT = _PRESENT + (
     " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
 )
+# The complements: the digests of a manifest that are missing.
+_ABSENT = (
+    "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = ?"
+    " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
+)
+_ABSENT_FOR_TENANT = (
+    "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = ?"
+    " AND (NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
+    " OR NOT EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest))"
+)
 # Sum of the chunk entries of live pending uploads (append "AND u.client = ?" for one client).
 # The partial index holds pending uploads only; merged ones, kept a day, are never read.
 _PENDING_ENTRIES = (
@@ -1322,15 +1332,29 @@ def _missing_sync(
 ) -> list[str]:
     """The manifest's digests, once each in manifest order, less those stored (and, with
     `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them."""
-    if tenant is None:
-        present = {r[0] for r in con.execute(_PRESENT, (manifest_id, LIVE))}
-    else:
-        present = {r[0] for r in con.execute(_PRESENT_FOR_TENANT, (manifest_id, LIVE, tenant))}
     if uses is None:
         uses = packed.distinct(_list_sync(con, manifest_id))
+    # The smaller side is read: the digests stored, when they are fewer than half, else
+    # those missing (a list that is mostly stored never brings its 200,000 digests over).
+    half = len(uses) // 2 + 1
+    if tenant is None:
+        present = con.execute(_PRESENT + " LIMIT ?", (manifest_id, LIVE, half)).fetchall()
+    else:
+        present = con.execute(
+            _PRESENT_FOR_TENANT + " LIMIT ?", (manifest_id, LIVE, tenant, half)
+        ).fetchall()
     if not present:
         return list(uses)
-    return [h for h in uses if h not in present]
+    if len(present) < half:
+        stored = {r[0] for r in present}
+        return [h for h in uses if h not in stored]
+    del present
+    if tenant is None:
+        rows = con.execute(_ABSENT, (manifest_id, LIVE))
+    else:
+        rows = con.execute(_ABSENT_FOR_TENANT, (manifest_id, LIVE, tenant))
+    absent = {r[0] for r in rows}
+    return [h for h in uses if h in absent]
 
 
 def _list_sync(con: sqlite3.Connection, manifest_id: int) -> ChunkList:
