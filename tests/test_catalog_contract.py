@@ -264,12 +264,18 @@ async def test_missing_is_each_digest_once_in_order_however_many_are_stored(cat)
     """Few stored, half, all but one, all: the list is the same rule each time (an engine
     may read the stored side or the missing side, whichever is smaller)."""
     store = Store()
-    tags = [f"c{i}" for i in range(9)]
+    tags = [f"c{i}" for i in range(12)]
     listed = [(t, 1) for t in tags] + [("c0", 1), ("c8", 1), ("c3", 1)]
     up, missing = await cat.begin_upload(manifest(1, listed), "k", T0, LATER, "u" * 32)
     assert missing == [hx(t) for t in tags]
     stored: set[str] = set()
-    for batch in (["c2"], ["c0", "c5", "c7"], ["c1", "c3", "c4"], ["c6"], ["c8"]):
+    for batch in (
+        ["c2"],
+        ["c0", "c5", "c7", "c9", "c10", "c11"],
+        ["c1", "c4"],
+        ["c6", "c3"],
+        ["c8"],
+    ):
         for t in batch:
             await publish(cat, store, t)
             stored.add(t)
