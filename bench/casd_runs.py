@@ -413,13 +413,16 @@ async def b5_handshakes(
     return out
 
 
-def b5_prep_rows(data: Path, stored: int, log_dir: Path, root: Path | None = None) -> float:
+def b5_prep_rows(
+    data: Path, stored: int, log_dir: Path, root: Path | None = None, blobs: bool = False
+) -> float:
     """A data folder holding the `stored` chunks of `_stored_manifest`, in seconds, without
     the minutes of PUTs `b5_handshakes` spends: the daemon (from `root`) creates and migrates
     its catalogue and stops, then the chunk rows its `publish_chunk` would have committed
-    (digest, algo, size, xxh3 of the bytes, live) go in one transaction, and each 8-byte
-    blob is written at its place in blobs/ (not fsynced). A handshake reads the rows only;
-    the blobs are there so the folder is a consistent store (`casd fsck` finds it clean)."""
+    (digest, algo, size, xxh3 of the bytes, live) go in one transaction. A handshake reads
+    those rows and no blob; with `blobs` each 8-byte blob is also written at its place in
+    blobs/ (not fsynced), so the folder is a consistent store (`casd fsck` finds it clean),
+    at the cost of minutes of file creation and removal on a busy disk."""
     import sqlite3
 
     import xxhash
@@ -441,11 +444,12 @@ def b5_prep_rows(data: Path, stored: int, log_dir: Path, root: Path | None = Non
             )
     finally:
         con.close()
-    blobs = data / "blobs" / "md5"
+    if not blobs:
+        return time.perf_counter() - t
     made: set[str] = set()
     for i in range(stored):
         h = _md5_of_index(i)
-        folder = blobs / h[:2] / h[2:4]
+        folder = data / "blobs" / "md5" / h[:2] / h[2:4]
         if folder.name not in made or not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             made.add(folder.name)

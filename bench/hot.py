@@ -8,8 +8,9 @@ processes used meanwhile. `--root DIR` (repeatable) runs the daemon from another
 (for example `git archive COMMIT | tar -x -C DIR`), alternating between the trees round by
 round so a burst of load on the shared machine does not land on one side only.
 `--rows b5` prepares its 199,999 stored chunks in seconds (casd_runs.b5_prep_rows: the chunk
-rows and blobs a PUT of each would have left), instead of the minutes of PUTs `python -m
-bench` spends on them, on a fresh data folder per round and tree.
+rows a PUT of each would have committed, and with --b5-blobs their blob files), instead of
+the minutes of PUTs `python -m bench` spends on them, on a fresh data folder per round and
+tree (each tree's daemon creates and migrates its own catalogue first).
 `--profile DIR` attaches py-spy to each daemon and writes raw stacks and a summary there.
 """
 
@@ -39,13 +40,16 @@ async def one_round(
     n: int,
     profile: Path | None,
     serve_args: list[str],
+    b5_blobs: bool = False,
 ) -> dict:
     sizes = replace(FULL, file_bytes=big.stat().st_size) if big is not None else FULL
     data, cache = work / f"data-{n}", work / f"cache-{n}"
     out: dict = {}
     if "b5" in rows:
         b5_data = work / f"b5-data-{n}"
-        prep_s = casd_runs.b5_prep_rows(b5_data, sizes.manifest_chunks - 1, work, root)
+        prep_s = casd_runs.b5_prep_rows(
+            b5_data, sizes.manifest_chunks - 1, work, root, blobs=b5_blobs
+        )
         log(f"B5: {sizes.manifest_chunks - 1:,} chunks prepared in {prep_s:.1f} s")
         if profile is not None:
             profile.mkdir(parents=True, exist_ok=True)
@@ -128,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b1-mib", type=int, default=512, help="size of B1's random file")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR")
     p.add_argument(
+        "--b5-blobs",
+        action="store_true",
+        help="B5: also write the stored chunks' blob files (a handshake reads rows only)",
+    )
+    p.add_argument(
         "--serve-arg",
         action="append",
         default=[],
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {r + 1}, daemon from {root or 'this tree'}")
                 t = time.perf_counter()
                 result = asyncio.run(
-                    one_round(rows, root, work, big, n, args.profile, args.serve_arg)
+                    one_round(rows, root, work, big, n, args.profile, args.serve_arg, args.b5_blobs)
                 )
                 name = str(root) if root else "this tree"
                 for line in describe(result):
