@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from itertools import repeat
 
 from aiohttp import web
 
@@ -35,7 +36,8 @@ def handshake_answered(request: web.Request, manifest: Manifest, result: Handsha
         upload_id = result.upload_id
         chunks = ChunkList.of(manifest.chunks)
         sizes = dict(zip(chunks.hexes, chunks.sizes, strict=True))
-        skipped = manifest.size - sum(sizes[h] for h in set(result.missing) if h in sizes)
+        # `missing` names each digest once, and only digests of this manifest.
+        skipped = manifest.size - sum(map(sizes.get, result.missing, repeat(0)))
         metrics.uploads.labels("started").inc()
     if skipped > 0:
         metrics.bytes_skipped.inc(skipped)

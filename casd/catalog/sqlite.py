@@ -904,10 +904,14 @@ def _begin_upload(
         (d.algo.value, d.hex, manifest.size, chunks_key, len(chunks), now),
     ).fetchone()[0]
     _insert_list(con, manifest_id, chunks, 0, uses)
-    clash = con.execute(
-        _CLASH if tenant is None else _CLASH + _PROVED,
-        (manifest_id, LIVE) if tenant is None else (manifest_id, LIVE, tenant.name),
-    ).fetchone()
+    stored = None
+    if tenant is None:
+        # One pass over the stored digests counts them and their size clashes: a clash is
+        # looked up only when there is one, and the missing list knows which side to read.
+        stored, clashes = con.execute(_STORED_AND_CLASHES, (manifest_id, LIVE)).fetchone()
+        clash = con.execute(_CLASH, (manifest_id, LIVE)).fetchone() if clashes else None
+    else:
+        clash = con.execute(_CLASH + _PROVED, (manifest_id, LIVE, tenant.name)).fetchone()
     if clash:
         # Say which claim is wrong, never the stored size: that is someone else's fact.
         raise BadRequest(
@@ -929,7 +933,7 @@ def _begin_upload(
         expires_at,
         tenant=owner,
     )
-    return upload, _missing_sync(con, manifest_id, who, uses)
+    return upload, _missing_sync(con, manifest_id, who, uses, stored)
 
 
 def _insert_list(
@@ -962,6 +966,10 @@ _CLASH = (
     "SELECT mc.digest, mc.size, c.size FROM manifest_digests mc"
     " JOIN chunks c ON c.digest = mc.digest"
     " WHERE mc.manifest_id = ? AND c.state = ? AND c.size <> mc.size"
+)
+_STORED_AND_CLASHES = (
+    "SELECT count(*), count(nullif(c.size <> mc.size, 0)) FROM manifest_digests mc"
+    " JOIN chunks c ON c.digest = mc.digest WHERE mc.manifest_id = ? AND c.state = ?"
 )
 _PROVED = " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
 
@@ -1329,26 +1337,31 @@ def _missing_sync(
     manifest_id: int,
     tenant: str | None = None,
     uses: dict[str, int] | None = None,
+    stored: int | None = None,
 ) -> list[str]:
     """The manifest's digests, once each in manifest order, less those stored (and, with
-    `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them."""
+    `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them;
+    `stored`: how many of them are stored, when it counted them (without a tenant)."""
     if uses is None:
         uses = packed.distinct(_list_sync(con, manifest_id))
     # The smaller side is read: the digests stored, when they are fewer than half, else
     # those missing (a list that is mostly stored never brings its 200,000 digests over).
     half = len(uses) // 2 + 1
-    if tenant is None:
-        present = con.execute(_PRESENT + " LIMIT ?", (manifest_id, LIVE, half)).fetchall()
-    else:
-        present = con.execute(
-            _PRESENT_FOR_TENANT + " LIMIT ?", (manifest_id, LIVE, tenant, half)
-        ).fetchall()
-    if not present:
-        return list(uses)
-    if len(present) < half:
-        stored = {r[0] for r in present}
-        return [h for h in uses if h not in stored]
-    del present
+    if stored is None or stored < half:
+        if stored == 0:
+            return list(uses)
+        if tenant is None:
+            present = con.execute(_PRESENT + " LIMIT ?", (manifest_id, LIVE, half)).fetchall()
+        else:
+            present = con.execute(
+                _PRESENT_FOR_TENANT + " LIMIT ?", (manifest_id, LIVE, tenant, half)
+            ).fetchall()
+        if not present:
+            return list(uses)
+        if len(present) < half:
+            have = {r[0] for r in present}
+            return [h for h in uses if h not in have]
+        del present
     if tenant is None:
         rows = con.execute(_ABSENT, (manifest_id, LIVE))
     else:
