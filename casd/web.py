@@ -443,7 +443,9 @@ def _parse_chunk_refs(algo: Algo, wire: list[_WireChunk], check_sizes: bool) -> 
     """
     key = algo.value
     raws = [c.md5 for c in wire] if key == "md5" else [c.sha256 for c in wire]
-    sizes = [c.size for c in wire]
+    # Equal sizes (all but the last, in fixed-size chunking) share one int object.
+    same: dict[int, int] = {}
+    sizes = [same.setdefault(c.size, c.size) for c in wire]
     wire.clear()  # consumed: the entries' memory is free for what follows
     width = algo.hex_len
     packed = b""

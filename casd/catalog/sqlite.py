@@ -627,7 +627,7 @@ class GroupWriter:
         def connect() -> sqlite3.Connection:
             con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             try:
-                for pragma in _pragmas(synchronous):
+                for pragma in _pragmas(synchronous, WRITER_CACHE_KIB):
                     con.execute(pragma)
             except BaseException:
                 con.close()
@@ -818,15 +818,23 @@ def _full_disk_named(fn: Callable, first, args: tuple):
         raise named from exc
 
 
-def _pragmas(synchronous: str) -> list[str]:
+def _pragmas(synchronous: str, cache_kib: int = 32768) -> list[str]:
     return [
         f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
         "PRAGMA journal_mode = WAL",
         f"PRAGMA synchronous = {synchronous}",
         "PRAGMA foreign_keys = ON",
         "PRAGMA temp_store = MEMORY",
-        "PRAGMA cache_size = -32768",
+        f"PRAGMA cache_size = -{cache_kib}",
     ]
+
+
+# The writer's page cache, in KiB. A 200,000-chunk handshake writes about 20 MiB of pages in
+# one transaction; a cache that holds them all until the commit (32 MiB, as the readers have)
+# kept them resident in the daemon for good. Past this SQLite writes dirty pages to the WAL
+# early (the same frames, before the commit instead of at it); what the writer reads again
+# and again, the tables' upper B-tree pages, fits many times over.
+WRITER_CACHE_KIB = 8192
 
 
 # ---- write operations: run by GroupWriter inside a transaction, on its thread ------------
