@@ -120,6 +120,13 @@ _PRESENT = (
 _PRESENT_FOR_TENANT = _PRESENT + (
     " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = $2 AND t.digest = mc.digest)"
 )
+_COUNT_PRESENT = _PRESENT.replace("SELECT mc.digest", "SELECT count(*)", 1)
+_COUNT_PRESENT_FOR_TENANT = _PRESENT_FOR_TENANT.replace("SELECT mc.digest", "SELECT count(*)", 1)
+# A new manifest's stored digests and its size clashes with them, in one pass.
+_STORED_AND_CLASHES = (
+    "SELECT count(*), count(*) FILTER (WHERE c.size <> mc.size) FROM manifest_digests mc"
+    " JOIN chunks c ON c.digest = mc.digest WHERE mc.manifest_id = $1 AND c.state = $2"
+)
 # The complements: the digests of a manifest that are missing.
 _ABSENT = (
     "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = $1"
@@ -411,7 +418,7 @@ class PostgresCatalog:
         return row is not None
 
     async def missing(self, manifest_id: int, tenant: str | None = None) -> list[str]:
-        return await self._run(_missing, manifest_id, tenant, read=True)
+        return await self._run(_missing, manifest_id, tenant, snapshot=True)
 
     async def manifest_chunks(self, manifest_id: int) -> list[tuple[str, int]]:
         chunks = packed.unpack(await self._fetch(_LIST, manifest_id))
@@ -979,24 +986,35 @@ async def _missing(
     manifest_id: int,
     tenant: str | None = None,
     uses: dict[str, int] | None = None,
+    stored: int | None = None,
 ) -> list[str]:
     """The manifest's digests, once each in manifest order, less those stored (and, with
-    `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them."""
+    `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them;
+    `stored`: how many of them are stored, when it counted them (without a tenant)."""
+    # Counted first, then the smaller side is read: the digests stored, when they are fewer
+    # than half, else those missing (a list that is mostly stored never brings its 200,000
+    # digests over, and a complete one, a merge's, is never unpacked).
+    if stored is None:
+        if tenant is None:
+            stored = await con.fetchval(_COUNT_PRESENT, manifest_id)
+        else:
+            stored = await con.fetchval(_COUNT_PRESENT_FOR_TENANT, manifest_id, tenant)
     if uses is None:
+        distinct = await con.fetchval(
+            "SELECT count(*) FROM manifest_digests WHERE manifest_id = $1", manifest_id
+        )
+        if stored == distinct:
+            return []
         uses = packed.distinct(packed.unpack(await con.fetch(_LIST, manifest_id)))
-    # The smaller side is read: the digests stored, when they are fewer than half, else
-    # those missing (a list that is mostly stored never brings its 200,000 digests over).
-    half = len(uses) // 2 + 1
-    if tenant is None:
-        rows = await con.fetch(_PRESENT + " LIMIT $2", manifest_id, half)
-    else:
-        rows = await con.fetch(_PRESENT_FOR_TENANT + " LIMIT $3", manifest_id, tenant, half)
-    if not rows:
+    if stored == 0:
         return list(uses)
-    if len(rows) < half:
-        present = {r[0] for r in rows}
-        return [h for h in uses if h not in present]
-    del rows
+    if stored <= len(uses) // 2:
+        if tenant is None:
+            rows = await con.fetch(_PRESENT, manifest_id)
+        else:
+            rows = await con.fetch(_PRESENT_FOR_TENANT, manifest_id, tenant)
+        have = {r[0] for r in rows}
+        return [h for h in uses if h not in have]
     if tenant is None:
         rows = await con.fetch(_ABSENT, manifest_id)
     else:
@@ -1116,8 +1134,12 @@ async def _begin_upload(
         now,
     )
     await _insert_list(con, manifest_id, chunks, 0, uses, fresh=True)
+    stored = None
     if tenant is None:
-        clash = await con.fetchrow(_CLASH + " LIMIT 1", manifest_id, LIVE)
+        # One pass over the stored digests counts them and their size clashes: a clash is
+        # looked up only when there is one, and the missing list knows which side to read.
+        stored, clashes = await con.fetchrow(_STORED_AND_CLASHES, manifest_id, LIVE)
+        clash = await con.fetchrow(_CLASH + " LIMIT 1", manifest_id, LIVE) if clashes else None
     else:
         clash = await con.fetchrow(_CLASH + _PROVED + " LIMIT 1", manifest_id, LIVE, owner)
     if clash:
@@ -1148,7 +1170,7 @@ async def _begin_upload(
         expires_at,
         tenant=owner,
     )
-    return upload, await _missing(con, manifest_id, who, uses)
+    return upload, await _missing(con, manifest_id, who, uses, stored)
 
 
 async def _check_quota(

@@ -1310,6 +1310,8 @@ _PRESENT = (
 _PRESENT_FOR_TENANT = _PRESENT + (
     " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
 )
+_COUNT_PRESENT = _PRESENT.replace("SELECT mc.digest", "SELECT count(*)", 1)
+_COUNT_PRESENT_FOR_TENANT = _PRESENT_FOR_TENANT.replace("SELECT mc.digest", "SELECT count(*)", 1)
 # The complements: the digests of a manifest that are missing.
 _ABSENT = (
     "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = ?"
@@ -1350,26 +1352,31 @@ def _missing_sync(
     """The manifest's digests, once each in manifest order, less those stored (and, with
     `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them;
     `stored`: how many of them are stored, when it counted them (without a tenant)."""
-    if uses is None:
-        uses = packed.distinct(_list_sync(con, manifest_id))
-    # The smaller side is read: the digests stored, when they are fewer than half, else
-    # those missing (a list that is mostly stored never brings its 200,000 digests over).
-    half = len(uses) // 2 + 1
-    if stored is None or stored < half:
-        if stored == 0:
-            return list(uses)
+    # Counted first, then the smaller side is read: the digests stored, when they are fewer
+    # than half, else those missing (a list that is mostly stored never brings its 200,000
+    # digests over, and a complete one, a merge's, is never unpacked).
+    if stored is None:
         if tenant is None:
-            present = con.execute(_PRESENT + " LIMIT ?", (manifest_id, LIVE, half)).fetchall()
+            count = con.execute(_COUNT_PRESENT, (manifest_id, LIVE))
         else:
-            present = con.execute(
-                _PRESENT_FOR_TENANT + " LIMIT ?", (manifest_id, LIVE, tenant, half)
-            ).fetchall()
-        if not present:
-            return list(uses)
-        if len(present) < half:
-            have = {r[0] for r in present}
-            return [h for h in uses if h not in have]
-        del present
+            count = con.execute(_COUNT_PRESENT_FOR_TENANT, (manifest_id, LIVE, tenant))
+        stored = count.fetchone()[0]
+    if uses is None:
+        distinct = con.execute(
+            "SELECT count(*) FROM manifest_digests WHERE manifest_id = ?", (manifest_id,)
+        ).fetchone()[0]
+        if stored == distinct:
+            return []
+        uses = packed.distinct(_list_sync(con, manifest_id))
+    if stored == 0:
+        return list(uses)
+    if stored <= len(uses) // 2:
+        if tenant is None:
+            present = con.execute(_PRESENT, (manifest_id, LIVE))
+        else:
+            present = con.execute(_PRESENT_FOR_TENANT, (manifest_id, LIVE, tenant))
+        have = {r[0] for r in present}
+        return [h for h in uses if h not in have]
     if tenant is None:
         rows = con.execute(_ABSENT, (manifest_id, LIVE))
     else:
