@@ -110,24 +110,8 @@ _REFERENCED = (
     " OR EXISTS (SELECT 1 FROM uploads u WHERE u.manifest_id = mc.manifest_id"
     " AND u.state = 'pending' AND u.expires_at > ${n})))"
 )
-# The digests of a manifest that are stored: the missing list is the manifest's digests
-# less these, one set operation in Python.
-_PRESENT = (
-    "SELECT mc.digest FROM manifest_digests mc JOIN chunks c ON c.digest = mc.digest"
-    " WHERE mc.manifest_id = $1 AND c.state = 0"
-)
-# In tenant mode a chunk is present only when it is stored and this tenant proved it holds it.
-_PRESENT_FOR_TENANT = _PRESENT + (
-    " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = $2 AND t.digest = mc.digest)"
-)
-_COUNT_PRESENT = _PRESENT.replace("SELECT mc.digest", "SELECT count(*)", 1)
-_COUNT_PRESENT_FOR_TENANT = _PRESENT_FOR_TENANT.replace("SELECT mc.digest", "SELECT count(*)", 1)
-# A new manifest's stored digests and its size clashes with them, in one pass.
-_STORED_AND_CLASHES = (
-    "SELECT count(*), count(*) FILTER (WHERE c.size <> mc.size) FROM manifest_digests mc"
-    " JOIN chunks c ON c.digest = mc.digest WHERE mc.manifest_id = $1 AND c.state = $2"
-)
-# The complements: the digests of a manifest that are missing.
+# The digests of a manifest that are missing (stored, and in tenant mode also proved by the
+# tenant, is present): the missing list is these in manifest order.
 _ABSENT = (
     "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = $1"
     " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = 0)"
@@ -986,40 +970,23 @@ async def _missing(
     manifest_id: int,
     tenant: str | None = None,
     uses: dict[str, int] | None = None,
-    stored: int | None = None,
 ) -> list[str]:
     """The manifest's digests, once each in manifest order, less those stored (and, with
-    `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them;
-    `stored`: how many of them are stored, when it counted them (without a tenant)."""
-    # Counted first, then the smaller side is read: the digests stored, when they are fewer
-    # than half, else those missing (a list that is mostly stored never brings its 200,000
-    # digests over, and a complete one, a merge's, is never unpacked).
-    if stored is None:
-        if tenant is None:
-            stored = await con.fetchval(_COUNT_PRESENT, manifest_id)
-        else:
-            stored = await con.fetchval(_COUNT_PRESENT_FOR_TENANT, manifest_id, tenant)
-    if uses is None:
-        distinct = await con.fetchval(
-            "SELECT count(*) FROM manifest_digests WHERE manifest_id = $1", manifest_id
-        )
-        if stored == distinct:
-            return []
-        uses = packed.distinct(packed.unpack(await con.fetch(_LIST, manifest_id)))
-    if stored == 0:
-        return list(uses)
-    if stored <= len(uses) // 2:
-        if tenant is None:
-            rows = await con.fetch(_PRESENT, manifest_id)
-        else:
-            rows = await con.fetch(_PRESENT_FOR_TENANT, manifest_id, tenant)
-        have = {r[0] for r in rows}
-        return [h for h in uses if h not in have]
+    `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them."""
+    # One anti-join gives the missing set (on PostgreSQL, where the planner reads it as one
+    # hash join); the manifest's order comes from its list, unpacked only when some are.
     if tenant is None:
         rows = await con.fetch(_ABSENT, manifest_id)
     else:
         rows = await con.fetch(_ABSENT_FOR_TENANT, manifest_id, tenant)
+    if not rows:
+        return []
     absent = {r[0] for r in rows}
+    del rows
+    if uses is None:
+        uses = packed.distinct(packed.unpack(await con.fetch(_LIST, manifest_id)))
+    if len(absent) == len(uses):
+        return list(uses)
     return [h for h in uses if h in absent]
 
 
@@ -1134,12 +1101,8 @@ async def _begin_upload(
         now,
     )
     await _insert_list(con, manifest_id, chunks, 0, uses, fresh=True)
-    stored = None
     if tenant is None:
-        # One pass over the stored digests counts them and their size clashes: a clash is
-        # looked up only when there is one, and the missing list knows which side to read.
-        stored, clashes = await con.fetchrow(_STORED_AND_CLASHES, manifest_id, LIVE)
-        clash = await con.fetchrow(_CLASH + " LIMIT 1", manifest_id, LIVE) if clashes else None
+        clash = await con.fetchrow(_CLASH + " LIMIT 1", manifest_id, LIVE)
     else:
         clash = await con.fetchrow(_CLASH + _PROVED + " LIMIT 1", manifest_id, LIVE, owner)
     if clash:
@@ -1170,7 +1133,7 @@ async def _begin_upload(
         expires_at,
         tenant=owner,
     )
-    return upload, await _missing(con, manifest_id, who, uses, stored)
+    return upload, await _missing(con, manifest_id, who, uses)
 
 
 async def _check_quota(
