@@ -408,6 +408,69 @@ async def b5_handshakes(
         "prep_on_tmpfs": on_tmpfs,
         "copy_s": copy_s,
     }
+    out.update(await b5_measure(data, sizes, log_dir))
+    shutil.rmtree(data, ignore_errors=True)
+    return out
+
+
+def b5_prep_rows(
+    data: Path, stored: int, log_dir: Path, root: Path | None = None, blobs: bool = False
+) -> float:
+    """A data folder holding the `stored` chunks of `_stored_manifest`, in seconds, without
+    the minutes of PUTs `b5_handshakes` spends: the daemon (from `root`) creates and migrates
+    its catalogue and stops, then the chunk rows its `publish_chunk` would have committed
+    (digest, algo, size, xxh3 of the bytes, live) go in one transaction. A handshake reads
+    those rows and no blob; with `blobs` each 8-byte blob is also written at its place in
+    blobs/ (not fsynced), so the folder is a consistent store (`casd fsck` finds it clean),
+    at the cost of minutes of file creation and removal on a busy disk."""
+    import sqlite3
+
+    import xxhash
+
+    t = time.perf_counter()
+    with procs.casd_daemon(data, log_dir / "daemon-b5-prep.log", root=root):
+        pass
+    now = time.time()
+    con = sqlite3.connect(data / "catalog.sqlite")
+    try:
+        with con:
+            con.executemany(
+                "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
+                " VALUES (?, 'md5', 8, ?, ?, 0)",
+                (
+                    (_md5_of_index(i), xxhash.xxh3_128_hexdigest(struct.pack(">Q", i)), now)
+                    for i in range(stored)
+                ),
+            )
+    finally:
+        con.close()
+    if not blobs:
+        return time.perf_counter() - t
+    made: set[str] = set()
+    for i in range(stored):
+        h = _md5_of_index(i)
+        folder = data / "blobs" / "md5" / h[:2] / h[2:4]
+        if folder.name not in made or not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            made.add(folder.name)
+        (folder / h).write_bytes(struct.pack(">Q", i))
+    return time.perf_counter() - t
+
+
+async def b5_measure(
+    data: Path,
+    sizes: Sizes,
+    log_dir: Path,
+    root: Path | None = None,
+    tag: str = "",
+    profile: Path | None = None,
+) -> dict:
+    """B5's handshakes against a data folder holding the chunks of `_stored_manifest`: a
+    daemon (from `root`, default this tree) on `data`, its latencies and peak RSS; with
+    `profile`, py-spy's raw stacks of the daemon written there."""
+    n = sizes.manifest_chunks
+    stored = n - 1
+    out: dict = {"n": n, "stored": stored}
     small_n = max(1, n // 10)
     bodies = {
         "small": _random_manifest(small_n, sizes.chunk_size),
@@ -417,7 +480,7 @@ async def b5_handshakes(
     out["manifest_mb"] = len(bodies["none"]) / 1e6
     # The synthetic manifests describe files of up to 200,000 x 5 MiB (1 TB), over the
     # default --max-file-size; they are handshaken, never merged.
-    with procs.casd_daemon(data, log_dir / "daemon-b5.log", *BIG_FILES) as daemon:
+    with procs.casd_daemon(data, log_dir / f"daemon-b5{tag}.log", *BIG_FILES, root=root) as daemon:
         pid = daemon.pid
         out["rss_start_mb"] = procs.rss_mb(pid)
         hwm_reset = procs.reset_hwm(pid)
@@ -426,14 +489,24 @@ async def b5_handshakes(
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 # Warm-up: the first request of a new daemon opens what it opens lazily.
                 await _handshake(session, daemon.url, _random_manifest(1, 8))
+                spy = None
+                if profile is not None:
+                    from bench.profile import Spy
+
+                    spy = Spy(pid, profile)
+                    await asyncio.sleep(1.0)  # let py-spy attach
                 for key, body in bodies.items():
+                    cpu = procs.cpu_seconds(pid)
                     latency, answer = await _handshake(session, daemon.url, body)
+                    out[f"{key}_cpu_s"] = procs.cpu_seconds(pid) - cpu
                     again, answer2 = await _handshake(session, daemon.url, body)
                     missing = len(answer.get("missing", []))
                     assert answer2.get("upload_id") == answer.get("upload_id"), (answer, answer2)
                     out[f"{key}_s"] = latency
                     out[f"{key}_again_s"] = again
                     out[f"{key}_missing"] = missing
+                if spy is not None:
+                    spy.stop()
         out["peak_rss_mb"] = procs.hwm_mb(pid) if hwm_reset else sampler.max
         out["sampled_rss_max_mb"] = sampler.max
     out["others_cores"] = watch.others_cores
@@ -442,5 +515,4 @@ async def b5_handshakes(
     out["small_n"] = small_n
     out["us_per_chunk_small"] = out["small_s"] / small_n * 1e6
     out["us_per_chunk_none"] = out["none_s"] / n * 1e6
-    shutil.rmtree(data, ignore_errors=True)
     return out

@@ -1,11 +1,16 @@
-"""`python -m bench.hot`: only the daemon's hot-path rows (B6, and B1's daemon CPU per GiB),
-each round on a fresh `casd serve`, optionally alternating between source trees.
+"""`python -m bench.hot`: only the daemon's hot-path rows (B6, B1's daemon CPU per GiB, and B5's
+huge handshakes), each round on a fresh `casd serve`, optionally alternating between source
+trees.
 
 The full `python -m bench` takes minutes; this runs the rows a daemon-side change moves, as
 many rounds as asked, and prints every round (not only the best), with the CPU other
 processes used meanwhile. `--root DIR` (repeatable) runs the daemon from another source tree
 (for example `git archive COMMIT | tar -x -C DIR`), alternating between the trees round by
 round so a burst of load on the shared machine does not land on one side only.
+`--rows b5` prepares its 199,999 stored chunks in seconds (casd_runs.b5_prep_rows: the chunk
+rows a PUT of each would have committed, and with --b5-blobs their blob files), instead of
+the minutes of PUTs `python -m bench` spends on them, on a fresh data folder per round and
+tree (each tree's daemon creates and migrates its own catalogue first).
 `--profile DIR` attaches py-spy to each daemon and writes raw stacks and a summary there.
 """
 
@@ -24,7 +29,7 @@ from bench.casd_runs import FULL
 from bench.log import log
 from bench.run import default_tmp, loadavg
 
-ROWS = ("b6", "b1")
+ROWS = ("b6", "b1", "b5")
 
 
 async def one_round(
@@ -35,10 +40,31 @@ async def one_round(
     n: int,
     profile: Path | None,
     serve_args: list[str],
+    b5_blobs: bool = False,
 ) -> dict:
     sizes = replace(FULL, file_bytes=big.stat().st_size) if big is not None else FULL
     data, cache = work / f"data-{n}", work / f"cache-{n}"
     out: dict = {}
+    if "b5" in rows:
+        b5_data = work / f"b5-data-{n}"
+        prep_s = casd_runs.b5_prep_rows(
+            b5_data, sizes.manifest_chunks - 1, work, root, blobs=b5_blobs
+        )
+        log(f"B5: {sizes.manifest_chunks - 1:,} chunks prepared in {prep_s:.1f} s")
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+        out["b5"] = await casd_runs.b5_measure(
+            b5_data,
+            sizes,
+            work,
+            root,
+            tag=f"-{n}",
+            profile=profile / f"b5-{n}.raw" if profile else None,
+        )
+        shutil.rmtree(b5_data, ignore_errors=True)
+        rows = [r for r in rows if r != "b5"]
+        if not rows:
+            return out
     with procs.casd_daemon(data, work / f"daemon-{n}.log", *serve_args, root=root) as daemon:
         for row in rows:
             spy = None
@@ -83,6 +109,18 @@ def describe(result: dict) -> list[str]:
             f" daemon CPU {b['daemon_cpu_s'] / gib:.2f} s/GiB,"
             f" others {b['others_cores']:.2f} cores"
         )
+    if "b5" in result:
+        b = result["b5"]
+        lines.append(
+            f"B5 {b['n']:,} chunks ({b['manifest_mb']:.1f} MB):"
+            f" none stored {b['none_s'] * 1000:.0f} ms (CPU {b['none_cpu_s']:.2f} s),"
+            f" again {b['none_again_s'] * 1000:.0f} ms;"
+            f" {b['stored']:,} stored {b['stored_s'] * 1000:.0f} ms"
+            f" (CPU {b['stored_cpu_s']:.2f} s), again {b['stored_again_s'] * 1000:.0f} ms;"
+            f" {b['small_n']:,} chunks {b['small_s'] * 1000:.0f} ms;"
+            f" peak RSS {b['peak_rss_mb']:.0f} MB (start {b['rss_start_mb']:.0f});"
+            f" others {b['others_cores']:.2f} cores"
+        )
     return lines
 
 
@@ -93,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, action="append", default=[], help="source tree(s)")
     p.add_argument("--b1-mib", type=int, default=512, help="size of B1's random file")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR")
+    p.add_argument(
+        "--b5-blobs",
+        action="store_true",
+        help="B5: also write the stored chunks' blob files (a handshake reads rows only)",
+    )
     p.add_argument(
         "--serve-arg",
         action="append",
@@ -119,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {r + 1}, daemon from {root or 'this tree'}")
                 t = time.perf_counter()
                 result = asyncio.run(
-                    one_round(rows, root, work, big, n, args.profile, args.serve_arg)
+                    one_round(rows, root, work, big, n, args.profile, args.serve_arg, args.b5_blobs)
                 )
                 name = str(root) if root else "this tree"
                 for line in describe(result):

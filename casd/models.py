@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import overload
 
 from casd.digest import Algo, Digest
 
@@ -43,13 +45,61 @@ class ChunkRef:
     size: int
 
 
+class ChunkList(Sequence[ChunkRef]):
+    """A manifest's chunk list as two parallel lists, the lowercase hex digests and the
+    sizes: a 1,000,000-entry handshake never builds a million ChunkRef objects (indexing or
+    iterating one still gives ChunkRefs, made on the way)."""
+
+    __slots__ = ("hexes", "sizes")
+
+    def __init__(self, hexes: list[str], sizes: list[int]):
+        if len(hexes) != len(sizes):
+            raise ValueError("a chunk list needs one size per digest")
+        self.hexes = hexes
+        self.sizes = sizes
+
+    @classmethod
+    def of(cls, chunks: Iterable[ChunkRef]) -> ChunkList:
+        if isinstance(chunks, ChunkList):
+            return chunks
+        refs = list(chunks)
+        return cls([c.hex for c in refs], [c.size for c in refs])
+
+    def __len__(self) -> int:
+        return len(self.hexes)
+
+    @overload
+    def __getitem__(self, i: int) -> ChunkRef: ...
+    @overload
+    def __getitem__(self, i: slice) -> ChunkList: ...
+    def __getitem__(self, i: int | slice) -> ChunkRef | ChunkList:
+        if isinstance(i, slice):
+            return ChunkList(self.hexes[i], self.sizes[i])
+        return ChunkRef(self.hexes[i], self.sizes[i])
+
+    def __iter__(self) -> Iterator[ChunkRef]:
+        return map(ChunkRef, self.hexes, self.sizes)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ChunkList):
+            return self.hexes == other.hexes and self.sizes == other.sizes
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ChunkList({len(self)} chunks)"
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a handshake says a file is made of."""
 
     digest: Digest
     size: int
-    chunks: tuple[ChunkRef, ...]
+    chunks: Sequence[ChunkRef]  # a ChunkList when parsed from a handshake
     ext: str = ""
     name: str = ""
 

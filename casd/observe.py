@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from itertools import repeat
 
 from aiohttp import web
 
 from casd.logs import REQUEST_ID, request_id
 from casd.metrics import Metrics, metrics_handler
-from casd.models import HandshakeComplete, HandshakeResult, Manifest
+from casd.models import ChunkList, HandshakeComplete, HandshakeResult, Manifest
 
 access_log = logging.getLogger("casd.access")
 
@@ -33,9 +34,10 @@ def handshake_answered(request: web.Request, manifest: Manifest, result: Handsha
         skipped = manifest.size
     else:
         upload_id = result.upload_id
-        missing = set(result.missing)
-        sizes = {c.hex: c.size for c in manifest.chunks}
-        skipped = manifest.size - sum(sizes[h] for h in missing if h in sizes)
+        chunks = ChunkList.of(manifest.chunks)
+        sizes = dict(zip(chunks.hexes, chunks.sizes, strict=True))
+        # `missing` names each digest once, and only digests of this manifest.
+        skipped = manifest.size - sum(map(sizes.get, result.missing, repeat(0)))
         metrics.uploads.labels("started").inc()
     if skipped > 0:
         metrics.bytes_skipped.inc(skipped)

@@ -138,7 +138,14 @@ def snapshot(data_dir: Path) -> dict:
     if db.exists():
         con = sqlite3.connect(db)
         try:
-            tables = ("chunks", "manifests", "manifest_chunks", "uploads", "files")
+            tables = (
+                "chunks",
+                "manifests",
+                "manifest_parts",
+                "manifest_digests",
+                "uploads",
+                "files",
+            )
             tables += ("tenant_files", "tenant_chunks")
             for table in tables:
                 out[table] = sorted(

@@ -260,6 +260,49 @@ async def test_publish_places_once_and_missing_shrinks(cat):
     await assert_invariant(cat, store)
 
 
+async def test_missing_is_each_digest_once_in_order_however_many_are_stored(cat):
+    """Few stored, half, all but one, all: the list is the same rule each time (an engine
+    may read the stored side or the missing side, whichever is smaller)."""
+    store = Store()
+    tags = [f"c{i}" for i in range(12)]
+    listed = [(t, 1) for t in tags] + [("c0", 1), ("c8", 1), ("c3", 1)]
+    up, missing = await cat.begin_upload(manifest(1, listed), "k", T0, LATER, "u" * 32)
+    assert missing == [hx(t) for t in tags]
+    stored: set[str] = set()
+    for batch in (
+        ["c2"],
+        ["c0", "c5", "c7", "c9", "c10", "c11"],
+        ["c1", "c4"],
+        ["c6", "c3"],
+        ["c8"],
+    ):
+        for t in batch:
+            await publish(cat, store, t)
+            stored.add(t)
+        want = [hx(t) for t in tags if t not in stored]
+        assert await cat.missing(up.manifest_id) == want
+        again, resumed = await cat.begin_upload(manifest(1, listed), "k", T0, LATER, "v" * 32)
+        assert again.id == up.id and resumed == want
+
+
+async def test_a_tenants_missing_list_counts_only_what_it_proved_however_many(cat):
+    store = Store()
+    tags = [f"c{i}" for i in range(6)]
+    listed = [(t, 1) for t in tags]
+    a = Tenant("a")
+    up, _ = await cat.begin_upload(manifest(1, listed), "k", T0, LATER, "u" * 32, tenant=a)
+    for t in tags:
+        await publish(cat, store, t)
+    proved: set[str] = set()
+    for batch in (["c4"], ["c0", "c1", "c2"], ["c3", "c5"]):
+        for t in batch:
+            await cat.prove_chunk("a", dg(t))
+            proved.add(t)
+        want = [hx(t) for t in tags if t not in proved]
+        assert await cat.missing(up.manifest_id, "a") == want
+        assert await cat.missing(up.manifest_id) == []
+
+
 async def test_a_place_that_fails_leaves_no_row(cat):
     async def broken(_d):
         raise OSError("the store said no")

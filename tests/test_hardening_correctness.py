@@ -208,10 +208,13 @@ async def test_a_version_1_catalogue_with_data_is_migrated(aiohttp_client, setti
     assert max(manifest_ids(settings.data_dir)) > newest
     con = sqlite3.connect(settings.data_dir / "catalog.sqlite")
     try:
-        orphans = con.execute(
-            "SELECT count(*) FROM manifest_chunks mc WHERE NOT EXISTS"
-            " (SELECT 1 FROM manifests m WHERE m.id = mc.manifest_id)"
-        ).fetchone()[0]
+        orphans = sum(
+            con.execute(
+                f"SELECT count(*) FROM {table} mc WHERE NOT EXISTS"
+                " (SELECT 1 FROM manifests m WHERE m.id = mc.manifest_id)"
+            ).fetchone()[0]
+            for table in ("manifest_parts", "manifest_digests")
+        )
     finally:
         con.close()
     assert orphans == 0
@@ -231,16 +234,29 @@ def version_1_columns() -> dict[str, list[str]]:
         con.close()
 
 
+def version_1_rows(con: sqlite3.Connection, table: str, cols: list[str]) -> list:
+    """The rows of a version-1 table; manifest_chunks, gone since version 6, from the packed
+    lists that replaced it (manifest_id, seq, digest, size)."""
+    if (
+        table == "manifest_chunks"
+        and not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'manifest_chunks'").fetchone()
+    ):
+        assert cols == ["manifest_id", "seq", "digest", "size"], cols
+        out = []
+        for (mid,) in con.execute("SELECT id FROM manifests").fetchall():
+            listed = casd.catalog.sqlite._manifest_chunks_sync(con, mid)
+            out += [(mid, seq, d, size) for seq, (d, size) in enumerate(listed)]
+        return out
+    return con.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()
+
+
 def downgrade_to_version_1(data_dir) -> None:
     """Rewrite the catalogue as version 1 of the schema held it: the same rows, its columns."""
     path = data_dir / "catalog.sqlite"
     columns = version_1_columns()
     con = sqlite3.connect(path)
     try:
-        rows = {
-            t: con.execute(f"SELECT {', '.join(cols)} FROM {t}").fetchall()
-            for t, cols in columns.items()
-        }
+        rows = {t: version_1_rows(con, t, cols) for t, cols in columns.items()}
     finally:
         con.close()
     for suffix in ("", "-wal", "-shm"):
@@ -266,10 +282,7 @@ def table_rows(data_dir) -> dict:
     """Every row of every version-1 table, by its version-1 columns."""
     con = sqlite3.connect(data_dir / "catalog.sqlite")
     try:
-        return {
-            t: sorted(con.execute(f"SELECT {', '.join(cols)} FROM {t}").fetchall())
-            for t, cols in version_1_columns().items()
-        }
+        return {t: sorted(version_1_rows(con, t, cols)) for t, cols in version_1_columns().items()}
     finally:
         con.close()
 

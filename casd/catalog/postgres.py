@@ -43,6 +43,7 @@ from casd.catalog import (
     TenantUsage,
     check_seal,
     check_stream_batch,
+    packed,
     placeholder,
     usage_table,
 )
@@ -58,6 +59,7 @@ from casd.errors import (
     Unavailable,
 )
 from casd.models import (
+    ChunkList,
     ChunkRef,
     FileEntry,
     Manifest,
@@ -103,27 +105,33 @@ _UPLOAD_BY_ID = (
 # "Something relies on this chunk": a complete file, or an upload pending and unexpired at
 # `now` (parameter ${n}). `{c}` names the chunks table in the calling statement.
 _REFERENCED = (
-    "EXISTS (SELECT 1 FROM manifest_chunks mc WHERE mc.digest = {c}.digest AND ("
+    "EXISTS (SELECT 1 FROM manifest_digests mc WHERE mc.digest = {c}.digest AND ("
     "EXISTS (SELECT 1 FROM files f WHERE f.manifest_id = mc.manifest_id)"
     " OR EXISTS (SELECT 1 FROM uploads u WHERE u.manifest_id = mc.manifest_id"
     " AND u.state = 'pending' AND u.expires_at > ${n})))"
 )
-_MISSING = (
-    "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = $1"
+# The digests of a manifest that are missing (stored, and in tenant mode also proved by the
+# tenant, is present): the missing list is these in manifest order.
+_ABSENT = (
+    "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = $1"
     " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = 0)"
-    " ORDER BY mc.seq"
 )
-# In tenant mode a chunk is missing unless it is stored and this tenant proved it holds it.
-_MISSING_FOR_TENANT = (
-    "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = $1"
+_ABSENT_FOR_TENANT = (
+    "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = $1"
     " AND (NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = 0)"
     " OR NOT EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = $2 AND t.digest = mc.digest))"
-    " ORDER BY mc.seq"
+)
+_LIST = "SELECT start, digests, sizes FROM manifest_parts WHERE manifest_id = $1 ORDER BY start"
+# The parts of a manifest's list that hold positions $2 .. $3 - 1.
+_PARTS_OF_PAGE = (
+    "SELECT start, digests, sizes FROM manifest_parts WHERE manifest_id = $1 AND start < $3"
+    " AND start >= coalesce((SELECT max(start) FROM manifest_parts"
+    " WHERE manifest_id = $1 AND start <= $2), 0) ORDER BY start"
 )
 # A chunk of a new manifest stored with another size than it gives; in tenant mode only the
 # chunks this tenant proved (as in the SQLite engine, which says why).
 _CLASH = (
-    "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
+    "SELECT mc.digest, mc.size, c.size FROM manifest_digests mc"
     " JOIN chunks c ON c.digest = mc.digest"
     " WHERE mc.manifest_id = $1 AND c.state = $2 AND c.size <> mc.size"
 )
@@ -139,7 +147,7 @@ _DROP_MANIFEST_IF_UNUSED = (
 )
 _ROWED_OR_FILED = (
     "SELECT digest FROM chunks WHERE digest = ANY($1::text[])"
-    " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
+    " UNION SELECT mc.digest FROM manifest_digests mc JOIN files f"
     " ON f.manifest_id = mc.manifest_id WHERE mc.digest = ANY($1::text[])"
 )
 
@@ -352,11 +360,8 @@ class PostgresCatalog:
             if row is None:
                 return None
             entry = _file(row)
-            chunks = await con.fetch(
-                "SELECT digest, size FROM manifest_chunks WHERE manifest_id = $1 ORDER BY seq",
-                entry.manifest_id,
-            )
-            return entry, [(r[0], r[1]) for r in chunks]
+            chunks = packed.unpack(await con.fetch(_LIST, entry.manifest_id))
+            return entry, list(zip(chunks.hexes, chunks.sizes, strict=True))
 
         return await self._run(read, snapshot=True)
 
@@ -366,7 +371,7 @@ class PostgresCatalog:
 
     async def manifest_size_of(self, manifest_id: int, digest: Digest) -> int | None:
         row = await self._one(
-            "SELECT size FROM manifest_chunks WHERE manifest_id = $1 AND digest = $2 LIMIT 1",
+            "SELECT size FROM manifest_digests WHERE manifest_id = $1 AND digest = $2",
             manifest_id,
             digest.hex,
         )
@@ -390,21 +395,18 @@ class PostgresCatalog:
 
     async def damaged(self, manifest_id: int) -> bool:
         row = await self._one(
-            "SELECT 1 FROM chunks c JOIN manifest_chunks mc ON mc.digest = c.digest"
+            "SELECT 1 FROM chunks c JOIN manifest_digests mc ON mc.digest = c.digest"
             " WHERE c.state = 2 AND mc.manifest_id = $1 LIMIT 1",
             manifest_id,
         )
         return row is not None
 
     async def missing(self, manifest_id: int, tenant: str | None = None) -> list[str]:
-        return await self._run(_missing, manifest_id, tenant, read=True)
+        return await self._run(_missing, manifest_id, tenant, snapshot=True)
 
     async def manifest_chunks(self, manifest_id: int) -> list[tuple[str, int]]:
-        rows = await self._fetch(
-            "SELECT digest, size FROM manifest_chunks WHERE manifest_id = $1 ORDER BY seq",
-            manifest_id,
-        )
-        return [(r[0], r[1]) for r in rows]
+        chunks = packed.unpack(await self._fetch(_LIST, manifest_id))
+        return list(zip(chunks.hexes, chunks.sizes, strict=True))
 
     async def manifest_chunk_count(self, manifest_id: int) -> int | None:
         row = await self._one("SELECT chunk_count FROM manifests WHERE id = $1", manifest_id)
@@ -413,28 +415,24 @@ class PostgresCatalog:
     async def manifest_page(
         self, manifest_id: int, start: int, limit: int
     ) -> list[tuple[str, int]]:
-        rows = await self._fetch(
-            "SELECT digest, size FROM manifest_chunks WHERE manifest_id = $1 AND seq >= $2"
-            " ORDER BY seq LIMIT $3",
-            manifest_id,
-            start,
-            limit,
-        )
-        return [(r[0], r[1]) for r in rows]
+        rows = await self._fetch(_PARTS_OF_PAGE, manifest_id, start, start + limit)
+        return packed.page(rows, start, limit)
 
     async def file_chunks_page(
         self, manifest_id: int, start: int, limit: int
     ) -> list[tuple[str, int, str | None]]:
         # A quarantine row made for a blob never verified here holds '' for its xxh3.
-        rows = await self._fetch(
-            "SELECT m.digest, m.size, NULLIF(c.xxh3, '') FROM manifest_chunks m"
-            " LEFT JOIN chunks c ON c.digest = m.digest"
-            " WHERE m.manifest_id = $1 AND m.seq >= $2 ORDER BY m.seq LIMIT $3",
-            manifest_id,
-            start,
-            limit,
-        )
-        return [(r[0], r[1], r[2]) for r in rows]
+        async def read(con):
+            rows = await con.fetch(_PARTS_OF_PAGE, manifest_id, start, start + limit)
+            chunks = packed.page(rows, start, limit)
+            found = await con.fetch(
+                "SELECT digest, NULLIF(xxh3, '') FROM chunks WHERE digest = ANY($1::text[])",
+                list({h for h, _size in chunks}),
+            )
+            xxh3 = {r[0]: r[1] for r in found}
+            return [(h, size, xxh3.get(h)) for h, size in chunks]
+
+        return await self._run(read, snapshot=True)
 
     # ---- daemon writes ----
 
@@ -836,7 +834,7 @@ class PostgresCatalog:
     async def file_chunk_sizes(self) -> list[tuple[str, int]]:
         rows = await self._fetch(
             "SELECT DISTINCT mc.digest, mc.size FROM files f"
-            " JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
+            " JOIN manifest_digests mc ON mc.manifest_id = f.manifest_id"
         )
         return [(r[0], r[1]) for r in rows]
 
@@ -968,13 +966,59 @@ def _describe(exc: BaseException, url: str) -> str:
 
 
 async def _missing(
-    con: asyncpg.Connection, manifest_id: int, tenant: str | None = None
+    con: asyncpg.Connection,
+    manifest_id: int,
+    tenant: str | None = None,
+    uses: dict[str, int] | None = None,
 ) -> list[str]:
+    """The manifest's digests, once each in manifest order, less those stored (and, with
+    `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them."""
+    # One anti-join gives the missing set (on PostgreSQL, where the planner reads it as one
+    # hash join); the manifest's order comes from its list, unpacked only when some are.
     if tenant is None:
-        rows = await con.fetch(_MISSING, manifest_id)
+        rows = await con.fetch(_ABSENT, manifest_id)
     else:
-        rows = await con.fetch(_MISSING_FOR_TENANT, manifest_id, tenant)
-    return list(dict.fromkeys(r[0] for r in rows))
+        rows = await con.fetch(_ABSENT_FOR_TENANT, manifest_id, tenant)
+    if not rows:
+        return []
+    absent = {r[0] for r in rows}
+    del rows
+    if uses is None:
+        uses = packed.distinct(packed.unpack(await con.fetch(_LIST, manifest_id)))
+    if len(absent) == len(uses):
+        return list(uses)
+    return [h for h in uses if h in absent]
+
+
+async def _insert_list(
+    con: asyncpg.Connection,
+    manifest_id: int,
+    chunks: ChunkList,
+    start: int,
+    uses: dict[str, int],
+    fresh: bool,
+) -> None:
+    """Store `chunks` as the manifest's list from position `start` on, and the digests of
+    `uses` (digest: size) it did not use yet (`fresh`: it used none)."""
+    await con.copy_records_to_table(
+        "manifest_parts",
+        columns=("manifest_id", "start", "digests", "sizes"),
+        records=[(manifest_id, *part) for part in packed.parts(chunks, start)],
+    )
+    if fresh:
+        await con.copy_records_to_table(
+            "manifest_digests",
+            columns=("manifest_id", "digest", "size"),
+            records=[(manifest_id, h, uses[h]) for h in sorted(uses)],
+        )
+    else:
+        await con.execute(
+            "INSERT INTO manifest_digests (manifest_id, digest, size)"
+            " SELECT $1, * FROM unnest($2::text[], $3::bigint[]) ON CONFLICT DO NOTHING",
+            manifest_id,
+            list(uses),
+            list(uses.values()),
+        )
 
 
 def _file_key(digest: Digest, tenant: str) -> tuple[str, str, str]:
@@ -1006,6 +1050,8 @@ async def _begin_upload(
     d = manifest.digest
     owner = tenant.name if tenant is not None else ""
     who = tenant.name if tenant is not None else None
+    chunks = ChunkList.of(manifest.chunks)
+    uses = packed.distinct(chunks)
     await con.execute("SELECT pg_advisory_xact_lock_shared($1)", _REFERENCE_KEY)
     # The same manifest sent to two daemons at once resumes one upload, as on one daemon.
     # (Flipping a bit keeps it apart from the digest lock of a one-chunk file's chunk.)
@@ -1035,7 +1081,7 @@ async def _begin_upload(
             expires_at,
             tenant=existing.tenant,
         )
-        return upload, await _missing(con, upload.manifest_id, who)
+        return upload, await _missing(con, upload.manifest_id, who, uses)
     if existing is not None:
         await con.execute("DELETE FROM uploads WHERE id = $1", existing.id)
         await con.execute(_DROP_MANIFEST_IF_UNUSED, existing.manifest_id)
@@ -1051,14 +1097,10 @@ async def _begin_upload(
         d.hex,
         manifest.size,
         chunks_key,
-        len(manifest.chunks),
+        len(chunks),
         now,
     )
-    await con.copy_records_to_table(
-        "manifest_chunks",
-        columns=("manifest_id", "seq", "digest", "size"),
-        records=((manifest_id, i, c.hex, c.size) for i, c in enumerate(manifest.chunks)),
-    )
+    await _insert_list(con, manifest_id, chunks, 0, uses, fresh=True)
     if tenant is None:
         clash = await con.fetchrow(_CLASH + " LIMIT 1", manifest_id, LIVE)
     else:
@@ -1091,7 +1133,7 @@ async def _begin_upload(
         expires_at,
         tenant=owner,
     )
-    return upload, await _missing(con, manifest_id, who)
+    return upload, await _missing(con, manifest_id, who, uses)
 
 
 async def _check_quota(
@@ -1186,25 +1228,25 @@ async def _append_stream(
     if budget is not None and chunks:
         await con.execute("SELECT pg_advisory_xact_lock($1)", _BUDGET_KEY)
         await _check_budget(con, budget, client, len(chunks), now)
-    await con.copy_records_to_table(
-        "manifest_chunks",
-        columns=("manifest_id", "seq", "digest", "size"),
-        records=((manifest_id, start + i, c.hex, c.size) for i, c in enumerate(chunks)),
-    )
-    batch = list({c.hex for c in chunks})
-    clash = await con.fetchrow(
-        "SELECT mc.digest, mc.size FROM manifest_chunks mc WHERE mc.manifest_id = $1"
-        " AND mc.digest = ANY($2::text[]) AND (EXISTS (SELECT 1 FROM manifest_chunks o"
-        " WHERE o.manifest_id = mc.manifest_id AND o.digest = mc.digest"
-        " AND o.size <> mc.size) OR EXISTS (SELECT 1 FROM chunks c"
-        " WHERE c.digest = mc.digest AND c.state = $3 AND c.size <> mc.size)) LIMIT 1",
+    listed = ChunkList.of(chunks)
+    uses = packed.distinct(listed)
+    batch = sorted(uses)
+    # A digest this upload listed before with another size, or stored with another size.
+    clash = await con.fetch(
+        "SELECT digest, size FROM manifest_digests WHERE manifest_id = $1"
+        " AND digest = ANY($2::text[]) UNION ALL SELECT digest, size FROM chunks"
+        " WHERE digest = ANY($2::text[]) AND state = $3",
         manifest_id,
         batch,
         LIVE,
     )
-    if clash:
-        # Say which claim is wrong, never the stored size: that is someone else's fact.
-        raise BadRequest(f"chunk {clash[0]} does not have the size {clash[1]} this upload gives it")
+    for hex_, known in clash:
+        if uses[hex_] != known:
+            # Say which claim is wrong, never the stored size: that is someone else's fact.
+            raise BadRequest(
+                f"chunk {hex_} does not have the size {uses[hex_]} this upload gives it"
+            )
+    await _insert_list(con, manifest_id, listed, start, uses, fresh=False)
     added = sum(c.size for c in chunks)
     await con.execute(
         "UPDATE manifests SET chunk_count = $1, size = $2 WHERE id = $3",
@@ -1375,7 +1417,7 @@ async def _own_file(con: asyncpg.Connection, upload: Upload, entry: FileEntry, n
     )
     await con.execute(
         "INSERT INTO tenant_chunks (tenant, digest) SELECT DISTINCT $1::text, digest"
-        " FROM manifest_chunks WHERE manifest_id = ANY($2::bigint[]) ON CONFLICT DO NOTHING",
+        " FROM manifest_digests WHERE manifest_id = ANY($2::bigint[]) ON CONFLICT DO NOTHING",
         upload.tenant,
         [upload.manifest_id, entry.manifest_id],
     )
@@ -1386,7 +1428,7 @@ async def _chunk_users(con: asyncpg.Connection, hex_: str, now: float) -> ChunkU
     files = tuple(
         (_file(r), r[7])
         for r in await con.fetch(
-            f"SELECT DISTINCT {_FILE_COLUMNS}, mc.size FROM manifest_chunks mc"
+            f"SELECT DISTINCT {_FILE_COLUMNS}, mc.size FROM manifest_digests mc"
             " JOIN files f ON f.manifest_id = mc.manifest_id WHERE mc.digest = $1"
             " ORDER BY f.digest",
             hex_,
@@ -1395,7 +1437,7 @@ async def _chunk_users(con: asyncpg.Connection, hex_: str, now: float) -> ChunkU
     uploads = tuple(
         r[0]
         for r in await con.fetch(
-            "SELECT DISTINCT u.id FROM manifest_chunks mc JOIN uploads u"
+            "SELECT DISTINCT u.id FROM manifest_digests mc JOIN uploads u"
             " ON u.manifest_id = mc.manifest_id WHERE mc.digest = $1 AND u.state = 'pending'"
             " AND u.expires_at > $2 ORDER BY u.id",
             hex_,

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Self
 
+import msgspec
+
 from casd.catalog import (
     DELETING,
     LIVE,
@@ -38,6 +40,7 @@ from casd.catalog import (
     WriteStats,
     check_seal,
     check_stream_batch,
+    packed,
     placeholder,
     usage_table,
 )
@@ -52,6 +55,7 @@ from casd.errors import (
     TooManyPending,
 )
 from casd.models import (
+    ChunkList,
     ChunkRef,
     FileEntry,
     Manifest,
@@ -90,9 +94,15 @@ _TENANT_FILE = (
 # never changes and its id is never given to another, so (file row, this list) is what one
 # snapshot of both would have given.
 _CHUNKS_OF_FILE = (
-    "SELECT mc.digest, mc.size FROM files f"
-    " JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
-    " WHERE f.digest = ? AND f.algo = ? AND f.manifest_id = ? ORDER BY mc.seq"
+    "SELECT p.start, p.digests, p.sizes FROM files f"
+    " JOIN manifest_parts p ON p.manifest_id = f.manifest_id"
+    " WHERE f.digest = ? AND f.algo = ? AND f.manifest_id = ? ORDER BY p.start"
+)
+# The parts of a manifest's list that hold positions ?2 .. ?3 - 1.
+_PARTS_OF_PAGE = (
+    "SELECT start, digests, sizes FROM manifest_parts WHERE manifest_id = ?1 AND start < ?3"
+    " AND start >= coalesce((SELECT max(start) FROM manifest_parts"
+    " WHERE manifest_id = ?1 AND start <= ?2), 0) ORDER BY start"
 )
 # How often a download re-reads a file that is deleted and uploaded again under its feet.
 _FILE_READ_TRIES = 3
@@ -252,7 +262,30 @@ def _fetch_all(con: sqlite3.Connection, sql: str, params: tuple) -> list:
 
 
 def _chunks_of_file(hex_: str, algo: str, con: sqlite3.Connection, manifest_id: int) -> list:
-    return con.execute(_CHUNKS_OF_FILE, (hex_, algo, manifest_id)).fetchall()
+    chunks = packed.unpack(con.execute(_CHUNKS_OF_FILE, (hex_, algo, manifest_id)))
+    return list(zip(chunks.hexes, chunks.sizes, strict=True))
+
+
+def _page_sync(con: sqlite3.Connection, manifest_id: int, start: int, limit: int) -> list:
+    rows = con.execute(_PARTS_OF_PAGE, (manifest_id, start, start + limit))
+    return packed.page(rows, start, limit)
+
+
+def _file_chunks_page_sync(
+    con: sqlite3.Connection, manifest_id: int, start: int, limit: int
+) -> list[tuple[str, int, str | None]]:
+    chunks = _page_sync(con, manifest_id, start, limit)
+    want = sorted({h for h, _size in chunks})
+    xxh3: dict[str, str] = {}
+    for i in range(0, len(want), 500):
+        part = want[i : i + 500]
+        xxh3.update(
+            con.execute(
+                f"SELECT digest, NULLIF(xxh3, '') FROM chunks WHERE digest IN ({_marks(len(part))})",
+                part,
+            ).fetchall()
+        )
+    return [(h, size, xxh3.get(h)) for h, size in chunks]
 
 
 class _Daemon:
@@ -375,7 +408,7 @@ class _Daemon:
     async def manifest_size_of(self, manifest_id: int, digest: Digest) -> int | None:
         """The size the manifest gives `digest`, or None when it is not in the manifest."""
         row = await self._one(
-            "SELECT size FROM manifest_chunks WHERE manifest_id = ? AND digest = ? LIMIT 1",
+            "SELECT size FROM manifest_digests WHERE manifest_id = ? AND digest = ?",
             (manifest_id, digest.hex),
         )
         return row[0] if row else None
@@ -422,23 +455,14 @@ class _Daemon:
         self, manifest_id: int, start: int, limit: int
     ) -> list[tuple[str, int]]:
         """(digest hex, size) of up to `limit` chunks of a manifest from position `start` on."""
-        return await self._all(
-            "SELECT digest, size FROM manifest_chunks WHERE manifest_id = ? AND seq >= ?"
-            " ORDER BY seq LIMIT ?",
-            (manifest_id, start, limit),
-        )
+        return await self.read(_page_sync, manifest_id, start, limit)
 
     async def file_chunks_page(
         self, manifest_id: int, start: int, limit: int
     ) -> list[tuple[str, int, str | None]]:
         """See casd.catalog.Catalog.file_chunks_page."""
         # A quarantine row made for a blob never verified here holds '' for its xxh3.
-        return await self._all(
-            "SELECT m.digest, m.size, NULLIF(c.xxh3, '') FROM manifest_chunks m"
-            " LEFT JOIN chunks c ON c.digest = m.digest"
-            " WHERE m.manifest_id = ? AND m.seq >= ? ORDER BY m.seq LIMIT ?",
-            (manifest_id, start, limit),
-        )
+        return await self.read(_file_chunks_page_sync, manifest_id, start, limit)
 
     # ---- the daemon's writes: queued, committed together ----------------------------
 
@@ -603,7 +627,7 @@ class GroupWriter:
         def connect() -> sqlite3.Connection:
             con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             try:
-                for pragma in _pragmas(synchronous):
+                for pragma in _pragmas(synchronous, WRITER_CACHE_KIB):
                     con.execute(pragma)
             except BaseException:
                 con.close()
@@ -794,15 +818,23 @@ def _full_disk_named(fn: Callable, first, args: tuple):
         raise named from exc
 
 
-def _pragmas(synchronous: str) -> list[str]:
+def _pragmas(synchronous: str, cache_kib: int = 32768) -> list[str]:
     return [
         f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
         "PRAGMA journal_mode = WAL",
         f"PRAGMA synchronous = {synchronous}",
         "PRAGMA foreign_keys = ON",
         "PRAGMA temp_store = MEMORY",
-        "PRAGMA cache_size = -32768",
+        f"PRAGMA cache_size = -{cache_kib}",
     ]
+
+
+# The writer's page cache, in KiB. A 200,000-chunk handshake writes about 20 MiB of pages in
+# one transaction; a cache that holds them all until the commit (32 MiB, as the readers have)
+# kept them resident in the daemon for good. Past this SQLite writes dirty pages to the WAL
+# early (the same frames, before the commit instead of at it); what the writer reads again
+# and again, the tables' upper B-tree pages, fits many times over.
+WRITER_CACHE_KIB = 8192
 
 
 # ---- write operations: run by GroupWriter inside a transaction, on its thread ------------
@@ -860,12 +892,14 @@ def _begin_upload(
     d = manifest.digest
     owner = tenant.name if tenant is not None else ""
     who = tenant.name if tenant is not None else None
+    chunks = ChunkList.of(manifest.chunks)
+    uses = packed.distinct(chunks)
     row = con.execute(_PENDING_OF_MANIFEST, (d.hex, manifest.size, chunks_key, owner)).fetchone()
     existing = _upload(row) if row else None
     if existing is not None and existing.expires_at > now:
         con.execute("UPDATE uploads SET expires_at = ? WHERE id = ?", (expires_at, existing.id))
         upload = dataclasses.replace(existing, expires_at=expires_at)
-        return upload, _missing_sync(con, upload.manifest_id, who)
+        return upload, _missing_sync(con, upload.manifest_id, who, uses)
     if existing is not None:
         _drop_upload_sync(con, existing.id, existing.manifest_id)
     if budget is not None:
@@ -875,16 +909,17 @@ def _begin_upload(
     manifest_id: int = con.execute(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
         " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-        (d.algo.value, d.hex, manifest.size, chunks_key, len(manifest.chunks), now),
+        (d.algo.value, d.hex, manifest.size, chunks_key, len(chunks), now),
     ).fetchone()[0]
-    con.executemany(
-        "INSERT INTO manifest_chunks (manifest_id, seq, digest, size) VALUES (?, ?, ?, ?)",
-        ((manifest_id, i, c.hex, c.size) for i, c in enumerate(manifest.chunks)),
-    )
-    clash = con.execute(
-        _CLASH if tenant is None else _CLASH + _PROVED,
-        (manifest_id, LIVE) if tenant is None else (manifest_id, LIVE, tenant.name),
-    ).fetchone()
+    _insert_list(con, manifest_id, chunks, 0, uses)
+    stored = None
+    if tenant is None:
+        # One pass over the stored digests counts them and their size clashes: a clash is
+        # looked up only when there is one, and the missing list knows which side to read.
+        stored, clashes = con.execute(_STORED_AND_CLASHES, (manifest_id, LIVE)).fetchone()
+        clash = con.execute(_CLASH, (manifest_id, LIVE)).fetchone() if clashes else None
+    else:
+        clash = con.execute(_CLASH + _PROVED, (manifest_id, LIVE, tenant.name)).fetchone()
     if clash:
         # Say which claim is wrong, never the stored size: that is someone else's fact.
         raise BadRequest(
@@ -906,16 +941,43 @@ def _begin_upload(
         expires_at,
         tenant=owner,
     )
-    return upload, _missing_sync(con, manifest_id, who)
+    return upload, _missing_sync(con, manifest_id, who, uses, stored)
+
+
+def _insert_list(
+    con: sqlite3.Connection,
+    manifest_id: int,
+    chunks: ChunkList,
+    start: int,
+    uses: dict[str, int],
+) -> None:
+    """Store `chunks` as the manifest's list from position `start` on, and the digests of
+    `uses` (digest: size) it did not use yet."""
+    con.executemany(
+        "INSERT INTO manifest_parts (manifest_id, start, digests, sizes) VALUES (?, ?, ?, ?)",
+        [(manifest_id, *part) for part in packed.parts(chunks, start)],
+    )
+    # One statement for them all: the digests go as one JSON object (digest: size) that
+    # SQLite reads itself, not a row of bound parameters each; its keys in digest order, so
+    # the table's and its index's pages fill in order, not at random.
+    con.execute(
+        "INSERT INTO manifest_digests (manifest_id, digest, size) SELECT ?, key, value"
+        " FROM json_each(CAST(? AS TEXT)) WHERE true ON CONFLICT DO NOTHING",
+        (manifest_id, msgspec.json.encode(uses, order="sorted")),
+    )
 
 
 # A chunk of the new manifest stored with another size than the manifest gives it. In tenant
 # mode only chunks this tenant proved count (append _PROVED): a size clash with a chunk it
 # never held would tell it that someone stored that digest. Its PUT fails verification.
 _CLASH = (
-    "SELECT mc.digest, mc.size, c.size FROM manifest_chunks mc"
+    "SELECT mc.digest, mc.size, c.size FROM manifest_digests mc"
     " JOIN chunks c ON c.digest = mc.digest"
     " WHERE mc.manifest_id = ? AND c.state = ? AND c.size <> mc.size"
+)
+_STORED_AND_CLASHES = (
+    "SELECT count(*), count(nullif(c.size <> mc.size, 0)) FROM manifest_digests mc"
+    " JOIN chunks c ON c.digest = mc.digest WHERE mc.manifest_id = ? AND c.state = ?"
 )
 _PROVED = " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
 
@@ -995,26 +1057,24 @@ def _append_stream(
     check_stream_batch(start, chunks, count, size, limits)
     if budget is not None and chunks:
         _check_budget(con, budget, client, len(chunks), now)
-    con.executemany(
-        "INSERT INTO manifest_chunks (manifest_id, seq, digest, size) VALUES (?, ?, ?, ?)",
-        ((manifest_id, start + i, c.hex, c.size) for i, c in enumerate(chunks)),
-    )
-    batch = sorted({c.hex for c in chunks})
+    listed = ChunkList.of(chunks)
+    uses = packed.distinct(listed)
+    batch = sorted(uses)
     marks = ",".join("?" * len(batch))
     if batch:
+        # A digest this upload listed before with another size, or stored with another size.
         clash = con.execute(
-            "SELECT mc.digest, mc.size FROM manifest_chunks mc WHERE mc.manifest_id = ?"
-            f" AND mc.digest IN ({marks}) AND (EXISTS (SELECT 1 FROM manifest_chunks o"
-            " WHERE o.manifest_id = mc.manifest_id AND o.digest = mc.digest"
-            " AND o.size <> mc.size) OR EXISTS (SELECT 1 FROM chunks c"
-            " WHERE c.digest = mc.digest AND c.state = ? AND c.size <> mc.size)) LIMIT 1",
-            (manifest_id, *batch, LIVE),
-        ).fetchone()
-        if clash:
-            # Say which claim is wrong, never the stored size: that is someone else's fact.
-            raise BadRequest(
-                f"chunk {clash[0]} does not have the size {clash[1]} this upload gives it"
-            )
+            f"SELECT digest, size FROM manifest_digests WHERE manifest_id = ? AND digest IN ({marks})"
+            f" UNION ALL SELECT digest, size FROM chunks WHERE digest IN ({marks}) AND state = ?",
+            (manifest_id, *batch, *batch, LIVE),
+        ).fetchall()
+        for hex_, known in clash:
+            if uses[hex_] != known:
+                # Say which claim is wrong, never the stored size: that is someone else's fact.
+                raise BadRequest(
+                    f"chunk {hex_} does not have the size {uses[hex_]} this upload gives it"
+                )
+    _insert_list(con, manifest_id, listed, start, uses)
     added = sum(c.size for c in chunks)
     con.execute(
         "UPDATE manifests SET chunk_count = ?, size = ? WHERE id = ?",
@@ -1176,7 +1236,7 @@ def _own_file(con: sqlite3.Connection, upload: Upload, entry: FileEntry, now: fl
     )
     con.execute(
         "INSERT INTO tenant_chunks (tenant, digest) SELECT DISTINCT ?, digest"
-        " FROM manifest_chunks WHERE manifest_id IN (?, ?) ON CONFLICT DO NOTHING",
+        " FROM manifest_digests WHERE manifest_id IN (?, ?) ON CONFLICT DO NOTHING",
         (upload.tenant, upload.manifest_id, entry.manifest_id),
     )
 
@@ -1240,17 +1300,27 @@ def _delete_file(
     return True
 
 
-_MISSING = (
-    "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = ?"
-    " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
-    " ORDER BY mc.seq"
+# The digests of a manifest that are stored: the missing list is the manifest's digests
+# less these, one set operation in Python.
+_PRESENT = (
+    "SELECT mc.digest FROM manifest_digests mc JOIN chunks c ON c.digest = mc.digest"
+    " WHERE mc.manifest_id = ? AND c.state = ?"
 )
-# In tenant mode a chunk is missing unless it is stored and this tenant proved it holds it.
-_MISSING_FOR_TENANT = (
-    "SELECT mc.digest FROM manifest_chunks mc WHERE mc.manifest_id = ?"
+# In tenant mode a chunk is present only when it is stored and this tenant proved it holds it.
+_PRESENT_FOR_TENANT = _PRESENT + (
+    " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
+)
+_COUNT_PRESENT = _PRESENT.replace("SELECT mc.digest", "SELECT count(*)", 1)
+_COUNT_PRESENT_FOR_TENANT = _PRESENT_FOR_TENANT.replace("SELECT mc.digest", "SELECT count(*)", 1)
+# The complements: the digests of a manifest that are missing.
+_ABSENT = (
+    "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = ?"
+    " AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
+)
+_ABSENT_FOR_TENANT = (
+    "SELECT mc.digest FROM manifest_digests mc WHERE mc.manifest_id = ?"
     " AND (NOT EXISTS (SELECT 1 FROM chunks c WHERE c.digest = mc.digest AND c.state = ?)"
     " OR NOT EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest))"
-    " ORDER BY mc.seq"
 )
 # Sum of the chunk entries of live pending uploads (append "AND u.client = ?" for one client).
 # The partial index holds pending uploads only; merged ones, kept a day, are never read.
@@ -1262,7 +1332,7 @@ _PENDING_ENTRIES = (
 # the manifest's entries: a complete handshake of a 1,000,000-chunk file stays one lookup.
 # The literal 2 is QUARANTINED: a bound parameter would not match the partial index.
 _DAMAGED = (
-    "SELECT 1 FROM chunks c INDEXED BY chunks_quarantined CROSS JOIN manifest_chunks mc"
+    "SELECT 1 FROM chunks c INDEXED BY chunks_quarantined CROSS JOIN manifest_digests mc"
     " ON mc.digest = c.digest WHERE c.state = 2 AND mc.manifest_id = ? LIMIT 1"
 )
 _DROP_MANIFEST_IF_UNUSED = (
@@ -1273,20 +1343,60 @@ _DROP_MANIFEST_IF_UNUSED = (
 
 
 def _missing_sync(
-    con: sqlite3.Connection, manifest_id: int, tenant: str | None = None
+    con: sqlite3.Connection,
+    manifest_id: int,
+    tenant: str | None = None,
+    uses: dict[str, int] | None = None,
+    stored: int | None = None,
 ) -> list[str]:
+    """The manifest's digests, once each in manifest order, less those stored (and, with
+    `tenant`, proved). `uses`: the manifest's distinct digests when the caller has them;
+    `stored`: how many of them are stored, when it counted them (without a tenant)."""
+    # Counted first, then the smaller side is read: the digests stored, when they are fewer
+    # than half, else those missing (a list that is mostly stored never brings its 200,000
+    # digests over, and a complete one, a merge's, is never unpacked).
+    if stored is None:
+        if tenant is None:
+            count = con.execute(_COUNT_PRESENT, (manifest_id, LIVE))
+        else:
+            count = con.execute(_COUNT_PRESENT_FOR_TENANT, (manifest_id, LIVE, tenant))
+        stored = count.fetchone()[0]
+    if uses is None:
+        distinct = con.execute(
+            "SELECT count(*) FROM manifest_digests WHERE manifest_id = ?", (manifest_id,)
+        ).fetchone()[0]
+        if stored == distinct:
+            return []
+        uses = packed.distinct(_list_sync(con, manifest_id))
+    if stored == 0:
+        return list(uses)
+    if stored <= len(uses) // 2:
+        if tenant is None:
+            present = con.execute(_PRESENT, (manifest_id, LIVE))
+        else:
+            present = con.execute(_PRESENT_FOR_TENANT, (manifest_id, LIVE, tenant))
+        have = {r[0] for r in present}
+        return [h for h in uses if h not in have]
     if tenant is None:
-        rows = con.execute(_MISSING, (manifest_id, LIVE)).fetchall()
+        rows = con.execute(_ABSENT, (manifest_id, LIVE))
     else:
-        rows = con.execute(_MISSING_FOR_TENANT, (manifest_id, LIVE, tenant)).fetchall()
-    return list(dict.fromkeys(r[0] for r in rows))
+        rows = con.execute(_ABSENT_FOR_TENANT, (manifest_id, LIVE, tenant))
+    absent = {r[0] for r in rows}
+    return [h for h in uses if h in absent]
+
+
+def _list_sync(con: sqlite3.Connection, manifest_id: int) -> ChunkList:
+    return packed.unpack(
+        con.execute(
+            "SELECT start, digests, sizes FROM manifest_parts WHERE manifest_id = ? ORDER BY start",
+            (manifest_id,),
+        )
+    )
 
 
 def _manifest_chunks_sync(con: sqlite3.Connection, manifest_id: int) -> list[tuple[str, int]]:
-    return con.execute(
-        "SELECT digest, size FROM manifest_chunks WHERE manifest_id = ? ORDER BY seq",
-        (manifest_id,),
-    ).fetchall()
+    chunks = _list_sync(con, manifest_id)
+    return list(zip(chunks.hexes, chunks.sizes, strict=True))
 
 
 _HUGE = object()
@@ -1332,6 +1442,9 @@ def _migrate(con: sqlite3.Connection) -> None:
                 if not done:
                     for stmt in _statements(sql):
                         con.execute(stmt)
+                    step = _PYTHON_STEPS.get(version)
+                    if step is not None:
+                        step(con)
                     broken = con.execute("PRAGMA foreign_key_check").fetchall()
                     if broken:
                         raise RuntimeError(
@@ -1351,6 +1464,47 @@ def _migrate(con: sqlite3.Connection) -> None:
         con.execute("PRAGMA foreign_keys = ON")
 
 
+def _pack_existing_manifests(con: sqlite3.Connection) -> None:
+    """Migration 0006's second half: each manifest_chunks list becomes packed parts (in seq
+    order, positions 0..n-1 as before), checked against its chunk_count, and the old table
+    is dropped."""
+    counts = dict(con.execute("SELECT id, chunk_count FROM manifests").fetchall())
+    rows = con.execute(
+        "SELECT manifest_id, digest, size FROM manifest_chunks ORDER BY manifest_id, seq"
+    )
+
+    def flush(manifest_id: int, chunks: ChunkList) -> None:
+        if counts.get(manifest_id, len(chunks)) != len(chunks):
+            raise RuntimeError(
+                f"manifest {manifest_id} says it has {counts[manifest_id]} chunks but lists"
+                f" {len(chunks)}: not converted"
+            )
+        con.executemany(
+            "INSERT INTO manifest_parts (manifest_id, start, digests, sizes) VALUES (?, ?, ?, ?)",
+            [(manifest_id, *part) for part in packed.parts(chunks)],
+        )
+
+    # One manifest's list in memory at a time.
+    current: int | None = None
+    hexes: list[str] = []
+    sizes: list[int] = []
+    for batch in iter(lambda: rows.fetchmany(65536), []):
+        for manifest_id, hex_, size in batch:
+            if manifest_id != current:
+                if current is not None:
+                    flush(current, ChunkList(hexes, sizes))
+                current, hexes, sizes = manifest_id, [], []
+            hexes.append(hex_)
+            sizes.append(size)
+    if current is not None:
+        flush(current, ChunkList(hexes, sizes))
+    con.execute("DROP TABLE manifest_chunks")
+
+
+# Python steps of migrations, run after the migration's statements in its transaction.
+_PYTHON_STEPS: dict[int, Callable[[sqlite3.Connection], None]] = {6: _pack_existing_manifests}
+
+
 # ---- maintenance (gc, fsck, stats) ----
 #
 # The queries of the admin commands (casd/maintenance.py). gc retires a chunk in two committed
@@ -1367,7 +1521,7 @@ def _migrate(con: sqlite3.Connection) -> None:
 # "Something relies on this chunk": a complete file, or an upload still pending and not
 # expired at `now` (the one `?`). `{c}` names the chunks table in the calling statement.
 _REFERENCED = (
-    "EXISTS (SELECT 1 FROM manifest_chunks mc WHERE mc.digest = {c}.digest AND ("
+    "EXISTS (SELECT 1 FROM manifest_digests mc WHERE mc.digest = {c}.digest AND ("
     "EXISTS (SELECT 1 FROM files f WHERE f.manifest_id = mc.manifest_id)"
     " OR EXISTS (SELECT 1 FROM uploads u WHERE u.manifest_id = mc.manifest_id"
     " AND u.state = 'pending' AND u.expires_at > ?)))"
@@ -1396,7 +1550,7 @@ def _chunk_users(con: sqlite3.Connection, hex_: str, now: float) -> ChunkUsers:
     files = tuple(
         (_file(r[:-1]), r[-1])
         for r in con.execute(
-            f"SELECT DISTINCT {_FILE_COLUMNS}, mc.size FROM manifest_chunks mc"
+            f"SELECT DISTINCT {_FILE_COLUMNS}, mc.size FROM manifest_digests mc"
             " JOIN files f ON f.manifest_id = mc.manifest_id WHERE mc.digest = ?"
             " ORDER BY f.digest",
             (hex_,),
@@ -1405,7 +1559,7 @@ def _chunk_users(con: sqlite3.Connection, hex_: str, now: float) -> ChunkUsers:
     uploads = tuple(
         r[0]
         for r in con.execute(
-            "SELECT DISTINCT u.id FROM manifest_chunks mc JOIN uploads u"
+            "SELECT DISTINCT u.id FROM manifest_digests mc JOIN uploads u"
             " ON u.manifest_id = mc.manifest_id WHERE mc.digest = ? AND u.state = 'pending'"
             " AND u.expires_at > ? ORDER BY u.id",
             (hex_, now),
@@ -1471,7 +1625,7 @@ def _drop_unused_quarantined(con, now: float) -> int:
 
 _ROWED_OR_FILED = (
     "SELECT digest FROM chunks WHERE digest IN ({m})"
-    " UNION SELECT mc.digest FROM manifest_chunks mc JOIN files f"
+    " UNION SELECT mc.digest FROM manifest_digests mc JOIN files f"
     " ON f.manifest_id = mc.manifest_id WHERE mc.digest IN ({m})"
 )
 
@@ -1621,7 +1775,7 @@ class _Admin:
     async def file_chunk_sizes(self) -> list[tuple[str, int]]:
         rows = await self._all(
             "SELECT DISTINCT mc.digest, mc.size FROM files f"
-            " JOIN manifest_chunks mc ON mc.manifest_id = f.manifest_id"
+            " JOIN manifest_digests mc ON mc.manifest_id = f.manifest_id"
         )
         return [(r[0], r[1]) for r in rows]
 
