@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu0 = procs.cpu_seconds(daemon.pid)
             c0 = time.process_time()
             with SchedSampler([os.getpid(), daemon.pid]) as sched:
-                result = asyncio.run(
-                    run(daemon.url, big, args.concurrency, args.chunk_mib * MiB)
-                )
+                result = asyncio.run(run(daemon.url, big, args.concurrency, args.chunk_mib * MiB))
             result["client_cpu_s"] = time.process_time() - c0
             names = {os.getpid(): "client", daemon.pid: "daemon"}
             result["daemon_cpu_s"] = procs.cpu_seconds(daemon.pid) - cpu0

@@ -1717,3 +1717,41 @@ class _Admin:
 class SqliteCatalog(_Daemon, _Admin):
     """The catalogue in one SQLite file: the `Catalog` interface of casd.catalog, whose
     docstrings give each method's contract."""
+
+    async def begin_stream_for(
+        self,
+        tenant: Tenant,
+        size: int,
+        algo: Algo,
+        ext: str,
+        name: str,
+        now: float,
+        expires_at: float,
+        new_id: str,
+        client: str = "",
+    ) -> Upload:
+        """begin_stream in tenant mode: the upload is `tenant`'s, and it is refused
+        (QuotaExceeded, nothing recorded) unless `size`, the file size its client declares,
+        fits the tenant's quota (tenant.quota None: no check); one transaction."""
+        return await self._group.run(
+            _begin_stream_for, tenant, size, algo, ext, name, now, expires_at, new_id, client
+        )
+
+
+def _begin_stream_for(
+    con: sqlite3.Connection,
+    tenant: Tenant,
+    size: int,
+    algo: Algo,
+    ext: str,
+    name: str,
+    now: float,
+    expires_at: float,
+    new_id: str,
+    client: str,
+) -> Upload:
+    if tenant.quota is not None:
+        _check_quota(con, tenant.name, tenant.quota, size, now)
+    upload = _begin_stream(con, algo, ext, name, now, expires_at, new_id, client)
+    con.execute("UPDATE uploads SET tenant = ? WHERE id = ?", (tenant.name, new_id))
+    return dataclasses.replace(upload, tenant=tenant.name)
