@@ -436,7 +436,12 @@ class Service:
                 f" {self.settings.max_file_size} bytes"
             )
         if tenant is not None and size is None:
-            raise BadRequest('a streamed upload needs the file\'s size ("size") in tenant mode')
+            # Not offered without one: 404 is what sends a client (one from before the size
+            # was asked for, too) to the v1 handshake, which gives the size.
+            raise NotFound(
+                'in tenant mode a streamed upload needs the file\'s size ("size") when it'
+                " opens; without one, use the v1 handshake"
+            )
         await self._admit_upload()
         self._reserved("")  # drops what expired
         async with self._quota_turn(tenant) as held:

@@ -101,7 +101,8 @@ def test_page_streams_to_a_server_that_offers_it(
     assert again["summary"]["url"] == s["url"]
 
 
-def test_page_uses_v1_with_a_server_that_does_not_offer_streaming(daemon, page, tmp_path):
+def test_page_uses_v1_with_a_server_that_does_not_offer_streaming(daemon_factory, page, tmp_path):
+    daemon = daemon_factory("--no-stream-uploads")
     path = tmp_path / "v1.bin"
     data = random.Random("v1").randbytes(3 * MiB + 5)
     path.write_bytes(data)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from casd import cli
+from casd.client import CasdClient, CasdHTTPError
 from casd.maintenance import Maintenance
 from casd.tenants import CHECK_EVERY, Role, TokenFile, TokenTable, add_token
 from casd.web import TOKENS, create_app
@@ -741,8 +742,9 @@ async def test_a_streamed_batch_lists_every_chunk_this_tenant_has_not_proved(st)
 
 
 async def test_a_streamed_open_in_tenant_mode_needs_the_size(st):
+    # 404, as where v1.1 is not offered: a client that does not send it falls back to v1.
     status, body = await stream_open(st, "alice", None)
-    assert status == 400 and "size" in body["message"], body
+    assert status == 404 and "size" in body["message"], body
 
 
 async def test_a_streamed_open_over_the_quota_is_refused_and_changes_nothing(st):
@@ -808,6 +810,35 @@ async def test_a_streamed_merge_must_claim_the_declared_size(st):
     assert status == 400 and str(len(p.data)) in body["message"], body
     claim = {"md5": p.digest, "size": len(p.data)}
     assert (await st.call("alice", "POST", f"/v1/uploads/{uid}/merge", json=claim))[0] == 200
+
+
+async def test_the_python_client_streams_in_tenant_mode_and_proves_every_chunk(
+    aiohttp_server, settings, tmp_path
+):
+    s = dataclasses.replace(settings, tokens=tmp_path / "tokens", stream_uploads=True)
+    tokens = write_tokens(s.tokens)
+    server = await aiohttp_server(create_app(s))
+    url = str(server.make_url("")).rstrip("/")
+    src = tmp_path / "f.bin"
+    src.write_bytes(rand(5 * CHUNK + 3))
+    seen: list[str] = []
+    async with CasdClient(url, token=tokens["alice"], cache_dir=tmp_path / "c") as alice:
+        a = await alice.upload(src, chunk_size=CHUNK, use_cache=False)
+    async with CasdClient(url, token=tokens["bob"], cache_dir=tmp_path / "c") as bob:
+        b = await bob.upload(
+            src, chunk_size=CHUNK, use_cache=False, on_progress=lambda p: seen.append(p.phase)
+        )
+    # Both streamed (no handshake phase), and bob had to send every chunk alice stored.
+    assert "handshake" not in seen
+    assert (a.chunks_sent, b.chunks_sent) == (6, 6)
+    assert (a.digest, a.url) == (b.digest, b.url)
+    # Carol's quota (300 KiB) refuses a bigger file at open, before any chunk is sent.
+    big = tmp_path / "big.bin"
+    big.write_bytes(rand(301 * KiB))
+    async with CasdClient(url, token=tokens["carol"], cache_dir=tmp_path / "c") as carol:
+        with pytest.raises(CasdHTTPError) as info:
+            await carol.upload(big, chunk_size=CHUNK, use_cache=False)
+    assert (info.value.status, info.value.code) == (413, "quota_exceeded")
 
 
 async def test_tenant_mode_on_postgresql_does_not_offer_streamed_uploads(
