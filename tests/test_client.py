@@ -380,11 +380,14 @@ async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, t
     rng.write(src, 12 * MiB, 12)
     total, killed_after, concurrency = 12, 4, 2
     acked: list[int] = []
+    killed: list[bool] = []
 
     def kill_after_some(p: Progress) -> None:
-        if p.phase == "uploading":
+        # Any phase: with v1.1 chunks are acknowledged while the file is still being read.
+        if p.phase in ("hashing", "uploading"):
             acked.append(p.chunks_done)
-            if p.chunks_done == killed_after:
+            if p.chunks_done == killed_after and not killed:
+                killed.append(True)
                 daemon.kill()
 
     async with fast_client(daemon.url, retries=2) as client:
