@@ -551,27 +551,33 @@ class Service:
                 f"upload {upload_id} uses {upload.digest.algo.value} digests, not {algo.value}"
             )
         now = self.clock()
-        batch = await self.catalog.append_stream(
-            upload_id,
-            start,
-            chunks,
-            now,
-            self._expiry(now),
-            StreamLimits(s.max_chunks, s.max_file_size),
-            client,
-            self.budget,
-        )
+        limits = StreamLimits(s.max_chunks, s.max_file_size)
+        if tenant is None:
+            batch = await self.catalog.append_stream(
+                upload_id, start, chunks, now, self._expiry(now), limits, client, self.budget
+            )
+        else:
+            # Missing unless stored and proved by this tenant; a size clash told only about
+            # chunks it proved (web.streams_offered offers tenant mode only where this is).
+            append_for = getattr(self.catalog, "append_stream_for", None)
+            if append_for is None:
+                raise NotFound("streamed uploads are not offered in tenant mode here")
+            batch = await append_for(
+                tenant.name,
+                upload_id,
+                start,
+                chunks,
+                now,
+                self._expiry(now),
+                limits,
+                client,
+                self.budget,
+            )
         if batch is None:
             raise NotFound(f"no open streamed upload {upload_id!r} (merged, aborted or expired)")
         if declared is not None:
             declared.listed = batch.size
             declared.expires_at = self._expiry(now)
-        if tenant is not None and len(batch.missing) < len({c.hex for c in chunks}):
-            # Stored is not enough: this tenant must prove it holds a chunk by sending it.
-            lacking = set(await self.catalog.missing(upload.manifest_id, tenant.name))
-            batch = dataclasses.replace(
-                batch, missing=list(dict.fromkeys(c.hex for c in chunks if c.hex in lacking))
-            )
         return batch
 
     async def put_chunk(

@@ -741,6 +741,46 @@ async def test_a_streamed_batch_lists_every_chunk_this_tenant_has_not_proved(st)
     assert status == 200 and body["missing"] == [], body
 
 
+async def test_a_streamed_batch_tells_no_size_clash_about_another_tenants_chunk(st):
+    # Issue 10's rule for handshakes: a size clash is told only about chunks this tenant
+    # proved. Bob lists alice's chunk with a wrong size, and a digest nobody stored: the
+    # two answers are alike, and what he lists stays his (missing, PUT fails verification).
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    await st.upload("alice", p)
+    stored, nobody = p.order[0], hashlib.md5(b"never stored").hexdigest()
+    answers = []
+    for d in (stored, nobody):
+        status, opened = await stream_open(st, "bob", CHUNK - 1)
+        uid = opened["upload_id"]
+        status, body = await st.call(
+            "bob",
+            "POST",
+            f"/v1/uploads/{uid}/chunks",
+            json={"start": 0, "chunks": [{"md5": d, "size": CHUNK - 1}]},
+        )
+        assert status == 200 and body["missing"] == [d], body
+        answers.append(body)
+        status, body = await st.call(
+            "bob", "PUT", f"/v1/uploads/{uid}/chunks/{d}", data=p.chunks[stored][:-1]
+        )
+        assert status == 422 and body["error"] == "digest_mismatch", body
+    assert answers[0] == {**answers[1], "missing": [stored]}
+    # The chunk is still stored and alive for alice (nothing was committed as set aside).
+    assert (await st.call("alice", "GET", f"/v1/files/{p.digest}")) == (200, p.data)
+    status, opened = await stream_open(st, "alice", len(p.data))
+    status, body = await stream_batch(st, "alice", opened["upload_id"], p)
+    assert status == 200 and body["missing"] == [], body
+    # Alice, who proved it, is told of her own clash.
+    status, opened = await stream_open(st, "alice", CHUNK - 1)
+    status, body = await st.call(
+        "alice",
+        "POST",
+        f"/v1/uploads/{opened['upload_id']}/chunks",
+        json={"start": 0, "chunks": [{"md5": stored, "size": CHUNK - 1}]},
+    )
+    assert status == 400 and stored in body["message"], body
+
+
 async def test_a_streamed_open_in_tenant_mode_needs_the_size(st):
     # 404, as where v1.1 is not offered: a client that does not send it falls back to v1.
     status, body = await stream_open(st, "alice", None)
