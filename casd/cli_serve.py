@@ -157,9 +157,9 @@ def register(sub) -> None:
     p.add_argument(
         "--stream-uploads",
         action=argparse.BooleanOptionalAction,
-        default=os.environ.get("CASD_STREAM_UPLOADS", "") in ("1", "true", "yes"),
+        default=os.environ.get("CASD_STREAM_UPLOADS", "1") not in ("0", "false", "no"),
         help="offer protocol v1.1 streamed uploads: clients send chunks while they hash the"
-        " file (default: off, or $CASD_STREAM_UPLOADS=1; --no-stream-uploads: a v1 server)",
+        " file (default: on; --no-stream-uploads or $CASD_STREAM_UPLOADS=0: a v1 server)",
     )
     p.add_argument(
         "--header-timeout",

@@ -90,9 +90,9 @@ class Settings:
     # Digest algorithms handshakes may use; ("sha256",) refuses MD5 where collisions matter.
     algos: tuple[str, ...] = ("md5", "sha256")
     # Protocol v1.1 streamed uploads (docs/PROTOCOL.md): chunk digests sent as the client
-    # hashes, the file's digest at merge. Off (the default for now), the server answers as
-    # a v1 server and every client uses v1.
-    stream_uploads: bool = False
+    # hashes, the file's digest at merge. Off, the server answers as a v1 server and every
+    # client uses v1. A v1 client works either way.
+    stream_uploads: bool = True
     # Operations (docs/operating.md): /metrics protection and webhooks.
     metrics_token: str | None = None
     hook_urls: tuple[str, ...] = ()

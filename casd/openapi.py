@@ -101,6 +101,19 @@ def _schemas() -> dict:
         },
         "Complete": complete,
         "Pending": pending,
+        # GET /v1/uploads/{id} of a v1.1 streamed upload still taking digests (no digest yet).
+        "OpenUpload": {
+            "type": "object",
+            "properties": {
+                "status": {"const": "open"},
+                "upload_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                "algo": {"enum": ["md5", "sha256"]},
+                "size": {"type": "integer", "minimum": 0},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "missing": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["status", "upload_id", "missing", "expires_at"],
+        },
         "ChunkStored": {
             "type": "object",
             "properties": {
@@ -129,6 +142,8 @@ def _schemas() -> dict:
                 "algo": {"enum": ["md5", "sha256"]},
                 "ext": {"type": ["string", "null"], "pattern": "^(" + protocol.EXT_PATTERN + ")?$"},
                 "name": {"type": ["string", "null"], "maxLength": 255},
+                # The file's size, required in tenant mode (quota); merge must claim it.
+                "size": {"type": ["integer", "null"], "minimum": 0},
             },
         },
         "Opened": {
@@ -257,7 +272,10 @@ def document() -> dict:
                 "operationId": "uploadStatus",
                 "parameters": [_UPLOAD_ID],
                 "responses": {
-                    "200": _json(_ref("Pending"), "the pending upload"),
+                    "200": _json(
+                        {"oneOf": [_ref("Pending"), _ref("OpenUpload")]},
+                        "the pending upload (v1.1: open, while it takes digests)",
+                    ),
                     "404": _error("no such pending upload"),
                     **_ROLE,
                     **_ERRORS,
@@ -324,6 +342,8 @@ def document() -> dict:
                     "201": _json(_ref("Opened"), "opened"),
                     "400": _error("malformed request, or an algorithm the policy refuses"),
                     "404": _error("streamed uploads are not offered"),
+                    **_ROLE,
+                    "413": _error("too large, or over the tenant's quota (tenant mode)"),
                     **_ERRORS,
                 },
             }

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import xxhash
@@ -41,6 +41,7 @@ from casd.errors import (
     Incomplete,
     NotFound,
     NotInManifest,
+    QuotaExceeded,
     SizeMismatch,
     StorageFull,
     TooLarge,
@@ -123,6 +124,17 @@ class FileHash:
 
     def result(self) -> tuple[Digest, int]:
         return Digest(self.algo, self.hash.hexdigest()), self.total
+
+
+@dataclass
+class _Declared:
+    """A streamed upload opened with the file's size: the size, what it has listed so far
+    (never more than the size), whose it is ("" without tenants), when it expires."""
+
+    tenant: str
+    size: int
+    listed: int
+    expires_at: float
 
 
 class _InOrder:
@@ -211,6 +223,11 @@ class Service:
         self.budget = PendingBudget(
             settings.max_pending_chunks, settings.max_pending_chunks_per_client
         )
+        # Streamed uploads opened with a declared file size (tenant mode requires one):
+        # what they may still list, and what the tenant's quota holds for them meanwhile.
+        self._declared: dict[str, _Declared] = {}
+        # One quota-checked write (handshake, streamed open) of a tenant at a time.
+        self._quota_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     async def open(cls, settings: Settings, clock: Callable[[], float] = time.time) -> Service:
@@ -361,17 +378,18 @@ class Service:
                 # Healing a file it owns adds nothing to what the tenant holds.
                 tenant = dataclasses.replace(tenant, quota=None)
         await self._admit_upload()
-        now = self.clock()
-        upload, missing = await self.catalog.begin_upload(
-            m,
-            chunks_key(m),
-            now,
-            self._expiry(now),
-            secrets.token_hex(16),
-            client,
-            self.budget,
-            tenant,
-        )
+        async with self._quota_turn(tenant) as held:
+            now = self.clock()
+            upload, missing = await self.catalog.begin_upload(
+                m,
+                chunks_key(m),
+                now,
+                self._expiry(now),
+                secrets.token_hex(16),
+                client,
+                self.budget,
+                held,
+            )
         return HandshakePending(m.digest, m.size, m.ext, upload.id, missing, upload.expires_at)
 
     # ---- uploads ----------------------------------------------------------------------
@@ -399,25 +417,114 @@ class Service:
         if not await self.catalog.touch_upload(upload_id, now, self._expiry(now)):
             raise NotFound(f"no pending upload {upload_id!r}")
         upload = dataclasses.replace(upload, expires_at=self._expiry(now))
+        self._declared_touch(upload_id)
         return upload, await self.catalog.missing(upload.manifest_id, _name(tenant))
 
     # ---- streamed uploads (protocol v1.1) -----------------------------------------------
 
-    async def open_stream(self, algo: Algo, ext: str, name: str, client: str = "") -> Upload:
+    async def open_stream(
+        self,
+        algo: Algo,
+        ext: str,
+        name: str,
+        client: str = "",
+        tenant: Tenant | None = None,
+        size: int | None = None,
+    ) -> Upload:
         """Open a streamed upload: chunk digests come in batches (`add_chunks`), chunks by
-        `put_chunk`, the file's digest and size at `merge`, which verifies them."""
+        `put_chunk`, the file's digest and size at `merge`, which verifies them.
+
+        `size`: the file's size as the client declares it (required in tenant mode, where
+        the tenant's quota is checked against it here, as a handshake's is); the upload may
+        then list no more, and merge only for exactly that size."""
         self.check_algo(placeholder(algo))
+        if size is not None and size > self.settings.max_file_size:
+            raise TooLarge(
+                f"the file has {size} bytes; this server takes files of at most"
+                f" {self.settings.max_file_size} bytes"
+            )
+        if tenant is not None and size is None:
+            # Not offered without one: 404 is what sends a client (one from before the size
+            # was asked for, too) to the v1 handshake, which gives the size.
+            raise NotFound(
+                'in tenant mode a streamed upload needs the file\'s size ("size") when it'
+                " opens; without one, use the v1 handshake"
+            )
         await self._admit_upload()
+        self._reserved("")  # drops what expired
+        async with self._quota_turn(tenant) as held:
+            now = self.clock()
+            expires_at, new_id = self._expiry(now), secrets.token_hex(16)
+            if held is None:
+                upload = await self.catalog.begin_stream(
+                    algo, ext, name, now, expires_at, new_id, client
+                )
+            else:
+                begin_for = getattr(self.catalog, "begin_stream_for", None)
+                if begin_for is None:  # an engine without it: web.streams_offered says no
+                    raise NotFound("streamed uploads are not offered in tenant mode here")
+                assert size is not None
+                upload = await begin_for(
+                    held, size, algo, ext, name, now, expires_at, new_id, client
+                )
+            if size is not None:
+                self._declared[upload.id] = _Declared(upload.tenant, size, 0, upload.expires_at)
+        return upload
+
+    @asynccontextmanager
+    async def _quota_turn(self, tenant: Tenant | None):
+        """Quota-checked writes of one tenant one at a time, each held to the tenant's quota
+        less what its open streamed uploads declared and have not listed yet (the catalogue
+        counts what they listed). Yields the tenant to give the catalogue."""
+        if tenant is None or tenant.quota is None:
+            yield tenant
+            return
+        lock = self._quota_locks.setdefault(tenant.name, asyncio.Lock())
+        async with lock:
+            reserved = self._reserved(tenant.name)
+            try:
+                yield dataclasses.replace(tenant, quota=tenant.quota - reserved)
+            except QuotaExceeded as exc:
+                if not reserved:
+                    raise
+                usage = int(exc.extra.get("usage", 0)) + reserved
+                raise QuotaExceeded(
+                    f"tenant {tenant.name!r} has a quota of {tenant.quota} bytes and uses"
+                    f" {usage} (in files, pending uploads and the declared sizes of streamed"
+                    " uploads still open); this file would take it over: delete files or"
+                    " abort uploads first",
+                    quota=tenant.quota,
+                    usage=usage,
+                ) from None
+
+    def _reserved(self, tenant: str) -> int:
+        """Bytes `tenant`'s live streamed uploads declared and have not listed yet."""
         now = self.clock()
-        return await self.catalog.begin_stream(
-            algo, ext, name, now, self._expiry(now), secrets.token_hex(16), client
-        )
+        total = 0
+        for upload_id, d in list(self._declared.items()):
+            if d.expires_at <= now:
+                del self._declared[upload_id]
+            elif d.tenant == tenant:
+                total += max(0, d.size - d.listed)
+        return total
+
+    def _declared_touch(self, upload_id: str) -> None:
+        d = self._declared.get(upload_id)
+        if d is not None:
+            d.expires_at = self._expiry(self.clock())
 
     async def add_chunks(
-        self, upload_id: str, algo: Algo, start: int, chunks: list[ChunkRef], client: str = ""
+        self,
+        upload_id: str,
+        algo: Algo,
+        start: int,
+        chunks: list[ChunkRef],
+        client: str = "",
+        tenant: Tenant | None = None,
     ) -> StreamBatch:
         """List the next chunks of an open streamed upload, from position `start`; which of
-        them the server lacks. The same limits and budgets as a handshake of the whole list."""
+        them the server lacks (in tenant mode: lacks, or `tenant` never proved it holds).
+        The same limits and budgets as a handshake of the whole list."""
         s = self.settings
         if len(chunks) > MAX_STREAM_BATCH:
             raise TooLarge(
@@ -435,26 +542,50 @@ class Service:
             seen = sizes.setdefault(c.hex, c.size)
             if seen != c.size:
                 raise BadRequest(f"chunk {c.hex} appears with sizes {seen} and {c.size}")
-        upload = await self._pending(upload_id)
+        upload = await self._pending(upload_id, tenant)
         if upload.sealed:
             raise NotFound(f"upload {upload_id} is not streamed, or is being merged")
+        declared = self._declared.get(upload_id)
+        if declared is None and tenant is not None:
+            # Its declared size (which the quota holds it to) was lost with a restart.
+            raise NotFound(f"streamed upload {upload_id} was lost: open a new one")
+        if declared is not None and declared.listed + sum(c.size for c in chunks) > declared.size:
+            raise TooLarge(
+                f"the batch takes upload {upload_id} over the {declared.size} bytes declared"
+                " when it was opened; nothing was changed"
+            )
         if algo is not upload.digest.algo:
             raise BadRequest(
                 f"upload {upload_id} uses {upload.digest.algo.value} digests, not {algo.value}"
             )
         now = self.clock()
-        batch = await self.catalog.append_stream(
-            upload_id,
-            start,
-            chunks,
-            now,
-            self._expiry(now),
-            StreamLimits(s.max_chunks, s.max_file_size),
-            client,
-            self.budget,
-        )
+        limits = StreamLimits(s.max_chunks, s.max_file_size)
+        if tenant is None:
+            batch = await self.catalog.append_stream(
+                upload_id, start, chunks, now, self._expiry(now), limits, client, self.budget
+            )
+        else:
+            # Missing unless stored and proved by this tenant; a size clash told only about
+            # chunks it proved (web.streams_offered offers tenant mode only where this is).
+            append_for = getattr(self.catalog, "append_stream_for", None)
+            if append_for is None:
+                raise NotFound("streamed uploads are not offered in tenant mode here")
+            batch = await append_for(
+                tenant.name,
+                upload_id,
+                start,
+                chunks,
+                now,
+                self._expiry(now),
+                limits,
+                client,
+                self.budget,
+            )
         if batch is None:
             raise NotFound(f"no open streamed upload {upload_id!r} (merged, aborted or expired)")
+        if declared is not None:
+            declared.listed = batch.size
+            declared.expires_at = self._expiry(now)
         return batch
 
     async def put_chunk(
@@ -504,6 +635,7 @@ class Service:
             proved = await self.catalog.prove_chunk(tenant.name, digest)
             stored = stored or proved
         self._start_hash_ahead(upload)
+        self._declared_touch(upload_id)
         if not with_missing:
             return PutResult(stored, None)
         return PutResult(stored, await self.catalog.missing(upload.manifest_id, _name(tenant)))
@@ -685,6 +817,14 @@ class Service:
         ):
             raise NotFound(f"no pending upload {upload_id!r} (never created, aborted or expired)")
         if not upload.sealed:
+            declared = self._declared.get(upload_id)
+            if declared is None and upload.tenant:
+                raise NotFound(f"streamed upload {upload_id} was lost: open a new one")
+            if declared is not None and claim is not None and claim[1] != declared.size:
+                raise BadRequest(
+                    f"upload {upload_id} was opened for a file of {declared.size} bytes, not"
+                    f" {claim[1]}; nothing was changed"
+                )
             upload = await self._seal(upload, claim)
         elif claim is not None and claim != (upload.digest, upload.size):
             raise BadRequest(
@@ -700,6 +840,7 @@ class Service:
         self._forget_hash(upload_id)
         actual, total = state.result()
         if actual != upload.digest or total != upload.size:
+            self._declared.pop(upload_id, None)
             if not await self.catalog.drop_pending_upload(upload_id):
                 # Aborted or merged while this merge hashed: its manifest may have gone with
                 # it, so this hash proves nothing. Answer what the upload became.
@@ -718,6 +859,7 @@ class Service:
                 f" {upload.digest.hex} ({upload.size} bytes); the upload was discarded"
             )
         entry = await self.catalog.register_file(upload_id, self.clock(), events)
+        self._declared.pop(upload_id, None)
         if entry is None:
             raise NotFound(f"no pending upload {upload_id!r} (aborted or expired)")
         return entry
@@ -950,6 +1092,7 @@ class Service:
         if not await self._freeing(self.catalog.drop_pending_upload, upload_id):
             raise NotFound(f"no pending upload {upload_id!r}")
         self._forget_hash(upload_id)
+        self._declared.pop(upload_id, None)
 
     # ---- files ------------------------------------------------------------------------
 

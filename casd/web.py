@@ -632,6 +632,7 @@ class _WireOpen(msgspec.Struct, gc=False, forbid_unknown_fields=False):
     algo: str | None = None
     ext: str | None = None
     name: str | None = None
+    size: int | None = None
 
 
 class _WireBatch(msgspec.Struct, gc=False):
@@ -704,7 +705,7 @@ async def merge_claim(request: web.Request) -> tuple[Digest, int] | None:
 async def capabilities(request: web.Request) -> web.Response:
     """What this server offers: how a v1.1 client learns it may stream (PROTOCOL.md)."""
     s = request.app[SETTINGS]
-    offered = streams_offered(s)
+    offered = streams_offered(request.app)
     return web.json_response(
         {
             "protocol": "1.1" if offered else "1",
@@ -719,20 +720,21 @@ async def capabilities(request: web.Request) -> web.Response:
     )
 
 
-def streams_offered(settings: Settings) -> bool:
-    """Whether v1.1 streamed uploads are offered: with --stream-uploads, and only without a
-    pre-handshake policy hook, which decides on a file's digest and size before any chunk
-    is accepted (a streamed upload has neither until merge), and not in tenant mode, where
-    a handshake is held to the tenant's quota by the file's size and a batch's missing list
-    would have to follow the tenant's proofs (docs/tenants.md)."""
-    return (
-        settings.stream_uploads and settings.hook_pre_handshake is None and settings.tokens is None
-    )
+def streams_offered(app: web.Application) -> bool:
+    """Whether v1.1 streamed uploads are offered: unless --no-stream-uploads, and only
+    without a pre-handshake policy hook, which decides on a file's digest and size before
+    any chunk is accepted (a streamed upload has its digest only at merge). In tenant mode
+    (the quota is checked against the size declared at open) only with an engine that
+    records a streamed upload's tenant (SQLite)."""
+    settings = app[SETTINGS]
+    if not settings.stream_uploads or settings.hook_pre_handshake is not None:
+        return False
+    return settings.tokens is None or hasattr(app[SERVICE].catalog, "begin_stream_for")
 
 
 def _offered(request: web.Request) -> None:
     """Where streams are not offered the v1.1 endpoints answer as a v1 server's missing route."""
-    if not streams_offered(request.app[SETTINGS]):
+    if not streams_offered(request.app):
         raise NotFound(f"no such endpoint: {request.path}")
 
 
@@ -743,7 +745,11 @@ async def open_stream(request: web.Request) -> web.Response:
     data = _decode(_OPEN_DECODER, body, "request")
     algo = _algo(data.algo)
     name, ext = parse_name_ext(data.name, data.ext)
-    upload = await request.app[SERVICE].open_stream(algo, ext, name, client_of(request))
+    if data.size is not None and data.size < 0:
+        raise BadRequest(f"size must be a non-negative integer, got {data.size}")
+    upload = await request.app[SERVICE].open_stream(
+        algo, ext, name, client_of(request), uploader_of(request), data.size
+    )
     return web.json_response(
         {
             "status": "open",
@@ -770,7 +776,7 @@ async def add_chunks(request: web.Request) -> web.Response:
     else:
         algo, start, chunks = parse_batch(body)
     batch = await request.app[SERVICE].add_chunks(
-        upload_id, algo, start, chunks, client_of(request)
+        upload_id, algo, start, chunks, client_of(request), uploader_of(request)
     )
     return missing_response({"count": batch.count, "size": batch.size}, batch.missing)
 

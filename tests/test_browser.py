@@ -26,6 +26,13 @@ CHUNK_PUT = "**/v1/uploads/*/chunks/*"
 
 
 @pytest.fixture
+def daemon(daemon_factory):
+    """A daemon that offers only v1: these tests follow the page's handshake flow
+    (tests/test_browser_stream.py covers v1.1, the default, in the page)."""
+    return daemon_factory("--no-stream-uploads")
+
+
+@pytest.fixture
 def page(browser):
     context = browser.new_context(viewport={"width": 1000, "height": 800})
     pg = context.new_page()

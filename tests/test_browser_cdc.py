@@ -23,6 +23,13 @@ TIMEOUT_MS = 60_000
 
 
 @pytest.fixture
+def daemon(daemon_factory):
+    """A daemon that offers only v1: these tests follow the page's handshake flow
+    (tests/test_browser_stream.py covers v1.1, the default, in the page)."""
+    return daemon_factory("--no-stream-uploads")
+
+
+@pytest.fixture
 def page(browser):
     context = browser.new_context()
     pg = context.new_page()

@@ -101,7 +101,8 @@ def test_page_streams_to_a_server_that_offers_it(
     assert again["summary"]["url"] == s["url"]
 
 
-def test_page_uses_v1_with_a_server_that_does_not_offer_streaming(daemon, page, tmp_path):
+def test_page_uses_v1_with_a_server_that_does_not_offer_streaming(daemon_factory, page, tmp_path):
+    daemon = daemon_factory("--no-stream-uploads")
     path = tmp_path / "v1.bin"
     data = random.Random("v1").randbytes(3 * MiB + 5)
     path.write_bytes(data)
@@ -184,3 +185,28 @@ def test_page_falls_back_to_v1_when_opening_a_stream_answers_404(daemon_factory,
     got = page.evaluate(UPLOAD, {"algo": "md5", "chunking": "fixed", "chunkSize": MiB})
     assert got["phases"] == ["hashing", "handshake", "uploading", "merging", "done"]
     assert fetch(got["summary"]["url"]) == data
+
+
+def test_page_streams_in_tenant_mode_and_a_second_tenant_sends_every_chunk(
+    daemon_factory, page, tmp_path
+):
+    from casd.tenants import Role, add_token
+
+    tokens = tmp_path / "tokens"
+    alice, _ = add_token(tokens, "alice", Role.UPLOAD, None)
+    bob, _ = add_token(tokens, "bob", Role.UPLOAD, None)
+    d = daemon_factory("--tokens", str(tokens))
+    path = tmp_path / "t.bin"
+    data = random.Random("tenants").randbytes(3 * MiB + 9)
+    path.write_bytes(data)
+    pick_for_api(page, d.url, path)
+    with_token = UPLOAD.replace("concurrency: 2,", "concurrency: 2, token,").replace(
+        "({algo, chunking, chunkSize})", "({algo, chunking, chunkSize, token})"
+    )
+    args = {"algo": "md5", "chunking": "fixed", "chunkSize": MiB}
+    first = page.evaluate(with_token, {**args, "token": alice})
+    second = page.evaluate(with_token, {**args, "token": bob})
+    for got in (first, second):
+        assert "handshake" not in got["phases"]
+        assert got["summary"]["chunks_sent"] == got["summary"]["chunks_total"] == 4
+    assert not any(u.endswith("/v1/handshake") for _m, u in page.requests)

@@ -255,7 +255,9 @@ async def test_round_trip_byte_exact_for_edge_sizes(daemon, tmp_path, algo, rng)
 
 
 @pytest.mark.slow
-async def test_50mib_round_trip_then_instant_reupload(daemon, tmp_path, rng):
+async def test_50mib_round_trip_then_instant_reupload(v1_daemon, tmp_path, rng):
+    # v1: "instant" is the handshake's answer, which a streamed (v1.1) upload never asks.
+    daemon = v1_daemon
     src = tmp_path / "big.iso"
     rng.write(src, 50 * MiB, 50)
     progress: list[Progress] = []
@@ -282,7 +284,14 @@ def phases(reports: list[Progress]) -> list[str]:
     return out
 
 
-async def test_progress_phases_are_those_of_casd_js(daemon, tmp_path, rng):
+@pytest.fixture
+def v1_daemon(daemon_factory):
+    """A daemon that offers only protocol v1 (the handshake flow), as before v1.1."""
+    return daemon_factory("--no-stream-uploads")
+
+
+async def test_progress_phases_are_those_of_casd_js(v1_daemon, tmp_path, rng):
+    daemon = v1_daemon
     parts = [rng.bytes(MiB, i) for i in range(3)]
     src, shuffled = tmp_path / "f.bin", tmp_path / "g.bin"
     src.write_bytes(b"".join(parts))
@@ -371,11 +380,14 @@ async def test_daemon_killed_mid_upload_then_rerun_sends_only_the_rest(daemon, t
     rng.write(src, 12 * MiB, 12)
     total, killed_after, concurrency = 12, 4, 2
     acked: list[int] = []
+    killed: list[bool] = []
 
     def kill_after_some(p: Progress) -> None:
-        if p.phase == "uploading":
+        # Any phase: with v1.1 chunks are acknowledged while the file is still being read.
+        if p.phase in ("hashing", "uploading"):
             acked.append(p.chunks_done)
-            if p.chunks_done == killed_after:
+            if p.chunks_done == killed_after and not killed:
+                killed.append(True)
                 daemon.kill()
 
     async with fast_client(daemon.url, retries=2) as client:
@@ -401,8 +413,12 @@ async def test_upload_rides_through_a_daemon_restart(daemon, tmp_path, rng):
     src = tmp_path / "f.bin"
     data = rng.write(src, 8 * MiB, 8)
 
+    restarted: list[bool] = []
+
     def restart_midway(p: Progress) -> None:
-        if p.phase == "uploading" and p.chunks_done == 3:
+        # Any phase, once: with v1.1 chunks are acknowledged while the file is still read.
+        if p.chunks_done == 3 and not restarted:
+            restarted.append(True)
             daemon.restart()  # kill -9, then up again on the same port before any retry
 
     async with CasdClient(daemon.url) as client:
@@ -410,9 +426,14 @@ async def test_upload_rides_through_a_daemon_restart(daemon, tmp_path, rng):
         await client.download(s.url, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == data
     assert (s.chunks_sent, s.bytes_sent, s.instant) == (8, 8 * MiB, False)
+    assert restarted
 
 
-async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(daemon, tmp_path, rng):
+async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(
+    v1_daemon, tmp_path, rng
+):
+    # v1: the whole file is hashed before any chunk goes (v1.1 sends each chunk as it is read).
+    daemon = v1_daemon
     src = tmp_path / "f.bin"
     size = 3 * MiB
     rng.write(src, size, 1)
@@ -531,7 +552,17 @@ async def proxy(daemon, aiohttp_server):
     return fp
 
 
-async def test_5xx_and_507_answers_are_retried_through(proxy, tmp_path, rng):
+@pytest.fixture
+async def v1_proxy(v1_daemon, aiohttp_server):
+    """The proxy in front of a v1-only daemon: faults scripted for the handshake flow."""
+    fp = FaultProxy(v1_daemon.url)
+    server = await aiohttp_server(fp.app())
+    fp.url = str(server.make_url("")).rstrip("/")
+    return fp
+
+
+async def test_5xx_and_507_answers_are_retried_through(v1_proxy, tmp_path, rng):
+    proxy = v1_proxy
     src = tmp_path / "f.bin"
     rng.write(src, 4 * MiB + 5)
     proxy.handshake_faults = [503]
@@ -544,7 +575,22 @@ async def test_5xx_and_507_answers_are_retried_through(proxy, tmp_path, rng):
     assert proxy.count("POST", "/v1/handshake") == 2
 
 
-async def test_408_and_429_answers_are_retried_through(proxy, tmp_path, rng):
+async def test_5xx_answers_to_a_streamed_upload_are_retried_through(proxy, tmp_path, rng):
+    # The default daemon offers v1.1: no handshake, the same chunk PUTs and their retries.
+    src = tmp_path / "f.bin"
+    rng.write(src, 4 * MiB + 5)
+    proxy.chunk_faults = [503, 507, 500, 503]
+    async with fast_client(proxy.url) as client:
+        s = await roundtrip(client, src, tmp_path / "out", chunk_size=MiB)
+    assert (s.chunks_sent, s.bytes_sent) == (5, 4 * MiB + 5)
+    assert proxy.chunk_faults == []
+    assert proxy.count("PUT", "/chunks/") == 5 + 4
+    assert proxy.count("POST", "/v1/handshake") == 0
+    assert proxy.count("POST", "/v1/uploads") >= 1
+
+
+async def test_408_and_429_answers_are_retried_through(v1_proxy, tmp_path, rng):
+    proxy = v1_proxy
     src = tmp_path / "f.bin"
     rng.write(src, 2 * MiB + 5)
     proxy.handshake_faults = [429]
@@ -591,7 +637,8 @@ async def test_retries_are_bounded(proxy, tmp_path, rng):
     assert proxy.count("PUT", "/chunks/") == 4
 
 
-async def test_4xx_is_not_retried(proxy, tmp_path, rng):
+async def test_4xx_is_not_retried(v1_proxy, tmp_path, rng):
+    proxy = v1_proxy
     src = tmp_path / "f.bin"
     rng.write(src, 100)
     proxy.handshake_faults = [400]

@@ -142,3 +142,10 @@ def test_check_config_prints_effective_settings_and_masks_secrets(tmp_path):
     assert not (tmp_path / "d").exists()  # checking writes nothing
     r = casd("serve", "--check-config", "--port", "70000")
     assert r.returncode == 2 and "--port" in r.stderr
+
+
+def test_streamed_uploads_are_on_unless_turned_off(monkeypatch, no_casd_env):
+    assert parse(["serve"], monkeypatch).stream_uploads is True
+    assert parse(["serve", "--no-stream-uploads"], monkeypatch).stream_uploads is False
+    assert parse(["serve"], monkeypatch, CASD_STREAM_UPLOADS="0").stream_uploads is False
+    assert parse(["serve"], monkeypatch, CASD_STREAM_UPLOADS="1").stream_uploads is True

@@ -120,8 +120,15 @@ async def test_capabilities_offer_streaming_and_its_limits(client, settings):
     assert body["max_file_size"] == settings.max_file_size
 
 
+async def test_streamed_uploads_are_offered_by_default(aiohttp_client, tmp_path):
+    client = await aiohttp_client(create_app(Settings(data_dir=tmp_path / "d")))
+    body = await (await client.get("/v1/capabilities")).json()
+    assert body["stream_uploads"] is True and body["versions"] == ["1", "1.1"]
+
+
 async def test_without_stream_uploads_the_server_answers_as_v1(aiohttp_client, tmp_path):
-    client = await aiohttp_client(create_app(Settings(data_dir=tmp_path / "v1")))
+    settings = Settings(data_dir=tmp_path / "v1", stream_uploads=False)
+    client = await aiohttp_client(create_app(settings))
     body = await (await client.get("/v1/capabilities")).json()
     assert body["stream_uploads"] is False and body["versions"] == ["1"]
     await assert_error(await client.post("/v1/uploads", json={}), 404, "not_found")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from casd import cli
+from casd.client import CasdClient, CasdHTTPError
 from casd.maintenance import Maintenance
 from casd.tenants import CHECK_EVERY, Role, TokenFile, TokenTable, add_token
 from casd.web import TOKENS, create_app
@@ -689,15 +690,203 @@ async def test_a_tenant_at_its_quota_can_still_heal_a_file_it_owns(t):
     assert await t.call("carol", "GET", f"/v1/files/{p.digest}") == (200, p.data)
 
 
-async def test_tenant_mode_does_not_offer_streamed_uploads(aiohttp_client, settings, tmp_path):
-    # A v1.1 digest batch would answer which chunks are stored without the tenant's proofs,
-    # and its size is unknown when the quota is checked: tenant mode keeps to v1.
-    t = await _tenants(aiohttp_client, dataclasses.replace(settings, stream_uploads=True), tmp_path)
+# ---- protocol v1.1 (streamed uploads) in tenant mode ------------------------------------
+
+
+@pytest.fixture
+async def st(aiohttp_client, settings, tmp_path) -> Tenants:
+    """Tenant mode offering streamed uploads."""
+    return await _tenants(
+        aiohttp_client, dataclasses.replace(settings, stream_uploads=True), tmp_path
+    )
+
+
+async def stream_open(t: Tenants, who: str, size: int | None) -> tuple[int, dict]:
+    body: dict = {"algo": "md5"} if size is None else {"algo": "md5", "size": size}
+    return await t.call(who, "POST", "/v1/uploads", json=body)
+
+
+async def stream_batch(t: Tenants, who: str, upload_id: str, p, start: int = 0):
+    chunks = [{"md5": d, "size": len(p.chunks[d])} for d in p.order]
+    return await t.call(
+        who, "POST", f"/v1/uploads/{upload_id}/chunks", json={"start": start, "chunks": chunks}
+    )
+
+
+async def test_a_streamed_batch_lists_every_chunk_this_tenant_has_not_proved(st):
+    status, body = await st.call("bob", "GET", "/v1/capabilities")
+    assert status == 200 and body["stream_uploads"] is True and "1.1" in body["versions"]
+    p = prepare(rand(3 * CHUNK + 5), CHUNK)
+    await st.upload("alice", p)
+    # Bob's v1.1 upload of alice's file learns nothing: every chunk is missing, as in v1.
+    status, opened = await stream_open(st, "bob", len(p.data))
+    assert status == 201, opened
+    uid = opened["upload_id"]
+    status, body = await stream_batch(st, "bob", uid, p)
+    assert status == 200 and body["missing"] == p.order, body
+    # Another tenant's upload id is one that never existed.
+    assert (await stream_batch(st, "alice", uid, p, start=len(p.order)))[0] == 404
+    for d in p.order:
+        status, body = await st.call(
+            "bob", "PUT", f"/v1/uploads/{uid}/chunks/{d}", data=p.chunks[d]
+        )
+        assert (status, body["stored"]) == (201, True), body
+    claim = {"md5": p.digest, "size": len(p.data)}
+    status, body = await st.call("bob", "POST", f"/v1/uploads/{uid}/merge", json=claim)
+    assert status == 200 and body["status"] == "complete", body
+    assert (await st.call("bob", "GET", f"/v1/files/{p.digest}")) == (200, p.data)
+    # Alice proved every chunk: her own streamed upload of the file sends nothing.
+    status, opened = await stream_open(st, "alice", len(p.data))
+    status, body = await stream_batch(st, "alice", opened["upload_id"], p)
+    assert status == 200 and body["missing"] == [], body
+
+
+async def test_a_streamed_batch_tells_no_size_clash_about_another_tenants_chunk(st):
+    # Issue 10's rule for handshakes: a size clash is told only about chunks this tenant
+    # proved. Bob lists alice's chunk with a wrong size, and a digest nobody stored: the
+    # two answers are alike, and what he lists stays his (missing, PUT fails verification).
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    await st.upload("alice", p)
+    stored, nobody = p.order[0], hashlib.md5(b"never stored").hexdigest()
+    answers = []
+    for d in (stored, nobody):
+        status, opened = await stream_open(st, "bob", CHUNK - 1)
+        uid = opened["upload_id"]
+        status, body = await st.call(
+            "bob",
+            "POST",
+            f"/v1/uploads/{uid}/chunks",
+            json={"start": 0, "chunks": [{"md5": d, "size": CHUNK - 1}]},
+        )
+        assert status == 200 and body["missing"] == [d], body
+        answers.append(body)
+        status, body = await st.call(
+            "bob", "PUT", f"/v1/uploads/{uid}/chunks/{d}", data=p.chunks[stored][:-1]
+        )
+        assert status == 422 and body["error"] == "digest_mismatch", body
+    assert answers[0] == {**answers[1], "missing": [stored]}
+    # The chunk is still stored and alive for alice (nothing was committed as set aside).
+    assert (await st.call("alice", "GET", f"/v1/files/{p.digest}")) == (200, p.data)
+    status, opened = await stream_open(st, "alice", len(p.data))
+    status, body = await stream_batch(st, "alice", opened["upload_id"], p)
+    assert status == 200 and body["missing"] == [], body
+    # Alice, who proved it, is told of her own clash.
+    status, opened = await stream_open(st, "alice", CHUNK - 1)
+    status, body = await st.call(
+        "alice",
+        "POST",
+        f"/v1/uploads/{opened['upload_id']}/chunks",
+        json={"start": 0, "chunks": [{"md5": stored, "size": CHUNK - 1}]},
+    )
+    assert status == 400 and stored in body["message"], body
+
+
+async def test_a_streamed_open_in_tenant_mode_needs_the_size(st):
+    # 404, as where v1.1 is not offered: a client that does not send it falls back to v1.
+    status, body = await stream_open(st, "alice", None)
+    assert status == 404 and "size" in body["message"], body
+
+
+async def test_a_streamed_open_over_the_quota_is_refused_and_changes_nothing(st):
+    await st.upload("carol", prepare(rand(200 * KiB), CHUNK))
+    before = snapshot(st.settings.data_dir)
+    status, body = await stream_open(st, "carol", 101 * KiB)
+    assert status == 413 and body["error"] == "quota_exceeded", body
+    assert (body["quota"], body["usage"]) == (300 * KiB, 200 * KiB)
+    assert snapshot(st.settings.data_dir) == before
+    # What fits opens; what it declared counts against the quota before it lists a chunk.
+    p = prepare(rand(100 * KiB), CHUNK)
+    status, opened = await stream_open(st, "carol", len(p.data))
+    assert status == 201, opened
+    before = snapshot(st.settings.data_dir)
+    status, body = await stream_open(st, "carol", 1)
+    assert status == 413 and body["error"] == "quota_exceeded", body
+    assert (body["quota"], body["usage"]) == (300 * KiB, 300 * KiB)
+    status, body = await st.call(
+        "carol", "POST", "/v1/handshake", json=prepare(rand(KiB), CHUNK).handshake
+    )
+    assert status == 413 and body["error"] == "quota_exceeded", body
+    assert snapshot(st.settings.data_dir) == before
+    # It may list no more than it declared, and merges only for that size.
+    uid = opened["upload_id"]
+    big = prepare(rand(100 * KiB + 1), CHUNK)
+    status, body = await stream_batch(st, "carol", uid, big)
+    assert status == 413 and body["error"] == "too_large", body
+    assert snapshot(st.settings.data_dir) == before
+    assert (await stream_batch(st, "carol", uid, p))[0] == 200
+    for d in p.order:
+        await st.call("carol", "PUT", f"/v1/uploads/{uid}/chunks/{d}", data=p.chunks[d])
+    claim = {"md5": p.digest, "size": len(p.data)}
+    status, body = await st.call("carol", "POST", f"/v1/uploads/{uid}/merge", json=claim)
+    assert status == 200, body
+    # Merged: 300 KiB owned, nothing reserved any more; an abort would have freed it too.
+    status, body = await stream_open(st, "carol", 1)
+    assert (status, body["usage"]) == (413, 300 * KiB), body
+
+
+async def test_racing_streamed_opens_cannot_both_take_the_last_of_a_quota(st):
+    for _round in range(3):
+        results = await asyncio.gather(
+            stream_open(st, "carol", 200 * KiB),
+            stream_open(st, "carol", 200 * KiB),
+            st.call("carol", "POST", "/v1/handshake", json=prepare(rand(200 * KiB)).handshake),
+        )
+        statuses = sorted(s for s, _ in results)
+        assert statuses[0] in (200, 201) and statuses[1:] == [413, 413], results
+        won = next(body for s, body in results if s in (200, 201))
+        assert (await st.call("carol", "DELETE", f"/v1/uploads/{won['upload_id']}"))[0] == 204
+
+
+async def test_a_streamed_merge_must_claim_the_declared_size(st):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    status, opened = await stream_open(st, "alice", len(p.data))
+    uid = opened["upload_id"]
+    assert (await stream_batch(st, "alice", uid, p))[0] == 200
+    for d in p.order:
+        await st.call("alice", "PUT", f"/v1/uploads/{uid}/chunks/{d}", data=p.chunks[d])
+    status, body = await st.call(
+        "alice", "POST", f"/v1/uploads/{uid}/merge", json={"md5": p.digest, "size": CHUNK}
+    )
+    assert status == 400 and str(len(p.data)) in body["message"], body
+    claim = {"md5": p.digest, "size": len(p.data)}
+    assert (await st.call("alice", "POST", f"/v1/uploads/{uid}/merge", json=claim))[0] == 200
+
+
+async def test_the_python_client_streams_in_tenant_mode_and_proves_every_chunk(
+    aiohttp_server, settings, tmp_path
+):
+    s = dataclasses.replace(settings, tokens=tmp_path / "tokens", stream_uploads=True)
+    tokens = write_tokens(s.tokens)
+    server = await aiohttp_server(create_app(s))
+    url = str(server.make_url("")).rstrip("/")
+    src = tmp_path / "f.bin"
+    src.write_bytes(rand(5 * CHUNK + 3))
+    seen: list[str] = []
+    async with CasdClient(url, token=tokens["alice"], cache_dir=tmp_path / "c") as alice:
+        a = await alice.upload(src, chunk_size=CHUNK, use_cache=False)
+    async with CasdClient(url, token=tokens["bob"], cache_dir=tmp_path / "c") as bob:
+        b = await bob.upload(
+            src, chunk_size=CHUNK, use_cache=False, on_progress=lambda p: seen.append(p.phase)
+        )
+    # Both streamed (no handshake phase), and bob had to send every chunk alice stored.
+    assert "handshake" not in seen
+    assert (a.chunks_sent, b.chunks_sent) == (6, 6)
+    assert (a.digest, a.url) == (b.digest, b.url)
+    # Carol's quota (300 KiB) refuses a bigger file at open, before any chunk is sent.
+    big = tmp_path / "big.bin"
+    big.write_bytes(rand(301 * KiB))
+    async with CasdClient(url, token=tokens["carol"], cache_dir=tmp_path / "c") as carol:
+        with pytest.raises(CasdHTTPError) as info:
+            await carol.upload(big, chunk_size=CHUNK, use_cache=False)
+    assert (info.value.status, info.value.code) == (413, "quota_exceeded")
+
+
+async def test_tenant_mode_on_postgresql_does_not_offer_streamed_uploads(
+    aiohttp_client, settings, tmp_path, postgres_url
+):
+    # Its engine does not record a streamed upload's tenant: v1 only there.
+    s = dataclasses.replace(settings, catalog=postgres_url, stream_uploads=True)
+    t = await _tenants(aiohttp_client, s, tmp_path)
     status, body = await t.call("alice", "GET", "/v1/capabilities")
     assert status == 200 and body["stream_uploads"] is False and body["versions"] == ["1"]
-    status, body = await t.call("alice", "POST", "/v1/uploads", json={"algo": "md5"})
-    assert status == 404 and body["error"] == "not_found"
-    p = prepare(rand(2 * CHUNK), CHUNK)
-    await t.upload("alice", p)
-    status, body = await t.call("bob", "POST", "/v1/handshake", json=p.handshake)
-    assert status == 200 and sorted(body["missing"]) == sorted(p.order)
+    assert (await stream_open(t, "alice", 10))[0] == 404

@@ -1871,3 +1871,123 @@ class _Admin:
 class SqliteCatalog(_Daemon, _Admin):
     """The catalogue in one SQLite file: the `Catalog` interface of casd.catalog, whose
     docstrings give each method's contract."""
+
+    async def begin_stream_for(
+        self,
+        tenant: Tenant,
+        size: int,
+        algo: Algo,
+        ext: str,
+        name: str,
+        now: float,
+        expires_at: float,
+        new_id: str,
+        client: str = "",
+    ) -> Upload:
+        """begin_stream in tenant mode: the upload is `tenant`'s, and it is refused
+        (QuotaExceeded, nothing recorded) unless `size`, the file size its client declares,
+        fits the tenant's quota (tenant.quota None: no check); one transaction."""
+        return await self._group.run(
+            _begin_stream_for, tenant, size, algo, ext, name, now, expires_at, new_id, client
+        )
+
+    async def append_stream_for(
+        self,
+        tenant: str,
+        upload_id: str,
+        start: int,
+        chunks: list[ChunkRef],
+        now: float,
+        expires_at: float,
+        limits: StreamLimits,
+        client: str = "",
+        budget: PendingBudget | None = None,
+    ) -> StreamBatch | None:
+        """append_stream in tenant mode: `missing` lists the batch's chunks that are not both
+        stored and proved by `tenant`, and a size clash is told only about chunks it proved
+        (as a handshake's); one transaction."""
+        return await self._group.run(
+            _append_stream_for,
+            tenant,
+            upload_id,
+            start,
+            chunks,
+            now,
+            expires_at,
+            limits,
+            client,
+            budget,
+        )
+
+
+def _begin_stream_for(
+    con: sqlite3.Connection,
+    tenant: Tenant,
+    size: int,
+    algo: Algo,
+    ext: str,
+    name: str,
+    now: float,
+    expires_at: float,
+    new_id: str,
+    client: str,
+) -> Upload:
+    if tenant.quota is not None:
+        _check_quota(con, tenant.name, tenant.quota, size, now)
+    upload = _begin_stream(con, algo, ext, name, now, expires_at, new_id, client)
+    con.execute("UPDATE uploads SET tenant = ? WHERE id = ?", (tenant.name, new_id))
+    return dataclasses.replace(upload, tenant=tenant.name)
+
+
+def _append_stream_for(
+    con: sqlite3.Connection,
+    tenant: str,
+    upload_id: str,
+    start: int,
+    chunks: list[ChunkRef],
+    now: float,
+    expires_at: float,
+    limits: StreamLimits,
+    client: str,
+    budget: PendingBudget | None,
+) -> StreamBatch | None:
+    hexes = sorted({c.hex for c in chunks})
+    marks = ",".join("?" * len(hexes))
+    proved: set[str] = set()
+    hidden: list[str] = []
+    if hexes:
+        given = {c.hex: c.size for c in chunks}
+        proved = {
+            r[0]
+            for r in con.execute(
+                f"SELECT digest FROM tenant_chunks WHERE tenant = ? AND digest IN ({marks})",
+                (tenant, *hexes),
+            )
+        }
+        # Stored with another size than this batch gives, and never proved by this tenant:
+        # no clash for it (a handshake's rule: saying so would say the digest is stored);
+        # its PUT fails verification instead. _append_stream's clash check sees them as not
+        # stored: their state is set aside inside this operation's savepoint and put back
+        # before it ends, so no other operation or reader ever sees it.
+        hidden = [
+            d
+            for d, size in con.execute(
+                f"SELECT digest, size FROM chunks WHERE digest IN ({marks}) AND state = ?",
+                (*hexes, LIVE),
+            )
+            if d not in proved and given[d] != size
+        ]
+    hide = ",".join("?" * len(hidden))
+    if hidden:
+        con.execute(
+            f"UPDATE chunks SET state = ? WHERE digest IN ({hide})",
+            (DELETING, *hidden),
+        )
+    batch = _append_stream(con, upload_id, start, chunks, now, expires_at, limits, client, budget)
+    if hidden:
+        con.execute(f"UPDATE chunks SET state = ? WHERE digest IN ({hide})", (LIVE, *hidden))
+    if batch is None:
+        return None
+    lacking = set(batch.missing)
+    missing = list(dict.fromkeys(c.hex for c in chunks if c.hex in lacking or c.hex not in proved))
+    return dataclasses.replace(batch, missing=missing)

@@ -373,11 +373,14 @@ class CasdClient:
         file's digest. None when the server lost the upload (expired, aborted, gc'd chunks):
         the caller then uploads by v1, as a rerun would."""
         key = algo.value
+        # The size read is the size declared: the server holds the upload to it (a tenant's
+        # quota is checked against it), and a file that changes size meanwhile fails.
+        size = (await asyncio.to_thread(os.stat, path)).st_size
         try:
             _, opened = await self._call(
                 "POST",
                 "/v1/uploads",
-                json_body={"algo": key, "ext": ext, "name": name},
+                json_body={"algo": key, "ext": ext, "name": name, "size": size},
                 what="open upload",
             )
         except CasdHTTPError as exc:
@@ -388,7 +391,7 @@ class CasdClient:
         upload_id = _field(opened, "upload_id", str)
         try:
             return await self._stream_to(
-                upload_id, path, rule, algo, concurrency, on_progress, cache, started
+                upload_id, path, size, rule, algo, concurrency, on_progress, cache, started
             )
         except CasdHTTPError as exc:
             if exc.code not in (protocol.NOT_FOUND, protocol.INCOMPLETE):
@@ -419,6 +422,7 @@ class CasdClient:
         self,
         upload_id: str,
         path: Path,
+        size: int,
         rule: Chunking,
         algo: Algo,
         concurrency: int,
@@ -433,7 +437,6 @@ class CasdClient:
         ready: asyncio.Queue[tuple[ChunkSpan, Buffer] | None] = asyncio.Queue()
         to_send: asyncio.Queue[tuple[ChunkSpan, Buffer] | None] = asyncio.Queue(concurrency)
         realpath = os.path.realpath(path)
-        size = os.stat(realpath).st_size
         sent: dict[str, int] = {}
         hash_done: list[float] = []
 
@@ -464,7 +467,9 @@ class CasdClient:
             try:
                 with open(realpath, "rb", buffering=0) as f:
                     before = os.fstat(f.fileno())
-                    fd = stream_digests(f, before.st_size, rule, algo, emit, budget, on_bytes, stop)
+                    if before.st_size != size:
+                        raise FileChangedError(f"{path} changed size while it was being uploaded")
+                    fd = stream_digests(f, size, rule, algo, emit, budget, on_bytes, stop)
                 hash_done.append(time.perf_counter())
                 loop.call_soon_threadsafe(report)  # the "uploading" phase begins
                 return fd, before, started_ns

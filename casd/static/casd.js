@@ -548,7 +548,7 @@ export async function upload(file, options = {}) {
   async function streamUpload() {
     let opened;
     try {
-      opened = await postJson("/v1/uploads", { algo, ext, name });
+      opened = await postJson("/v1/uploads", { algo, ext, name, size: file.size });
     } catch (err) {
       // Restarted without v1.1 since it was asked: ask again next time, use v1 now.
       if (!(err instanceof CasdError && err.code === "not_found")) throw err;
