@@ -1064,3 +1064,100 @@ class Service:
         await self.catalog.ping()
         await self._run(self.blobs.check_writable)
         await self.blobs.ping()
+
+    # ---- one-request uploads (protocol v1.1) ----------------------------------------------
+
+    async def put_file(
+        self,
+        m: Manifest,
+        body: AsyncIterator[bytes],
+        tenant: Tenant | None = None,
+        events: HookEvents | None = None,
+    ) -> tuple[FileEntry, bool]:
+        """A file of at most one chunk in one request (`PUT /v1/files/{digest}`): its bytes
+        verified as a chunk PUT's are, then chunk, manifest and file recorded together.
+
+        `m` is the handshake this request stands for (digest, size, ext, name, and the one
+        chunk, which for a one-chunk file has the file's digest). Returns the file as merge
+        answers it and whether this request completed it (False: it was complete already,
+        the body was not read: a tenant only learns that of a file it owns)."""
+        self.check_algo(m.digest)
+        self.check_manifest(m)
+        existing = await self.catalog.get_file(m.digest, _name(tenant))
+        if existing is not None and existing.size == m.size:
+            if not await self.catalog.damaged(existing.manifest_id):
+                return dataclasses.replace(existing, ext=m.ext), False
+            if tenant is not None:
+                # Healing a file it owns adds nothing to what the tenant holds.
+                tenant = dataclasses.replace(tenant, quota=None)
+        await self._admit_upload()
+        if not m.chunks:
+            await self._empty_body(body, m.digest)
+            return await self._store_file(m, "", None, False, tenant, events), True
+        digest, size = m.digest, m.size
+        check_stored = await self.catalog.has_chunk(digest)
+        temp = await self._run(self.blobs.new_temp)
+        try:
+            hasher, finished = await self._ingest(temp, body, size, digest, not check_stored)
+            xxh3 = hasher.xxh3()
+            replace = False
+            if check_stored and not await blob_matches(self.blobs, digest, size, xxh3, self.io):
+                log.warning(
+                    "chunk %s: the stored blob's bytes are wrong; replacing them with"
+                    " the verified ones just received",
+                    digest.hex,
+                )
+                replace = True
+            if not finished:
+                await self._run(temp.finish)
+            if not check_stored:
+                with full_disk_refused():
+                    await self.blobs.publish(temp, digest)
+            return await self._store_file(m, xxh3, temp, replace, tenant, events), True
+        finally:
+            await asyncio.shield(self._run(temp.discard))
+
+    async def _empty_body(self, body: AsyncIterator[bytes], digest: Digest) -> None:
+        async for piece in body:
+            if piece:
+                raise SizeMismatch("the body is longer than the 0 bytes the request gives")
+        actual = Digest(digest.algo, digest.algo.new().hexdigest())
+        if actual != digest:
+            raise DigestMismatch(
+                f"the body hashes to {actual.hex}, not to {digest.hex}; nothing was stored"
+            )
+
+    async def _store_file(
+        self,
+        m: Manifest,
+        xxh3: str,
+        temp: TempBlob | None,
+        replace: bool,
+        tenant: Tenant | None,
+        events: HookEvents | None,
+    ) -> FileEntry:
+        async def place(d: Digest) -> None:
+            if temp is None:
+                return
+            if replace:
+                await self.blobs.replace(temp, d)
+            else:
+                await self.blobs.ensure_stored(temp, d)
+
+        now = self.clock()
+        with full_disk_refused():
+            entry, _stored = await self.catalog.store_file(
+                m,
+                chunks_key(m),
+                xxh3,
+                now,
+                place,
+                replace,
+                tenant,
+                events,
+                self._expiry(now),
+                secrets.token_hex(16),
+            )
+        if entry is None:
+            raise NotFound(f"file {m.digest.hex} was deleted while it was stored")
+        return entry
