@@ -798,7 +798,9 @@ async def put_file(request: web.Request) -> web.Response:
     elif manifest.size:
         metrics.bytes_skipped.inc(manifest.size)
     observe.note(request, digest=manifest.digest.hex, completed=completed)
-    return web.json_response(_complete(entry.digest, entry.size, entry.ext))
+    return web.json_response(
+        _complete(entry.digest, entry.size, entry.ext), status=201 if completed else 200
+    )
 
 
 async def abort(request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -158,6 +158,10 @@ class CasdClient:
         self._reached = False
         # What GET /v1/capabilities said (None: not asked yet): streamed uploads, batch size.
         self._stream_offer: bool | None = None
+        # Whether PUT /v1/files/{digest} (a v1.1 one-request upload) works (None: not tried
+        # yet; False: the server is older, use the handshake). Learnt from the first try,
+        # so a client that uploads one small file asks no GET /v1/capabilities first.
+        self._file_put: bool | None = None
         self._max_batch = DEFAULT_MAX_BATCH
 
     async def __aenter__(self) -> Self:
@@ -290,11 +294,20 @@ class CasdClient:
         ext = ext_of(name) if ext is None else ext
         cache = DigestCache(self.cache_dir or default_cache_dir()) if use_cache else None
         started = time.perf_counter()
+        # A file of one chunk goes in one request (v1.1) where the server takes it: hashing
+        # it first costs nothing a stream would save.
+        small = self._file_put is not False and (
+            await asyncio.to_thread(_size_of, path) <= chunking.min_size
+        )
         # Digests the cache knows make a v1 handshake the quickest way; without them, a
         # server that offers it gets the chunks while the file is still being hashed.
-        if await self._streams() and (
-            cache is None
-            or await asyncio.to_thread(cached_digests, path, chunking, algo, cache) is None
+        if (
+            not small
+            and await self._streams()
+            and (
+                cache is None
+                or await asyncio.to_thread(cached_digests, path, chunking, algo, cache) is None
+            )
         ):
             streamed = await self._stream_upload(
                 path, chunking, algo, ext, name, concurrency, on_progress, cache, started
@@ -304,7 +317,10 @@ class CasdClient:
         fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
         hash_seconds = time.perf_counter() - started
         try:
-            result = await self._push(path, fd, ext, name, concurrency, on_progress)
+            put = None
+            if small and len(fd.chunks) <= 1:
+                put = await self._put_file(path, fd, ext, name, on_progress)
+            result = put or await self._push(path, fd, ext, name, concurrency, on_progress)
         except FileChangedError:
             if not cached or cache is None:
                 raise
@@ -335,6 +351,50 @@ class CasdClient:
             merge_seconds=result.merge_seconds,
             seconds=time.perf_counter() - started,
         )
+
+    # --- one-request upload (protocol v1.1) ---
+
+    async def _put_file(
+        self,
+        path: Path,
+        fd: FileDigests,
+        ext: str,
+        name: str,
+        on_progress: ProgressCallback | None,
+    ) -> _Pushed | None:
+        """PUT a file of at most one chunk whole; None when the server does not take it (an
+        older server: 405, or 404 from something in front of it), and from then on this
+        client handshakes. 201: this request stored it; 200: it was complete already."""
+        query = urlencode({"name": name}) if name else ""
+        target = f"/v1/files/{fd.digest}{ext}" + (f"?{query}" if query else "")
+        _report(on_progress, Phase.UPLOADING, fd, done=False)
+        t = time.perf_counter()
+        try:
+            status, answer = await self._call(
+                "PUT",
+                target,
+                body=lambda: _file_slice(path, 0, fd.size),
+                content_length=fd.size,
+                what="file",
+            )
+        except CasdHTTPError as exc:
+            if exc.status in (404, 405) and self._file_put is None:
+                self._file_put = False
+                return None
+            if exc.code in (protocol.DIGEST_MISMATCH, protocol.SIZE_MISMATCH):
+                raise FileChangedError(
+                    f"{path} changed after it was hashed; run the upload again",
+                    status=exc.status,
+                    code=exc.code,
+                    body=exc.body,
+                ) from None
+            raise
+        self._file_put = True
+        seconds = time.perf_counter() - t
+        _report(on_progress, Phase.UPLOADING, fd, done=True)
+        if status == 201:
+            return _Pushed(_url(answer), len(fd.chunks), fd.size, False, seconds, 0.0)
+        return _Pushed(_url(answer), 0, 0, True, seconds, 0.0)
 
     # --- streamed upload (protocol v1.1) ---
 
@@ -1383,6 +1443,11 @@ def _publish(part: Path, dest: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _size_of(path: Path) -> int:
+    """The file's size now (an upload hashes it again, and sees any change)."""
+    return os.stat(path).st_size
 
 
 async def _file_slice(path: Path, offset: int, size: int) -> AsyncIterator[bytes]:
