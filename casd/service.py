@@ -1110,7 +1110,9 @@ class Service:
                 replace = True
             if not finished:
                 await self._run(temp.finish)
-            if not check_stored:
+            if not check_stored and (tenant is None or tenant.quota is None):
+                # Stored here, in parallel with other uploads; held to a quota, the blob is
+                # placed only once the quota check in the catalogue's transaction passed.
                 with full_disk_refused():
                     await self.blobs.publish(temp, digest)
             return await self._store_file(m, xxh3, temp, replace, tenant, events), True

@@ -581,10 +581,17 @@ class _Daemon:
         expires_at: float = 0.0,
         new_id: str = "",
     ) -> tuple[FileEntry | None, bool]:
-        """See casd.catalog.Catalog.store_file: one transaction (one group commit)."""
-        ahead = _PlaceAhead(self._group, place, manifest.digest, replace)
+        """See casd.catalog.Catalog.store_file: one transaction (one group commit).
+
+        Held to a quota, `place` runs in its turn, after the quota check (never ahead of the
+        batch): a refused file leaves no blob behind."""
+        lock: Callable = (
+            self._group.under_lock
+            if tenant is not None and tenant.quota is not None
+            else _PlaceAhead(self._group, place, manifest.digest, replace)
+        )
         return await self._group.run(
-            _store_file, ahead, manifest, chunks_key, xxh3, now, place, replace, tenant, events
+            _store_file, lock, manifest, chunks_key, xxh3, now, place, replace, tenant, events
         )
 
 
