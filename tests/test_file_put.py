@@ -516,27 +516,6 @@ async def test_client_sends_many_chunk_files_by_handshake(aiohttp_server, settin
     assert seen.count("PUT", "/v1/files/") == 0 and seen.count("POST", "/v1/handshake") == 1
 
 
-async def test_client_reports_a_file_changed_after_hashing(
-    aiohttp_server, settings, tmp_path, monkeypatch
-):
-    from casd.client import FileChangedError, transfer
-
-    url, _ = await serve(aiohttp_server, settings)
-    src = tmp_path / "f.bin"
-    src.write_bytes(rand(1000, seed=56))
-    real = transfer._file_slice
-
-    async def changed(path, offset, size):
-        src.write_bytes(rand(1000, seed=57))
-        async for piece in real(path, offset, size):
-            yield piece
-
-    monkeypatch.setattr(transfer, "_file_slice", changed)
-    async with CasdClient(url) as c:
-        with pytest.raises(FileChangedError):
-            await c.upload(src, use_cache=False)
-
-
 # --- a real daemon ----------------------------------------------------------------------------
 
 

@@ -109,6 +109,9 @@ MAX_ROUNDS = 3
 STREAM_BUFFER = 64 * MiB
 # Digests one batch lists when the server does not say how many it takes.
 DEFAULT_MAX_BATCH = 1024
+# A file of one chunk up to this size goes in one request (protocol v1.1), read whole. Above
+# it the handshake comes first: a file the server has already is then not sent again.
+ONE_REQUEST_MAX = 1 * MiB
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ class CasdClient:
         path: str,
         *,
         json_body: Any = None,
-        body: Callable[[], AsyncIterator[bytes | memoryview]] | None = None,
+        body: Callable[[], AsyncIterator[bytes | memoryview] | bytes] | None = None,
         content_length: int | None = None,
         what: str = "",
         want_answer: bool = True,
@@ -294,15 +297,17 @@ class CasdClient:
         ext = ext_of(name) if ext is None else ext
         cache = DigestCache(self.cache_dir or default_cache_dir()) if use_cache else None
         started = time.perf_counter()
-        # A file of one chunk goes in one request (v1.1) where the server takes it: hashing
-        # it first costs nothing a stream would save.
-        small = self._file_put is not False and (
-            await asyncio.to_thread(_size_of, path) <= chunking.min_size
-        )
+        # A small file of one chunk goes in one request (v1.1) where the server takes it:
+        # read and hashed in one go (a stream would save nothing), and the bytes hashed are
+        # the bytes sent.
+        small = None
+        if self._file_put is not False:
+            limit = min(chunking.min_size, ONE_REQUEST_MAX)
+            small = await asyncio.to_thread(_read_small, path, algo, chunking, limit)
         # Digests the cache knows make a v1 handshake the quickest way; without them, a
         # server that offers it gets the chunks while the file is still being hashed.
         if (
-            not small
+            small is None
             and await self._streams()
             and (
                 cache is None
@@ -314,12 +319,17 @@ class CasdClient:
             )
             if streamed is not None:
                 return streamed
-        fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
+        if small is not None:
+            data, fd = small
+            cached = False
+            _report(on_progress, Phase.HASHING, fd, done=True)
+        else:
+            fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
         hash_seconds = time.perf_counter() - started
         try:
             put = None
-            if small and len(fd.chunks) <= 1:
-                put = await self._put_file(path, fd, ext, name, on_progress)
+            if small is not None:
+                put = await self._put_file(data, fd, ext, name, on_progress)
             result = put or await self._push(path, fd, ext, name, concurrency, on_progress)
         except FileChangedError:
             if not cached or cache is None:
@@ -356,7 +366,7 @@ class CasdClient:
 
     async def _put_file(
         self,
-        path: Path,
+        data: bytes,
         fd: FileDigests,
         ext: str,
         name: str,
@@ -373,7 +383,7 @@ class CasdClient:
             status, answer = await self._call(
                 "PUT",
                 target,
-                body=lambda: _file_slice(path, 0, fd.size),
+                body=lambda: data,
                 content_length=fd.size,
                 what="file",
             )
@@ -381,13 +391,6 @@ class CasdClient:
             if exc.status in (404, 405) and self._file_put is None:
                 self._file_put = False
                 return None
-            if exc.code in (protocol.DIGEST_MISMATCH, protocol.SIZE_MISMATCH):
-                raise FileChangedError(
-                    f"{path} changed after it was hashed; run the upload again",
-                    status=exc.status,
-                    code=exc.code,
-                    body=exc.body,
-                ) from None
             raise
         self._file_put = True
         seconds = time.perf_counter() - t
@@ -1445,9 +1448,23 @@ def _publish(part: Path, dest: Path) -> None:
         os.close(dir_fd)
 
 
-def _size_of(path: Path) -> int:
-    """The file's size now (an upload hashes it again, and sees any change)."""
-    return os.stat(path).st_size
+def _read_small(
+    path: Path, algo: Algo, chunking: Chunking, limit: int
+) -> tuple[bytes, FileDigests] | None:
+    """The bytes and digests of a file of at most `limit` bytes (one chunk, or none when
+    empty), read in one go; None for a larger file."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            return None
+        data = f.read(size + 1)
+    if len(data) > size:
+        return None  # it grew meanwhile: the usual way copes
+    h = algo.new()
+    h.update(data)
+    digest = h.hexdigest()
+    chunks = (ChunkSpan(0, len(data), digest),) if data else ()
+    return data, FileDigests(algo, digest, len(data), chunking.avg_size, chunks, chunking)
 
 
 async def _file_slice(path: Path, offset: int, size: int) -> AsyncIterator[bytes]:
