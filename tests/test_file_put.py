@@ -578,3 +578,55 @@ async def test_postgres_engine_stores_files_and_tenant_rules_hold(
     assert (status, body["error"]) == (422, "digest_mismatch")
     r = await client.get(f"/v1/files/{md5(a)}", headers={"Authorization": f"Bearer {carol}"})
     assert await r.read() == a
+
+
+# --- durability -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quota", [False, True], ids=["placed ahead", "placed under quota"])
+async def test_the_blob_is_durable_before_the_commit_that_publishes_the_file(
+    aiohttp_client, settings, monkeypatch, tmp_path, quota
+):
+    """The temp file, the blob's folder and both fan-out folders above it are fsynced before
+    the one transaction that records chunk and file commits (docs/design.md)."""
+    from casd.blobstore import local
+    from casd.catalog.sqlite import GroupWriter
+
+    events: list[tuple[str, str]] = []
+    real_finish = local.TempBlob.finish
+    real_transact = GroupWriter._transact
+
+    def finish(self):
+        real_finish(self)
+        events.append(("file", self.path.name))
+
+    def fsync_dir(folder) -> None:
+        events.append(("folder", str(folder)))
+
+    def transact(self, batch):
+        results = real_transact(self, batch)
+        events.append(("commit", ",".join(fn.__name__ for fn, _args, _fut in batch)))
+        return results
+
+    monkeypatch.setattr(local.TempBlob, "finish", finish)
+    monkeypatch.setattr(local, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(GroupWriter, "_transact", transact)
+    headers = {}
+    if quota:
+        path = tmp_path / "tokens"
+        token, _ = add_token(path, "carol", Role.UPLOAD, 1 << 20)
+        settings = dataclasses.replace(settings, tokens=path)
+        headers = {"Authorization": f"Bearer {token}"}
+    client = await aiohttp_client(create_app(settings))
+    data = rand(1000, seed=80)
+    d = md5(data)
+    events.clear()
+    r = await client.put(f"/v1/files/{d}", data=data, headers=headers)
+    assert r.status == 201, await r.text()
+    commit = next(i for i, e in enumerate(events) if e == ("commit", "_store_file"))
+    before = events[:commit]
+    leaf = settings.data_dir / "blobs" / "md5" / d[:2] / d[2:4]
+    assert [e[0] for e in before].count("file") == 1
+    for folder in (leaf, leaf.parent, leaf.parent.parent):
+        assert ("folder", str(folder)) in before, (folder, events)
+    assert (leaf / d).read_bytes() == data
