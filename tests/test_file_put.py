@@ -277,7 +277,7 @@ def receivers():
     made: list[Receiver] = []
 
     def make(answer=None) -> Receiver:
-        r = Receiver(0, answer)
+        r = Receiver(answer=answer)
         made.append(r)
         return r
 
