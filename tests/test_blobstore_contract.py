@@ -247,13 +247,16 @@ async def test_s3_refuses_a_body_damaged_in_transit(s3_server, tmp_path, rng, al
 
 
 async def test_s3_unreachable_is_store_unavailable(s3_server, tmp_path, monkeypatch):
-    from conftest import _free_port
+    import socket
 
     # One attempt: the back-off between retries is what test_s3_attempts_... covers.
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    store = open_blobstore("s3://casd-nowhere", tmp_path, f"http://127.0.0.1:{_free_port()}")
-    with pytest.raises(StoreUnavailable, match="did not answer"):
-        await store.start()
+    with socket.socket() as held:  # bound, not listening: refuses, and no one else takes it
+        held.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{held.getsockname()[1]}"
+        store = open_blobstore("s3://casd-nowhere", tmp_path, url)
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            await store.start()
 
 
 async def test_s3_attempts_are_what_aws_max_attempts_says(s3_server, tmp_path, monkeypatch):

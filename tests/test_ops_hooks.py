@@ -22,16 +22,32 @@ from helpers import prepare, rand, upload
 CHUNK = 64 * 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+@pytest.fixture
+def reserve_port():
+    """Makes ports on 127.0.0.1 that refuse connections and that no other process can take
+    (bound, not listening) until a `Receiver` listens on one: a port merely found free may
+    be taken by another test's server before it is used."""
+    made: list[socket.socket] = []
+
+    def make() -> socket.socket:
+        s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def port_of(s: socket.socket) -> int:
+    return s.getsockname()[1]
 
 
 class Receiver:
     """A webhook receiver on 127.0.0.1: records every POST; `answer` decides the reply."""
 
-    def __init__(self, port: int = 0, answer=None):
+    def __init__(self, reserved: socket.socket | None = None, answer=None):
         self.requests: list[tuple[dict, bytes]] = []
         self.answer = answer or (lambda headers, body: (200, b"ok"))
         self.release = threading.Event()  # lets a hanging answer go at teardown
@@ -54,9 +70,15 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if reserved is None:
+            self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        else:  # listen on the reserved port's own socket: no moment where it is free
+            self.server = ThreadingHTTPServer(reserved.getsockname(), Handler, False)
+            self.server.socket.close()
+            self.server.socket = reserved
+            self.server.server_activate()
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.url = f"http://127.0.0.1:{self.server.socket.getsockname()[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def events(self) -> list[dict]:
@@ -72,8 +94,8 @@ class Receiver:
 def receivers():
     made: list[Receiver] = []
 
-    def make(port: int = 0, answer=None) -> Receiver:
-        r = Receiver(port, answer)
+    def make(reserved: socket.socket | None = None, answer=None) -> Receiver:
+        r = Receiver(reserved, answer)
         made.append(r)
         return r
 
@@ -152,10 +174,10 @@ async def test_completed_and_deleted_events_are_signed_and_in_order(
 
 
 async def test_retry_after_the_receiver_was_down_never_slowing_uploads(
-    aiohttp_client, settings, receivers
+    reserve_port, aiohttp_client, settings, receivers
 ):
-    port = free_port()  # nothing listens here yet
-    s = dataclasses.replace(settings, hook_urls=(f"http://127.0.0.1:{port}/hook",))
+    port = reserve_port()  # nothing listens here yet
+    s = dataclasses.replace(settings, hook_urls=(f"http://127.0.0.1:{port_of(port)}/hook",))
     client = await aiohttp_client(create_app(s))
     files = [prepare(rand(CHUNK, seed=20 + i), CHUNK) for i in range(3)]
     for p in files:
@@ -187,10 +209,12 @@ async def test_a_hanging_receiver_does_not_hold_uploads(aiohttp_client, settings
     await until(lambda: len(recv.requests) == 4)
 
 
-async def test_full_queue_drops_the_oldest(aiohttp_client, settings, receivers, caplog):
-    port = free_port()
+async def test_full_queue_drops_the_oldest(
+    reserve_port, aiohttp_client, settings, receivers, caplog
+):
+    port = reserve_port()
     s = dataclasses.replace(
-        settings, hook_urls=(f"http://127.0.0.1:{port}/hook",), hook_queue_max=2
+        settings, hook_urls=(f"http://127.0.0.1:{port_of(port)}/hook",), hook_queue_max=2
     )
     client = await aiohttp_client(create_app(s))
     files = [prepare(rand(CHUNK, seed=40 + i), CHUNK) for i in range(3)]
@@ -226,9 +250,9 @@ def _upload_sync(url: str, p) -> tuple[str, dict]:
     return hs["upload_id"], _call(url, "POST", f"/v1/uploads/{hs['upload_id']}/merge")
 
 
-def test_event_survives_kill_9(daemon_factory, receivers):
-    port = free_port()
-    d = daemon_factory("--hook-url", f"http://127.0.0.1:{port}/hook")
+def test_event_survives_kill_9(reserve_port, daemon_factory, receivers):
+    port = reserve_port()
+    d = daemon_factory("--hook-url", f"http://127.0.0.1:{port_of(port)}/hook")
     p = prepare(rand(CHUNK, seed=50), CHUNK)
     upload_id, merged = _upload_sync(d.url, p)
     assert merged["status"] == "complete"
@@ -247,12 +271,12 @@ def test_event_survives_kill_9(daemon_factory, receivers):
 
 
 async def test_no_moment_has_the_change_committed_without_its_event(
-    aiohttp_client, settings, receivers
+    reserve_port, aiohttp_client, settings, receivers
 ):
     """What a kill -9 right after the catalogue's commit would leave: the file registered
     (or deleted) and its event queued, never one without the other."""
-    port = free_port()  # down: nothing is delivered, so the queue shows what was committed
-    s = dataclasses.replace(settings, hook_urls=(f"http://127.0.0.1:{port}/hook",))
+    port = reserve_port()  # down: nothing is delivered, so the queue shows what was committed
+    s = dataclasses.replace(settings, hook_urls=(f"http://127.0.0.1:{port_of(port)}/hook",))
     client = await aiohttp_client(create_app(s))
     cat = client.server.app[SERVICE].catalog
     seen: list[tuple[str, bool, int]] = []
@@ -314,7 +338,9 @@ async def test_pre_handshake_refuses_and_allows(aiohttp_client, settings, receiv
     assert len(answer["message"]) <= 500
 
 
-async def test_pre_handshake_timeout_and_down_are_503(aiohttp_client, settings, receivers):
+async def test_pre_handshake_timeout_and_down_are_503(
+    reserve_port, aiohttp_client, settings, receivers
+):
     recv = None
 
     def slow(headers, body):
@@ -323,7 +349,8 @@ async def test_pre_handshake_timeout_and_down_are_503(aiohttp_client, settings, 
 
     recv = receivers(answer=slow)
     p = prepare(rand(100, seed=70), CHUNK)
-    for url in (recv.url, f"http://127.0.0.1:{free_port()}/down"):
+    down = reserve_port()
+    for url in (recv.url, f"http://127.0.0.1:{port_of(down)}/down"):
         s = dataclasses.replace(settings, hook_pre_handshake=url, hook_timeout=0.5)
         client = await aiohttp_client(create_app(s))
         r = await client.post("/v1/handshake", json=p.handshake)
