@@ -242,6 +242,7 @@ async def b6_small_files(daemon: procs.Server, sizes: Sizes, cache_dir: Path, wo
     pid = daemon.pid
     hwm_reset = procs.reset_hwm(pid)
     cpu_d, cpu_c = procs.cpu_seconds(pid), procs.own_cpu_seconds()
+    cpu_loop = procs.loop_cpu_seconds(pid)
 
     async def one(p: Path) -> float:
         t = time.perf_counter()
@@ -267,6 +268,7 @@ async def b6_small_files(daemon: procs.Server, sizes: Sizes, cache_dir: Path, wo
         "p99_s": pct(0.99),
         "max_s": latencies[-1],
         "daemon_cpu_s": procs.cpu_seconds(pid) - cpu_d,
+        "daemon_loop_cpu_s": procs.loop_cpu_seconds(pid) - cpu_loop,
         "client_cpu_s": procs.own_cpu_seconds() - cpu_c,
         "peak_rss_mb": procs.hwm_mb(pid) if hwm_reset else sampler.max,
         "sampled_rss_max_mb": sampler.max,

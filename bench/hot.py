@@ -95,7 +95,8 @@ def describe(result: dict) -> list[str]:
         b = result["b6"]
         lines.append(
             f"B6 {b['files']} files: {b['files_s']:.0f} files/s, p50 {b['p50_s'] * 1000:.0f} ms,"
-            f" p99 {b['p99_s'] * 1000:.0f} ms, daemon CPU {b['daemon_cpu_s']:.2f} s,"
+            f" p99 {b['p99_s'] * 1000:.0f} ms, daemon CPU {b['daemon_cpu_s']:.2f} s"
+            f" (event loop {b.get('daemon_loop_cpu_s', 0):.2f} s),"
             f" client CPU {b['client_cpu_s']:.2f} s, others {b['others_cores']:.2f} cores"
         )
     for algo in ("md5", "sha256"):

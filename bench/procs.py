@@ -143,6 +143,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def loop_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process's main thread (a daemon's event loop)."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system

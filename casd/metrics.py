@@ -108,13 +108,19 @@ class Metrics:
         for outcome in ("queued", "delivered", "dropped", "failed"):
             self.hook_events.labels(outcome)
         self.timers = {route: self.latency.labels(op) for route, op in TIMED_ROUTES.items()}
+        # PUT /v1/files/{name} (a v1.1 one-request upload) shares the download's route.
+        self.file_put_timer = self.latency.labels("file_put")
 
     def observe(
         self, route: str, method: str, status: int, seconds: float, received: int, served: int
     ) -> None:
         """Account one answered request (called once per request by the access middleware)."""
         self.requests.labels(route, method, str(status)).inc()
-        timer = self.timers.get(route)
+        timer = (
+            self.file_put_timer
+            if method == "PUT" and route == "/v1/files/{name}"
+            else self.timers.get(route)
+        )
         if timer is not None:
             timer.observe(seconds)
         if received:

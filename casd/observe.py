@@ -87,7 +87,7 @@ async def observe_middleware(request: web.Request, handler):
             status,
             seconds,
             received,
-            sent if route == "/v1/files/{name}" and status < 300 else 0,
+            sent if route == "/v1/files/{name}" and request.method != "PUT" and status < 300 else 0,
         )
         _access_line(request, route, status, received, sent, seconds)
         REQUEST_ID.reset(token)

@@ -133,6 +133,10 @@ def _schemas() -> dict:
                 "max_chunks": {"type": "integer"},
                 "max_file_size": {"type": "integer"},
                 "max_batch": {"type": "integer"},
+                "file_put": {
+                    "type": "boolean",
+                    "description": "v1.1: PUT /v1/files/{name} takes a file of one chunk",
+                },
             },
             "required": ["protocol", "versions", "stream_uploads"],
         },
@@ -390,6 +394,57 @@ def document() -> dict:
         "/v1/files/{name}": {
             "get": {"operationId": "download", **download},
             "head": {"operationId": "downloadHead", **download},
+            "put": {
+                "operationId": "putFile",
+                "summary": "v1.1: upload a file of at most one chunk in one request (handshake,"
+                " chunk PUT and merge in one; the same checks)",
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "description": "the file's digest (32 or 64 hex: MD5 or SHA-256), then"
+                        " optionally its ext, as in the URL a merge answers",
+                        "schema": {
+                            "type": "string",
+                            "pattern": "^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})("
+                            + protocol.EXT_PATTERN
+                            + ")?$",
+                        },
+                    },
+                    {
+                        "name": "name",
+                        "in": "query",
+                        "required": False,
+                        "description": "the file's name (at most 255 characters), only echoed",
+                        "schema": {"type": "string", "maxLength": 255},
+                    },
+                    {
+                        "name": "size",
+                        "in": "query",
+                        "required": False,
+                        "description": "the body's size when it has no Content-Length",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(_ref("Complete"), "stored by this request"),
+                    "200": _json(_ref("Complete"), "complete already; the body was not read"),
+                    "400": _error("bad digest, ext, name or size"),
+                    **_ROLE,
+                    "413": _error("over the chunk limit, or over the tenant's quota"),
+                    "422": _error("digest or size mismatch: nothing was stored"),
+                    **_ERRORS,
+                },
+            },
             "delete": {
                 "operationId": "deleteFile",
                 "parameters": [file_name],

@@ -31,6 +31,7 @@ from casd.blobstore import (
     is_disk_full,
     open_blobstore,
 )
+from casd.blobstore.local import LocalBlobStore
 from casd.catalog import Catalog, HookEvents, open_catalog, placeholder
 from casd.config import Settings
 from casd.digest import Algo, ChunkHasher, Digest
@@ -1215,3 +1216,167 @@ class Service:
         await self.catalog.ping()
         await self._run(self.blobs.check_writable)
         await self.blobs.ping()
+
+    # ---- one-request uploads (protocol v1.1) ----------------------------------------------
+
+    async def put_file(
+        self,
+        m: Manifest,
+        body: AsyncIterator[bytes],
+        tenant: Tenant | None = None,
+        events: HookEvents | None = None,
+    ) -> tuple[FileEntry, bool]:
+        """A file of at most one chunk in one request (`PUT /v1/files/{digest}`): its bytes
+        verified as a chunk PUT's are, then chunk, manifest and file recorded together.
+
+        `m` is the handshake this request stands for (digest, size, ext, name, and the one
+        chunk, which for a one-chunk file has the file's digest). Returns the file as merge
+        answers it and whether this request completed it (False: it was complete already,
+        the body was not read: a tenant only learns that of a file it owns)."""
+        self.check_algo(m.digest)
+        self.check_manifest(m)
+        existing = await self.catalog.get_file(m.digest, _name(tenant))
+        if existing is not None and existing.size == m.size:
+            if not await self.catalog.damaged(existing.manifest_id):
+                return dataclasses.replace(existing, ext=m.ext), False
+            if tenant is not None:
+                # Healing a file it owns adds nothing to what the tenant holds.
+                tenant = dataclasses.replace(tenant, quota=None)
+        await self._admit_upload()
+        if not m.chunks:
+            await self._empty_body(body, m.digest)
+            return await self._store_file(m, "", None, False, tenant, events), True
+        digest, size = m.digest, m.size
+        check_stored = await self.catalog.has_chunk(digest)
+        # Stored before the transaction, in parallel with other uploads; held to a quota, the
+        # blob is placed only once the quota check in the catalogue's transaction passed.
+        publish = not check_stored and (tenant is None or tenant.quota is None)
+        published = False
+        if size <= INGEST_BLOCK:
+            # A small body is received whole, then hashed, checked, written, fsynced (and in
+            # a local store linked in place) by one worker: one thread hop, not four.
+            at_once = publish and isinstance(self.blobs, LocalBlobStore)
+            temp, hasher = await self._take_small(body, digest, size, not check_stored, at_once)
+            finished, published = not check_stored, at_once
+        else:
+            temp = await self._run(self.blobs.new_temp)
+        try:
+            if size > INGEST_BLOCK:
+                hasher, finished = await self._ingest(temp, body, size, digest, not check_stored)
+            xxh3 = hasher.xxh3()
+            replace = False
+            if check_stored and not await blob_matches(self.blobs, digest, size, xxh3, self.io):
+                log.warning(
+                    "chunk %s: the stored blob's bytes are wrong; replacing them with"
+                    " the verified ones just received",
+                    digest.hex,
+                )
+                replace = True
+            if not finished:
+                await self._run(temp.finish)
+            if publish and not published:
+                with full_disk_refused():
+                    await self.blobs.publish(temp, digest)
+            return await self._store_file(m, xxh3, temp, replace, tenant, events), True
+        finally:
+            await asyncio.shield(self._run(temp.discard))
+
+    async def _take_small(
+        self,
+        body: AsyncIterator[bytes],
+        digest: Digest,
+        size: int,
+        durable: bool,
+        place: bool = False,
+    ) -> tuple[TempBlob, ChunkHasher]:
+        """Receive a body of at most INGEST_BLOCK bytes whole, then in one worker: hash it,
+        and only when it is `size` bytes hashing to `digest`, write it to a new temp file
+        (fsynced when `durable`; with `place`, also linked into the local blob store and its
+        folders fsynced, as `publish` does). The caller discards the temp file."""
+        pieces: list[bytes] = []
+        received = 0
+        async for piece in body:
+            received += len(piece)
+            if received > size:
+                raise SizeMismatch(
+                    f"the body is longer than the {size} bytes the request gives file {digest.hex}"
+                )
+            pieces.append(piece)
+        if received != size:
+            raise SizeMismatch(
+                f"the body has {received} bytes; the request gives file {digest.hex} {size} bytes"
+            )
+
+        def work() -> tuple[TempBlob | None, ChunkHasher]:
+            hasher = ChunkHasher(digest.algo)
+            for piece in pieces:
+                hasher.update(piece)
+            if hasher.digest() != digest:
+                return None, hasher
+            temp = self.blobs.new_temp()
+            try:
+                temp.write(pieces)
+                if durable:
+                    temp.finish()
+                if place:
+                    assert isinstance(self.blobs, LocalBlobStore)
+                    self.blobs.place(temp, digest)
+            except BaseException:
+                temp.discard()
+                raise
+            return temp, hasher
+
+        temp, hasher = await self._run(work)
+        if temp is None:
+            raise DigestMismatch(
+                f"the body hashes to {hasher.digest().hex}, not to {digest.hex}; nothing was stored"
+            )
+        return temp, hasher
+
+    async def _empty_body(self, body: AsyncIterator[bytes], digest: Digest) -> None:
+        async for piece in body:
+            if piece:
+                raise SizeMismatch("the body is longer than the 0 bytes the request gives")
+        actual = Digest(digest.algo, digest.algo.new().hexdigest())
+        if actual != digest:
+            raise DigestMismatch(
+                f"the body hashes to {actual.hex}, not to {digest.hex}; nothing was stored"
+            )
+
+    async def _store_file(
+        self,
+        m: Manifest,
+        xxh3: str,
+        temp: TempBlob | None,
+        replace: bool,
+        tenant: Tenant | None,
+        events: HookEvents | None,
+    ) -> FileEntry:
+        async def place(d: Digest) -> None:
+            if temp is None:
+                return
+            if replace:
+                await self.blobs.replace(temp, d)
+            else:
+                await self.blobs.ensure_stored(temp, d)
+
+        # Its quota check takes turns with the tenant's handshakes and streamed opens, and
+        # counts what open streamed uploads declared and have not listed yet.
+        async with self._quota_turn(tenant) as held:
+            now = self.clock()
+            with full_disk_refused():
+                entry, _stored = await self.catalog.store_file(
+                    m,
+                    chunks_key(m),
+                    xxh3,
+                    now,
+                    place,
+                    replace,
+                    held,
+                    events,
+                    self._expiry(now),
+                    secrets.token_hex(16),
+                )
+        if entry is None:
+            raise NotFound(f"file {m.digest.hex} was deleted while it was stored")
+        return entry

@@ -716,6 +716,7 @@ async def capabilities(request: web.Request) -> web.Response:
             "max_chunks": s.max_chunks,
             "max_file_size": s.max_file_size,
             "max_batch": MAX_STREAM_BATCH,
+            "file_put": True,
         }
     )
 
@@ -779,6 +780,57 @@ async def add_chunks(request: web.Request) -> web.Response:
         upload_id, algo, start, chunks, client_of(request), uploader_of(request)
     )
     return missing_response({"count": batch.count, "size": batch.size}, batch.missing)
+
+
+# ---- protocol v1.1: one-request uploads ---------------------------------------------------
+
+
+def parse_put_file(request: web.Request) -> Manifest:
+    """`PUT /v1/files/{digest}[.ext]?name=&size=` -> the handshake it stands for: a file of
+    one chunk (none when empty) whose digest is the file's. The size is `size` or else
+    Content-Length; both given, they must agree."""
+    hex_, dot, url_ext = request.match_info["name"].partition(".")
+    digest = parse_digest(hex_, "file digest")
+    name, ext = parse_name_ext(request.query.get("name"), dot + url_ext if dot else None)
+    given = request.query.get("size")
+    length = request.content_length
+    if given is not None:
+        if not given.isascii() or not given.isdigit() or len(given) > 20:
+            raise BadRequest(f"size must be a non-negative integer, got {given[:40]!r}")
+        size = int(given)
+        if length is not None and length != size:
+            raise SizeMismatch(f"the body has {length} bytes, not the size {size} given")
+    elif length is not None:
+        size = length
+    else:
+        raise BadRequest("a file PUT needs Content-Length (or the size in ?size=)")
+    chunks = (ChunkRef(digest.hex, size),) if size else ()
+    return Manifest(digest, size, chunks, ext, name)
+
+
+async def put_file(request: web.Request) -> web.Response:
+    """The v1.1 one-request upload of a file that is at most one chunk: handshake, chunk PUT
+    and merge in one, verified as they are (PROTOCOL.md)."""
+    manifest = parse_put_file(request)
+    hooks = request.app[HOOKS]
+    await hooks.check_handshake(request, manifest)
+    tenant = uploader_of(request)
+    key = "put:" + manifest.digest.hex
+    hooks.remember_skipped(key, 0)
+    events = hooks.completed_events(key, tenant.name if tenant is not None else None)
+    entry, completed = await request.app[SERVICE].put_file(
+        manifest, body_pieces(request), tenant, events
+    )
+    hooks.committed(events, key)
+    metrics = request.app[observe.METRICS]
+    if completed:
+        metrics.uploads.labels("completed").inc()
+    elif manifest.size:
+        metrics.bytes_skipped.inc(manifest.size)
+    observe.note(request, digest=manifest.digest.hex, completed=completed)
+    return web.json_response(
+        _complete(entry.digest, entry.size, entry.ext), status=201 if completed else 200
+    )
 
 
 async def abort(request: web.Request) -> web.Response:
@@ -1158,6 +1210,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     r.add_get("/v1/files/{name}", get_file)
     r.add_get("/v1/files/{name}/chunks", get_file_chunks)
     r.add_delete("/v1/files/{digest}", delete_file)
+    r.add_put("/v1/files/{name}", put_file)
     r.add_get("/v1/openapi.json", openapi.serve)
     r.add_get("/v1/capabilities", capabilities)
     r.add_post("/v1/uploads", open_stream)

@@ -458,6 +458,10 @@ async def test_file_changed_after_hashing_is_a_clear_error_and_rerun_works(
 # --- through a fault-injecting proxy ------------------------------------------------------------
 
 
+def is_file_put(path: str) -> bool:
+    return path.startswith("/v1/files/")
+
+
 class FaultProxy:
     """Forwards to a daemon, answering scripted faults first and recording every request.
 
@@ -498,8 +502,8 @@ class FaultProxy:
         self.authorizations.append(request.headers.get("Authorization"))
         body = await request.read()
         faults = None
-        if request.method == "PUT" and "/chunks/" in request.path:
-            faults = self.chunk_faults
+        if request.method == "PUT" and ("/chunks/" in request.path or is_file_put(request.path)):
+            faults = self.chunk_faults  # a one-request upload's PUT carries its one chunk
         elif request.path == "/v1/handshake":
             faults = self.handshake_faults
         manifest = request.method in ("GET", "HEAD") and request.path.endswith("/chunks")
@@ -613,7 +617,7 @@ async def test_retry_after_is_honoured_up_to_max_backoff(proxy, tmp_path, rng):
     puts = [
         t
         for (m, p, _), t in zip(proxy.seen, proxy.times, strict=True)
-        if m == "PUT" and "/chunks/" in p
+        if m == "PUT" and is_file_put(p)  # a file of one chunk goes in one request
     ]
     assert len(puts) == 2 and puts[1] - puts[0] >= 0.9
 
@@ -626,15 +630,17 @@ async def test_retry_after_is_honoured_up_to_max_backoff(proxy, tmp_path, rng):
     assert proxy.chunk_faults == []
 
 
-async def test_retries_are_bounded(proxy, tmp_path, rng):
+@pytest.mark.parametrize("chunk_size", [None, 64], ids=["one request", "chunks"])
+async def test_retries_are_bounded(proxy, tmp_path, rng, chunk_size):
     src = tmp_path / "f.bin"
     rng.write(src, 100)
     proxy.chunk_faults = [503] * 10
     async with fast_client(proxy.url, retries=3) as client:
         with pytest.raises(CasdHTTPError) as info:
-            await client.upload(src)
+            await client.upload(src, chunk_size=chunk_size, concurrency=1)
     assert info.value.status == 503 and info.value.retryable
-    assert proxy.count("PUT", "/chunks/") == 4
+    where = "/v1/files/" if chunk_size is None else "/chunks/"
+    assert proxy.count("PUT", where) == 4
 
 
 async def test_4xx_is_not_retried(v1_proxy, tmp_path, rng):
@@ -644,7 +650,7 @@ async def test_4xx_is_not_retried(v1_proxy, tmp_path, rng):
     proxy.handshake_faults = [400]
     async with fast_client(proxy.url) as client:
         with pytest.raises(CasdHTTPError) as info:
-            await client.upload(src)
+            await client.upload(src, chunk_size=64)  # two chunks: a handshake
     assert (info.value.status, info.value.code) == (400, "injected")
     assert not info.value.retryable
     assert proxy.count("POST", "/v1/handshake") == 1

@@ -806,6 +806,11 @@ async def test_a_streamed_open_over_the_quota_is_refused_and_changes_nothing(st)
         "carol", "POST", "/v1/handshake", json=prepare(rand(KiB), CHUNK).handshake
     )
     assert status == 413 and body["error"] == "quota_exceeded", body
+    small = rand(KiB)
+    status, body = await st.call(
+        "carol", "PUT", f"/v1/files/{hashlib.md5(small).hexdigest()}.bin", data=small
+    )
+    assert status == 413 and body["error"] == "quota_exceeded", body
     assert snapshot(st.settings.data_dir) == before
     # It may list no more than it declared, and merges only for that size.
     uid = opened["upload_id"]

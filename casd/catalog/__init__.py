@@ -500,6 +500,29 @@ class Catalog(Protocol):
     async def tenant_usage(self, now: float) -> dict[str, TenantUsage]:
         """Per tenant (sorted by name): what it owns and what its uploads live at `now` hold."""
 
+    async def store_file(
+        self,
+        manifest: Manifest,
+        chunks_key: str,
+        xxh3: str,
+        now: float,
+        place: Locked[Digest, None],
+        replace: bool = False,
+        tenant: Tenant | None = None,
+        events: HookEvents | None = None,
+        expires_at: float = 0.0,
+        new_id: str = "",
+    ) -> tuple[FileEntry | None, bool]:
+        """Record a file of at most one chunk whose bytes were verified and stored (protocol
+        v1.1 one-request upload): the chunk (as publish_chunk, `place` under the digest
+        lock), a one-entry manifest and the file, and in tenant mode the tenant's ownership
+        and proof of the chunk, held to its quota (QuotaExceeded, nothing written) unless it
+        owns the file already. One transaction where the engine can (SQLite); an engine may
+        compose begin_upload, publish_chunk and register_file instead (`expires_at`,
+        `new_id`: that upload's). The file as register_file answers it (None: deleted under
+        it), and whether the chunk was written now (or, for a tenant, newly proved).
+        `events` are queued in the same transaction."""
+
 
 async def open_catalog(
     where: str | Path,

@@ -946,6 +946,35 @@ class PostgresCatalog:
 
         return await self._run(usage, snapshot=True)
 
+    async def store_file(
+        self,
+        manifest: Manifest,
+        chunks_key: str,
+        xxh3: str,
+        now: float,
+        place: Locked[Digest, None],
+        replace: bool = False,
+        tenant: Tenant | None = None,
+        events: HookEvents | None = None,
+        expires_at: float = 0.0,
+        new_id: str = "",
+    ) -> tuple[FileEntry | None, bool]:
+        """See casd.catalog.Catalog.store_file: here the handshake's, chunk PUT's and merge's
+        transactions in turn, under an upload `new_id` (a failure between them leaves a
+        pending upload that expires at `expires_at`)."""
+        upload, _missing = await self.begin_upload(
+            manifest, chunks_key, now, expires_at, new_id, "", None, tenant
+        )
+        stored = False
+        if manifest.chunks:
+            d = manifest.digest
+            stored = await self.publish_chunk(
+                d, manifest.size, xxh3, now, place, (upload.id, expires_at), replace
+            )
+            if tenant is not None:
+                stored = await self.prove_chunk(tenant.name, d) or stored
+        return await self.register_file(upload.id, now, events), stored
+
 
 # ---- operations: functions of a connection inside a transaction -----------------------
 

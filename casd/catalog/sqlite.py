@@ -590,6 +590,34 @@ class _Daemon:
     async def hook_event_done(self, event_id: int) -> None:
         await self._group.run(_hook_event_done, event_id)
 
+    # ---- one-request uploads (protocol v1.1) ----------------------------------------------
+
+    async def store_file(
+        self,
+        manifest: Manifest,
+        chunks_key: str,
+        xxh3: str,
+        now: float,
+        place: Locked[Digest, None],
+        replace: bool = False,
+        tenant: Tenant | None = None,
+        events: HookEvents | None = None,
+        expires_at: float = 0.0,
+        new_id: str = "",
+    ) -> tuple[FileEntry | None, bool]:
+        """See casd.catalog.Catalog.store_file: one transaction (one group commit).
+
+        Held to a quota, `place` runs in its turn, after the quota check (never ahead of the
+        batch): a refused file leaves no blob behind."""
+        lock: Callable = (
+            self._group.under_lock
+            if tenant is not None and tenant.quota is not None
+            else _PlaceAhead(self._group, place, manifest.digest, replace)
+        )
+        return await self._group.run(
+            _store_file, lock, manifest, chunks_key, xxh3, now, place, replace, tenant, events
+        )
+
 
 class GroupWriter:
     """The engine's one write path: one sqlite3 connection on one thread. Write operations
@@ -1991,3 +2019,77 @@ def _append_stream_for(
     lacking = set(batch.missing)
     missing = list(dict.fromkeys(c.hex for c in chunks if c.hex in lacking or c.hex not in proved))
     return dataclasses.replace(batch, missing=missing)
+
+
+def _store_file(
+    con: sqlite3.Connection,
+    lock: Callable,
+    manifest: Manifest,
+    chunks_key: str,
+    xxh3: str,
+    now: float,
+    place: Locked[Digest, None],
+    replace: bool,
+    tenant: Tenant | None,
+    events: HookEvents | None,
+) -> tuple[FileEntry | None, bool]:
+    """A one-request upload's catalogue work (see _Daemon.store_file): the checks first, so a
+    refusal writes nothing; then the chunk as _publish_chunk records it, the manifest and
+    file as _begin_upload and _register_file would, the tenant's ownership as _own_file."""
+    _queue_events(con, events, None)
+    d = manifest.digest
+    frow = con.execute(
+        f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest = ?", (d.hex,)
+    ).fetchone()
+    entry = _file(frow) if frow is not None else None
+    if entry is not None and (entry.size != manifest.size or entry.digest.algo is not d.algo):
+        raise FileDigestMismatch(f"a file of {manifest.size} bytes cannot be stored under {d.hex}")
+    owned = tenant is not None and (
+        con.execute(_TENANT_FILE, (tenant.name, d.hex, d.algo.value)).fetchone() is not None
+    )
+    if tenant is not None and tenant.quota is not None and not owned:
+        _check_quota(con, tenant.name, tenant.quota, manifest.size, now)
+    stored = False
+    if manifest.chunks:
+        if replace or not _is_live(con, d):
+            lock(place, d)
+            con.execute(
+                "INSERT INTO chunks (digest, algo, size, xxh3, created, state)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+                " size = excluded.size, xxh3 = excluded.xxh3, created = excluded.created,"
+                " state = excluded.state",
+                (d.hex, d.algo.value, manifest.size, xxh3, now, LIVE),
+            )
+            stored = True
+        if tenant is not None:
+            stored = _prove_chunk(con, tenant.name, d) or stored
+    if entry is None:
+        manifest_id: int = con.execute(
+            "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            (d.algo.value, d.hex, manifest.size, chunks_key, len(manifest.chunks), now),
+        ).fetchone()[0]
+        chunks = ChunkList.of(manifest.chunks)
+        _insert_list(con, manifest_id, chunks, 0, packed.distinct(chunks))
+        con.execute(
+            "INSERT INTO files (digest, algo, size, manifest_id, ext, name, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (d.hex, d.algo.value, manifest.size, manifest_id, manifest.ext, manifest.name, now),
+        )
+        entry = FileEntry(d, manifest.size, manifest.ext, manifest.name, now, manifest_id)
+    if tenant is not None:
+        con.execute(
+            "INSERT INTO tenant_files (tenant, digest, size, ext, name, created)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, digest) DO NOTHING",
+            (tenant.name, d.hex, manifest.size, manifest.ext, manifest.name, now),
+        )
+        # It sent every byte of the file: no chunk of the file's stored manifest is news to it.
+        con.execute(
+            "INSERT INTO tenant_chunks (tenant, digest) SELECT ?, digest"
+            " FROM manifest_digests WHERE manifest_id = ? ON CONFLICT DO NOTHING",
+            (tenant.name, entry.manifest_id),
+        )
+        trow = con.execute(_TENANT_FILE, (tenant.name, d.hex, d.algo.value)).fetchone()
+        entry = _file(trow)
+    _queue_events(con, events, entry)
+    return entry, stored

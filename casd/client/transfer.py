@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -109,6 +109,9 @@ MAX_ROUNDS = 3
 STREAM_BUFFER = 64 * MiB
 # Digests one batch lists when the server does not say how many it takes.
 DEFAULT_MAX_BATCH = 1024
+# A file of one chunk up to this size goes in one request (protocol v1.1), read whole. Above
+# it the handshake comes first: a file the server has already is then not sent again.
+ONE_REQUEST_MAX = 1 * MiB
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,10 @@ class CasdClient:
         self._reached = False
         # What GET /v1/capabilities said (None: not asked yet): streamed uploads, batch size.
         self._stream_offer: bool | None = None
+        # Whether PUT /v1/files/{digest} (a v1.1 one-request upload) works (None: not tried
+        # yet; False: the server is older, use the handshake). Learnt from the first try,
+        # so a client that uploads one small file asks no GET /v1/capabilities first.
+        self._file_put: bool | None = None
         self._max_batch = DEFAULT_MAX_BATCH
 
     async def __aenter__(self) -> Self:
@@ -212,7 +219,7 @@ class CasdClient:
         path: str,
         *,
         json_body: Any = None,
-        body: Callable[[], AsyncIterator[bytes | memoryview]] | None = None,
+        body: Callable[[], AsyncIterator[bytes | memoryview] | bytes] | None = None,
         content_length: int | None = None,
         what: str = "",
         want_answer: bool = True,
@@ -290,21 +297,40 @@ class CasdClient:
         ext = ext_of(name) if ext is None else ext
         cache = DigestCache(self.cache_dir or default_cache_dir()) if use_cache else None
         started = time.perf_counter()
+        # A small file of one chunk goes in one request (v1.1) where the server takes it:
+        # read and hashed in one go (a stream would save nothing), and the bytes hashed are
+        # the bytes sent.
+        small = None
+        if self._file_put is not False:
+            limit = min(chunking.min_size, ONE_REQUEST_MAX)
+            small = await asyncio.to_thread(_read_small, path, algo, chunking, limit)
         # Digests the cache knows make a v1 handshake the quickest way; without them, a
         # server that offers it gets the chunks while the file is still being hashed.
-        if await self._streams() and (
-            cache is None
-            or await asyncio.to_thread(cached_digests, path, chunking, algo, cache) is None
+        if (
+            small is None
+            and await self._streams()
+            and (
+                cache is None
+                or await asyncio.to_thread(cached_digests, path, chunking, algo, cache) is None
+            )
         ):
             streamed = await self._stream_upload(
                 path, chunking, algo, ext, name, concurrency, on_progress, cache, started
             )
             if streamed is not None:
                 return streamed
-        fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
+        if small is not None:
+            data, fd = small
+            cached = False
+            _report(on_progress, Phase.HASHING, fd, done=True)
+        else:
+            fd, cached = await self._file_digests(path, chunking, algo, cache, on_progress)
         hash_seconds = time.perf_counter() - started
         try:
-            result = await self._push(path, fd, ext, name, concurrency, on_progress)
+            put = None
+            if small is not None:
+                put = await self._put_file(data, fd, ext, name, on_progress)
+            result = put or await self._push(path, fd, ext, name, concurrency, on_progress)
         except FileChangedError:
             if not cached or cache is None:
                 raise
@@ -335,6 +361,43 @@ class CasdClient:
             merge_seconds=result.merge_seconds,
             seconds=time.perf_counter() - started,
         )
+
+    # --- one-request upload (protocol v1.1) ---
+
+    async def _put_file(
+        self,
+        data: bytes,
+        fd: FileDigests,
+        ext: str,
+        name: str,
+        on_progress: ProgressCallback | None,
+    ) -> _Pushed | None:
+        """PUT a file of at most one chunk whole; None when the server does not take it (an
+        older server: 405, or 404 from something in front of it), and from then on this
+        client handshakes. 201: this request stored it; 200: it was complete already."""
+        query = urlencode({"name": name}) if name else ""
+        target = f"/v1/files/{fd.digest}{ext}" + (f"?{query}" if query else "")
+        _report(on_progress, Phase.UPLOADING, fd, done=False)
+        t = time.perf_counter()
+        try:
+            status, answer = await self._call(
+                "PUT",
+                target,
+                body=lambda: data,
+                content_length=fd.size,
+                what="file",
+            )
+        except CasdHTTPError as exc:
+            if exc.status in (404, 405) and self._file_put is None:
+                self._file_put = False
+                return None
+            raise
+        self._file_put = True
+        seconds = time.perf_counter() - t
+        _report(on_progress, Phase.UPLOADING, fd, done=True)
+        if status == 201:
+            return _Pushed(_url(answer), len(fd.chunks), fd.size, False, seconds, 0.0)
+        return _Pushed(_url(answer), 0, 0, True, seconds, 0.0)
 
     # --- streamed upload (protocol v1.1) ---
 
@@ -1388,6 +1451,25 @@ def _publish(part: Path, dest: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _read_small(
+    path: Path, algo: Algo, chunking: Chunking, limit: int
+) -> tuple[bytes, FileDigests] | None:
+    """The bytes and digests of a file of at most `limit` bytes (one chunk, or none when
+    empty), read in one go; None for a larger file."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            return None
+        data = f.read(size + 1)
+    if len(data) > size:
+        return None  # it grew meanwhile: the usual way copes
+    h = algo.new()
+    h.update(data)
+    digest = h.hexdigest()
+    chunks = (ChunkSpan(0, len(data), digest),) if data else ()
+    return data, FileDigests(algo, digest, len(data), chunking.avg_size, chunks, chunking)
 
 
 async def _file_slice(path: Path, offset: int, size: int) -> AsyncIterator[bytes]:

@@ -37,6 +37,9 @@ const BACKOFF_MAX_MS = 8_000; // as the Python client: 0.25 s doubling, at most 
 // is the whole remainder of the upload on every answer, quadratic over a huge manifest,
 // and the queue already knows what it still has to send.
 const PREFER_MINIMAL = "return=minimal";
+// Protocol v1.1: a file of one chunk up to this size goes in one PUT /v1/files/... request
+// when the server offers it (as casd.client.transfer.ONE_REQUEST_MAX).
+const ONE_REQUEST_MAX = 1 * MiB;
 
 /**
  * An error answer from casd (or a network failure: status 0, code "network_error").
@@ -655,8 +658,47 @@ export async function upload(file, options = {}) {
     }
   }
 
+  // Protocol v1.1: one request for a file of one chunk, verified by the server as a
+  // handshake, a chunk PUT and a merge would be. 201: stored now; 200: it was complete.
+  async function putFile(hashed) {
+    const query = name ? `?name=${encodeURIComponent(name)}` : "";
+    const path = `/v1/files/${hashed.digest}${ext}${query}`;
+    state.phase = "uploading";
+    state.chunks_to_send = hashed.chunks.length;
+    emit();
+    const [status, answer] = await retrying(async () => {
+      let response, text;
+      try {
+        response = await fetch(endpoint(path), {
+          method: "PUT",
+          headers: { ...headers, "Content-Type": "application/octet-stream" },
+          body: file,
+          signal,
+        });
+        text = await response.text();
+      } catch (err) {
+        if (signal?.aborted) throw abortReason(signal);
+        throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}${corsHint(root)}`);
+      }
+      if (!response.ok) throw errorFrom(response.status, text, response.headers.get("Retry-After"));
+      return [response.status, JSON.parse(text)];
+    });
+    if (status === 201) {
+      state.chunks_sent = hashed.chunks.length;
+      state.bytes_sent = size;
+    }
+    return finish(answer, status !== 201);
+  }
+
   let maxBatch = 1024;
   const caps = await capabilities(root, headers);
+  const oneChunk = chunking === "fixed" ? chunkSize : chunkSize / 4;
+  if (caps.file_put === true && size <= Math.min(oneChunk, ONE_REQUEST_MAX)) {
+    const hashed = await hashFile(file, hashOptions);
+    state.chunks_total = hashed.chunks.length;
+    hashSeconds = clock() - started;
+    if (hashed.chunks.length <= 1) return putFile(hashed);
+  }
   if (caps.stream_uploads === true) {
     if (Number.isSafeInteger(caps.max_batch) && caps.max_batch >= 1) maxBatch = caps.max_batch;
     const summary = await streamUpload();
