@@ -56,6 +56,8 @@ def _schemas() -> dict:
             "sha256": digest,
             "size": {"type": "integer", "minimum": 0},
             "url": {"type": "string"},
+            # A streamed upload's merge that found the file stored already (PROTOCOL.md).
+            "instant": {"const": True},
         },
         "required": ["status", "size", "url"],
     }

@@ -227,6 +227,9 @@ class Service:
         # Streamed uploads opened with a declared file size (tenant mode requires one):
         # what they may still list, and what the tenant's quota holds for them meanwhile.
         self._declared: dict[str, _Declared] = {}
+        # Streamed uploads whose merge found the file stored (upload id: digest, size,
+        # tenant, ext), so a retried merge answers the same; the last MAX_FILE_HASHES of them.
+        self._known: dict[str, tuple[Digest, int, str, str]] = {}
         # One quota-checked write (handshake, streamed open) of a tenant at a time.
         self._quota_locks: dict[str, asyncio.Lock] = {}
 
@@ -801,8 +804,9 @@ class Service:
         events: HookEvents | None = None,
         claim: tuple[Digest, int] | None = None,
         tenant: Tenant | None = None,
-    ) -> FileEntry:
-        """Verify the whole file's digest over its chunks and register it; idempotent.
+    ) -> tuple[FileEntry, bool]:
+        """Verify the whole file's digest over its chunks and register it; idempotent. Also
+        says whether the file was stored before (instant: a streamed upload's merge only).
         `events` commit with the registration (see Catalog.register_file). In tenant mode
         the file becomes `tenant`'s (another tenant's upload is NotFound).
 
@@ -813,6 +817,16 @@ class Service:
         upload = await self.catalog.get_upload(upload_id)
         if upload is not None and not _sees(tenant, upload):
             upload = None
+        known = self._known.get(upload_id) if upload is None else None
+        if (
+            known is not None
+            and known[2] == (_name(tenant) or "")
+            and (claim is None or claim == known[:2])
+        ):
+            # Answered at once before (the file was stored): a retry gets the same answer.
+            entry = await self.catalog.get_file(known[0], known[2] or None)
+            if entry is not None:
+                return dataclasses.replace(entry, ext=known[3]), True
         if upload is None or (
             upload.state != UploadState.MERGED and upload.expires_at <= self.clock()
         ):
@@ -827,13 +841,17 @@ class Service:
                     f" {claim[1]}; nothing was changed"
                 )
             upload = await self._seal(upload, claim)
+            if upload.state != UploadState.MERGED:
+                stored = await self._known_file(upload)
+                if stored is not None:
+                    return stored, True
         elif claim is not None and claim != (upload.digest, upload.size):
             raise BadRequest(
                 f"upload {upload_id} is for {upload.digest.hex} ({upload.size} bytes), not for"
                 f" {claim[0].hex} ({claim[1]} bytes)"
             )
         if upload.state == UploadState.MERGED:
-            return await self._merged_file(upload)
+            return await self._merged_file(upload), False
         missing = await self.catalog.missing(upload.manifest_id, upload.tenant or None)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
@@ -845,7 +863,7 @@ class Service:
             if not await self.catalog.drop_pending_upload(upload_id):
                 # Aborted or merged while this merge hashed: its manifest may have gone with
                 # it, so this hash proves nothing. Answer what the upload became.
-                return await self._settled(upload_id)
+                return await self._settled(upload_id), False
             # The real digest stays in the log: it says something about chunks this client
             # may never have sent (it skipped those the server already held).
             log.debug(
@@ -863,7 +881,24 @@ class Service:
         self._declared.pop(upload_id, None)
         if entry is None:
             raise NotFound(f"no pending upload {upload_id!r} (aborted or expired)")
-        return entry
+        return entry, False
+
+    async def _known_file(self, upload: Upload) -> FileEntry | None:
+        """A streamed upload whose claimed file is stored (and, in tenant mode, its tenant's)
+        is done: the answer a v1 handshake gives on the same claim, so nothing is hashed
+        again. The upload is forgotten; a merge repeated after that answers the same."""
+        existing = await self.catalog.get_file(upload.digest, upload.tenant or None)
+        if existing is None or existing.size != upload.size:
+            return None
+        if await self.catalog.damaged(existing.manifest_id):
+            return None  # verified and registered anew: the upload's chunks heal it
+        self._forget_hash(upload.id)
+        self._declared.pop(upload.id, None)
+        await self.catalog.drop_pending_upload(upload.id)
+        self._known[upload.id] = (upload.digest, upload.size, upload.tenant, upload.ext)
+        while len(self._known) > MAX_FILE_HASHES:
+            self._known.pop(next(iter(self._known)))
+        return dataclasses.replace(existing, ext=upload.ext)
 
     async def _seal(self, upload: Upload, claim: tuple[Digest, int] | None) -> Upload:
         """A streamed upload given the digest and size its client claims (to be verified)."""

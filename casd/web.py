@@ -615,9 +615,12 @@ async def merge(request: web.Request) -> web.Response:
     hooks = request.app[HOOKS]
     tenant = uploader_of(request)
     events = hooks.completed_events(upload_id, tenant.name if tenant is not None else None)
-    entry = await request.app[SERVICE].merge(upload_id, events, claim, tenant)
+    entry, instant = await request.app[SERVICE].merge(upload_id, events, claim, tenant)
     hooks.committed(events, upload_id)
-    return web.json_response(_complete(entry.digest, entry.size, entry.ext))
+    answer = _complete(entry.digest, entry.size, entry.ext)
+    if instant:
+        answer["instant"] = True
+    return web.json_response(answer)
 
 
 # ---- protocol v1.1: streamed uploads ------------------------------------------------------

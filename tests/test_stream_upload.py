@@ -672,3 +672,30 @@ def test_casd_upload_streams_to_a_real_daemon(daemon_factory, tmp_path):
         )
     ]
     assert len(keys) == 1 and keys[0].startswith("stream:")
+
+
+async def test_a_stored_file_streamed_again_merges_at_once_and_says_instant(client, monkeypatch):
+    """The answer a v1 handshake gives on the same claim: the file is stored, so merge hashes
+    nothing again; a retried merge answers the same; a new file is never instant."""
+    from casd.blobstore.local import LocalBlobStore
+
+    p = prepare(rand(3 * CHUNK + 5), CHUNK)
+    first = await merge(client, await stream_all(client, p), {"md5": p.digest, "size": len(p.data)})
+    assert "instant" not in first
+    uid = await stream_all(client, p)  # every chunk is stored: nothing is sent
+    hashed: list[int] = []
+    real_feed = LocalBlobStore.feed_run
+
+    async def feed_run(self, algo, run, sink, executor=None):
+        hashed.append(len(run))
+        return await real_feed(self, algo, run, sink, executor)
+
+    monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
+    claim = {"md5": p.digest, "size": len(p.data)}
+    again = await merge(client, uid, claim)
+    assert again == {**first, "instant": True}
+    assert hashed == []
+    assert await merge(client, uid, claim) == again
+    r = await client.post(f"/v1/uploads/{uid}/merge", json={**claim, "size": len(p.data) + 1})
+    await assert_error(r, 404, "not_found")
+    assert await download(client, again["url"]) == p.data

@@ -726,14 +726,17 @@ async def test_a_streamed_batch_lists_every_chunk_this_tenant_has_not_proved(st)
     assert status == 200 and body["missing"] == p.order, body
     # Another tenant's upload id is one that never existed.
     assert (await stream_batch(st, "alice", uid, p, start=len(p.order)))[0] == 404
+    # Claiming alice's file at merge is no shortcut for him (it is for her, instant).
+    claim = {"md5": p.digest, "size": len(p.data)}
+    status, body = await st.call("bob", "POST", f"/v1/uploads/{uid}/merge", json=claim)
+    assert status == 409 and body["missing"] == p.order, body
     for d in p.order:
         status, body = await st.call(
             "bob", "PUT", f"/v1/uploads/{uid}/chunks/{d}", data=p.chunks[d]
         )
         assert (status, body["stored"]) == (201, True), body
-    claim = {"md5": p.digest, "size": len(p.data)}
     status, body = await st.call("bob", "POST", f"/v1/uploads/{uid}/merge", json=claim)
-    assert status == 200 and body["status"] == "complete", body
+    assert status == 200 and body["status"] == "complete" and "instant" not in body, body
     assert (await st.call("bob", "GET", f"/v1/files/{p.digest}")) == (200, p.data)
     # Alice proved every chunk: her own streamed upload of the file sends nothing.
     status, opened = await stream_open(st, "alice", len(p.data))

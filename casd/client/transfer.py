@@ -612,7 +612,8 @@ class CasdClient:
             bytes_sent=sum(sent.values()),
             chunks_skipped=len(fd.chunks) - len(sent),
             bytes_skipped=fd.size - sum(sent.values()),
-            instant=False,  # known only to a handshake, which a streamed upload skips
+            # The merge found the file stored already (and hashed nothing again).
+            instant=merged.get("instant") is True and not sent,
             cached=False,
             hash_seconds=hash_done[0] - started,
             transfer_seconds=transfer_done - started,

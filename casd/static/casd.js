@@ -651,7 +651,8 @@ export async function upload(file, options = {}) {
     try {
       const merged = await postJson(`${path}/merge`, { algo, [digestKey]: hashed.digest, size });
       mergeSeconds = clock() - mergeStarted;
-      return finish(merged, false);
+      // The merge found the file stored already (and hashed nothing again).
+      return finish(merged, merged.instant === true && state.chunks_sent === 0);
     } catch (err) {
       if (err instanceof CasdError && (err.code === "not_found" || err.code === "incomplete")) return null;
       throw err;
