@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -46,16 +47,127 @@ CHROMIUM_ARGS = [
 _URL_LINE = re.compile(r"serving (http://127\.0\.0\.1:(\d+))")
 
 
-class Daemon:
-    """A real `casd serve` process on 127.0.0.1, started the way a user starts it."""
+class Launcher:
+    """This test process's tests/daemon_launcher.py: it forks daemons from an interpreter that
+    has already imported casd, which saves each daemon most of its start-up CPU."""
 
-    def __init__(self, data_dir: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
+    _instance: Launcher | None = None
+    _instance_pid = 0
+
+    @classmethod
+    def get(cls) -> Launcher:
+        if cls._instance is None or cls._instance_pid != os.getpid():
+            cls._instance, cls._instance_pid = cls(), os.getpid()
+        return cls._instance
+
+    def __init__(self) -> None:
+        script = Path(__file__).with_name("daemon_launcher.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=script.parent.parent,
+        )
+        self._lock = threading.Lock()  # one request and its answer at a time
+        self._cond = threading.Condition()
+        self._answers: list[dict] = []
+        self.exited: dict[int, int] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self._cond:
+                if "exited" in msg:
+                    self.exited[msg["exited"]] = msg["returncode"]
+                else:
+                    self._answers.append(msg)
+                self._cond.notify_all()
+        with self._cond:
+            self._answers.append({"error": "the daemon launcher ended"})
+            self._cond.notify_all()
+
+    def request(self, **req) -> dict:
+        assert self.proc.stdin is not None
+        with self._lock:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+            with self._cond:
+                self._cond.wait_for(lambda: self._answers, timeout=60)
+                if not self._answers:
+                    raise RuntimeError("the daemon launcher did not answer")
+                return self._answers.pop(0)
+
+    def close(self) -> None:
+        """End the launcher (its daemons are the tests' to stop) and reap it."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+    @classmethod
+    def close_own(cls) -> None:
+        if cls._instance is not None and cls._instance_pid == os.getpid():
+            cls._instance.close()
+            cls._instance = None
+
+    def wait_exit(self, pid: int, timeout: float | None) -> int | None:
+        with self._cond:
+            self._cond.wait_for(lambda: pid in self.exited, timeout=timeout)
+            return self.exited.get(pid)
+
+
+class ForkedProcess:
+    """The part of subprocess.Popen's interface the tests use, for a launcher's child."""
+
+    def __init__(self, launcher: Launcher, pid: int, args: list[str]):
+        self.launcher = launcher
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.launcher.exited.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.launcher.wait_exit(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            self.launcher.request(op="signal", pid=self.pid, sig=int(sig))
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Daemon:
+    """A real `casd serve` process on 127.0.0.1. With `fork` (the default) the process is
+    forked from tests/daemon_launcher.py with casd already imported; without, it is started
+    the way a user starts it, `python -m casd serve ...` (tests of start-up use that)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        extra_args: tuple[str, ...] = (),
+        fork: bool = True,
+    ):
         self.data_dir = data_dir
         self.log_path = log_path
         self.extra_args = extra_args
+        self.fork = fork
         self.port = 0
         self.url = ""
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | ForkedProcess | None = None
 
     def start(self, timeout: float = 30.0) -> Daemon:
         assert self.proc is None, "already running"
@@ -75,8 +187,18 @@ class Daemon:
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+        if self.fork:
+            log.close()
+            launcher = Launcher.get()
+            answer = launcher.request(
+                op="start", argv=cmd[3:], env=env, cwd=os.getcwd(), log=str(self.log_path)
+            )
+            if "started" not in answer:
+                raise RuntimeError(f"the daemon launcher could not start casd: {answer}")
+            self.proc = ForkedProcess(launcher, answer["started"], cmd)
+        else:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text()[start_offset:]
@@ -120,13 +242,17 @@ class Daemon:
 
 @pytest.fixture
 def daemon_factory(tmp_path):
-    """Start real daemons: `daemon_factory(*extra_args, data_dir=...)`; all stop at teardown."""
+    """Start real daemons: `daemon_factory(*extra_args, data_dir=..., fork=...)`; all stop at
+    teardown. `fork=False` starts `python -m casd serve` itself (see Daemon)."""
     started: list[Daemon] = []
 
-    def make(*extra_args: str, data_dir: Path | None = None) -> Daemon:
+    def make(*extra_args: str, data_dir: Path | None = None, fork: bool = True) -> Daemon:
         n = len(started)
         d = Daemon(
-            data_dir or tmp_path / f"data{n}", tmp_path / f"daemon{n}.log", tuple(extra_args)
+            data_dir or tmp_path / f"data{n}",
+            tmp_path / f"daemon{n}.log",
+            tuple(extra_args),
+            fork=fork,
         )
         started.append(d)
         return d.start()
@@ -203,6 +329,10 @@ def pytest_xdist_auto_num_workers(config) -> int:
     the cores busy: the fast loop took 87 s with one worker per core on two cores, 67 s with
     two."""
     return 2 * len(os.sched_getaffinity(0))
+
+
+def pytest_sessionfinish(session) -> None:
+    Launcher.close_own()
 
 
 def pytest_report_header(config) -> str:

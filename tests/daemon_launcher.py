@@ -1,0 +1,109 @@
+"""Starts `casd serve` processes for the tests by forking an interpreter that has already
+imported casd (tests/conftest.py runs one per test process and talks to it over a pipe).
+
+A daemon started this way is its own process, running `casd.cli.main` on its own command
+line, environment, working folder and log, exactly as `python -m casd` does, and it ends the
+same way (normal interpreter exit, signals, kill -9). What it skips is the interpreter start
+and the imports, most of a daemon's start-up CPU (aiohttp alone builds two TLS contexts),
+which the test suite paid about 150 times a run.
+
+Protocol, one JSON object a line. Requests on stdin:
+  {"op": "start", "argv": [...], "env": {...}, "cwd": "...", "log": "..."}
+  {"op": "signal", "pid": N, "sig": N}
+Answers on stdout: {"started": pid} or {"error": "..."} to a start, {"signalled": pid} to a
+signal (sent only while the child is not yet reaped, so never to a reused pid), and
+{"exited": pid, "returncode": rc} when a child ends (rc is negative for a signal, as
+subprocess reports it). The launcher ends when stdin closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The imports every daemon would otherwise pay again.
+import casd.cli
+import casd.cli_admin
+import casd.cli_serve
+import casd.cli_tokens
+import casd.server
+
+
+def _send(out, msg: dict) -> None:
+    out.write(json.dumps(msg) + "\n")
+    out.flush()
+
+
+def serve(out) -> dict | None:
+    """Answer requests on fd 0 until it closes (returns None); in a forked child, returns
+    its start request instead."""
+    sel = selectors.DefaultSelector()
+    sel.register(0, selectors.EVENT_READ, None)
+    children: dict[int, int] = {}  # pid -> pidfd
+    pending = b""
+    while True:
+        for key, _ in sel.select():
+            if key.data is not None:  # a child ended
+                pid = key.data
+                _, status = os.waitpid(pid, 0)
+                sel.unregister(key.fd)
+                os.close(children.pop(pid))
+                _send(out, {"exited": pid, "returncode": os.waitstatus_to_exitcode(status)})
+                continue
+            data = os.read(0, 1 << 16)
+            if not data:
+                return None
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                req = json.loads(line)
+                if req["op"] == "signal":
+                    if req["pid"] in children:
+                        os.kill(req["pid"], req["sig"])
+                    _send(out, {"signalled": req["pid"]})
+                    continue
+                try:
+                    log_fd = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                except OSError as exc:
+                    _send(out, {"error": str(exc)})
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    sel.close()
+                    for fd in children.values():
+                        os.close(fd)
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.dup2(log_fd, 1)
+                    os.dup2(log_fd, 2)
+                    os.close(null)
+                    os.close(log_fd)
+                    return req
+                os.close(log_fd)
+                children[pid] = os.pidfd_open(pid)
+                sel.register(children[pid], selectors.EVENT_READ, pid)
+                _send(out, {"started": pid})
+
+
+def run_child(req: dict) -> int:
+    """In the forked child: become `python -m casd ARGV` and run it."""
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    # Line-buffered output on the log, as PYTHONUNBUFFERED gives a daemon the tests exec.
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.argv = [sys.argv[0], *req["argv"]]
+    return casd.cli.main()
+
+
+if __name__ == "__main__":
+    child = serve(sys.stdout)
+    if child is not None:
+        raise SystemExit(run_child(child))
