@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -47,108 +46,6 @@ CHROMIUM_ARGS = [
 _URL_LINE = re.compile(r"serving (http://127\.0\.0\.1:(\d+))")
 
 
-class Launcher:
-    """This test process's tests/daemon_launcher.py: it forks daemons from an interpreter that
-    has already imported casd, which saves each daemon most of its start-up CPU."""
-
-    _instance: Launcher | None = None
-    _instance_pid = 0
-
-    @classmethod
-    def get(cls) -> Launcher:
-        if cls._instance is None or cls._instance_pid != os.getpid():
-            cls._instance, cls._instance_pid = cls(), os.getpid()
-        return cls._instance
-
-    def __init__(self) -> None:
-        script = Path(__file__).with_name("daemon_launcher.py")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=script.parent.parent,
-        )
-        self._lock = threading.Lock()  # one request and its answer at a time
-        self._cond = threading.Condition()
-        self._answers: list[dict] = []
-        self.exited: dict[int, int] = {}
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            msg = json.loads(line)
-            with self._cond:
-                if "exited" in msg:
-                    self.exited[msg["exited"]] = msg["returncode"]
-                else:
-                    self._answers.append(msg)
-                self._cond.notify_all()
-        with self._cond:
-            self._answers.append({"error": "the daemon launcher ended"})
-            self._cond.notify_all()
-
-    def request(self, **req) -> dict:
-        assert self.proc.stdin is not None
-        with self._lock:
-            self.proc.stdin.write((json.dumps(req) + "\n").encode())
-            self.proc.stdin.flush()
-            with self._cond:
-                self._cond.wait_for(lambda: self._answers, timeout=60)
-                if not self._answers:
-                    raise RuntimeError("the daemon launcher did not answer")
-                return self._answers.pop(0)
-
-    def close(self) -> None:
-        """End the launcher (its daemons are the tests' to stop) and reap it."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(30)
-
-    @classmethod
-    def close_own(cls) -> None:
-        if cls._instance is not None and cls._instance_pid == os.getpid():
-            cls._instance.close()
-            cls._instance = None
-
-    def wait_exit(self, pid: int, timeout: float | None) -> int | None:
-        with self._cond:
-            self._cond.wait_for(lambda: pid in self.exited, timeout=timeout)
-            return self.exited.get(pid)
-
-
-class ForkedProcess:
-    """The part of subprocess.Popen's interface the tests use, for a launcher's child."""
-
-    def __init__(self, launcher: Launcher, pid: int, args: list[str]):
-        self.launcher = launcher
-        self.pid = pid
-        self.args = args
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.launcher.exited.get(self.pid)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            self.returncode = self.launcher.wait_exit(self.pid, timeout)
-            if self.returncode is None:
-                raise subprocess.TimeoutExpired(self.args, timeout or 0)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            self.launcher.request(op="signal", pid=self.pid, sig=int(sig))
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-
 class Daemon:
     """A real `casd serve` process on 127.0.0.1. With `fork` (the default) the process is
     forked from tests/daemon_launcher.py with casd already imported; without, it is started
@@ -167,7 +64,7 @@ class Daemon:
         self.fork = fork
         self.port = 0
         self.url = ""
-        self.proc: subprocess.Popen | ForkedProcess | None = None
+        self.proc: subprocess.Popen | helpers.ForkedProcess | None = None
 
     def start(self, timeout: float = 30.0) -> Daemon:
         assert self.proc is None, "already running"
@@ -189,13 +86,13 @@ class Daemon:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.fork:
             log.close()
-            launcher = Launcher.get()
+            launcher = helpers.Launcher.get()
             answer = launcher.request(
                 op="start", argv=cmd[3:], env=env, cwd=os.getcwd(), log=str(self.log_path)
             )
             if "started" not in answer:
                 raise RuntimeError(f"the daemon launcher could not start casd: {answer}")
-            self.proc = ForkedProcess(launcher, answer["started"], cmd)
+            self.proc = helpers.ForkedProcess(launcher, answer["started"], cmd)
         else:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             log.close()
@@ -332,7 +229,7 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 
 def pytest_sessionfinish(session) -> None:
-    Launcher.close_own()
+    helpers.Launcher.close_own()
 
 
 def pytest_report_header(config) -> str:

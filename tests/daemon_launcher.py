@@ -1,14 +1,16 @@
-"""Starts `casd serve` processes for the tests by forking an interpreter that has already
-imported casd (tests/conftest.py runs one per test process and talks to it over a pipe).
+"""Starts casd processes for the tests (`casd serve` daemons and commands such as `casd
+upload`) by forking an interpreter that has already imported casd: tests/helpers.py runs one
+per test process and talks to it over a pipe.
 
-A daemon started this way is its own process, running `casd.cli.main` on its own command
-line, environment, working folder and log, exactly as `python -m casd` does, and it ends the
-same way (normal interpreter exit, signals, kill -9). What it skips is the interpreter start
-and the imports, most of a daemon's start-up CPU (aiohttp alone builds two TLS contexts),
-which the test suite paid about 150 times a run.
+A process started this way is its own process, running `casd.cli.main` on its own command
+line, environment, working folder and output files, exactly as `python -m casd` does, and it
+ends the same way (normal interpreter exit, signals, kill -9). What it skips is the
+interpreter start and the imports, most of a daemon's start-up CPU (aiohttp alone builds two
+TLS contexts), which the fast loop paid some 200 times for daemons and 60 for commands.
 
 Protocol, one JSON object a line. Requests on stdin:
-  {"op": "start", "argv": [...], "env": {...}, "cwd": "...", "log": "..."}
+  {"op": "start", "argv": [...], "env": {...}, "cwd": "...", "log": "...", "stderr": "..."}
+    (stdout and stderr are appended to `log`, or stderr to its own file when given)
   {"op": "signal", "pid": N, "sig": N}
 Answers on stdout: {"started": pid} or {"error": "..."} to a start, {"signalled": pid} to a
 signal (sent only while the child is not yet reaped, so never to a reused pid), and
@@ -18,6 +20,7 @@ subprocess reports it). The launcher ends when stdin closes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -31,12 +34,20 @@ import casd.cli
 import casd.cli_admin
 import casd.cli_serve
 import casd.cli_tokens
+import casd.cli_transfer
 import casd.server
+
+with contextlib.suppress(ImportError):  # the S3 engine's client library, where installed
+    import casd.blobstore.s3
 
 
 def _send(out, msg: dict) -> None:
     out.write(json.dumps(msg) + "\n")
     out.flush()
+
+
+def _open(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
 def serve(out) -> dict | None:
@@ -68,7 +79,8 @@ def serve(out) -> dict | None:
                     _send(out, {"signalled": req["pid"]})
                     continue
                 try:
-                    log_fd = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    log_fd = _open(req["log"])
+                    err_fd = _open(req["stderr"]) if "stderr" in req else os.dup(log_fd)
                 except OSError as exc:
                     _send(out, {"error": str(exc)})
                     continue
@@ -80,11 +92,13 @@ def serve(out) -> dict | None:
                     null = os.open(os.devnull, os.O_RDONLY)
                     os.dup2(null, 0)
                     os.dup2(log_fd, 1)
-                    os.dup2(log_fd, 2)
+                    os.dup2(err_fd, 2)
                     os.close(null)
                     os.close(log_fd)
+                    os.close(err_fd)
                     return req
                 os.close(log_fd)
+                os.close(err_fd)
                 children[pid] = os.pidfd_open(pid)
                 sel.register(children[pid], selectors.EVENT_READ, pid)
                 _send(out, {"started": pid})

@@ -8,14 +8,13 @@ import asyncio
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from casd.web import create_app
-from helpers import blob_files, prepare, rand, snapshot, upload
+from helpers import blob_files, casd_run, casd_serve_run, prepare, rand, snapshot, upload
 
 CHUNK = 64 * 1024
 EVIL = "http://evil.example"
@@ -372,23 +371,7 @@ def test_default_algos_accept_md5(daemon):
     ],
 )
 def test_serve_refuses_bad_policy_flags(tmp_path, argv, words):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "casd",
-            "serve",
-            "--data",
-            str(tmp_path / "d"),
-            "--port",
-            "0",
-            *argv,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = casd_serve_run(*argv, data=tmp_path / "d")
     assert proc.returncode == 2 and words in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -399,13 +382,7 @@ NASTY = "\x1b[2J\x1b]0;owned\x07\x1b[31mred\u202egnp.exe\x9b\x7f\nsecond line\\"
 
 
 def cli(data: Path, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "casd", *argv, "--data", str(data)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return casd_run(*argv, "--data", str(data))
 
 
 def assert_no_controls(text: str) -> None:
