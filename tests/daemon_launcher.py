@@ -14,8 +14,8 @@ Protocol, one JSON object a line. Requests on stdin:
   {"op": "signal", "pid": N, "sig": N}
 Answers on stdout: {"started": pid} or {"error": "..."} to a start, {"signalled": pid} to a
 signal (sent only while the child is not yet reaped, so never to a reused pid), and
-{"exited": pid, "returncode": rc} when a child ends (rc is negative for a signal, as
-subprocess reports it). The launcher ends when stdin closes.
+{"exited": pid, "returncode": rc, "cpu": seconds} when a child ends (rc is negative for a
+signal, as subprocess reports it; cpu is its user and system time). The launcher ends when stdin closes.
 """
 
 from __future__ import annotations
@@ -61,10 +61,12 @@ def serve(out) -> dict | None:
         for key, _ in sel.select():
             if key.data is not None:  # a child ended
                 pid = key.data
-                _, status = os.waitpid(pid, 0)
+                _, status, usage = os.wait4(pid, 0)
                 sel.unregister(key.fd)
                 os.close(children.pop(pid))
-                _send(out, {"exited": pid, "returncode": os.waitstatus_to_exitcode(status)})
+                rc = os.waitstatus_to_exitcode(status)
+                cpu = usage.ru_utime + usage.ru_stime
+                _send(out, {"exited": pid, "returncode": rc, "cpu": cpu})
                 continue
             data = os.read(0, 1 << 16)
             if not data:

@@ -199,6 +199,7 @@ class Launcher:
         self._cond = threading.Condition()
         self._answers: list[dict] = []
         self.exited: dict[int, int] = {}
+        self.cpu = 0.0  # CPU seconds of the processes that have ended, for measurements
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -208,6 +209,7 @@ class Launcher:
             with self._cond:
                 if "exited" in msg:
                     self.exited[msg["exited"]] = msg["returncode"]
+                    self.cpu += msg["cpu"]
                 else:
                     self._answers.append(msg)
                 self._cond.notify_all()
