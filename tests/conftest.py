@@ -19,6 +19,7 @@ import pytest
 
 import helpers
 from casd.config import Settings
+from casd.web import create_app
 from helpers import RandomData
 
 # PYTHONDONTWRITEBYTECODE (set on some machines to keep checkouts clean) would make every
@@ -168,6 +169,13 @@ def daemon(daemon_factory) -> Daemon:
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return Settings(data_dir=tmp_path / "data", port=0)
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings):
+    """The app in this process on `settings` (a module may override either fixture), and a
+    test client for it; `helpers.app_client` makes one with settings changed."""
+    return await aiohttp_client(create_app(settings))
 
 
 @pytest.fixture(scope="module")

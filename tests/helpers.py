@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -134,6 +135,13 @@ async def upload(session, base: str, p: Prepared) -> dict:
     async with session.post(f"{base}/v1/uploads/{hs['upload_id']}/merge") as r:
         assert r.status == 200, await r.text()
         return await r.json()
+
+
+def app_client(aiohttp_client, settings, **changes):
+    """A test client for the app in this process on `settings` with `changes` (awaitable)."""
+    from casd.web import create_app
+
+    return aiohttp_client(create_app(dataclasses.replace(settings, **changes)))
 
 
 def snapshot(data_dir: Path) -> dict:

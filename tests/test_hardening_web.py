@@ -5,7 +5,6 @@ and control characters in client-supplied names reaching an admin's terminal."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -13,8 +12,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from casd.web import create_app
-from helpers import blob_files, casd_run, casd_serve_run, prepare, rand, snapshot, upload
+from helpers import (
+    app_client,
+    blob_files,
+    casd_run,
+    casd_serve_run,
+    prepare,
+    rand,
+    snapshot,
+    upload,
+)
 
 CHUNK = 64 * 1024
 EVIL = "http://evil.example"
@@ -27,15 +34,6 @@ async def assert_error(resp, status: int, code: str) -> dict:
     body = await resp.json()
     assert body["error"] == code and body["message"], body
     return body
-
-
-def app_client(aiohttp_client, settings, **changes):
-    return aiohttp_client(create_app(dataclasses.replace(settings, **changes)))
-
-
-@pytest.fixture
-async def client(aiohttp_client, settings):
-    return await aiohttp_client(create_app(settings))
 
 
 async def stored_and_pending(client):

@@ -17,6 +17,7 @@ from aiohttp import web
 from casd.client import RACY_NS, CasdClient, Progress, transfer
 from casd.config import Settings
 from casd.web import create_app
+from helpers import app_client as make_client
 from helpers import casd_run, prepare, rand
 
 CHUNK = 64 * 1024
@@ -25,15 +26,6 @@ CHUNK = 64 * 1024
 @pytest.fixture
 def settings(settings):
     return dataclasses.replace(settings, stream_uploads=True)
-
-
-@pytest.fixture
-async def client(aiohttp_client, settings):
-    return await aiohttp_client(create_app(settings))
-
-
-def make_client(aiohttp_client, settings, **changes):
-    return aiohttp_client(create_app(dataclasses.replace(settings, **changes)))
 
 
 async def open_stream(client, status: int = 201, **fields) -> dict:
