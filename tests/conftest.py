@@ -231,8 +231,8 @@ def postgres_url(postgres_cluster) -> str:
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: two workers per core. Much of a test's time is waiting (a daemon starting,
     a timeout the test drives, another process's answer), so a second worker per core keeps
-    the cores busy: the fast loop took 87 s with one worker per core on two cores, 67 s with
-    two."""
+    the cores busy: the fast loop took 67 s with one worker per core on two cores, 52 s with
+    1.5 and 49 s with two (at a load of about 2), for nearly the same CPU time."""
     return 2 * len(os.sched_getaffinity(0))
 
 
