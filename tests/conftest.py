@@ -19,6 +19,7 @@ import pytest
 
 import helpers
 from casd.config import Settings
+from casd.web import create_app
 from helpers import RandomData
 
 # PYTHONDONTWRITEBYTECODE (set on some machines to keep checkouts clean) would make every
@@ -47,15 +48,24 @@ _URL_LINE = re.compile(r"serving (http://127\.0\.0\.1:(\d+))")
 
 
 class Daemon:
-    """A real `casd serve` process on 127.0.0.1, started the way a user starts it."""
+    """A real `casd serve` process on 127.0.0.1. With `fork` (the default) the process is
+    forked from tests/daemon_launcher.py with casd already imported; without, it is started
+    the way a user starts it, `python -m casd serve ...` (tests of start-up use that)."""
 
-    def __init__(self, data_dir: Path, log_path: Path, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        extra_args: tuple[str, ...] = (),
+        fork: bool = True,
+    ):
         self.data_dir = data_dir
         self.log_path = log_path
         self.extra_args = extra_args
+        self.fork = fork
         self.port = 0
         self.url = ""
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | helpers.ForkedProcess | None = None
 
     def start(self, timeout: float = 30.0) -> Daemon:
         assert self.proc is None, "already running"
@@ -75,8 +85,18 @@ class Daemon:
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()
+        if self.fork:
+            log.close()
+            launcher = helpers.Launcher.get()
+            answer = launcher.request(
+                op="start", argv=cmd[3:], env=env, cwd=os.getcwd(), log=str(self.log_path)
+            )
+            if "started" not in answer:
+                raise RuntimeError(f"the daemon launcher could not start casd: {answer}")
+            self.proc = helpers.ForkedProcess(launcher, answer["started"], cmd)
+        else:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text()[start_offset:]
@@ -120,13 +140,17 @@ class Daemon:
 
 @pytest.fixture
 def daemon_factory(tmp_path):
-    """Start real daemons: `daemon_factory(*extra_args, data_dir=...)`; all stop at teardown."""
+    """Start real daemons: `daemon_factory(*extra_args, data_dir=..., fork=...)`; all stop at
+    teardown. `fork=False` starts `python -m casd serve` itself (see Daemon)."""
     started: list[Daemon] = []
 
-    def make(*extra_args: str, data_dir: Path | None = None) -> Daemon:
+    def make(*extra_args: str, data_dir: Path | None = None, fork: bool = True) -> Daemon:
         n = len(started)
         d = Daemon(
-            data_dir or tmp_path / f"data{n}", tmp_path / f"daemon{n}.log", tuple(extra_args)
+            data_dir or tmp_path / f"data{n}",
+            tmp_path / f"daemon{n}.log",
+            tuple(extra_args),
+            fork=fork,
         )
         started.append(d)
         return d.start()
@@ -145,6 +169,13 @@ def daemon(daemon_factory) -> Daemon:
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return Settings(data_dir=tmp_path / "data", port=0)
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings):
+    """The app in this process on `settings` (a module may override either fixture), and a
+    test client for it; `helpers.app_client` makes one with settings changed."""
+    return await aiohttp_client(create_app(settings))
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +231,13 @@ def postgres_url(postgres_cluster) -> str:
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: two workers per core. Much of a test's time is waiting (a daemon starting,
     a timeout the test drives, another process's answer), so a second worker per core keeps
-    the cores busy: the fast loop took 87 s with one worker per core on two cores, 67 s with
-    two."""
+    the cores busy: the fast loop took 67 s with one worker per core on two cores, 52 s with
+    1.5 and 49 s with two (at a load of about 2), for nearly the same CPU time."""
     return 2 * len(os.sched_getaffinity(0))
+
+
+def pytest_sessionfinish(session) -> None:
+    helpers.Launcher.close_own()
 
 
 def pytest_report_header(config) -> str:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import random
+import signal
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +137,13 @@ async def upload(session, base: str, p: Prepared) -> dict:
         return await r.json()
 
 
+def app_client(aiohttp_client, settings, **changes):
+    """A test client for the app in this process on `settings` with `changes` (awaitable)."""
+    from casd.web import create_app
+
+    return aiohttp_client(create_app(dataclasses.replace(settings, **changes)))
+
+
 def snapshot(data_dir: Path) -> dict:
     """What a refused request must not change: catalogue rows and files on disk."""
     out: dict = {}
@@ -170,3 +183,158 @@ def blob_files(data_dir: Path) -> list[Path]:
 
 def temp_files(data_dir: Path) -> list[Path]:
     return sorted(p for p in (data_dir / "tmp").glob("*") if p.is_file())
+
+
+# ---- casd processes forked from a launcher that has imported casd ---------------------------
+
+
+class Launcher:
+    """This test process's tests/daemon_launcher.py: it forks casd processes (daemons, and
+    commands run by `casd_run`) from an interpreter that has already imported casd, which
+    saves each most of its start-up CPU."""
+
+    _instance: Launcher | None = None
+    _instance_pid = 0
+
+    @classmethod
+    def get(cls) -> Launcher:
+        if cls._instance is None or cls._instance_pid != os.getpid():
+            cls._instance, cls._instance_pid = cls(), os.getpid()
+        return cls._instance
+
+    def __init__(self) -> None:
+        script = Path(__file__).with_name("daemon_launcher.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=script.parent.parent,
+        )
+        self._lock = threading.Lock()  # one request and its answer at a time
+        self._cond = threading.Condition()
+        self._answers: list[dict] = []
+        self.exited: dict[int, int] = {}
+        self.cpu = 0.0  # CPU seconds of the processes that have ended, for measurements
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self._cond:
+                if "exited" in msg:
+                    self.exited[msg["exited"]] = msg["returncode"]
+                    self.cpu += msg["cpu"]
+                else:
+                    self._answers.append(msg)
+                self._cond.notify_all()
+        with self._cond:
+            self._answers.append({"error": "the daemon launcher ended"})
+            self._cond.notify_all()
+
+    def request(self, **req) -> dict:
+        assert self.proc.stdin is not None
+        with self._lock:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+            with self._cond:
+                self._cond.wait_for(lambda: self._answers, timeout=60)
+                if not self._answers:
+                    raise RuntimeError("the daemon launcher did not answer")
+                return self._answers.pop(0)
+
+    def close(self) -> None:
+        """End the launcher (its daemons are the tests' to stop) and reap it."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+    @classmethod
+    def close_own(cls) -> None:
+        if cls._instance is not None and cls._instance_pid == os.getpid():
+            cls._instance.close()
+            cls._instance = None
+
+    def wait_exit(self, pid: int, timeout: float | None) -> int | None:
+        with self._cond:
+            self._cond.wait_for(lambda: pid in self.exited, timeout=timeout)
+            return self.exited.get(pid)
+
+
+class ForkedProcess:
+    """The part of subprocess.Popen's interface the tests use, for a launcher's child."""
+
+    def __init__(self, launcher: Launcher, pid: int, args: list[str]):
+        self.launcher = launcher
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.launcher.exited.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.launcher.wait_exit(self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            self.launcher.request(op="signal", pid=self.pid, sig=int(sig))
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def casd_run(
+    *argv: str,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 60,
+    fork: bool = True,
+) -> subprocess.CompletedProcess:
+    """`python -m casd ARGV` in its own process, as subprocess.run(..., capture_output=True,
+    text=True) runs it. With `fork` (the default) the process is forked from the launcher
+    (tests/daemon_launcher.py), so it costs no interpreter start and no imports; without,
+    it is `python -m casd` itself. `env` is the whole environment (default: this process's)."""
+    args = [sys.executable, "-m", "casd", *argv]
+    if not fork:
+        return subprocess.run(
+            args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    launcher = Launcher.get()
+    with tempfile.TemporaryDirectory(prefix="casd-run-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        answer = launcher.request(
+            op="start",
+            argv=list(argv),
+            env=dict(os.environ if env is None else env),
+            cwd=str(cwd or os.getcwd()),
+            log=str(out),
+            stderr=str(err),
+        )
+        if "started" not in answer:
+            raise RuntimeError(f"the launcher could not start casd: {answer}")
+        proc = ForkedProcess(launcher, answer["started"], args)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        return subprocess.CompletedProcess(args, code, out.read_text(), err.read_text())
+
+
+def casd_serve_run(
+    *args: str, data: Path, env: dict[str, str] | None = None, fork: bool = True
+) -> subprocess.CompletedProcess:
+    """`casd serve --data DATA --port 0 ARGS` run to its end (see casd_run): for start-ups
+    that must refuse."""
+    return casd_run("serve", "--data", str(data), "--port", "0", *args, env=env, fork=fork)

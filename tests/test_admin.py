@@ -9,7 +9,6 @@ import os
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -21,7 +20,7 @@ from casd.catalog.sqlite import SqliteCatalog
 from casd.cli import main
 from casd.config import Settings
 from casd.maintenance import Maintenance
-from helpers import Prepared, prepare, rand, snapshot
+from helpers import Prepared, casd_run, prepare, rand, snapshot
 from helpers import upload as upload_one
 
 KiB = 1024
@@ -54,13 +53,7 @@ def casd_json(data: Path, *argv: str):
 
 def casd_process(data: Path, *argv: str) -> subprocess.CompletedProcess:
     """Run casd as a user does, in its own process."""
-    return subprocess.run(
-        [sys.executable, "-m", "casd", *argv, "--data", str(data)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return casd_run(*argv, "--data", str(data))
 
 
 def upload(base: str, *files: Prepared) -> list[dict]:

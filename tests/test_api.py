@@ -35,6 +35,7 @@ def clock():
 
 @pytest.fixture
 async def client(aiohttp_client, settings, clock):
+    """conftest's `client`, on this module's fake clock."""
     return await aiohttp_client(create_app(settings, clock=clock))
 
 

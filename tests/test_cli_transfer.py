@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from helpers import insertion_case
+from helpers import casd_run, insertion_case
 
 MiB = 1024 * 1024
 
@@ -35,13 +35,9 @@ def env(tmp_path) -> dict[str, str]:
 
 
 def casd(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "casd", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """The command in its own process, forked from the tests' launcher (helpers.casd_run);
+    the terminal and Ctrl-C tests below start `python -m casd` itself."""
+    return casd_run(*args, env=env, timeout=timeout)
 
 
 def assert_one_line_error(

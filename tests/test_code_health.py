@@ -30,7 +30,7 @@ from casd.models import (
     UploadState,
 )
 from casd.web import SERVICE, create_app, mapped_error
-from helpers import prepare, rand, upload
+from helpers import casd_serve_run, prepare, rand, upload
 
 CASD = Path(__file__).resolve().parent.parent / "casd"
 
@@ -294,24 +294,7 @@ def test_serve_names_the_flag_of_a_bad_setting(tmp_path, capsys, argv, words):
 
 
 def test_a_bad_setting_is_one_line_from_the_real_command(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "casd",
-            "serve",
-            "--data",
-            str(tmp_path / "d"),
-            "--port",
-            "0",
-            "--max-pending-chunks",
-            "10",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = casd_serve_run("--max-pending-chunks", "10", data=tmp_path / "d", fork=False)
     assert proc.returncode == 2, proc
     assert proc.stderr.strip().splitlines() == [
         "casd serve: --max-pending-chunks-per-client cannot exceed --max-pending-chunks"

@@ -13,11 +13,19 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 import casd
 from helpers import blob_files, prepare, rand, temp_files, upload
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    """Here `python -m casd serve` itself, not forked from conftest's launcher: start-up,
+    SIGTERM and kill -9 of the process a user starts."""
+    return daemon_factory(fork=False)
 
 
 async def download(session, base: str, url: str) -> bytes:
@@ -174,7 +182,7 @@ async def test_concurrent_uploads_of_same_and_overlapping_files(daemon):
 
 
 async def test_sigterm_mid_chunk_exits_cleanly_and_keeps_no_half_blob(daemon_factory):
-    daemon = daemon_factory("--shutdown-timeout", "1")
+    daemon = daemon_factory("--shutdown-timeout", "1", fork=False)
     p = prepare(rand(4 * MiB), 4 * MiB)
     async with aiohttp.ClientSession() as s:
         hs = await handshake(s, daemon.url, p.handshake)

@@ -9,24 +9,17 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 
 import aiohttp
 
-from helpers import blob_files, prepare, rand, upload
+from helpers import blob_files, casd_run, prepare, rand, upload
 
 KiB = 1024
 WAIT = 60
 
 
 def admin(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "casd", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return casd_run(*args, timeout=120)
 
 
 async def get(session, url: str) -> tuple[int, bytes]:
@@ -178,21 +171,12 @@ def test_the_catalogue_url_comes_from_flag_env_or_config_and_is_never_shown(tmp_
     config.write_text('catalog = "postgresql://casd:file-pw@127.0.0.1:5/fromfile"\n')
 
     def check(*args: str, env: dict | None = None) -> str:
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "casd",
-                "serve",
-                "--config",
-                str(config),
-                "--check-config",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        r = casd_run(
+            "serve",
+            "--config",
+            str(config),
+            "--check-config",
+            *args,
             env={**os.environ, **(env or {})},
         )
         assert r.returncode == 0, r.stderr
@@ -209,21 +193,6 @@ def test_the_catalogue_url_comes_from_flag_env_or_config_and_is_never_shown(tmp_
         "postgresql://f:flag-pw@h:7/fromflag",
         env={"CASD_CATALOG": "postgresql://e:env-pw@h:6/fromenv"},
     ) == ("catalog = postgresql://f:***@h:7/fromflag")
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "casd",
-            "stats",
-            "--data",
-            str(tmp_path),
-            "--catalog",
-            "mysql://u:bad-pw@h/db",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    bad = casd_run("stats", "--data", str(tmp_path), "--catalog", "mysql://u:bad-pw@h/db")
     assert bad.returncode == 2 and "not a postgresql://" in bad.stderr
     assert "bad-pw" not in bad.stderr

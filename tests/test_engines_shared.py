@@ -7,7 +7,6 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ import aiohttp
 import pytest
 
 import helpers
-from helpers import Prepared, prepare
+from helpers import Prepared, casd_run, prepare
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -32,20 +31,8 @@ class Pair:
 
     def casd(self, *argv: str, data: Path | None = None) -> subprocess.CompletedProcess:
         """An admin command against the shared engines, from a data folder of its own."""
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "casd",
-                *argv,
-                *self.args,
-                "--data",
-                str(data or self.a.data_dir.parent / "admin"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        return casd_run(
+            *argv, *self.args, "--data", str(data or self.a.data_dir.parent / "admin"), timeout=120
         )
 
     def objects(self) -> dict[str, int]:

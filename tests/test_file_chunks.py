@@ -51,11 +51,6 @@ def expected_manifest(p: Prepared, algo: str = "md5") -> dict:
     }
 
 
-@pytest.fixture
-async def client(aiohttp_client, settings):
-    return await aiohttp_client(create_app(settings))
-
-
 async def get_json(client, path: str, status: int = 200, **kw) -> dict:
     r = await client.get(path, **kw)
     body = await r.json()

@@ -25,11 +25,6 @@ CHUNK = 64 * 1024
 WAIT = 30  # seconds: a bound on every wait for a held request, never a sleep
 
 
-@pytest.fixture
-async def client(aiohttp_client, settings):
-    return await aiohttp_client(create_app(settings))
-
-
 async def assert_error(resp, status: int, code: str) -> dict:
     assert resp.status == status, (await resp.read())[:500]
     assert resp.content_type == "application/json"

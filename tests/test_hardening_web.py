@@ -5,17 +5,23 @@ and control characters in client-supplied names reaching an admin's terminal."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from casd.web import create_app
-from helpers import blob_files, prepare, rand, snapshot, upload
+from helpers import (
+    app_client,
+    blob_files,
+    casd_run,
+    casd_serve_run,
+    prepare,
+    rand,
+    snapshot,
+    upload,
+)
 
 CHUNK = 64 * 1024
 EVIL = "http://evil.example"
@@ -28,15 +34,6 @@ async def assert_error(resp, status: int, code: str) -> dict:
     body = await resp.json()
     assert body["error"] == code and body["message"], body
     return body
-
-
-def app_client(aiohttp_client, settings, **changes):
-    return aiohttp_client(create_app(dataclasses.replace(settings, **changes)))
-
-
-@pytest.fixture
-async def client(aiohttp_client, settings):
-    return await aiohttp_client(create_app(settings))
 
 
 async def stored_and_pending(client):
@@ -372,23 +369,7 @@ def test_default_algos_accept_md5(daemon):
     ],
 )
 def test_serve_refuses_bad_policy_flags(tmp_path, argv, words):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "casd",
-            "serve",
-            "--data",
-            str(tmp_path / "d"),
-            "--port",
-            "0",
-            *argv,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = casd_serve_run(*argv, data=tmp_path / "d")
     assert proc.returncode == 2 and words in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -399,13 +380,7 @@ NASTY = "\x1b[2J\x1b]0;owned\x07\x1b[31mred\u202egnp.exe\x9b\x7f\nsecond line\\"
 
 
 def cli(data: Path, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "casd", *argv, "--data", str(data)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return casd_run(*argv, "--data", str(data))
 
 
 def assert_no_controls(text: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -13,19 +12,13 @@ import pytest
 
 from casd.cli import build_parser
 from casd.cli_common import parse_args_with_config
+from helpers import casd_run
 
 
 def casd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CASD_")}
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "casd", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=full_env,
-        check=False,
-    )
+    return casd_run(*args, env=full_env)
 
 
 def settings_of(out: str) -> dict[str, str]:

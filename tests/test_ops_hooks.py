@@ -360,14 +360,7 @@ async def test_pre_handshake_timeout_and_down_are_503(
 
 
 def test_bad_hook_url_is_refused_at_start(tmp_path):
-    import subprocess
-    import sys
+    from helpers import casd_run
 
-    r = subprocess.run(
-        [sys.executable, "-m", "casd", "serve", "--check-config", "--hook-url", "ftp://x/"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    r = casd_run("serve", "--check-config", "--hook-url", "ftp://x/")
     assert r.returncode == 2 and "--hook-url" in r.stderr and "Traceback" not in r.stderr

@@ -117,16 +117,9 @@ async def test_request_id_on_every_line_of_the_request(aiohttp_client, settings)
     ],
 )
 def test_bad_log_flags_are_one_line(args, message, tmp_path):
-    import subprocess
-    import sys
+    from helpers import casd_run
 
-    r = subprocess.run(
-        [sys.executable, "-m", "casd", "serve", "--data", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    r = casd_run("serve", "--data", str(tmp_path), *args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
 

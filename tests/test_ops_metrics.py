@@ -36,11 +36,6 @@ async def scrape(client, **headers) -> str:
     return await r.text()
 
 
-@pytest.fixture
-async def client(aiohttp_client, settings):
-    return await aiohttp_client(create_app(settings))
-
-
 async def test_upload_counts_bytes_chunks_dedup_and_routes(client):
     p = prepare(rand(3 * CHUNK + 100, seed=1), CHUNK)
     await upload(client, "", p)

@@ -8,8 +8,6 @@ import dataclasses
 import hashlib
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,8 @@ from casd.chunking import Chunking
 from casd.client import RACY_NS, CasdClient, Progress, transfer
 from casd.config import Settings
 from casd.web import create_app
-from helpers import prepare, rand
+from helpers import app_client as make_client
+from helpers import casd_run, prepare, rand
 
 CHUNK = 64 * 1024
 
@@ -28,15 +27,6 @@ CHUNK = 64 * 1024
 @pytest.fixture
 def settings(settings):
     return dataclasses.replace(settings, stream_uploads=True)
-
-
-@pytest.fixture
-async def client(aiohttp_client, settings):
-    return await aiohttp_client(create_app(settings))
-
-
-def make_client(aiohttp_client, settings, **changes):
-    return aiohttp_client(create_app(dataclasses.replace(settings, **changes)))
 
 
 async def open_stream(client, status: int = 201, **fields) -> dict:
@@ -645,24 +635,12 @@ def test_casd_upload_streams_to_a_real_daemon(daemon_factory, tmp_path):
     src.write_bytes(data)
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
     env.pop("CASD_TOKEN", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "casd", "upload", str(src), "--server", d.url, "--chunk-size", "1M"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = casd_run("upload", str(src), "--server", d.url, "--chunk-size", "1M", env=env)
     assert run.returncode == 0, run.stderr
     url = run.stdout.splitlines()[0]
     assert url.startswith(d.url + "/v1/files/")
     out = tmp_path / "out.bin"
-    run = subprocess.run(
-        [sys.executable, "-m", "casd", "download", url, "-o", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = casd_run("download", url, "-o", str(out), env=env)
     assert run.returncode == 0, run.stderr
     assert out.read_bytes() == data
     keys = [

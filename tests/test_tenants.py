@@ -25,7 +25,7 @@ from casd.client import CasdClient, CasdHTTPError
 from casd.maintenance import Maintenance
 from casd.tenants import CHECK_EVERY, Role, TokenFile, TokenTable, add_token
 from casd.web import TOKENS, create_app
-from helpers import blob_files, prepare, rand, snapshot
+from helpers import blob_files, casd_serve_run, prepare, rand, snapshot
 
 CHUNK = 64 * 1024
 KiB = 1024
@@ -498,36 +498,17 @@ async def test_the_cli_prints_one_line_for_401_403_and_quota(t, tmp_path, capsys
 # ---- the real daemon: start-up refusals and SIGHUP --------------------------------------
 
 
-def _serve(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "casd",
-            "serve",
-            "--data",
-            str(tmp_path / "d"),
-            "--port",
-            "0",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, CASD_TOKENS=""),
-    )
-
-
 def test_serve_refuses_a_bad_token_file_or_tokens_beside_token(tmp_path):
+    env = dict(os.environ, CASD_TOKENS="")
     path = tmp_path / "tokens"
     path.write_text("# ok\nsha256:" + "a" * 64 + " tenant=x role=boss\n")
-    r = _serve("--tokens", str(path), tmp_path=tmp_path)
+    r = casd_serve_run("--tokens", str(path), data=tmp_path / "d", env=env)
     assert r.returncode == 2 and "line 2" in r.stderr and "role" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    r = _serve("--tokens", str(path), "--check-config", tmp_path=tmp_path)
+    r = casd_serve_run("--tokens", str(path), "--check-config", data=tmp_path / "d", env=env)
     assert r.returncode == 2 and "line 2" in r.stderr
     write_tokens(path := tmp_path / "good")
-    r = _serve("--tokens", str(path), "--token", "t", tmp_path=tmp_path)
+    r = casd_serve_run("--tokens", str(path), "--token", "t", data=tmp_path / "d", env=env)
     assert r.returncode == 2 and "--tokens" in r.stderr and "--token" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
