@@ -338,3 +338,32 @@ def casd_serve_run(
     """`casd serve --data DATA --port 0 ARGS` run to its end (see casd_run): for start-ups
     that must refuse."""
     return casd_run("serve", "--data", str(data), "--port", "0", *args, env=env, fork=fork)
+
+
+def record_durability(monkeypatch) -> list[tuple[str, str]]:
+    """Records, in order, each temp file fsynced ("file", name), each folder fsynced
+    ("folder", path) and each catalogue transaction that committed ("commit", its
+    operations' names joined by commas): what docs/design.md's fsync order is checked on."""
+    from casd.blobstore import local
+    from casd.catalog.sqlite import GroupWriter
+
+    events: list[tuple[str, str]] = []
+    real_finish = local.TempBlob.finish
+    real_transact = GroupWriter._transact
+
+    def finish(self):
+        real_finish(self)
+        events.append(("file", self.path.name))
+
+    def fsync_dir(folder: Path) -> None:
+        events.append(("folder", str(folder)))
+
+    def transact(self, batch):
+        results = real_transact(self, batch)
+        events.append(("commit", ",".join(fn.__name__ for fn, _args, _fut in batch)))
+        return results
+
+    monkeypatch.setattr(local.TempBlob, "finish", finish)
+    monkeypatch.setattr(local, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(GroupWriter, "_transact", transact)
+    return events

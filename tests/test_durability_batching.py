@@ -10,9 +10,8 @@ from pathlib import Path
 
 from casd.blobstore import local
 from casd.blobstore.local import FolderSync
-from casd.catalog.sqlite import GroupWriter
 from casd.web import create_app
-from tests.helpers import prepare, rand
+from tests.helpers import prepare, rand, record_durability
 
 
 def wait_until(cond, what: str, timeout: float = 10.0) -> None:
@@ -108,25 +107,7 @@ async def test_a_new_chunk_is_durable_before_the_row_that_publishes_it_commits(
     """The temp file, the blob's folder and both fan-out folders above it are fsynced before
     the transaction that marks the chunk live commits (docs/design.md, 'What is fsynced
     before what')."""
-    events: list[tuple[str, str]] = []
-    real_finish = local.TempBlob.finish
-    real_transact = GroupWriter._transact
-
-    def finish(self):
-        real_finish(self)
-        events.append(("file", self.path.name))
-
-    def fsync_dir(folder: Path) -> None:
-        events.append(("folder", str(folder)))
-
-    def transact(self, batch):
-        results = real_transact(self, batch)
-        events.append(("commit", ",".join(fn.__name__ for fn, _args, _fut in batch)))
-        return results
-
-    monkeypatch.setattr(local.TempBlob, "finish", finish)
-    monkeypatch.setattr(local, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(GroupWriter, "_transact", transact)
+    events = record_durability(monkeypatch)
     client = await aiohttp_client(create_app(settings))
     p = prepare(rand(1000), 1000)
     r = await client.post("/v1/handshake", json=p.handshake)

@@ -20,7 +20,7 @@ from casd.blobstore.local import TempBlob
 from casd.client import CasdClient
 from casd.tenants import Role, add_token
 from casd.web import create_app
-from helpers import blob_files, rand, snapshot
+from helpers import blob_files, rand, record_durability, snapshot
 
 KiB = 1024
 CHUNK = 64 * KiB
@@ -590,28 +590,7 @@ async def test_the_blob_is_durable_before_the_commit_that_publishes_the_file(
 ):
     """The temp file, the blob's folder and both fan-out folders above it are fsynced before
     the one transaction that records chunk and file commits (docs/design.md)."""
-    from casd.blobstore import local
-    from casd.catalog.sqlite import GroupWriter
-
-    events: list[tuple[str, str]] = []
-    real_finish = local.TempBlob.finish
-    real_transact = GroupWriter._transact
-
-    def finish(self):
-        real_finish(self)
-        events.append(("file", self.path.name))
-
-    def fsync_dir(folder) -> None:
-        events.append(("folder", str(folder)))
-
-    def transact(self, batch):
-        results = real_transact(self, batch)
-        events.append(("commit", ",".join(fn.__name__ for fn, _args, _fut in batch)))
-        return results
-
-    monkeypatch.setattr(local.TempBlob, "finish", finish)
-    monkeypatch.setattr(local, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(GroupWriter, "_transact", transact)
+    events = record_durability(monkeypatch)
     headers = {}
     if quota:
         path = tmp_path / "tokens"

@@ -395,14 +395,15 @@ export async function upload(file, options = {}) {
     }
   }
 
-  async function postJson(path, body) {
+  // One request by fetch, retried as `retrying` says: [status, the JSON answer].
+  function fetchJson(method, path, contentType, body) {
     return retrying(async () => {
       let response, text;
       try {
         response = await fetch(endpoint(path), {
-          method: "POST",
-          headers: { ...headers, "Content-Type": "application/json" },
-          body: body === undefined ? undefined : JSON.stringify(body),
+          method,
+          headers: { ...headers, "Content-Type": contentType },
+          body,
           signal,
         });
         text = await response.text();
@@ -411,8 +412,13 @@ export async function upload(file, options = {}) {
         throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}${corsHint(root)}`);
       }
       if (!response.ok) throw errorFrom(response.status, text, response.headers.get("Retry-After"));
-      return JSON.parse(text);
+      return [response.status, JSON.parse(text)];
     });
+  }
+
+  async function postJson(path, body) {
+    const json = body === undefined ? undefined : JSON.stringify(body);
+    return (await fetchJson("POST", path, "application/json", json))[1];
   }
 
   // PUT by XMLHttpRequest rather than fetch: it streams the Blob slice from disk and
@@ -667,23 +673,7 @@ export async function upload(file, options = {}) {
     state.phase = "uploading";
     state.chunks_to_send = hashed.chunks.length;
     emit();
-    const [status, answer] = await retrying(async () => {
-      let response, text;
-      try {
-        response = await fetch(endpoint(path), {
-          method: "PUT",
-          headers: { ...headers, "Content-Type": "application/octet-stream" },
-          body: file,
-          signal,
-        });
-        text = await response.text();
-      } catch (err) {
-        if (signal?.aborted) throw abortReason(signal);
-        throw new CasdError(0, "network_error", `cannot reach casd at ${absolute("/")}: ${err.message}${corsHint(root)}`);
-      }
-      if (!response.ok) throw errorFrom(response.status, text, response.headers.get("Retry-After"));
-      return [response.status, JSON.parse(text)];
-    });
+    const [status, answer] = await fetchJson("PUT", path, "application/octet-stream", file);
     if (status === 201) {
       state.chunks_sent = hashed.chunks.length;
       state.bytes_sent = size;
