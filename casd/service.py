@@ -459,18 +459,9 @@ class Service:
         async with self._quota_turn(tenant) as held:
             now = self.clock()
             expires_at, new_id = self._expiry(now), secrets.token_hex(16)
-            if held is None:
-                upload = await self.catalog.begin_stream(
-                    algo, ext, name, now, expires_at, new_id, client
-                )
-            else:
-                begin_for = getattr(self.catalog, "begin_stream_for", None)
-                if begin_for is None:  # an engine without it: web.streams_offered says no
-                    raise NotFound("streamed uploads are not offered in tenant mode here")
-                assert size is not None
-                upload = await begin_for(
-                    held, size, algo, ext, name, now, expires_at, new_id, client
-                )
+            upload = await self.catalog.begin_stream(
+                algo, ext, name, now, expires_at, new_id, client, held, size
+            )
             if size is not None:
                 self._declared[upload.id] = _Declared(upload.tenant, size, 0, upload.expires_at)
         return upload
@@ -564,27 +555,11 @@ class Service:
             )
         now = self.clock()
         limits = StreamLimits(s.max_chunks, s.max_file_size)
-        if tenant is None:
-            batch = await self.catalog.append_stream(
-                upload_id, start, chunks, now, self._expiry(now), limits, client, self.budget
-            )
-        else:
-            # Missing unless stored and proved by this tenant; a size clash told only about
-            # chunks it proved (web.streams_offered offers tenant mode only where this is).
-            append_for = getattr(self.catalog, "append_stream_for", None)
-            if append_for is None:
-                raise NotFound("streamed uploads are not offered in tenant mode here")
-            batch = await append_for(
-                tenant.name,
-                upload_id,
-                start,
-                chunks,
-                now,
-                self._expiry(now),
-                limits,
-                client,
-                self.budget,
-            )
+        # In tenant mode: missing unless stored and proved by this tenant; a size clash told
+        # only about chunks it proved.
+        batch = await self.catalog.append_stream(
+            upload_id, start, chunks, now, self._expiry(now), limits, client, self.budget, tenant
+        )
         if batch is None:
             raise NotFound(f"no open streamed upload {upload_id!r} (merged, aborted or expired)")
         if declared is not None:

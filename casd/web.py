@@ -728,12 +728,9 @@ def streams_offered(app: web.Application) -> bool:
     """Whether v1.1 streamed uploads are offered: unless --no-stream-uploads, and only
     without a pre-handshake policy hook, which decides on a file's digest and size before
     any chunk is accepted (a streamed upload has its digest only at merge). In tenant mode
-    (the quota is checked against the size declared at open) only with an engine that
-    records a streamed upload's tenant (SQLite)."""
+    too, on every engine: the quota is checked against the size declared at open."""
     settings = app[SETTINGS]
-    if not settings.stream_uploads or settings.hook_pre_handshake is not None:
-        return False
-    return settings.tokens is None or hasattr(app[SERVICE].catalog, "begin_stream_for")
+    return settings.stream_uploads and settings.hook_pre_handshake is None
 
 
 def _offered(request: web.Request) -> None:

@@ -303,11 +303,18 @@ class Catalog(Protocol):
         expires_at: float,
         new_id: str,
         client: str = "",
+        tenant: Tenant | None = None,
+        size: int | None = None,
     ) -> Upload:
         """Create an open streamed upload (protocol v1.1), id `new_id`, with no chunks yet.
 
         It is a pending upload whose manifest is unsealed (see `UNSEALED_KEY`): its digest is
         `placeholder(algo)` and its size the sum of the chunks listed so far.
+
+        With `tenant`: the upload is that tenant's, and it is refused with QuotaExceeded
+        (nothing written) when the bytes the tenant owns, plus its live pending uploads, plus
+        `size` (the file size its client declares; required with a tenant) are over
+        `tenant.quota`: checked in the transaction that records the upload, as begin_upload's.
         """
 
     async def append_stream(
@@ -320,6 +327,7 @@ class Catalog(Protocol):
         limits: StreamLimits,
         client: str = "",
         budget: PendingBudget | None = None,
+        tenant: Tenant | None = None,
     ) -> StreamBatch | None:
         """Append `chunks` to an open streamed upload's list at position `start`, push its
         expiry forward, and say which of them the server lacks; one transaction.
@@ -329,6 +337,12 @@ class Catalog(Protocol):
         `limits`; TooManyPending/TooLarge past `budget`, as for a new upload of that many
         entries; BadRequest when a digest comes with another size than this upload or the
         stored chunk gives it.
+
+        With `tenant`: `missing` lists the batch's chunks that are not both stored and proved
+        by that tenant, and only chunks it proved are checked for a size clash with the
+        stored chunk (as begin_upload's: a clash with a chunk it never proved would tell it
+        someone stored that digest; such a chunk is listed missing and its PUT fails
+        verification).
         """
 
     async def seal_stream(

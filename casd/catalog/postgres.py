@@ -136,6 +136,11 @@ _CLASH = (
     " WHERE mc.manifest_id = $1 AND c.state = $2 AND c.size <> mc.size"
 )
 _PROVED = " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = $3 AND t.digest = mc.digest)"
+# The same for a stored chunk `c`, when the tenant (parameter n, text) is not null.
+_PROVED_IF_TENANT = (
+    " AND (${n}::text IS NULL OR EXISTS"
+    " (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ${n} AND t.digest = c.digest))"
+)
 _PENDING_ENTRIES = (
     "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u"
     " JOIN manifests m ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > $1"
@@ -462,9 +467,13 @@ class PostgresCatalog:
         expires_at: float,
         new_id: str,
         client: str = "",
+        tenant: Tenant | None = None,
+        size: int | None = None,
     ) -> Upload:
         """See casd.catalog.Catalog.begin_stream."""
-        return await self._run(_begin_stream, algo, ext, name, now, expires_at, new_id, client)
+        return await self._run(
+            _begin_stream, algo, ext, name, now, expires_at, new_id, client, tenant, size
+        )
 
     async def append_stream(
         self,
@@ -476,10 +485,20 @@ class PostgresCatalog:
         limits: StreamLimits,
         client: str = "",
         budget: PendingBudget | None = None,
+        tenant: Tenant | None = None,
     ) -> StreamBatch | None:
         """See casd.catalog.Catalog.append_stream."""
         return await self._run(
-            _append_stream, upload_id, start, chunks, now, expires_at, limits, client, budget
+            _append_stream,
+            upload_id,
+            start,
+            chunks,
+            now,
+            expires_at,
+            limits,
+            client,
+            budget,
+            tenant,
         )
 
     async def seal_stream(
@@ -1205,7 +1224,14 @@ async def _begin_stream(
     expires_at: float,
     new_id: str,
     client: str,
+    tenant: Tenant | None = None,
+    size: int | None = None,
 ) -> Upload:
+    owner = tenant.name if tenant is not None else ""
+    if tenant is not None and tenant.quota is not None:
+        if size is None:
+            raise ValueError("a tenant's streamed upload needs its declared size")
+        await _check_quota(con, tenant.name, tenant.quota, size, now)
     digest = placeholder(algo)
     manifest_id = await con.fetchval(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
@@ -1216,8 +1242,8 @@ async def _begin_stream(
         now,
     )
     await con.execute(
-        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
-        " VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7)",
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client,"
+        " tenant) VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
         new_id,
         manifest_id,
         ext,
@@ -1225,8 +1251,20 @@ async def _begin_stream(
         now,
         expires_at,
         client,
+        owner,
     )
-    return Upload(new_id, manifest_id, digest, 0, ext, name, UploadState.PENDING, expires_at, False)
+    return Upload(
+        new_id,
+        manifest_id,
+        digest,
+        0,
+        ext,
+        name,
+        UploadState.PENDING,
+        expires_at,
+        False,
+        tenant=owner,
+    )
 
 
 async def _append_stream(
@@ -1239,6 +1277,7 @@ async def _append_stream(
     limits: StreamLimits,
     client: str,
     budget: PendingBudget | None,
+    tenant: Tenant | None = None,
 ) -> StreamBatch | None:
     # New references to chunks: gc's mark waits for this transaction (see _begin_upload).
     await con.execute("SELECT pg_advisory_xact_lock_shared($1)", _REFERENCE_KEY)
@@ -1260,14 +1299,18 @@ async def _append_stream(
     listed = ChunkList.of(chunks)
     uses = packed.distinct(listed)
     batch = sorted(uses)
-    # A digest this upload listed before with another size, or stored with another size.
+    owner = tenant.name if tenant is not None else None
+    # A digest this upload listed before with another size, or stored with another size. In
+    # tenant mode a stored chunk counts (for a clash, and as present) only when the tenant
+    # proved it: see _CLASH. A clash with one it never proved is not told; its PUT fails.
     clash = await con.fetch(
         "SELECT digest, size FROM manifest_digests WHERE manifest_id = $1"
-        " AND digest = ANY($2::text[]) UNION ALL SELECT digest, size FROM chunks"
-        " WHERE digest = ANY($2::text[]) AND state = $3",
+        " AND digest = ANY($2::text[]) UNION ALL SELECT digest, size FROM chunks c"
+        " WHERE digest = ANY($2::text[]) AND state = $3" + _PROVED_IF_TENANT.format(n=4),
         manifest_id,
         batch,
         LIVE,
+        owner,
     )
     for hex_, known in clash:
         if uses[hex_] != known:
@@ -1285,7 +1328,11 @@ async def _append_stream(
     )
     await con.execute("UPDATE uploads SET expires_at = $1 WHERE id = $2", expires_at, upload_id)
     rows = await con.fetch(
-        "SELECT digest FROM chunks WHERE digest = ANY($1::text[]) AND state = $2", batch, LIVE
+        "SELECT digest FROM chunks c WHERE digest = ANY($1::text[]) AND state = $2"
+        + _PROVED_IF_TENANT.format(n=3),
+        batch,
+        LIVE,
+        owner,
     )
     present = {r[0] for r in rows}
     missing = list(dict.fromkeys(c.hex for c in chunks if c.hex not in present))

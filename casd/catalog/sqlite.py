@@ -497,10 +497,12 @@ class _Daemon:
         expires_at: float,
         new_id: str,
         client: str = "",
+        tenant: Tenant | None = None,
+        size: int | None = None,
     ) -> Upload:
         """See casd.catalog.Catalog.begin_stream."""
         return await self._group.run(
-            _begin_stream, algo, ext, name, now, expires_at, new_id, client
+            _begin_stream, algo, ext, name, now, expires_at, new_id, client, tenant, size
         )
 
     async def append_stream(
@@ -513,10 +515,20 @@ class _Daemon:
         limits: StreamLimits,
         client: str = "",
         budget: PendingBudget | None = None,
+        tenant: Tenant | None = None,
     ) -> StreamBatch | None:
         """See casd.catalog.Catalog.append_stream."""
         return await self._group.run(
-            _append_stream, upload_id, start, chunks, now, expires_at, limits, client, budget
+            _append_stream,
+            upload_id,
+            start,
+            chunks,
+            now,
+            expires_at,
+            limits,
+            client,
+            budget,
+            tenant,
         )
 
     async def seal_stream(
@@ -1008,6 +1020,9 @@ _STORED_AND_CLASHES = (
     " JOIN chunks c ON c.digest = mc.digest WHERE mc.manifest_id = ? AND c.state = ?"
 )
 _PROVED = " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = mc.digest)"
+_PROVED_CHUNK = (
+    " AND EXISTS (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ? AND t.digest = c.digest)"
+)
 
 
 def _tenant_usage(con: sqlite3.Connection, tenant: str, now: float) -> tuple[int, int]:
@@ -1047,7 +1062,14 @@ def _begin_stream(
     expires_at: float,
     new_id: str,
     client: str,
+    tenant: Tenant | None = None,
+    size: int | None = None,
 ) -> Upload:
+    owner = tenant.name if tenant is not None else ""
+    if tenant is not None and tenant.quota is not None:
+        if size is None:
+            raise ValueError("a tenant's streamed upload needs its declared size")
+        _check_quota(con, tenant.name, tenant.quota, size, now)
     digest = placeholder(algo)
     manifest_id: int = con.execute(
         "INSERT INTO manifests (algo, digest, size, chunks_key, chunk_count, created)"
@@ -1055,11 +1077,22 @@ def _begin_stream(
         (algo.value, digest.hex, UNSEALED_KEY, now),
     ).fetchone()[0]
     con.execute(
-        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client)"
-        " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-        (new_id, manifest_id, ext, name, now, expires_at, client),
+        "INSERT INTO uploads (id, manifest_id, ext, name, state, created, expires_at, client,"
+        " tenant) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+        (new_id, manifest_id, ext, name, now, expires_at, client, owner),
     )
-    return Upload(new_id, manifest_id, digest, 0, ext, name, UploadState.PENDING, expires_at, False)
+    return Upload(
+        new_id,
+        manifest_id,
+        digest,
+        0,
+        ext,
+        name,
+        UploadState.PENDING,
+        expires_at,
+        False,
+        tenant=owner,
+    )
 
 
 def _append_stream(
@@ -1072,6 +1105,7 @@ def _append_stream(
     limits: StreamLimits,
     client: str,
     budget: PendingBudget | None,
+    tenant: Tenant | None = None,
 ) -> StreamBatch | None:
     row = con.execute(
         "SELECT m.id, m.chunk_count, m.size FROM uploads u JOIN manifests m"
@@ -1089,12 +1123,16 @@ def _append_stream(
     uses = packed.distinct(listed)
     batch = sorted(uses)
     marks = ",".join("?" * len(batch))
+    # In tenant mode a stored chunk counts (for a clash, and as present) only when the tenant
+    # proved it: see _CLASH. A clash with one it never proved is not told; its PUT fails.
+    proved, by = ("", ()) if tenant is None else (_PROVED_CHUNK, (tenant.name,))
     if batch:
         # A digest this upload listed before with another size, or stored with another size.
         clash = con.execute(
             f"SELECT digest, size FROM manifest_digests WHERE manifest_id = ? AND digest IN ({marks})"
-            f" UNION ALL SELECT digest, size FROM chunks WHERE digest IN ({marks}) AND state = ?",
-            (manifest_id, *batch, *batch, LIVE),
+            f" UNION ALL SELECT digest, size FROM chunks c WHERE digest IN ({marks}) AND state = ?"
+            + proved,
+            (manifest_id, *batch, *batch, LIVE, *by),
         ).fetchall()
         for hex_, known in clash:
             if uses[hex_] != known:
@@ -1113,8 +1151,8 @@ def _append_stream(
         {
             r[0]
             for r in con.execute(
-                f"SELECT digest FROM chunks WHERE digest IN ({marks}) AND state = ?",
-                (*batch, LIVE),
+                f"SELECT digest FROM chunks c WHERE digest IN ({marks}) AND state = ?" + proved,
+                (*batch, LIVE, *by),
             )
         }
         if batch
@@ -1899,126 +1937,6 @@ class _Admin:
 class SqliteCatalog(_Daemon, _Admin):
     """The catalogue in one SQLite file: the `Catalog` interface of casd.catalog, whose
     docstrings give each method's contract."""
-
-    async def begin_stream_for(
-        self,
-        tenant: Tenant,
-        size: int,
-        algo: Algo,
-        ext: str,
-        name: str,
-        now: float,
-        expires_at: float,
-        new_id: str,
-        client: str = "",
-    ) -> Upload:
-        """begin_stream in tenant mode: the upload is `tenant`'s, and it is refused
-        (QuotaExceeded, nothing recorded) unless `size`, the file size its client declares,
-        fits the tenant's quota (tenant.quota None: no check); one transaction."""
-        return await self._group.run(
-            _begin_stream_for, tenant, size, algo, ext, name, now, expires_at, new_id, client
-        )
-
-    async def append_stream_for(
-        self,
-        tenant: str,
-        upload_id: str,
-        start: int,
-        chunks: list[ChunkRef],
-        now: float,
-        expires_at: float,
-        limits: StreamLimits,
-        client: str = "",
-        budget: PendingBudget | None = None,
-    ) -> StreamBatch | None:
-        """append_stream in tenant mode: `missing` lists the batch's chunks that are not both
-        stored and proved by `tenant`, and a size clash is told only about chunks it proved
-        (as a handshake's); one transaction."""
-        return await self._group.run(
-            _append_stream_for,
-            tenant,
-            upload_id,
-            start,
-            chunks,
-            now,
-            expires_at,
-            limits,
-            client,
-            budget,
-        )
-
-
-def _begin_stream_for(
-    con: sqlite3.Connection,
-    tenant: Tenant,
-    size: int,
-    algo: Algo,
-    ext: str,
-    name: str,
-    now: float,
-    expires_at: float,
-    new_id: str,
-    client: str,
-) -> Upload:
-    if tenant.quota is not None:
-        _check_quota(con, tenant.name, tenant.quota, size, now)
-    upload = _begin_stream(con, algo, ext, name, now, expires_at, new_id, client)
-    con.execute("UPDATE uploads SET tenant = ? WHERE id = ?", (tenant.name, new_id))
-    return dataclasses.replace(upload, tenant=tenant.name)
-
-
-def _append_stream_for(
-    con: sqlite3.Connection,
-    tenant: str,
-    upload_id: str,
-    start: int,
-    chunks: list[ChunkRef],
-    now: float,
-    expires_at: float,
-    limits: StreamLimits,
-    client: str,
-    budget: PendingBudget | None,
-) -> StreamBatch | None:
-    hexes = sorted({c.hex for c in chunks})
-    marks = ",".join("?" * len(hexes))
-    proved: set[str] = set()
-    hidden: list[str] = []
-    if hexes:
-        given = {c.hex: c.size for c in chunks}
-        proved = {
-            r[0]
-            for r in con.execute(
-                f"SELECT digest FROM tenant_chunks WHERE tenant = ? AND digest IN ({marks})",
-                (tenant, *hexes),
-            )
-        }
-        # Stored with another size than this batch gives, and never proved by this tenant:
-        # no clash for it (a handshake's rule: saying so would say the digest is stored);
-        # its PUT fails verification instead. _append_stream's clash check sees them as not
-        # stored: their state is set aside inside this operation's savepoint and put back
-        # before it ends, so no other operation or reader ever sees it.
-        hidden = [
-            d
-            for d, size in con.execute(
-                f"SELECT digest, size FROM chunks WHERE digest IN ({marks}) AND state = ?",
-                (*hexes, LIVE),
-            )
-            if d not in proved and given[d] != size
-        ]
-    hide = ",".join("?" * len(hidden))
-    if hidden:
-        con.execute(
-            f"UPDATE chunks SET state = ? WHERE digest IN ({hide})",
-            (DELETING, *hidden),
-        )
-    batch = _append_stream(con, upload_id, start, chunks, now, expires_at, limits, client, budget)
-    if hidden:
-        con.execute(f"UPDATE chunks SET state = ? WHERE digest IN ({hide})", (LIVE, *hidden))
-    if batch is None:
-        return None
-    lacking = set(batch.missing)
-    missing = list(dict.fromkeys(c.hex for c in chunks if c.hex in lacking or c.hex not in proved))
-    return dataclasses.replace(batch, missing=missing)
 
 
 def _store_file(
