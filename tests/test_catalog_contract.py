@@ -463,6 +463,84 @@ async def test_quota_counts_owned_and_pending_bytes_and_a_race_takes_it_once(cat
     await cat.begin_upload(manifest(6, [("u", 9)]), "k", T0, LATER, "6" * 32, tenant=Tenant("z", 9))
 
 
+async def test_a_tenants_stream_is_its_own_and_misses_what_it_did_not_prove(cat):
+    store = Store()
+    for t in ("x", "y"):
+        await publish(cat, store, t)
+    await cat.prove_chunk("a", dg("x"))
+    await cat.prove_chunk("b", dg("y"))
+    up = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "s" * 32, "c1", tenant=A, size=3)
+    assert up.tenant == "a" and not up.sealed
+    assert await cat.get_upload(up.id) == up
+    listed = refs([("y", 1), ("x", 1), ("z", 1), ("y", 1)])
+    batch = await cat.append_stream(up.id, 0, listed, T0, LATER, ROOMY, tenant=A)
+    # y is stored but proved by b only, z stored by nobody: alike to a, both missing.
+    assert batch.missing == [hx("y"), hx("z")]
+    assert (await cat.tenant_usage(T0))["a"].pending_bytes == 4
+    # The same batch without a tenant: only what is not stored.
+    free = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "f" * 32)
+    assert free.tenant == ""
+    batch = await cat.append_stream(free.id, 0, listed, T0, LATER, ROOMY)
+    assert batch.missing == [hx("z")]
+    # Sealed and proved, the upload registers as a's file only.
+    await publish(cat, store, "z")
+    for t in ("y", "z"):
+        await cat.prove_chunk("a", dg(t))
+    await cat.seal_stream(up.id, dg("file"), 4, "stream:s")
+    entry = await cat.register_file(up.id, T0)
+    assert await cat.get_file(entry.digest, "a") == entry
+    assert await cat.get_file(entry.digest, "b") is None
+
+
+async def test_a_tenants_stream_over_its_quota_is_refused_and_writes_nothing(cat):
+    store = Store()
+    q = Tenant("q", quota=10)
+    await publish(cat, store, "x", size=4)
+    up, _ = await cat.begin_upload(manifest(1, [("x", 4)]), "k", T0, LATER, "1" * 32, tenant=q)
+    await cat.prove_chunk("q", dg("x"))
+    await cat.register_file(up.id, T0)
+    s1 = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "2" * 32, tenant=q, size=6)
+    await cat.append_stream(s1.id, 0, refs([("p", 3)]), T0, LATER, ROOMY, tenant=q)
+    before = (await cat.pending_uploads(), await cat.stats_counts(T0))
+    with pytest.raises(QuotaExceeded) as info:  # 4 owned + 3 listed + 4 declared > 10
+        await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "3" * 32, tenant=q, size=4)
+    assert (info.value.extra["quota"], info.value.extra["usage"]) == (10, 7)
+    assert (await cat.pending_uploads(), await cat.stats_counts(T0)) == before
+    assert await cat.get_upload("3" * 32) is None
+    s2 = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "4" * 32, tenant=q, size=3)
+    assert s2.tenant == "q"
+    # Without a quota, or without a tenant, there is nothing to check.
+    await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "5" * 32, tenant=Tenant("r"), size=99)
+    await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "6" * 32)
+
+
+async def test_a_tenants_stream_is_told_no_size_clash_about_a_chunk_it_never_proved(cat):
+    store = Store()
+    await publish(cat, store, "x", size=5)
+    # b never held x: a clash would tell it x is stored. It is listed as missing, as a digest
+    # nobody stored would be, and its PUT will fail verification.
+    up = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "b" * 32, tenant=B, size=99)
+    batch = await cat.append_stream(up.id, 0, refs([("x", 6)]), T0, LATER, ROOMY, tenant=B)
+    assert (batch.count, batch.size, batch.missing) == (1, 6, [hx("x")])
+    # x is untouched: live, with its size, not missing to anyone who does not need a proof.
+    row = next(r for r in await cat.all_chunks() if r.digest.hex == hx("x"))
+    assert (row.state, row.size) == (LIVE, 5)
+    probe = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "p" * 32)
+    batch = await cat.append_stream(probe.id, 0, refs([("x", 5)]), T0, LATER, ROOMY)
+    assert batch.missing == []
+    # Its own listing still binds it: x was listed with size 6.
+    with pytest.raises(BadRequest):
+        await cat.append_stream(up.id, 1, refs([("x", 5)]), T0, LATER, ROOMY, tenant=B)
+    # a proved x: it is told of its clash, and nothing is written.
+    await cat.prove_chunk("a", dg("x"))
+    mine = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "a" * 32, tenant=A, size=99)
+    with pytest.raises(BadRequest):
+        await cat.append_stream(mine.id, 0, refs([("x", 6)]), T0, LATER, ROOMY, tenant=A)
+    assert await cat.manifest_page(mine.manifest_id, 0, 10) == []
+    batch = await cat.append_stream(mine.id, 0, refs([("x", 5)]), T0, LATER, ROOMY, tenant=A)
+    assert batch.missing == []
+
+
 async def test_gc_retiring_a_chunk_drops_its_proofs(cat):
     store = Store()
     await publish(cat, store, "x")
