@@ -675,10 +675,10 @@ async def test_a_tenant_at_its_quota_can_still_heal_a_file_it_owns(t):
 
 
 @pytest.fixture
-async def st(aiohttp_client, settings, tmp_path) -> Tenants:
-    """Tenant mode offering streamed uploads."""
+async def st(aiohttp_client, engine_settings, tmp_path) -> Tenants:
+    """Tenant mode offering streamed uploads, on each engine."""
     return await _tenants(
-        aiohttp_client, dataclasses.replace(settings, stream_uploads=True), tmp_path
+        aiohttp_client, dataclasses.replace(engine_settings, stream_uploads=True), tmp_path
     )
 
 
@@ -870,12 +870,22 @@ async def test_the_python_client_streams_in_tenant_mode_and_proves_every_chunk(
     assert (info.value.status, info.value.code) == (413, "quota_exceeded")
 
 
-async def test_tenant_mode_on_postgresql_does_not_offer_streamed_uploads(
+async def test_tenant_mode_on_postgresql_offers_and_enforces_streamed_uploads(
     aiohttp_client, settings, tmp_path, postgres_url
 ):
-    # Its engine does not record a streamed upload's tenant: v1 only there.
     s = dataclasses.replace(settings, catalog=postgres_url, stream_uploads=True)
     t = await _tenants(aiohttp_client, s, tmp_path)
     status, body = await t.call("alice", "GET", "/v1/capabilities")
-    assert status == 200 and body["stream_uploads"] is False and body["versions"] == ["1"]
-    assert (await stream_open(t, "alice", 10))[0] == 404
+    assert status == 200 and body["stream_uploads"] is True and "1.1" in body["versions"]
+    # The quota at open, and the tenant's own proofs in a batch's missing list.
+    status, body = await stream_open(t, "carol", 301 * KiB)
+    assert (status, body["error"]) == (413, "quota_exceeded"), body
+    p = prepare(rand(2 * CHUNK + 1), CHUNK)
+    await t.upload("alice", p)
+    status, opened = await stream_open(t, "bob", len(p.data))
+    assert status == 201, opened
+    status, body = await stream_batch(t, "bob", opened["upload_id"], p)
+    assert status == 200 and body["missing"] == p.order, body
+    status, opened = await stream_open(t, "alice", len(p.data))
+    status, body = await stream_batch(t, "alice", opened["upload_id"], p)
+    assert status == 200 and body["missing"] == [], body
