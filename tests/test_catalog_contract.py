@@ -509,6 +509,14 @@ async def test_a_tenants_stream_over_its_quota_is_refused_and_writes_nothing(cat
     assert await cat.get_upload("3" * 32) is None
     s2 = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "4" * 32, tenant=q, size=3)
     assert s2.tenant == "q"
+    # What a daemon reserved at open is that daemon's; the catalogue bounds what every
+    # upload lists: 4 owned + 3 listed + 4 more > 10, refused, nothing written.
+    before = (await cat.pending_uploads(), await cat.stats_counts(T0))
+    with pytest.raises(QuotaExceeded):
+        await cat.append_stream(s2.id, 0, refs([("r", 4)]), T0, LATER, ROOMY, tenant=q)
+    assert (await cat.pending_uploads(), await cat.stats_counts(T0)) == before
+    batch = await cat.append_stream(s2.id, 0, refs([("r", 3)]), T0, LATER, ROOMY, tenant=q)
+    assert (batch.count, batch.size) == (1, 3)
     # Without a quota, or without a tenant, there is nothing to check.
     await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "5" * 32, tenant=Tenant("r"), size=99)
     await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "6" * 32)

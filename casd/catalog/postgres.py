@@ -1296,6 +1296,10 @@ async def _append_stream(
     if budget is not None and chunks:
         await con.execute("SELECT pg_advisory_xact_lock($1)", _BUDGET_KEY)
         await _check_budget(con, budget, client, len(chunks), now)
+    if tenant is not None and tenant.quota is not None and chunks:
+        # What the daemon reserved at open lives in that daemon only: the catalogue holds
+        # what every daemon's uploads listed to the quota, batch by batch.
+        await _check_quota(con, tenant.name, tenant.quota, sum(c.size for c in chunks), now)
     listed = ChunkList.of(chunks)
     uses = packed.distinct(listed)
     batch = sorted(uses)

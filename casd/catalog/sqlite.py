@@ -1119,6 +1119,10 @@ def _append_stream(
     check_stream_batch(start, chunks, count, size, limits)
     if budget is not None and chunks:
         _check_budget(con, budget, client, len(chunks), now)
+    if tenant is not None and tenant.quota is not None and chunks:
+        # What the daemon reserved at open lives in that daemon only: the catalogue holds
+        # what every daemon's uploads listed to the quota, batch by batch.
+        _check_quota(con, tenant.name, tenant.quota, sum(c.size for c in chunks), now)
     listed = ChunkList.of(chunks)
     uses = packed.distinct(listed)
     batch = sorted(uses)
