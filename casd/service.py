@@ -1028,6 +1028,9 @@ class Service:
     async def _extend(self, state: FileHash, all_present: bool) -> None:
         """Called with state.lock held."""
         while not state.done:
+            # Read before the page: a merge may seal the list while this hashes it, and the
+            # entries listed after the page was read are not in it.
+            open_ended = state.open_ended
             page = await self.catalog.manifest_page(state.manifest_id, state.next, MANIFEST_PAGE)
             ready = page
             if not all_present and page:
@@ -1044,8 +1047,8 @@ class Service:
             if len(ready) < len(page):
                 return  # stopped at a chunk not stored yet
             if len(page) < MANIFEST_PAGE:
-                if state.open_ended and not all_present:
-                    return  # more digests may come; the next PUT looks again
+                if open_ended and not all_present:
+                    return  # more digests may come (or came): the next PUT or merge looks
                 state.done = True
 
     async def _hash_turn(

@@ -677,3 +677,48 @@ async def test_a_stored_file_streamed_again_merges_at_once_and_says_instant(clie
     r = await client.post(f"/v1/uploads/{uid}/merge", json={**claim, "size": len(p.data) + 1})
     await assert_error(r, 404, "not_found")
     assert await download(client, again["url"]) == p.data
+
+
+async def test_a_merge_sealing_the_list_while_hash_ahead_hashes_it_still_hashes_the_rest(
+    client, monkeypatch
+):
+    """Hash-ahead read the list when it held two entries and is hashing them; meanwhile a
+    third is listed and sent, and merge seals the list. Hash-ahead must not take the end of
+    the page it read for the end of the file."""
+    from casd.blobstore.local import LocalBlobStore
+    from casd.web import SERVICE
+
+    service = client.server.app[SERVICE]
+    gate, held = asyncio.Event(), asyncio.Event()
+    real_feed = LocalBlobStore.feed_run
+
+    async def feed_run(self, algo, run, sink, executor=None):
+        if asyncio.current_task() in service._background and not gate.is_set():
+            held.set()
+            await gate.wait()
+        return await real_feed(self, algo, run, sink, executor)
+
+    monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
+    p = prepare(rand(3 * CHUNK), CHUNK)
+    entries = p.handshake["chunks"]
+    uid = (await open_stream(client))["upload_id"]
+    await add(client, uid, 0, entries[:2])
+    await put(client, uid, p.order[1], p.chunks[p.order[1]], status=201)
+    await put(client, uid, p.order[0], p.chunks[p.order[0]], status=201)  # in order: fed
+    await asyncio.wait_for(held.wait(), 10)  # hash-ahead is hashing chunk 1, list read
+    await add(client, uid, 2, entries[2:])
+    await put(client, uid, p.order[2], p.chunks[p.order[2]], status=201)
+    merging = asyncio.create_task(
+        client.post(f"/v1/uploads/{uid}/merge", json={"md5": p.digest, "size": len(p.data)})
+    )
+    for _ in range(10_000):  # until the merge has sealed the list and waits for the hash
+        state = service._file_hashes.get(uid)
+        if state is not None and state.merging:
+            break
+        await asyncio.sleep(0.001)
+    else:
+        raise AssertionError("the merge never started hashing")
+    gate.set()
+    r = await merging
+    assert r.status == 200, await r.text()
+    assert await download(client, (await r.json())["url"]) == p.data
