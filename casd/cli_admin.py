@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from casd.catalog import TenantUsage
+from casd.catalog import TenantUsage, placeholder
 from casd.cli_common import (
     CliError,
     add_data_arg,
@@ -459,11 +459,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def _streaming(u: PendingUpload) -> bool:
+    """A v1.1 streamed upload still open: its digest comes at merge."""
+    return u.digest == placeholder(u.digest.algo)
+
+
 def _upload_json(u: PendingUpload, now: float) -> dict:
     return {
         "id": u.id,
         "algo": u.digest.algo.value,
-        "digest": u.digest.hex,
+        "digest": None if _streaming(u) else u.digest.hex,
+        "streaming": _streaming(u),
         "size": u.size,
         "chunk_entries": u.entries,
         "name": u.name,
@@ -484,7 +490,8 @@ def cmd_uploads_ls(args: argparse.Namespace) -> int:
         for u in ups:
             expired = " (expired)" if u.expires_at <= now else ""
             print(
-                f"{u.id}  {u.digest.hex}  {u.size:>14}  {u.entries:>8} entries"
+                f"{u.id}  {'(streaming: digest at merge)' if _streaming(u) else u.digest.hex}"
+                f"  {u.size:>14}  {u.entries:>8} entries"
                 f"  {format_timestamp(u.created)}  {format_timestamp(u.expires_at)}{expired}  {u.client or '-'}"
             )
         return 0

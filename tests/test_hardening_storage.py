@@ -177,9 +177,20 @@ def test_uploads_ls_abort_and_stats_show_what_pending_uploads_hold(daemon):
         len(p.data),
         500,
     )
-    assert u["client"] == "addr:127.0.0.1" and u["expired"] is False
+    assert u["client"] == "addr:127.0.0.1" and u["expired"] is False and not u["streaming"]
     text = casd(daemon.data_dir, "uploads", "ls")
     assert text.returncode == 0 and hs["upload_id"] in text.stdout and "500 entries" in text.stdout
+    # A v1.1 streamed upload still open has no digest yet: said so, not shown as zeros.
+    status, opened = request_json("POST", f"{daemon.url}/v1/uploads", json={"size": 10})
+    assert status == 201, opened
+    code, ups = casd_json(daemon.data_dir, "uploads", "ls")
+    (streamed,) = [u for u in ups if u["id"] == opened["upload_id"]]
+    assert streamed["streaming"] is True and streamed["digest"] is None
+    text = casd(daemon.data_dir, "uploads", "ls").stdout
+    (line,) = [t for t in text.splitlines() if opened["upload_id"] in t]
+    assert "(streaming: digest at merge)" in line and "0" * 32 not in line
+    r = casd(daemon.data_dir, "uploads", "abort", opened["upload_id"])
+    assert r.returncode == 0
 
     code, stats = casd_json(daemon.data_dir, "stats")
     assert stats["pending_chunk_entries"] == 500
