@@ -28,6 +28,11 @@ def _error(description: str) -> dict:
 # Every answer may be an error in the one JSON shape; the codes listed per operation are the
 # ones PROTOCOL.md names, and `default` covers the rest (401, 405, 413, 415, 429, 500, 507...).
 _ERRORS = {"default": _error("an error in the JSON error shape")}
+# A request body of raw bytes: a chunk, or a whole one-chunk file.
+_BINARY_BODY = {
+    "required": True,
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}
 # In tenant mode (docs/tenants.md) a token whose role may not do an operation gets 403.
 _ROLE = {"403": _error("forbidden: this token's role may not do this (tenant mode)")}
 
@@ -310,14 +315,7 @@ def document() -> dict:
                         "schema": {"type": "string", "pattern": _HEX},
                     },
                 ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        }
-                    },
-                },
+                "requestBody": _BINARY_BODY,
                 "responses": {
                     "201": _json(_ref("ChunkStored"), "stored"),
                     "200": _json(_ref("ChunkStored"), "already held"),
@@ -429,14 +427,7 @@ def document() -> dict:
                         "schema": {"type": "integer", "minimum": 0},
                     },
                 ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        }
-                    },
-                },
+                "requestBody": _BINARY_BODY,
                 "responses": {
                     "201": _json(_ref("Complete"), "stored by this request"),
                     "200": _json(_ref("Complete"), "complete already; the body was not read"),
