@@ -367,3 +367,17 @@ def record_durability(monkeypatch) -> list[tuple[str, str]]:
     monkeypatch.setattr(local, "fsync_dir", fsync_dir)
     monkeypatch.setattr(GroupWriter, "_transact", transact)
     return events
+
+
+def settle(path: Path) -> None:
+    """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
+    import time
+
+    from casd.client import RACY_NS
+
+    st = path.stat()
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    deadline = time.monotonic() + 5
+    while time.time_ns() < newest + 2 * RACY_NS:
+        assert time.monotonic() < deadline, "clock did not advance"
+        time.sleep(RACY_NS / 1e9)

@@ -30,6 +30,7 @@ from casd.client import (
     hash_file,
 )
 from casd.digest import Algo
+from helpers import settle
 
 MiB = 1024 * 1024
 CHUNK = 5 * MiB
@@ -41,16 +42,6 @@ def cache_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     return home / "casd"
-
-
-def settle(path: Path) -> None:
-    """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
-    st = path.stat()
-    newest = max(st.st_mtime_ns, st.st_ctime_ns)
-    deadline = time.monotonic() + 5
-    while time.time_ns() < newest + 2 * RACY_NS:
-        assert time.monotonic() < deadline, "clock did not advance"
-        time.sleep(RACY_NS / 1e9)
 
 
 def fast_client(url: str, **kw) -> CasdClient:

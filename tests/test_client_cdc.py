@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 
 import pytest
 
 from casd.chunking import Chunking, chunk_spans
 from casd.client import (
-    RACY_NS,
     CasdClient,
     DigestCache,
     hash_file,
 )
 from casd.client.hashing import file_digests
 from casd.digest import Algo
-from helpers import insertion_case
+from helpers import insertion_case, settle
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -30,16 +28,6 @@ def cache_home(tmp_path, monkeypatch):
     home = tmp_path / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     return home / "casd"
-
-
-def settle(path) -> None:
-    """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
-    st = path.stat()
-    newest = max(st.st_mtime_ns, st.st_ctime_ns)
-    deadline = time.monotonic() + 5
-    while time.time_ns() < newest + 2 * RACY_NS:
-        assert time.monotonic() < deadline, "clock did not advance"
-        time.sleep(RACY_NS / 1e9)
 
 
 @pytest.mark.parametrize("algo", ["md5", "sha256"])

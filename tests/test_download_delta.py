@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Callable
 
 import aiohttp
@@ -18,7 +17,6 @@ from aiohttp import web
 
 from casd.chunking import Chunking
 from casd.client import (
-    RACY_NS,
     CasdClient,
     CasdClientError,
     CasdConnectionError,
@@ -29,7 +27,7 @@ from casd.client import (
     file_digests,
 )
 from casd.digest import Algo
-from helpers import RandomData, insertion_case
+from helpers import RandomData, insertion_case, settle
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -40,16 +38,6 @@ def cache_home(tmp_path, monkeypatch):
     home = tmp_path / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     return home / "casd"
-
-
-def settle(path) -> None:
-    """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
-    st = path.stat()
-    newest = max(st.st_mtime_ns, st.st_ctime_ns)
-    deadline = time.monotonic() + 5
-    while time.time_ns() < newest + 2 * RACY_NS:
-        assert time.monotonic() < deadline, "clock did not advance"
-        time.sleep(RACY_NS / 1e9)
 
 
 class Proxy:

@@ -8,18 +8,17 @@ import dataclasses
 import hashlib
 import os
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from casd.chunking import Chunking
-from casd.client import RACY_NS, CasdClient, Progress, transfer
+from casd.client import CasdClient, Progress, transfer
 from casd.config import Settings
 from casd.web import create_app
 from helpers import app_client as make_client
-from helpers import casd_run, prepare, rand
+from helpers import casd_run, prepare, rand, settle
 
 CHUNK = 64 * 1024
 
@@ -492,16 +491,6 @@ def manifest_keys(settings) -> list[str]:
         return [r[0] for r in con.execute("SELECT chunks_key FROM manifests ORDER BY id")]
     finally:
         con.close()
-
-
-def settle(path: Path) -> None:
-    """Wait (bounded) until the file is older than one timestamp tick, so it may be cached."""
-    st = path.stat()
-    newest = max(st.st_mtime_ns, st.st_ctime_ns)
-    deadline = time.monotonic() + 5
-    while time.time_ns() < newest + 2 * RACY_NS:
-        assert time.monotonic() < deadline, "clock did not advance"
-        time.sleep(RACY_NS / 1e9)
 
 
 @pytest.mark.parametrize("algo", ["md5", "sha256"])
