@@ -381,3 +381,19 @@ def settle(path: Path) -> None:
     while time.time_ns() < newest + 2 * RACY_NS:
         assert time.monotonic() < deadline, "clock did not advance"
         time.sleep(RACY_NS / 1e9)
+
+
+def record_read_back(monkeypatch) -> list[int]:
+    """Records each run of stored chunks the local blob store reads back to feed a
+    whole-file hash (its length): empty when every chunk was hashed as it streamed in."""
+    from casd.blobstore.local import LocalBlobStore
+
+    runs: list[int] = []
+    real_feed = LocalBlobStore.feed_run
+
+    async def feed_run(self, algo, run, sink, executor=None):
+        runs.append(len(run))
+        return await real_feed(self, algo, run, sink, executor)
+
+    monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
+    return runs

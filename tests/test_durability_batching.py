@@ -11,7 +11,7 @@ from pathlib import Path
 from casd.blobstore import local
 from casd.blobstore.local import FolderSync
 from casd.web import create_app
-from tests.helpers import prepare, rand, record_durability
+from tests.helpers import prepare, rand, record_durability, record_read_back
 
 
 def wait_until(cond, what: str, timeout: float = 10.0) -> None:
@@ -195,16 +195,8 @@ async def test_chunks_sent_in_order_are_hashed_for_the_file_as_they_arrive(
     """A chunk that is the next one the whole-file hash needs is fed to it while it streams
     in: merge verifies the file without reading any chunk back. A chunk whose bytes are
     wrong leaves that hash as it was: sent again right, the file merges."""
-    from casd.blobstore.local import LocalBlobStore
 
-    read_back: list[int] = []
-    real_feed = LocalBlobStore.feed_run
-
-    async def feed_run(self, algo, run, sink, executor=None):
-        read_back.append(len(run))
-        return await real_feed(self, algo, run, sink, executor)
-
-    monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
+    read_back = record_read_back(monkeypatch)
     client = await aiohttp_client(create_app(settings))
     p = prepare(rand(6 * 1000), 1000)
     r = await client.post("/v1/handshake", json=p.handshake)
@@ -229,17 +221,9 @@ async def test_a_chunk_arriving_while_hash_ahead_looks_is_still_hashed_as_it_str
     """Each PUT starts a background hash-ahead. Held at its first catalogue read until the
     next chunk's PUT has decided whether to feed the file's hash, it must not keep that
     chunk from doing so: merge then reads no chunk back."""
-    from casd.blobstore.local import LocalBlobStore
     from casd.web import SERVICE
 
-    read_back: list[int] = []
-    real_feed = LocalBlobStore.feed_run
-
-    async def feed_run(self, algo, run, sink, executor=None):
-        read_back.append(len(run))
-        return await real_feed(self, algo, run, sink, executor)
-
-    monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
+    read_back = record_read_back(monkeypatch)
     client = await aiohttp_client(create_app(settings))
     service = client.server.app[SERVICE]
     decided = asyncio.Event()

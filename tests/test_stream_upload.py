@@ -18,7 +18,7 @@ from casd.client import CasdClient, Progress, transfer
 from casd.config import Settings
 from casd.web import create_app
 from helpers import app_client as make_client
-from helpers import casd_run, prepare, rand, settle
+from helpers import casd_run, prepare, rand, record_read_back, settle
 
 CHUNK = 64 * 1024
 
@@ -644,20 +644,12 @@ def test_casd_upload_streams_to_a_real_daemon(daemon_factory, tmp_path):
 async def test_a_stored_file_streamed_again_merges_at_once_and_says_instant(client, monkeypatch):
     """The answer a v1 handshake gives on the same claim: the file is stored, so merge hashes
     nothing again; a retried merge answers the same; a new file is never instant."""
-    from casd.blobstore.local import LocalBlobStore
 
     p = prepare(rand(3 * CHUNK + 5), CHUNK)
     first = await merge(client, await stream_all(client, p), {"md5": p.digest, "size": len(p.data)})
     assert "instant" not in first
     uid = await stream_all(client, p)  # every chunk is stored: nothing is sent
-    hashed: list[int] = []
-    real_feed = LocalBlobStore.feed_run
-
-    async def feed_run(self, algo, run, sink, executor=None):
-        hashed.append(len(run))
-        return await real_feed(self, algo, run, sink, executor)
-
-    monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
+    hashed = record_read_back(monkeypatch)
     claim = {"md5": p.digest, "size": len(p.data)}
     again = await merge(client, uid, claim)
     assert again == {**first, "instant": True}
