@@ -74,29 +74,30 @@ class Server:
         self.stop()
 
 
+def casd_serve_cmd(data_dir: Path, *extra: str) -> list[str]:
+    """The command line of `casd serve` on a free 127.0.0.1 port with its own data folder."""
+    return [
+        sys.executable,
+        "-m",
+        "casd",
+        "serve",
+        "--data",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *extra,
+    ]
+
+
 def casd_daemon(data_dir: Path, log_path: Path, *extra: str, root: Path | None = None) -> Server:
     """`casd serve` on a free 127.0.0.1 port with its own data folder, as a user starts it.
 
     `root`: a source tree to run the daemon from (`python -m` imports casd from the working
     folder), to measure another commit's daemon with this benchmark; default the current one.
     """
-    return Server(
-        [
-            sys.executable,
-            "-m",
-            "casd",
-            "serve",
-            "--data",
-            str(data_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            *extra,
-        ],
-        log_path,
-        cwd=root,
-    )
+    return Server(casd_serve_cmd(data_dir, *extra), log_path, cwd=root)
 
 
 def plain_server(file_path: Path, log_path: Path, loop: str = "asyncio") -> Server:

@@ -41,19 +41,7 @@ CLIENT_CORE, DAEMON_CORE = "0", "1"
 
 
 def daemon_cmd(data: Path, stream: bool, pinned: bool) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "casd",
-        "serve",
-        "--data",
-        str(data),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--stream-uploads" if stream else "--no-stream-uploads",
-    ]
+    cmd = procs.casd_serve_cmd(data, "--stream-uploads" if stream else "--no-stream-uploads")
     return ["taskset", "-c", DAEMON_CORE, *cmd] if pinned else cmd
 
 

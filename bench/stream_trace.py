@@ -269,21 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         if big is None:
             big = work / "big.bin"
             write_random_file(big, args.mib * MiB)
-        cmd = [
-            sys.executable,
-            "-m",
-            "casd",
-            "serve",
-            "--data",
-            str(work / "data"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
+        cmd = procs.casd_serve_cmd(
+            work / "data",
             "--log-format",
             "json",
             "--no-stream-uploads" if args.v1 else "--stream-uploads",
-        ]
+        )
         if args.pinned:
             cmd = ["taskset", "-c", "1", *cmd]
             os.sched_setaffinity(0, {0})
