@@ -406,16 +406,7 @@ _HANDSHAKE_DECODER = msgspec.json.Decoder(_WireHandshake)
 
 def parse_manifest(body: bytes | bytearray) -> Manifest:
     """Handshake JSON -> Manifest with typed digests; raises BadRequest on anything off."""
-    try:
-        data = _HANDSHAKE_DECODER.decode(body)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"the handshake is not valid: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        # Also what a lone UTF-16 surrogate (an unpaired \ud800) in a string answers: such a
-        # string cannot be stored or echoed as UTF-8.
-        raise BadRequest(f"the body is not valid JSON (or has a lone surrogate): {exc}") from None
-    except RecursionError:
-        raise BadRequest("the body nests JSON too deeply") from None
+    data = _decode(_HANDSHAKE_DECODER, body, "handshake")
     try:
         algo = Algo.parse(data.algo)
     except ValueError as exc:
@@ -652,11 +643,14 @@ class _WireClaim(msgspec.Struct, gc=False):
 
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes | bytearray, what: str):
+    """`body` decoded by `decoder` (a handshake, a v1.1 request); BadRequest naming `what`."""
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"the {what} is not valid: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Also what a lone UTF-16 surrogate (an unpaired \ud800) in a string answers: such a
+        # string cannot be stored or echoed as UTF-8.
         raise BadRequest(f"the body is not valid JSON (or has a lone surrogate): {exc}") from None
     except RecursionError:
         raise BadRequest("the body nests JSON too deeply") from None
