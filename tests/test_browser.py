@@ -110,6 +110,20 @@ def wait_finished(row, status: str = "done"):
     return json.loads(row.get_attribute("data-summary"))
 
 
+def open_with_input(page, url: str, path: Path, input_id: str = "api-input") -> None:
+    """Open the upload page at `url` and add a file input (`#input_id`) holding `path`, for
+    tests that call casd.js's API themselves rather than the page's own picker."""
+    page.goto(url + "/")
+    page.evaluate(
+        """(id) => {
+      const input = Object.assign(document.createElement("input"), {type: "file", id});
+      document.body.append(input);
+    }""",
+        input_id,
+    )
+    page.set_input_files(f"#{input_id}", path)
+
+
 def counters(row) -> dict:
     get = lambda tid: row.get_by_test_id(tid).inner_text()  # noqa: E731
     return {
@@ -388,12 +402,7 @@ def test_upload_api_summary_matches_the_python_client_and_queue_is_bounded(daemo
     path = tmp_path / "api.bin"
     data = make_file(path, 10 * MiB + 17, "api")
     page.add_init_script(COUNT_XHR)
-    page.goto(daemon.url + "/")
-    page.evaluate("""() => {
-      const input = Object.assign(document.createElement("input"), {type: "file", id: "api-input"});
-      document.body.append(input);
-    }""")
-    page.set_input_files("#api-input", path)
+    open_with_input(page, daemon.url, path)
 
     got = page.evaluate(UPLOAD_API, {"concurrency": 2})
     summary = got["summary"]

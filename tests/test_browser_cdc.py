@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_browser import open_with_input
 
 from casd.chunking import Chunking
 from casd.client import CasdClient, hash_file
@@ -56,15 +57,6 @@ def make_file(path: Path, size: int, seed: str) -> bytes:
     return data
 
 
-def open_with_input(page, url: str, path: Path) -> None:
-    page.goto(url + "/")
-    page.evaluate("""() => {
-      const input = Object.assign(document.createElement("input"), {type: "file", id: "f"});
-      document.body.append(input);
-    }""")
-    page.set_input_files("#f", path)
-
-
 HASH_JS = """
 async ({chunking, chunkSize, algo, workers}) => {
   const m = await import("/static/casd.js");
@@ -106,7 +98,7 @@ def test_hash_file_in_workers_cuts_and_hashes_like_python(
     # Slices of 8 MiB: 21 MiB + 5 makes cuts fall inside slices and chunks span slices.
     path = tmp_path / "f.bin"
     make_file(path, 21 * MiB + 5, f"cdc-{avg}")
-    open_with_input(page, daemon.url, path)
+    open_with_input(page, daemon.url, path, "f")
     got = page.evaluate(
         HASH_JS, {"chunking": "fastcdc", "chunkSize": avg, "algo": algo, "workers": workers}
     )
@@ -118,7 +110,7 @@ def test_hash_file_in_workers_cuts_and_hashes_like_python(
 def test_js_and_python_fastcdc_uploads_send_the_same_chunk_lists(daemon, page, tmp_path):
     path = tmp_path / "same.bin"
     make_file(path, 6 * MiB + 3, "same")
-    open_with_input(page, daemon.url, path)
+    open_with_input(page, daemon.url, path, "f")
     js = page.evaluate(UPLOAD_JS, {"chunking": "fastcdc", "chunkSize": 128 * KiB})
     assert not js["instant"] and js["chunks_sent"] == js["chunks_total"] > 20
     (hs,) = page.handshakes
@@ -132,7 +124,7 @@ def test_js_and_python_fastcdc_uploads_send_the_same_chunk_lists(daemon, page, t
     edited = tmp_path / "edited.bin"
     data = path.read_bytes()
     edited.write_bytes(data[:100] + random.Random("ins").randbytes(KiB) + data[100:])
-    open_with_input(page, daemon.url, edited)
+    open_with_input(page, daemon.url, edited, "f")
     js = page.evaluate(UPLOAD_JS, {"chunking": "fastcdc", "chunkSize": 128 * KiB})
     assert (
         1 <= js["chunks_sent"] <= 3
@@ -143,7 +135,7 @@ def test_js_and_python_fastcdc_uploads_send_the_same_chunk_lists(daemon, page, t
 def test_bad_chunking_options_are_refused_before_any_request(daemon, page, tmp_path):
     path = tmp_path / "f.bin"
     make_file(path, 10, "bad")
-    open_with_input(page, daemon.url, path)
+    open_with_input(page, daemon.url, path, "f")
     errors = page.evaluate("""async () => {
       const m = await import("/static/casd.js");
       const f = document.querySelector("#f").files[0];

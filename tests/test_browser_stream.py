@@ -10,9 +10,9 @@ import hashlib
 import random
 import sqlite3
 import urllib.request
-from pathlib import Path
 
 import pytest
+from test_browser import open_with_input
 
 pytestmark = pytest.mark.browser
 
@@ -49,15 +49,6 @@ def page(browser):
     assert not pg.errors, pg.errors
 
 
-def pick_for_api(page, url: str, path: Path) -> None:
-    page.goto(url + "/")
-    page.evaluate("""() => {
-      const input = Object.assign(document.createElement("input"), {type: "file", id: "api-input"});
-      document.body.append(input);
-    }""")
-    page.set_input_files("#api-input", path)
-
-
 def fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=30) as r:
         return r.read()
@@ -82,7 +73,7 @@ def test_page_streams_to_a_server_that_offers_it(
     path = tmp_path / "s.bin"
     data = random.Random(f"stream-{algo}-{chunking}").randbytes(6 * MiB + 17)
     path.write_bytes(data)
-    pick_for_api(page, d.url, path)
+    open_with_input(page, d.url, path)
     got = page.evaluate(UPLOAD, {"algo": algo, "chunking": chunking, "chunkSize": chunk_size})
     s = got["summary"]
     assert "handshake" not in got["phases"]
@@ -106,7 +97,7 @@ def test_page_uses_v1_with_a_server_that_does_not_offer_streaming(daemon_factory
     path = tmp_path / "v1.bin"
     data = random.Random("v1").randbytes(3 * MiB + 5)
     path.write_bytes(data)
-    pick_for_api(page, daemon.url, path)
+    open_with_input(page, daemon.url, path)
     got = page.evaluate(UPLOAD, {"algo": "md5", "chunking": "fixed", "chunkSize": MiB})
     assert got["phases"] == ["hashing", "handshake", "uploading", "merging", "done"]
     assert fetch(got["summary"]["url"]) == data
@@ -118,7 +109,7 @@ def test_page_stream_of_an_empty_file(daemon_factory, page, tmp_path):
     d = daemon_factory("--stream-uploads")
     path = tmp_path / "empty.txt"
     path.write_bytes(b"")
-    pick_for_api(page, d.url, path)
+    open_with_input(page, d.url, path)
     got = page.evaluate(UPLOAD, {"algo": "md5", "chunking": "fixed", "chunkSize": MiB})
     assert got["summary"]["digest"] == hashlib.md5(b"").hexdigest()
     assert got["summary"]["url"].endswith(".txt")
@@ -154,7 +145,7 @@ def test_page_stream_cancelled_midway_then_again_sends_only_the_rest(
     path = tmp_path / "r.bin"
     data = random.Random("resume").randbytes(12 * MiB)
     path.write_bytes(data)
-    pick_for_api(page, d.url, path)
+    open_with_input(page, d.url, path)
     first = page.evaluate(ABORT_MIDWAY)
     assert first["aborted"] and first["sent"] >= 3
     # The abandoned upload was given back (it no longer counts against the budget).
@@ -181,7 +172,7 @@ def test_page_falls_back_to_v1_when_opening_a_stream_answers_404(daemon_factory,
             body='{"error": "not_found", "message": "no such endpoint: /v1/uploads"}',
         ),
     )
-    pick_for_api(page, d.url, path)
+    open_with_input(page, d.url, path)
     got = page.evaluate(UPLOAD, {"algo": "md5", "chunking": "fixed", "chunkSize": MiB})
     assert got["phases"] == ["hashing", "handshake", "uploading", "merging", "done"]
     assert fetch(got["summary"]["url"]) == data
@@ -199,7 +190,7 @@ def test_page_streams_in_tenant_mode_and_a_second_tenant_sends_every_chunk(
     path = tmp_path / "t.bin"
     data = random.Random("tenants").randbytes(3 * MiB + 9)
     path.write_bytes(data)
-    pick_for_api(page, d.url, path)
+    open_with_input(page, d.url, path)
     with_token = UPLOAD.replace("concurrency: 2,", "concurrency: 2, token,").replace(
         "({algo, chunking, chunkSize})", "({algo, chunking, chunkSize, token})"
     )
