@@ -397,3 +397,21 @@ def record_read_back(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(LocalBlobStore, "feed_run", feed_run)
     return runs
+
+
+def casd_here(data: Path, *argv: str) -> subprocess.CompletedProcess:
+    """A casd command on the data folder `data`, run in this process (no process start: for
+    files that run dozens of admin commands; others run the real process), reported as
+    subprocess.run(..., capture_output=True, text=True) would."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from casd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([*argv, "--data", str(data)])
+        except SystemExit as exc:  # argparse refusals
+            code = exc.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import re
 import sqlite3
 import subprocess
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from casd.catalog.sqlite import SqliteCatalog
-from casd.cli import main
 from casd.config import Settings
 from casd.maintenance import Maintenance
 from helpers import Prepared, casd_run, prepare, rand, snapshot
+from helpers import casd_here as _casd_here
 from helpers import upload as upload_one
 
 KiB = 1024
@@ -37,13 +35,8 @@ def session() -> aiohttp.ClientSession:
 
 def casd(data: Path, *argv: str) -> tuple[int, str, str]:
     """Run a casd command in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([*argv, "--data", str(data)])
-        except SystemExit as exc:  # argparse refusals
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+    r = _casd_here(data, *argv)
+    return r.returncode, r.stdout, r.stderr
 
 
 def casd_json(data: Path, *argv: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sqlite3
 import subprocess
@@ -11,12 +10,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from casd.cli import main
 from conftest import Gate
 from helpers import Prepared, casd_run, casd_serve_run, prepare
+from helpers import casd_here as _casd_here
 
 KiB = 1024
 CHUNK = 64 * KiB
@@ -80,13 +78,7 @@ def casd_here(data: Path, *argv: str) -> subprocess.CompletedProcess:
     """An admin command run in this process, as casd() reports it. The S3 engine's process
     start (aiobotocore's import) happens once; test_gc_killed_midway_is_finished_by_the_next_gc
     and test_two_machines_share_a_bucket_and_a_postgresql_catalogue run the real processes."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([*argv, "--data", str(data)])
-        except SystemExit as exc:  # argparse refusals
-            code = exc.code
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    return _casd_here(data, *argv)
 
 
 def chunk_rows(data: Path) -> set[str]:

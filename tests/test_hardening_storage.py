@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -15,15 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from casd.blobstore import LocalBlobStore
-from casd.cli import main
 from helpers import Prepared, prepare, rand, snapshot
+from helpers import casd_here as _casd_here
 from helpers import upload as upload_one
 
 KiB = 1024
@@ -38,13 +36,7 @@ def casd(data: Path, *argv: str) -> subprocess.CompletedProcess:
     """Run an admin command in this process, beside the daemon's (a separate catalogue
     connection, as `casd gc` has); test_admin.py runs them as their own processes too. A
     process start costs more than most commands here, and this file runs dozens."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main([*argv, "--data", str(data)])
-        except SystemExit as exc:  # argparse refusals
-            code = exc.code
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    return _casd_here(data, *argv)
 
 
 def casd_json(data: Path, *argv: str):
