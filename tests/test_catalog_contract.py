@@ -158,6 +158,16 @@ def refs(chunks: list[tuple[object, int]]) -> list[ChunkRef]:
     return [ChunkRef(hx(t), size) for t, size in chunks]
 
 
+async def tenant_owning_four_of_ten(cat) -> Tenant:
+    """Tenant q, quota 10 bytes, owning one 4-byte file (chunk x, proved)."""
+    q = Tenant("q", quota=10)
+    await publish(cat, Store(), "x", size=4)
+    up, _ = await cat.begin_upload(manifest(1, [("x", 4)]), "k", T0, LATER, "1" * 32, tenant=q)
+    await cat.prove_chunk("q", dg("x"))
+    await cat.register_file(up.id, T0)
+    return q
+
+
 async def test_a_stream_grows_in_order_then_seals_into_a_pending_upload(cat):
     store = Store()
     await publish(cat, store, "a")
@@ -441,12 +451,7 @@ async def test_a_size_clash_is_told_only_about_a_chunk_the_tenant_proved(cat):
 
 
 async def test_quota_counts_owned_and_pending_bytes_and_a_race_takes_it_once(cat, other):
-    store = Store()
-    q = Tenant("q", quota=10)
-    await publish(cat, store, "x", size=4)
-    up, _ = await cat.begin_upload(manifest(1, [("x", 4)]), "k", T0, LATER, "1" * 32, tenant=q)
-    await cat.prove_chunk("q", dg("x"))
-    await cat.register_file(up.id, T0)
+    q = await tenant_owning_four_of_ten(cat)
     await cat.begin_upload(manifest(2, [("p", 3)]), "k", T0, LATER, "2" * 32, tenant=q)
     with pytest.raises(QuotaExceeded) as info:
         await cat.begin_upload(manifest(3, [("r", 4)]), "k", T0, LATER, "3" * 32, tenant=q)
@@ -493,12 +498,7 @@ async def test_a_tenants_stream_is_its_own_and_misses_what_it_did_not_prove(cat)
 
 
 async def test_a_tenants_stream_over_its_quota_is_refused_and_writes_nothing(cat):
-    store = Store()
-    q = Tenant("q", quota=10)
-    await publish(cat, store, "x", size=4)
-    up, _ = await cat.begin_upload(manifest(1, [("x", 4)]), "k", T0, LATER, "1" * 32, tenant=q)
-    await cat.prove_chunk("q", dg("x"))
-    await cat.register_file(up.id, T0)
+    q = await tenant_owning_four_of_ten(cat)
     s1 = await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "2" * 32, tenant=q, size=6)
     await cat.append_stream(s1.id, 0, refs([("p", 3)]), T0, LATER, ROOMY, tenant=q)
     before = (await cat.pending_uploads(), await cat.stats_counts(T0))
