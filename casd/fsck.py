@@ -240,6 +240,38 @@ class Fsck:
             tuple(quarantined),
         )
 
+    async def heal(self, manifest_id: int, workers: int = 2) -> list[str]:
+        """Set aside the chunks of one manifest whose stored bytes are wrong or gone, as
+        --repair does; the digests set aside, in order.
+
+        For a merge whose chunks do not hash to the file's digest: each distinct chunk's blob
+        is read once and its size and xxh3-128 compared with what was recorded when its bytes
+        were verified. A chunk set aside is missing again, so the client sends it again."""
+        now = self.clock()
+        suspects: dict[str, _Suspect] = {}
+        seen: set[str] = set()
+        start = 0
+        while page := await self.catalog.file_chunks_page(manifest_id, start, HASH_BATCH):
+            start += len(page)
+            todo = []
+            for hex_, size, xxh3 in page:
+                if hex_ not in seen and xxh3 is not None:
+                    seen.add(hex_)
+                    todo.append((hex_, size, xxh3))
+            results = await self.blobs.hash_blobs(
+                [(Digest.parse_any(h), None) for h, _, _ in todo], workers
+            )
+            for (hex_, size, xxh3), res in zip(todo, results, strict=True):
+                if isinstance(res, OSError):
+                    suspects[hex_] = _Suspect()
+                elif res.size != size or res.xxh3 != xxh3:
+                    suspects[hex_] = _Suspect(res, f"its bytes hash to xxh3-128 {res.xxh3}")
+        items = sorted(suspects.items())
+        quarantined: list[str] = []
+        for i in range(0, len(items), RECHECK_BATCH):
+            quarantined += await self._quarantine(dict(items[i : i + RECHECK_BATCH]), now, False)
+        return quarantined
+
     async def _quarantine(self, batch: dict[str, _Suspect], now: float, deep: bool) -> list[str]:
         """Judge again under the write lock; move the blobs of chunks still found wrong or gone
         to quarantine/ and mark them absent in the same transaction.

@@ -48,6 +48,7 @@ from casd.errors import (
     TooLarge,
     Unavailable,
 )
+from casd.fsck import Fsck
 from casd.models import (
     ChunkList,
     ChunkRef,
@@ -830,10 +831,35 @@ class Service:
         missing = await self.catalog.missing(upload.manifest_id, upload.tenant or None)
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
-        state = await self._hash_file(upload, all_present=True)
-        self._forget_hash(upload_id)
-        actual, total = state.result()
+        try:
+            actual, total = (await self._hash_file(upload, all_present=True)).result()
+            gone = False
+        except BlobMissing:
+            actual, total, gone = upload.digest, -1, True
+        finally:
+            self._forget_hash(upload_id)
         if actual != upload.digest or total != upload.size:
+            healed = await Fsck(self.settings, self.catalog, self.blobs, self.clock).heal(
+                upload.manifest_id
+            )
+            if gone and not healed:
+                # A blob went away between the check and the read (an operator's hand): the
+                # next merge finds out which.
+                raise Unavailable("a chunk's stored bytes could not be read; merge again")
+            if healed:
+                # Bytes the store held went bad (or missing) since they were verified: they
+                # are set aside, and the client sends them again (as after fsck --repair).
+                log.warning(
+                    "upload %s: merge found stored chunk(s) damaged and set them aside: %s",
+                    upload_id,
+                    ", ".join(healed),
+                )
+                missing = await self.catalog.missing(upload.manifest_id, upload.tenant or None)
+                raise Incomplete(
+                    f"{len(healed)} chunk(s) the server held were damaged and were set aside;"
+                    " send them again",
+                    missing,
+                )
             self._declared.pop(upload_id, None)
             if not await self.catalog.drop_pending_upload(upload_id):
                 # Aborted or merged while this merge hashed: its manifest may have gone with

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -143,7 +144,8 @@ def test_sha256_upload_and_a_merge_on_a_daemon_that_received_no_chunk(
     for base in (a.url, b.url):
         assert request("GET", f"{base}/v1/files/{p.digest}")[2] == p.data
     # The same again, with one object's bytes changed in the store behind both daemons'
-    # backs: the merge on the daemon that saw no chunk finds the whole-file digest wrong.
+    # backs: the merge on the daemon that saw no chunk finds the whole-file digest wrong,
+    # finds the object that went bad, sets it aside and asks for it again.
     q = prepare(rng.bytes(3 * CHUNK, "q"), CHUNK, algo="sha256")
     hs = handshake(a.url, q)
     for d in hs["missing"]:
@@ -154,7 +156,11 @@ def test_sha256_upload_and_a_merge_on_a_daemon_that_received_no_chunk(
         Bucket=s3_bucket, Key=f"casd/sha256/{q.order[1]}", Body=bytes(rotten)
     )
     status, body = merge(b.url, hs["upload_id"])
-    assert status == 422 and b"file_digest_mismatch" in body
+    assert status == 409 and json.loads(body)["missing"] == [q.order[1]], body
+    assert put(a.url, hs["upload_id"], q, q.order[1])[0] == 201
+    status, body = merge(b.url, hs["upload_id"])
+    assert status == 200, body
+    assert request("GET", f"{a.url}/v1/files/{q.digest}")[2] == q.data
 
 
 def test_admin_gc_fsck_export_against_s3(s3_server, s3_bucket, daemon_factory, tmp_path, rng):

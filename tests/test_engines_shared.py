@@ -145,7 +145,8 @@ def test_chunks_spread_over_both_daemons_merge_on_either_and_both_serve(pair, rn
 
 def test_merge_on_the_other_daemon_reads_the_store_and_catches_a_rotten_object(pair, rng):
     """The whole-file check on a daemon that saw none of the chunks reads them from the store
-    (not from anything the first daemon kept): an object changed in the bucket fails it."""
+    (not from anything the first daemon kept): an object changed in the bucket fails it, and
+    that daemon sets the object aside and asks for the chunk again."""
     p = prepare(rng.bytes(3 * CHUNK), CHUNK)
     hs = handshake(pair.a.url, p)
     for d in hs["missing"]:
@@ -156,8 +157,12 @@ def test_merge_on_the_other_daemon_reads_the_store_and_catches_a_rotten_object(p
         Bucket=pair.bucket, Key=f"casd/md5/{p.order[1]}", Body=bytes(rotten)
     )
     status, body = merge(pair.b.url, hs["upload_id"])
-    assert status == 422 and body["error"] == "file_digest_mismatch", body
+    assert status == 409 and body["missing"] == [p.order[1]], body
     assert request("GET", f"{pair.a.url}/v1/files/{p.digest}")[0] == 404
+    assert put(pair.a.url, hs["upload_id"], p, p.order[1]) == 201
+    status, body = merge(pair.b.url, hs["upload_id"])
+    assert status == 200, body
+    assert request("GET", f"{pair.a.url}/v1/files/{p.digest}")[2] == p.data
 
 
 def test_a_delete_on_one_daemon_is_seen_by_the_other(pair, rng):

@@ -22,6 +22,7 @@ import pytest
 from casd.blobstore import LocalBlobStore
 from helpers import Prepared, prepare, rand, snapshot
 from helpers import casd_here as _casd_here
+from helpers import casd_run
 from helpers import upload as upload_one
 
 KiB = 1024
@@ -451,6 +452,83 @@ def test_a_put_of_good_bytes_replaces_a_rotten_blob_without_fsck(daemon):
     assert status == 200 and put["stored"] is False
     code, report = casd_json(daemon.data_dir, "fsck", "--deep")
     assert code == 0 and report["issues"] == []
+
+
+def _a_file_sharing_a_rotten_chunk(daemon, seed: int, damage) -> tuple[Prepared, Prepared, str]:
+    """File `a` uploaded, then one of its blobs damaged by `damage(path)`; file `b` shares that
+    chunk, which the server still believes it holds."""
+    a = prepare(rand(3 * CHUNK, seed=seed), CHUNK)
+    upload(daemon.url, a)
+    rotten = a.order[1]
+    damage(blob(daemon.data_dir, rotten))
+    b = prepare(a.chunks[rotten] + rand(CHUNK, seed=seed + 1), CHUNK, ext=".bin")
+    return a, b, rotten
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [flip, lambda p: p.write_bytes(p.read_bytes()[:-7]), Path.unlink],
+    ids=["flipped", "truncated", "gone"],
+)
+def test_a_merge_that_meets_a_damaged_chunk_sets_it_aside_and_asks_for_it_again(daemon, damage):
+    a, b, rotten = _a_file_sharing_a_rotten_chunk(daemon, 31, damage)
+    status, hs = request_json("POST", f"{daemon.url}/v1/handshake", json=b.handshake)
+    assert status == 200 and hs["missing"] == [b.order[1]]
+    base = f"{daemon.url}/v1/uploads/{hs['upload_id']}"
+    assert request("PUT", f"{base}/chunks/{b.order[1]}", data=b.chunks[b.order[1]])[0] == 201
+
+    # The stored bytes no longer hash to what the file claims: instead of refusing the upload
+    # (every retry would fail the same way until an operator ran fsck --repair), the merge
+    # sets the bad chunk aside and lists it missing; the upload stays pending.
+    status, err = request_json("POST", f"{base}/merge")
+    assert status == 409 and err["error"] == "incomplete" and err["missing"] == [rotten], err
+    assert not blob(daemon.data_dir, rotten).exists()
+    code, stats = casd_json(daemon.data_dir, "stats")
+    assert stats["quarantined_chunks"] == 1
+    # The other file using it is known damaged now (not served wrong), until it is healed.
+    status, err = request_json("GET", f"{daemon.url}/v1/files/{a.digest}")
+    assert status == 503 and err["error"] == "unavailable"
+
+    status, put = request_json("PUT", f"{base}/chunks/{rotten}", data=b.chunks[rotten])
+    assert status == 201 and put["stored"] is True
+    status, merged = request_json("POST", f"{base}/merge")
+    assert status == 200 and merged["status"] == "complete", merged
+    for p in (a, b):
+        status, body = request("GET", f"{daemon.url}/v1/files/{p.digest}")
+        assert status == 200 and body == p.data
+    code, report = casd_json(daemon.data_dir, "fsck", "--deep")
+    assert code == 0 and report["issues"] == []
+
+
+def test_the_client_heals_a_damaged_chunk_without_the_user_noticing(daemon, tmp_path):
+    a, b, rotten = _a_file_sharing_a_rotten_chunk(daemon, 41, flip)
+    path = tmp_path / "b.bin"
+    path.write_bytes(b.data)
+    r = casd_run(
+        "upload", "--server", daemon.url, "--chunk-size", str(CHUNK), "--json", str(path)
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["digest"] == b.digest
+    for p in (a, b):
+        status, body = request("GET", f"{daemon.url}/v1/files/{p.digest}")
+        assert status == 200 and body == p.data
+
+
+def test_a_merge_of_a_wrong_claim_over_sound_chunks_sets_nothing_aside(daemon):
+    a = prepare(rand(3 * CHUNK, seed=51), CHUNK)
+    upload(daemon.url, a)
+    lie = dict(a.handshake, md5=hashlib.md5(b"something else").hexdigest())
+    status, hs = request_json("POST", f"{daemon.url}/v1/handshake", json=lie)
+    assert status == 200 and hs["missing"] == []
+    status, err = request_json("POST", f"{daemon.url}/v1/uploads/{hs['upload_id']}/merge")
+    assert status == 422 and err["error"] == "file_digest_mismatch"
+    code, stats = casd_json(daemon.data_dir, "stats")
+    assert stats["quarantined_chunks"] == 0
+    assert not (daemon.data_dir / "quarantine").exists() or not any(
+        (daemon.data_dir / "quarantine").iterdir()
+    )
+    status, body = request("GET", f"{daemon.url}/v1/files/{a.digest}")
+    assert status == 200 and body == a.data
 
 
 # ---- item 4: a full disk ----------------------------------------------------------------
