@@ -231,6 +231,9 @@ class Service:
         # Streamed uploads whose merge found the file stored (upload id: digest, size,
         # tenant, ext), so a retried merge answers the same; the last MAX_FILE_HASHES of them.
         self._known: dict[str, tuple[Digest, int, str, str]] = {}
+        # A failed whole-file check reads the file's blobs once more (Fsck.heal): one such
+        # pass at a time, so clients claiming wrong digests cannot multiply the disk reads.
+        self._healing = asyncio.Semaphore(1)
         # One quota-checked write (handshake, streamed open) of a tenant at a time.
         self._quota_locks: dict[str, asyncio.Lock] = {}
 
@@ -839,9 +842,9 @@ class Service:
         finally:
             self._forget_hash(upload_id)
         if actual != upload.digest or total != upload.size:
-            healed = await Fsck(self.settings, self.catalog, self.blobs, self.clock).heal(
-                upload.manifest_id
-            )
+            async with self._healing:
+                fsck = Fsck(self.settings, self.catalog, self.blobs, self.clock)
+                healed = await fsck.heal(upload.manifest_id)
             if gone and not healed:
                 # A blob went away between the check and the read (an operator's hand): the
                 # next merge finds out which.

@@ -504,9 +504,7 @@ def test_the_client_heals_a_damaged_chunk_without_the_user_noticing(daemon, tmp_
     a, b, rotten = _a_file_sharing_a_rotten_chunk(daemon, 41, flip)
     path = tmp_path / "b.bin"
     path.write_bytes(b.data)
-    r = casd_run(
-        "upload", "--server", daemon.url, "--chunk-size", str(CHUNK), "--json", str(path)
-    )
+    r = casd_run("upload", "--server", daemon.url, "--chunk-size", str(CHUNK), "--json", str(path))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["digest"] == b.digest
     for p in (a, b):
