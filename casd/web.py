@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -340,7 +341,21 @@ def client_of(request: web.Request) -> str:
         given = header[7:] if header[:7].lower() == "bearer " else ""
         fingerprint = hashlib.sha256(given.encode("utf-8", "surrogateescape")).hexdigest()
         return "token:" + fingerprint[:16]
-    return f"addr:{request.remote or '-'}"
+    return "addr:" + _address_key(request.remote or "-")
+
+
+def _address_key(remote: str) -> str:
+    """An IPv4 address as it is; an IPv6 address by its /64, the block one subscriber is
+    routinely given, so that rotating through it does not buy a client more budget."""
+    try:
+        addr = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return remote  # a Unix socket or a test transport
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 def _same(given: str, token: str) -> bool:

@@ -20,9 +20,8 @@ import aiohttp
 import pytest
 
 from casd.blobstore import LocalBlobStore
-from helpers import Prepared, prepare, rand, snapshot
+from helpers import Prepared, casd_run, prepare, rand, snapshot
 from helpers import casd_here as _casd_here
-from helpers import casd_run
 from helpers import upload as upload_one
 
 KiB = 1024
@@ -501,7 +500,7 @@ def test_a_merge_that_meets_a_damaged_chunk_sets_it_aside_and_asks_for_it_again(
 
 
 def test_the_client_heals_a_damaged_chunk_without_the_user_noticing(daemon, tmp_path):
-    a, b, rotten = _a_file_sharing_a_rotten_chunk(daemon, 41, flip)
+    a, b, _rotten = _a_file_sharing_a_rotten_chunk(daemon, 41, flip)
     path = tmp_path / "b.bin"
     path.write_bytes(b.data)
     r = casd_run("upload", "--server", daemon.url, "--chunk-size", str(CHUNK), "--json", str(path))
@@ -520,7 +519,7 @@ def test_a_merge_of_a_wrong_claim_over_sound_chunks_sets_nothing_aside(daemon):
     assert status == 200 and hs["missing"] == []
     status, err = request_json("POST", f"{daemon.url}/v1/uploads/{hs['upload_id']}/merge")
     assert status == 422 and err["error"] == "file_digest_mismatch"
-    code, stats = casd_json(daemon.data_dir, "stats")
+    _code, stats = casd_json(daemon.data_dir, "stats")
     assert stats["quarantined_chunks"] == 0
     assert not (daemon.data_dir / "quarantine").exists() or not any(
         (daemon.data_dir / "quarantine").iterdir()

@@ -5,13 +5,16 @@ and control characters in client-supplied names reaching an admin's terminal."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from casd.web import create_app
 from helpers import (
     app_client,
     blob_files,
@@ -463,3 +466,36 @@ def test_cross_site_form_and_foreign_origin_delete_on_the_real_daemon(daemon):
                 assert r.status == 200
 
     asyncio.run(go())
+
+
+# ---- the per-client pending budget, by address ------------------------------------------
+
+
+async def test_an_ipv6_client_gets_one_budget_per_64_block(aiohttp_client, settings):
+    """Without tokens a client is its address; an IPv6 client owns a whole /64 and could
+    rotate through it, so every address in one /64 shares one pending-chunk budget."""
+    settings = dataclasses.replace(
+        settings, max_pending_chunks=1000, max_pending_chunks_per_client=300
+    )
+    app = create_app(settings)
+
+    @web.middleware
+    async def from_address(request, handler):
+        # The test client connects from 127.0.0.1; this stands in for other peers.
+        return await handler(request.clone(remote=request.headers["X-Test-Peer"]))
+
+    app.middlewares.insert(0, from_address)
+    client = await aiohttp_client(app)
+    seed = iter(range(100, 200))
+
+    async def handshake(peer: str) -> int:
+        p = prepare(rand(200 * 4, seed=next(seed)), 4)
+        r = await client.post("/v1/handshake", json=p.handshake, headers={"X-Test-Peer": peer})
+        return r.status
+
+    assert await handshake("2001:db8:1:2::1") == 200
+    assert await handshake("2001:db8:1:2:ffff:ffff:ffff:ffff") == 429  # same /64
+    assert await handshake("2001:db8:1:3::1") == 200  # the next /64 is another client
+    assert await handshake("10.0.0.1") == 200
+    assert await handshake("10.0.0.2") == 200  # IPv4: one address, one client
+    assert await handshake("::ffff:10.0.0.1") == 429  # 10.0.0.1 seen through IPv6
