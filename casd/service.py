@@ -14,7 +14,7 @@ import secrets
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -162,6 +162,10 @@ MAX_FILE_HASHES = 256
 # Manifest entries read from the catalogue at a time while hashing; also how many chunks
 # after the hashed prefix one presence query looks at.
 MANIFEST_PAGE = 512
+# Chunk entries a download reads from its manifest at a time (Service.read_plan).
+DOWNLOAD_PAGE = 2048
+# Manifests a download moves on to when the one it reads is dropped meanwhile.
+READ_PLAN_TRIES = 3
 # Bytes one turn on the hash pool reads. The pool's queue is first come, first served and
 # every upload has at most one turn queued, so uploads take turns: one huge merge slows the
 # others in proportion, never holds them up until it is done.
@@ -179,14 +183,6 @@ class ReadSegment:
     digest: Digest
     offset: int
     length: int
-
-
-@dataclass(frozen=True)
-class OpenFile:
-    """A file entry and its (digest hex, size) chunks in order, read together."""
-
-    entry: FileEntry
-    chunks: list[tuple[str, int]]
 
 
 def _name(tenant: Tenant | None) -> str | None:
@@ -1150,51 +1146,62 @@ class Service:
             raise NotFound(f"no file {digest.hex}")
         return entry
 
-    async def open_file(self, digest: Digest, reader: str | None = None) -> OpenFile:
-        """A complete file with its chunk list, both from one catalogue snapshot."""
-        found = await self.catalog.file_with_chunks(digest, reader)
-        if found is None:
-            raise NotFound(f"no file {digest.hex}")
-        entry, chunks = found
+    async def open_file(self, digest: Digest, reader: str | None = None) -> FileEntry:
+        """A complete file that can be served whole (NotFound as for get_file; Unavailable
+        when it uses a chunk set aside)."""
+        entry = await self.get_file(digest, reader)
         if await self.catalog.damaged(entry.manifest_id):
             raise Unavailable(
                 f"file {entry.digest.hex} uses a chunk that failed a check and was set aside;"
                 " uploading the file again repairs it"
             )
-        return OpenFile(entry, chunks)
+        return entry
 
-    def read_plan(self, file: OpenFile, start: int, length: int) -> Iterator[ReadSegment]:
+    async def read_plan(
+        self, entry: FileEntry, start: int, length: int, reader: str | None = None
+    ) -> AsyncGenerator[ReadSegment, None]:
         """The blob slices that make bytes [start, start+length) of a file, in order.
 
-        Checked now, produced lazily: a manifest may list a million one-byte chunks, and a
-        million segments built at once would hold the event loop for seconds and cost
-        hundreds of MB per download.
+        The manifest is read DOWNLOAD_PAGE chunks at a time as the download goes: a file may
+        list a million chunks, and holding its whole list (about 170 bytes a chunk) in every
+        download would let a few dozen downloads of one small file exhaust the daemon's
+        memory. A manifest never changes and its id is never reused. When it comes up short
+        (the file was deleted and its manifest dropped meanwhile), the file is looked up
+        again for `reader`: any manifest registered for the digest holds the same bytes, so
+        the plan goes on from where it was; with no such file left it is NotFound (before
+        the status line a 404; after it, the body is cut off).
         """
-        if length <= 0:
-            return iter(())
-        total = sum(size for _hex, size in file.chunks)
-        if total != file.entry.size:
-            # Cannot happen for a snapshot of a healthy catalogue; refuse rather than serve
-            # bytes that do not add up to what the ETag names.
-            raise RuntimeError(
-                f"file {file.entry.digest.hex}: its chunks add up to"
-                f" {total} bytes, not {file.entry.size}"
-            )
-        return self._segments(file, start, start + length)
-
-    def _segments(self, file: OpenFile, pos: int, stop: int) -> Iterator[ReadSegment]:
-        algo = file.entry.digest.algo
-        chunk_start = 0
-        for hex_, size in file.chunks:
-            chunk_end = chunk_start + size
-            if chunk_end > pos:
-                offset = pos - chunk_start
-                n = min(size - offset, stop - pos)
-                yield ReadSegment(Digest(algo, hex_), offset, n)
-                pos += n
-                if pos >= stop:
-                    return
-            chunk_start = chunk_end
+        stop = start + length
+        pos = start
+        for _ in range(READ_PLAN_TRIES):
+            chunk_start, index = 0, 0
+            while pos < stop:
+                page = await self.catalog.manifest_page(entry.manifest_id, index, DOWNLOAD_PAGE)
+                if not page:
+                    break
+                index += len(page)
+                for hex_, size in page:
+                    chunk_end = chunk_start + size
+                    if chunk_end > pos:
+                        offset = pos - chunk_start
+                        n = min(size - offset, stop - pos)
+                        yield ReadSegment(Digest(entry.digest.algo, hex_), offset, n)
+                        pos += n
+                        if pos >= stop:
+                            return
+                    chunk_start = chunk_end
+            if pos >= stop:
+                return
+            again = await self.open_file(entry.digest, reader)
+            if again.manifest_id == entry.manifest_id or again.size != entry.size:
+                # Cannot happen for a healthy catalogue; refuse rather than serve bytes that
+                # do not add up to what the ETag names.
+                raise RuntimeError(
+                    f"file {entry.digest.hex}: its manifest {entry.manifest_id} ends at byte"
+                    f" {chunk_start}, not at {entry.size}"
+                )
+            entry = again
+        raise NotFound(f"no file {entry.digest.hex}")
 
     async def open_segment(self, segment: ReadSegment) -> BlobReader:
         """An open reader of the segment's blob; the caller closes it. A blob the catalogue

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
-import itertools
 import json
 import logging
 import mimetypes
@@ -932,15 +931,14 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     etag = f'"{digest.hex}"'
     inm = request.headers.get("If-None-Match")
     not_modified = inm is not None and _etag_matches(inm, etag)
-    # Bytes go out only with the entry they were planned from: one snapshot gives both, so
-    # a delete and a new upload committing meanwhile cannot put other bytes under this ETag.
-    opened = None
+    # Bytes go out only from a manifest registered for this digest (Service.read_plan), so a
+    # delete and a new upload committing meanwhile cannot put other bytes under this ETag.
     reader = reader_of(request)
-    if request.method == "HEAD" or not_modified:
-        entry = await service.get_file(digest, reader)
+    sending = request.method != "HEAD" and not not_modified
+    if sending:
+        entry = await service.open_file(digest, reader)
     else:
-        opened = await service.open_file(digest, reader)
-        entry = opened.entry
+        entry = await service.get_file(digest, reader)
     ctype = _content_type(url_ext, entry)
     headers = {
         "ETag": etag,
@@ -963,10 +961,10 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         start, length = rng
         status = 206
         headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{entry.size}"
-    plan = iter(service.read_plan(opened, start, length) if opened is not None else ())
-    first = next(plan, None) if request.method != "HEAD" else None
+    plan = service.read_plan(entry, start, length if sending else 0, reader)
     cursor = _BlobCursor(service)
     try:
+        first = await anext(plan, None)
         if first is not None:
             # The first blob opens before the status line: a store that is down is a 503,
             # not a cut-off body.
@@ -976,7 +974,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         await resp.prepare(request)
         if first is not None:
             try:
-                await _send_segments(request, resp, itertools.chain([first], plan), cursor)
+                await _send_segments(request, resp, first, plan, cursor)
             except (OSError, CasdError) as exc:
                 # The status line is out: all that is left to say is "this body is
                 # incomplete", and closing the connection short of Content-Length says
@@ -987,6 +985,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
                     request.transport.close()
                 raise ConnectionResetError(str(exc)) from exc
     finally:
+        await plan.aclose()
         await cursor.close()
     await resp.write_eof()
     return resp
@@ -1021,13 +1020,15 @@ class _BlobCursor:
 
 
 async def _send_segments(
-    request: web.Request, resp: web.StreamResponse, plan, cursor: _BlobCursor
+    request: web.Request, resp: web.StreamResponse, first, rest, cursor: _BlobCursor
 ) -> None:
-    """Each blob slice in order: zero-copy (sendfile) from a local file where the store and
-    the transport allow it, otherwise streamed in pieces from the store."""
+    """Each blob slice in order, `first` then `rest`: zero-copy (sendfile) from a local file
+    where the store and the transport allow it, otherwise streamed in pieces from the store."""
     timeout = request.app[SETTINGS].body_timeout or None
-    for seg in plan:
+    seg = first
+    while seg is not None:
         await _send_segment(request, resp, await cursor.reader_for(seg), seg, timeout)
+        seg = await anext(rest, None)
 
 
 async def _send_segment(request, resp, reader, seg, timeout: float | None) -> None:

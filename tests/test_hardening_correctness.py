@@ -1,6 +1,7 @@
 """Issue 15, items 7, 10, 11 (two cases) and 13: races and answers a hostile client can drive.
 
-- A download's ETag and bytes come from one catalogue snapshot; manifest ids are never reused.
+- A download's ETag and bytes come from manifests of that digest, read a page at a time;
+  manifest ids are never reused.
 - Abort and merge of one upload are decided once.
 - A non-UTF-8 bearer token is a wrong token (401), a suffix range of an empty file is 416.
 - Error answers do not disclose a stored chunk's size, an assembled file's real digest, or
@@ -146,6 +147,45 @@ async def test_download_racing_delete_and_new_upload_never_serves_other_bytes(
         assert hashlib.md5(body).hexdigest() == a.digest
     else:
         await assert_error(r, 404, "not_found")
+
+
+@pytest.mark.parametrize("meanwhile", ["deleted", "same_file_rechunked"])
+async def test_a_download_whose_manifest_is_dropped_midway_goes_on_or_is_cut_off(
+    client, monkeypatch, meanwhile
+):
+    """A download reads its manifest a page at a time. The file is deleted (its manifest
+    dropped) after the first page: with the same bytes registered again in other chunks the
+    download goes on through the new manifest; with no such file it is cut off short of its
+    Content-Length, never padded with other bytes."""
+    monkeypatch.setattr("casd.service.DOWNLOAD_PAGE", 2)
+    gate = Gate()
+    orig = SqliteCatalog.manifest_page
+
+    async def page(self, manifest_id, start, limit):
+        if start > 0:
+            await gate.passing()
+        return await orig(self, manifest_id, start, limit)
+
+    monkeypatch.setattr(SqliteCatalog, "manifest_page", page)
+    a = prepare(rand(6 * CHUNK, seed=7), CHUNK)
+    await upload(client, "", a)
+    gate.armed = True
+    r = await client.get(f"/v1/files/{a.digest}")
+    assert r.status == 200 and r.content_length == len(a.data)
+    reading = asyncio.create_task(r.read())
+    await gate.hold(reading)
+    assert gate.reached.is_set()  # the download is between its first and second page
+    assert (await client.delete(f"/v1/files/{a.digest}")).status == 204
+    if meanwhile == "same_file_rechunked":
+        done = await upload(client, "", prepare(a.data, CHUNK // 2))
+        assert done["status"] == "complete"
+    gate.release.set()
+    if meanwhile == "same_file_rechunked":
+        body = await asyncio.wait_for(reading, WAIT)
+        assert body == a.data
+    else:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(reading, WAIT)
 
 
 async def test_the_newest_manifest_id_is_not_given_again(client, settings):
