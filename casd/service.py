@@ -648,15 +648,10 @@ class Service:
             )
             xxh3 = hasher.xxh3()
             if check_stored:
-                if await blob_matches(self.blobs, digest, size, xxh3, self.io):
+                if await self._stored_is_sound(digest, size, xxh3):
                     now = self.clock()
                     await self.catalog.touch_upload(upload_id, now, self._expiry(now))
                     return False
-                log.warning(
-                    "chunk %s: the stored blob's bytes are wrong; replacing them with"
-                    " the verified ones just received",
-                    digest.hex,
-                )
                 locked = self.blobs.replace
             else:
                 locked = self.blobs.ensure_stored
@@ -690,6 +685,18 @@ class Service:
             # The blob path is its own link: dropping the temp name (and the flock that told
             # gc and fsck this inode is in flight) leaves the blob.
             await asyncio.shield(self._run(temp.discard))
+
+    async def _stored_is_sound(self, digest: Digest, size: int, xxh3: str) -> bool:
+        """Whether the stored blob of a chunk just received again holds the bytes verified
+        now (size and xxh3-128); when not, the caller replaces it with them."""
+        if await blob_matches(self.blobs, digest, size, xxh3, self.io):
+            return True
+        log.warning(
+            "chunk %s: the stored blob's bytes are wrong; replacing them with"
+            " the verified ones just received",
+            digest.hex,
+        )
+        return False
 
     async def _ingest(
         self,
@@ -1313,14 +1320,7 @@ class Service:
             if size > INGEST_BLOCK:
                 hasher, finished = await self._ingest(temp, body, size, digest, not check_stored)
             xxh3 = hasher.xxh3()
-            replace = False
-            if check_stored and not await blob_matches(self.blobs, digest, size, xxh3, self.io):
-                log.warning(
-                    "chunk %s: the stored blob's bytes are wrong; replacing them with"
-                    " the verified ones just received",
-                    digest.hex,
-                )
-                replace = True
+            replace = check_stored and not await self._stored_is_sound(digest, size, xxh3)
             if not finished:
                 await self._run(temp.finish)
             if publish and not published:

@@ -99,6 +99,32 @@ async def test_a_chunk_stored_by_a_v1_upload_is_reused(client, settings):
     assert len(blob_files(settings.data_dir)) == 1
 
 
+async def test_good_bytes_replace_a_stored_chunk_that_went_bad(client, settings):
+    """The chunk is stored (by another file) but its blob rotted: a one-request PUT of it
+    verifies the bytes, finds the blob wrong, and puts them in its place."""
+    data, tail = rand(CHUNK, seed=5), rand(10, seed=6)
+    whole = data + tail
+    d = md5(data)
+    hs = {
+        "md5": md5(whole),
+        "size": len(whole),
+        "chunks": [{"md5": d, "size": CHUNK}, {"md5": md5(tail), "size": 10}],
+    }
+    up = await (await client.post("/v1/handshake", json=hs)).json()
+    for digest, body in ((d, data), (md5(tail), tail)):
+        r = await client.put(f"/v1/uploads/{up['upload_id']}/chunks/{digest}", data=body)
+        assert r.status == 201
+    assert (await client.post(f"/v1/uploads/{up['upload_id']}/merge")).status == 200
+    (blob,) = [p for p in blob_files(settings.data_dir) if p.name == d]
+    rotten = bytearray(data)
+    rotten[5] ^= 1
+    blob.write_bytes(bytes(rotten))
+    status, body = await answer(await client.put(f"/v1/files/{d}", data=data))
+    assert (status, body) == (201, complete(d, CHUNK))
+    assert blob.read_bytes() == data
+    assert (await (await client.get(f"/v1/files/{md5(whole)}")).read()) == whole
+
+
 async def test_sha256_and_the_empty_file(client):
     data = rand(5000, seed=5)
     d = hashlib.sha256(data).hexdigest()
