@@ -460,7 +460,7 @@ class Service:
             now = self.clock()
             expires_at, new_id = self._expiry(now), secrets.token_hex(16)
             upload = await self.catalog.begin_stream(
-                algo, ext, name, now, expires_at, new_id, client, held, size
+                algo, ext, name, now, expires_at, new_id, client, held, size, self.budget
             )
             if size is not None:
                 self._declared[upload.id] = _Declared(upload.tenant, size, 0, upload.expires_at)

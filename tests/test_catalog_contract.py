@@ -149,6 +149,17 @@ async def test_budget_refuses_new_uploads_but_not_resumes(cat):
     assert (await cat.stats_counts(T0))["pending_entries"] == 4
 
 
+async def test_an_open_streamed_upload_holds_one_entry_of_the_budget(cat):
+    budget = PendingBudget(total=10, per_client=2)
+    for n in "12":
+        await cat.begin_stream(Algo.MD5, "", "", T0, LATER, n * 32, "c1", budget=budget)
+    with pytest.raises(TooManyPending):
+        await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "3" * 32, "c1", budget=budget)
+    assert await cat.get_upload("3" * 32) is None  # nothing written
+    await cat.begin_stream(Algo.MD5, "", "", T0, LATER, "4" * 32, "c2", budget=budget)
+    assert (await cat.stats_counts(T0))["pending_entries"] == 3
+
+
 # ---- streamed uploads (protocol v1.1) ----------------------------------------------------------
 
 ROOMY = StreamLimits(max_chunks=100, max_file_size=1000)

@@ -18,7 +18,7 @@ from casd.client import CasdClient, Progress, transfer
 from casd.config import Settings
 from casd.web import create_app
 from helpers import app_client as make_client
-from helpers import casd_run, prepare, rand, record_read_back, settle
+from helpers import casd_run, prepare, rand, record_read_back, settle, snapshot
 
 CHUNK = 64 * 1024
 
@@ -311,6 +311,21 @@ async def test_pending_budget_applies_to_batches(aiohttp_client, settings):
     )
     body = await assert_error(r, 429, "too_many_pending")
     assert body["pending"] == 2 and body["limit"] == 3
+
+
+async def test_opens_that_list_nothing_still_count_against_the_budget(aiohttp_client, settings):
+    """An open streamed upload holds its rows before it lists a chunk: each counts one entry,
+    so a client cannot open uploads without end."""
+    client = await make_client(
+        aiohttp_client, settings, max_pending_chunks=10, max_pending_chunks_per_client=3
+    )
+    for _ in range(3):
+        await open_stream(client)
+    before = snapshot(settings.data_dir)
+    r = await client.post("/v1/uploads", json={})
+    body = await assert_error(r, 429, "too_many_pending")
+    assert body["pending"] == 3 and body["limit"] == 3
+    assert snapshot(settings.data_dir) == before
 
 
 async def test_algos_policy_refuses_md5_streams(aiohttp_client, settings):

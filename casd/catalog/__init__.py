@@ -305,11 +305,14 @@ class Catalog(Protocol):
         client: str = "",
         tenant: Tenant | None = None,
         size: int | None = None,
+        budget: PendingBudget | None = None,
     ) -> Upload:
         """Create an open streamed upload (protocol v1.1), id `new_id`, with no chunks yet.
 
         It is a pending upload whose manifest is unsealed (see `UNSEALED_KEY`): its digest is
-        `placeholder(algo)` and its size the sum of the chunks listed so far.
+        `placeholder(algo)` and its size the sum of the chunks listed so far. A pending upload
+        holds at least one entry of the `budget` (TooManyPending as for begin_upload), so
+        opens that list nothing cannot pile up without bound.
 
         With `tenant`: the upload is that tenant's, and it is refused with QuotaExceeded
         (nothing written) when the bytes the tenant owns, plus its live pending uploads, plus

@@ -141,8 +141,10 @@ _PROVED_IF_TENANT = (
     " AND (${n}::text IS NULL OR EXISTS"
     " (SELECT 1 FROM tenant_chunks t WHERE t.tenant = ${n} AND t.digest = c.digest))"
 )
+# A pending upload holds at least one entry: an open streamed upload that lists nothing yet
+# still has its rows.
 _PENDING_ENTRIES = (
-    "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u"
+    "SELECT coalesce(sum(GREATEST(m.chunk_count, 1)), 0) FROM uploads u"
     " JOIN manifests m ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > $1"
 )
 _DROP_MANIFEST_IF_UNUSED = (
@@ -469,10 +471,11 @@ class PostgresCatalog:
         client: str = "",
         tenant: Tenant | None = None,
         size: int | None = None,
+        budget: PendingBudget | None = None,
     ) -> Upload:
         """See casd.catalog.Catalog.begin_stream."""
         return await self._run(
-            _begin_stream, algo, ext, name, now, expires_at, new_id, client, tenant, size
+            _begin_stream, algo, ext, name, now, expires_at, new_id, client, tenant, size, budget
         )
 
     async def append_stream(
@@ -1226,8 +1229,11 @@ async def _begin_stream(
     client: str,
     tenant: Tenant | None = None,
     size: int | None = None,
+    budget: PendingBudget | None = None,
 ) -> Upload:
     owner = tenant.name if tenant is not None else ""
+    if budget is not None:
+        await _check_budget(con, budget, client, 1, now)
     if tenant is not None and tenant.quota is not None:
         if size is None:
             raise ValueError("a tenant's streamed upload needs its declared size")

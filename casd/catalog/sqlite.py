@@ -499,10 +499,11 @@ class _Daemon:
         client: str = "",
         tenant: Tenant | None = None,
         size: int | None = None,
+        budget: PendingBudget | None = None,
     ) -> Upload:
         """See casd.catalog.Catalog.begin_stream."""
         return await self._group.run(
-            _begin_stream, algo, ext, name, now, expires_at, new_id, client, tenant, size
+            _begin_stream, algo, ext, name, now, expires_at, new_id, client, tenant, size, budget
         )
 
     async def append_stream(
@@ -1064,8 +1065,11 @@ def _begin_stream(
     client: str,
     tenant: Tenant | None = None,
     size: int | None = None,
+    budget: PendingBudget | None = None,
 ) -> Upload:
     owner = tenant.name if tenant is not None else ""
+    if budget is not None:
+        _check_budget(con, budget, client, 1, now)
     if tenant is not None and tenant.quota is not None:
         if size is None:
             raise ValueError("a tenant's streamed upload needs its declared size")
@@ -1394,8 +1398,11 @@ _ABSENT_FOR_TENANT = (
 )
 # Sum of the chunk entries of live pending uploads (append "AND u.client = ?" for one client).
 # The partial index holds pending uploads only; merged ones, kept a day, are never read.
+# A pending upload holds at least one entry: an open streamed upload that lists nothing yet
+# still has its rows.
 _PENDING_ENTRIES = (
-    "SELECT coalesce(sum(m.chunk_count), 0) FROM uploads u INDEXED BY uploads_pending_by_client"
+    "SELECT coalesce(sum(max(m.chunk_count, 1)), 0) FROM uploads u"
+    " INDEXED BY uploads_pending_by_client"
     " JOIN manifests m ON m.id = u.manifest_id WHERE u.state = 'pending' AND u.expires_at > ?"
 )
 # Starts from the partial index of quarantined chunks (empty on a healthy store), never from
