@@ -333,10 +333,18 @@ class Service:
                 f"the manifest has {len(m.chunks)} chunks; this server takes at most {s.max_chunks}"
             )
         chunks = ChunkList.of(m.chunks)
-        max_size = s.max_chunk_size
+        self._check_chunks(chunks)
+        total = sum(chunks.sizes)
+        if total != m.size:
+            raise BadRequest(f"the chunk sizes add up to {total}, not to size {m.size}")
+
+    def _check_chunks(self, chunks: ChunkList, first: int = 0) -> None:
+        """Each chunk 1 byte to --max-chunk-size, each digest with one size: a handshake's list,
+        or a v1.1 batch whose first chunk is chunk `first` of the file. BadRequest/TooLarge."""
+        max_size = self.settings.max_chunk_size
         # Over the whole list at once; walked entry by entry only to name what is wrong.
         if chunks.sizes and (min(chunks.sizes) < 1 or max(chunks.sizes) > max_size):
-            for i, size in enumerate(chunks.sizes):
+            for i, size in enumerate(chunks.sizes, first):
                 if size < 1:
                     raise BadRequest(f"chunk {i} has size {size}; chunks are 1 byte or more")
                 if size > max_size:
@@ -350,9 +358,6 @@ class Service:
                 seen = sizes.setdefault(hex_, size)
                 if seen != size:
                     raise BadRequest(f"chunk {hex_} appears with sizes {seen} and {size}")
-        total = sum(chunks.sizes)
-        if total != m.size:
-            raise BadRequest(f"the chunk sizes add up to {total}, not to size {m.size}")
 
     def check_algo(self, digest: Digest) -> None:
         """Refuse digests the deployment's --algos policy does not accept (MD5 collisions)."""
@@ -525,18 +530,7 @@ class Service:
             raise TooLarge(
                 f"the batch lists {len(chunks)} chunks; send at most {MAX_STREAM_BATCH} at a time"
             )
-        sizes: dict[str, int] = {}
-        for i, c in enumerate(chunks):
-            if c.size < 1:
-                raise BadRequest(f"chunks[{i}] has size {c.size}; chunks are 1 byte or more")
-            if c.size > s.max_chunk_size:
-                raise TooLarge(
-                    f"chunks[{i}] has size {c.size}; this server takes chunks of at most"
-                    f" {s.max_chunk_size} bytes"
-                )
-            seen = sizes.setdefault(c.hex, c.size)
-            if seen != c.size:
-                raise BadRequest(f"chunk {c.hex} appears with sizes {seen} and {c.size}")
+        self._check_chunks(ChunkList.of(chunks), start)
         upload = await self._pending(upload_id, tenant)
         if upload.sealed:
             raise NotFound(f"upload {upload_id} is not streamed, or is being merged")

@@ -358,6 +358,24 @@ async def test_batch_giving_a_digest_two_sizes_is_refused(client):
     assert (await add(client, uid, 2, entries[:1]))["count"] == 3
 
 
+async def test_a_bad_chunk_in_a_batch_is_named_by_its_place_in_the_file(aiohttp_client, settings):
+    client = await make_client(aiohttp_client, settings, max_chunk_size=1024)
+    p = prepare(rand(2 * 1024), 1024)
+    uid = (await open_stream(client))["upload_id"]
+    await add(client, uid, 0, p.handshake["chunks"])
+    for entry, status, code in (
+        ({"md5": "a" * 32, "size": 0}, 400, "bad_request"),
+        ({"md5": "a" * 32, "size": 1025}, 413, "too_large"),
+    ):
+        r = await client.post(
+            f"/v1/uploads/{uid}/chunks",
+            json={"start": 2, "chunks": [{"md5": "b" * 32, "size": 1}, entry]},
+        )
+        body = await assert_error(r, status, code)
+        assert "chunk 3 has size" in body["message"], body
+    assert (await add(client, uid, 2, []))["count"] == 2  # nothing was listed
+
+
 async def test_malformed_batches_are_400(client):
     uid = (await open_stream(client))["upload_id"]
     for body in (
