@@ -1062,6 +1062,11 @@ class CasdClient:
         index: dict[str, Source] = {}
         if reuse:
             rules = [rule] if rule is not None else guess_chunkings(chunks)
+            if not rules:
+                log.warning(
+                    "the stored file's chunk sizes fit no rule casd cuts by; no local file is"
+                    " reused unless chunking= (--chunking) says how it was cut"
+                )
             index = await loop.run_in_executor(pool, reuse_index, reuse, rules, wanted, algo, cache)
         part_path = os.fspath(part)
 
