@@ -406,3 +406,65 @@ def test_ctrl_c_mid_hashing_exits_130_quickly_with_one_line(env, tmp_path, unuse
     assert proc.returncode == 130
     assert out == ""
     assert err.strip() == "casd: interrupted"
+
+
+async def test_a_server_sending_wrong_bytes_for_a_range_is_refused_in_one_line(
+    env, tmp_path, aiohttp_server, rng
+):
+    """A chunked download whose Range answers never match the manifest: the chunk is refused
+    after its refetches, one line says so, and no file appears at the destination."""
+    data = rng.bytes(2 * MiB, 1)
+    md5 = hashlib.md5(data).hexdigest()
+    half = MiB
+    manifest = {
+        "algo": "md5",
+        "md5": md5,
+        "size": len(data),
+        "count": 2,
+        "chunks": [
+            {"digest": hashlib.md5(data[o : o + half]).hexdigest(), "size": half, "offset": o}
+            for o in (0, half)
+        ],
+    }
+    ranges: list[str] = []
+
+    async def chunks(request: web.Request) -> web.Response:
+        return web.json_response(manifest)
+
+    async def serve(request: web.Request) -> web.Response:
+        first, last = map(int, request.headers["Range"].removeprefix("bytes=").split("-"))
+        ranges.append(request.headers["Range"])
+        body = bytearray(data[first : last + 1])
+        body[0] ^= 0x01  # the first byte of every answer is wrong
+        return web.Response(
+            status=206,
+            body=bytes(body),
+            headers={"Content-Range": f"bytes {first}-{last}/{len(data)}"},
+        )
+
+    app = web.Application()
+    app.router.add_get(f"/v1/files/{md5}/chunks", chunks)
+    app.router.add_get(f"/v1/files/{md5}", serve)
+    server = await aiohttp_server(app)
+    dest = tmp_path / "out.bin"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "casd",
+        "download",
+        md5,
+        "-o",
+        str(dest),
+        "--server",
+        str(server.make_url("")).rstrip("/"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 1 and out == b""
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert "do not match the chunk's digest" in lines[0] and "casd download:" in lines[0]
+    assert not dest.exists()
+    assert len(ranges) >= 3  # the first try and two refetches of the refused chunk
