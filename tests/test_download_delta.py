@@ -573,3 +573,32 @@ async def test_a_daemon_on_postgresql_gives_xxh3_for_every_chunk(
         got = await client.download(s.digest, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data
     assert (got.chunks_fetched, got.verified, got.chunk_check) == (4, "chunks", "xxh3-128")
+
+
+async def test_an_empty_file_is_checked_whole_and_warns_of_nothing(
+    proxy, daemon, tmp_path, rng, caplog
+):
+    """A manifest of no chunks is checked against the digest asked for (that costs nothing),
+    so a server cannot pass off an empty file as another; reuse files are not even read."""
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    other = tmp_path / "other.bin"
+    rng.write(other, MiB)
+    async with CasdClient(daemon.url) as client:
+        e = await client.upload(empty, chunking="fastcdc")
+        o = await client.upload(other, chunking="fixed", chunk_size=256 * KiB)
+    async with fast(proxy.url) as client:
+        got = await client.download(e.digest, tmp_path / "e.bin", reuse=[other])
+    assert (tmp_path / "e.bin").read_bytes() == b""
+    assert (got.chunks_total, got.verified) == (0, "file")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+    def claim_empty(manifest: dict) -> dict:
+        return {**manifest, "size": 0, "count": 0, "chunks": []}
+
+    proxy.edit_manifest = claim_empty
+    async with fast(proxy.url) as client:
+        with pytest.raises(CasdIntegrityError, match="the manifest does not describe"):
+            await client.download(o.digest, tmp_path / "o.bin")
+    assert not (tmp_path / "o.bin").exists()
+    assert proxy.ranges() == []

@@ -936,6 +936,9 @@ class CasdClient:
         """
         algo = ref.digest.algo
         size = sum(c.size for c in chunks)
+        # An empty file's digest costs nothing to check, and a manifest of no chunks is
+        # otherwise checked by nothing at all.
+        full = full or not chunks
         loop = asyncio.get_running_loop()
         # Hashing and disk work: one thread per core, at least two, so verification keeps
         # pace with the network instead of being bound by one MD5 core.
@@ -1060,7 +1063,7 @@ class CasdClient:
         loop = asyncio.get_running_loop()
         wanted = {c.digest for c in chunks}
         index: dict[str, Source] = {}
-        if reuse:
+        if reuse and chunks:
             rules = [rule] if rule is not None else guess_chunkings(chunks)
             if not rules:
                 log.warning(
