@@ -466,5 +466,6 @@ async def test_a_server_sending_wrong_bytes_for_a_range_is_refused_in_one_line(
     assert proc.returncode == 1 and out == b""
     assert len(lines) == 1 and "Traceback" not in lines[0], lines
     assert "do not match the chunk's digest" in lines[0] and "casd download:" in lines[0]
+    assert "the file was not written" in lines[0]
     assert not dest.exists()
     assert len(ranges) >= 3  # the first try and two refetches of the refused chunk

@@ -1211,7 +1211,8 @@ class CasdClient:
                     # Corruption is not a blip worth the full budget: two refetches, then no.
                     raise CasdIntegrityError(
                         f"chunk at offset {c.offset} of {url}: the bytes received do not match"
-                        f" the chunk's digest {c.digest}; nothing was written"
+                        f" the chunk's digest {c.digest}; the file was not written (the chunks"
+                        " verified so far are kept for the next try)"
                     ) from None
                 continue
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
