@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 
 import aiohttp
@@ -602,3 +603,28 @@ async def test_an_empty_file_is_checked_whole_and_warns_of_nothing(
             await client.download(o.digest, tmp_path / "o.bin")
     assert not (tmp_path / "o.bin").exists()
     assert proxy.ranges() == []
+
+
+async def test_fetched_chunks_are_verified_on_several_threads_at_once(
+    proxy, daemon, tmp_path, rng, monkeypatch
+):
+    """Two streams' chunks are checked at the same time on two threads (a download is not
+    bound by one hashing core): each check waits for the other at a barrier, which a single
+    verifying thread would never pass."""
+    s, data = await upload_fixed(daemon, tmp_path, rng, 2 * MiB)
+    proxy.edit_manifest = each_chunk(lambda c: c.pop("xxh3"))  # MD5, the costly check
+    barrier = threading.Barrier(2, timeout=20)
+    threads: set[str] = set()
+    real = delta.ManifestChunk.matches_pieces
+
+    def meet(self, pieces, algo):
+        barrier.wait()
+        threads.add(threading.current_thread().name)
+        return real(self, pieces, algo)
+
+    monkeypatch.setattr(delta.ManifestChunk, "matches_pieces", meet)
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", concurrency=2)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.chunks_fetched, got.chunk_check) == (2, "md5")
+    assert len(threads) == 2
