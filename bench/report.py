@@ -399,19 +399,23 @@ def casd_rows(lim: Limits, sizes: Sizes, r: dict) -> list[Row]:
     return rows
 
 
-def cdc_rows(sizes: Sizes, r: dict) -> list[Row]:
-    """Rows of bench/cdc_runs.py: FastCDC uploads and chunked downloads."""
+def b1c_rows(sizes: Sizes, r: dict) -> list[Row]:
+    """B1c: a fresh upload under each rule against fixed 5 MiB chunks, by the best wall time
+    and by the median CPU seconds (client and daemon); the default's 5% applies to both."""
     rows: list[Row] = []
     size = sizes.file_bytes
     fresh = r["b1c"]
-    base = fresh["fixed 5 MiB"]["seconds"]
+    base = fresh["fixed 5 MiB"]
     for name, f in fresh.items():
+        measured = (
+            f"{f['seconds']:.2f} s = {mb_s(size, f['seconds']):.0f} MB/s, {f['cpu_s']:.2f} CPU s"
+        )
         if name == "fixed 5 MiB":
             rows.append(
                 Row(
                     "B1c",
                     f"fresh upload of {_size(size)}, {name} ({f['chunks']} chunks)",
-                    f"{f['seconds']:.2f} s = {mb_s(size, f['seconds']):.0f} MB/s",
+                    measured,
                     "—",
                     "1.00",
                     "the reference",
@@ -419,20 +423,29 @@ def cdc_rows(sizes: Sizes, r: dict) -> list[Row]:
                 )
             )
             continue
-        extra = f["seconds"] / base - 1
+        wall = f["seconds"] / base["seconds"]
+        cpu = f["cpu_s"] / base["cpu_s"]
         rows.append(
             Row(
                 "B1c",
                 f"… {name} ({f['chunks']} chunks)",
-                f"{f['seconds']:.2f} s = {mb_s(size, f['seconds']):.0f} MB/s",
-                f"fixed 5 MiB {base:.2f} s",
-                f"{f['seconds'] / base:.2f}",
-                "≤ 1.05 to be the default",
+                measured,
+                f"fixed 5 MiB {base['seconds']:.2f} s, {base['cpu_s']:.2f} CPU s",
+                f"{wall:.2f} wall, {cpu:.2f} CPU",
+                "≤ 1.05 (both) to be the default",
                 _verdict(
-                    extra <= 0.05, f"hashing {f['hash_s']:.2f} s, transfer {f['transfer_s']:.2f} s"
+                    wall <= 1.05 and cpu <= 1.05,
+                    f"hashing {f['hash_s']:.2f} s, transfer {f['transfer_s']:.2f} s",
                 ),
             )
         )
+    return rows
+
+
+def cdc_rows(sizes: Sizes, r: dict) -> list[Row]:
+    """Rows of bench/cdc_runs.py: FastCDC uploads and chunked downloads."""
+    rows = b1c_rows(sizes, r)
+    size = sizes.file_bytes
     b3 = r["b3c"]
     avg = _size(r["avg"])
     rows.append(

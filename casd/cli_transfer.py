@@ -314,7 +314,9 @@ async def _download(client: CasdClient, ref: FileRef, args: argparse.Namespace) 
     if args.json:
         print(json.dumps(s.to_json()), flush=True)
     else:
-        if s.chunked:
+        if s.chunked and not s.chunks_total:
+            how = f"{s.algo} verified"  # an empty file: no chunk to fetch or check
+        elif s.chunked:
             whole = f", and {s.algo} of the whole file" if s.verified == "file" else ""
             how = (
                 f"verified chunk by chunk ({s.chunk_check}){whole}: fetched {s.chunks_fetched} of "

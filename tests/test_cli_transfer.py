@@ -406,3 +406,157 @@ def test_ctrl_c_mid_hashing_exits_130_quickly_with_one_line(env, tmp_path, unuse
     assert proc.returncode == 130
     assert out == ""
     assert err.strip() == "casd: interrupted"
+
+
+async def test_a_server_sending_wrong_bytes_for_a_range_is_refused_in_one_line(
+    env, tmp_path, aiohttp_server, rng
+):
+    """A chunked download whose Range answers never match the manifest: the chunk is refused
+    after its refetches, one line says so, and no file appears at the destination."""
+    data = rng.bytes(2 * MiB, 1)
+    md5 = hashlib.md5(data).hexdigest()
+    half = MiB
+    manifest = {
+        "algo": "md5",
+        "md5": md5,
+        "size": len(data),
+        "count": 2,
+        "chunks": [
+            {"digest": hashlib.md5(data[o : o + half]).hexdigest(), "size": half, "offset": o}
+            for o in (0, half)
+        ],
+    }
+    ranges: list[str] = []
+
+    async def chunks(request: web.Request) -> web.Response:
+        return web.json_response(manifest)
+
+    async def serve(request: web.Request) -> web.Response:
+        first, last = map(int, request.headers["Range"].removeprefix("bytes=").split("-"))
+        ranges.append(request.headers["Range"])
+        body = bytearray(data[first : last + 1])
+        body[0] ^= 0x01  # the first byte of every answer is wrong
+        return web.Response(
+            status=206,
+            body=bytes(body),
+            headers={"Content-Range": f"bytes {first}-{last}/{len(data)}"},
+        )
+
+    app = web.Application()
+    app.router.add_get(f"/v1/files/{md5}/chunks", chunks)
+    app.router.add_get(f"/v1/files/{md5}", serve)
+    server = await aiohttp_server(app)
+    dest = tmp_path / "out.bin"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "casd",
+        "download",
+        md5,
+        "-o",
+        str(dest),
+        "--server",
+        str(server.make_url("")).rstrip("/"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 1 and out == b""
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert "do not match the chunk's digest" in lines[0] and "casd download:" in lines[0]
+    assert "the file was not written" in lines[0]
+    assert not dest.exists()
+    assert len(ranges) >= 3  # the first try and two refetches of the refused chunk
+
+
+async def test_a_chunked_download_killed_midway_leaves_no_file_and_the_rerun_resumes(
+    env, tmp_path, aiohttp_server, rng
+):
+    """`casd download` killed (SIGKILL) while two of four chunks are in and two stall: no
+    file at the destination, only the hidden temp file; the rerun checks what it holds,
+    keeps the two chunks and asks only for the other two."""
+    chunk = 256 * 1024
+    data = rng.bytes(4 * chunk, 1)
+    md5 = hashlib.md5(data).hexdigest()
+    manifest = {
+        "algo": "md5",
+        "md5": md5,
+        "size": len(data),
+        "count": 4,
+        "chunks": [
+            {"digest": hashlib.md5(data[o : o + chunk]).hexdigest(), "size": chunk, "offset": o}
+            for o in range(0, len(data), chunk)
+        ],
+    }
+    stall = True
+    ranges: list[str] = []
+    stalled = asyncio.Event()
+    never = asyncio.Event()
+
+    async def chunks(request: web.Request) -> web.Response:
+        return web.json_response(manifest)
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        first, last = map(int, request.headers["Range"].removeprefix("bytes=").split("-"))
+        ranges.append(request.headers["Range"])
+        resp = web.StreamResponse(status=206)
+        resp.content_length = last - first + 1
+        resp.headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+        await resp.prepare(request)
+        if stall and first >= 2 * chunk:
+            await resp.write(data[first : first + chunk // 2])
+            stalled.set()
+            await never.wait()  # until the client is killed
+        await resp.write(data[first : last + 1])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get(f"/v1/files/{md5}/chunks", chunks)
+    app.router.add_get(f"/v1/files/{md5}", serve)
+    server = await aiohttp_server(app)
+    base = str(server.make_url("")).rstrip("/")
+    dest = tmp_path / "out.bin"
+
+    async def run() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "casd",
+            "download",
+            md5,
+            "-o",
+            str(dest),
+            "--server",
+            base,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+    proc = await run()
+    await asyncio.wait_for(stalled.wait(), 60)
+    part = tmp_path / f".out.bin.{md5[:16]}.casd-part"
+    # The two whole chunks are written by the client's threads: wait until they are there.
+    for _ in range(600):
+        if part.exists() and part.read_bytes()[: 2 * chunk] == data[: 2 * chunk]:
+            break
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert not dest.exists()
+    assert part.exists() and part.read_bytes() != data
+
+    stall = False
+    ranges.clear()
+    proc = await run()
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    assert dest.read_bytes() == data and not part.exists()
+    assert sorted(ranges) == [
+        f"bytes={2 * chunk}-{3 * chunk - 1}",
+        f"bytes={3 * chunk}-{4 * chunk - 1}",
+    ]
+    assert "fetched 2 of 4 chunks" in out.decode() and "from an earlier try" in out.decode()

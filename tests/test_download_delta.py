@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from casd.chunking import Chunking
+from casd.chunking import Chunking, chunk_spans
 from casd.client import (
     CasdClient,
     CasdClientError,
@@ -334,6 +336,72 @@ async def test_chunking_given_for_reuse_is_the_rule_used(proxy, daemon, tmp_path
     assert right.chunks_fetched <= 3 and right.chunks_reused > 20
 
 
+async def test_reuse_paths_that_are_no_regular_file_are_skipped(proxy, daemon, tmp_path, rng):
+    """A folder, a missing path, a device and a FIFO among the reuse files: each is skipped
+    with a warning, the download completes and takes what the real file holds. (A FIFO
+    blocks whoever opens it for reading until some writer comes: a client that opened it
+    would hang.)"""
+    old = tmp_path / "old.bin"
+    data = rng.write(old, 2 * MiB)
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(old, chunking="fixed", chunk_size=512 * KiB)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reuse = [fifo, tmp_path, tmp_path / "missing", "/dev/zero", old]
+    async with CasdClient(proxy.url) as client:
+        task = asyncio.create_task(client.download(s.digest, tmp_path / "out.bin", reuse=reuse))
+        done, _ = await asyncio.wait({task}, timeout=30)
+        if not done:
+            # A reader is stuck in open(): let it through (a writer comes and goes), then fail.
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            await asyncio.gather(task, return_exceptions=True)
+            pytest.fail("the download blocked opening a FIFO named as a reuse file")
+        got = task.result()
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.chunks_reused, got.chunks_fetched) == (4, 0)
+
+
+async def test_an_unrelated_reuse_file_is_cut_once(proxy, daemon, tmp_path, monkeypatch):
+    """The chunk sizes of a FastCDC file rule out all averages but its own, so a reuse file
+    that holds none of its chunks is read once, not once per guessed average."""
+    fixed = RandomData(0, "an unrelated reuse file")
+    new = tmp_path / "new.bin"
+    data = fixed.write(new, 8 * MiB, "new")
+    unrelated = tmp_path / "unrelated.bin"
+    fixed.write(unrelated, 8 * MiB, "unrelated")
+    async with CasdClient(daemon.url) as client:
+        s = await client.upload(new, chunking="fastcdc", chunk_size=16 * KiB)
+    cuts: list[Chunking] = []
+    real = delta.file_digests
+
+    def spy(path, **kw):
+        cuts.append(kw["chunking"])
+        return real(path, **kw)
+
+    monkeypatch.setattr(delta, "file_digests", spy)
+    async with CasdClient(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", reuse=[unrelated])
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert got.chunks_reused == 0
+    assert cuts == [Chunking.fastcdc(16 * KiB)]
+
+
+@pytest.mark.parametrize("avg", [4 * KiB, 64 * KiB, MiB])
+def test_the_guessed_rules_always_hold_the_one_that_cut_the_file(avg, rng):
+    """Whatever the bytes, the rule that cut a file is among the guesses, first when its
+    chunks are many; sizes no FastCDC average could give guess nothing."""
+    for n in range(4):
+        data = rng.bytes(64 * avg + n * 7919, n)
+        spans = chunk_spans(io.BytesIO(data), Chunking.fastcdc(avg))
+        chunks = [delta.ManifestChunk(o, size, "0" * 32) for o, size in spans]
+        guesses = delta.guess_chunkings(chunks)
+        assert guesses[0] == Chunking.fastcdc(avg) and len(guesses) <= 3
+    sizes = [1500, 90_000, 3000]  # 1500 needs an average of at most 6000, 90000 one of 22500
+    chunks = [delta.ManifestChunk(sum(sizes[:i]), n, "0" * 32) for i, n in enumerate(sizes)]
+    assert delta.guess_chunkings(chunks) == []
+    assert delta.guess_chunkings(chunks[:1]) == [Chunking.fixed(1500)]
+
+
 # ---- what a chunked download checks each chunk against, and the whole-file check ---------------
 
 
@@ -506,3 +574,57 @@ async def test_a_daemon_on_postgresql_gives_xxh3_for_every_chunk(
         got = await client.download(s.digest, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data
     assert (got.chunks_fetched, got.verified, got.chunk_check) == (4, "chunks", "xxh3-128")
+
+
+async def test_an_empty_file_is_checked_whole_and_warns_of_nothing(
+    proxy, daemon, tmp_path, rng, caplog
+):
+    """A manifest of no chunks is checked against the digest asked for (that costs nothing),
+    so a server cannot pass off an empty file as another; reuse files are not even read."""
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    other = tmp_path / "other.bin"
+    rng.write(other, MiB)
+    async with CasdClient(daemon.url) as client:
+        e = await client.upload(empty, chunking="fastcdc")
+        o = await client.upload(other, chunking="fixed", chunk_size=256 * KiB)
+    async with fast(proxy.url) as client:
+        got = await client.download(e.digest, tmp_path / "e.bin", reuse=[other])
+    assert (tmp_path / "e.bin").read_bytes() == b""
+    assert (got.chunks_total, got.verified) == (0, "file")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+    def claim_empty(manifest: dict) -> dict:
+        return {**manifest, "size": 0, "count": 0, "chunks": []}
+
+    proxy.edit_manifest = claim_empty
+    async with fast(proxy.url) as client:
+        with pytest.raises(CasdIntegrityError, match="the manifest does not describe"):
+            await client.download(o.digest, tmp_path / "o.bin")
+    assert not (tmp_path / "o.bin").exists()
+    assert proxy.ranges() == []
+
+
+async def test_fetched_chunks_are_verified_on_several_threads_at_once(
+    proxy, daemon, tmp_path, rng, monkeypatch
+):
+    """Two streams' chunks are checked at the same time on two threads (a download is not
+    bound by one hashing core): each check waits for the other at a barrier, which a single
+    verifying thread would never pass."""
+    s, data = await upload_fixed(daemon, tmp_path, rng, 2 * MiB)
+    proxy.edit_manifest = each_chunk(lambda c: c.pop("xxh3"))  # MD5, the costly check
+    barrier = threading.Barrier(2, timeout=20)
+    threads: set[str] = set()
+    real = delta.ManifestChunk.matches_pieces
+
+    def meet(self, pieces, algo):
+        barrier.wait()
+        threads.add(threading.current_thread().name)
+        return real(self, pieces, algo)
+
+    monkeypatch.setattr(delta.ManifestChunk, "matches_pieces", meet)
+    async with fast(proxy.url) as client:
+        got = await client.download(s.digest, tmp_path / "out.bin", concurrency=2)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (got.chunks_fetched, got.chunk_check) == (2, "md5")
+    assert len(threads) == 2

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -102,8 +103,13 @@ def guess_chunkings(chunks: list[ManifestChunk]) -> list[Chunking]:
     """How the stored file was probably cut, the likeliest rule first.
 
     Equal sizes (all but a shorter last) mean fixed chunks of that size. Otherwise FastCDC,
-    whose chunks average close to its parameter: the power of two nearest the mean chunk
-    size, then its neighbours.
+    whose chunks average close to its parameter: of the averages whose bounds every chunk
+    respects (min <= size <= max, the last only <= max), the one nearest the mean chunk
+    size, then at most two more, nearest first. The bounds rule out a neighbour as soon as
+    one chunk falls outside them, which in a file of a hundred chunks or more is almost
+    always, so a `reuse` file that holds none of the chunks (an unrelated file) is read
+    once, not once per guess. No average at all when no FastCDC rule could have cut these
+    sizes (another client's chunks): reading a file for them would find nothing.
     """
     if not chunks:
         return []
@@ -111,9 +117,14 @@ def guess_chunkings(chunks: list[ManifestChunk]) -> list[Chunking]:
     if len(chunks) == 1 or (all(c.size == first for c in chunks[:-1]) and chunks[-1].size <= first):
         return [Chunking.fixed(first)]
     mean = sum(c.size for c in chunks) / len(chunks)
-    averages = [1 << k for k in range(MIN_AVG.bit_length() - 1, MAX_AVG.bit_length())]
-    averages.sort(key=lambda avg: abs(math.log2(avg / mean)))
-    return [Chunking.fastcdc(avg) for avg in averages[:3]]
+    smallest = min(c.size for c in chunks[:-1])
+    largest = max(c.size for c in chunks)
+    rules = [
+        Chunking.fastcdc(1 << k) for k in range(MIN_AVG.bit_length() - 1, MAX_AVG.bit_length())
+    ]
+    fitting = [r for r in rules if r.min_size <= smallest and largest <= r.max_size]
+    fitting.sort(key=lambda r: abs(math.log2(r.avg_size / mean)))
+    return fitting[:3]
 
 
 def reuse_index(
@@ -130,6 +141,15 @@ def reuse_index(
     """
     found: dict[str, Source] = {}
     for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            log.warning("cannot reuse %s: %s", path, exc)
+            continue
+        if not stat.S_ISREG(mode):
+            # A FIFO would block the open until some writer came, a device never ends.
+            log.warning("cannot reuse %s: not a regular file", path)
+            continue
         for rule in chunkings:
             try:
                 fd, _ = file_digests(path, chunking=rule, algo=algo, cache=cache)

@@ -936,6 +936,9 @@ class CasdClient:
         """
         algo = ref.digest.algo
         size = sum(c.size for c in chunks)
+        # An empty file's digest costs nothing to check, and a manifest of no chunks is
+        # otherwise checked by nothing at all.
+        full = full or not chunks
         loop = asyncio.get_running_loop()
         # Hashing and disk work: one thread per core, at least two, so verification keeps
         # pace with the network instead of being bound by one MD5 core.
@@ -1060,8 +1063,13 @@ class CasdClient:
         loop = asyncio.get_running_loop()
         wanted = {c.digest for c in chunks}
         index: dict[str, Source] = {}
-        if reuse:
+        if reuse and chunks:
             rules = [rule] if rule is not None else guess_chunkings(chunks)
+            if not rules:
+                log.warning(
+                    "the stored file's chunk sizes fit no rule casd cuts by; no local file is"
+                    " reused unless chunking= (--chunking) says how it was cut"
+                )
             index = await loop.run_in_executor(pool, reuse_index, reuse, rules, wanted, algo, cache)
         part_path = os.fspath(part)
 
@@ -1203,7 +1211,8 @@ class CasdClient:
                     # Corruption is not a blip worth the full budget: two refetches, then no.
                     raise CasdIntegrityError(
                         f"chunk at offset {c.offset} of {url}: the bytes received do not match"
-                        f" the chunk's digest {c.digest}; nothing was written"
+                        f" the chunk's digest {c.digest}; the file was not written (the chunks"
+                        " verified so far are kept for the next try)"
                     ) from None
                 continue
             except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
