@@ -211,6 +211,24 @@ async def test_another_tenants_upload_id_is_not_found(t):
     assert status == 200 and still["missing"] == p.order
 
 
+async def test_an_upload_token_cannot_delete_another_tenants_file(t):
+    # Bob's DELETE of alice's file is the DELETE of a digest nobody stored, and changes
+    # nothing for her: her download, her handshake (complete) and the bytes stay.
+    p = prepare(rand(2 * CHUNK + 7), CHUNK, name="a.bin")
+    done = await t.upload("alice", p)
+    physical = stored_blobs(t.settings.data_dir)
+    never = prepare(rand(1000), CHUNK)
+    got = await t.call("bob", "DELETE", f"/v1/files/{p.digest}")
+    absent = await t.call("bob", "DELETE", f"/v1/files/{never.digest}")
+    assert got[0] == absent[0] == 404
+    assert without(got[1], p.digest) == without(absent[1], never.digest)
+    await gc(t.settings)
+    assert await t.call("alice", "GET", done["url"]) == (200, p.data)
+    _, hs = await t.call("alice", "POST", "/v1/handshake", json=p.handshake)
+    assert hs["status"] == "complete"
+    assert stored_blobs(t.settings.data_dir) == physical
+
+
 # ---- roles ------------------------------------------------------------------------------
 
 
