@@ -268,6 +268,25 @@ async def test_each_role_on_each_endpoint(t):
     expected = [200, 200, 201, 200, 404, 204]  # merge done: abort finds no pending upload
     for (method, path, kw), want in zip(writes, expected, strict=True):
         assert (await t.call("alice", method, path, **kw))[0] == want, (method, path)
+    # Protocol v1.1's requests are uploads too.
+    _, opened = await t.call("alice", "POST", "/v1/uploads", json={"algo": "md5", "size": CHUNK})
+    one = rand(100)
+    streamed = [
+        ("GET", "/v1/capabilities", {}, 200),
+        ("POST", "/v1/uploads", {"json": {"algo": "md5", "size": CHUNK}}, 201),
+        (
+            "POST",
+            f"/v1/uploads/{opened['upload_id']}/chunks",
+            {"json": {"start": 0, "chunks": [{"md5": q.order[0], "size": CHUNK}]}},
+            200,
+        ),
+        ("PUT", f"/v1/files/{hashlib.md5(one).hexdigest()}", {"data": one}, 201),
+    ]
+    for method, path, kw, want in streamed:
+        assert (await t.client.request(method, path, **kw)).status == 401, (method, path)
+        status, body = await t.call("reader", method, path, **kw)
+        assert status == 403 and "upload role" in body["message"], (method, path, body)
+        assert (await t.call("alice", method, path, **kw))[0] == want, (method, path)
     # What is not /v1 needs no token, as without tenants; /metrics (every tenant's totals)
     # opens only to --metrics-token, which this daemon has not.
     assert (await t.client.get("/healthz")).status == 200
