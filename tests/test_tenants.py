@@ -640,6 +640,63 @@ async def test_racing_quota_checks_on_postgresql_are_serialized(postgres_url):
         await two.close()
 
 
+@pytest.mark.parametrize("kind", ["handshake", "batch"])
+async def test_racing_quota_checks_on_sqlite_are_serialized(tmp_path, kind):
+    """Two handshakes (or two v1.1 digest batches) for one tenant, both queued for the same write transaction of the
+    SQLite catalogue before either runs (its writer held busy meanwhile): each fits the
+    quota alone, and the one whose check runs second must see the first's upload."""
+    import threading
+
+    from casd.catalog import open_catalog
+    from casd.digest import Algo, Digest
+    from casd.models import ChunkRef, Manifest, StreamLimits, Tenant
+
+    def m(tag: str) -> Manifest:
+        d = Digest(Algo("md5"), hashlib.md5(tag.encode()).hexdigest())
+        return Manifest(d, 3, (ChunkRef(hashlib.md5(tag.encode() + b"c").hexdigest(), 3),))
+
+    q = Tenant("q", quota=5)
+    cat = await open_catalog(tmp_path / "catalog.sqlite", synchronous="NORMAL")
+    started, release = threading.Event(), threading.Event()
+
+    def hold(con):
+        started.set()
+        release.wait(30)
+
+    try:
+        streams = {}
+        if kind == "batch":  # opened for 3 bytes each; each batch's 3 bytes fit alone
+            for tag in ("a", "b"):
+                streams[tag] = await cat.begin_stream(
+                    Algo.MD5, "", "", 1.0, 1e12, tag * 32, tenant=q, size=3
+                )
+        writer = cat.writer
+        held = asyncio.ensure_future(writer.run(hold))  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(started.wait, 30)
+
+        def start(tag: str):
+            if kind == "batch":
+                chunk = ChunkRef(hashlib.md5(tag.encode()).hexdigest(), 3)
+                limits = StreamLimits(max_chunks=100, max_file_size=1000)
+                return cat.append_stream(streams[tag].id, 0, [chunk], 1.0, 1e12, limits, tenant=q)
+            return cat.begin_upload(m(tag), "k", 1.0, 1e12, tag * 32, tenant=q)
+
+        races = [asyncio.ensure_future(start(tag)) for tag in ("a", "b")]
+        for _ in range(400):  # both queued behind the held transaction, within 20 s
+            if writer.depth >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert writer.depth >= 2
+        release.set()
+        await held
+        results = await asyncio.gather(*races, return_exceptions=True)
+        assert [type(r).__name__ for r in results].count("QuotaExceeded") == 1, results
+        assert sum(isinstance(r, Exception) for r in results) == 1, results
+    finally:
+        release.set()
+        await cat.close()
+
+
 def test_the_upload_page_says_what_to_do_after_401_403_and_quota():
     """casd.js carries the server's code and message (shown as `code: message`); the line
     under it says what would help. Checked with node on the page's own module."""
