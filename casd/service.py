@@ -1121,6 +1121,11 @@ class Service:
             raise NotFound(f"no file {digest.hex}")
         return entry
 
+    async def list_files(self, reader: str | None, after: str, limit: int) -> list[FileEntry]:
+        """At most `limit` complete files whose digest sorts after `after`, in digest order:
+        those tenant `reader` owns, under its names (None: every file)."""
+        return await self.catalog.files_page(reader, after, limit)
+
     async def open_file(self, digest: Digest, reader: str | None = None) -> OpenFile:
         """A complete file with its chunk list, both from one catalogue snapshot."""
         found = await self.catalog.file_with_chunks(digest, reader)

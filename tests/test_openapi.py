@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -31,15 +32,22 @@ def doc_routes() -> set[tuple[str, str]]:
     return {(_shape(p), m) for p, ops in document()["paths"].items() for m in ops}
 
 
-def test_every_route_is_documented_and_every_documented_route_exists(settings):
-    routes = app_routes(create_app(settings))
+def test_every_route_is_documented_and_every_documented_route_exists(settings, tmp_path):
+    # Tenant mode has every route; without tenants, all but the tenant's file list.
+    (tmp_path / "tokens").write_text("")
+    tenant_app = create_app(dataclasses.replace(settings, tokens=tmp_path / "tokens"))
+    routes = app_routes(tenant_app)
+    assert app_routes(create_app(settings)) == routes - {
+        ("/v1/files", "get"),
+        ("/v1/files", "head"),
+    }
     documented = doc_routes()
     # aiohttp adds HEAD beside every GET; the document lists HEAD where it is part of the
     # protocol (downloads), and every HEAD it lists must exist.
     routes = {r for r in routes if r[1] != "head"} | {r for r in documented if r[1] == "head"}
     assert not routes - documented, f"routes missing from casd/openapi.py: {routes - documented}"
     assert not documented - routes, f"documented routes the app lacks: {documented - routes}"
-    assert {r for r in documented if r[1] == "head"} <= app_routes(create_app(settings))
+    assert {r for r in documented if r[1] == "head"} <= app_routes(tenant_app)
 
 
 async def test_served_document(aiohttp_client, settings):

@@ -229,6 +229,61 @@ async def test_an_upload_token_cannot_delete_another_tenants_file(t):
     assert stored_blobs(t.settings.data_dir) == physical
 
 
+async def test_a_tenant_lists_its_own_files_a_page_at_a_time(t, aiohttp_client, settings):
+    mine = [prepare(rand(CHUNK + i), CHUNK, ext=".bin", name=f"a{i}.bin") for i in range(3)]
+    for p in mine:
+        await t.upload("alice", p)
+    theirs = prepare(rand(100), CHUNK, name="b.bin")
+    await t.upload("bob", theirs)
+    await t.upload("bob", prepare(mine[0].data, CHUNK, ext=".dat", name="bob.dat"))
+    # Alice's files under her names, in digest order; her read token lists them too.
+    status, body = await t.call("alice", "GET", "/v1/files")
+    assert status == 200 and body["next"] is None, body
+    assert [f["md5"] for f in body["files"]] == sorted(p.digest for p in mine)
+    by_digest = {p.digest: p for p in mine}
+    for f in body["files"]:
+        p = by_digest[f["md5"]]
+        name = f"a{mine.index(p)}.bin"
+        assert (f["algo"], f["size"], f["name"], f["ext"]) == ("md5", len(p.data), name, ".bin")
+        assert f["url"] == f"/v1/files/{p.digest}.bin" and f["created"].endswith("Z")
+    assert await t.call("reader", "GET", "/v1/files") == (200, body)
+    # Bob sees his two, the shared one under his own name; nothing of alice's.
+    status, bobs = await t.call("bob", "GET", "/v1/files")
+    assert {(f["md5"], f["name"]) for f in bobs["files"]} == {
+        (theirs.digest, "b.bin"),
+        (mine[0].digest, "bob.dat"),
+    }
+    # A page at a time: `next` is the `after` of the next page.
+    pages, after = [], ""
+    while True:
+        status, page = await t.call("alice", "GET", f"/v1/files?limit=2&after={after}")
+        assert status == 200, page
+        pages.append([f["md5"] for f in page["files"]])
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert pages == [sorted(by_digest)[:2], sorted(by_digest)[2:]]
+    # An admin lists every file; a deleted file leaves its owner's list.
+    status, every = await t.call("ops", "GET", "/v1/files")
+    assert {f["md5"] for f in every["files"]} == {*by_digest, theirs.digest}
+    assert (await t.call("alice", "DELETE", f"/v1/files/{mine[0].digest}"))[0] == 204
+    _, body = await t.call("alice", "GET", "/v1/files")
+    assert [f["md5"] for f in body["files"]] == sorted(d for d in by_digest if d != mine[0].digest)
+    # No token, or a bad query.
+    assert (await t.client.get("/v1/files")).status == 401
+    for query in ("limit=0", "limit=1001", "limit=x", "after=XYZ"):
+        status, body = await t.call("alice", "GET", f"/v1/files?{query}")
+        assert (status, body["error"]) == (400, "bad_request"), query
+    # The served API description has it in tenant mode only.
+    _, doc = await t.call("alice", "GET", "/v1/openapi.json")
+    assert "/v1/files" in doc["paths"]
+    # Without tenants there is no such endpoint, exactly as before.
+    plain = await aiohttp_client(create_app(settings))
+    r = await plain.get("/v1/files")
+    assert r.status == 404 and (await r.json())["message"] == "no such endpoint: /v1/files"
+    assert "/v1/files" not in (await (await plain.get("/v1/openapi.json")).json())["paths"]
+
+
 # ---- roles ------------------------------------------------------------------------------
 
 
