@@ -511,6 +511,44 @@ def test_token_add_ls_rm_through_the_cli(tmp_path, capsys):
     assert "tenant 'a/b'" in err and "Traceback" not in err
 
 
+def test_two_token_adds_at_once_keep_both_tokens(tmp_path, monkeypatch):
+    """The first `casd token add` is held between reading the file and writing it back
+    while a second runs: the second must wait for it, not write a file without its line."""
+    import threading
+
+    from casd import tenants
+
+    path = tmp_path / "tokens"
+    add_token(path, "first", Role.READ, None)
+    write = tenants.write_atomically
+    reached, release = threading.Event(), threading.Event()
+
+    def held_once(p, text):
+        if not reached.is_set():
+            reached.set()
+            assert release.wait(30)
+        write(p, text)
+
+    monkeypatch.setattr(tenants, "write_atomically", held_once)
+    got: dict[str, str] = {}
+
+    def add(name: str) -> None:
+        got[name], _ = add_token(path, name, Role.UPLOAD, None)
+
+    one = threading.Thread(target=add, args=("one",))
+    one.start()
+    assert reached.wait(30)
+    two = threading.Thread(target=add, args=("two",))
+    two.start()
+    two.join(1.0)  # unlocked, it finishes here (and the test fails); locked, it waits
+    release.set()
+    one.join(30)
+    two.join(30)
+    table = TokenTable.read(path)
+    assert [e.tenant for e in table.entries] == ["first", "one", "two"]
+    assert all(table.lookup(token) is not None for token in got.values())
+
+
 # ---- admin commands ---------------------------------------------------------------------
 
 
