@@ -936,6 +936,12 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         "Cache-Control": "public, max-age=31536000, immutable",
         "Content-Disposition": content_disposition(entry.name, ctype.startswith(_INLINE_TYPES)),
     }
+    if request.app[SETTINGS].tokens is not None:
+        # Tenant mode: what this answer holds is this tenant's (another gets 404, and its
+        # own name in Content-Disposition). `public` would let a shared cache (a proxy, a
+        # CDN) hand it to any request for the URL, whatever its token (RFC 9111 3.5).
+        headers["Cache-Control"] = "private, max-age=31536000, immutable"
+        headers["Vary"] = "Authorization"
     if not_modified:
         return web.Response(status=304, headers=headers)
     rng = None

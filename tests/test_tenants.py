@@ -189,6 +189,27 @@ async def test_a_tenant_sees_its_own_name_and_a_chunk_it_proved_is_not_missing(t
     assert "mine.bin" in r.headers["Content-Disposition"]
 
 
+async def test_a_download_may_be_cached_for_its_tenant_only(t, aiohttp_client, settings, tmp_path):
+    # `public` would let a proxy or CDN in front of casd hand alice's answer to bob's
+    # request for the same URL (or to one with no token at all).
+    p = prepare(rand(CHUNK), CHUNK, ext=".bin")
+    done = await t.upload("alice", p)
+    etag = f'"{p.digest}"'
+    for method, extra in (("GET", {}), ("HEAD", {}), ("GET", {"If-None-Match": etag})):
+        r = await t.client.request(method, done["url"], headers={**t.h("alice"), **extra})
+        assert r.status in (200, 304)
+        cache = {d.strip() for d in r.headers["Cache-Control"].split(",")}
+        assert "private" in cache and "public" not in cache, (method, extra, cache)
+        assert "Authorization" in r.headers.getall("Vary", []), (method, extra)
+    # Without tenants, a digest's bytes are the same for everyone: shared caches may keep them.
+    alone = dataclasses.replace(settings, data_dir=tmp_path / "alone")
+    plain = await aiohttp_client(create_app(alone))
+    done = await Tenants(plain, alone, {}, t.path).upload(None, p)
+    r = await plain.get(done["url"])
+    assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert "Vary" not in r.headers
+
+
 async def test_another_tenants_upload_id_is_not_found(t):
     p = prepare(rand(2 * CHUNK), CHUNK)
     _, hs = await t.call("alice", "POST", "/v1/handshake", json=p.handshake)
