@@ -173,6 +173,44 @@ async def test_side_channel_is_closed_and_storage_still_shared(
         assert token not in caplog.text
 
 
+async def test_another_tenants_file_answers_byte_for_byte_as_an_absent_one(t):
+    # Every request naming a file by its digest: status, headers (all but the date and the
+    # request id) and body, with the digest written over, as for a digest nobody stored.
+    p = prepare(rand(2 * CHUNK + 3), CHUNK, ext=".bin")
+    await t.upload("alice", p)
+    never = prepare(rand(2 * CHUNK + 3), CHUNK)
+    wrong = rand(CHUNK)
+
+    async def answer(method, digest, suffix, headers=(), **kw):
+        h = {**t.h("bob"), **dict(headers)}
+        r = await t.client.request(method, f"/v1/files/{digest}{suffix}", headers=h, **kw)
+        body = (await r.read()).replace(digest.encode(), b"D")
+        headers = sorted(
+            (k, v.replace(digest, "D"))
+            for k, v in r.headers.items()
+            if k not in ("Date", "X-Request-ID")
+        )
+        return r.status, headers, body
+
+    for method, suffix, kw in (
+        ("GET", "", {}),
+        ("GET", ".bin", {}),
+        ("HEAD", "", {}),
+        ("HEAD", ".bin", {}),
+        ("GET", "/chunks", {}),
+        ("HEAD", "/chunks", {}),
+        ("GET", "", {"headers": {"If-None-Match": '"*"'}}),
+        ("GET", "", {"headers": {"Range": "bytes=0-9"}}),
+        ("DELETE", "", {}),
+        ("PUT", ".bin", {"data": wrong}),
+    ):
+        got = await answer(method, p.digest, suffix, **kw)
+        absent = await answer(method, never.digest, suffix, **kw)
+        assert got == absent, (method, suffix, kw)
+        assert got[0] in (404, 422), got
+    assert (await t.call("alice", "GET", f"/v1/files/{p.digest}")) == (200, p.data)
+
+
 async def test_a_tenant_sees_its_own_name_and_a_chunk_it_proved_is_not_missing(t):
     shared = rand(CHUNK)
     pa = prepare(shared + rand(CHUNK), CHUNK, name="a.bin")
