@@ -636,7 +636,7 @@ async def serve(request: web.Request) -> web.Response:
 @cache
 def _text(tenants: bool) -> str:
     doc = document()
-    if not tenants:
-        for path in TENANT_ONLY:
-            del doc["paths"][path]
+    if not tenants:  # a copy: document() is cached, and every caller gets the whole
+        paths = {p: ops for p, ops in doc["paths"].items() if p not in TENANT_ONLY}
+        doc = {**doc, "paths": paths}
     return json.dumps(doc, indent=1)

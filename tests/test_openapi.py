@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -50,12 +51,22 @@ def test_every_route_is_documented_and_every_documented_route_exists(settings, t
     assert {r for r in documented if r[1] == "head"} <= app_routes(tenant_app)
 
 
-async def test_served_document(aiohttp_client, settings):
+async def test_served_document(aiohttp_client, settings, tmp_path):
     client = await aiohttp_client(create_app(settings))
     r = await client.get("/v1/openapi.json")
     assert r.status == 200 and r.content_type == "application/json"
     body = await r.json()
-    assert body == document()
+    # Without tenants, all but what only tenant mode has; in tenant mode, all of it.
+    whole = document()
+    assert body == {**whole, "paths": {p: o for p, o in whole["paths"].items() if p != "/v1/files"}}
+    (tmp_path / "tokens").write_text(
+        f"sha256:{hashlib.sha256(b't').hexdigest()} tenant=a role=read"
+    )
+    tenants = await aiohttp_client(
+        create_app(dataclasses.replace(settings, tokens=tmp_path / "tokens"))
+    )
+    r = await tenants.get("/v1/openapi.json", headers={"Authorization": "Bearer t"})
+    assert await r.json() == whole
     assert body["openapi"].startswith("3.1")
     # The error shape is open: no enum fixes the codes, so new ones fit.
     error = body["components"]["schemas"]["Error"]

@@ -341,6 +341,8 @@ async def test_a_tenant_lists_its_own_files_a_page_at_a_time(t, aiohttp_client, 
     r = await plain.get("/v1/files")
     assert r.status == 404 and (await r.json())["message"] == "no such endpoint: /v1/files"
     assert "/v1/files" not in (await (await plain.get("/v1/openapi.json")).json())["paths"]
+    _, doc = await t.call("alice", "GET", "/v1/openapi.json")  # and still there for tenants
+    assert "/v1/files" in doc["paths"]
 
 
 # ---- roles ------------------------------------------------------------------------------
