@@ -759,6 +759,35 @@ async def test_sighup_reloads_the_token_file_of_a_running_daemon(daemon_factory,
             assert secret not in log
 
 
+@pytest.mark.parametrize("token", [b"\xff\xfe\xfd", b"s3cret\x80"])
+async def test_a_token_that_is_not_utf8_is_a_wrong_token_everywhere(
+    daemon_factory, tmp_path, token
+):
+    # On /v1 (the token file) and on /metrics (its own token in tenant mode) alike: 401.
+    path = tmp_path / "tokens"
+    write_tokens(path)
+    d = daemon_factory("--tokens", str(path), "--metrics-token", "s3cret")
+    for method, target in (
+        ("GET", "/v1/openapi.json"),
+        ("POST", "/v1/handshake"),
+        ("GET", "/metrics"),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        writer.write(
+            f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+            "Connection: close\r\n".encode()
+            + b"Authorization: Bearer "
+            + token
+            + b"\r\n\r\n"
+        )
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert data.split(b" ", 2)[1] == b"401", (target, data[:300])
+        assert b'"unauthorized"' in data
+    assert "Traceback" not in d.log_path.read_text()
+
+
 async def test_racing_quota_checks_on_postgresql_are_serialized(postgres_url):
     """Two daemons' handshakes for one tenant, each past its usage read before either has
     written: held at their first insert by a table lock, they must still take the quota
