@@ -1121,11 +1121,6 @@ class Service:
             raise NotFound(f"no file {digest.hex}")
         return entry
 
-    async def list_files(self, reader: str | None, after: str, limit: int) -> list[FileEntry]:
-        """At most `limit` complete files whose digest sorts after `after`, in digest order:
-        those tenant `reader` owns, under its names (None: every file)."""
-        return await self.catalog.files_page(reader, after, limit)
-
     async def open_file(self, digest: Digest, reader: str | None = None) -> OpenFile:
         """A complete file with its chunk list, both from one catalogue snapshot."""
         found = await self.catalog.file_with_chunks(digest, reader)
@@ -1227,6 +1222,11 @@ class Service:
         `reader`, only that tenant's ownership: the file stays while another owns it."""
         if not await self._freeing(self.catalog.delete_file, digest, events, reader):
             raise NotFound(f"no file {digest.hex}")
+
+    async def list_files(self, reader: str | None, after: str, limit: int) -> list[FileEntry]:
+        """At most `limit` complete files whose digest sorts after `after`, in digest order:
+        those tenant `reader` owns, under its names (None: every file)."""
+        return await self.catalog.files_page(reader, after, limit)
 
     async def health(self) -> None:
         """Raises when the catalogue cannot be read, the data folder cannot be written or
