@@ -77,7 +77,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write {path}: {exc.strerror}") from None
     print(token)
     print(
-        f"added a {entry.role.value} token of tenant {entry.tenant} ({entry.hash[:SHOWN_HASH]});"
+        f"added {'an' if entry.role.value[0] in 'aeiou' else 'a'} {entry.role.value} token of"
+        f" tenant {entry.tenant} ({entry.hash[:SHOWN_HASH]});"
         " this is the only time it is shown",
         file=sys.stderr,
     )

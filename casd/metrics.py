@@ -162,7 +162,13 @@ def allowed(settings: Settings, header: str) -> bool:
     )
     if not keys:
         return settings.tokens is None
-    return any(hmac.compare_digest(given.encode(), k.encode()) for k in keys)
+    # A header that is not valid UTF-8 arrives with lone surrogates (aiohttp decodes it with
+    # surrogateescape): encoded back the same way it is the bytes sent, simply a wrong token.
+    try:
+        raw = given.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return any(hmac.compare_digest(raw, k.encode("utf-8", "surrogateescape")) for k in keys)
 
 
 def metrics_handler(metrics_key, settings_key, service_key):

@@ -389,6 +389,73 @@ def document() -> dict:
                 },
             }
         },
+        "/v1/files": {
+            "get": {
+                "operationId": "listFiles",
+                "summary": "tenant mode only: the files this tenant owns (an admin's token:"
+                " every file), in digest order, a page at a time; 404 without tenants",
+                "parameters": [
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "description": "list the files whose digest sorts after this one"
+                        " (the `next` of the page before)",
+                        "schema": {"type": "string", "pattern": "^[0-9a-f]{0,64}$"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": "at most this many files (default and most: 1000)",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["files", "next"],
+                            "properties": {
+                                "files": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": [
+                                            "algo",
+                                            "size",
+                                            "name",
+                                            "ext",
+                                            "created",
+                                            "url",
+                                        ],
+                                        "properties": {
+                                            "algo": {"enum": ["md5", "sha256"]},
+                                            "md5": {"type": "string", "pattern": _HEX},
+                                            "sha256": {"type": "string", "pattern": _HEX},
+                                            "size": {"type": "integer", "minimum": 0},
+                                            "name": {"type": "string"},
+                                            "ext": {"type": "string"},
+                                            "created": {"type": "string", "format": "date-time"},
+                                            "url": {"type": "string"},
+                                        },
+                                    },
+                                },
+                                "next": {
+                                    "type": ["string", "null"],
+                                    "description": "the `after` of the next page; null: no"
+                                    " more files",
+                                },
+                            },
+                        },
+                        "a page of the tenant's files",
+                    ),
+                    "404": _error("not in tenant mode: no such endpoint"),
+                    **_ROLE,
+                    **_ERRORS,
+                },
+            }
+        },
         # One path for the two routes on /v1/files/...: OpenAPI treats templates that differ
         # only in parameter names as the same path.
         "/v1/files/{name}": {
@@ -557,10 +624,19 @@ def document() -> dict:
     }
 
 
+# Routes only a tenant-mode daemon has (docs/tenants.md); another leaves them out.
+TENANT_ONLY = ("/v1/files",)
+
+
 async def serve(request: web.Request) -> web.Response:
-    return web.Response(text=_text(), content_type="application/json")
+    tenants = request.app.router.named_resources().get("listFiles") is not None
+    return web.Response(text=_text(tenants), content_type="application/json")
 
 
 @cache
-def _text() -> str:
-    return json.dumps(document(), indent=1)
+def _text(tenants: bool) -> str:
+    doc = document()
+    if not tenants:  # a copy: document() is cached, and every caller gets the whole
+        paths = {p: ops for p, ops in doc["paths"].items() if p not in TENANT_ONLY}
+        doc = {**doc, "paths": paths}
+    return json.dumps(doc, indent=1)

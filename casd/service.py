@@ -1260,6 +1260,11 @@ class Service:
         if not await self._freeing(self.catalog.delete_file, digest, events, reader):
             raise NotFound(f"no file {digest.hex}")
 
+    async def list_files(self, reader: str | None, after: str, limit: int) -> list[FileEntry]:
+        """At most `limit` complete files whose digest sorts after `after`, in digest order:
+        those tenant `reader` owns, under its names (None: every file)."""
+        return await self.catalog.files_page(reader, after, limit)
+
     async def health(self) -> None:
         """Raises when the catalogue cannot be read, the data folder cannot be written or
         the blob store does not answer."""

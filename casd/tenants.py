@@ -11,6 +11,7 @@ daemon (casd.web), `casd token add|ls|rm` and the tests use it; it knows no HTTP
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -262,6 +263,19 @@ def write_atomically(path: Path, text: str) -> None:
         os.close(dfd)
 
 
+@contextlib.contextmanager
+def _editing(path: Path):
+    """One edit of the file at a time (two `casd token add` run at once must not lose a
+    token): an exclusive lock on a lock file beside it, `.NAME.lock`. Not the file itself:
+    each edit replaces it, so a lock on it would not be seen by the next editor."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _existing_text(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
@@ -279,10 +293,11 @@ def add_token(path: Path, tenant: str, role: Role, quota: int | None) -> tuple[s
     while token.startswith("-"):  # `--token -x...` would read as a flag on a command line
         token = secrets.token_urlsafe(32)
     entry = TokenEntry(token_hash(token), tenant, role, quota)
-    text = _existing_text(path)
-    if text and not text.endswith("\n"):
-        text += "\n"
-    write_atomically(path, text + entry.line() + "\n")
+    with _editing(path):
+        text = _existing_text(path)
+        if text and not text.endswith("\n"):
+            text += "\n"
+        write_atomically(path, text + entry.line() + "\n")
     return token, entry
 
 
@@ -291,6 +306,11 @@ def remove_tokens(
 ) -> list[TokenEntry]:
     """Drop the lines of `tenant`'s tokens, or of the token whose hash starts with `prefix`
     (it must match exactly one); the entries removed. Comments and other lines stay."""
+    with _editing(path):
+        return _remove(path, tenant, prefix)
+
+
+def _remove(path: Path, tenant: str | None, prefix: str | None) -> list[TokenEntry]:
     text = _existing_text(path)
     kept, removed = [], []
     for n, line in enumerate(text.splitlines(keepends=True), 1):

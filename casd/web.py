@@ -284,7 +284,7 @@ def _role_needed(request: web.Request) -> Role:
     What an admin may do beyond that (every tenant's files) is the handlers' business."""
     path = request.path
     if request.method in ("GET", "HEAD") and (
-        path.startswith("/v1/files/") or path == "/v1/openapi.json"
+        path.startswith("/v1/files/") or path in ("/v1/files", "/v1/openapi.json")
     ):
         return Role.READ
     return Role.UPLOAD
@@ -949,6 +949,12 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         "Cache-Control": "public, max-age=31536000, immutable",
         "Content-Disposition": content_disposition(entry.name, ctype.startswith(_INLINE_TYPES)),
     }
+    if request.app[SETTINGS].tokens is not None:
+        # Tenant mode: what this answer holds is this tenant's (another gets 404, and its
+        # own name in Content-Disposition). `public` would let a shared cache (a proxy, a
+        # CDN) hand it to any request for the URL, whatever its token (RFC 9111 3.5).
+        headers["Cache-Control"] = "private, max-age=31536000, immutable"
+        headers["Vary"] = "Authorization"
     if not_modified:
         return web.Response(status=304, headers=headers)
     rng = None
@@ -1136,6 +1142,43 @@ async def get_file_chunks(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+# Files a `GET /v1/files` answer lists at most (and by default).
+LIST_LIMIT = 1000
+_AFTER = re.compile(r"[0-9a-f]{0,64}\Z")
+
+
+async def list_files(request: web.Request) -> web.Response:
+    """Tenant mode only: the files this tenant owns (an admin: every file), a page at a time
+    in digest order (PROTOCOL.md)."""
+    after = request.query.get("after", "")
+    if not _AFTER.match(after):
+        raise BadRequest(f"after must be a lowercase hex digest, got {after[:80]!r}")
+    given = request.query.get("limit")
+    limit = LIST_LIMIT
+    if given is not None:
+        if not (given.isascii() and given.isdigit() and 1 <= int(given[:9]) <= LIST_LIMIT):
+            raise BadRequest(f"limit must be an integer from 1 to {LIST_LIMIT}, got {given[:40]!r}")
+        limit = int(given)
+    files = await request.app[SERVICE].list_files(reader_of(request), after, limit)
+    return web.json_response(
+        {
+            "files": [
+                {
+                    "algo": f.digest.algo.value,
+                    f.digest.algo.value: f.digest.hex,
+                    "size": f.size,
+                    "name": f.name,
+                    "ext": f.ext,
+                    "created": protocol.format_timestamp(f.created),
+                    "url": protocol.file_url(f.digest, f.ext),
+                }
+                for f in files
+            ],
+            "next": files[-1].digest.hex if len(files) == limit else None,
+        }
+    )
+
+
 async def delete_file(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"], "file digest")
     hooks = request.app[HOOKS]
@@ -1217,6 +1260,9 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     r.add_put("/v1/uploads/{upload_id}/chunks/{digest}", put_chunk)
     r.add_post("/v1/uploads/{upload_id}/merge", merge)
     r.add_delete("/v1/uploads/{upload_id}", abort)
+    if settings.tokens is not None:
+        # A tenant lists its own files; without tenants there is no such endpoint, as before.
+        r.add_get("/v1/files", list_files, name="listFiles")
     r.add_get("/v1/files/{name}", get_file)
     r.add_get("/v1/files/{name}/chunks", get_file_chunks)
     r.add_delete("/v1/files/{digest}", delete_file)

@@ -304,6 +304,35 @@ def test_page_shows_the_servers_refusal(daemon_factory, page, tmp_path):
     assert summary["size"] == 1000
 
 
+def test_page_says_what_to_do_after_401_403_and_quota_in_tenant_mode(
+    daemon_factory, page, tmp_path
+):
+    """Issue 10: in tenant mode the page names the refusal (`code: message`) and, under it,
+    what would help: another token, the upload role, room in the quota."""
+    from casd.tenants import Role, add_token
+
+    tokens = tmp_path / "tokens"
+    reader, _ = add_token(tokens, "acme", Role.READ, None)
+    small, _ = add_token(tokens, "acme", Role.UPLOAD, 1000)
+    server = daemon_factory("--tokens", str(tokens))
+    path = tmp_path / "q.bin"
+    make_file(path, 2000, "page-tenants")
+    page.goto(server.url + "/")
+    page.get_by_text("Settings").click()
+    for token, code, says, hint in (
+        ("not-a-token", "unauthorized", "missing or unknown token", "check the token"),
+        (reader, "forbidden", "read token of tenant 'acme'", "upload role"),
+        (small, "quota_exceeded", "quota of 1000 bytes", "quota is full"),
+    ):
+        page.get_by_test_id("token").fill(token)
+        row = pick(page, path)
+        expect(row.get_by_test_id("status")).to_have_text("failed", timeout=UPLOAD_TIMEOUT_MS)
+        expect(row.get_by_test_id("error")).to_contain_text(f"{code}: ")
+        expect(row.get_by_test_id("error")).to_contain_text(says)
+        expect(row.get_by_test_id("detail")).to_contain_text(hint)
+    assert blob_count(server) == 0
+
+
 def test_cancel_stops_the_upload_and_picking_again_resumes(daemon, page, tmp_path):
     path = tmp_path / "c.bin"
     data = make_file(path, 6 * MiB, "page-6")

@@ -436,6 +436,41 @@ async def test_a_tenant_sees_its_own_uploads_proofs_and_files(cat):
     assert await cat.get_file(entry.digest) is None
 
 
+async def test_files_page_lists_a_tenants_own_files_in_digest_order(cat):
+    store = Store()
+    await publish(cat, store, "x")
+    owned: dict[str, list[str]] = {"a": [], "b": []}
+    for tag, owners in ((1, "a"), (2, "ab"), (3, "a"), (4, "b")):
+        for t in owners:
+            up, _ = await cat.begin_upload(
+                manifest(tag, [("x", 1)], f"{t}{tag}.txt"),
+                "k",
+                T0,
+                LATER,
+                f"{t}{tag}" * 16,
+                tenant=Tenant(t),
+            )
+            await cat.prove_chunk(t, dg("x"))
+            entry = await cat.register_file(up.id, T0)
+            owned[t].append(entry.digest.hex)
+    for t, digests in owned.items():
+        want = sorted(digests)
+        pages, after = [], ""
+        while page := await cat.files_page(t, after, 2):
+            pages.append(page)
+            after = page[-1].digest.hex
+        assert [f.digest.hex for page in pages for f in page] == want
+        assert [len(page) for page in pages] == {"a": [2, 1], "b": [2]}[t]
+        # Under this tenant's own names.
+        assert {f.name for page in pages for f in page} == {
+            f"{t}{tag}.txt" for tag in (1, 2, 3, 4) if hx(f"file-{tag}") in digests
+        }
+    everything = await cat.files_page(None, "", 10)
+    assert [f.digest.hex for f in everything] == sorted({*owned["a"], *owned["b"]})
+    assert await cat.files_page("c", "", 10) == []
+    assert await cat.files_page(None, everything[-1].digest.hex, 10) == []
+
+
 async def test_an_admin_delete_removes_every_ownership(cat):
     store = Store()
     await publish(cat, store, "x")

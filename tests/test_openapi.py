@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -31,23 +33,40 @@ def doc_routes() -> set[tuple[str, str]]:
     return {(_shape(p), m) for p, ops in document()["paths"].items() for m in ops}
 
 
-def test_every_route_is_documented_and_every_documented_route_exists(settings):
-    routes = app_routes(create_app(settings))
+def test_every_route_is_documented_and_every_documented_route_exists(settings, tmp_path):
+    # Tenant mode has every route; without tenants, all but the tenant's file list.
+    (tmp_path / "tokens").write_text("")
+    tenant_app = create_app(dataclasses.replace(settings, tokens=tmp_path / "tokens"))
+    routes = app_routes(tenant_app)
+    assert app_routes(create_app(settings)) == routes - {
+        ("/v1/files", "get"),
+        ("/v1/files", "head"),
+    }
     documented = doc_routes()
     # aiohttp adds HEAD beside every GET; the document lists HEAD where it is part of the
     # protocol (downloads), and every HEAD it lists must exist.
     routes = {r for r in routes if r[1] != "head"} | {r for r in documented if r[1] == "head"}
     assert not routes - documented, f"routes missing from casd/openapi.py: {routes - documented}"
     assert not documented - routes, f"documented routes the app lacks: {documented - routes}"
-    assert {r for r in documented if r[1] == "head"} <= app_routes(create_app(settings))
+    assert {r for r in documented if r[1] == "head"} <= app_routes(tenant_app)
 
 
-async def test_served_document(aiohttp_client, settings):
+async def test_served_document(aiohttp_client, settings, tmp_path):
     client = await aiohttp_client(create_app(settings))
     r = await client.get("/v1/openapi.json")
     assert r.status == 200 and r.content_type == "application/json"
     body = await r.json()
-    assert body == document()
+    # Without tenants, all but what only tenant mode has; in tenant mode, all of it.
+    whole = document()
+    assert body == {**whole, "paths": {p: o for p, o in whole["paths"].items() if p != "/v1/files"}}
+    (tmp_path / "tokens").write_text(
+        f"sha256:{hashlib.sha256(b't').hexdigest()} tenant=a role=read"
+    )
+    tenants = await aiohttp_client(
+        create_app(dataclasses.replace(settings, tokens=tmp_path / "tokens"))
+    )
+    r = await tenants.get("/v1/openapi.json", headers={"Authorization": "Bearer t"})
+    assert await r.json() == whole
     assert body["openapi"].startswith("3.1")
     # The error shape is open: no enum fixes the codes, so new ones fit.
     error = body["components"]["schemas"]["Error"]

@@ -173,6 +173,44 @@ async def test_side_channel_is_closed_and_storage_still_shared(
         assert token not in caplog.text
 
 
+async def test_another_tenants_file_answers_byte_for_byte_as_an_absent_one(t):
+    # Every request naming a file by its digest: status, headers (all but the date and the
+    # request id) and body, with the digest written over, as for a digest nobody stored.
+    p = prepare(rand(2 * CHUNK + 3), CHUNK, ext=".bin")
+    await t.upload("alice", p)
+    never = prepare(rand(2 * CHUNK + 3), CHUNK)
+    wrong = rand(CHUNK)
+
+    async def answer(method, digest, suffix, headers=(), **kw):
+        h = {**t.h("bob"), **dict(headers)}
+        r = await t.client.request(method, f"/v1/files/{digest}{suffix}", headers=h, **kw)
+        body = (await r.read()).replace(digest.encode(), b"D")
+        headers = sorted(
+            (k, v.replace(digest, "D"))
+            for k, v in r.headers.items()
+            if k not in ("Date", "X-Request-ID")
+        )
+        return r.status, headers, body
+
+    for method, suffix, kw in (
+        ("GET", "", {}),
+        ("GET", ".bin", {}),
+        ("HEAD", "", {}),
+        ("HEAD", ".bin", {}),
+        ("GET", "/chunks", {}),
+        ("HEAD", "/chunks", {}),
+        ("GET", "", {"headers": {"If-None-Match": '"*"'}}),
+        ("GET", "", {"headers": {"Range": "bytes=0-9"}}),
+        ("DELETE", "", {}),
+        ("PUT", ".bin", {"data": wrong}),
+    ):
+        got = await answer(method, p.digest, suffix, **kw)
+        absent = await answer(method, never.digest, suffix, **kw)
+        assert got == absent, (method, suffix, kw)
+        assert got[0] in (404, 422), got
+    assert (await t.call("alice", "GET", f"/v1/files/{p.digest}")) == (200, p.data)
+
+
 async def test_a_tenant_sees_its_own_name_and_a_chunk_it_proved_is_not_missing(t):
     shared = rand(CHUNK)
     pa = prepare(shared + rand(CHUNK), CHUNK, name="a.bin")
@@ -187,6 +225,27 @@ async def test_a_tenant_sees_its_own_name_and_a_chunk_it_proved_is_not_missing(t
     await t.upload("bob", pa_bob)
     r = await t.client.get(f"/v1/files/{pa.digest}", headers=t.h("bob"))
     assert "mine.bin" in r.headers["Content-Disposition"]
+
+
+async def test_a_download_may_be_cached_for_its_tenant_only(t, aiohttp_client, settings, tmp_path):
+    # `public` would let a proxy or CDN in front of casd hand alice's answer to bob's
+    # request for the same URL (or to one with no token at all).
+    p = prepare(rand(CHUNK), CHUNK, ext=".bin")
+    done = await t.upload("alice", p)
+    etag = f'"{p.digest}"'
+    for method, extra in (("GET", {}), ("HEAD", {}), ("GET", {"If-None-Match": etag})):
+        r = await t.client.request(method, done["url"], headers={**t.h("alice"), **extra})
+        assert r.status in (200, 304)
+        cache = {d.strip() for d in r.headers["Cache-Control"].split(",")}
+        assert "private" in cache and "public" not in cache, (method, extra, cache)
+        assert "Authorization" in r.headers.getall("Vary", []), (method, extra)
+    # Without tenants, a digest's bytes are the same for everyone: shared caches may keep them.
+    alone = dataclasses.replace(settings, data_dir=tmp_path / "alone")
+    plain = await aiohttp_client(create_app(alone))
+    done = await Tenants(plain, alone, {}, t.path).upload(None, p)
+    r = await plain.get(done["url"])
+    assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert "Vary" not in r.headers
 
 
 async def test_another_tenants_upload_id_is_not_found(t):
@@ -209,6 +268,81 @@ async def test_another_tenants_upload_id_is_not_found(t):
     assert mine["upload_id"] != uid
     status, still = await t.call("alice", "GET", f"/v1/uploads/{uid}")
     assert status == 200 and still["missing"] == p.order
+
+
+async def test_an_upload_token_cannot_delete_another_tenants_file(t):
+    # Bob's DELETE of alice's file is the DELETE of a digest nobody stored, and changes
+    # nothing for her: her download, her handshake (complete) and the bytes stay.
+    p = prepare(rand(2 * CHUNK + 7), CHUNK, name="a.bin")
+    done = await t.upload("alice", p)
+    physical = stored_blobs(t.settings.data_dir)
+    never = prepare(rand(1000), CHUNK)
+    got = await t.call("bob", "DELETE", f"/v1/files/{p.digest}")
+    absent = await t.call("bob", "DELETE", f"/v1/files/{never.digest}")
+    assert got[0] == absent[0] == 404
+    assert without(got[1], p.digest) == without(absent[1], never.digest)
+    await gc(t.settings)
+    assert await t.call("alice", "GET", done["url"]) == (200, p.data)
+    _, hs = await t.call("alice", "POST", "/v1/handshake", json=p.handshake)
+    assert hs["status"] == "complete"
+    assert stored_blobs(t.settings.data_dir) == physical
+
+
+async def test_a_tenant_lists_its_own_files_a_page_at_a_time(t, aiohttp_client, settings):
+    mine = [prepare(rand(CHUNK + i), CHUNK, ext=".bin", name=f"a{i}.bin") for i in range(3)]
+    for p in mine:
+        await t.upload("alice", p)
+    theirs = prepare(rand(100), CHUNK, name="b.bin")
+    await t.upload("bob", theirs)
+    await t.upload("bob", prepare(mine[0].data, CHUNK, ext=".dat", name="bob.dat"))
+    # Alice's files under her names, in digest order; her read token lists them too.
+    status, body = await t.call("alice", "GET", "/v1/files")
+    assert status == 200 and body["next"] is None, body
+    assert [f["md5"] for f in body["files"]] == sorted(p.digest for p in mine)
+    by_digest = {p.digest: p for p in mine}
+    for f in body["files"]:
+        p = by_digest[f["md5"]]
+        name = f"a{mine.index(p)}.bin"
+        assert (f["algo"], f["size"], f["name"], f["ext"]) == ("md5", len(p.data), name, ".bin")
+        assert f["url"] == f"/v1/files/{p.digest}.bin" and f["created"].endswith("Z")
+    assert await t.call("reader", "GET", "/v1/files") == (200, body)
+    # Bob sees his two, the shared one under his own name; nothing of alice's.
+    status, bobs = await t.call("bob", "GET", "/v1/files")
+    assert {(f["md5"], f["name"]) for f in bobs["files"]} == {
+        (theirs.digest, "b.bin"),
+        (mine[0].digest, "bob.dat"),
+    }
+    # A page at a time: `next` is the `after` of the next page.
+    pages, after = [], ""
+    while True:
+        status, page = await t.call("alice", "GET", f"/v1/files?limit=2&after={after}")
+        assert status == 200, page
+        pages.append([f["md5"] for f in page["files"]])
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert pages == [sorted(by_digest)[:2], sorted(by_digest)[2:]]
+    # An admin lists every file; a deleted file leaves its owner's list.
+    status, every = await t.call("ops", "GET", "/v1/files")
+    assert {f["md5"] for f in every["files"]} == {*by_digest, theirs.digest}
+    assert (await t.call("alice", "DELETE", f"/v1/files/{mine[0].digest}"))[0] == 204
+    _, body = await t.call("alice", "GET", "/v1/files")
+    assert [f["md5"] for f in body["files"]] == sorted(d for d in by_digest if d != mine[0].digest)
+    # No token, or a bad query.
+    assert (await t.client.get("/v1/files")).status == 401
+    for query in ("limit=0", "limit=1001", "limit=x", "after=XYZ"):
+        status, body = await t.call("alice", "GET", f"/v1/files?{query}")
+        assert (status, body["error"]) == (400, "bad_request"), query
+    # The served API description has it in tenant mode only.
+    _, doc = await t.call("alice", "GET", "/v1/openapi.json")
+    assert "/v1/files" in doc["paths"]
+    # Without tenants there is no such endpoint, exactly as before.
+    plain = await aiohttp_client(create_app(settings))
+    r = await plain.get("/v1/files")
+    assert r.status == 404 and (await r.json())["message"] == "no such endpoint: /v1/files"
+    assert "/v1/files" not in (await (await plain.get("/v1/openapi.json")).json())["paths"]
+    _, doc = await t.call("alice", "GET", "/v1/openapi.json")  # and still there for tenants
+    assert "/v1/files" in doc["paths"]
 
 
 # ---- roles ------------------------------------------------------------------------------
@@ -249,6 +383,25 @@ async def test_each_role_on_each_endpoint(t):
         assert "read token" in body["message"] and "upload role" in body["message"]
     expected = [200, 200, 201, 200, 404, 204]  # merge done: abort finds no pending upload
     for (method, path, kw), want in zip(writes, expected, strict=True):
+        assert (await t.call("alice", method, path, **kw))[0] == want, (method, path)
+    # Protocol v1.1's requests are uploads too.
+    _, opened = await t.call("alice", "POST", "/v1/uploads", json={"algo": "md5", "size": CHUNK})
+    one = rand(100)
+    streamed = [
+        ("GET", "/v1/capabilities", {}, 200),
+        ("POST", "/v1/uploads", {"json": {"algo": "md5", "size": CHUNK}}, 201),
+        (
+            "POST",
+            f"/v1/uploads/{opened['upload_id']}/chunks",
+            {"json": {"start": 0, "chunks": [{"md5": q.order[0], "size": CHUNK}]}},
+            200,
+        ),
+        ("PUT", f"/v1/files/{hashlib.md5(one).hexdigest()}", {"data": one}, 201),
+    ]
+    for method, path, kw, want in streamed:
+        assert (await t.client.request(method, path, **kw)).status == 401, (method, path)
+        status, body = await t.call("reader", method, path, **kw)
+        assert status == 403 and "upload role" in body["message"], (method, path, body)
         assert (await t.call("alice", method, path, **kw))[0] == want, (method, path)
     # What is not /v1 needs no token, as without tenants; /metrics (every tenant's totals)
     # opens only to --metrics-token, which this daemon has not.
@@ -419,6 +572,44 @@ def test_token_add_ls_rm_through_the_cli(tmp_path, capsys):
     assert "tenant 'a/b'" in err and "Traceback" not in err
 
 
+def test_two_token_adds_at_once_keep_both_tokens(tmp_path, monkeypatch):
+    """The first `casd token add` is held between reading the file and writing it back
+    while a second runs: the second must wait for it, not write a file without its line."""
+    import threading
+
+    from casd import tenants
+
+    path = tmp_path / "tokens"
+    add_token(path, "first", Role.READ, None)
+    write = tenants.write_atomically
+    reached, release = threading.Event(), threading.Event()
+
+    def held_once(p, text):
+        if not reached.is_set():
+            reached.set()
+            assert release.wait(30)
+        write(p, text)
+
+    monkeypatch.setattr(tenants, "write_atomically", held_once)
+    got: dict[str, str] = {}
+
+    def add(name: str) -> None:
+        got[name], _ = add_token(path, name, Role.UPLOAD, None)
+
+    one = threading.Thread(target=add, args=("one",))
+    one.start()
+    assert reached.wait(30)
+    two = threading.Thread(target=add, args=("two",))
+    two.start()
+    two.join(1.0)  # unlocked, it finishes here (and the test fails); locked, it waits
+    release.set()
+    one.join(30)
+    two.join(30)
+    table = TokenTable.read(path)
+    assert [e.tenant for e in table.entries] == ["first", "one", "two"]
+    assert all(table.lookup(token) is not None for token in got.values())
+
+
 # ---- admin commands ---------------------------------------------------------------------
 
 
@@ -555,8 +746,46 @@ async def test_sighup_reloads_the_token_file_of_a_running_daemon(daemon_factory,
 
         assert await poll(reloaded), d.log_path.read_text()[-2000:]
         assert await status(erin) == 200
-        assert erin not in d.log_path.read_text()
-        assert tokens["alice"] not in d.log_path.read_text()
+        # Refused tokens are not logged either: one unknown, one whose role falls short.
+        wrong = "wrong-" + erin[::-1]
+        assert await status(wrong) == 401
+        async with s.post(
+            f"{d.url}/v1/handshake", json={}, headers={"Authorization": f"Bearer {erin}"}
+        ) as r:
+            assert r.status == 403
+        log = d.log_path.read_text()
+        assert "/v1/handshake" in log  # the access log is on, and names the request
+        for secret in (erin, wrong, *tokens.values()):
+            assert secret not in log
+
+
+@pytest.mark.parametrize("token", [b"\xff\xfe\xfd", b"s3cret\x80"])
+async def test_a_token_that_is_not_utf8_is_a_wrong_token_everywhere(
+    daemon_factory, tmp_path, token
+):
+    # On /v1 (the token file) and on /metrics (its own token in tenant mode) alike: 401.
+    path = tmp_path / "tokens"
+    write_tokens(path)
+    d = daemon_factory("--tokens", str(path), "--metrics-token", "s3cret")
+    for method, target in (
+        ("GET", "/v1/openapi.json"),
+        ("POST", "/v1/handshake"),
+        ("GET", "/metrics"),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.port)
+        writer.write(
+            f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+            "Connection: close\r\n".encode()
+            + b"Authorization: Bearer "
+            + token
+            + b"\r\n\r\n"
+        )
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert data.split(b" ", 2)[1] == b"401", (target, data[:300])
+        assert b'"unauthorized"' in data
+    assert "Traceback" not in d.log_path.read_text()
 
 
 async def test_racing_quota_checks_on_postgresql_are_serialized(postgres_url):
@@ -601,6 +830,63 @@ async def test_racing_quota_checks_on_postgresql_are_serialized(postgres_url):
         await holder.close()
         await one.close()
         await two.close()
+
+
+@pytest.mark.parametrize("kind", ["handshake", "batch"])
+async def test_racing_quota_checks_on_sqlite_are_serialized(tmp_path, kind):
+    """Two handshakes (or two v1.1 digest batches) for one tenant, both queued for the same write transaction of the
+    SQLite catalogue before either runs (its writer held busy meanwhile): each fits the
+    quota alone, and the one whose check runs second must see the first's upload."""
+    import threading
+
+    from casd.catalog import open_catalog
+    from casd.digest import Algo, Digest
+    from casd.models import ChunkRef, Manifest, StreamLimits, Tenant
+
+    def m(tag: str) -> Manifest:
+        d = Digest(Algo("md5"), hashlib.md5(tag.encode()).hexdigest())
+        return Manifest(d, 3, (ChunkRef(hashlib.md5(tag.encode() + b"c").hexdigest(), 3),))
+
+    q = Tenant("q", quota=5)
+    cat = await open_catalog(tmp_path / "catalog.sqlite", synchronous="NORMAL")
+    started, release = threading.Event(), threading.Event()
+
+    def hold(con):
+        started.set()
+        release.wait(30)
+
+    try:
+        streams = {}
+        if kind == "batch":  # opened for 3 bytes each; each batch's 3 bytes fit alone
+            for tag in ("a", "b"):
+                streams[tag] = await cat.begin_stream(
+                    Algo.MD5, "", "", 1.0, 1e12, tag * 32, tenant=q, size=3
+                )
+        writer = cat.writer
+        held = asyncio.ensure_future(writer.run(hold))  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(started.wait, 30)
+
+        def start(tag: str):
+            if kind == "batch":
+                chunk = ChunkRef(hashlib.md5(tag.encode()).hexdigest(), 3)
+                limits = StreamLimits(max_chunks=100, max_file_size=1000)
+                return cat.append_stream(streams[tag].id, 0, [chunk], 1.0, 1e12, limits, tenant=q)
+            return cat.begin_upload(m(tag), "k", 1.0, 1e12, tag * 32, tenant=q)
+
+        races = [asyncio.ensure_future(start(tag)) for tag in ("a", "b")]
+        for _ in range(400):  # both queued behind the held transaction, within 20 s
+            if writer.depth >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert writer.depth >= 2
+        release.set()
+        await held
+        results = await asyncio.gather(*races, return_exceptions=True)
+        assert [type(r).__name__ for r in results].count("QuotaExceeded") == 1, results
+        assert sum(isinstance(r, Exception) for r in results) == 1, results
+    finally:
+        release.set()
+        await cat.close()
 
 
 def test_the_upload_page_says_what_to_do_after_401_403_and_quota():

@@ -210,6 +210,10 @@ class Catalog(Protocol):
         """The complete file, or None. With `tenant`: only a file that tenant owns, under the
         name, ext and time it gave it (None, exactly as for no file, when it owns none)."""
 
+    async def files_page(self, tenant: str | None, after: str, limit: int) -> list[FileEntry]:
+        """At most `limit` complete files whose digest (hex) sorts after `after` ("": from
+        the first), in digest order: every file, or (`tenant`) those it owns, under its names."""
+
     async def file_with_chunks(
         self, digest: Digest, tenant: str | None = None
     ) -> tuple[FileEntry, list[tuple[str, int]]] | None:

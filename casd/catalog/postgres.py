@@ -359,6 +359,25 @@ class PostgresCatalog:
         row = await self._run(_get_file, digest, tenant, read=True)
         return _file(row) if row else None
 
+    async def files_page(self, tenant: str | None, after: str, limit: int) -> list[FileEntry]:
+        if tenant is None:
+            rows = await self._fetch(
+                f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest > $1 ORDER BY f.digest"
+                " LIMIT $2",
+                after,
+                limit,
+            )
+        else:
+            rows = await self._fetch(
+                "SELECT f.algo, f.digest, f.size, t.ext, t.name, t.created, f.manifest_id"
+                " FROM tenant_files t JOIN files f ON f.digest = t.digest"
+                " WHERE t.tenant = $1 AND t.digest > $2 ORDER BY t.digest LIMIT $3",
+                tenant,
+                after,
+                limit,
+            )
+        return [_file(r) for r in rows]
+
     async def file_with_chunks(
         self, digest: Digest, tenant: str | None = None
     ) -> tuple[FileEntry, list[tuple[str, int]]] | None:

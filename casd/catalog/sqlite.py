@@ -370,6 +370,21 @@ class _Daemon:
             row = await self._one(_TENANT_FILE, (tenant, digest.hex, digest.algo.value))
         return _file(row) if row else None
 
+    async def files_page(self, tenant: str | None, after: str, limit: int) -> list[FileEntry]:
+        if tenant is None:
+            rows = await self._all(
+                f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.digest > ? ORDER BY f.digest LIMIT ?",
+                (after, limit),
+            )
+        else:
+            rows = await self._all(
+                "SELECT f.algo, f.digest, f.size, t.ext, t.name, t.created, f.manifest_id"
+                " FROM tenant_files t JOIN files f ON f.digest = t.digest"
+                " WHERE t.tenant = ? AND t.digest > ? ORDER BY t.digest LIMIT ?",
+                (tenant, after, limit),
+            )
+        return [_file(r) for r in rows]
+
     async def file_with_chunks(
         self, digest: Digest, tenant: str | None = None
     ) -> tuple[FileEntry, list[tuple[str, int]]] | None:
