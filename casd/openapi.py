@@ -47,6 +47,8 @@ _LINK_UPLOAD = {"upload_id": "$response.body#/upload_id"}
 
 def _schemas() -> dict:
     digest = {"type": "string", "pattern": _HEX}
+    # In a request the algorithm may be left out or null: MD5, as for a v1 client.
+    algo_asked = {"enum": ["md5", "sha256", None]}
     chunk = {
         "type": "object",
         "properties": {"md5": digest, "sha256": digest, "size": {"type": "integer", "minimum": 1}},
@@ -96,7 +98,7 @@ def _schemas() -> dict:
         "Handshake": {
             "type": "object",
             "properties": {
-                "algo": {"enum": ["md5", "sha256"]},
+                "algo": algo_asked,
                 "md5": digest,
                 "sha256": digest,
                 "size": {"type": "integer", "minimum": 0},
@@ -150,7 +152,7 @@ def _schemas() -> dict:
         "OpenStream": {
             "type": "object",
             "properties": {
-                "algo": {"enum": ["md5", "sha256"]},
+                "algo": algo_asked,
                 "ext": {"type": ["string", "null"], "pattern": "^(" + protocol.EXT_PATTERN + ")?$"},
                 "name": {"type": ["string", "null"], "maxLength": 255},
                 # The file's size, required in tenant mode (quota); merge must claim it.
@@ -172,7 +174,7 @@ def _schemas() -> dict:
         "Batch": {
             "type": "object",
             "properties": {
-                "algo": {"enum": ["md5", "sha256"]},
+                "algo": algo_asked,
                 "start": {"type": "integer", "minimum": 0},
                 "chunks": {"type": "array", "items": chunk},
             },
@@ -191,7 +193,7 @@ def _schemas() -> dict:
             "type": "object",
             "description": "a streamed upload's file digest and size, given at merge (v1.1)",
             "properties": {
-                "algo": {"enum": ["md5", "sha256"]},
+                "algo": algo_asked,
                 "md5": digest,
                 "sha256": digest,
                 "size": {"type": "integer", "minimum": 0},
