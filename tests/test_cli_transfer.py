@@ -408,6 +408,17 @@ def test_ctrl_c_mid_hashing_exits_130_quickly_with_one_line(env, tmp_path, unuse
     assert err.strip() == "casd: interrupted"
 
 
+async def start_download(md5: str, dest, server: str, env) -> asyncio.subprocess.Process:
+    """`casd download MD5 -o DEST --server SERVER` as its own process, output captured (a
+    test may kill it midway)."""
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "casd", "download", md5, "-o", str(dest), "--server", server),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def test_a_server_sending_wrong_bytes_for_a_range_is_refused_in_one_line(
     env, tmp_path, aiohttp_server, rng
 ):
@@ -447,20 +458,7 @@ async def test_a_server_sending_wrong_bytes_for_a_range_is_refused_in_one_line(
     app.router.add_get(f"/v1/files/{md5}", serve)
     server = await aiohttp_server(app)
     dest = tmp_path / "out.bin"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "casd",
-        "download",
-        md5,
-        "-o",
-        str(dest),
-        "--server",
-        str(server.make_url("")).rstrip("/"),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_download(md5, dest, str(server.make_url("")).rstrip("/"), env)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     lines = err.decode().splitlines()
     assert proc.returncode == 1 and out == b""
@@ -520,23 +518,7 @@ async def test_a_chunked_download_killed_midway_leaves_no_file_and_the_rerun_res
     base = str(server.make_url("")).rstrip("/")
     dest = tmp_path / "out.bin"
 
-    async def run() -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "casd",
-            "download",
-            md5,
-            "-o",
-            str(dest),
-            "--server",
-            base,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-
-    proc = await run()
+    proc = await start_download(md5, dest, base, env)
     await asyncio.wait_for(stalled.wait(), 60)
     part = tmp_path / f".out.bin.{md5[:16]}.casd-part"
     # The two whole chunks are written by the client's threads: wait until they are there.
@@ -551,7 +533,7 @@ async def test_a_chunked_download_killed_midway_leaves_no_file_and_the_rerun_res
 
     stall = False
     ranges.clear()
-    proc = await run()
+    proc = await start_download(md5, dest, base, env)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err
     assert dest.read_bytes() == data and not part.exists()
