@@ -419,15 +419,16 @@ class Service:
     async def status(
         self, upload_id: str, tenant: Tenant | None = None
     ) -> tuple[Upload, list[str]]:
-        """A pending upload and what it still lacks; counts as activity on it. In tenant
-        mode another tenant's upload is NotFound, as one that does not exist."""
+        """A pending upload and what it still lacks (for the tenant it belongs to); counts as
+        activity on it. In tenant mode another tenant's upload is NotFound, as one that does
+        not exist (`tenant` None: every upload is seen)."""
         upload = await self._pending(upload_id, tenant)
         now = self.clock()
         if not await self.catalog.touch_upload(upload_id, now, self._expiry(now)):
             raise NotFound(f"no pending upload {upload_id!r}")
         upload = dataclasses.replace(upload, expires_at=self._expiry(now))
         self._declared_touch(upload_id)
-        return upload, await self.catalog.missing(upload.manifest_id, _name(tenant))
+        return upload, await self.catalog.missing(upload.manifest_id, upload.tenant or None)
 
     # ---- streamed uploads (protocol v1.1) -----------------------------------------------
 

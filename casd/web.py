@@ -318,6 +318,15 @@ def uploader_of(request: web.Request) -> Tenant | None:
     return principal.scope if principal is not None else None
 
 
+def overseer_of(request: web.Request) -> Tenant | None:
+    """Whose pending uploads a status request or an abort may reach: the tenant's own; an
+    admin's, every tenant's (None, as without tenants)."""
+    principal: Principal | None = request.get(PRINCIPAL)
+    if principal is None or principal.role is Role.ADMIN:
+        return None
+    return principal.scope
+
+
 def reader_of(request: web.Request) -> str | None:
     """The tenant whose files a request may see and delete; None for every file (an admin,
     or no tenants)."""
@@ -566,7 +575,7 @@ async def handshake(request: web.Request) -> web.Response:
 
 async def upload_status(request: web.Request) -> web.Response:
     upload, missing = await request.app[SERVICE].status(
-        parse_upload_id(request), uploader_of(request)
+        parse_upload_id(request), overseer_of(request)
     )
     if not upload.sealed:  # a v1.1 streamed upload: no digest yet, only what it lists so far
         return missing_response(
@@ -842,7 +851,7 @@ async def put_file(request: web.Request) -> web.Response:
 
 
 async def abort(request: web.Request) -> web.Response:
-    await request.app[SERVICE].abort(parse_upload_id(request), uploader_of(request))
+    await request.app[SERVICE].abort(parse_upload_id(request), overseer_of(request))
     return web.Response(status=204)
 
 

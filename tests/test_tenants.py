@@ -422,6 +422,25 @@ async def test_admin_reads_and_deletes_every_tenants_files(t):
     assert stored_blobs(t.settings.data_dir) == {}
 
 
+async def test_admin_sees_and_aborts_every_tenants_pending_upload(t):
+    p = prepare(rand(2 * CHUNK), CHUNK)
+    _, hs = await t.call("alice", "POST", "/v1/handshake", json=p.handshake)
+    uid = hs["upload_id"]
+    await t.call(
+        "alice", "PUT", f"/v1/uploads/{uid}/chunks/{p.order[0]}", data=p.chunks[p.order[0]]
+    )
+    # The status as its owner has it: what alice still has to send.
+    status, seen = await t.call("ops", "GET", f"/v1/uploads/{uid}")
+    assert status == 200 and seen["missing"] == [p.order[1]], seen
+    assert seen == (await t.call("alice", "GET", f"/v1/uploads/{uid}"))[1] | {
+        "expires_at": seen["expires_at"]
+    }
+    # An upload role reaches only its own; an admin may end anyone's.
+    assert (await t.call("bob", "DELETE", f"/v1/uploads/{uid}"))[0] == 404
+    assert (await t.call("ops", "DELETE", f"/v1/uploads/{uid}"))[0] == 204
+    assert (await t.call("alice", "GET", f"/v1/uploads/{uid}"))[0] == 404
+
+
 async def test_an_admin_upload_is_owned_by_its_own_tenant(t):
     p = prepare(rand(CHUNK), CHUNK)
     await t.upload("ops", p)
