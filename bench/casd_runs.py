@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,57 @@ async def b4_download(
         "client_mb_s": mb_s(s.size, s.seconds),
         "client_s": s.seconds,
     }
+
+
+# --- the cost of one more chunk ------------------------------------------------------------------
+
+
+async def chunk_cost(
+    path: Path, work: Path, root: Path | None, sizes: tuple[int, int] = (5 << 20, 256 << 10)
+) -> dict:
+    """What one more chunk costs the daemon beyond its bytes: the same file uploaded in big
+    and in small fixed chunks, each on a fresh `casd serve`; the difference in the daemon's
+    CPU (all threads, and its event loop) and context switches, per extra chunk. Also what
+    one thread hand-off (`run_in_executor` of a function doing nothing) costs here."""
+    runs = []
+    for chunk_size in sizes:
+        data, cache = work / f"cc-data-{chunk_size}", work / f"cc-cache-{chunk_size}"
+        with procs.casd_daemon(data, work / f"cc-{chunk_size}.log", root=root) as d:
+            cpu, loop = procs.cpu_seconds(d.pid), procs.loop_cpu_seconds(d.pid)
+            switches = procs.context_switches(d.pid)
+            async with CasdClient(d.url, cache_dir=cache) as client:
+                s = await client.upload(path, chunk_size=chunk_size, concurrency=4, use_cache=False)
+            assert s.chunks_sent == s.chunks_total and not s.instant, s
+            runs.append(
+                (
+                    s.chunks_sent,
+                    procs.cpu_seconds(d.pid) - cpu,
+                    procs.loop_cpu_seconds(d.pid) - loop,
+                    procs.context_switches(d.pid) - switches,
+                )
+            )
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    (n_big, cpu_big, loop_big, sw_big), (n_small, cpu_small, loop_small, sw_small) = runs
+    extra = n_small - n_big
+    return {
+        "chunks": (n_big, n_small),
+        "daemon_cpu_s": (cpu_big, cpu_small),
+        "per_chunk_ms": (cpu_small - cpu_big) / extra * 1000,
+        "loop_per_chunk_ms": (loop_small - loop_big) / extra * 1000,
+        "switches_per_chunk": (sw_small - sw_big) / extra,
+        "hop_cpu_us": await hop_cpu_us(),
+    }
+
+
+async def hop_cpu_us(n: int = 5000) -> float:
+    """CPU microseconds (this process, all threads) of one awaited thread hand-off."""
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(2) as pool:
+        start = procs.own_cpu_seconds()
+        for _ in range(n):
+            await loop.run_in_executor(pool, int)
+        return (procs.own_cpu_seconds() - start) / n * 1e6
 
 
 # --- B6 ----------------------------------------------------------------------------------------

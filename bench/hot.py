@@ -11,6 +11,9 @@ round so a burst of load on the shared machine does not land on one side only.
 rows a PUT of each would have committed, and with --b5-blobs their blob files), instead of
 the minutes of PUTs `python -m bench` spends on them, on a fresh data folder per round and
 tree (each tree's daemon creates and migrates its own catalogue first).
+`--rows chunks` uploads B1's file (`--b1-mib`) in 5 MiB and in 256 KiB fixed chunks, each on
+a fresh daemon, and prints what one more chunk costs the daemon beyond its bytes (CPU, event
+loop CPU, context switches), and what one thread hand-off costs on this machine.
 `--profile DIR` attaches py-spy to each daemon and writes raw stacks and a summary there.
 """
 
@@ -29,7 +32,7 @@ from bench.casd_runs import FULL
 from bench.log import log
 from bench.run import default_tmp, loadavg
 
-ROWS = ("b6", "b1", "b5")
+ROWS = ("b6", "b1", "b5", "chunks")
 
 
 async def one_round(
@@ -76,6 +79,9 @@ async def one_round(
                 await asyncio.sleep(1.0)  # let py-spy attach before the phase starts
             if row == "b6":
                 out["b6"] = await casd_runs.b6_small_files(daemon, sizes, cache, work)
+            elif row == "chunks":
+                assert big is not None
+                out["chunks"] = await casd_runs.chunk_cost(big, work, root)
             elif row == "b1":
                 assert big is not None
                 for algo in ("md5", "sha256"):
@@ -109,6 +115,15 @@ def describe(result: dict) -> list[str]:
             f" (transfer {b['transfer_s']:.2f} s, merge {b['merge_s'] * 1000:.0f} ms),"
             f" daemon CPU {b['daemon_cpu_s'] / gib:.2f} s/GiB,"
             f" others {b['others_cores']:.2f} cores"
+        )
+    if "chunks" in result:
+        b = result["chunks"]
+        lines.append(
+            f"chunk cost: {b['chunks'][0]} / {b['chunks'][1]} chunks, daemon CPU"
+            f" {b['daemon_cpu_s'][0]:.2f} / {b['daemon_cpu_s'][1]:.2f} s: one more chunk costs"
+            f" {b['per_chunk_ms']:.2f} ms of daemon CPU ({b['loop_per_chunk_ms']:.2f} ms on its"
+            f" event loop) and {b['switches_per_chunk']:.0f} context switches;"
+            f" one thread hand-off {b['hop_cpu_us']:.0f} µs of CPU"
         )
     if "b5" in result:
         b = result["b5"]
@@ -153,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"`python -m bench.hot {' '.join(argv or [])}`; load average {loadavg()} at start")
     try:
         big = None
-        if "b1" in rows:
+        if "b1" in rows or "chunks" in rows:
             big = work / "big.bin"
             casd_runs.write_random_file(big, args.b1_mib << 20)
         n = 0

@@ -151,6 +151,18 @@ def loop_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary and involuntary context switches of every thread of a process so far."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += sum(int(ln.split()[1]) for ln in f if "ctxt_switches" in ln)
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return total
+
+
 def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
