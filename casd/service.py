@@ -387,7 +387,7 @@ class Service:
                 # Healing a file it owns adds nothing to what the tenant holds.
                 tenant = dataclasses.replace(tenant, quota=None)
         await self._admit_upload()
-        async with self._quota_turn(tenant) as held:
+        async with self._quota_turn(tenant, m.size) as held:
             now = self.clock()
             upload, missing = await self.catalog.begin_upload(
                 m,
@@ -462,7 +462,7 @@ class Service:
             )
         await self._admit_upload()
         self._reserved("")  # drops what expired
-        async with self._quota_turn(tenant) as held:
+        async with self._quota_turn(tenant, size) as held:
             now = self.clock()
             expires_at, new_id = self._expiry(now), secrets.token_hex(16)
             upload = await self.catalog.begin_stream(
@@ -473,10 +473,11 @@ class Service:
         return upload
 
     @asynccontextmanager
-    async def _quota_turn(self, tenant: Tenant | None):
+    async def _quota_turn(self, tenant: Tenant | None, size: int | None):
         """Quota-checked writes of one tenant one at a time, each held to the tenant's quota
         less what its open streamed uploads declared and have not listed yet (the catalogue
-        counts what they listed). Yields the tenant to give the catalogue."""
+        counts what they listed). Yields the tenant to give the catalogue. `size`: the bytes
+        of the file the write is for, as its refusal names them."""
         if tenant is None or tenant.quota is None:
             yield tenant
             return
@@ -492,8 +493,8 @@ class Service:
                 raise QuotaExceeded(
                     f"tenant {tenant.name!r} has a quota of {tenant.quota} bytes and uses"
                     f" {usage} (in files, pending uploads and the declared sizes of streamed"
-                    " uploads still open); this file would take it over: delete files or"
-                    " abort uploads first",
+                    f" uploads still open); this {size}-byte file would take it over: delete"
+                    " files or abort uploads first",
                     quota=tenant.quota,
                     usage=usage,
                 ) from None
@@ -1411,7 +1412,7 @@ class Service:
 
         # Its quota check takes turns with the tenant's handshakes and streamed opens, and
         # counts what open streamed uploads declared and have not listed yet.
-        async with self._quota_turn(tenant) as held:
+        async with self._quota_turn(tenant, m.size) as held:
             now = self.clock()
             with full_disk_refused():
                 entry, _stored = await self.catalog.store_file(

@@ -1091,10 +1091,12 @@ async def test_a_streamed_open_over_the_quota_is_refused_and_changes_nothing(st)
     status, body = await stream_open(st, "carol", 1)
     assert status == 413 and body["error"] == "quota_exceeded", body
     assert (body["quota"], body["usage"]) == (300 * KiB, 300 * KiB)
+    assert "this 1-byte file" in body["message"], body
     status, body = await st.call(
         "carol", "POST", "/v1/handshake", json=prepare(rand(KiB), CHUNK).handshake
     )
     assert status == 413 and body["error"] == "quota_exceeded", body
+    assert f"this {KiB}-byte file" in body["message"], body
     small = rand(KiB)
     status, body = await st.call(
         "carol", "PUT", f"/v1/files/{hashlib.md5(small).hexdigest()}.bin", data=small
