@@ -834,20 +834,17 @@ class Service:
         if missing:
             raise Incomplete(f"{len(missing)} chunk(s) are still missing", missing)
         try:
-            actual, total = (await self._hash_file(upload, all_present=True)).result()
-            gone = False
+            hashed: tuple[Digest, int] | None = (
+                await self._hash_file(upload, all_present=True)
+            ).result()
         except BlobMissing:
-            actual, total, gone = upload.digest, -1, True
+            hashed = None  # a blob is gone: the check below finds which
         finally:
             self._forget_hash(upload_id)
-        if actual != upload.digest or total != upload.size:
+        if hashed != (upload.digest, upload.size):
             async with self._healing:
                 fsck = Fsck(self.settings, self.catalog, self.blobs, self.clock)
                 healed = await fsck.heal(upload.manifest_id)
-            if gone and not healed:
-                # A blob went away between the check and the read (an operator's hand): the
-                # next merge finds out which.
-                raise Unavailable("a chunk's stored bytes could not be read; merge again")
             if healed:
                 # Bytes the store held went bad (or missing) since they were verified: they
                 # are set aside, and the client sends them again (as after fsck --repair).
@@ -862,6 +859,11 @@ class Service:
                     " send them again",
                     missing,
                 )
+            if hashed is None:
+                # A blob went away between the check and the read (an operator's hand): the
+                # next merge finds out which.
+                raise Unavailable("a chunk's stored bytes could not be read; merge again")
+            actual, total = hashed
             self._declared.pop(upload_id, None)
             if not await self.catalog.drop_pending_upload(upload_id):
                 # Aborted or merged while this merge hashed: its manifest may have gone with
