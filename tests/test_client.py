@@ -539,21 +539,23 @@ class FaultProxy:
         return sum(1 for m, p, _ in self.seen if m == method and fragment in p)
 
 
-@pytest.fixture
-async def proxy(daemon, aiohttp_server):
-    fp = FaultProxy(daemon.url)
+async def fronting(upstream: str, aiohttp_server) -> FaultProxy:
+    """A FaultProxy serving in front of `upstream`, its own url set."""
+    fp = FaultProxy(upstream)
     server = await aiohttp_server(fp.app())
     fp.url = str(server.make_url("")).rstrip("/")
     return fp
+
+
+@pytest.fixture
+async def proxy(daemon, aiohttp_server):
+    return await fronting(daemon.url, aiohttp_server)
 
 
 @pytest.fixture
 async def v1_proxy(v1_daemon, aiohttp_server):
     """The proxy in front of a v1-only daemon: faults scripted for the handshake flow."""
-    fp = FaultProxy(v1_daemon.url)
-    server = await aiohttp_server(fp.app())
-    fp.url = str(server.make_url("")).rstrip("/")
-    return fp
+    return await fronting(v1_daemon.url, aiohttp_server)
 
 
 async def test_5xx_and_507_answers_are_retried_through(v1_proxy, tmp_path, rng):
