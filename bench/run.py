@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench import casd_runs, cdc_runs, engines_shared, limits, procs, report
+from bench import casd_runs, cdc_runs, engines_shared, limits, procs, report, stream_runs
 from bench.casd_runs import FULL, QUICK, Sizes
 from bench.log import log
 
@@ -171,6 +171,8 @@ async def measure_casd(
     ]
     results = best_rounds(done)
     results["all_rounds"] = done
+    log('B1 on "two machines": client and daemon pinned to one core each')
+    results["b1_2m"] = stream_runs.two_machines(work, big, sizes, rounds)
     log("B5 big manifests (preparing the stored chunks first)")
     results["b5"] = await casd_runs.b5_handshakes(
         sizes, work, work / "client-cache-b5", tmpfs, work
@@ -350,11 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     busy = [("limits", limits_others)] + [
         (k.upper(), results[k]["others_cores"]) for k in ("b1", "b2", "b3", "b4", "b5", "b6")
     ]
+    if results["b1_2m"]:
+        busy.append(("B1 two machines", max(x["others_cores"] for x in results["b1_2m"])))
     busy += [(k.upper(), results["cdc"][k]["others_cores"]) for k in ("b3c", "b8")]
     if results["rounds"] > 1:
         print(
-            f"B1, B2, B4 and B6: best of {results['rounds']} rounds, each on a fresh daemon "
-            "(peak RSS: the highest of the rounds); B3 and B5: one run."
+            f"B1, B1 two machines, B2, B4 and B6: best of {results['rounds']} rounds, each on a"
+            " fresh daemon (peak RSS: the highest of the rounds); B3 and B5: one run."
         )
     print(
         f"CPU used by other processes on this machine during each phase (the round kept), "

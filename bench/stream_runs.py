@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import limits, procs
+from bench import limits, procs, report
 from bench.casd_runs import FULL, QUICK, Sizes, write_random_file
 from bench.limits import MiB
 from bench.log import log
@@ -79,6 +79,7 @@ def upload_once(work: Path, big: Path, sizes: Sizes, stream: bool, pinned: bool,
     shutil.rmtree(data, ignore_errors=True)
     assert summary["bytes_sent"] == sizes.file_bytes, summary
     return {
+        "protocol": "v1.1" if stream else "v1",
         "seconds": summary["seconds"],
         "hash_s": summary["hash_seconds"],
         "transfer_s": summary["transfer_seconds"],
@@ -88,14 +89,25 @@ def upload_once(work: Path, big: Path, sizes: Sizes, stream: bool, pinned: bool,
     }
 
 
+def can_pin() -> bool:
+    """taskset is there and this process may run on two cores (0 and 1)."""
+    return shutil.which("taskset") is not None and {0, 1} <= os.sched_getaffinity(0)
+
+
+def two_machines(work: Path, big: Path, sizes: Sizes, rounds: int) -> list[dict] | None:
+    """`python -m bench`'s "two machines" row: v1.1 (what the client uses when the daemon
+    offers it) pinned, once per round, each on a fresh daemon; None where it cannot pin."""
+    if not can_pin():
+        return None
+    return [upload_once(work, big, sizes, True, True, n) for n in range(rounds)]
+
+
 def floors(size: int, md5_mb_s: float, disk_mb_s: float) -> dict[str, float]:
     """Seconds: the one-machine B1 floor, and the two sides' floors on one core each."""
-    one_pass = size / md5_mb_s / 1e6
-    write = size / disk_mb_s / 1e6
     return {
-        "one_machine": one_pass + max(one_pass, write),
-        "client_core": 2 * one_pass,
-        "daemon_core": 2 * one_pass + write,
+        "one_machine": report.floor_seconds(size, md5_mb_s, disk_mb_s),
+        "client_core": 2 * size / md5_mb_s / 1e6,
+        "daemon_core": report.two_machine_floor(size, md5_mb_s, disk_mb_s),
     }
 
 
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+    if not can_pin():
         print("needs taskset and two cores", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="casd-bench-stream-") as tmp:

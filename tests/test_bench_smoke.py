@@ -62,9 +62,15 @@ def test_quick_bench_prints_the_table_with_every_row(tmp_path):
         "web.FileResponse",
     ):
         assert limit in body, f"limit {limit!r} missing from:\n{out}"
-    # Every casd row states a figure with a unit, and B1 is compared to the MD5 limit.
-    b1 = r"\| B1 \| fresh upload .*\| \d+\.\d\d s = \d+ MB/s \| MD5 \d+ MB/s \| \d+\.\d\d \|"
+    # Every casd row states a figure with a unit; B1 is compared to the floor of this run.
+    b1 = r"\| B1 \| fresh upload .*\| \d+\.\d\d s = \d+ MB/s \| floor \d+\.\d\d s \(L1, L3/L3b\) \| \d+\.\d\d \|"
     assert re.search(b1, body), out
+    for algo in ("MD5", "SHA-256"):
+        per_gib = rf"\| B1 \| … daemon CPU seconds per GiB ingested, {algo} \| \d+\.\d\d s \|"
+        assert re.search(per_gib, body), out
+    # "Two machines" (taskset) is measured, or says why not where it cannot pin two cores.
+    two = r"\| B1 \| … \"two machines\": .*\| (\d+\.\d\d s \| slower side's floor|skipped)"
+    assert re.search(two, body), out
     # The shared engines (S3 + PostgreSQL) give their rows, or one saying why they could not.
     engines = re.search(
         r"\| E1 \| fresh upload of the .* file to S3 \(moto\) \+ PostgreSQL \|"
