@@ -282,8 +282,13 @@ async def hop_cpu_us(n: int = 5000) -> float:
 # --- B6 ----------------------------------------------------------------------------------------
 
 
-async def b6_small_files(daemon: procs.Server, sizes: Sizes, cache_dir: Path, work: Path) -> dict:
-    """N distinct small files uploaded at once, each by its own client (its own connection)."""
+async def b6_small_files(
+    daemon: procs.Server, sizes: Sizes, cache_dir: Path, work: Path, more: tuple = ()
+) -> dict:
+    """N distinct small files uploaded at once, each by its own client (its own connection).
+
+    `more`: other daemons serving the same data folder; the clients take the daemons in
+    turn, and the CPU figures add up every daemon's (peak RSS is the first daemon's)."""
     folder = work / "b6"
     folder.mkdir()
     paths = []
@@ -291,21 +296,22 @@ async def b6_small_files(daemon: procs.Server, sizes: Sizes, cache_dir: Path, wo
         p = folder / f"f{i:04d}.bin"
         p.write_bytes(os.urandom(sizes.small_file_bytes))
         paths.append(p)
-    pid = daemon.pid
+    pid, pids = daemon.pid, [d.pid for d in (daemon, *more)]
+    urls = [d.url for d in (daemon, *more)]
     hwm_reset = procs.reset_hwm(pid)
-    cpu_d, cpu_c = procs.cpu_seconds(pid), procs.own_cpu_seconds()
-    cpu_loop = procs.loop_cpu_seconds(pid)
+    cpu_d, cpu_c = sum(map(procs.cpu_seconds, pids)), procs.own_cpu_seconds()
+    cpu_loop = sum(map(procs.loop_cpu_seconds, pids))
 
-    async def one(p: Path) -> float:
+    async def one(i: int, p: Path) -> float:
         t = time.perf_counter()
-        async with CasdClient(daemon.url, cache_dir=cache_dir) as client:
+        async with CasdClient(urls[i % len(urls)], cache_dir=cache_dir) as client:
             s = await client.upload(p, use_cache=False)
         assert s.chunks_sent == 1, s
         return time.perf_counter() - t
 
-    with procs.CpuWatch(pid) as watch, procs.RssSampler(pid) as sampler:
+    with procs.CpuWatch(*pids) as watch, procs.RssSampler(pid) as sampler:
         t = time.perf_counter()
-        latencies = sorted(await asyncio.gather(*(one(p) for p in paths)))
+        latencies = sorted(await asyncio.gather(*(one(i, p) for i, p in enumerate(paths))))
         wall = time.perf_counter() - t
     shutil.rmtree(folder)
 
@@ -319,8 +325,9 @@ async def b6_small_files(daemon: procs.Server, sizes: Sizes, cache_dir: Path, wo
         "p50_s": pct(0.50),
         "p99_s": pct(0.99),
         "max_s": latencies[-1],
-        "daemon_cpu_s": procs.cpu_seconds(pid) - cpu_d,
-        "daemon_loop_cpu_s": procs.loop_cpu_seconds(pid) - cpu_loop,
+        "daemon_cpu_s": sum(map(procs.cpu_seconds, pids)) - cpu_d,
+        "daemon_loop_cpu_s": sum(map(procs.loop_cpu_seconds, pids)) - cpu_loop,
+        "daemons": len(pids),
         "client_cpu_s": procs.own_cpu_seconds() - cpu_c,
         "peak_rss_mb": procs.hwm_mb(pid) if hwm_reset else sampler.max,
         "sampled_rss_max_mb": sampler.max,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
@@ -44,6 +45,7 @@ async def one_round(
     profile: Path | None,
     serve_args: list[str],
     b5_blobs: bool = False,
+    daemons: int = 1,
 ) -> dict:
     sizes = replace(FULL, file_bytes=big.stat().st_size) if big is not None else FULL
     data, cache = work / f"data-{n}", work / f"cache-{n}"
@@ -68,7 +70,18 @@ async def one_round(
         rows = [r for r in rows if r != "b5"]
         if not rows:
             return out
-    with procs.casd_daemon(data, work / f"daemon-{n}.log", *serve_args, root=root) as daemon:
+    with contextlib.ExitStack() as stack:
+        daemon = stack.enter_context(
+            procs.casd_daemon(data, work / f"daemon-{n}.log", *serve_args, root=root)
+        )
+        # B6 with --daemons N: N-1 more daemons on the same data folder, once the first one
+        # has created and migrated it.
+        more = tuple(
+            stack.enter_context(
+                procs.casd_daemon(data, work / f"daemon-{n}-{k}.log", *serve_args, root=root)
+            )
+            for k in range(1, daemons)
+        )
         for row in rows:
             spy = None
             if profile is not None:
@@ -78,7 +91,7 @@ async def one_round(
                 spy = Spy(daemon.pid, profile / f"{row}-{n}.raw")
                 await asyncio.sleep(1.0)  # let py-spy attach before the phase starts
             if row == "b6":
-                out["b6"] = await casd_runs.b6_small_files(daemon, sizes, cache, work)
+                out["b6"] = await casd_runs.b6_small_files(daemon, sizes, cache, work, more)
             elif row == "chunks":
                 assert big is not None
                 out["chunks"] = await casd_runs.chunk_cost(big, work, root)
@@ -100,7 +113,7 @@ def describe(result: dict) -> list[str]:
     if "b6" in result:
         b = result["b6"]
         lines.append(
-            f"B6 {b['files']} files: {b['files_s']:.0f} files/s, p50 {b['p50_s'] * 1000:.0f} ms,"
+            f"B6 {b['files']} files, {b.get('daemons', 1)} daemon(s): {b['files_s']:.0f} files/s, p50 {b['p50_s'] * 1000:.0f} ms,"
             f" p99 {b['p99_s'] * 1000:.0f} ms, daemon CPU {b['daemon_cpu_s']:.2f} s"
             f" (event loop {b.get('daemon_loop_cpu_s', 0):.2f} s),"
             f" client CPU {b['client_cpu_s']:.2f} s, others {b['others_cores']:.2f} cores"
@@ -159,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ARG",
         help="extra argument for `casd serve` (repeatable, e.g. --serve-arg=--io-workers=4)",
     )
+    p.add_argument(
+        "--daemons",
+        type=int,
+        default=1,
+        help="B6: this many `casd serve` processes on one data folder, the clients in turn"
+        " (what one process per core would give)",
+    )
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if unknown := set(rows) - set(ROWS):
@@ -178,7 +198,17 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {r + 1}, daemon from {root or 'this tree'}")
                 t = time.perf_counter()
                 result = asyncio.run(
-                    one_round(rows, root, work, big, n, args.profile, args.serve_arg, args.b5_blobs)
+                    one_round(
+                        rows,
+                        root,
+                        work,
+                        big,
+                        n,
+                        args.profile,
+                        args.serve_arg,
+                        args.b5_blobs,
+                        args.daemons,
+                    )
                 )
                 name = str(root) if root else "this tree"
                 for line in describe(result):
