@@ -46,6 +46,7 @@ async def one_round(
     serve_args: list[str],
     b5_blobs: bool = False,
     daemons: int = 1,
+    gil: bool = False,
 ) -> dict:
     sizes = replace(FULL, file_bytes=big.stat().st_size) if big is not None else FULL
     data, cache = work / f"data-{n}", work / f"cache-{n}"
@@ -88,7 +89,7 @@ async def one_round(
                 from bench.profile import Spy
 
                 profile.mkdir(parents=True, exist_ok=True)
-                spy = Spy(daemon.pid, profile / f"{row}-{n}.raw")
+                spy = Spy(daemon.pid, profile / f"{row}-{n}.raw", gil)
                 await asyncio.sleep(1.0)  # let py-spy attach before the phase starts
             if row == "b6":
                 out["b6"] = await casd_runs.b6_small_files(daemon, sizes, cache, work, more)
@@ -161,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b1-mib", type=int, default=512, help="size of B1's random file")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR")
     p.add_argument(
+        "--gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (py-spy --gil)",
+    )
+    p.add_argument(
         "--b5-blobs",
         action="store_true",
         help="B5: also write the stored chunks' blob files (a handshake reads rows only)",
@@ -208,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.serve_arg,
                         args.b5_blobs,
                         args.daemons,
+                        args.gil,
                     )
                 )
                 name = str(root) if root else "this tree"

@@ -12,9 +12,12 @@ RATE = 250
 
 
 class Spy:
-    """`py-spy record --format raw` on a running process until stopped (SIGINT)."""
+    """`py-spy record --format raw` on a running process until stopped (SIGINT).
 
-    def __init__(self, pid: int, out: Path):
+    `gil`: sample only the thread holding the GIL (py-spy --gil): the Python that runs one
+    statement at a time across every thread of the daemon, its serial path."""
+
+    def __init__(self, pid: int, out: Path, gil: bool = False):
         exe = shutil.which("py-spy")
         if exe is None:
             raise RuntimeError("py-spy is not installed: pip install py-spy")
@@ -33,6 +36,7 @@ class Spy:
                 "raw",
                 "--output",
                 str(out),
+                *(["--gil"] if gil else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
