@@ -30,6 +30,13 @@ class Limits:
     fileresponse_mb_s: float
     # FileResponse per event loop of the plain server: sendfile on asyncio, copies on uvloop.
     fileresponse_by_loop: dict[str, float]
+    # CPU seconds per GiB (user + system): the plain server receiving L4's PUTs on asyncio's
+    # loop, and L3's and L3b's fsynced writes: what any aiohttp daemon that stores what it
+    # receives spends before it hashes a byte. (On a VM a lone fsync may spin: L3's CPU can
+    # be several times L3b's.)
+    put_server_cpu_s_per_gib: float = 0.0
+    fsync_write_cpu_s_per_gib: float = 0.0
+    fsync_write_parallel_cpu_s_per_gib: float = 0.0
 
 
 def mb_s(nbytes: int, seconds: float) -> float:
@@ -59,6 +66,13 @@ def fsync_write_throughput(src: Path, dest_dir: Path, piece: int, writers: int =
     One writer is the plain sequential limit; several show what the disk does at the queue
     depth casd's concurrent chunk uploads give it.
     """
+    return fsync_write_costs(src, dest_dir, piece, writers)[0]
+
+
+def fsync_write_costs(
+    src: Path, dest_dir: Path, piece: int, writers: int = 1
+) -> tuple[float, float]:
+    """fsync_write_throughput's MB/s, and the CPU seconds (this process) per GiB written."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     size = src.stat().st_size
     fd_in = os.open(src, os.O_RDONLY)
@@ -78,17 +92,22 @@ def fsync_write_throughput(src: Path, dest_dir: Path, piece: int, writers: int =
         finally:
             os.close(fd)
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _cpu()
     if writers == 1:
         for i in range(len(blocks)):
             write(i)
     else:
         with ThreadPoolExecutor(writers) as pool:
             list(pool.map(write, range(len(blocks))))
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, _cpu() - cpu
     for i in range(len(blocks)):
         os.unlink(dest_dir / f"{i:06d}")
-    return mb_s(size, seconds)
+    return mb_s(size, seconds), cpu * (1 << 30) / size
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def small_fsync_rate(dest_dir: Path, count: int, size: int) -> float:

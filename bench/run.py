@@ -78,27 +78,44 @@ def machine() -> dict:
 async def measure_limits(
     sizes: Sizes, work: Path, big: Path, plains: dict[str, procs.Server]
 ) -> limits.Limits:
+    big_size = big.stat().st_size
     log("limits: MD5 and SHA-256 on one core")
     md5 = limits.hash_throughput("md5", sizes.hash_bytes)
     sha = limits.hash_throughput("sha256", sizes.hash_bytes)
     log("limits: sequential fsynced writes")
-    fsync = limits.fsync_write_throughput(big, work / "limit-writes", sizes.chunk_size)
-    fsync_par = limits.fsync_write_throughput(
+    fsync, fsync_cpu = limits.fsync_write_costs(big, work / "limit-writes", sizes.chunk_size)
+    fsync_par, fsync_par_cpu = limits.fsync_write_costs(
         big, work / "limit-writes", sizes.chunk_size, writers=sizes.concurrency
     )
     small = limits.small_fsync_rate(work / "limit-small", sizes.small_files, sizes.small_file_bytes)
     log("limits: plain aiohttp PUT and FileResponse over loopback (asyncio and uvloop)")
     put = 0.0
+    put_cpu: list[float] = []  # the asyncio server's CPU seconds per GiB, each PUT run
     gets: dict[str, float] = {}
     for loop, plain in plains.items():
         for _ in range(sizes.get_repeats):
+            cpu = procs.cpu_seconds(plain.pid)
             put = max(
                 put,
                 await limits.put_throughput(plain.url, big, sizes.chunk_size, sizes.concurrency),
             )
+            if loop == "asyncio":
+                put_cpu.append((procs.cpu_seconds(plain.pid) - cpu) * (1 << 30) / big_size)
         gets[loop], n = await limits.best_get_throughput(plain.url + "/file", sizes.get_repeats)
         assert n == sizes.file_bytes, n
-    return limits.Limits(md5, sha, fsync, fsync_par, small, put, max(gets.values()), gets)
+    return limits.Limits(
+        md5,
+        sha,
+        fsync,
+        fsync_par,
+        small,
+        put,
+        max(gets.values()),
+        gets,
+        min(put_cpu),
+        fsync_cpu,
+        fsync_par_cpu,
+    )
 
 
 async def casd_round(
