@@ -11,7 +11,7 @@ from pathlib import Path
 from casd.blobstore import local
 from casd.blobstore.local import FolderSync
 from casd.web import create_app
-from tests.helpers import prepare, rand, record_durability, record_read_back
+from helpers import prepare, rand, record_durability, record_read_back
 
 
 def wait_until(cond, what: str, timeout: float = 10.0) -> None:
