@@ -68,7 +68,8 @@ async def test_put_then_read_whole_and_ranges(store, rng, algo):
 
 
 async def test_feed_run_hands_slices_of_several_blobs_in_order(store, rng):
-    a, b = rng.bytes(3 * (1 << 20) + 5), rng.bytes(1000)
+    # Another tag for b: with the same one, b would be a's first 1000 bytes.
+    a, b = rng.bytes(3 * (1 << 20) + 5), rng.bytes(1000, "b")
     da, db = await put(store, a), await put(store, b)
     got: list[bytes] = []
     fed = await store.feed_run(

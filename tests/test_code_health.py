@@ -360,3 +360,23 @@ def test_rand_draws_the_tests_seeded_stream(request, capsys):
     same = helpers.RandomData(helpers.TEST_SEED, request.node.nodeid)
     assert [first, second] == [same.bytes(64, "draw-0"), same.bytes(64, "draw-1")]
     assert f"CASD_TEST_SEED={helpers.TEST_SEED}" in capsys.readouterr().out
+
+
+def test_test_modules_import_the_helpers_the_seeding_reaches():
+    """conftest.py seeds `helpers.current` for each test; a module that imports
+    `tests.helpers` gets a second copy whose rand() the seeding never reaches (its bytes
+    then depend on the tests run before it, and CASD_TEST_SEED does not reproduce them)."""
+
+    def of_tests(module: str | None) -> bool:
+        return module == "tests" or (module or "").startswith("tests.")
+
+    wrong = []
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else []
+            if any(map(of_tests, modules)):
+                wrong.append(f"{path.name}:{node.lineno}")
+    assert wrong == []

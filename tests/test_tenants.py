@@ -960,7 +960,9 @@ async def test_a_tenant_at_its_quota_can_still_heal_a_file_it_owns(t):
     await t.upload("carol", p)
     bad = p.order[1]
     (blob,) = [b for b in blob_files(t.settings.data_dir) if b.name == bad]
-    blob.write_bytes(b"rot" + blob.read_bytes()[3:])
+    rotten = bytearray(blob.read_bytes())
+    rotten[0] ^= 1  # changed whatever the bytes were ("rot" written over them could match)
+    blob.write_bytes(rotten)
     m = await Maintenance.open(t.settings)
     try:
         await m.fsck(deep=True, repair=True)
