@@ -50,6 +50,7 @@ from casd.models import (
     StreamLimits,
     Tenant,
     Upload,
+    UploadState,
 )
 
 # The stored chunk states (casd.models.ChunkState), by their short names in the engines' SQL.
@@ -66,6 +67,25 @@ def placeholder(algo: Algo) -> Digest:
     """The digest an unsealed manifest carries: all zeros, which no upload ever claims
     for real (a file hashing to it is beyond reach)."""
     return Digest(algo, "0" * algo.hex_len)
+
+
+def opened_stream(
+    new_id: str, manifest_id: int, algo: Algo, ext: str, name: str, expires_at: float, owner: str
+) -> Upload:
+    """The upload `begin_stream` recorded: pending, unsealed (its digest the placeholder),
+    nothing listed yet, `owner`'s ("" without tenants)."""
+    return Upload(
+        new_id,
+        manifest_id,
+        placeholder(algo),
+        0,
+        ext,
+        name,
+        UploadState.PENDING,
+        expires_at,
+        False,
+        tenant=owner,
+    )
 
 
 def check_stream_batch(

@@ -43,6 +43,7 @@ from casd.catalog import (
     TenantUsage,
     check_seal,
     check_stream_batch,
+    opened_stream,
     packed,
     placeholder,
     usage_table,
@@ -1278,18 +1279,7 @@ async def _begin_stream(
         client,
         owner,
     )
-    return Upload(
-        new_id,
-        manifest_id,
-        digest,
-        0,
-        ext,
-        name,
-        UploadState.PENDING,
-        expires_at,
-        False,
-        tenant=owner,
-    )
+    return opened_stream(new_id, manifest_id, algo, ext, name, expires_at, owner)
 
 
 async def _append_stream(

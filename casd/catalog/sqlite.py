@@ -40,6 +40,7 @@ from casd.catalog import (
     WriteStats,
     check_seal,
     check_stream_batch,
+    opened_stream,
     packed,
     placeholder,
     usage_table,
@@ -1100,18 +1101,7 @@ def _begin_stream(
         " tenant) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
         (new_id, manifest_id, ext, name, now, expires_at, client, owner),
     )
-    return Upload(
-        new_id,
-        manifest_id,
-        digest,
-        0,
-        ext,
-        name,
-        UploadState.PENDING,
-        expires_at,
-        False,
-        tenant=owner,
-    )
+    return opened_stream(new_id, manifest_id, algo, ext, name, expires_at, owner)
 
 
 def _append_stream(
