@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from bench.procs import own_cpu_seconds
+
 MiB = 1 << 20
 HASH_BUFFER = 64 * MiB
 READ_PIECE = 1 * MiB
@@ -92,22 +94,17 @@ def fsync_write_costs(
         finally:
             os.close(fd)
 
-    t, cpu = time.perf_counter(), _cpu()
+    t, cpu = time.perf_counter(), own_cpu_seconds()
     if writers == 1:
         for i in range(len(blocks)):
             write(i)
     else:
         with ThreadPoolExecutor(writers) as pool:
             list(pool.map(write, range(len(blocks))))
-    seconds, cpu = time.perf_counter() - t, _cpu() - cpu
+    seconds, cpu = time.perf_counter() - t, own_cpu_seconds() - cpu
     for i in range(len(blocks)):
         os.unlink(dest_dir / f"{i:06d}")
     return mb_s(size, seconds), cpu * (1 << 30) / size
-
-
-def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def small_fsync_rate(dest_dir: Path, count: int, size: int) -> float:
